@@ -1,0 +1,1 @@
+"""Fleet controller: rollout plans, gates, rollout state machine, fleet store, servers."""

@@ -1,0 +1,1 @@
+"""Station runtime: frame sources, ONNX inference, decision policy, local store and outbox."""

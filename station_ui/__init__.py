@@ -1,0 +1,1 @@
+"""Operator touch screen for the parts a station sends to review."""
