@@ -113,35 +113,50 @@ class PartGenerator:
 
 
 @functools.lru_cache(maxsize=8)
-def _grid(size: int) -> tuple[F32, F32]:
-    ys, xs = np.mgrid[0:size, 0:size].astype(np.float32)
-    return xs, ys
+def _axis(size: int) -> F32:
+    return np.arange(size, dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _tool_marks(size: int) -> F32:
+    """Concentric turning marks on a canvas twice the image size, centred; sliced per part."""
+    unit = size / 128.0
+    axis = np.arange(2 * size, dtype=np.float32) - np.float32(size)
+    radius = np.sqrt(axis[None, :] ** 2 + axis[:, None] ** 2)
+    return np.sin(radius * np.float32(1.7 / unit)).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=8)
+def _noise_bank(size: int) -> F32:
+    """Unit Gaussian sensor noise, drawn once; each part reads a random window of it."""
+    rng = np.random.default_rng(0x5EED)
+    return rng.standard_normal((3 * size, 3 * size, 3), dtype=np.float32)
 
 
 def render_part(rng: np.random.Generator, size: int, defect: str | None) -> U8:
     """Draw one part on the belt; all randomness comes from ``rng``."""
     unit = size / 128.0
-    xs, ys = _grid(size)
-    belt = _belt(rng, xs, ys, unit)
+    belt = _belt(rng, size, unit)
     is_bracket = rng.random() < _BRACKET_SHARE
     mask, shape = _part_mask(rng, size, unit, is_bracket, drill_hole=defect != "missing_hole")
-    metal = _metal(rng, xs, ys, shape, unit)
+    metal = _metal(rng, size, shape)
     _nuisances(rng, metal, shape, unit)
     if defect is not None:
         _DEFECT_PAINTERS[defect](rng, metal, shape, unit)
     alpha = mask[..., None]
     image = belt + (metal - belt) * alpha
-    image = _lighting(rng, image, xs, ys, size)
-    return _sensor(rng, image, unit)
+    image = _lighting(rng, image, size)
+    return _sensor(rng, image, size, unit)
 
 
-def _belt(rng: np.random.Generator, xs: F32, ys: F32, unit: float) -> F32:
+def _belt(rng: np.random.Generator, size: int, unit: float) -> F32:
     base = rng.uniform(38.0, 72.0)
     tint = rng.uniform(-4.0, 4.0, size=3).astype(np.float32)
     # Rubber belts show fine transverse ribs; the phase moves with the belt.
-    ribs = 3.0 * np.sin(ys * np.float32(0.9 / unit) + np.float32(rng.uniform(0, 2 * math.pi)))
-    grey = (np.float32(base) + ribs).astype(np.float32)
-    return grey[..., None] + tint
+    phase = np.float32(rng.uniform(0, 2 * math.pi))
+    ribs = np.float32(3.0) * np.sin(_axis(size) * np.float32(0.9 / unit) + phase)
+    row = (np.float32(base) + ribs)[:, None, None] + tint
+    return np.broadcast_to(row, (size, size, 3)).astype(np.float32)
 
 
 def _part_mask(
@@ -175,20 +190,20 @@ def _disc(canvas: U8 | F32, cx: float, cy: float, radius: float, value: float) -
     cv2.circle(canvas, centre, max(1, round(radius * 16)), value, -1, cv2.LINE_AA, 4)
 
 
-def _metal(rng: np.random.Generator, xs: F32, ys: F32, shape: _Shape, unit: float) -> F32:
-    base = rng.uniform(150.0, 200.0)
-    dx = xs - np.float32(shape.cx)
-    dy = ys - np.float32(shape.cy)
+def _metal(rng: np.random.Generator, size: int, shape: _Shape) -> F32:
+    base = rng.uniform(140.0, 185.0)
     theta = rng.uniform(0.0, 2 * math.pi)
-    along = (dx * np.float32(math.cos(theta)) + dy * np.float32(math.sin(theta))) / np.float32(
-        shape.outer_r
-    )
-    radius = np.sqrt(dx * dx + dy * dy)
-    # Turned surfaces carry concentric tool marks; light falls off across the part.
-    marks = np.float32(rng.uniform(2.0, 5.0)) * np.sin(radius * np.float32(1.7 / unit))
-    grey = np.float32(base) + np.float32(rng.uniform(12.0, 28.0)) * along + marks
+    axis = _axis(size)
+    # Light falls off across the part along a random direction.
+    falloff = np.float32(rng.uniform(12.0, 28.0) / shape.outer_r)
+    gx = (axis - np.float32(shape.cx)) * np.float32(math.cos(theta)) * falloff
+    gy = (axis - np.float32(shape.cy)) * np.float32(math.sin(theta)) * falloff
+    top = size - round(shape.cy)
+    left = size - round(shape.cx)
+    marks = _tool_marks(size)[top : top + size, left : left + size]
+    grey = np.float32(base) + gx[None, :] + gy[:, None] + np.float32(rng.uniform(2.0, 5.0)) * marks
     tint = np.array([rng.uniform(2.0, 8.0), 0.0, rng.uniform(-6.0, 0.0)], np.float32)
-    return (grey[..., None] + tint).astype(np.float32)
+    return grey[..., None] + tint
 
 
 def _surface_point(rng: np.random.Generator, shape: _Shape, margin: float) -> tuple[float, float]:
@@ -305,21 +320,25 @@ _DEFECT_PAINTERS = {
 }
 
 
-def _lighting(rng: np.random.Generator, image: F32, xs: F32, ys: F32, size: int) -> F32:
+def _lighting(rng: np.random.Generator, image: F32, size: int) -> F32:
     gain = rng.uniform(0.72, 1.2)
     theta = rng.uniform(0.0, 2 * math.pi)
-    slope = rng.uniform(0.0, 0.35) / size
-    ramp = (xs - size / 2) * np.float32(math.cos(theta)) + (ys - size / 2) * np.float32(
-        math.sin(theta)
+    slope = np.float32(gain * rng.uniform(0.0, 0.35) / size)
+    centred = _axis(size) - np.float32(size / 2)
+    field = (
+        np.float32(gain)
+        + slope * centred[None, :] * np.float32(math.cos(theta))
+        + slope * centred[:, None] * np.float32(math.sin(theta))
     )
-    field = np.float32(gain) * (1.0 + np.float32(slope) * ramp)
-    return (image * field[..., None]).astype(np.float32)
+    image *= field[..., None]
+    return image
 
 
-def _sensor(rng: np.random.Generator, image: F32, unit: float) -> U8:
+def _sensor(rng: np.random.Generator, image: F32, size: int, unit: float) -> U8:
     if rng.random() < 0.5:
         # Slight defocus or motion on a moving belt.
         image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 1.0) * unit)
-    sigma = np.float32(rng.uniform(1.5, 5.0))
-    image = image + rng.standard_normal(image.shape, dtype=np.float32) * sigma
-    return np.clip(image, 0.0, 255.0).astype(np.uint8)
+    top, left = (int(v) for v in rng.integers(0, 2 * size, size=2))
+    noise = _noise_bank(size)[top : top + size, left : left + size]
+    image += noise * np.float32(rng.uniform(1.5, 5.0))
+    return np.clip(image, 0.0, 255.0, out=image).astype(np.uint8)

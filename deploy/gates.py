@@ -1,0 +1,306 @@
+"""Rollout gate: a sequential test on paired outcomes, plus the station guards.
+
+The candidate runs beside the active model on the same parts. On a labelled disagreement (binary
+labels) exactly one of the two is right, so with d the disagreement rate and p the probability
+that the candidate is the one that is right,
+
+    err(candidate) - err(active) = d * (1 - 2p).
+
+"Worse by at least delta" is then p <= p0 = 1/2 - delta / (2d), and "not worse" is p >= 1/2.
+The gate is Wald's sequential probability ratio test of p = p0 against p = 1/2 on the stream of
+labelled disagreements, with Ville's thresholds 1/alpha and 1/beta instead of Wald's
+approximations, so both error rates hold exactly (not approximately) however often it is
+evaluated. See docs/gates.md and docs/decisions/0002-sequential-gate.md.
+
+Everything here is pure: counts in, decision out. The controller calls `evaluate_gate` after
+every verdict and `evaluate_guards` on every metrics report.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, fields
+from enum import StrEnum
+from typing import Any
+
+__all__ = [
+    "P0_FLOOR",
+    "GateConfig",
+    "GateDecision",
+    "GateOutcome",
+    "GuardMetrics",
+    "PairedEvidence",
+    "error_diff_upper_bound",
+    "evaluate_gate",
+    "evaluate_guards",
+    "fail_threshold",
+    "log_likelihood_ratio",
+    "pass_threshold",
+    "worse_by_delta_p",
+]
+
+# When d <= delta no candidate can be worse by delta; we still test against one that is right on
+# only 1% of disagreements, so a run of wrong verdicts can fail it instead of passing by default.
+P0_FLOOR = 0.01
+
+# Bisection on the confidence bound: 60 halvings of (0, 1/2] is below double precision.
+_BISECTION_STEPS = 60
+
+
+def _require_number(name: str, value: object) -> float:
+    # bool is an int subclass; "alpha: true" in a plan is a typo, not 1.0.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
+    number = float(value)
+    if not math.isfinite(number):
+        raise ValueError(f"{name}: expected a finite number, got {value!r}")
+    return number
+
+
+def _require_count(name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name}: expected an integer, got {value!r}")
+    if value < 0:
+        raise ValueError(f"{name}: must be >= 0, got {value}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class GateConfig:
+    """What a stage's gate tolerates; one per stage of a rollout plan."""
+
+    delta: float = 0.02  # tolerated increase in error rate (absolute)
+    alpha: float = 0.05  # max false-promotion rate (candidate worse by >= delta promoted)
+    beta: float = 0.2  # max false-rollback rate for a candidate that is not worse
+    min_labels: int = 10  # never decide on fewer labelled disagreements
+    max_disagreement_rate: float | None = 0.2  # guard: the models differ on too many parts
+    max_p95_latency_ms: float | None = None  # guard: candidate too slow for the line
+
+    def __post_init__(self) -> None:
+        delta = _require_number("delta", self.delta)
+        if not 0.0 < delta < 1.0:
+            raise ValueError(f"delta: must be in (0, 1), got {self.delta}")
+        for name in ("alpha", "beta"):
+            rate = _require_number(name, getattr(self, name))
+            if not 0.0 < rate < 1.0:
+                raise ValueError(f"{name}: must be in (0, 1), got {rate}")
+        if isinstance(self.min_labels, bool) or not isinstance(self.min_labels, int):
+            raise ValueError(f"min_labels: expected an integer, got {self.min_labels!r}")
+        if self.min_labels < 1:
+            raise ValueError(f"min_labels: must be >= 1, got {self.min_labels}")
+        if self.max_disagreement_rate is not None:
+            ceiling = _require_number("max_disagreement_rate", self.max_disagreement_rate)
+            if not 0.0 < ceiling <= 1.0:
+                raise ValueError(f"max_disagreement_rate: must be in (0, 1], got {ceiling}")
+        if self.max_p95_latency_ms is not None:
+            latency = _require_number("max_p95_latency_ms", self.max_p95_latency_ms)
+            if latency <= 0.0:
+                raise ValueError(f"max_p95_latency_ms: must be > 0, got {latency}")
+
+    @classmethod
+    def from_mapping(cls, data: Mapping[str, Any]) -> GateConfig:
+        """Build from a plan's `gate:` mapping; unknown keys are errors, not silent defaults."""
+        known = {f.name for f in fields(cls)}
+        for key in data:
+            if key not in known:
+                raise ValueError(
+                    f"{key}: unknown gate setting (known: {', '.join(sorted(known))})"
+                )
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key == "min_labels":
+                kwargs[key] = value  # __post_init__ checks type and range
+            elif value is None and key in ("max_disagreement_rate", "max_p95_latency_ms"):
+                kwargs[key] = None
+            else:
+                kwargs[key] = _require_number(key, value)
+        return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class PairedEvidence:
+    """Counts from parts that both models judged, as the controller has them right now."""
+
+    parts: int  # parts both models judged
+    disagreements: int  # of those, where their labels differ
+    labelled_disagreements: int  # disagreements with an operator verdict
+    candidate_right: int  # labelled disagreements where the candidate matched the verdict
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            _require_count(f.name, getattr(self, f.name))
+        if self.disagreements > self.parts:
+            raise ValueError(
+                f"disagreements: {self.disagreements} exceeds parts ({self.parts})"
+            )
+        if self.labelled_disagreements > self.disagreements:
+            raise ValueError(
+                f"labelled_disagreements: {self.labelled_disagreements} exceeds "
+                f"disagreements ({self.disagreements})"
+            )
+        if self.candidate_right > self.labelled_disagreements:
+            raise ValueError(
+                f"candidate_right: {self.candidate_right} exceeds "
+                f"labelled_disagreements ({self.labelled_disagreements})"
+            )
+
+
+class GateOutcome(StrEnum):
+    PASS = "pass"  # noqa: S105 -- a gate outcome, not a credential
+    FAIL = "fail"
+    CONTINUE = "continue"
+
+
+@dataclass(frozen=True, slots=True)
+class GateDecision:
+    outcome: GateOutcome
+    reason: str  # shown on the dashboard and in the rollout's end state
+    error_diff_estimate: float | None  # estimated err(candidate) - err(active)
+    error_diff_upper: float | None  # always-valid upper bound at 1 - alpha
+    llr: float | None  # log likelihood ratio, "not worse" over "worse by delta"
+
+
+@dataclass(frozen=True, slots=True)
+class GuardMetrics:
+    online: bool
+    faults: int
+    p95_latency_ms: float | None
+    disagreement_rate: float | None
+
+    def __post_init__(self) -> None:
+        _require_count("faults", self.faults)
+        if self.p95_latency_ms is not None:
+            if _require_number("p95_latency_ms", self.p95_latency_ms) < 0.0:
+                raise ValueError(f"p95_latency_ms: must be >= 0, got {self.p95_latency_ms}")
+        if self.disagreement_rate is not None:
+            rate = _require_number("disagreement_rate", self.disagreement_rate)
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"disagreement_rate: must be in [0, 1], got {rate}")
+
+
+def worse_by_delta_p(disagreement_rate: float, delta: float) -> float:
+    """P(candidate right | disagreement) at which the candidate is exactly delta worse."""
+    if disagreement_rate <= 0.0:
+        return P0_FLOOR
+    return max(0.5 - delta / (2.0 * disagreement_rate), P0_FLOOR)
+
+
+def log_likelihood_ratio(candidate_right: int, labelled: int, p0: float) -> float:
+    """log of L(p = 1/2) / L(p = p0) over the labelled disagreements; > 0 favours the candidate."""
+    wrong = labelled - candidate_right
+    return candidate_right * math.log(0.5 / p0) + wrong * math.log(0.5 / (1.0 - p0))
+
+
+def pass_threshold(alpha: float) -> float:
+    # Ville: under p <= p0 the ratio is a nonnegative supermartingale, so it ever reaching
+    # 1/alpha has probability <= alpha, at every look, not only at a planned one.
+    return math.log(1.0 / alpha)
+
+
+def fail_threshold(beta: float) -> float:
+    # Same argument with the roles swapped: under p >= 1/2, P(ratio ever <= beta) <= beta.
+    return -math.log(1.0 / beta)
+
+
+def error_diff_upper_bound(evidence: PairedEvidence, alpha: float) -> float | None:
+    """Upper bound on err(candidate) - err(active), valid at 1 - alpha at every look at once.
+
+    It inverts the same test: the confidence set for p is every p' for which the ratio
+    L(1/2) / L(p') has not reached 1/alpha. So the gate passes exactly when this bound is at or
+    below delta. It is built to answer "worse by delta?", so it never goes below 0: it does not
+    certify an improvement (the estimate shows that).
+    """
+    n, k = evidence.labelled_disagreements, evidence.candidate_right
+    if n == 0 or evidence.parts == 0:
+        return None
+    d = evidence.disagreements / evidence.parts
+    if k == 0:
+        return d  # no p' is excluded: the candidate may be wrong on every disagreement
+    log_bound = math.log(1.0 / alpha)
+    # log L(1/2)/L(p') - log(1/alpha) falls as p' rises towards min(k/n, 1/2); find its root.
+    low, high = 0.0, min(k / n, 0.5)
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (low + high)
+        if mid <= 0.0 or log_likelihood_ratio(k, n, mid) >= log_bound:
+            low = mid
+        else:
+            high = mid
+    return d * (1.0 - 2.0 * high)
+
+
+def evaluate_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
+    """Pass, fail or keep collecting; safe to call after every verdict.
+
+    The disagreement-rate and latency ceilings are guards (`evaluate_guards`), not part of this
+    test, so a rollout reports each failure once and for the reason it happened.
+    """
+    n, k = evidence.labelled_disagreements, evidence.candidate_right
+    if evidence.parts == 0 or n == 0:
+        return GateDecision(
+            GateOutcome.CONTINUE,
+            f"waiting for labelled disagreements (0 of at least {config.min_labels})",
+            None,
+            None,
+            None,
+        )
+    d = evidence.disagreements / evidence.parts
+    p0 = worse_by_delta_p(d, config.delta)
+    llr = log_likelihood_ratio(k, n, p0)
+    estimate = d * (1.0 - 2.0 * k / n)
+    upper = error_diff_upper_bound(evidence, config.alpha)
+    summary = (
+        f"candidate right on {k} of {n} labelled disagreements; disagreement rate {d:.2%}; "
+        f"error difference {estimate:+.2%} (upper bound {upper:+.2%})"
+    )
+    if n < config.min_labels:
+        return GateDecision(
+            GateOutcome.CONTINUE,
+            f"{summary}; waiting for at least {config.min_labels} labelled disagreements",
+            estimate,
+            upper,
+            llr,
+        )
+    if llr >= pass_threshold(config.alpha):
+        reason = (
+            f"pass: {summary}; not worse by {config.delta:.2%} "
+            f"at false-promotion rate {config.alpha:g}"
+        )
+        return GateDecision(GateOutcome.PASS, reason, estimate, upper, llr)
+    if llr <= fail_threshold(config.beta):
+        reason = (
+            f"fail: {summary}; evidence favours a candidate worse by {config.delta:.2%} "
+            f"(false-rollback rate {config.beta:g})"
+        )
+        return GateDecision(GateOutcome.FAIL, reason, estimate, upper, llr)
+    return GateDecision(
+        GateOutcome.CONTINUE, f"{summary}; not yet conclusive", estimate, upper, llr
+    )
+
+
+def evaluate_guards(metrics: GuardMetrics, config: GateConfig) -> list[str]:
+    """Human-readable guard failures for one station; an empty list means all good."""
+    failures: list[str] = []
+    if not metrics.online:
+        failures.append("station offline")
+    if metrics.faults > 0:
+        failures.append(f"{metrics.faults} model fault(s) reported")
+    if (
+        config.max_p95_latency_ms is not None
+        and metrics.p95_latency_ms is not None
+        and metrics.p95_latency_ms > config.max_p95_latency_ms
+    ):
+        failures.append(
+            f"p95 latency {metrics.p95_latency_ms:.1f} ms exceeds the ceiling of "
+            f"{config.max_p95_latency_ms:.1f} ms"
+        )
+    if (
+        config.max_disagreement_rate is not None
+        and metrics.disagreement_rate is not None
+        and metrics.disagreement_rate > config.max_disagreement_rate
+    ):
+        failures.append(
+            f"disagreement rate {metrics.disagreement_rate:.1%} exceeds the ceiling of "
+            f"{config.max_disagreement_rate:.1%}"
+        )
+    return failures

@@ -1,0 +1,86 @@
+"""Camera frame -> model input tensor, exactly as the bundle's manifest describes it."""
+
+from __future__ import annotations
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from linesight.artifacts import InputSpec
+
+U8 = npt.NDArray[np.uint8]
+
+
+def preprocess(frame_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Return a batch of one (NCHW or NHWC) in the manifest's size, colour order and dtype."""
+    frame = validate_frame(frame_bgr)
+    resized = resize(frame, spec.height, spec.width)
+    pixels = convert_colour(resized, spec.colour)
+    tensor = normalise(pixels, spec) if spec.dtype == "float32" else pixels
+    return to_batch(tensor, spec.layout)
+
+
+def validate_frame(frame: object) -> U8:
+    """The frame as HxWx3 (BGR) or HxW (gray) uint8; ``ValueError`` says what is wrong."""
+    if not isinstance(frame, np.ndarray):
+        raise ValueError(f"frame must be a numpy array, got {type(frame).__name__}")
+    if frame.dtype != np.uint8:
+        raise ValueError(f"frame dtype must be uint8, got {frame.dtype}")
+    if frame.ndim == 3 and frame.shape[2] == 1:
+        frame = frame[:, :, 0]
+    if frame.ndim == 3 and frame.shape[2] != 3:
+        raise ValueError(f"frame must have 3 channels (BGR) or be gray, got {frame.shape[2]}")
+    if frame.ndim not in (2, 3):
+        raise ValueError(f"frame must be HxWx3 or HxW, got ndim={frame.ndim}")
+    if frame.shape[0] == 0 or frame.shape[1] == 0:
+        raise ValueError(f"frame is empty: shape {frame.shape}")
+    return frame
+
+
+def resize(frame: U8, height: int, width: int) -> U8:
+    if frame.shape[:2] == (height, width):
+        return frame
+    # INTER_AREA averages over the source pixels: no aliasing when shrinking camera frames.
+    resized: U8 = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
+    return resized
+
+
+def convert_colour(frame: U8, colour: str) -> U8:
+    """BGR (or gray) frame -> HxWxC in the model's colour order (C = 1 for gray)."""
+    codes = {
+        (3, "rgb"): cv2.COLOR_BGR2RGB,
+        (3, "gray"): cv2.COLOR_BGR2GRAY,
+        (1, "rgb"): cv2.COLOR_GRAY2RGB,
+        (1, "bgr"): cv2.COLOR_GRAY2BGR,
+    }
+    channels = 1 if frame.ndim == 2 else 3
+    code = codes.get((channels, colour))
+    converted: U8 = frame if code is None else cv2.cvtColor(frame, code)
+    if converted.ndim == 2:
+        converted = converted[:, :, None]
+    return np.ascontiguousarray(converted)
+
+
+def normalise(pixels: U8, spec: InputSpec) -> npt.NDArray[np.float32]:
+    """(x * scale - mean) / std per channel, in float32."""
+    channels = pixels.shape[2]
+    mean = _per_channel(spec.mean, channels, "mean")
+    std = _per_channel(spec.std, channels, "std")
+    scaled = pixels.astype(np.float32) * np.float32(spec.scale)
+    result: npt.NDArray[np.float32] = ((scaled - mean) / std).astype(np.float32, copy=False)
+    return result
+
+
+def _per_channel(values: tuple[float, ...], channels: int, field: str) -> npt.NDArray[np.float32]:
+    if len(values) not in (1, channels):
+        raise ValueError(f"{field} needs 1 or {channels} values, got {len(values)}")
+    return np.asarray(values, np.float32).reshape(1, 1, -1)
+
+
+def to_batch(tensor: np.ndarray, layout: str) -> np.ndarray:
+    """HxWxC -> 1xCxHxW (NCHW) or 1xHxWxC (NHWC), contiguous for onnxruntime."""
+    if layout == "NCHW":
+        return np.ascontiguousarray(tensor.transpose(2, 0, 1)[None])
+    if layout == "NHWC":
+        return np.ascontiguousarray(tensor[None])
+    raise ValueError(f"unknown layout {layout!r}")

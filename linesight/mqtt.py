@@ -1,0 +1,623 @@
+"""The one MQTT link of Linesight: the only module that imports paho-mqtt.
+
+Every process (station agent, fleet controller, demo) talks to the broker through `MqttLink`:
+it connects in the background, reconnects with exponential backoff, re-subscribes on every
+connect and stops retrying when the broker refuses the credentials. Delivery guarantees beyond
+"QoS 1 while the process lives" belong to the caller's outbox, not to this link.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any, Literal, NamedTuple
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+from paho.mqtt.subscribeoptions import SubscribeOptions
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+__all__ = [
+    "BrokerAddress",
+    "LinkConfig",
+    "MqttLink",
+    "PublishTicket",
+    "ReceivedMessage",
+    "Will",
+    "parse_broker_url",
+    "topic_matches",
+]
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+
+# CONNACK reasons that no amount of retrying will fix (paho maps MQTT 3.1.1 return codes 4 and 5
+# to 134 and 135, so one set covers both protocols): retrying them only floods the broker's log.
+FATAL_CONNACK_REASONS: dict[int, str] = {
+    133: "client identifier not valid",
+    134: "bad user name or password",
+    135: "not authorised",
+    138: "client banned",
+    140: "bad authentication method",
+}
+
+MessageCallback = Callable[["ReceivedMessage"], None]
+Listener = Callable[[], None]
+
+
+class BrokerAddress(NamedTuple):
+    host: str
+    port: int
+    tls: bool
+
+
+def parse_broker_url(url: str) -> BrokerAddress:
+    """Split `mqtt://host:port` or `mqtts://host:port` into (host, port, tls).
+
+    The port may be left out (1883 / 8883). Credentials, paths and queries are refused so a
+    password never ends up in a URL that gets logged.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in DEFAULT_PORTS:
+        shown = f"'{parts.scheme}'" if parts.scheme else "none"
+        raise ValueError(
+            f"broker URL {url!r}: scheme {shown} is not supported; use mqtt:// or mqtts://"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"broker URL {url!r}: credentials do not belong in the URL; "
+            "set username/password in the link config"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"broker URL {url!r}: unexpected path, query or fragment after host:port")
+    host = parts.hostname
+    if not host:
+        raise ValueError(f"broker URL {url!r}: host is missing")
+    try:
+        port = parts.port
+    except ValueError:
+        raw_port = parts.netloc.rpartition(":")[2]
+        raise ValueError(
+            f"broker URL {url!r}: port {raw_port!r} is not a number between 1 and 65535"
+        ) from None
+    if port is None:
+        port = DEFAULT_PORTS[scheme]
+    elif port == 0:
+        raise ValueError(f"broker URL {url!r}: port 0 is not a number between 1 and 65535")
+    return BrokerAddress(host=host, port=port, tls=scheme == "mqtts")
+
+
+def topic_matches(topic_filter: str, topic: str) -> bool:
+    """MQTT wildcard matching with paho's own rules, so fakes behave like the real broker.
+
+    A shared subscription (`$share/<group>/<filter>`) matches like its inner filter.
+    """
+    if topic_filter.startswith("$share/"):
+        topic_filter = topic_filter.split("/", 2)[2] if topic_filter.count("/") >= 2 else ""
+    return bool(paho.topic_matches_sub(topic_filter, topic))
+
+
+@dataclass(frozen=True, slots=True)
+class ReceivedMessage:
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+
+
+@dataclass(frozen=True, slots=True)
+class Will:
+    """What the broker publishes for us when our connection dies without a clean disconnect."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+
+
+class LinkConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    url: str
+    client_id: str = Field(min_length=1, max_length=128)
+    username: str | None = None
+    password: str | None = Field(default=None, repr=False)
+    ca_file: Path | None = None
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    protocol: Literal["5", "3.1.1"] = "5"
+    keepalive: int = Field(default=30, ge=1, le=65535)
+    backoff_min_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=30.0, gt=0)
+    # False keeps the broker-side session (subscriptions + queued QoS 1 messages) across
+    # disconnects, so a durable subscriber misses nothing while it is away.
+    clean_start: bool = False
+    # MQTT 5 only: how long the broker keeps the session after we go away (3.1.1 sessions
+    # live until the broker's own persistent_client_expiration).
+    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+
+    @field_validator("url")
+    @classmethod
+    def _url_is_valid(cls, url: str) -> str:
+        parse_broker_url(url)
+        return url
+
+    @model_validator(mode="after")
+    def _fields_agree(self) -> LinkConfig:
+        if self.backoff_min_s > self.backoff_max_s:
+            raise ValueError(
+                f"backoff_min_s ({self.backoff_min_s}) is larger than "
+                f"backoff_max_s ({self.backoff_max_s})"
+            )
+        if self.password is not None and self.username is None:
+            raise ValueError("password is set but username is not")
+        tls_files = [name for name in ("ca_file", "cert_file", "key_file") if getattr(self, name)]
+        if tls_files and not self.address.tls:
+            raise ValueError(f"{', '.join(tls_files)} set but url {self.url!r} is not mqtts://")
+        if self.key_file is not None and self.cert_file is None:
+            raise ValueError("key_file is set but cert_file is not")
+        return self
+
+    @property
+    def address(self) -> BrokerAddress:
+        return parse_broker_url(self.url)
+
+
+class PublishTicket:
+    """Tells whether the broker acknowledged one publish (PUBACK for QoS 1).
+
+    A PUBACK only means the broker has the message. It is not proof of delivery: the durable
+    guarantee is the caller's outbox, which deletes a row only on the consumer's receipt.
+    """
+
+    __slots__ = ("_done", "_reason", "mid", "qos")
+
+    def __init__(self, mid: int, qos: int) -> None:
+        self.mid = mid
+        self.qos = qos
+        self._done = threading.Event()
+        self._reason: int | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """True once the broker acknowledged the message; False if `timeout` passed first."""
+        return self._done.wait(timeout)
+
+    def is_published(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def reason(self) -> int | None:
+        """The PUBACK reason code (MQTT 5; 0 for 3.1.1), None until acknowledged."""
+        return self._reason
+
+    def _complete(self, reason: int) -> None:
+        self._reason = reason
+        self._done.set()
+
+
+@dataclass(frozen=True, slots=True)
+class _Subscription:
+    topic_filter: str
+    callback: MessageCallback
+    qos: int
+
+
+class MqttLink:
+    """One connection to the broker, shared by everything in a process.
+
+    Callbacks (message, connect and disconnect listeners) run on paho's network thread: they
+    must be quick and must not block on the link itself (e.g. `ticket.wait`).
+    """
+
+    def __init__(self, config: LinkConfig, *, will: Will | None = None) -> None:
+        self._config = config
+        self._address = config.address
+        self._will = will
+        self._lock = threading.Lock()
+        # Signalled whenever `_connected` or `_fatal_error` changes, for wait_connected.
+        self._state_changed = threading.Condition(self._lock)
+        self._subscriptions: list[_Subscription] = []
+        # Filters the broker has seen a SUBSCRIBE for from this link, see _resubscribe.
+        self._sent_filters: set[str] = set()
+        self._connect_listeners: list[Listener] = []
+        self._disconnect_listeners: list[Listener] = []
+        # mid -> ticket, or None when the PUBACK beat the publisher to registering its ticket.
+        self._pending: dict[int, PublishTicket | None] = {}
+        self._connected = False
+        self._fatal_error: str | None = None
+        self._connect_attempts = 0
+        self._started = False
+        self._stopping = False
+        self._client = self._build_client()
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Begin connecting in the background; returns at once even with no broker listening."""
+        with self._lock:
+            if self._stopping:
+                raise RuntimeError("this MqttLink was stopped; build a new one")
+            if self._started:
+                return
+            self._started = True
+        config = self._config
+        if config.protocol == "5":
+            # paho leaves Properties.__init__ unannotated.
+            properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
+            properties.SessionExpiryInterval = 0 if config.clean_start else config.session_expiry_s
+            self._client.connect_async(
+                self._address.host,
+                self._address.port,
+                keepalive=config.keepalive,
+                clean_start=config.clean_start,
+                properties=properties,
+            )
+        else:
+            self._client.connect_async(
+                self._address.host, self._address.port, keepalive=config.keepalive
+            )
+        self._client.loop_start()
+        logger.info(
+            "mqtt link %s connecting to %s:%d (MQTT %s%s)",
+            config.client_id,
+            self._address.host,
+            self._address.port,
+            config.protocol,
+            ", TLS" if self._address.tls else "",
+        )
+
+    def stop(self) -> None:
+        """Disconnect cleanly (the broker does NOT send the Will) and end the network thread.
+
+        Publish an offline state yourself before calling this if subscribers should see one.
+        Safe to call more than once, and before `start`.
+        """
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+            started = self._started
+        if started:
+            self._client.disconnect()
+            self._client.loop_stop()
+        with self._lock:
+            self._connected = False
+            self._pending.clear()
+            self._state_changed.notify_all()
+
+    def __enter__(self) -> MqttLink:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    # -- state -------------------------------------------------------------------------------
+
+    @property
+    def config(self) -> LinkConfig:
+        return self._config
+
+    @property
+    def connected(self) -> bool:
+        with self._lock:
+            return self._connected
+
+    @property
+    def fatal_error(self) -> str | None:
+        """Why the link gave up for good (refused credentials, ...); None while it keeps trying."""
+        with self._lock:
+            return self._fatal_error
+
+    @property
+    def connect_attempts(self) -> int:
+        """How many times a connection was attempted (TCP connect + CONNECT), for diagnostics."""
+        with self._lock:
+            return self._connect_attempts
+
+    def wait_connected(self, timeout: float) -> bool:
+        """Block until connected; False on timeout, or at once after a fatal refusal."""
+        with self._state_changed:
+            self._state_changed.wait_for(
+                lambda: self._connected or self._fatal_error is not None or self._stopping,
+                timeout,
+            )
+            return self._connected
+
+    # -- traffic -----------------------------------------------------------------------------
+
+    def publish(
+        self, topic: str, payload: bytes, qos: int = 1, retain: bool = False
+    ) -> PublishTicket:
+        """Hand a message to paho; never raises because the broker is away.
+
+        While disconnected, QoS 1 messages wait in paho's memory and go out on reconnect; QoS 0
+        messages are dropped. Neither survives this process: durability is the caller's outbox.
+        """
+        info = self._client.publish(topic, payload, qos=qos, retain=retain)
+        ticket = PublishTicket(info.mid, qos)
+        if qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # Dropped by paho while disconnected: no PUBACK will ever come.
+            return ticket
+        with self._lock:
+            if info.mid in self._pending and self._pending[info.mid] is None:
+                del self._pending[info.mid]
+                ticket._complete(0)
+            else:
+                self._pending[info.mid] = ticket
+        return ticket
+
+    def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
+        """Deliver messages matching `topic_filter` to `callback`, across every reconnect.
+
+        The callback runs on the network thread; if it raises, the error is logged and later
+        messages are still delivered. With overlapping filters the broker may send one copy per
+        filter, and each copy reaches every matching callback: consumers dedupe by message id.
+        """
+        if not _filter_is_valid(topic_filter):
+            raise ValueError(f"invalid MQTT topic filter {topic_filter!r}")
+        subscription = _Subscription(topic_filter, callback, qos)
+        with self._lock:
+            self._subscriptions.append(subscription)
+            connected = self._connected
+        if connected:
+            self._send_subscribe([subscription], session_present=False)
+
+    def unsubscribe(self, topic_filter: str) -> None:
+        """Forget every callback registered for `topic_filter` and tell the broker."""
+        with self._lock:
+            self._subscriptions = [s for s in self._subscriptions if s.topic_filter != topic_filter]
+            self._sent_filters.discard(topic_filter)
+            connected = self._connected
+        if connected:
+            self._client.unsubscribe(topic_filter)
+
+    def add_connect_listener(self, listener: Listener) -> None:
+        """Call `listener` after every successful connect, once subscriptions are re-sent."""
+        with self._lock:
+            self._connect_listeners.append(listener)
+
+    def add_disconnect_listener(self, listener: Listener) -> None:
+        """Call `listener` whenever an established connection is lost or closed."""
+        with self._lock:
+            self._disconnect_listeners.append(listener)
+
+    # -- paho plumbing (network thread) ------------------------------------------------------
+
+    def _build_client(self) -> paho.Client:
+        config = self._config
+        v5 = config.protocol == "5"
+        client = paho.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=config.client_id,
+            # paho refuses clean_session for MQTT 5; there clean_start goes to connect_async.
+            clean_session=None if v5 else config.clean_start,
+            protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        )
+        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        # paho types these as int but only does float arithmetic and sleeps with them.
+        client.reconnect_delay_set(config.backoff_min_s, config.backoff_max_s)  # type: ignore[arg-type]
+        if config.username is not None:
+            client.username_pw_set(config.username, config.password)
+        if self._address.tls:
+            # No ca_file: the system trust store, like a browser.
+            client.tls_set(
+                ca_certs=str(config.ca_file) if config.ca_file else None,
+                certfile=str(config.cert_file) if config.cert_file else None,
+                keyfile=str(config.key_file) if config.key_file else None,
+            )
+        if self._will is not None:
+            client.will_set(
+                self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
+            )
+        client.on_pre_connect = self._on_pre_connect
+        client.on_connect = self._on_connect
+        client.on_connect_fail = self._on_connect_fail
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.on_publish = self._on_publish
+        return client
+
+    def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        with self._lock:
+            self._connect_attempts += 1
+
+    def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
+        logger.debug(
+            "mqtt link %s: broker %s:%d unreachable, retrying with backoff",
+            self._config.client_id,
+            self._address.host,
+            self._address.port,
+        )
+
+    def _on_connect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        if reason_code.is_failure:
+            self._on_refused(client, reason_code)
+            return
+        with self._lock:
+            stopping = self._stopping
+            self._connected = True
+            subscriptions = list(self._subscriptions)
+            listeners = list(self._connect_listeners)
+            self._state_changed.notify_all()
+        if stopping:
+            # stop() raced with this connect: its disconnect() may have been overtaken.
+            client.disconnect()
+            return
+        logger.info(
+            "mqtt link %s connected to %s:%d (session present: %s)",
+            self._config.client_id,
+            self._address.host,
+            self._address.port,
+            flags.session_present,
+        )
+        if subscriptions:
+            self._send_subscribe(subscriptions, session_present=flags.session_present)
+        for listener in listeners:
+            self._call_safely(listener, "connect listener")
+
+    def _on_refused(self, client: paho.Client, reason_code: ReasonCode) -> None:
+        fatal = FATAL_CONNACK_REASONS.get(reason_code.value)
+        if fatal is None:
+            logger.warning(
+                "mqtt link %s: broker refused the connection (%s), retrying",
+                self._config.client_id,
+                reason_code,
+            )
+            return
+        message = (
+            f"broker {self._address.host}:{self._address.port} refused client "
+            f"{self._config.client_id!r}: {fatal} (reason code {reason_code.value}); "
+            "not retrying, fix the credentials or the broker's ACL"
+        )
+        with self._lock:
+            self._fatal_error = message
+            self._state_changed.notify_all()
+        logger.error("mqtt link %s: %s", self._config.client_id, message)
+        # A disconnect from our side is what makes paho's loop end instead of reconnecting.
+        client.disconnect()
+
+    def _on_disconnect(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            was_connected = self._connected
+            self._connected = False
+            stopping = self._stopping
+            # QoS 0 packets not yet written are discarded by paho on reconnect: forget them.
+            for mid, ticket in list(self._pending.items()):
+                if ticket is not None and ticket.qos == 0:
+                    del self._pending[mid]
+            listeners = list(self._disconnect_listeners)
+            self._state_changed.notify_all()
+        if not was_connected:
+            return
+        if stopping:
+            logger.info("mqtt link %s disconnected", self._config.client_id)
+        else:
+            logger.warning(
+                "mqtt link %s lost the broker (%s), reconnecting",
+                self._config.client_id,
+                reason_code,
+            )
+        for listener in listeners:
+            self._call_safely(listener, "disconnect listener")
+
+    def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
+        try:
+            topic = message.topic
+        except UnicodeDecodeError:
+            logger.warning(
+                "mqtt link %s: dropped a message with a non-UTF-8 topic", self._config.client_id
+            )
+            return
+        received = ReceivedMessage(
+            topic=topic, payload=bytes(message.payload), qos=message.qos, retain=message.retain
+        )
+        with self._lock:
+            callbacks = [
+                s.callback for s in self._subscriptions if topic_matches(s.topic_filter, topic)
+            ]
+        for callback in callbacks:
+            self._call_safely(partial(callback, received), f"message callback for {topic}")
+
+    def _on_publish(
+        self,
+        client: paho.Client,
+        userdata: Any,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties,
+    ) -> None:
+        if reason_code.is_failure:
+            logger.warning(
+                "mqtt link %s: broker refused publish mid %d (%s)",
+                self._config.client_id,
+                mid,
+                reason_code,
+            )
+        with self._lock:
+            ticket = self._pending.pop(mid, None)
+            if ticket is None:
+                # publish() has not registered its ticket yet; it completes it on arrival.
+                self._pending[mid] = None
+                return
+        ticket._complete(reason_code.value)
+
+    def _send_subscribe(self, subscriptions: list[_Subscription], *, session_present: bool) -> None:
+        # One SUBSCRIBE per filter, at the highest QoS any callback asked for.
+        by_filter: dict[str, int] = {}
+        for subscription in subscriptions:
+            qos = max(by_filter.get(subscription.topic_filter, 0), subscription.qos)
+            by_filter[subscription.topic_filter] = qos
+        with self._lock:
+            already_sent = set(self._sent_filters) if session_present else set()
+            self._sent_filters.update(by_filter)
+        if self._config.protocol == "5":
+            # When the broker kept our session, re-subscribing must not replay retained messages
+            # we already got; a filter the broker never saw from us still gets them.
+            options = [
+                (
+                    topic_filter,
+                    SubscribeOptions(
+                        qos=qos,
+                        retainHandling=SubscribeOptions.RETAIN_SEND_IF_NEW_SUB
+                        if topic_filter in already_sent
+                        else SubscribeOptions.RETAIN_SEND_ON_SUBSCRIBE,
+                    ),
+                )
+                for topic_filter, qos in by_filter.items()
+            ]
+            result, _ = self._client.subscribe(options)
+        else:
+            result, _ = self._client.subscribe(list(by_filter.items()))
+        if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+            # The next connect re-sends every subscription.
+            logger.warning(
+                "mqtt link %s: subscribe %s not sent (%s)",
+                self._config.client_id,
+                sorted(by_filter),
+                paho.error_string(result),
+            )
+
+    def _call_safely(self, function: Callable[[], None], what: str) -> None:
+        try:
+            function()
+        except Exception:
+            # A faulty consumer must not take down the network thread for everyone else.
+            logger.exception("mqtt link %s: %s raised", self._config.client_id, what)
+
+
+def _filter_is_valid(topic_filter: str) -> bool:
+    """A filter paho would accept in SUBSCRIBE: non-empty, `#` last, wildcards whole levels."""
+    if not topic_filter:
+        return False
+    levels = topic_filter.split("/")
+    for index, level in enumerate(levels):
+        if "#" in level and (level != "#" or index != len(levels) - 1):
+            return False
+        if "+" in level and level != "+":
+            return False
+    return True
