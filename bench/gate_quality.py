@@ -124,9 +124,14 @@ def sequential_gate(streams: Streams, config: GateConfig) -> RuleResult:
     k = streams.candidate_right
     p0 = _worse_by_delta_p(streams, config.delta)
     llr = k * np.log(0.5 / p0) + (n - k) * np.log(0.5 / (1.0 - p0))
+    # deploy.gates.disagreement_noise_ratio; every disagreement is labelled, so n = disagreements.
+    d_hat = n / streams.parts
+    d_up = d_hat + np.sqrt(d_hat * (1.0 - d_hat) / streams.parts)
+    shift = np.maximum(0.5 - config.delta / (2.0 * d_up), P0_FLOOR) - p0
+    noise_ratio = shift**2 * n / (p0 * (1.0 - p0))
     eligible = n >= config.min_labels
     return _first_hit(
-        eligible & (llr >= pass_threshold(config.alpha)),
+        eligible & (llr >= (1.0 + noise_ratio) * pass_threshold(config.alpha)),
         eligible & (llr <= fail_threshold(config.beta)),
     )
 
@@ -219,6 +224,36 @@ def false_promotion_rate(
     return simulate_scenario(worse, config, rollouts, size, rng).gate.promoted
 
 
+# Disagreement rates for the sweep, as multiples of delta.
+SWEEP_RATIOS = np.array([1.5, 2.0, 3.0, 5.0, 10.0])
+
+
+@dataclass(frozen=True, slots=True)
+class SweepRow:
+    disagreement_rate: float
+    false_promotion: float
+    false_rollback: float
+    labels_vs_fixed_worse: float
+    labels_vs_fixed_equal: float
+
+
+def _sweep_row(disagreement_rate: float, config: GateConfig, rollouts: int, seed: int) -> SweepRow:
+    worse, equal, _ = design_scenarios(disagreement_rate, config.delta)
+    size = fixed_sample_size(
+        config.alpha, config.beta, worse_by_delta_p(disagreement_rate, config.delta)
+    )
+    rng = np.random.default_rng([seed, round(disagreement_rate * 1e6)])
+    on_worse = simulate_scenario(worse, config, rollouts, size, rng).gate
+    on_equal = simulate_scenario(equal, config, rollouts, size, rng).gate
+    return SweepRow(
+        disagreement_rate=disagreement_rate,
+        false_promotion=on_worse.promoted,
+        false_rollback=on_equal.rolled_back,
+        labels_vs_fixed_worse=on_worse.mean_labels / size,
+        labels_vs_fixed_equal=on_equal.mean_labels / size,
+    )
+
+
 def _table(results: Sequence[ScenarioResult], size: int) -> str:
     header = (
         f"{'scenario':<16} {'d':>5} {'p':>5} {'err diff':>9} {'rule':<8} {'promoted':>9} "
@@ -266,6 +301,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for s, seed in zip(scenarios, seeds, strict=True)
     ]
     worse, equal, _ = results
+    sweep = [
+        _sweep_row(d, config, max(args.rollouts // 2, 1), args.seed)
+        for d in SWEEP_RATIOS * config.delta
+    ]
     labels_vs_fixed = float(np.mean([r.gate.mean_labels for r in results])) / size
 
     print(
@@ -280,6 +319,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print()
     print(_table(results, size))
+    print("the gate across disagreement rates (worse by delta and equal; half the rollouts):")
+    print(f"{'d':>6} {'d/delta':>8} {'false promotion':>16} {'false rollback':>15} "
+          f"{'labels vs fixed (worse, equal)':>31}")
+    for row in sweep:
+        print(
+            f"{row.disagreement_rate:>6.3f} {row.disagreement_rate / config.delta:>8.1f} "
+            f"{row.false_promotion:>16.3f} {row.false_rollback:>15.3f} "
+            f"{row.labels_vs_fixed_worse:>15.2f}, {row.labels_vs_fixed_equal:.2f}"
+        )
+    print()
     print(
         f"gate: false promotion {worse.gate.promoted:.3f} (target <= {config.alpha}), "
         f"false rollback {equal.gate.rolled_back:.3f} (target <= {config.beta}), "

@@ -147,7 +147,8 @@ class ModelSession:
                 str(bundle_dir / MODEL_FILE), sess_options=options, providers=chosen
             )
         except Exception as exc:  # onnxruntime's errors share no public base class
-            raise InferenceError(f"onnxruntime cannot open {bundle_dir / MODEL_FILE}: {exc}") from exc
+            path = bundle_dir / MODEL_FILE
+            raise InferenceError(f"onnxruntime cannot open {path}: {exc}") from exc
         check_graph(self._session, manifest)
         self._input = manifest.input.name
         self._output = manifest.output.name

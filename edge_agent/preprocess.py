@@ -41,8 +41,7 @@ def resize(frame: U8, height: int, width: int) -> U8:
     if frame.shape[:2] == (height, width):
         return frame
     # INTER_AREA averages over the source pixels: no aliasing when shrinking camera frames.
-    resized: U8 = cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA)
-    return resized
+    return np.asarray(cv2.resize(frame, (width, height), interpolation=cv2.INTER_AREA), np.uint8)
 
 
 def convert_colour(frame: U8, colour: str) -> U8:
@@ -55,7 +54,7 @@ def convert_colour(frame: U8, colour: str) -> U8:
     }
     channels = 1 if frame.ndim == 2 else 3
     code = codes.get((channels, colour))
-    converted: U8 = frame if code is None else cv2.cvtColor(frame, code)
+    converted = frame if code is None else np.asarray(cv2.cvtColor(frame, code), np.uint8)
     if converted.ndim == 2:
         converted = converted[:, :, None]
     return np.ascontiguousarray(converted)

@@ -184,7 +184,9 @@ def _part_mask(
     return mask, _Shape(cx, cy, hole, outer)
 
 
-def _disc(canvas: U8 | F32, cx: float, cy: float, radius: float, value: float) -> None:
+def _disc(
+    canvas: U8 | F32, cx: float, cy: float, radius: float, value: float | tuple[float, ...]
+) -> None:
     # Sub-pixel centre and radius (shift=4) keep edges smooth at every jitter.
     centre = (round(cx * 16), round(cy * 16))
     cv2.circle(canvas, centre, max(1, round(radius * 16)), value, -1, cv2.LINE_AA, 4)
@@ -203,7 +205,12 @@ def _metal(rng: np.random.Generator, size: int, shape: _Shape) -> F32:
     marks = _tool_marks(size)[top : top + size, left : left + size]
     grey = np.float32(base) + gx[None, :] + gy[:, None] + np.float32(rng.uniform(2.0, 5.0)) * marks
     tint = np.array([rng.uniform(2.0, 8.0), 0.0, rng.uniform(-6.0, 0.0)], np.float32)
-    return grey[..., None] + tint
+    metal: F32 = grey[..., None] + tint
+    return metal
+
+
+def _blur(image: F32, sigma: float) -> F32:
+    return np.asarray(cv2.GaussianBlur(image, (0, 0), sigma), dtype=np.float32)
 
 
 def _surface_point(rng: np.random.Generator, shape: _Shape, margin: float) -> tuple[float, float]:
@@ -230,7 +237,7 @@ def _nuisances(rng: np.random.Generator, metal: F32, shape: _Shape, unit: float)
         b = _pt(x0 + half * math.cos(phi), y0 + half * math.sin(phi))
         glow = np.zeros(metal.shape[:2], np.float32)
         cv2.line(glow, a, b, 1.0, max(2, round(5 * unit)), cv2.LINE_AA, 4)
-        glow = cv2.GaussianBlur(glow, (0, 0), 2.5 * unit)
+        glow = _blur(glow, 2.5 * unit)
         metal += (np.float32(rng.uniform(8.0, 16.0)) * glow)[..., None]
 
 
@@ -294,7 +301,7 @@ def _paint_stain(rng: np.random.Generator, metal: F32, shape: _Shape, unit: floa
     axes = (round(rng.uniform(5.0, 10.0) * unit * 16), round(rng.uniform(3.5, 7.0) * unit * 16))
     blot = np.zeros(metal.shape[:2], np.float32)
     cv2.ellipse(blot, _pt(x0, y0), axes, rng.uniform(0, 180), 0, 360, 1.0, -1, cv2.LINE_AA, 4)
-    blot = cv2.GaussianBlur(blot, (0, 0), 1.5 * unit)
+    blot = _blur(blot, 1.5 * unit)
     strength = np.float32(rng.uniform(0.35, 0.6))
     # Oil and coolant residue: brownish, darker than the bare metal.
     residue = np.array([30.0, 60.0, 85.0], np.float32) * np.float32(rng.uniform(0.8, 1.3))
@@ -337,7 +344,7 @@ def _lighting(rng: np.random.Generator, image: F32, size: int) -> F32:
 def _sensor(rng: np.random.Generator, image: F32, size: int, unit: float) -> U8:
     if rng.random() < 0.5:
         # Slight defocus or motion on a moving belt.
-        image = cv2.GaussianBlur(image, (0, 0), rng.uniform(0.4, 1.0) * unit)
+        image = _blur(image, rng.uniform(0.4, 1.0) * unit)
     top, left = (int(v) for v in rng.integers(0, 2 * size, size=2))
     noise = _noise_bank(size)[top : top + size, left : left + size]
     image += noise * np.float32(rng.uniform(1.5, 5.0))

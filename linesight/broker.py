@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import pwd
 import secrets
 import shutil
 import signal
@@ -206,13 +207,17 @@ class Broker:
 
     def _write_config(self) -> None:
         lines = [
+            # Started as root, mosquitto would switch to the `mosquitto` user, which cannot
+            # write our data dir; staying the user that started it keeps the files ours.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
             f"listener {self.port} {self.host}",
             f"allow_anonymous {'false' if self.password_file else 'true'}",
             # Sessions and queued QoS 1 messages of persistent clients survive a restart.
             "persistence true",
             f"persistence_location {self.data_dir}/",
             "persistence_file mosquitto.db",
-            # Saved on a timer, so after a SIGKILL at most this much broker state is lost.
+            # Saved on a timer (mosquitto saves about every interval + 1 s), so a SIGKILL loses
+            # at most that much broker state; a SIGTERM saves everything.
             f"autosave_interval {self.autosave_interval_s}",
             # The default max_queued_messages (1000) makes mosquitto silently drop QoS 1
             # messages for an offline persistent client; 0 means no limit.

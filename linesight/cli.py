@@ -147,6 +147,71 @@ def _models_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    agent = sub.add_parser(
+        "agent",
+        help="run a station: inspect parts, decide, publish over MQTT",
+        description="Run one inspection station. Settings come from --config (YAML) and any "
+        "flag below overrides the file's key of the same name.",
+    )
+    agent.add_argument("--config", type=Path, help="station YAML file")
+    agent.add_argument("--station", help="station id (letters, digits, _ . -)")
+    agent.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
+    agent.add_argument("--source", help="camera:0 | rtsp://… | http://… | video:PATH | "
+                       "folder:PATH | synthetic:seed=7,rate=10")
+    agent.add_argument("--active", type=Path, help="bundle folder of the ACTIVE model")
+    agent.add_argument("--candidate", type=Path, help="bundle folder of the CANDIDATE model")
+    agent.add_argument("--mode", choices=["none", "shadow", "canary", "blue_green"])
+    agent.add_argument("--canary-fraction", type=float)
+    agent.add_argument(
+        "--automation", choices=["human_only", "shadow", "assist", "partial", "full"]
+    )
+    agent.add_argument("--audit-fraction", type=float)
+    agent.add_argument("--data-dir", type=Path, help="local store, outbox and review images")
+    agent.add_argument("--max-parts", type=int,
+                       help="inspect N parts, deliver what is owed, then exit 0")
+    agent.add_argument("--receipt-wait", type=float,
+                       help="with --max-parts: seconds to wait for receipts before exiting")
+    agent.add_argument("--metrics-port", type=int, help="Prometheus metrics port")
+    agent.add_argument("--key", type=Path, help="public key bundles must be signed with")
+    agent.add_argument("--topic-prefix", help="MQTT topic root (default linesight/v1)")
+    agent.set_defaults(handler=_run_agent)
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    import signal
+
+    from edge_agent.agent import Agent
+    from edge_agent.config import load_config
+
+    overrides = {
+        "station": args.station,
+        "broker.url": args.broker,
+        "source": args.source,
+        "active": args.active,
+        "candidate": args.candidate,
+        "mode": args.mode,
+        "canary_fraction": args.canary_fraction,
+        "automation": args.automation,
+        "audit_fraction": args.audit_fraction,
+        "data_dir": args.data_dir,
+        "max_parts": args.max_parts,
+        "outbox.receipt_wait_s": args.receipt_wait,
+        "metrics_port": args.metrics_port,
+        "key": args.key,
+        "topic_prefix": args.topic_prefix,
+    }
+    config = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    agent = Agent(config)
+
+    def stop(signum: int, _frame: object) -> None:
+        agent.stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return agent.run()
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linesight",
@@ -156,6 +221,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO (default), WARNING, ERROR")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_models(sub)
+    _add_agent(sub)
     return parser
 
 
@@ -169,7 +235,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.command, args.log_level)
         handler: Handler = args.handler
         return handler(args)
-    except (UsageError, BundleError, ValueError, FileNotFoundError) as exc:
+    except (UsageError, BundleError, ValueError, OSError) as exc:
         print(f"linesight {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -50,6 +50,18 @@ FATAL_CONNACK_REASONS: dict[int, str] = {
     140: "bad authentication method",
 }
 
+
+class _DropPahoNoise(logging.Filter):
+    """paho 2.2 logs an ERROR each time its loop runs once more after a clean disconnect."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+# paho's own debug trail (packets in and out), under ours so one logging config covers both.
+_PAHO_LOGGER = logging.getLogger(f"{__name__}.paho")
+_PAHO_LOGGER.addFilter(_DropPahoNoise())
+
 MessageCallback = Callable[["ReceivedMessage"], None]
 Listener = Callable[[], None]
 
@@ -360,6 +372,8 @@ class MqttLink:
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
         """Deliver messages matching `topic_filter` to `callback`, across every reconnect.
 
+        Register before `start()` when the session is persistent: the messages the broker
+        queued while we were away arrive right after CONNACK and need a callback to land in.
         The callback runs on the network thread; if it raises, the error is logged and later
         messages are still delivered. With overlapping filters the broker may send one copy per
         filter, and each copy reaches every matching callback: consumers dedupe by message id.
@@ -404,7 +418,7 @@ class MqttLink:
             clean_session=None if v5 else config.clean_start,
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
         )
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.enable_logger(_PAHO_LOGGER)
         # paho types these as int but only does float arithmetic and sleeps with them.
         client.reconnect_delay_set(config.backoff_min_s, config.backoff_max_s)  # type: ignore[arg-type]
         if config.username is not None:

@@ -167,6 +167,9 @@ class StationState(Envelope):
     previous: ModelRef | None = Field(default=None, description="kept for rollback")
     mode: DeploymentMode = DeploymentMode.NONE
     automation: AutomationLevel = AutomationLevel.HUMAN_ONLY
+    automation_note: str = Field(
+        default="", max_length=600, description="who last changed the automation level, and why"
+    )
     canary_fraction: Probability = 0.0
     serving: Literal["active", "candidate"] = Field(
         default="active", description="blue_green: which slot decides parts now"

@@ -45,9 +45,17 @@ def make_bundle(folder: Path, key: Ed25519PrivateKey, model: onnx.ModelProto | N
     folder.mkdir(parents=True)
     (folder / a.MODEL_FILE).write_bytes((model or tiny_model()).SerializeToString())
     a.build_bundle(
-        folder, name="tiny", version="1.2.3", description="test", input=INPUT, output=OUTPUT,
-        labels=("ok", "defect"), defect_label="defect", thresholds={"ok": 0.8, "defect": 0.6},
-        metrics=None, private_key=key,
+        folder,
+        name="tiny",
+        version="1.2.3",
+        description="test",
+        input=INPUT,
+        output=OUTPUT,
+        labels=("ok", "defect"),
+        defect_label="defect",
+        thresholds={"ok": 0.8, "defect": 0.6},
+        metrics=None,
+        private_key=key,
     )
     return folder
 
@@ -125,9 +133,7 @@ def test_a_missing_model_is_refused(bundle: Path, key: Ed25519PrivateKey) -> Non
 
 
 @pytest.mark.parametrize("location", ["../outside.bin", "/etc/passwd", "weights.bin"])
-def test_external_data_is_refused(
-    tmp_path: Path, key: Ed25519PrivateKey, location: str
-) -> None:
+def test_external_data_is_refused(tmp_path: Path, key: Ed25519PrivateKey, location: str) -> None:
     bundle = make_bundle(tmp_path / "ext", key, tiny_model(external_location=location))
     assert check_of(bundle, key) == "external-data"
 
@@ -136,8 +142,13 @@ def test_manifest_rules() -> None:
     with pytest.raises(ValueError, match="semantic"):
         a.version_tuple("2.0")
     base = {
-        "name": "m", "version": "1.0.0", "input": INPUT, "output": OUTPUT,
-        "labels": ("ok", "defect"), "defect_label": "defect", "thresholds": {},
+        "name": "m",
+        "version": "1.0.0",
+        "input": INPUT,
+        "output": OUTPUT,
+        "labels": ("ok", "defect"),
+        "defect_label": "defect",
+        "thresholds": {},
         "files": {a.MODEL_FILE: a.FileEntry(sha256="0" * 64, size=1)},
         "created": "2026-01-01T00:00:00Z",
     }
@@ -151,8 +162,15 @@ def test_manifest_rules() -> None:
         with pytest.raises(ValueError, match=message):
             a.Manifest.model_validate({**base, **change})
     with pytest.raises(ValueError, match="mean"):
-        a.InputSpec(name="x", layout="NHWC", height=1, width=1, colour="rgb", dtype="float32",
-                    mean=(0.1, 0.2))
+        a.InputSpec(
+            name="x",
+            layout="NHWC",
+            height=1,
+            width=1,
+            colour="rgb",
+            dtype="float32",
+            mean=(0.1, 0.2),
+        )
 
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:

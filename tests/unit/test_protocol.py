@@ -139,7 +139,9 @@ def test_durable_channels_are_the_ones_the_controller_receipts() -> None:
 
 def test_protocol_page_is_current() -> None:
     page = (REPO / "docs" / "protocol.md").read_text()
-    assert page == render(), "docs/protocol.md is stale: python -m linesight.protocol_doc > docs/protocol.md"
+    assert page == render(), (
+        "docs/protocol.md is stale: python -m linesight.protocol_doc > docs/protocol.md"
+    )
 
 
 # --- property tests -------------------------------------------------------------------------
@@ -159,13 +161,26 @@ confidences = st.floats(min_value=0, max_value=1, allow_nan=False)
     action=st.sampled_from([p.Action.PASS, p.Action.REJECT]),
 )
 def test_decision_round_trip_property(
-    station: str, seq: int, part_id: str, label: str, confidence: float, latency: float,
+    station: str,
+    seq: int,
+    part_id: str,
+    label: str,
+    confidence: float,
+    latency: float,
     action: p.Action,
 ) -> None:
     decision = p.Decision(
-        station=station, seq=seq, part_id=part_id, decided_by=p.DecidedBy.ACTIVE, label=label,
-        confidence=confidence, action=action, model=REF, latency_ms=latency,
-        automation=p.AutomationLevel.FULL, mode=p.DeploymentMode.NONE,
+        station=station,
+        seq=seq,
+        part_id=part_id,
+        decided_by=p.DecidedBy.ACTIVE,
+        label=label,
+        confidence=confidence,
+        action=action,
+        model=REF,
+        latency_ms=latency,
+        automation=p.AutomationLevel.FULL,
+        mode=p.DeploymentMode.NONE,
     )
     assert p.parse(p.Decision, decision.to_json()) == decision
 
@@ -173,7 +188,10 @@ def test_decision_round_trip_property(
 @given(a=labels, b=labels, ca=confidences, cb=confidences, station=station_ids)
 def test_shadow_round_trip_property(a: str, b: str, ca: float, cb: float, station: str) -> None:
     result = p.ShadowResult(
-        station=station, seq=1, part_id="x", mode=p.DeploymentMode.SHADOW,
+        station=station,
+        seq=1,
+        part_id="x",
+        mode=p.DeploymentMode.SHADOW,
         active=p.ModelOpinion(model=REF, label=a, confidence=ca, latency_ms=1),
         candidate=p.ModelOpinion(model=REF, label=b, confidence=cb, latency_ms=1),
         agree=a == b,

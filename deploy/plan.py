@@ -1,0 +1,175 @@
+"""A rollout plan is data: ordered stages, each naming its stations, a mode, exit conditions, a
+gate and an optional human approval. Loaded from YAML and validated with the key's path."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+from linesight.protocol import STATION_ID_PATTERN
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message names the key and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ByName(Strict):
+    names: list[Annotated[str, Field(pattern=STATION_ID_PATTERN)]] = Field(min_length=1)
+
+
+class ByLabel(Strict):
+    labels: dict[str, str] = Field(min_length=1)
+
+
+class ByCount(Strict):
+    count: int = Field(ge=1)
+
+
+class ByPercent(Strict):
+    percent: float = Field(gt=0, le=100)
+
+
+class AllStations(Strict):
+    all: Literal[True] = True
+
+
+Selector = ByName | ByLabel | ByCount | ByPercent | AllStations
+
+
+class ExitConditions(Strict):
+    min_parts: int = Field(default=100, ge=0, description="parts both models judged")
+    min_labelled_disagreements: int = Field(default=10, ge=0)
+    max_duration_s: float = Field(default=3600, gt=0)
+
+
+class GateSettings(Strict):
+    """Passed to deploy.gates.GateConfig; see docs/gates.md for how to choose them."""
+
+    delta: float = Field(default=0.02, gt=0, lt=1)
+    alpha: float = Field(default=0.05, gt=0, lt=0.5)
+    beta: float = Field(default=0.2, gt=0, lt=0.5)
+    min_labels: int = Field(default=10, ge=1)
+    escape_delta: float = Field(
+        default=0.01, gt=0, lt=1,
+        description="tolerated increase in the share of parts that are defects the model passes",
+    )
+    max_disagreement_rate: float | None = Field(default=0.3, gt=0, le=1)
+    max_p95_latency_ms: float | None = Field(default=None, gt=0)
+
+
+class Stage(Strict):
+    name: str = Field(min_length=1, max_length=80)
+    stations: Selector
+    mode: Literal["shadow", "canary", "blue_green", "promote"]
+    fraction: float | None = Field(default=None, gt=0, le=1, description="canary only")
+    exit: ExitConditions = Field(default_factory=ExitConditions)
+    gate: GateSettings = Field(default_factory=GateSettings)
+    on_inconclusive: Literal["pause", "rollback"] = "pause"
+    on_station_fault: Literal["rollback", "pause"] = "rollback"
+    approval: bool = Field(default=False, description="wait for a human approval after passing")
+
+    @field_validator("stations", mode="before")
+    @classmethod
+    def _shorthand(cls, value: Any) -> Any:
+        """`stations: [a, b]` names stations; `stations: all` takes the whole fleet."""
+        if isinstance(value, list):
+            return {"names": value}
+        if value == "all":
+            return {"all": True}
+        return value
+
+    @model_validator(mode="after")
+    def _fraction(self) -> Stage:
+        if self.mode == "canary" and self.fraction is None:
+            raise ValueError("a canary stage needs a fraction")
+        if self.mode != "canary" and self.fraction is not None:
+            raise ValueError("fraction belongs to canary stages only")
+        return self
+
+
+class RolloutPlan(Strict):
+    name: str = Field(min_length=1, max_length=80)
+    description: str = ""
+    stages: list[Stage] = Field(min_length=1)
+    command_timeout_s: float = Field(default=60, gt=0)
+    command_retry_s: float = Field(default=5, gt=0)
+
+    @model_validator(mode="after")
+    def _ends_in_promotion(self) -> RolloutPlan:
+        if self.stages[-1].mode != "promote":
+            raise ValueError("the last stage must be a promote stage")
+        return self
+
+
+def parse_plan(document: Any, source: str = "plan") -> RolloutPlan:
+    if not isinstance(document, Mapping):
+        raise PlanError(f"{source}: a plan is a mapping with 'name' and 'stages'")
+    try:
+        return RolloutPlan.model_validate(document)
+    except ValidationError as exc:
+        problems = [
+            f"  {'.'.join(str(part) for part in error['loc']) or '(root)'}: {error['msg']}"
+            for error in exc.errors()
+        ]
+        raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems)) from exc
+
+
+def load_plan(path: Path) -> RolloutPlan:
+    try:
+        document = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise PlanError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise PlanError(f"{path} is not valid YAML: {exc}") from exc
+    return parse_plan(document, str(path))
+
+
+def select_stations(
+    selector: Selector, fleet: Mapping[str, Mapping[str, str]], already: Sequence[str]
+) -> list[str]:
+    """Resolve a stage's selector against the fleet (station -> labels), in name order.
+
+    Count and percentage prefer stations already in the rollout, then the rest by name, so a
+    later wave grows the set instead of jumping to other stations.
+    """
+    names = sorted(fleet)
+    if isinstance(selector, ByName):
+        unknown = [name for name in selector.names if name not in fleet]
+        if unknown:
+            raise PlanError(f"stations not in the fleet: {', '.join(unknown)}")
+        return sorted(selector.names)
+    if isinstance(selector, ByLabel):
+        chosen = [
+            name for name in names
+            if all(fleet[name].get(k) == v for k, v in selector.labels.items())
+        ]
+    elif isinstance(selector, AllStations):
+        chosen = names
+    else:
+        wanted = (
+            selector.count if isinstance(selector, ByCount)
+            else math.ceil(len(names) * selector.percent / 100)
+        )
+        ordered = [n for n in names if n in already] + [n for n in names if n not in already]
+        chosen = sorted(ordered[:wanted])
+        if len(chosen) < wanted:
+            raise PlanError(f"the stage wants {wanted} stations, the fleet has {len(names)}")
+    if not chosen:
+        raise PlanError("the stage's selector matches no station")
+    return chosen

@@ -1,0 +1,587 @@
+"""The rollout state machine: one pure function, `transition(state, event, now)`.
+
+It never reads a clock, a store or the network. The controller measures the evidence, passes it
+in as an event, persists the returned state, and sends the returned commands. Command ids are
+derived from the rollout id and a counter, so replaying a transition after a crash produces the
+same ids and the stations' idempotency by cmd_id does the rest.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from deploy.gates import (
+    GateConfig,
+    GateDecision,
+    GateOutcome,
+    GuardMetrics,
+    PairedEvidence,
+    evaluate_gate,
+    evaluate_guards,
+)
+from deploy.plan import PlanError, RolloutPlan, Stage, select_stations
+from linesight import protocol as p
+
+ROLLOUT_NAMESPACE = uuid.UUID("5f0c2f7e-6a43-4d55-9d8e-8b8f6b1c2a10")
+
+
+class Phase(StrEnum):
+    RUNNING = "running"
+    WAITING_APPROVAL = "waiting_approval"
+    PAUSED = "paused"
+    ROLLING_BACK = "rolling_back"
+    PROMOTED = "promoted"
+    ROLLED_BACK = "rolled_back"
+    ABORTED = "aborted"
+
+
+TERMINAL = frozenset({Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED})
+
+
+class StageStep(StrEnum):
+    PENDING = "pending"  # stations not chosen yet
+    COMMANDING = "commanding"  # commands out, waiting for acks
+    OBSERVING = "observing"  # collecting evidence
+    PASSED = "passed"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class CandidateSpec(Strict):
+    """The model under rollout and where stations fetch it."""
+
+    model: p.ModelRef
+    url: str
+    signature: str
+
+
+class PendingCommand(Strict):
+    cmd_id: str
+    station: str
+    body: dict[str, Any]
+    first_sent: datetime
+    last_sent: datetime
+    attempts: int = 1
+
+
+class StageRecord(Strict):
+    stations: list[str] = Field(default_factory=list)
+    step: StageStep = StageStep.PENDING
+    command_round: int = 0
+    observing_since: datetime | None = None
+    deadline: datetime | None = None
+    gate: str = ""
+    outcome: Literal["pending", "running", "passed", "failed"] = "pending"
+
+
+class RolloutState(Strict):
+    rollout_id: str
+    plan: RolloutPlan
+    candidate: CandidateSpec
+    phase: Phase = Phase.RUNNING
+    stage: int = 0
+    stages: list[StageRecord]
+    deployed: list[str] = Field(default_factory=list)
+    touched: list[str] = Field(default_factory=list)
+    pending: list[PendingCommand] = Field(default_factory=list)
+    commands_issued: int = 0
+    paused_from: Phase | None = None
+    end_after_rollback: Phase | None = None
+    reason: str = ""
+    started: datetime
+    updated: datetime
+    history: list[str] = Field(default_factory=list)
+
+    @property
+    def current(self) -> Stage:
+        return self.plan.stages[self.stage]
+
+    @property
+    def record(self) -> StageRecord:
+        return self.stages[self.stage]
+
+
+# --- events -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class StationView:
+    """What the controller knows of one station right now."""
+
+    online: bool
+    labels: Mapping[str, str] = field(default_factory=dict)
+    faults: int = 0
+    p95_latency_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StageEvidence:
+    """Paired outcomes on the stage's stations since it started observing."""
+
+    overall: PairedEvidence
+    escapes: PairedEvidence
+    """Only labelled disagreements whose true label is the defect: who let a defect pass."""
+    p95_latency_ms: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Tick:
+    fleet: Mapping[str, StationView]
+    evidence: StageEvidence | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CommandAcked:
+    cmd_id: str
+    ok: bool
+    error: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Approve:
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pause:
+    by: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Resume:
+    by: str
+
+
+@dataclass(frozen=True, slots=True)
+class Abort:
+    by: str
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class RollbackRequested:
+    by: str
+    reason: str = ""
+
+
+Event = Tick | CommandAcked | Approve | Pause | Resume | Abort | RollbackRequested
+
+
+Body = p.DeployCandidate | p.SetMode | p.SetAutomation | p.Promote | p.Rollback | p.Switch
+
+
+@dataclass(frozen=True, slots=True)
+class SendCommand:
+    cmd_id: str
+    station: str
+    body: Body
+    rollout_id: str
+
+
+class TransitionError(ValueError):
+    """An event that makes no sense in the rollout's current phase (e.g. approve when running)."""
+
+
+# --- start ------------------------------------------------------------------------------------
+
+
+def start(
+    rollout_id: str, plan: RolloutPlan, candidate: CandidateSpec, now: datetime
+) -> RolloutState:
+    return RolloutState(
+        rollout_id=rollout_id, plan=plan, candidate=candidate,
+        stages=[StageRecord() for _ in plan.stages], started=now, updated=now,
+        history=[f"{now.isoformat()} started {plan.name} for {candidate.model.name} "
+                 f"{candidate.model.version}"],
+    )
+
+
+# --- the transition ---------------------------------------------------------------------------
+
+Result = tuple[RolloutState, list[SendCommand]]
+
+
+def transition(state: RolloutState, event: Event, now: datetime) -> Result:
+    """The next state and the commands to send. Raises TransitionError for a human request that
+    does not apply in the current phase; machine events in a finished rollout change nothing."""
+    if isinstance(event, Tick):
+        return _tick(state, event, now)
+    if isinstance(event, CommandAcked):
+        return _acked(state, event, now)
+    if isinstance(event, Approve):
+        if state.phase != Phase.WAITING_APPROVAL:
+            raise TransitionError(f"nothing to approve: the rollout is {state.phase.value}")
+        state = _note(state, now, f"approved by {event.by}", phase=Phase.RUNNING)
+        return _advance(state, now)
+    if isinstance(event, Pause):
+        if state.phase not in (Phase.RUNNING, Phase.WAITING_APPROVAL):
+            raise TransitionError(f"cannot pause a rollout that is {state.phase.value}")
+        return _note(state, now, f"paused by {event.by}: {event.reason}".rstrip(": "),
+                     phase=Phase.PAUSED, paused_from=state.phase), []
+    if isinstance(event, Resume):
+        if state.phase != Phase.PAUSED:
+            raise TransitionError(f"cannot resume a rollout that is {state.phase.value}")
+        record = state.record
+        if record.step == StageStep.OBSERVING:
+            # A fresh maximum duration: a pause for an inconclusive stage buys a new window.
+            record = record.model_copy(
+                update={"deadline": now + timedelta(seconds=state.current.exit.max_duration_s)}
+            )
+        state = _with_record(state, record)
+        return _note(state, now, f"resumed by {event.by}",
+                     phase=state.paused_from or Phase.RUNNING, paused_from=None), []
+    if isinstance(event, Abort | RollbackRequested):
+        if state.phase in (Phase.ROLLED_BACK, Phase.ABORTED, Phase.ROLLING_BACK):
+            raise TransitionError(f"the rollout is already {state.phase.value}")
+        verb = "aborted" if isinstance(event, Abort) else "rollback requested"
+        end = Phase.ABORTED if isinstance(event, Abort) else Phase.ROLLED_BACK
+        return _rollback(state, now, f"{verb} by {event.by}: {event.reason}".rstrip(": "), end)
+    raise TypeError(f"unknown event {event!r}")
+
+
+def _note(state: RolloutState, now: datetime, line: str, **update: Any) -> RolloutState:
+    history = [*state.history, f"{now.isoformat()} {line}"][-200:]
+    return state.model_copy(update={"updated": now, "history": history, **update})
+
+
+def _with_record(state: RolloutState, record: StageRecord) -> RolloutState:
+    stages = list(state.stages)
+    stages[state.stage] = record
+    return state.model_copy(update={"stages": stages})
+
+
+def _issue(
+    state: RolloutState, now: datetime, orders: list[tuple[str, Body]]
+) -> tuple[RolloutState, list[SendCommand]]:
+    """Give each (station, body) a deterministic cmd_id, remember it as pending, send it."""
+    sends: list[SendCommand] = []
+    pending = list(state.pending)
+    counter = state.commands_issued
+    touched = list(state.touched)
+    for station, body in orders:
+        counter += 1
+        cmd_id = str(uuid.uuid5(ROLLOUT_NAMESPACE, f"{state.rollout_id}/{counter}"))
+        sends.append(SendCommand(cmd_id, station, body, state.rollout_id))
+        pending.append(PendingCommand(
+            cmd_id=cmd_id, station=station, body=body.model_dump(mode="json"),
+            first_sent=now, last_sent=now,
+        ))
+        if station not in touched:
+            touched.append(station)
+    state = state.model_copy(
+        update={"pending": pending, "commands_issued": counter, "touched": touched}
+    )
+    return state, sends
+
+
+def _stage_orders(state: RolloutState, round_: int) -> list[tuple[str, Body]]:
+    """Commands of one round of the current stage, per station. Round 0 prepares the mode;
+    blue_green and promote have a second round (switch, promote)."""
+    stage = state.current
+    spec = state.candidate
+    orders: list[tuple[str, Body]] = []
+    for station in state.record.stations:
+        deployed = station in state.deployed
+        if round_ == 0:
+            mode = {
+                "shadow": p.DeploymentMode.SHADOW, "canary": p.DeploymentMode.CANARY,
+                "blue_green": p.DeploymentMode.BLUE_GREEN, "promote": p.DeploymentMode.SHADOW,
+            }[stage.mode]
+            fraction = stage.fraction or 0.0
+            if not deployed:
+                orders.append((station, p.DeployCandidate(
+                    url=spec.url, model=spec.model, signature=spec.signature, mode=mode,
+                    canary_fraction=fraction,
+                )))
+            elif stage.mode != "promote":
+                orders.append((station, p.SetMode(mode=mode, canary_fraction=fraction)))
+        elif round_ == 1 and stage.mode == "blue_green":
+            orders.append((station, p.Switch(to="candidate")))
+        elif round_ == 1 and stage.mode == "promote":
+            orders.append((station, p.Promote(expect=spec.model)))
+    return orders
+
+
+def _rounds(stage: Stage) -> int:
+    return 2 if stage.mode in ("blue_green", "promote") else 1
+
+
+def _begin_round(state: RolloutState, now: datetime, round_: int) -> Result:
+    record = state.record.model_copy(
+        update={"step": StageStep.COMMANDING, "command_round": round_, "outcome": "running"}
+    )
+    state = _with_record(state, record)
+    state, sends = _issue(state, now, _stage_orders(state, round_))
+    if not sends:
+        return _round_done(state, now)
+    return state, sends
+
+
+def _round_done(state: RolloutState, now: datetime) -> Result:
+    record = state.record
+    if record.command_round + 1 < _rounds(state.current):
+        return _begin_round(state, now, record.command_round + 1)
+    if state.current.mode == "promote":
+        return _stage_passed(state, now, "promoted on every station of the stage")
+    stage = state.current
+    record = record.model_copy(update={
+        "step": StageStep.OBSERVING, "observing_since": now,
+        "deadline": now + timedelta(seconds=stage.exit.max_duration_s),
+    })
+    return _note(_with_record(state, record), now, f"stage {stage.name!r} observing"), []
+
+
+def _stage_passed(state: RolloutState, now: datetime, why: str) -> Result:
+    record = state.record.model_copy(
+        update={"step": StageStep.PASSED, "outcome": "passed", "gate": why}
+    )
+    state = _note(_with_record(state, record), now, f"stage {state.current.name!r} passed: {why}")
+    if state.current.approval:
+        return state.model_copy(update={"phase": Phase.WAITING_APPROVAL}), []
+    return _advance(state, now)
+
+
+def _advance(state: RolloutState, now: datetime) -> Result:
+    if state.stage + 1 >= len(state.plan.stages):
+        return _note(state, now, "promoted", phase=Phase.PROMOTED,
+                     reason="every stage passed"), []
+    # The next tick chooses the stage's stations from the fleet as it is then.
+    return state.model_copy(update={"stage": state.stage + 1}), []
+
+
+def _choose_stations(
+    state: RolloutState, fleet: Mapping[str, StationView], now: datetime
+) -> Result:
+    try:
+        stations = select_stations(
+            state.current.stations, {name: dict(v.labels) for name, v in fleet.items()},
+            state.touched,
+        )
+    except PlanError as exc:
+        return _rollback(state, now, f"stage {state.current.name!r}: {exc}", Phase.ROLLED_BACK)
+    offline = [s for s in stations if not fleet[s].online]
+    if offline:
+        return _station_trouble(state, now, f"stations offline at stage start: {offline}")
+    record = state.record.model_copy(update={"stations": stations})
+    state = _note(_with_record(state, record), now,
+                  f"stage {state.current.name!r} on {', '.join(stations)}")
+    return _begin_round(state, now, 0)
+
+
+def _station_trouble(state: RolloutState, now: datetime, why: str) -> Result:
+    if state.current.on_station_fault == "pause":
+        return _note(state, now, f"paused: {why}", phase=Phase.PAUSED,
+                     paused_from=Phase.RUNNING, reason=why), []
+    return _rollback(state, now, why, Phase.ROLLED_BACK)
+
+
+def _rollback(state: RolloutState, now: datetime, why: str, end: Phase) -> Result:
+    record = state.record.model_copy(update={"outcome": "failed", "gate": why})
+    state = _with_record(state, record).model_copy(update={"pending": []})
+    state = _note(state, now, f"rolling back: {why}", phase=Phase.ROLLING_BACK,
+                  reason=why, end_after_rollback=end)
+    orders: list[tuple[str, Body]] = [
+        (station, p.Rollback(reason=why[:500])) for station in state.touched
+    ]
+    state, sends = _issue(state, now, orders)
+    if not sends:
+        return _note(state, now, f"{end.value}: nothing was touched", phase=end), []
+    return state, sends
+
+
+def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
+    match = next((c for c in state.pending if c.cmd_id == event.cmd_id), None)
+    if match is None:
+        return state, []  # a late or repeated ack: already handled
+    pending = [c for c in state.pending if c.cmd_id != event.cmd_id]
+    state = state.model_copy(update={"pending": pending, "updated": now})
+    name = match.body.get("name")
+    if state.phase == Phase.ROLLING_BACK:
+        if not event.ok:
+            state = _note(state, now, f"{match.station} could not roll back: {event.error}")
+        return _finish_rollback_if_done(state, now)
+    if not event.ok:
+        return _rollback(state, now, f"{name} failed on {match.station}: {event.error}",
+                         Phase.ROLLED_BACK)
+    if name == "deploy_candidate" and match.station not in state.deployed:
+        state = state.model_copy(update={"deployed": [*state.deployed, match.station]})
+    if state.phase != Phase.RUNNING or state.record.step != StageStep.COMMANDING:
+        return state, []
+    round_open = any(c.station in state.record.stations for c in pending)
+    if round_open:
+        return state, []
+    return _round_done(state, now)
+
+
+def _finish_rollback_if_done(state: RolloutState, now: datetime) -> Result:
+    if state.pending:
+        return state, []
+    end = state.end_after_rollback or Phase.ROLLED_BACK
+    return _note(state, now, f"{end.value}: every touched station rolled back", phase=end), []
+
+
+def _retry(state: RolloutState, now: datetime) -> Result:
+    """Send again what is not acked; a command unanswered past the plan's timeout fails."""
+    plan = state.plan
+    sends: list[SendCommand] = []
+    pending: list[PendingCommand] = []
+    expired: list[PendingCommand] = []
+    for command in state.pending:
+        if (now - command.first_sent).total_seconds() > plan.command_timeout_s:
+            expired.append(command)
+            continue
+        if (now - command.last_sent).total_seconds() >= plan.command_retry_s:
+            command = command.model_copy(
+                update={"last_sent": now, "attempts": command.attempts + 1}
+            )
+            body = _body_of(command.body)
+            sends.append(SendCommand(command.cmd_id, command.station, body, state.rollout_id))
+        pending.append(command)
+    state = state.model_copy(update={"pending": pending})
+    if expired:
+        late = ", ".join(f"{c.body.get('name')} to {c.station}" for c in expired)
+        if state.phase == Phase.ROLLING_BACK:
+            state = _note(state, now, f"no ack for {late}; giving up on those stations")
+            finished, more = _finish_rollback_if_done(state, now)
+            return finished, [*sends, *more]
+        rolled, more = _rollback(state, now, f"no ack in {plan.command_timeout_s:g} s for {late}",
+                                 Phase.ROLLED_BACK)
+        return rolled, more
+    return state, sends
+
+
+def _body_of(document: dict[str, Any]) -> Body:
+    body: Body = p.COMMAND_BODY_ADAPTER.validate_python(document)
+    return body
+
+
+def gate_config(stage: Stage, *, escapes: bool) -> GateConfig:
+    settings = stage.gate
+    return GateConfig(
+        delta=settings.escape_delta if escapes else settings.delta,
+        alpha=settings.alpha, beta=settings.beta, min_labels=settings.min_labels,
+        max_disagreement_rate=settings.max_disagreement_rate,
+        max_p95_latency_ms=settings.max_p95_latency_ms,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class Verdicts:
+    overall: GateDecision
+    escapes: GateDecision
+
+
+def judge(stage: Stage, evidence: StageEvidence) -> Verdicts:
+    return Verdicts(
+        evaluate_gate(evidence.overall, gate_config(stage, escapes=False)),
+        evaluate_gate(evidence.escapes, gate_config(stage, escapes=True)),
+    )
+
+
+def _tick(state: RolloutState, event: Tick, now: datetime) -> Result:
+    if state.phase in TERMINAL:
+        return state, []
+    state, sends = _retry(state, now)
+    if state.phase != Phase.RUNNING:
+        return state, sends
+    record = state.record
+    if record.step == StageStep.PENDING:
+        state, more = _choose_stations(state, event.fleet, now)
+        return state, [*sends, *more]
+    if record.step == StageStep.PASSED:
+        return state, sends
+    stage = state.current
+    # Guards: every station of the stage must stay online and fault-free, in any step.
+    for station in record.stations:
+        view = event.fleet.get(station, StationView(online=False))
+        failures = evaluate_guards(
+            GuardMetrics(online=view.online, faults=view.faults,
+                         p95_latency_ms=None, disagreement_rate=None),
+            gate_config(stage, escapes=False),
+        )
+        if failures:
+            state, more = _station_trouble(state, now, f"{station}: {'; '.join(failures)}")
+            return state, [*sends, *more]
+    if record.step != StageStep.OBSERVING or event.evidence is None:
+        return state, sends
+    evidence = event.evidence
+    overall = evidence.overall
+    rate = overall.disagreements / overall.parts if overall.parts else None
+    enough_parts = overall.parts >= stage.exit.min_parts
+    guard_failures = evaluate_guards(
+        GuardMetrics(online=True, faults=0, p95_latency_ms=evidence.p95_latency_ms,
+                     disagreement_rate=rate if enough_parts else None),
+        gate_config(stage, escapes=False),
+    )
+    if guard_failures:
+        state, more = _rollback(state, now, f"stage {stage.name!r}: {'; '.join(guard_failures)}",
+                                Phase.ROLLED_BACK)
+        return state, [*sends, *more]
+    verdicts = judge(stage, evidence)
+    note = f"error: {verdicts.overall.reason} | escapes: {verdicts.escapes.reason}"
+    state = _with_record(state, record.model_copy(update={"gate": note}))
+    if GateOutcome.FAIL in (verdicts.overall.outcome, verdicts.escapes.outcome):
+        failed = verdicts.overall if verdicts.overall.outcome == GateOutcome.FAIL \
+            else verdicts.escapes
+        state, more = _rollback(state, now, f"gate failed in {stage.name!r}: {failed.reason}",
+                                Phase.ROLLED_BACK)
+        return state, [*sends, *more]
+    exit_met = (
+        enough_parts
+        and overall.labelled_disagreements >= stage.exit.min_labelled_disagreements
+    )
+    both_pass = verdicts.overall.outcome == verdicts.escapes.outcome == GateOutcome.PASS
+    if exit_met and both_pass:
+        state, more = _stage_passed(state, now, note)
+        return state, [*sends, *more]
+    if record.deadline is not None and now >= record.deadline:
+        why = f"stage {stage.name!r} inconclusive after {stage.exit.max_duration_s:g} s: {note}"
+        if stage.on_inconclusive == "pause":
+            state = _note(state, now, f"paused: {why}", phase=Phase.PAUSED,
+                          paused_from=Phase.RUNNING, reason=why)
+            return state, sends
+        state, more = _rollback(state, now, why, Phase.ROLLED_BACK)
+        return state, [*sends, *more]
+    return state, sends
+
+
+# --- views ------------------------------------------------------------------------------------
+
+
+def to_status(state: RolloutState, seq: int) -> p.RolloutStatus:
+    phase_map: dict[Phase, str] = {
+        Phase.RUNNING: "running", Phase.WAITING_APPROVAL: "waiting_approval",
+        Phase.PAUSED: "paused", Phase.ROLLING_BACK: "running", Phase.PROMOTED: "promoted",
+        Phase.ROLLED_BACK: "rolled_back", Phase.ABORTED: "aborted",
+    }
+    stages = []
+    for index, (stage, record) in enumerate(zip(state.plan.stages, state.stages, strict=True)):
+        status = {
+            "pending": "pending", "running": "running", "passed": "passed", "failed": "failed",
+        }[record.outcome]
+        if index == state.stage and state.phase == Phase.WAITING_APPROVAL:
+            status = "waiting_approval"
+        stages.append(p.StageStatus(
+            index=index, name=stage.name, mode=stage.mode, stations=record.stations,
+            status=status,  # type: ignore[arg-type]
+            gate=record.gate[:2000] or None,
+        ))
+    reason = state.reason
+    if state.phase == Phase.ROLLING_BACK:
+        reason = f"rolling back: {reason}"
+    return p.RolloutStatus(
+        station=p.CONTROLLER_ID, seq=seq, rollout_id=state.rollout_id, plan=state.plan.name,
+        candidate=state.candidate.model,
+        phase=phase_map[state.phase],  # type: ignore[arg-type]
+        stage=state.stage, stages=stages, reason=reason, touched=state.touched,
+    )

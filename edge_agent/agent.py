@@ -1,0 +1,921 @@
+"""The station agent: frames in, decisions out, every message through the durable outbox.
+
+Threads, and why each exists:
+- the inspection loop (the caller's thread): source -> deciding model -> policy -> store; the
+  critical path, which nothing else may block. Slot changes run here, between two parts.
+- the candidate worker: the other model on the same frame, with a bounded queue; when it cannot
+  keep up it skips parts and counts them, it never delays a decision.
+- the publisher: outbox rows to MQTT, from the oldest not yet receipted; again after a reconnect.
+- the command worker: parses, downloads and loads off the critical path, then asks the loop to
+  apply the change at a part boundary and acks the result.
+- housekeeping: verdicts from the UI, state, metrics, quota, the UI's status snapshot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import shutil
+import tempfile
+import threading
+import time
+import urllib.request
+import uuid
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+import cv2
+import numpy as np
+
+from edge_agent.actuator import build_gate
+from edge_agent.config import AgentConfig
+from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
+from edge_agent.inference import InferenceError
+from edge_agent.metrics import AgentMetrics
+from edge_agent.policy import ModelOutput, Slot, agree, decide, decider_for
+from edge_agent.slots import (
+    LoadedModel,
+    SlotError,
+    Slots,
+    load_model,
+    promoted,
+    rolled_back,
+    switched,
+    unloadable_model,
+    with_candidate,
+    with_mode,
+)
+from edge_agent.sources import (
+    EndOfSource,
+    Frame,
+    FrameSource,
+    SourceError,
+    SourceOptions,
+    parse_source,
+)
+from edge_agent.store import OutboxFull, PartLogEntry, ReviewItem, StationStore, VerdictRow
+from linesight import __version__
+from linesight import protocol as p
+from linesight.artifacts import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    BundleError,
+    load_public_key,
+    parse_manifest,
+    sha256_bytes,
+    verify_bundle,
+)
+from linesight.mqtt import MqttLink, ReceivedMessage, Will
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class CandidateJob:
+    frame: Frame
+    decision: p.Decision
+    decider: Slot
+    decider_model: LoadedModel
+    decider_output: ModelOutput
+    other_model: LoadedModel
+    mode: p.DeploymentMode
+    automation: p.AutomationLevel
+    queued_review: bool
+
+
+@dataclass
+class Window:
+    """Counters since the last StationMetrics message."""
+
+    started: float
+    parts: int = 0
+    pairs: int = 0
+    agreed: int = 0
+    skipped: int = 0
+
+    def __post_init__(self) -> None:
+        self.actions: dict[p.Action, int] = {}
+        self.deciders: dict[p.DecidedBy, int] = {}
+        self.latency: dict[Slot, list[float]] = {"active": [], "candidate": []}
+
+
+def run_model(model: LoadedModel, image: np.ndarray, timeout_ms: float) -> ModelOutput:
+    """One inference that never raises: a failure or a late answer is a failed output."""
+    start = time.perf_counter()
+    try:
+        prediction = model.session.predict(image)
+    except InferenceError as exc:
+        return ModelOutput(None, None, (time.perf_counter() - start) * 1000, error=str(exc))
+    except Exception as exc:  # onnxruntime raises several unrelated types  # noqa: BLE001
+        return ModelOutput(
+            None, None, (time.perf_counter() - start) * 1000, error=f"runtime error: {exc}"
+        )
+    if prediction.latency_ms > timeout_ms:
+        return ModelOutput(
+            None, None, prediction.latency_ms,
+            error=f"timed out: {prediction.latency_ms:.0f} ms > {timeout_ms:.0f} ms",
+        )
+    return ModelOutput(prediction.label, prediction.confidence, prediction.latency_ms)
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.asarray(values), q)) if values else 0.0
+
+
+class Agent:
+    def __init__(self, config: AgentConfig, *, source: FrameSource | None = None) -> None:
+        self.config = config
+        self.station = config.station
+        self.topics = p.Topics(config.topic_prefix)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = StationStore(config.data_dir, max_outbox_rows=config.outbox.max_rows)
+        self.key = load_public_key(config.key) if config.key else None
+        self.metrics = AgentMetrics(self.station)
+        self.gate = build_gate(config.reject_output)
+        self.automation = config.automation
+        self.automation_note = ""
+        self.faults: dict[str, p.Fault] = {}
+        self.parts_inspected = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._loop_running = False
+        self._boundary: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._jobs: queue.Queue[CandidateJob | None] = queue.Queue(config.inference.candidate_queue)
+        self._commands: queue.Queue[ReceivedMessage | None] = queue.Queue()
+        self._publish_wake = threading.Event()
+        self._replay = threading.Event()
+        self._state_dirty = threading.Event()
+        self._window = Window(time.monotonic())
+        self._recent_agreement: deque[bool] = deque(maxlen=500)
+        self._threads: list[threading.Thread] = []
+        self.slots = self._initial_slots()
+        self.drift = DriftMonitor(config.drift_window, reference=self._saved_reference())
+        self.source = source or self._open_source()
+        self.link = MqttLink(config.broker, will=Will(
+            self.topics.station(self.station, p.Channel.STATE),
+            self._state(online=False).to_json(), qos=1, retain=True,
+        ))
+
+    # --- start-up ---------------------------------------------------------------------------
+
+    def _load(self, bundle: Path, slot: Slot) -> LoadedModel:
+        threads = (
+            self.config.inference.active_threads if slot == "active"
+            else self.config.inference.candidate_threads
+        )
+        return load_model(
+            bundle, self.key, providers=self.config.inference.providers, threads=threads
+        )
+
+    def _initial_slots(self) -> Slots:
+        """What the station ran before a restart wins over the configuration's start values."""
+        record = self.store.load_slots()
+        if record is not None:
+            try:
+                return self._slots_from_record(record)
+            except (BundleError, InferenceError, OSError, SlotError, KeyError) as exc:
+                log.error("cannot restore the saved model slots (%s); using the configuration", exc)
+        try:
+            active = self._load(self.config.active, "active")
+        except (BundleError, InferenceError, OSError) as exc:
+            self._raise_fault("active_load", f"active model not loaded: {exc}")
+            active = unloadable_model(self.config.active, str(exc))
+        slots = Slots(active=active)
+        if self.config.candidate is not None:
+            try:
+                candidate = self._load(self.config.candidate, "candidate")
+                slots = with_candidate(
+                    slots, candidate, self.config.mode, self.config.canary_fraction
+                )
+            except (BundleError, InferenceError, SlotError) as exc:
+                self._raise_fault("candidate_load", f"candidate not loaded: {exc}")
+        return slots
+
+    def _slots_from_record(self, record: dict[str, Any]) -> Slots:
+        active = self._load(Path(record["active"]), "active")
+        previous = self._load(Path(record["previous"]), "active") if record["previous"] else None
+        candidate = (
+            self._load(Path(record["candidate"]), "candidate") if record["candidate"] else None
+        )
+        slots = Slots(active=active, candidate=candidate, previous=previous)
+        if candidate is not None:
+            slots = with_mode(
+                slots, p.DeploymentMode(record["mode"]), float(record["canary_fraction"])
+            )
+            if record.get("serving") == "candidate" and slots.mode == p.DeploymentMode.BLUE_GREEN:
+                slots = switched(slots, "candidate")
+        self.automation = p.AutomationLevel(record.get("automation", self.automation))
+        return slots
+
+    def _saved_reference(self) -> Reference | None:
+        record = self.store.load_slots() or {}
+        document = record.get("drift_reference")
+        if document and record.get("reference_for") == self.slots.active.ref.sha256:
+            return Reference.from_dict(document)
+        return None
+
+    def _open_source(self) -> FrameSource:
+        options = SourceOptions.model_validate(self.config.source_options)
+        return parse_source(self.config.source, station=self.station, options=options)
+
+    # --- state ------------------------------------------------------------------------------
+
+    def _state(self, *, online: bool) -> p.StationState:
+        slots = self.slots
+        with self._lock:
+            faults = list(self.faults.values())
+        return p.StationState(
+            station=self.station,
+            seq=max(self.store.last_seq(), 0),
+            online=online,
+            active=slots.active.ref,
+            candidate=slots.candidate.ref if slots.candidate else None,
+            previous=slots.previous.ref if slots.previous else None,
+            mode=slots.mode,
+            automation=self.automation,
+            canary_fraction=slots.canary_fraction,
+            serving=slots.serving,
+            faults=faults,
+            outbox_depth=self.store.outbox_depth(),
+            review_queue_depth=self.store.review_count(),
+            drift=self.drift.last,
+            parts_inspected=self.parts_inspected,
+            labels=self.config.labels,
+            agent_version=__version__,
+            automation_note=self.automation_note,
+        )
+
+    def _raise_fault(self, code: str, message: str, model: p.ModelRef | None = None) -> None:
+        with self._lock:
+            known = code in self.faults
+            if not known:
+                self.faults[code] = p.Fault(
+                    code=code, message=message[:2000], model=model, since=datetime.now(UTC)
+                )
+        if not known:
+            log.error("fault %s: %s", code, message)
+            self.metrics.fault_events.labels(self.station, code).inc()
+            self._state_dirty.set()
+
+    def _clear_faults(self, *codes: str) -> None:
+        with self._lock:
+            cleared = [code for code in codes if self.faults.pop(code, None) is not None]
+        if cleared:
+            log.info("faults cleared: %s", ", ".join(cleared))
+            self._state_dirty.set()
+
+    def _save_slots(self) -> None:
+        record = self.slots.to_record()
+        record["automation"] = self.automation.value
+        if self.drift.reference is not None:
+            record["drift_reference"] = self.drift.reference.to_dict()
+            record["reference_for"] = self.slots.active.ref.sha256
+        self.store.save_slots(record)
+
+    def _set_slots(self, slots: Slots) -> None:
+        """Only the inspection loop (or, when it has ended, the command worker) calls this."""
+        active_changed = slots.active is not self.slots.active
+        self.slots = slots
+        if active_changed:
+            self.drift.reset()
+        self._clear_faults("active_inference", "candidate_inference", "candidate_load")
+        self._save_slots()
+        self._state_dirty.set()
+
+    # --- the inspection loop ----------------------------------------------------------------
+
+    def run(self) -> int:
+        """Inspect until stopped (or --max-parts), then deliver what is owed and exit."""
+        for topic, handler in (
+            (self.topics.station(self.station, p.Channel.CMD), self._on_command),
+            (self.topics.station(self.station, p.Channel.RECEIPT), self._on_receipt),
+            (self.topics.trigger(self.station), self._on_trigger),
+        ):
+            self.link.subscribe(topic, handler)
+        self.link.add_connect_listener(self._on_connected)
+        self.link.start()
+        if self.config.metrics_port is not None:
+            self.metrics.serve(self.config.metrics_port)
+        self._save_slots()
+        for target, name in (
+            (self._candidate_worker, "candidate"),
+            (self._publisher, "publisher"),
+            (self._command_worker, "commands"),
+            (self._housekeeping, "housekeeping"),
+        ):
+            thread = threading.Thread(target=target, name=f"{name}-{self.station}", daemon=True)
+            thread.start()
+            self._threads.append(thread)
+        log.info(
+            "station %s inspecting from %s with %s %s (mode %s, automation %s)",
+            self.station, self.config.source, self.slots.active.ref.name,
+            self.slots.active.ref.version, self.slots.mode.value, self.automation.value,
+        )
+        self._loop_running = True
+        try:
+            self._inspect_until_done()
+        finally:
+            self._loop_running = False
+            self._apply_boundary_actions()
+        return self._shutdown()
+
+    def stop(self) -> None:
+        """Stop at the next part boundary (signal handlers call this)."""
+        self._stop.set()
+
+    def _inspect_until_done(self) -> None:
+        limit = self.config.max_parts
+        while not self._stop.is_set():
+            self._apply_boundary_actions()
+            if limit is not None and self.parts_inspected >= limit:
+                return
+            try:
+                frame = self.source.read(timeout=0.2)
+            except EndOfSource:
+                log.info("source ended after %d parts", self.parts_inspected)
+                return
+            except SourceError as exc:
+                self._raise_fault("source", str(exc))
+                self._stop.wait(1.0)
+                continue
+            if frame is None:
+                continue
+            self._clear_faults("source")
+            self.inspect(frame)
+
+    def _apply_boundary_actions(self) -> None:
+        while True:
+            try:
+                action = self._boundary.get_nowait()
+            except queue.Empty:
+                return
+            action()
+
+    def at_boundary(self, change: Callable[[], T], timeout: float = 30.0) -> T:
+        """Run `change` on the inspection loop between two parts and return its result."""
+        future: Future[T] = Future()
+
+        def apply() -> None:
+            try:
+                future.set_result(change())
+            except Exception as exc:  # the caller re-raises it  # noqa: BLE001
+                future.set_exception(exc)
+
+        if not self._loop_running:
+            apply()
+        else:
+            self._boundary.put(apply)
+        return future.result(timeout=timeout)
+
+    def inspect(self, frame: Frame) -> p.Decision:
+        slots = self.slots
+        decider = decider_for(
+            frame.part_id, slots.mode, slots.canary_fraction, slots.serving,
+            slots.candidate is not None,
+        )
+        model = slots.model(decider)
+        output = run_model(model, frame.image, self.config.inference.timeout_ms)
+        if output.error is not None:
+            self._raise_fault(f"{decider}_inference", output.error, model.ref)
+        thresholds = {**model.manifest.thresholds, **self.config.thresholds}
+        part = decide(
+            frame.part_id, self.automation, decider, output, thresholds,
+            model.manifest.defect_label, self.config.audit_fraction,
+        )
+        decision = self.store.enqueue(
+            self.topics.station(self.station, p.Channel.DECISION),
+            1,
+            lambda seq: p.Decision(
+                station=self.station, seq=seq, part_id=frame.part_id,
+                decided_by=part.decided_by,
+                label=output.label if part.shows_model else None,
+                confidence=output.confidence if part.shows_model else None,
+                action=part.action, review_reason=part.review_reason,
+                model=model.ref if part.shows_model or part.decided_by == p.DecidedBy.FAILSAFE
+                else None,
+                latency_ms=output.latency_ms, automation=self.automation, mode=slots.mode,
+                suggestion=part.suggestion,
+            ),
+        )
+        self._publish_wake.set()
+        try:
+            self.gate.act(decision)
+        except OSError as exc:
+            self._raise_fault("reject_output", str(exc))
+        queued = part.action == p.Action.REVIEW or part.audit
+        if queued:
+            self._queue_review(frame, part.review_reason or p.ReviewReason.AUDIT, model,
+                               output, part.suggestion, None)
+        self._count(decision, decider, output, frame)
+        other: Slot = "active" if decider == "candidate" else "candidate"
+        if slots.candidate is not None:
+            job = CandidateJob(
+                frame, decision, decider, model, output, slots.model(other), slots.mode,
+                self.automation, queued,
+            )
+            try:
+                self._jobs.put_nowait(job)
+                return decision
+            except queue.Full:
+                self.metrics.candidate_skipped.inc()
+                with self._lock:
+                    self._window.skipped += 1
+        self._log_part(frame, decision, output if decider == "active" else None, None)
+        return decision
+
+    def _count(
+        self, decision: p.Decision, decider: Slot, output: ModelOutput, frame: Frame
+    ) -> None:
+        self.parts_inspected += 1
+        self.metrics.parts.inc()
+        self.metrics.decisions.labels(
+            self.station, decision.action.value, decision.decided_by.value
+        ).inc()
+        self.metrics.latency.labels(self.station, decider).observe(output.latency_ms)
+        if output.confidence is not None:
+            self.metrics.confidence.labels(self.station, decider).observe(output.confidence)
+        self.metrics.frame_age.set(self.source.frame_age_s)
+        with self._lock:
+            window = self._window
+            window.parts += 1
+            window.actions[decision.action] = window.actions.get(decision.action, 0) + 1
+            window.deciders[decision.decided_by] = window.deciders.get(decision.decided_by, 0) + 1
+            window.latency[decider].append(output.latency_ms)
+        if decider == "active" and self.drift.add(image_stats(frame.image), output.confidence):
+            if self.drift.last is not None:
+                for feature in FEATURES:
+                    self.metrics.drift.labels(self.station, feature).set(
+                        getattr(self.drift.last, f"psi_{feature}")
+                    )
+            else:
+                self._save_slots()  # a new reference was just taken
+            self._state_dirty.set()
+
+    def _queue_review(
+        self,
+        frame: Frame,
+        reason: p.ReviewReason,
+        model: LoadedModel,
+        output: ModelOutput,
+        suggestion: str | None,
+        candidate: tuple[LoadedModel, ModelOutput] | None,
+    ) -> None:
+        ok, jpeg = cv2.imencode(
+            ".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.config.review.jpeg_quality]
+        )
+        if not ok:
+            self._raise_fault("review_image", f"cannot encode part {frame.part_id} as JPEG")
+            return
+        slots = self.slots
+        self.store.add_review(ReviewItem(
+            part_id=frame.part_id,
+            created=datetime.fromtimestamp(frame.captured_at, UTC),
+            reason=reason.value,
+            automation=self.automation.value,
+            suggestion=suggestion,
+            confidence=output.confidence,
+            model_label=output.label,
+            candidate_label=candidate[1].label if candidate else None,
+            active_version=model.ref.version if candidate is None else slots.active.ref.version,
+            candidate_version=candidate[0].ref.version if candidate else None,
+            image_jpeg=jpeg.tobytes(),
+        ))
+
+    def _log_part(
+        self, frame: Frame, decision: p.Decision, active: ModelOutput | None,
+        candidate: ModelOutput | None,
+    ) -> None:
+        self.store.log_part(PartLogEntry(
+            part_id=frame.part_id,
+            ts=datetime.fromtimestamp(frame.captured_at, UTC),
+            action=decision.action.value,
+            decided_by=decision.decided_by.value,
+            active_label=active.label if active else None,
+            candidate_label=candidate.label if candidate else None,
+            agree=agree(active, candidate) if active and candidate else None,
+            active_confidence=active.confidence if active else None,
+        ))
+
+    # --- candidate worker -------------------------------------------------------------------
+
+    def _candidate_worker(self) -> None:
+        while True:
+            job = self._jobs.get()
+            if job is None:
+                return
+            try:
+                self._judge_with_other(job)
+            except Exception:  # the worker must outlive any one part  # noqa: BLE001
+                log.exception("candidate worker failed on part %s", job.frame.part_id)
+            finally:
+                self._jobs.task_done()
+
+    def _judge_with_other(self, job: CandidateJob) -> None:
+        other = run_model(job.other_model, job.frame.image, self.config.inference.timeout_ms)
+        other_slot: Slot = "active" if job.decider == "candidate" else "candidate"
+        if other.error is not None:
+            self._raise_fault(f"{other_slot}_inference", other.error, job.other_model.ref)
+        active_model, active_out, candidate_model, candidate_out = (
+            (job.decider_model, job.decider_output, job.other_model, other)
+            if job.decider == "active"
+            else (job.other_model, other, job.decider_model, job.decider_output)
+        )
+        agreed = agree(active_out, candidate_out)
+
+        def opinion(model: LoadedModel, output: ModelOutput) -> p.ModelOpinion:
+            return p.ModelOpinion(
+                model=model.ref, label=output.label, confidence=output.confidence,
+                latency_ms=output.latency_ms, error=output.error,
+            )
+
+        try:
+            self.store.enqueue(
+                self.topics.station(self.station, p.Channel.SHADOW),
+                1,
+                lambda seq: p.ShadowResult(
+                    station=self.station, seq=seq, part_id=job.frame.part_id, mode=job.mode,
+                    active=opinion(active_model, active_out),
+                    candidate=opinion(candidate_model, candidate_out), agree=agreed,
+                ),
+            )
+        except OutboxFull:
+            self._raise_fault("outbox_full", "outbox full: shadow results are being dropped")
+        self._publish_wake.set()
+        self.metrics.shadow_pairs.inc()
+        self.metrics.latency.labels(self.station, other_slot).observe(other.latency_ms)
+        if other.confidence is not None:
+            self.metrics.confidence.labels(self.station, other_slot).observe(other.confidence)
+        with self._lock:
+            self._window.pairs += 1
+            self._window.agreed += int(agreed)
+            self._window.latency[other_slot].append(other.latency_ms)
+            self._recent_agreement.append(agreed)
+        if not agreed:
+            self.metrics.disagreements.inc()
+            if not job.queued_review:
+                # The candidate never changes what happens to the part; the operator's label of
+                # the disagreement is what the rollout gate needs.
+                self._queue_review(
+                    job.frame, p.ReviewReason.DISAGREEMENT, active_model, active_out,
+                    active_out.label, (candidate_model, candidate_out),
+                )
+        self._log_part(job.frame, job.decision, active_out, candidate_out)
+
+    # --- MQTT: publisher, receipts, triggers ------------------------------------------------
+
+    def _on_connected(self) -> None:
+        self._replay.set()
+        self._publish_wake.set()
+        self._state_dirty.set()
+
+    def _publisher(self) -> None:
+        cursor = -1
+        while not self._stop.is_set() or self._loop_running:
+            self._publish_wake.wait(0.5)
+            self._publish_wake.clear()
+            if not self.link.connected:
+                continue
+            if self._replay.is_set():
+                self._replay.clear()
+                cursor = -1  # after a reconnect, everything not yet receipted goes again
+            cursor = self._publish_pending(cursor)
+
+    def _publish_pending(self, cursor: int) -> int:
+        while self.link.connected:
+            rows = self.store.pending(limit=self.config.outbox.publish_batch, after_seq=cursor)
+            if not rows:
+                return cursor
+            tickets = [self.link.publish(row.topic, row.payload, qos=row.qos) for row in rows]
+            if not tickets[-1].wait(10.0):
+                return cursor  # not acknowledged: try again from here
+            cursor = rows[-1].seq
+        return cursor
+
+    def _on_receipt(self, message: ReceivedMessage) -> None:
+        try:
+            receipt = p.parse(p.Receipt, message.payload)
+        except p.ProtocolError as exc:
+            log.warning("ignored a receipt: %s", exc)
+            return
+        if receipt.station != self.station:
+            log.warning("ignored a receipt addressed to %s", receipt.station)
+            return
+        if self.store.acknowledge(receipt.upto_seq):
+            self.metrics.outbox_depth.set(self.store.outbox_depth())
+
+    def _on_trigger(self, message: ReceivedMessage) -> None:
+        trigger = getattr(self.source, "trigger", None)
+        if trigger is None:
+            log.warning("trigger message ignored: source %s is not externally triggered",
+                        self.config.source)
+            return
+        part_id: str | None = None
+        try:
+            document = json.loads(message.payload or b"{}")
+            if isinstance(document, dict) and isinstance(document.get("part_id"), str):
+                part_id = document["part_id"][:128] or None
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            log.warning("trigger payload is not JSON; triggering without a part id")
+        trigger(part_id)
+
+    # --- commands ---------------------------------------------------------------------------
+
+    def _on_command(self, message: ReceivedMessage) -> None:
+        self._commands.put(message)
+
+    def _command_worker(self) -> None:
+        while True:
+            message = self._commands.get()
+            if message is None:
+                return
+            try:
+                self.handle_command(message.payload)
+            except Exception:  # a command must never take the station down  # noqa: BLE001
+                log.exception("command handling failed")
+
+    def handle_command(self, payload: bytes) -> p.CommandAck:
+        try:
+            command = p.parse(p.Command, payload)
+        except p.ProtocolError as exc:
+            return self._ack(_cmd_id_of(payload), "unknown", ok=False, error=str(exc))
+        name = command.body.name
+        cmd_id = str(command.cmd_id)
+        if command.station != self.station:
+            return self._ack(command.cmd_id, name, ok=False,
+                             error=f"command addressed to {command.station}, not {self.station}")
+        previous = self.store.command_result(cmd_id)
+        if previous is not None:
+            done = json.loads(previous)
+            return self._ack(command.cmd_id, name, ok=bool(done["ok"]), error=done["error"])
+        if command.expires_at is not None and command.expires_at < datetime.now(UTC):
+            error: str | None = f"command expired at {command.expires_at.isoformat()}"
+        else:
+            error = self._execute(command.body)
+        self.store.record_command(cmd_id, name, json.dumps({"ok": error is None, "error": error}))
+        return self._ack(command.cmd_id, name, ok=error is None, error=error)
+
+    def _execute(self, body: p.CommandBody) -> str | None:
+        """Carry out one command; the error text, or None on success."""
+        try:
+            if isinstance(body, p.DeployCandidate):
+                candidate = self._fetch_candidate(body)
+                self.at_boundary(lambda: self._set_slots(
+                    with_candidate(self.slots, candidate, body.mode, body.canary_fraction)
+                ))
+            elif isinstance(body, p.SetMode):
+                self.at_boundary(lambda: self._set_slots(
+                    with_mode(self.slots, body.mode, body.canary_fraction)
+                ))
+            elif isinstance(body, p.SetAutomation):
+                self.at_boundary(lambda: self._set_automation(body.automation, body.reason,
+                                                              "controller"))
+            elif isinstance(body, p.Promote):
+                self.at_boundary(lambda: self._set_slots(promoted(self.slots, body.expect)))
+            elif isinstance(body, p.Rollback):
+                self.at_boundary(lambda: self._set_slots(rolled_back(self.slots)))
+            elif isinstance(body, p.Switch):
+                self.at_boundary(lambda: self._set_slots(switched(self.slots, body.to)))
+        except (SlotError, BundleError, InferenceError, OSError, ValueError) as exc:
+            log.warning("command %s refused: %s", body.name, exc)
+            return str(exc)
+        log.info("command %s done", body.name)
+        return None
+
+    def _set_automation(self, level: p.AutomationLevel, reason: str, by: str) -> None:
+        self.automation = level
+        self.automation_note = f"{level.value} by {by}: {reason}".strip(": ")
+        self._save_slots()
+        self._state_dirty.set()
+        log.info("automation set to %s by %s (%s)", level.value, by, reason or "no reason given")
+
+    def _fetch_candidate(self, body: p.DeployCandidate) -> LoadedModel:
+        """Download the bundle, check the manifest against the command, verify, load, warm up."""
+        base = body.url if body.url.endswith("/") else body.url + "/"
+        timeout = self.config.download_timeout_s
+        manifest_data = _download(base + MANIFEST_FILE, timeout)
+        if sha256_bytes(manifest_data) != body.model.sha256:
+            raise BundleError("digest", "the downloaded manifest differs from the command's sha256")
+        manifest = parse_manifest(manifest_data)
+        if (manifest.name, manifest.version) != (body.model.name, body.model.version):
+            raise BundleError("manifest", "the manifest names another model than the command")
+        target = (
+            self.config.data_dir / "bundles" / manifest.name
+            / f"{manifest.version}-{body.model.sha256[:12]}"
+        )
+        if self.slots.candidate is not None and self.slots.candidate.ref == body.model:
+            return self.slots.candidate
+        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.config.data_dir))
+        try:
+            (staging / MANIFEST_FILE).write_bytes(manifest_data)
+            (staging / SIGNATURE_FILE).write_text(body.signature.strip() + "\n")
+            for file_name in manifest.files:
+                (staging / file_name).write_bytes(_download(base + file_name, timeout))
+            verify_bundle(staging, self.key)  # a tampered bundle never reaches its final place
+            if target.exists():
+                shutil.rmtree(target)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            staging.rename(target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+        return self._load(target, "candidate")
+
+    def _ack(
+        self, cmd_id: uuid.UUID, name: str, *, ok: bool, error: str | None
+    ) -> p.CommandAck:
+        state = self._state(online=True)
+        ack = self.store.enqueue(
+            self.topics.station(self.station, p.Channel.ACK),
+            1,
+            lambda seq: p.CommandAck(
+                station=self.station, seq=seq, cmd_id=cmd_id, command=name, ok=ok,
+                error=error, state_after=state,
+            ),
+        )
+        self._publish_wake.set()
+        self._state_dirty.set()
+        assert isinstance(ack, p.CommandAck)  # noqa: S101 - enqueue returns what it was given
+        return ack
+
+    # --- housekeeping -----------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        last_state = last_metrics = last_quota = last_status = 0.0
+        while not self._stop.is_set() or self._loop_running:
+            now = time.monotonic()
+            try:
+                self._pump_verdicts()
+                self._take_ui_requests()
+                if now - last_quota > 60:
+                    last_quota = now
+                    self._enforce_quota()
+                if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
+                    self._state_dirty.clear()
+                    last_state = now
+                    self._publish_state()
+                if now - last_metrics > self.config.metrics_interval_s:
+                    last_metrics = now
+                    self._publish_metrics()
+                if now - last_status > 1.0:
+                    last_status = now
+                    self._save_status()
+            except Exception:  # housekeeping must keep going  # noqa: BLE001
+                log.exception("housekeeping failed")
+            self._stop.wait(0.25)
+
+    def _pump_verdicts(self) -> None:
+        topic = self.topics.station(self.station, p.Channel.VERDICT)
+
+        def build(row: VerdictRow, seq: int) -> p.Verdict:
+            return p.Verdict(
+                station=self.station, seq=seq, part_id=row.part_id, operator=row.operator,
+                outcome=p.VerdictOutcome(row.outcome), label=row.label,
+                review_reason=p.ReviewReason(row.review_reason), model_label=row.model_label,
+                candidate_label=row.candidate_label, decided_at=row.decided_at,
+            )
+
+        if self.store.publish_verdicts(lambda _row: topic, build):
+            self._publish_wake.set()
+
+    def _take_ui_requests(self) -> None:
+        for request in self.store.take_requests():
+            try:
+                level = p.AutomationLevel(request.level)
+            except ValueError:
+                log.warning("ignored an automation request for unknown level %r", request.level)
+                continue
+            self.at_boundary(
+                lambda level=level, request=request: self._set_automation(  # type: ignore[misc]
+                    level, request.reason, request.by
+                )
+            )
+
+    def _enforce_quota(self) -> None:
+        quota = int(self.config.review.quota_mb * 1024 * 1024)
+        self.store.prune_confirmed(timedelta(days=self.config.review.retention_days))
+        report = self.store.enforce_quota(quota)
+        if report.over_quota_unconfirmed:
+            self._raise_fault(
+                "review_quota_exceeded",
+                f"{report.over_quota_unconfirmed} unconfirmed review images are over the "
+                f"{self.config.review.quota_mb:g} MB quota; kept, waiting for operators",
+            )
+        else:
+            self._clear_faults("review_quota_exceeded")
+
+    def _publish_state(self) -> None:
+        if self.store.outbox_full:
+            self._raise_fault("outbox_full", "outbox full: shadow results are being dropped")
+        else:
+            self._clear_faults("outbox_full")
+        state = self._state(online=True)
+        self.metrics.outbox_depth.set(state.outbox_depth)
+        self.metrics.review_depth.set(state.review_queue_depth)
+        self.metrics.faults.set(len(state.faults))
+        self.metrics.source_reconnects.set(self.source.reconnects)
+        self.link.publish(self.topics.station(self.station, p.Channel.STATE), state.to_json(),
+                          qos=1, retain=True)
+
+    def _publish_metrics(self) -> None:
+        with self._lock:
+            window, self._window = self._window, Window(time.monotonic())
+            recent = list(self._recent_agreement)
+        elapsed = max(time.monotonic() - window.started, 1e-3)
+        agreement = (window.agreed / window.pairs) if window.pairs else None
+        if recent:
+            self.metrics.agreement.set(sum(recent) / len(recent))
+        message = p.StationMetrics(
+            station=self.station, seq=max(self.store.last_seq(), 0), window_s=elapsed,
+            parts=window.parts, actions=window.actions, decided_by=window.deciders,
+            shadow_pairs=window.pairs, agreement_rate=agreement,
+            candidate_skipped=window.skipped,
+            latency={
+                slot: p.LatencySummary(
+                    p50_ms=percentile(values, 50), p95_ms=percentile(values, 95),
+                    p99_ms=percentile(values, 99), count=len(values),
+                )
+                for slot, values in window.latency.items() if values
+            },
+            faults=len(self.faults), outbox_depth=self.store.outbox_depth(),
+            review_queue_depth=self.store.review_count(), drift=self.drift.last,
+        )
+        self.link.publish(self.topics.station(self.station, p.Channel.METRICS),
+                          message.to_json(), qos=0)
+
+    def _save_status(self) -> None:
+        document = self._state(online=self.link.connected).model_dump(mode="json", by_alias=True)
+        document["broker_connected"] = self.link.connected
+        document["rollout_active"] = self.slots.candidate is not None
+        self.store.save_status(document)
+
+    # --- shutdown ---------------------------------------------------------------------------
+
+    def _shutdown(self) -> int:
+        self._jobs.join()  # every queued part gets its shadow result
+        self._pump_verdicts()
+        self._publish_wake.set()
+        wait = self.config.outbox.receipt_wait_s
+        if self._stop.is_set():
+            wait = min(wait, 2.0)  # a stop request: what is owed stays safely in the outbox
+        deadline = time.monotonic() + wait
+        while self.store.outbox_depth() > 0 and time.monotonic() < deadline:
+            self._publish_wake.set()
+            time.sleep(0.05)
+        owed = self.store.outbox_depth()
+        if owed:
+            log.warning(
+                "%d messages still owed (no receipt yet); they stay in the outbox for next start",
+                owed,
+            )
+        else:
+            log.info("every message delivered and receipted")
+        self._stop.set()
+        self._jobs.put(None)
+        self._commands.put(None)
+        for thread in self._threads:
+            thread.join(timeout=5)
+        self._save_status_offline()
+        offline = self.link.publish(
+            self.topics.station(self.station, p.Channel.STATE),
+            self._state(online=False).to_json(), qos=1, retain=True,
+        )
+        offline.wait(2.0)
+        self.link.stop()
+        self.source.close()
+        self.store.close()
+        return 0
+
+    def _save_status_offline(self) -> None:
+        document = self._state(online=False).model_dump(mode="json", by_alias=True)
+        document["broker_connected"] = False
+        document["rollout_active"] = self.slots.candidate is not None
+        self.store.save_status(document)
+
+
+def _cmd_id_of(payload: bytes) -> uuid.UUID:
+    """The cmd_id of an unreadable command when one can be found, so the ack still correlates."""
+    try:
+        document = json.loads(payload)
+        return uuid.UUID(str(document["cmd_id"]))
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        return uuid.UUID(int=0)
+
+
+def _download(url: str, timeout: float) -> bytes:
+    if not url.startswith(("http://", "https://")):
+        raise BundleError("download", f"refusing to download from {url!r}")
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - checked
+            data: bytes = response.read(MAX_DOWNLOAD_BYTES + 1)
+    except OSError as exc:
+        raise BundleError("download", f"cannot download {url}: {exc}") from exc
+    if len(data) > MAX_DOWNLOAD_BYTES:
+        raise BundleError("download", f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+    return data

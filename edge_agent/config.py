@@ -1,0 +1,150 @@
+"""The station's configuration: one YAML file, every key overridable by a flag, validated at
+start-up so a typo is an error naming the key, never a silent default."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from linesight.mqtt import LinkConfig
+from linesight.protocol import STATION_ID_PATTERN, AutomationLevel, DeploymentMode
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path and the reason."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class InferenceConfig(Strict):
+    providers: list[str] = Field(
+        default_factory=lambda: ["CPUExecutionProvider"],
+        description="onnxruntime execution providers in order of preference; CPU is the fallback",
+    )
+    active_threads: int = Field(default=1, ge=1, le=64)
+    candidate_threads: int = Field(default=1, ge=1, le=64)
+    timeout_ms: float = Field(
+        default=1000, gt=0, description="an inference slower than this is a fault (fail-safe)"
+    )
+    candidate_queue: int = Field(
+        default=4, ge=1, le=1024, description="parts waiting for the candidate; beyond, skipped"
+    )
+
+
+class OutboxConfig(Strict):
+    max_rows: int = Field(default=100_000, ge=100)
+    receipt_wait_s: float = Field(
+        default=15.0, ge=0, description="--max-parts: how long to wait for receipts before exit"
+    )
+    publish_batch: int = Field(default=200, ge=1, le=10_000)
+
+
+class ReviewConfig(Strict):
+    quota_mb: float = Field(default=512, gt=0)
+    retention_days: float = Field(default=7, gt=0)
+    jpeg_quality: int = Field(default=90, ge=30, le=100)
+
+
+class LogRejectOutput(Strict):
+    type: Literal["log"] = "log"
+
+
+class WebhookRejectOutput(Strict):
+    type: Literal["webhook"]
+    url: str = Field(pattern=r"^https?://")
+    timeout_s: float = Field(default=2.0, gt=0, le=30)
+
+
+RejectOutputConfig = Annotated[LogRejectOutput | WebhookRejectOutput, Field(discriminator="type")]
+
+
+class AgentConfig(Strict):
+    station: str = Field(pattern=STATION_ID_PATTERN)
+    labels: dict[str, str] = Field(default_factory=dict)
+    broker: LinkConfig
+    topic_prefix: str = "linesight/v1"
+    source: str = Field(min_length=1, description="camera:0 | rtsp://… | video:PATH | folder:PATH")
+    source_options: dict[str, Any] = Field(default_factory=dict)
+    active: Path
+    candidate: Path | None = None
+    mode: DeploymentMode = DeploymentMode.NONE
+    canary_fraction: float = Field(default=0.0, ge=0, le=1)
+    automation: AutomationLevel = AutomationLevel.PARTIAL
+    audit_fraction: float = Field(default=0.02, ge=0, le=1)
+    thresholds: dict[str, float] = Field(
+        default_factory=dict, description="per-label confidence thresholds over the manifest's"
+    )
+    data_dir: Path
+    max_parts: int | None = Field(default=None, ge=1)
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    key: Path | None = Field(default=None, description="public key bundles must be signed with")
+    inference: InferenceConfig = Field(default_factory=InferenceConfig)
+    outbox: OutboxConfig = Field(default_factory=OutboxConfig)
+    review: ReviewConfig = Field(default_factory=ReviewConfig)
+    reject_output: RejectOutputConfig = Field(default_factory=LogRejectOutput)
+    metrics_interval_s: float = Field(default=10, gt=0)
+    state_interval_s: float = Field(default=30, gt=0)
+    drift_window: int = Field(default=500, ge=50)
+    download_timeout_s: float = Field(default=30, gt=0)
+
+    @model_validator(mode="after")
+    def _coherent(self) -> AgentConfig:
+        if self.mode != DeploymentMode.NONE and self.candidate is None:
+            raise ValueError(f"mode {self.mode.value!r} needs a candidate bundle")
+        if self.mode == DeploymentMode.CANARY and self.canary_fraction <= 0:
+            raise ValueError("mode 'canary' needs canary_fraction > 0")
+        if any(not 0 <= t <= 1 for t in self.thresholds.values()):
+            raise ValueError("thresholds must lie in [0, 1]")
+        return self
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid station configuration ({source}):"]
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"  {path}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def _set_path(document: dict[str, Any], dotted: str, value: Any) -> None:
+    node = document
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        child = node.setdefault(parent, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {parent} is not a mapping in the configuration")
+        node = child
+    node[leaf] = value
+
+
+def load_config(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
+    """YAML file (optional) with flag overrides on top (dotted keys, e.g. 'broker.url')."""
+    document: dict[str, Any] = {}
+    source = "flags"
+    if path is not None:
+        source = str(path)
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys, not {type(loaded).__name__}")
+        document = loaded or {}
+        source = f"{path} and flags" if overrides else str(path)
+    for dotted, value in overrides.items():
+        if value is not None:
+            _set_path(document, dotted, value)
+    broker = document.get("broker")
+    if isinstance(broker, dict) and "client_id" not in broker and "station" in document:
+        broker["client_id"] = f"linesight-agent-{document['station']}"
+    try:
+        return AgentConfig.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source)) from exc

@@ -1,0 +1,74 @@
+"""Prometheus metrics of one station, in a registry of its own (several agents may share a
+process in tests and simulations)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+_LATENCY_BUCKETS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000)
+_CONFIDENCE_BUCKETS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
+
+
+class AgentMetrics:
+    def __init__(self, station: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = {"station": station}
+        r = self.registry
+        self.parts = Counter(
+            "linesight_parts", "Parts inspected", ["station"], registry=r
+        ).labels(**labels)
+        self.decisions = Counter(
+            "linesight_decisions", "Decisions by action and decider",
+            ["station", "action", "decided_by"], registry=r,
+        )
+        self.confidence = Histogram(
+            "linesight_confidence", "Model confidence per slot", ["station", "slot"],
+            buckets=_CONFIDENCE_BUCKETS, registry=r,
+        )
+        self.latency = Histogram(
+            "linesight_inference_latency_ms", "Inference latency per slot (ms)",
+            ["station", "slot"], buckets=_LATENCY_BUCKETS, registry=r,
+        )
+        self.shadow_pairs = Counter(
+            "linesight_shadow_pairs", "Parts both models judged", ["station"], registry=r
+        ).labels(**labels)
+        self.disagreements = Counter(
+            "linesight_disagreements", "Parts where the models disagreed", ["station"], registry=r
+        ).labels(**labels)
+        self.agreement = Gauge(
+            "linesight_agreement_rate", "Agreement over the last window", ["station"], registry=r
+        ).labels(**labels)
+        self.candidate_skipped = Counter(
+            "linesight_candidate_skipped", "Parts the candidate could not keep up with",
+            ["station"], registry=r,
+        ).labels(**labels)
+        self.outbox_depth = Gauge(
+            "linesight_outbox_depth", "Messages waiting for the controller's receipt",
+            ["station"], registry=r,
+        ).labels(**labels)
+        self.review_depth = Gauge(
+            "linesight_review_queue_depth", "Parts waiting for an operator", ["station"],
+            registry=r,
+        ).labels(**labels)
+        self.faults = Gauge(
+            "linesight_faults", "Active faults", ["station"], registry=r
+        ).labels(**labels)
+        self.fault_events = Counter(
+            "linesight_fault_events", "Faults raised, by code", ["station", "code"], registry=r
+        )
+        self.frame_age = Gauge(
+            "linesight_frame_age_seconds", "Age of the last frame when it was inspected",
+            ["station"], registry=r,
+        ).labels(**labels)
+        self.source_reconnects = Gauge(
+            "linesight_source_reconnects", "Times the live source reconnected", ["station"],
+            registry=r,
+        ).labels(**labels)
+        self.drift = Gauge(
+            "linesight_drift_psi", "Population stability index against the reference",
+            ["station", "feature"], registry=r,
+        )
+        self.station = station
+
+    def serve(self, port: int) -> None:
+        start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104 - scraped

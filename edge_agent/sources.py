@@ -1,0 +1,926 @@
+"""Frame sources and the part trigger: where a station's images come from.
+
+A source hands on one `Frame` per `read`. Finite sources (folder, video file) raise
+`EndOfSource` when they run out; live sources (camera, RTSP, HTTP) keep a background thread
+grabbing so `read` always sees the newest frame, and reconnect on their own when the stream drops.
+`parse_source` turns a spec such as ``camera:0`` or ``synthetic:seed=7,rate=20`` into a source.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol, runtime_checkable
+from urllib.parse import urlsplit
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from edge_agent.synthetic import PartGenerator
+
+log = logging.getLogger(__name__)
+
+U8 = npt.NDArray[np.uint8]
+
+IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
+# FFmpeg's defaults wait up to 30 s on a dead stream; a station must notice a drop quickly.
+STREAM_OPEN_TIMEOUT_S = 5.0
+STREAM_READ_TIMEOUT_S = 5.0
+# Triggers the PLC sent but no frame could serve (camera down) are kept at most this many.
+_MAX_PENDING_TRIGGERS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """One image a source hands on; when the trigger selects it, it is a part.
+
+    ``seq`` numbers the frames a source produced (live: every captured frame, also the dropped
+    ones), so the every-nth trigger counts camera frames, not frames the station had time to see.
+    """
+
+    part_id: str
+    image: U8
+    captured_at: float
+    truth: str | None = None
+    seq: int = 0
+
+
+class SourceError(Exception):
+    """A source could not be opened or read; the message names the source and what failed."""
+
+
+class EndOfSource(Exception):  # noqa: N818 - an event like StopIteration, not an error
+    """A finite source (folder, video file) has no more frames."""
+
+
+@runtime_checkable
+class FrameSource(Protocol):
+    """What the agent reads parts from."""
+
+    def read(self, timeout: float) -> Frame | None:
+        """The next frame; None when none arrived within ``timeout`` seconds (live sources).
+
+        Raises `EndOfSource` when a finite source is exhausted, `SourceError` when it fails.
+        """
+        ...
+
+    def close(self) -> None: ...
+
+    @property
+    def reconnects(self) -> int:
+        """How many times a live stream came back after a drop; 0 for files."""
+        ...
+
+    @property
+    def frame_age_s(self) -> float:
+        """Age of the last handed-on frame when it was handed on (live); 0 for files."""
+        ...
+
+
+class SourceOptions(BaseModel):
+    """Options for every source kind; each kind reads the ones that concern it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    loop: bool = Field(default=False, description="folder/video: start again at the end")
+    rate_hz: float | None = Field(
+        default=None, gt=0, le=10_000, description="pace synthetic/folder/video; None = flat out"
+    )
+    seed: int = Field(default=0, ge=0, description="synthetic: generator seed")
+    defect_rate: float = Field(default=0.3, ge=0, le=1, description="synthetic: defect share")
+    size: int = Field(default=128, ge=32, le=2048, description="synthetic: image side in px")
+    width: int | None = Field(default=None, gt=0, le=16_384, description="camera: frame width")
+    height: int | None = Field(default=None, gt=0, le=16_384, description="camera: frame height")
+    fps: int | None = Field(default=None, gt=0, le=1000, description="camera: frames per second")
+    trigger: Literal["every_frame", "every_nth", "external"] = "every_frame"
+    every_nth: int = Field(default=1, ge=1, le=1_000_000)
+    reconnect_min_s: float = Field(default=0.5, gt=0, le=3600)
+    reconnect_max_s: float = Field(default=10.0, gt=0, le=3600)
+    stale_after_s: float = Field(default=2.0, gt=0, le=3600)
+
+    @model_validator(mode="after")
+    def _check_ranges(self) -> SourceOptions:
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise ValueError(
+                f"reconnect_max_s ({self.reconnect_max_s}) must be >= "
+                f"reconnect_min_s ({self.reconnect_min_s})"
+            )
+        if self.every_nth > 1 and self.trigger != "every_nth":
+            raise ValueError(f"every_nth={self.every_nth} needs trigger='every_nth'")
+        return self
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers
+
+
+def backoff_delay(attempt: int, min_s: float, max_s: float) -> float:
+    """Seconds to wait before reconnect attempt ``attempt`` (0-based): doubling, capped."""
+    if attempt < 0:
+        raise ValueError(f"attempt must be >= 0, got {attempt}")
+    # Past 2**60 the cap has long been reached; bounding the exponent avoids float overflow.
+    return float(min(max_s, min_s * 2.0 ** min(attempt, 60)))
+
+
+def pacing_step(now: float, due: float | None, rate_hz: float | None) -> tuple[float, float]:
+    """For a source paced at ``rate_hz``: how long to wait before the next frame, and when the
+    frame after it is due. ``due`` is None before the first frame.
+
+    The schedule keeps to a fixed grid so the average rate stays exact; a reader that fell more
+    than one period behind starts a new grid instead of receiving a burst of catch-up frames.
+    """
+    if rate_hz is None:
+        return 0.0, now
+    period = 1.0 / rate_hz
+    if due is None or due < now - period:
+        due = now
+    return max(0.0, due - now), due + period
+
+
+def to_bgr(image: Any) -> U8:
+    """A frame as HxWx3 uint8 BGR, whatever the source delivered (gray, BGRA, 16 bit)."""
+    array = np.asarray(image)
+    if array.dtype == np.uint16:
+        # Machine-vision cameras deliver 10-16 bit mono; the models see 8 bit.
+        array = (array >> 8).astype(np.uint8)
+    elif array.dtype != np.uint8:
+        raise SourceError(f"unsupported frame dtype {array.dtype}")
+    if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
+        return np.ascontiguousarray(cv2.cvtColor(array, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
+    if array.ndim == 3 and array.shape[2] == 4:
+        return np.ascontiguousarray(cv2.cvtColor(array, cv2.COLOR_BGRA2BGR), dtype=np.uint8)
+    if array.ndim == 3 and array.shape[2] == 3:
+        return array
+    raise SourceError(f"unsupported frame shape {array.shape}")
+
+
+def live_part_id(station: str, captured_at: float, seq: int) -> str:
+    """Part id for a camera frame: station, UTC capture time in ms, frame counter."""
+    return f"{station}-{round(captured_at * 1000)}-{seq}"
+
+
+class _Pacer:
+    """Keeps a finite or synthetic source to ``rate_hz``; `close` interrupts the wait."""
+
+    def __init__(self, rate_hz: float | None, stopped: threading.Event) -> None:
+        self._rate_hz = rate_hz
+        self._stopped = stopped
+        self._due: float | None = None
+
+    def wait(self, timeout: float) -> bool:
+        """Wait until the next frame is due; False when that is further away than ``timeout``."""
+        if self._rate_hz is None:
+            return True
+        wait, following = pacing_step(time.monotonic(), self._due, self._rate_hz)
+        if wait > timeout:
+            self._stopped.wait(max(0.0, timeout))
+            # Keep the grid: the frame stays due at the same instant for the next call.
+            self._due = following - 1.0 / self._rate_hz
+            return False
+        if wait > 0:
+            self._stopped.wait(wait)
+        self._due = following
+        return not self._stopped.is_set()
+
+
+# ---------------------------------------------------------------------------------------------
+# Finite and synthetic sources
+
+
+class SyntheticSource:
+    """Parts from the deterministic generator; truth is the defect class or ``"ok"``."""
+
+    reconnects = 0
+    frame_age_s = 0.0
+
+    def __init__(self, generator: PartGenerator, *, rate_hz: float | None = None) -> None:
+        self._generator = generator
+        self._stopped = threading.Event()
+        self._pacer = _Pacer(rate_hz, self._stopped)
+        self._index = 0
+
+    def read(self, timeout: float) -> Frame | None:
+        if self._stopped.is_set():
+            raise EndOfSource("synthetic source is closed")
+        if not self._pacer.wait(timeout):
+            return None
+        part = self._generator.part(self._index)
+        self._index += 1
+        return Frame(
+            part_id=part.part_id,
+            image=part.image,
+            captured_at=time.time(),
+            truth=part.defect or "ok",
+            seq=part.index,
+        )
+
+    def close(self) -> None:
+        self._stopped.set()
+
+
+def list_images(folder: Path) -> list[Path]:
+    """Image files of ``folder`` in name order (what an integrator sees in a file manager)."""
+    return sorted(
+        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        key=lambda p: p.name,
+    )
+
+
+class FolderSource:
+    """Images of a folder in name order; the folder is listed again at each pass when looping,
+    so images dropped in while the station runs are picked up."""
+
+    reconnects = 0
+    frame_age_s = 0.0
+
+    def __init__(
+        self, folder: Path, *, station: str, loop: bool = False, rate_hz: float | None = None
+    ) -> None:
+        if not folder.is_dir():
+            raise SourceError(f"folder:{folder}: not a directory")
+        self._folder = folder
+        self._station = station
+        self._loop = loop
+        self._stopped = threading.Event()
+        self._pacer = _Pacer(rate_hz, self._stopped)
+        self._pending: deque[Path] = deque(self._list())
+        if not self._pending:
+            raise SourceError(f"folder:{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+        self._count = 0
+        self._read_this_pass = 0
+        self.skipped = 0
+
+    def _list(self) -> list[Path]:
+        try:
+            return list_images(self._folder)
+        except OSError as exc:
+            raise SourceError(f"folder:{self._folder}: cannot list: {exc}") from exc
+
+    def read(self, timeout: float) -> Frame | None:
+        if self._stopped.is_set():
+            raise EndOfSource(f"folder:{self._folder} is closed")
+        if not self._pacer.wait(timeout):
+            return None
+        while True:
+            if not self._pending:
+                if not self._loop:
+                    raise EndOfSource(f"folder:{self._folder}: all images read")
+                if self._read_this_pass == 0:
+                    # Looping over a folder where nothing decodes would spin forever.
+                    raise SourceError(f"folder:{self._folder}: no readable image in a full pass")
+                self._pending.extend(self._list())
+                self._read_this_pass = 0
+                if not self._pending:
+                    raise SourceError(f"folder:{self._folder}: all images are gone")
+            path = self._pending.popleft()
+            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            if image is None:
+                self.skipped += 1
+                log.warning("folder:%s: skipping %s: not a readable image", self._folder, path.name)
+                continue
+            self._read_this_pass += 1
+            self._count += 1
+            return Frame(
+                part_id=f"{self._station}-{path.stem}-{self._count}",
+                image=to_bgr(image),
+                captured_at=time.time(),
+                seq=self._count,
+            )
+
+    def close(self) -> None:
+        self._stopped.set()
+
+
+class VideoFileSource:
+    """Frames of a video file in order, optionally looping."""
+
+    reconnects = 0
+    frame_age_s = 0.0
+
+    def __init__(
+        self, path: Path, *, station: str, loop: bool = False, rate_hz: float | None = None
+    ) -> None:
+        if not path.is_file():
+            raise SourceError(f"video:{path}: no such file")
+        self._path = path
+        self._station = station
+        self._loop = loop
+        self._stopped = threading.Event()
+        self._pacer = _Pacer(rate_hz, self._stopped)
+        self._capture: Any = self._open()
+        self._count = 0
+
+    def _open(self) -> Any:
+        capture = cv2.VideoCapture(str(self._path))
+        if not capture.isOpened():
+            capture.release()
+            raise SourceError(f"video:{self._path}: cannot open (not a video OpenCV can decode)")
+        return capture
+
+    def read(self, timeout: float) -> Frame | None:
+        if self._stopped.is_set():
+            raise EndOfSource(f"video:{self._path} is closed")
+        if not self._pacer.wait(timeout):
+            return None
+        ok, image = self._capture.read()
+        if not ok or image is None:
+            if not self._loop:
+                raise EndOfSource(f"video:{self._path}: end of file")
+            # Reopening is more reliable than seeking to frame 0 across containers and codecs.
+            self._capture.release()
+            self._capture = self._open()
+            ok, image = self._capture.read()
+            if not ok or image is None:
+                raise SourceError(f"video:{self._path}: no frame could be decoded")
+        self._count += 1
+        return Frame(
+            part_id=f"{self._station}-{self._path.stem}-{self._count}",
+            image=to_bgr(image),
+            captured_at=time.time(),
+            seq=self._count,
+        )
+
+    def close(self) -> None:
+        self._stopped.set()
+        self._capture.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Live streams
+
+
+class Capture(Protocol):
+    """The part of ``cv2.VideoCapture`` a live reader uses (fakes implement it in tests)."""
+
+    def isOpened(self) -> bool: ...  # noqa: N802 - OpenCV's name
+
+    def read(self) -> tuple[bool, Any]: ...
+
+    def release(self) -> None: ...
+
+
+CaptureFactory = Callable[[], Capture]
+
+
+class _Connection:
+    """One open-and-read cycle of a live stream, on its own thread.
+
+    A connection that hangs inside OpenCV cannot be interrupted; the reader abandons it
+    (``cancelled``) and opens a new one, and the old thread releases its capture when OpenCV
+    finally returns.
+    """
+
+    def __init__(self, reader: LatestFrameReader, number: int) -> None:
+        self.reader = reader
+        self.cancelled = threading.Event()
+        self.done = threading.Event()
+        self.frames = 0
+        self.started_at = time.monotonic()
+        self.last_frame_at: float | None = None
+        self.thread = threading.Thread(
+            target=self._run, name=f"source-{reader.name}-{number}", daemon=True
+        )
+
+    def _run(self) -> None:
+        reader = self.reader
+        capture: Capture | None = None
+        try:
+            capture = reader.open_capture()
+            if not capture.isOpened():
+                log.warning("%s: cannot open the stream", reader.name)
+                return
+            while not self.cancelled.is_set():
+                ok, image = capture.read()
+                if self.cancelled.is_set():
+                    return
+                if not ok or image is None:
+                    log.warning("%s: stream read failed", reader.name)
+                    return
+                reader._publish(self, image)
+        except Exception:
+            log.exception("%s: stream failed", reader.name)
+        finally:
+            if capture is not None:
+                try:
+                    capture.release()
+                except Exception:
+                    log.exception("%s: release failed", reader.name)
+            self.done.set()
+
+
+class LatestFrameReader:
+    """A live stream read on a background thread so `read` always gets the newest frame.
+
+    OpenCV buffers frames; a station that reads slower than the camera would otherwise judge a
+    part that left the field of view seconds ago. Frames the station had no time for are dropped
+    (counted in ``dropped``); a frame is never handed on twice. A stream that fails or delivers no
+    frame for ``stale_after_s`` is reopened with exponential backoff, reset after a frame arrives.
+    """
+
+    def __init__(
+        self,
+        open_capture: CaptureFactory,
+        *,
+        name: str,
+        station: str,
+        stale_after_s: float = 2.0,
+        reconnect_min_s: float = 0.5,
+        reconnect_max_s: float = 10.0,
+        first_frame_timeout_s: float | None = None,
+    ) -> None:
+        self.open_capture = open_capture
+        self.name = name
+        self._station = station
+        self._stale_after_s = stale_after_s
+        self._reconnect_min_s = reconnect_min_s
+        self._reconnect_max_s = reconnect_max_s
+        # Opening a network stream takes longer than the gap between two frames.
+        self._first_frame_timeout_s = (
+            first_frame_timeout_s
+            if first_frame_timeout_s is not None
+            else max(stale_after_s, STREAM_OPEN_TIMEOUT_S)
+        )
+        self._lock = threading.Condition()
+        self._latest: tuple[Any, float, float, int] | None = None  # image, wall, mono, seq
+        self._captured = 0
+        self._handed_seq = 0
+        self._stopped = threading.Event()
+        self._connection: _Connection | None = None
+        self._ever_connected = False
+        self.reconnects = 0
+        self.reconnect_attempts = 0
+        self.dropped = 0
+        self.abandoned = 0
+        self.frame_age_s = 0.0
+        self._supervisor = threading.Thread(
+            target=self._supervise, name=f"source-{name}", daemon=True
+        )
+        self._supervisor.start()
+
+    @property
+    def connected(self) -> bool:
+        """True while the current connection is delivering frames."""
+        connection = self._connection
+        return connection is not None and connection.frames > 0 and not connection.done.is_set()
+
+    @property
+    def frames_captured(self) -> int:
+        with self._lock:
+            return self._captured
+
+    def _publish(self, connection: _Connection, image: Any) -> None:
+        with self._lock:
+            # A connection abandoned as hung may still return a frame; it is not current.
+            if connection.cancelled.is_set():
+                return
+            if connection.frames == 0:
+                if self._ever_connected:
+                    self.reconnects += 1
+                    log.info("%s: stream is back", self.name)
+                self._ever_connected = True
+            now = time.monotonic()
+            connection.frames += 1
+            connection.last_frame_at = now
+            self._captured += 1
+            self._latest = (image, time.time(), now, self._captured)
+            self._lock.notify_all()
+
+    def _supervise(self) -> None:
+        attempt = 0
+        number = 0
+        while not self._stopped.is_set():
+            number += 1
+            if number > 1:
+                self.reconnect_attempts += 1
+            connection = _Connection(self, number)
+            self._connection = connection
+            connection.thread.start()
+            reason = self._watch(connection)
+            connection.cancelled.set()
+            if self._stopped.is_set():
+                break
+            if connection.frames > 0:
+                attempt = 0
+            connection.thread.join(timeout=0.2)
+            if connection.thread.is_alive():
+                self.abandoned += 1
+                log.warning("%s: abandoning a hung connection", self.name)
+            delay = backoff_delay(attempt, self._reconnect_min_s, self._reconnect_max_s)
+            attempt += 1
+            log.warning("%s: %s; reconnecting in %.1f s", self.name, reason, delay)
+            if self._stopped.wait(delay):
+                break
+
+    def _watch(self, connection: _Connection) -> str:
+        """Wait until the connection ends or goes stale; say why."""
+        poll = min(0.05, self._stale_after_s / 4)
+        while not self._stopped.is_set():
+            if connection.done.wait(poll):
+                return "stream ended" if connection.frames else "stream did not open"
+            now = time.monotonic()
+            last = connection.last_frame_at
+            if last is None:
+                if now - connection.started_at > self._first_frame_timeout_s:
+                    return f"no frame within {self._first_frame_timeout_s:.1f} s of opening"
+            elif now - last > self._stale_after_s:
+                return f"no frame for {self._stale_after_s:.1f} s"
+        return "closed"
+
+    def read(self, timeout: float) -> Frame | None:
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            while self._latest is None or self._latest[3] <= self._handed_seq:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or self._stopped.is_set():
+                    return None
+                self._lock.wait(remaining)
+            image, captured_at, captured_mono, seq = self._latest
+            # Frames overwritten in the slot before anyone read them.
+            self.dropped += seq - self._handed_seq - 1
+            self._handed_seq = seq
+            self._latest = None
+        self.frame_age_s = max(0.0, time.monotonic() - captured_mono)
+        return Frame(
+            part_id=live_part_id(self._station, captured_at, seq),
+            image=to_bgr(image),
+            captured_at=captured_at,
+            seq=seq,
+        )
+
+    def close(self, join_timeout: float = 1.0) -> None:
+        self._stopped.set()
+        connection = self._connection
+        if connection is not None:
+            connection.cancelled.set()
+        with self._lock:
+            self._lock.notify_all()
+        self._supervisor.join(timeout=join_timeout)
+        if connection is not None:
+            connection.thread.join(timeout=join_timeout)
+            if connection.thread.is_alive():
+                log.warning("%s: capture thread still inside OpenCV at close", self.name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Part trigger
+
+TriggerMode = Literal["every_frame", "every_nth", "external"]
+
+
+@dataclass(frozen=True, slots=True)
+class _Trigger:
+    part_id: str | None
+    at: float  # wall clock, comparable with Frame.captured_at
+    at_mono: float
+
+
+class TriggeredSource:
+    """Decides which frames of a live source are parts.
+
+    ``every_frame``: each frame; ``every_nth``: one frame in ``every_nth`` captured frames;
+    ``external``: the first frame captured after each `trigger` call (the PLC saw a part).
+    A trigger no frame could serve within ``trigger_timeout_s`` (camera down) is counted in
+    ``missed_triggers`` and forgotten, so a late frame is never judged as the wrong part.
+    """
+
+    def __init__(
+        self,
+        inner: FrameSource,
+        *,
+        mode: TriggerMode = "every_frame",
+        every_nth: int = 1,
+        trigger_timeout_s: float = 2.0,
+        clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if every_nth < 1:
+            raise ValueError(f"every_nth must be >= 1, got {every_nth}")
+        self.inner = inner
+        self.mode: TriggerMode = mode
+        self._every_nth = every_nth
+        self._trigger_timeout_s = trigger_timeout_s
+        self._clock = clock
+        self._monotonic = monotonic
+        self._last_seq = 0
+        self._next_part_seq: int | None = None
+        self._triggers: deque[_Trigger] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self.missed_triggers = 0
+        self.ignored_triggers = 0
+
+    @property
+    def reconnects(self) -> int:
+        return self.inner.reconnects
+
+    @property
+    def frame_age_s(self) -> float:
+        return self.inner.frame_age_s
+
+    @property
+    def pending_triggers(self) -> int:
+        with self._cond:
+            return len(self._triggers)
+
+    def trigger(self, part_id: str | None = None) -> None:
+        """A part is in front of the camera now (thread-safe; called from the MQTT thread)."""
+        if self.mode != "external":
+            self.ignored_triggers += 1
+            log.debug("trigger ignored: trigger mode is %s", self.mode)
+            return
+        with self._cond:
+            if len(self._triggers) >= _MAX_PENDING_TRIGGERS:
+                self._triggers.popleft()
+                self.missed_triggers += 1
+                log.warning("too many pending triggers; dropping the oldest")
+            self._triggers.append(_Trigger(part_id, self._clock(), self._monotonic()))
+            self._cond.notify_all()
+
+    def read(self, timeout: float) -> Frame | None:
+        if self.mode == "every_frame":
+            return self.inner.read(timeout)
+        deadline = self._monotonic() + max(0.0, timeout)
+        if self.mode == "every_nth":
+            return self._read_every_nth(deadline)
+        return self._read_external(deadline)
+
+    def _read_every_nth(self, deadline: float) -> Frame | None:
+        while True:
+            frame = self.inner.read(max(0.0, deadline - self._monotonic()))
+            if frame is None:
+                return None
+            # Sources without a capture counter still advance one per frame.
+            seq = frame.seq if frame.seq > self._last_seq else self._last_seq + 1
+            self._last_seq = seq
+            if self._next_part_seq is None or seq >= self._next_part_seq:
+                self._next_part_seq = seq + self._every_nth
+                return frame
+            # No deadline check here: the inner read returns None once time is up.
+
+    def _expire_triggers(self) -> None:
+        now = self._monotonic()
+        while self._triggers and now - self._triggers[0].at_mono > self._trigger_timeout_s:
+            expired = self._triggers.popleft()
+            self.missed_triggers += 1
+            log.warning(
+                "trigger %s got no frame within %.1f s; part not inspected",
+                expired.part_id or "(no id)",
+                self._trigger_timeout_s,
+            )
+
+    def _read_external(self, deadline: float) -> Frame | None:
+        while True:
+            with self._cond:
+                self._expire_triggers()
+                while not self._triggers:
+                    remaining = deadline - self._monotonic()
+                    if remaining <= 0 or self._closed:
+                        return None
+                    self._cond.wait(remaining)
+                    self._expire_triggers()
+                pending = self._triggers[0]
+            frame = self.inner.read(max(0.0, deadline - self._monotonic()))
+            if frame is None:
+                return None
+            if frame.captured_at >= pending.at:
+                with self._cond:
+                    # The trigger may have expired meanwhile; serve it only if still first.
+                    if self._triggers and self._triggers[0] is pending:
+                        self._triggers.popleft()
+                        part_id = pending.part_id or frame.part_id
+                        return Frame(
+                            part_id, frame.image, frame.captured_at, frame.truth, frame.seq
+                        )
+            # A frame older than the trigger is skipped; the inner read bounds the wait.
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self.inner.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# Specs
+
+SourceKind = Literal["camera", "stream", "video", "folder", "synthetic"]
+_SYNTHETIC_KEYS: dict[str, str] = {
+    "seed": "seed",
+    "rate": "rate_hz",
+    "rate_hz": "rate_hz",
+    "defect_rate": "defect_rate",
+    "size": "size",
+}
+_KEY_VALUE = re.compile(r"^([a-z_]+)=(.+)$")
+SPEC_FORMS = (
+    "camera:INDEX | camera:/dev/videoN | rtsp://… | http(s)://… | video:PATH | folder:PATH | "
+    "synthetic:[seed=N,rate=HZ,defect_rate=F,size=PX]"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SourceSpec:
+    """A parsed spec: what to open and the options that apply after the spec's overrides."""
+
+    kind: SourceKind
+    target: str  # camera index or device, URL, path; "" for synthetic
+    options: SourceOptions
+
+    @property
+    def is_live(self) -> bool:
+        return self.kind in ("camera", "stream")
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and messages."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+
+
+def _synthetic_overrides(spec: str, text: str) -> dict[str, str]:
+    overrides: dict[str, str] = {}
+    for item in filter(None, (piece.strip() for piece in text.split(","))):
+        match = _KEY_VALUE.fullmatch(item)
+        if match is None:
+            raise ValueError(f"source spec {spec!r}: expected key=value, got {item!r}")
+        key, value = match.groups()
+        if key not in _SYNTHETIC_KEYS:
+            raise ValueError(
+                f"source spec {spec!r}: unknown option {key!r} "
+                f"(known: {', '.join(sorted(_SYNTHETIC_KEYS))})"
+            )
+        field = _SYNTHETIC_KEYS[key]
+        if field in overrides:
+            raise ValueError(f"source spec {spec!r}: option {key!r} given twice")
+        overrides[field] = value
+    return overrides
+
+
+def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
+    """Parse a source spec without opening anything; ValueError names what is wrong."""
+    options = options or SourceOptions()
+    text = spec.strip()
+    scheme, sep, rest = text.partition(":")
+    scheme = scheme.lower()
+    if not sep or not scheme:
+        raise ValueError(f"source spec {spec!r}: expected one of {SPEC_FORMS}")
+    kind: SourceKind
+    target = rest
+    if scheme in ("rtsp", "http", "https"):
+        parts = urlsplit(text)
+        if not rest.startswith("//") or not parts.hostname:
+            raise ValueError(f"source spec {redact_url(text)!r}: a {scheme} URL needs a host")
+        kind, target = "stream", text
+    elif scheme == "camera":
+        if not (rest.isdigit() or rest.startswith("/dev/")):
+            raise ValueError(
+                f"source spec {spec!r}: camera needs an index (camera:0) or a device path "
+                "(camera:/dev/video0)"
+            )
+        kind = "camera"
+    elif scheme in ("video", "folder"):
+        if not rest.strip():
+            raise ValueError(f"source spec {spec!r}: {scheme} needs a path ({scheme}:PATH)")
+        kind = "video" if scheme == "video" else "folder"
+    elif scheme == "synthetic":
+        overrides = _synthetic_overrides(spec, rest)
+        if overrides:
+            merged = {**options.model_dump(exclude_unset=True), **overrides}
+            try:
+                options = SourceOptions.model_validate(merged)
+            except ValidationError as exc:
+                problems = "; ".join(
+                    f"{'.'.join(str(p) for p in err['loc']) or 'options'}: {err['msg']}"
+                    for err in exc.errors()
+                )
+                raise ValueError(f"source spec {spec!r}: {problems}") from None
+        kind, target = "synthetic", ""
+    else:
+        raise ValueError(f"source spec {spec!r}: unknown scheme {scheme!r}; expected {SPEC_FORMS}")
+    if kind not in ("camera", "stream") and options.trigger != "every_frame":
+        raise ValueError(
+            f"source spec {spec!r}: trigger {options.trigger!r} applies to live sources "
+            "(camera, rtsp, http); folder, video and synthetic sources hand on every frame"
+        )
+    return SourceSpec(kind, target, options)
+
+
+def _camera_opener(device: int | str, options: SourceOptions) -> CaptureFactory:
+    def open_camera() -> Capture:
+        # V4L2 directly on Linux: OpenCV's automatic choice may pick GStreamer or a slower path.
+        if sys.platform.startswith("linux"):
+            capture = cv2.VideoCapture(device, cv2.CAP_V4L2)
+        else:
+            capture = cv2.VideoCapture(device)
+        if not capture.isOpened():
+            return capture
+        # One buffered frame: the reader thread drains it anyway, this keeps latency low.
+        capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        wanted = {
+            cv2.CAP_PROP_FRAME_WIDTH: options.width,
+            cv2.CAP_PROP_FRAME_HEIGHT: options.height,
+            cv2.CAP_PROP_FPS: options.fps,
+        }
+        for prop, value in wanted.items():
+            if value is not None:
+                capture.set(prop, float(value))
+        got = tuple(round(capture.get(prop)) for prop in wanted)
+        if any(v is not None and v != g for v, g in zip(wanted.values(), got, strict=True)):
+            log.warning(
+                "camera:%s: asked for %sx%s at %s fps, the camera gives %dx%d at %d fps",
+                device,
+                options.width,
+                options.height,
+                options.fps,
+                *got,
+            )
+        return capture
+
+    return open_camera
+
+
+def _stream_opener(url: str) -> CaptureFactory:
+    def open_stream() -> Capture:
+        params = [
+            cv2.CAP_PROP_OPEN_TIMEOUT_MSEC,
+            int(STREAM_OPEN_TIMEOUT_S * 1000),
+            cv2.CAP_PROP_READ_TIMEOUT_MSEC,
+            int(STREAM_READ_TIMEOUT_S * 1000),
+        ]
+        return cv2.VideoCapture(url, cv2.CAP_FFMPEG, params)
+
+    return open_stream
+
+
+def open_source(
+    spec: SourceSpec,
+    *,
+    station: str,
+    capture_factory: CaptureFactory | None = None,
+) -> FrameSource:
+    """Open a parsed spec. Live sources come wrapped in a `TriggeredSource`.
+
+    ``capture_factory`` replaces OpenCV for live sources (tests).
+    """
+    options = spec.options
+    if spec.kind == "synthetic":
+        generator = PartGenerator(options.seed, options.defect_rate, options.size)
+        return SyntheticSource(generator, rate_hz=options.rate_hz)
+    if spec.kind == "folder":
+        return FolderSource(
+            Path(spec.target), station=station, loop=options.loop, rate_hz=options.rate_hz
+        )
+    if spec.kind == "video":
+        return VideoFileSource(
+            Path(spec.target), station=station, loop=options.loop, rate_hz=options.rate_hz
+        )
+    if spec.kind == "camera":
+        device: int | str = int(spec.target) if spec.target.isdigit() else spec.target
+        name = f"camera:{spec.target}"
+        factory = capture_factory or _camera_opener(device, options)
+    else:
+        name = redact_url(spec.target)
+        factory = capture_factory or _stream_opener(spec.target)
+    reader = LatestFrameReader(
+        factory,
+        name=name,
+        station=station,
+        stale_after_s=options.stale_after_s,
+        reconnect_min_s=options.reconnect_min_s,
+        reconnect_max_s=options.reconnect_max_s,
+    )
+    return TriggeredSource(
+        reader,
+        mode=options.trigger,
+        every_nth=options.every_nth,
+        trigger_timeout_s=options.stale_after_s,
+    )
+
+
+def parse_source(
+    spec: str,
+    *,
+    station: str,
+    options: SourceOptions | None = None,
+    capture_factory: CaptureFactory | None = None,
+) -> FrameSource:
+    """Parse ``spec`` and open the source it names.
+
+    ValueError for a bad spec or option; SourceError when a folder or video cannot be opened.
+    A live stream that is down at start is not an error: it reconnects in the background.
+    """
+    return open_source(parse_spec(spec, options), station=station, capture_factory=capture_factory)

@@ -1,0 +1,1149 @@
+"""The station's local store: one SQLite file in WAL mode beside a folder of review images.
+
+Two processes share it: the agent (inspection, outbox, receipts, commands) and the station UI
+(review queue, verdicts, operators, requests to the agent). The UI may import only this module
+of the agent, so everything the two exchange goes through here.
+
+The outbox is the reason this module exists: a message the agent must deliver is given its
+station `seq` and written to disk in one transaction, and leaves only when the controller's
+Receipt covers it. See docs/decisions/0003-outbox.md for the durability and bound policies.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import math
+import os
+import sqlite3
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, TypeVar
+
+from linesight.protocol import (
+    CHANNEL_OF,
+    DELIVERY,
+    Action,
+    AutomationLevel,
+    Channel,
+    DecidedBy,
+    Envelope,
+    ReviewReason,
+    VerdictOutcome,
+)
+
+MessageT = TypeVar("MessageT", bound=Envelope)
+DB_FILE = "station.db"
+IMAGES_DIR = "images"
+SCHEMA_VERSION = 1
+DEFAULT_MAX_OUTBOX_ROWS = 100_000
+DEFAULT_BUSY_TIMEOUT_S = 5.0
+OPERATOR_ROLES = ("operator", "supervisor")
+# An acknowledge after a long outage deletes in slices so enqueue on the critical path can
+# slip in between them instead of waiting for one long delete.
+_ACK_SLICE_ROWS = 2_000
+# A temp or unreferenced image younger than this may belong to an add_review in flight.
+_ORPHAN_GRACE_S = 600.0
+_IMAGE_SUFFIX = ".jpg"
+_TEMP_SUFFIX = ".tmp"
+_MAX_PART_ID = 128
+_MAX_LABEL = 64
+_MAX_OPERATOR = 64
+
+_SCHEMA_V1: tuple[str, ...] = (
+    # One row: the seq counter and the counters kept beside it in the same transaction.
+    """CREATE TABLE outbox_meta (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        next_seq INTEGER NOT NULL CHECK (next_seq >= 0),
+        outbox_rows INTEGER NOT NULL CHECK (outbox_rows >= 0),
+        shadow_dropped INTEGER NOT NULL CHECK (shadow_dropped >= 0)
+    )""",
+    "INSERT INTO outbox_meta (id, next_seq, outbox_rows, shadow_dropped) VALUES (0, 0, 0, 0)",
+    """CREATE TABLE outbox (
+        seq INTEGER PRIMARY KEY,
+        msg_id TEXT NOT NULL,
+        topic TEXT NOT NULL,
+        payload BLOB NOT NULL,
+        qos INTEGER NOT NULL CHECK (qos IN (0, 1, 2)),
+        created_us INTEGER NOT NULL
+    )""",
+    """CREATE TABLE reviews (
+        part_id TEXT PRIMARY KEY,
+        created_us INTEGER NOT NULL,
+        reason TEXT NOT NULL,
+        automation TEXT NOT NULL,
+        suggestion TEXT,
+        confidence REAL,
+        model_label TEXT,
+        candidate_label TEXT,
+        active_version TEXT NOT NULL,
+        candidate_version TEXT,
+        image_name TEXT,
+        image_bytes INTEGER NOT NULL CHECK (image_bytes >= 0)
+    )""",
+    "CREATE INDEX reviews_created ON reviews (created_us)",
+    # The primary key is what makes a verdict written once, whichever screen taps first.
+    """CREATE TABLE verdicts (
+        part_id TEXT PRIMARY KEY REFERENCES reviews (part_id) ON DELETE CASCADE,
+        operator TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('pass', 'reject', 'escalate')),
+        label TEXT,
+        decided_at_us INTEGER NOT NULL,
+        published_seq INTEGER
+    )""",
+    "CREATE INDEX verdicts_decided ON verdicts (decided_at_us)",
+    "CREATE INDEX verdicts_unpublished ON verdicts (decided_at_us) WHERE published_seq IS NULL",
+    """CREATE TABLE commands (
+        cmd_id TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        ack_json TEXT NOT NULL,
+        created_us INTEGER NOT NULL
+    )""",
+    """CREATE TABLE documents (
+        name TEXT PRIMARY KEY,
+        doc TEXT NOT NULL,
+        updated_us INTEGER NOT NULL
+    )""",
+    """CREATE TABLE part_log (
+        id INTEGER PRIMARY KEY,
+        part_id TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        action TEXT NOT NULL,
+        decided_by TEXT NOT NULL,
+        active_label TEXT,
+        candidate_label TEXT,
+        agree INTEGER,
+        active_confidence REAL
+    )""",
+    "CREATE INDEX part_log_ts ON part_log (ts_us)",
+    """CREATE TABLE operators (
+        badge TEXT PRIMARY KEY,
+        name TEXT NOT NULL,
+        role TEXT NOT NULL CHECK (role IN ('operator', 'supervisor')),
+        pin_hash TEXT NOT NULL,
+        created_us INTEGER NOT NULL,
+        updated_us INTEGER NOT NULL
+    )""",
+    """CREATE TABLE ui_requests (
+        id INTEGER PRIMARY KEY AUTOINCREMENT,
+        kind TEXT NOT NULL,
+        level TEXT NOT NULL,
+        reason TEXT NOT NULL,
+        requested_by TEXT NOT NULL,
+        created_us INTEGER NOT NULL,
+        taken_us INTEGER
+    )""",
+    "CREATE INDEX ui_requests_open ON ui_requests (id) WHERE taken_us IS NULL",
+)
+# Index i holds the statements that take the schema from version i to i + 1.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+
+
+class StoreError(Exception):
+    """The store cannot be used as asked (closed, or written by a newer agent)."""
+
+
+class OutboxFull(Exception):
+    """A SHADOW message was refused because the outbox is at its bound."""
+
+    def __init__(self, depth: int, bound: int) -> None:
+        super().__init__(f"outbox holds {depth} rows (bound {bound}); shadow message dropped")
+        self.depth = depth
+        self.bound = bound
+
+
+# --- records ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxRow:
+    seq: int
+    msg_id: str
+    topic: str
+    payload: bytes
+    qos: int
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewItem:
+    """A part the operator must judge, with the JPEG the screen shows."""
+
+    part_id: str
+    created: datetime
+    reason: str
+    automation: str
+    suggestion: str | None
+    confidence: float | None
+    model_label: str | None
+    candidate_label: str | None
+    active_version: str
+    candidate_version: str | None
+    image_jpeg: bytes = field(repr=False)
+
+    def __post_init__(self) -> None:
+        _check_part_id(self.part_id)
+        _check_aware("created", self.created)
+        _check_choice("reason", self.reason, ReviewReason)
+        _check_choice("automation", self.automation, AutomationLevel)
+        _check_probability("confidence", self.confidence)
+        for name in ("suggestion", "model_label", "candidate_label"):
+            _check_label(name, getattr(self, name))
+        if not self.image_jpeg:
+            raise ValueError("image_jpeg: an image is required")
+
+
+@dataclass(frozen=True, slots=True)
+class ReviewRow:
+    part_id: str
+    created: datetime
+    reason: str
+    automation: str
+    suggestion: str | None
+    confidence: float | None
+    model_label: str | None
+    candidate_label: str | None
+    active_version: str
+    candidate_version: str | None
+    image_path: Path | None
+    """None once the quota or retention pruned the image (only ever after a verdict)."""
+    image_bytes: int
+    outcome: str | None
+    """The verdict's outcome; None while the part waits for one."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerdictRow:
+    """A verdict joined with what the review row knew about the part."""
+
+    part_id: str
+    operator: str
+    outcome: str
+    label: str | None
+    decided_at: datetime
+    review_reason: str
+    model_label: str | None
+    candidate_label: str | None
+    active_version: str
+    candidate_version: str | None
+    published_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class QuotaReport:
+    bytes_used: int
+    """Image bytes on disk after pruning."""
+    pruned_confirmed: int
+    """Images of verdicted parts deleted by this call."""
+    over_quota_unconfirmed: int
+    """How many of the oldest unconfirmed images would have to go to get under quota."""
+    over_quota_bytes: int
+    """How far bytes_used still exceeds the quota; 0 when within it."""
+    orphans_removed: int = 0
+
+    @property
+    def over_quota(self) -> bool:
+        return self.over_quota_bytes > 0
+
+
+@dataclass(frozen=True, slots=True)
+class PartLogEntry:
+    part_id: str
+    ts: datetime
+    action: str
+    decided_by: str
+    active_label: str | None
+    candidate_label: str | None
+    agree: bool | None
+    active_confidence: float | None
+
+    def __post_init__(self) -> None:
+        _check_part_id(self.part_id)
+        _check_aware("ts", self.ts)
+        _check_choice("action", self.action, Action)
+        _check_choice("decided_by", self.decided_by, DecidedBy)
+        _check_probability("active_confidence", self.active_confidence)
+
+
+@dataclass(frozen=True, slots=True)
+class PartStats:
+    since: datetime
+    parts: int
+    actions: dict[str, int]
+    decided_by: dict[str, int]
+    shadow_pairs: int
+    """Parts both models judged."""
+    agreement_rate: float | None
+    verdicts: int
+    operator_model_pairs: int
+    """Verdicts with a label whose review row carries the active model's label."""
+    operator_model_agreement: float | None
+    throughput: list[tuple[datetime, int]]
+    """Parts per minute, oldest first, zero-filled between the first and last busy minute."""
+
+
+@dataclass(frozen=True, slots=True)
+class OperatorRow:
+    badge: str
+    name: str
+    role: str
+    pin_hash: str
+    created: datetime
+    updated: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class UiRequest:
+    id: int
+    kind: str
+    level: str
+    reason: str
+    by: str
+    created: datetime
+
+
+# --- validation and time helpers ------------------------------------------------------------
+
+
+def _check_part_id(part_id: str) -> None:
+    if not isinstance(part_id, str) or not 1 <= len(part_id) <= _MAX_PART_ID:
+        raise ValueError(f"part_id: 1 to {_MAX_PART_ID} characters required")
+
+
+def _check_aware(name: str, value: datetime) -> None:
+    if not isinstance(value, datetime) or value.utcoffset() is None:
+        raise ValueError(f"{name}: a timezone-aware datetime is required")
+
+
+def _check_choice(name: str, value: str, choices: type[Any]) -> None:
+    allowed = [member.value for member in choices]
+    if value not in allowed:
+        raise ValueError(f"{name}: {value!r} is not one of {allowed}")
+
+
+def _check_probability(name: str, value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+        raise ValueError(f"{name}: must be a probability in [0, 1], got {value!r}")
+
+
+def _check_label(name: str, value: str | None) -> None:
+    if value is not None and not 1 <= len(value) <= _MAX_LABEL:
+        raise ValueError(f"{name}: 1 to {_MAX_LABEL} characters or None")
+
+
+def _check_limit(limit: int) -> None:
+    if limit < 1:
+        raise ValueError(f"limit: must be at least 1, got {limit}")
+
+
+def _check_age(older_than: timedelta) -> None:
+    if older_than < timedelta(0):
+        raise ValueError(f"older_than: must not be negative, got {older_than}")
+
+
+def _us(moment: datetime) -> int:
+    # Integer microseconds since the epoch: exact round trips and cheap range scans.
+    return round(moment.timestamp() * 1_000_000)
+
+
+def _now_us() -> int:
+    return time.time_ns() // 1_000
+
+
+def _dt(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def image_name_for(part_id: str) -> str:
+    """The image file name for a part: a digest, so an outside part id never becomes a path."""
+    return hashlib.sha256(part_id.encode()).hexdigest() + _IMAGE_SUFFIX
+
+
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# --- the store -------------------------------------------------------------------------------
+
+_SELECT_REVIEWS = (
+    "SELECT r.part_id, r.created_us, r.reason, r.automation, r.suggestion, r.confidence, "
+    "r.model_label, r.candidate_label, r.active_version, r.candidate_version, "
+    "r.image_name, r.image_bytes, v.outcome "
+    "FROM reviews r LEFT JOIN verdicts v USING (part_id) "
+)
+_SELECT_VERDICTS = (
+    "SELECT v.part_id, v.operator, v.outcome, v.label, v.decided_at_us, r.reason, "
+    "r.model_label, r.candidate_label, r.active_version, r.candidate_version, v.published_seq "
+    "FROM verdicts v JOIN reviews r USING (part_id) "
+)
+_STATUS_DOC = "status"
+_SLOTS_DOC = "slots"
+
+
+class StationStore:
+    """The station's SQLite store; safe to share between threads and between processes.
+
+    Every thread gets its own connection, so readers (the network thread listing the outbox,
+    the UI) never wait for the writer, and every write is one short `BEGIN IMMEDIATE`
+    transaction. Call `close()` once the threads using the store have stopped.
+    """
+
+    def __init__(
+        self,
+        data_dir: Path | str,
+        *,
+        max_outbox_rows: int = DEFAULT_MAX_OUTBOX_ROWS,
+        busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S,
+    ) -> None:
+        if max_outbox_rows < 1:
+            raise ValueError(f"max_outbox_rows: must be at least 1, got {max_outbox_rows}")
+        if busy_timeout_s <= 0:
+            raise ValueError(f"busy_timeout_s: must be positive, got {busy_timeout_s}")
+        self.data_dir = Path(data_dir)
+        self.images_dir = self.data_dir / IMAGES_DIR
+        self.path = self.data_dir / DB_FILE
+        self.max_outbox_rows = max_outbox_rows
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self.images_dir.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._registry_lock = threading.Lock()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._closed = False
+        self._migrate(self._conn())
+
+    # -- connections and transactions --
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._registry_lock:
+            if self._closed:
+                raise StoreError("the station store is closed")
+            # isolation_level=None: transactions are ours to begin, so every write can be
+            # IMMEDIATE; check_same_thread=False only so close() may close it from any thread.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=256,
+            )
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise StoreError(f"{self.path}: WAL journal refused (got {mode!r})")
+                conn.execute("PRAGMA synchronous=FULL")
+                conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+                conn.execute("PRAGMA foreign_keys=ON")
+            except BaseException:
+                conn.close()
+                raise
+            # A server that starts a thread per request would otherwise pile up connections.
+            live = []
+            for thread, other in self._connections:
+                if thread.is_alive():
+                    live.append((thread, other))
+                else:
+                    other.close()
+            live.append((threading.current_thread(), conn))
+            self._connections = live
+        self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
+        """One short write transaction; `durable=False` skips the fsync for data we can redo."""
+        conn = self._conn()
+        if not durable:
+            # WAL with synchronous=NORMAL stays consistent; a power cut may lose only this
+            # commit, and the next FULL commit makes it durable anyway.
+            conn.execute("PRAGMA synchronous=NORMAL")
+        try:
+            # IMMEDIATE takes the write lock up front: a deferred read-then-write could fail
+            # with SQLITE_BUSY on upgrade, which busy_timeout does not retry.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full) can leave the transaction open; end it here so
+                # this thread's next write does not fail on a nested BEGIN.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if not durable:
+                conn.execute("PRAGMA synchronous=FULL")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction, so several queries see one consistent state."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        # BEGIN IMMEDIATE serialises the agent and the UI opening a fresh store at once.
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise StoreError(
+                    f"{self.path} has schema {version}; this build knows up to {SCHEMA_VERSION}"
+                )
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def schema_version(self) -> int:
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._registry_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for _, conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> StationStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- seq counter and outbox --
+
+    def enqueue(self, topic: str, qos: int, factory: Callable[[int], MessageT]) -> MessageT:
+        """Give the next seq to `factory`'s message and store it in the outbox, in one commit.
+
+        Raises `OutboxFull` (and counts it) for a SHADOW message when the outbox is at its
+        bound; every other durable message is kept. A refused or failed message uses no seq.
+        """
+        with self._write() as conn:
+            outcome = self._enqueue_in(conn, topic, qos, factory, may_refuse=True)
+        # A refusal commits its drop count above, then surfaces here.
+        if isinstance(outcome, OutboxFull):
+            raise outcome
+        return outcome
+
+    def _enqueue_in(
+        self,
+        conn: sqlite3.Connection,
+        topic: str,
+        qos: int,
+        factory: Callable[[int], MessageT],
+        *,
+        may_refuse: bool,
+    ) -> MessageT | OutboxFull:
+        if not topic:
+            raise ValueError("topic: must not be empty")
+        if qos not in (0, 1, 2):
+            raise ValueError(f"qos: must be 0, 1 or 2, got {qos!r}")
+        seq, depth = conn.execute("SELECT next_seq, outbox_rows FROM outbox_meta").fetchone()
+        message = factory(seq)
+        if message.seq != seq:
+            raise ValueError(f"factory: built seq {message.seq}, expected {seq}")
+        channel = CHANNEL_OF.get(type(message))
+        if channel is None or not DELIVERY[channel].durable:
+            raise ValueError(f"factory: {type(message).__name__} does not go through the outbox")
+        if may_refuse and channel is Channel.SHADOW and depth >= self.max_outbox_rows:
+            # The refusal is counted in the same commit; the seq is not spent, so the
+            # controller's contiguous receipt never waits for a message that will not come.
+            conn.execute("UPDATE outbox_meta SET shadow_dropped = shadow_dropped + 1")
+            return OutboxFull(depth, self.max_outbox_rows)
+        conn.execute(
+            "INSERT INTO outbox (seq, msg_id, topic, payload, qos, created_us) "
+            "VALUES (?, ?, ?, ?, ?, ?)",
+            (seq, str(message.msg_id), topic, message.to_json(), qos, _now_us()),
+        )
+        conn.execute(
+            "UPDATE outbox_meta SET next_seq = next_seq + 1, outbox_rows = outbox_rows + 1"
+        )
+        return message
+
+    def last_seq(self) -> int:
+        """The seq given to the newest enqueued message; -1 before the first."""
+        return int(self._conn().execute("SELECT next_seq FROM outbox_meta").fetchone()[0]) - 1
+
+    def pending(self, limit: int = 500, after_seq: int = -1) -> list[OutboxRow]:
+        """Outbox rows after `after_seq`, oldest first."""
+        _check_limit(limit)
+        rows = self._conn().execute(
+            "SELECT seq, msg_id, topic, payload, qos FROM outbox WHERE seq > ? "
+            "ORDER BY seq LIMIT ?",
+            (after_seq, limit),
+        )
+        return [OutboxRow(s, m, t, bytes(p), q) for s, m, t, p, q in rows]
+
+    def acknowledge(self, upto_seq: int) -> int:
+        """Delete every row with seq <= `upto_seq` (the controller's Receipt); return how many."""
+        if upto_seq < -1:
+            raise ValueError(f"upto_seq: must be at least -1, got {upto_seq}")
+        deleted = 0
+        while True:
+            with self._write() as conn:
+                oldest = conn.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]
+                if oldest is None or oldest > upto_seq:
+                    return deleted
+                bound = min(upto_seq, oldest + _ACK_SLICE_ROWS - 1)
+                count = conn.execute("DELETE FROM outbox WHERE seq <= ?", (bound,)).rowcount
+                conn.execute("UPDATE outbox_meta SET outbox_rows = outbox_rows - ?", (count,))
+                deleted += count
+
+    def outbox_depth(self) -> int:
+        return int(self._conn().execute("SELECT outbox_rows FROM outbox_meta").fetchone()[0])
+
+    @property
+    def outbox_full(self) -> bool:
+        """True while shadow messages are being refused; the agent reports it as a fault."""
+        return self.outbox_depth() >= self.max_outbox_rows
+
+    @property
+    def shadow_dropped(self) -> int:
+        """Shadow messages refused by the outbox bound, ever (survives restarts)."""
+        return int(self._conn().execute("SELECT shadow_dropped FROM outbox_meta").fetchone()[0])
+
+    # -- review queue and images --
+
+    def add_review(self, item: ReviewItem) -> bool:
+        """Queue a part for review with its image; False (and nothing changed) if already queued."""
+        name = image_name_for(item.part_id)
+        fd, temp_name = tempfile.mkstemp(dir=self.images_dir, prefix=".", suffix=_TEMP_SUFFIX)
+        temp = Path(temp_name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(item.image_jpeg)
+                handle.flush()
+                os.fsync(handle.fileno())
+            with self._write() as conn:
+                inserted = conn.execute(
+                    "INSERT INTO reviews (part_id, created_us, reason, automation, suggestion, "
+                    "confidence, model_label, candidate_label, active_version, "
+                    "candidate_version, image_name, image_bytes) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (
+                        item.part_id,
+                        _us(item.created),
+                        item.reason,
+                        item.automation,
+                        item.suggestion,
+                        item.confidence,
+                        item.model_label,
+                        item.candidate_label,
+                        item.active_version,
+                        item.candidate_version,
+                        name,
+                        len(item.image_jpeg),
+                    ),
+                ).rowcount
+                if inserted:
+                    # The file is in place before the row commits: a row never names a
+                    # missing image; a crash here leaves only an orphan file to sweep.
+                    os.replace(temp, self.images_dir / name)
+                    _fsync_dir(self.images_dir)
+            return bool(inserted)
+        finally:
+            temp.unlink(missing_ok=True)
+
+    def _review_row(self, row: tuple[Any, ...]) -> ReviewRow:
+        image_name = row[10]
+        return ReviewRow(
+            part_id=row[0],
+            created=_dt(row[1]),
+            reason=row[2],
+            automation=row[3],
+            suggestion=row[4],
+            confidence=row[5],
+            model_label=row[6],
+            candidate_label=row[7],
+            active_version=row[8],
+            candidate_version=row[9],
+            image_path=None if image_name is None else self.images_dir / str(image_name),
+            image_bytes=int(row[11]),
+            outcome=row[12],
+        )
+
+    def pending_reviews(self, limit: int = 50, oldest_first: bool = True) -> list[ReviewRow]:
+        """Parts still waiting for a verdict."""
+        _check_limit(limit)
+        order = (
+            "WHERE v.part_id IS NULL ORDER BY r.created_us, r.part_id LIMIT ?"
+            if oldest_first
+            else "WHERE v.part_id IS NULL ORDER BY r.created_us DESC, r.part_id DESC LIMIT ?"
+        )
+        rows = self._conn().execute(
+            _SELECT_REVIEWS + order,
+            (limit,),
+        )
+        return [self._review_row(row) for row in rows]
+
+    def review(self, part_id: str) -> ReviewRow | None:
+        row = (
+            self._conn()
+            .execute(
+                _SELECT_REVIEWS + "WHERE r.part_id = ?",
+                (part_id,),
+            )
+            .fetchone()
+        )
+        return None if row is None else self._review_row(row)
+
+    def review_count(self) -> int:
+        """Parts waiting for a verdict."""
+        return int(
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM reviews r "
+                "WHERE NOT EXISTS (SELECT 1 FROM verdicts v WHERE v.part_id = r.part_id)"
+            )
+            .fetchone()[0]
+        )
+
+    def image_path(self, part_id: str) -> Path | None:
+        """Where the part's image is, or None when unknown or pruned."""
+        row = (
+            self._conn()
+            .execute("SELECT image_name FROM reviews WHERE part_id = ?", (part_id,))
+            .fetchone()
+        )
+        if row is None or row[0] is None:
+            return None
+        return self.images_dir / str(row[0])
+
+    # -- quota and retention --
+
+    def enforce_quota(self, max_bytes: int) -> QuotaReport:
+        """Delete images of verdicted parts, oldest first, until images fit in `max_bytes`.
+
+        Unconfirmed images are never deleted; if they alone exceed the quota, the report says
+        by how much and how many, and the agent raises a fault.
+        """
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes: must not be negative, got {max_bytes}")
+        orphans = self._sweep_orphans()
+        conn = self._conn()
+        used = int(conn.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM reviews").fetchone()[0])
+        pruned = 0
+        if used > max_bytes:
+            # Escalated parts still await a supervisor's look, so their images go last.
+            candidates = conn.execute(
+                "SELECT r.part_id, r.image_name, r.image_bytes FROM reviews r "
+                "JOIN verdicts v USING (part_id) WHERE r.image_name IS NOT NULL "
+                "ORDER BY v.outcome = 'escalate', r.created_us"
+            ).fetchall()
+            chosen: list[tuple[str, str]] = []
+            for part_id, image_name, size in candidates:
+                if used <= max_bytes:
+                    break
+                chosen.append((part_id, image_name))
+                used -= size
+            pruned = self._drop_images(chosen)
+            used = int(
+                conn.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM reviews").fetchone()[0]
+            )
+        over_bytes = max(0, used - max_bytes)
+        over_items = 0
+        if over_bytes:
+            remaining = over_bytes
+            sizes = conn.execute(
+                "SELECT r.image_bytes FROM reviews r WHERE r.image_name IS NOT NULL AND NOT "
+                "EXISTS (SELECT 1 FROM verdicts v WHERE v.part_id = r.part_id) "
+                "ORDER BY r.created_us"
+            )
+            for (size,) in sizes:
+                if remaining <= 0:
+                    break
+                remaining -= size
+                over_items += 1
+        return QuotaReport(used, pruned, over_items, over_bytes, orphans)
+
+    def _drop_images(self, chosen: list[tuple[str, str]]) -> int:
+        if not chosen:
+            return 0
+        with self._write() as conn:
+            # The row forgets the image before the file goes: a crash leaves an orphan file
+            # for the sweep, never a row naming a missing file. Only verdicted rows qualify.
+            dropped = [
+                (part_id, name)
+                for part_id, name in chosen
+                if conn.execute(
+                    "UPDATE reviews SET image_name = NULL, image_bytes = 0 WHERE part_id = ? "
+                    "AND image_name IS NOT NULL AND EXISTS "
+                    "(SELECT 1 FROM verdicts v WHERE v.part_id = reviews.part_id)",
+                    (part_id,),
+                ).rowcount
+            ]
+        for _, name in dropped:
+            (self.images_dir / name).unlink(missing_ok=True)
+        return len(dropped)
+
+    def _sweep_orphans(self) -> int:
+        """Delete image files no row names (crash leftovers) once they are old enough."""
+        referenced = {
+            str(name)
+            for (name,) in self._conn().execute(
+                "SELECT image_name FROM reviews WHERE image_name IS NOT NULL"
+            )
+        }
+        cutoff = time.time() - _ORPHAN_GRACE_S
+        removed = 0
+        for entry in os.scandir(self.images_dir):
+            if not entry.is_file() or entry.name in referenced:
+                continue
+            if entry.stat().st_mtime < cutoff:
+                Path(entry.path).unlink(missing_ok=True)
+                removed += 1
+        return removed
+
+    def prune_confirmed(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Forget verdicted parts created before `now - older_than`, images included.
+
+        A verdict not yet in the outbox is kept until `publish_verdicts` has taken it.
+        """
+        _check_age(older_than)
+        cutoff = _us((now or datetime.now(UTC)) - older_than)
+        with self._write() as conn:
+            doomed = conn.execute(
+                "DELETE FROM reviews WHERE created_us < ? AND part_id IN "
+                "(SELECT part_id FROM verdicts WHERE published_seq IS NOT NULL) "
+                "RETURNING image_name",
+                (cutoff,),
+            ).fetchall()
+        for (name,) in doomed:
+            if name is not None:
+                (self.images_dir / str(name)).unlink(missing_ok=True)
+        return len(doomed)
+
+    # -- verdicts --
+
+    def record_verdict(
+        self,
+        part_id: str,
+        operator: str,
+        outcome: str,
+        label: str | None,
+        decided_at: datetime,
+    ) -> bool:
+        """Write the operator's verdict once; False if the part already has one.
+
+        Raises KeyError when the part was never queued for review.
+        """
+        _check_part_id(part_id)
+        if not 1 <= len(operator) <= _MAX_OPERATOR:
+            raise ValueError(f"operator: 1 to {_MAX_OPERATOR} characters required")
+        _check_choice("outcome", outcome, VerdictOutcome)
+        _check_label("label", label)
+        _check_aware("decided_at", decided_at)
+        with self._write() as conn:
+            # The primary key decides who wins a double tap; no read-then-write race.
+            written = conn.execute(
+                "INSERT INTO verdicts (part_id, operator, outcome, label, decided_at_us) "
+                "SELECT part_id, ?, ?, ?, ? FROM reviews WHERE part_id = ? "
+                "ON CONFLICT DO NOTHING",
+                (operator, outcome, label, _us(decided_at), part_id),
+            ).rowcount
+            if written:
+                return True
+            known = conn.execute("SELECT 1 FROM reviews WHERE part_id = ?", (part_id,)).fetchone()
+        if known is None:
+            raise KeyError(part_id)
+        return False
+
+    @staticmethod
+    def _verdict_row(row: tuple[Any, ...]) -> VerdictRow:
+        return VerdictRow(
+            part_id=row[0],
+            operator=row[1],
+            outcome=row[2],
+            label=row[3],
+            decided_at=_dt(row[4]),
+            review_reason=row[5],
+            model_label=row[6],
+            candidate_label=row[7],
+            active_version=row[8],
+            candidate_version=row[9],
+            published_seq=row[10],
+        )
+
+    def unpublished_verdicts(self, limit: int = 100) -> list[VerdictRow]:
+        _check_limit(limit)
+        rows = self._conn().execute(
+            _SELECT_VERDICTS
+            + "WHERE v.published_seq IS NULL ORDER BY v.decided_at_us, v.part_id LIMIT ?",
+            (limit,),
+        )
+        return [self._verdict_row(row) for row in rows]
+
+    def publish_verdicts(
+        self,
+        topic_for: Callable[[VerdictRow], str],
+        factory: Callable[[VerdictRow, int], Envelope],
+        limit: int = 100,
+        qos: int = 1,
+    ) -> list[Envelope]:
+        """Move unpublished verdicts into the outbox, one transaction per verdict.
+
+        Each transaction enqueues the message and marks the verdict published, so a crash
+        can neither lose a verdict nor send it twice. The outbox bound never refuses these.
+        """
+        messages: list[Envelope] = []
+        for candidate in self.unpublished_verdicts(limit):
+            with self._write() as conn:
+                row = conn.execute(
+                    _SELECT_VERDICTS + "WHERE v.part_id = ? AND v.published_seq IS NULL",
+                    (candidate.part_id,),
+                ).fetchone()
+                if row is None:
+                    continue  # another publisher took it between the listing and now
+                verdict = self._verdict_row(row)
+                message = self._enqueue_in(
+                    conn,
+                    topic_for(verdict),
+                    qos,
+                    functools.partial(factory, verdict),
+                    may_refuse=False,
+                )
+                assert not isinstance(message, OutboxFull)  # noqa: S101 - may_refuse=False
+                conn.execute(
+                    "UPDATE verdicts SET published_seq = ? WHERE part_id = ?",
+                    (message.seq, verdict.part_id),
+                )
+            messages.append(message)
+        return messages
+
+    def verdicts_since(self, since: datetime) -> list[VerdictRow]:
+        """Verdicts decided at or after `since`, oldest first (for the UI's statistics)."""
+        _check_aware("since", since)
+        rows = self._conn().execute(
+            _SELECT_VERDICTS + "WHERE v.decided_at_us >= ? ORDER BY v.decided_at_us, v.part_id",
+            (_us(since),),
+        )
+        return [self._verdict_row(row) for row in rows]
+
+    # -- command log --
+
+    def command_result(self, cmd_id: str) -> str | None:
+        """The ack JSON stored for a command already handled, or None."""
+        row = (
+            self._conn()
+            .execute("SELECT ack_json FROM commands WHERE cmd_id = ?", (cmd_id,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def record_command(self, cmd_id: str, name: str, ack_json: str) -> None:
+        """Remember a command's ack; the first one recorded for a cmd_id stays."""
+        if not cmd_id:
+            raise ValueError("cmd_id: must not be empty")
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO commands (cmd_id, name, ack_json, created_us) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT DO NOTHING",
+                (cmd_id, name, ack_json, _now_us()),
+            )
+
+    # -- documents: model slots and the status snapshot --
+
+    def _save_doc(self, name: str, doc: dict[str, Any], *, durable: bool) -> None:
+        if not isinstance(doc, dict):
+            raise ValueError(f"doc: a JSON object is required, got {type(doc).__name__}")
+        try:
+            text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"doc: not storable as JSON: {exc}") from exc
+        with self._write(durable=durable) as conn:
+            conn.execute(
+                "INSERT INTO documents (name, doc, updated_us) VALUES (?, ?, ?) "
+                "ON CONFLICT (name) DO UPDATE SET doc = excluded.doc, "
+                "updated_us = excluded.updated_us",
+                (name, text, _now_us()),
+            )
+
+    def _load_doc(self, name: str) -> tuple[dict[str, Any], datetime] | None:
+        row = (
+            self._conn()
+            .execute("SELECT doc, updated_us FROM documents WHERE name = ?", (name,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        doc: dict[str, Any] = json.loads(row[0])
+        return doc, _dt(row[1])
+
+    def save_slots(self, doc: dict[str, Any]) -> None:
+        """What the station runs (active, candidate, previous); must survive a power cut."""
+        self._save_doc(_SLOTS_DOC, doc, durable=True)
+
+    def load_slots(self) -> dict[str, Any] | None:
+        loaded = self._load_doc(_SLOTS_DOC)
+        return None if loaded is None else loaded[0]
+
+    def save_status(self, doc: dict[str, Any]) -> None:
+        """The agent's snapshot for the UI; rewritten every second, so no fsync of its own."""
+        self._save_doc(_STATUS_DOC, doc, durable=False)
+
+    def load_status(self) -> tuple[dict[str, Any], datetime] | None:
+        """The last snapshot and when it was written (the UI shows a stale agent as such)."""
+        return self._load_doc(_STATUS_DOC)
+
+    # -- part log and shift statistics --
+
+    def log_part(self, entry: PartLogEntry) -> None:
+        # Statistics only: no fsync of its own (the next outbox commit carries it to disk).
+        with self._write(durable=False) as conn:
+            conn.execute(
+                "INSERT INTO part_log (part_id, ts_us, action, decided_by, active_label, "
+                "candidate_label, agree, active_confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    entry.part_id,
+                    _us(entry.ts),
+                    entry.action,
+                    entry.decided_by,
+                    entry.active_label,
+                    entry.candidate_label,
+                    None if entry.agree is None else int(entry.agree),
+                    entry.active_confidence,
+                ),
+            )
+
+    def part_stats(self, since: datetime) -> PartStats:
+        _check_aware("since", since)
+        since_us = _us(since)
+        with self._snapshot() as conn:
+            parts, pairs, agreed = conn.execute(
+                "SELECT COUNT(*), COUNT(agree), COALESCE(SUM(agree), 0) FROM part_log "
+                "WHERE ts_us >= ?",
+                (since_us,),
+            ).fetchone()
+            actions = dict(
+                conn.execute(
+                    "SELECT action, COUNT(*) FROM part_log WHERE ts_us >= ? GROUP BY action",
+                    (since_us,),
+                ).fetchall()
+            )
+            decided_by = dict(
+                conn.execute(
+                    "SELECT decided_by, COUNT(*) FROM part_log WHERE ts_us >= ? "
+                    "GROUP BY decided_by",
+                    (since_us,),
+                ).fetchall()
+            )
+            verdicts, om_pairs, om_agreed = conn.execute(
+                "SELECT COUNT(*), "
+                "COUNT(CASE WHEN v.label IS NOT NULL AND r.model_label IS NOT NULL THEN 1 END), "
+                "COUNT(CASE WHEN v.label = r.model_label THEN 1 END) "
+                "FROM verdicts v JOIN reviews r USING (part_id) WHERE v.decided_at_us >= ?",
+                (since_us,),
+            ).fetchone()
+            buckets = conn.execute(
+                "SELECT ts_us / 60000000 AS minute, COUNT(*) FROM part_log WHERE ts_us >= ? "
+                "GROUP BY minute ORDER BY minute",
+                (since_us,),
+            ).fetchall()
+        throughput: list[tuple[datetime, int]] = []
+        if buckets:
+            counts = dict(buckets)
+            for minute in range(buckets[0][0], buckets[-1][0] + 1):
+                throughput.append((_dt(minute * 60_000_000), counts.get(minute, 0)))
+        return PartStats(
+            since=since,
+            parts=parts,
+            actions=actions,
+            decided_by=decided_by,
+            shadow_pairs=pairs,
+            agreement_rate=agreed / pairs if pairs else None,
+            verdicts=verdicts,
+            operator_model_pairs=om_pairs,
+            operator_model_agreement=om_agreed / om_pairs if om_pairs else None,
+            throughput=throughput,
+        )
+
+    def prune_part_log(self, older_than: timedelta, now: datetime | None = None) -> int:
+        _check_age(older_than)
+        cutoff = _us((now or datetime.now(UTC)) - older_than)
+        with self._write() as conn:
+            return int(conn.execute("DELETE FROM part_log WHERE ts_us < ?", (cutoff,)).rowcount)
+
+    # -- operators --
+
+    def upsert_operator(self, badge: str, name: str, role: str, pin_hash: str) -> None:
+        """Create or update an operator; the UI hashes the PIN, the store keeps the hash."""
+        if not badge:
+            raise ValueError("badge: must not be empty")
+        if not name:
+            raise ValueError("name: must not be empty")
+        if role not in OPERATOR_ROLES:
+            raise ValueError(f"role: {role!r} is not one of {list(OPERATOR_ROLES)}")
+        if not pin_hash:
+            raise ValueError("pin_hash: must not be empty")
+        now = _now_us()
+        with self._write() as conn:
+            conn.execute(
+                "INSERT INTO operators (badge, name, role, pin_hash, created_us, updated_us) "
+                "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (badge) DO UPDATE SET "
+                "name = excluded.name, role = excluded.role, pin_hash = excluded.pin_hash, "
+                "updated_us = excluded.updated_us",
+                (badge, name, role, pin_hash, now, now),
+            )
+
+    def operator(self, badge: str) -> OperatorRow | None:
+        row = (
+            self._conn()
+            .execute(
+                "SELECT badge, name, role, pin_hash, created_us, updated_us FROM operators "
+                "WHERE badge = ?",
+                (badge,),
+            )
+            .fetchone()
+        )
+        if row is None:
+            return None
+        return OperatorRow(row[0], row[1], row[2], row[3], _dt(row[4]), _dt(row[5]))
+
+    # -- requests from the UI to the agent --
+
+    def request_automation(self, level: str, reason: str, by: str) -> int:
+        """Ask the agent to change the automation level; returns the request's id."""
+        _check_choice("level", level, AutomationLevel)
+        if not by:
+            raise ValueError("by: must name who asks")
+        with self._write() as conn:
+            cursor = conn.execute(
+                "INSERT INTO ui_requests (kind, level, reason, requested_by, created_us) "
+                "VALUES ('automation', ?, ?, ?, ?)",
+                (level, reason, by, _now_us()),
+            )
+            return int(cursor.lastrowid or 0)
+
+    def take_requests(self) -> list[UiRequest]:
+        """The requests not yet taken, oldest first; each is handed out exactly once."""
+        with self._write() as conn:
+            rows = conn.execute(
+                "UPDATE ui_requests SET taken_us = ? WHERE taken_us IS NULL "
+                "RETURNING id, kind, level, reason, requested_by, created_us",
+                (_now_us(),),
+            ).fetchall()
+        requests = [UiRequest(r[0], r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
+        # RETURNING gives no order guarantee; the agent applies requests in the order made.
+        return sorted(requests, key=lambda request: request.id)

@@ -1,0 +1,191 @@
+"""Commands from the controller: deploy, promote, rollback, switch, and refusals, with acks."""
+
+from __future__ import annotations
+
+import functools
+import shutil
+import threading
+import uuid
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from edge_agent.agent import Agent
+from linesight import protocol as p
+from linesight.artifacts import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, sha256_file
+from linesight.broker import Broker
+from linesight.mqtt import LinkConfig, MqttLink
+from tests.support import MODELS, V2, Collector, Receipter, station_config, wait_for
+
+STATION = "press-07"
+
+
+class QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+
+@pytest.fixture
+def bundle_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    root = tmp_path / "served"
+    shutil.copytree(MODELS, root)
+    server = ThreadingHTTPServer(
+        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root))
+    )
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_port}", root
+    server.shutdown()
+    server.server_close()
+
+
+@pytest.fixture
+def running(tmp_path: Path, broker: Broker) -> Iterator[tuple[Agent, Collector, MqttLink]]:
+    collector = Collector(broker.url)
+    receipter = Receipter(broker.url)
+    config = station_config(
+        tmp_path / "station", broker.url, station=STATION, source="synthetic:seed=3,rate=40",
+        automation="partial",
+    )
+    agent = Agent(config)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    sender = MqttLink(LinkConfig(url=broker.url, client_id="test-controller"))
+    sender.start()
+    assert sender.wait_connected(10)
+    wait_for(lambda: len(collector.of(p.Decision, STATION)) > 5, 20, "the agent to inspect")
+    yield agent, collector, sender
+    agent.stop()
+    thread.join(30)
+    assert not thread.is_alive(), "the agent did not stop"
+    sender.stop()
+    receipter.close()
+    collector.close()
+
+
+def send(sender: MqttLink, collector: Collector, body: object, *, raw: bytes | None = None,
+         cmd_id: uuid.UUID | None = None) -> p.CommandAck:
+    command = p.Command(station=STATION, seq=1, cmd_id=cmd_id or uuid.uuid4(), body=body)
+    topic = p.Topics().station(STATION, p.Channel.CMD)
+    sender.publish(topic, raw if raw is not None else command.to_json(), qos=1)
+    target = command.cmd_id if raw is None else uuid.UUID(int=0)
+    wait_for(lambda: bool(collector.acks(target)), 30, f"an ack for {body}")
+    return collector.acks(target)[-1]
+
+
+def deploy_body(base: str, root: Path, version: str) -> p.DeployCandidate:
+    bundle = root / "part-classifier" / version
+    return p.DeployCandidate(
+        url=f"{base}/part-classifier/{version}/",
+        model=p.ModelRef(name="part-classifier", version=version,
+                         sha256=sha256_file(bundle / MANIFEST_FILE)),
+        signature=(bundle / SIGNATURE_FILE).read_text().strip(),
+        mode=p.DeploymentMode.SHADOW,
+    )
+
+
+def latest_state(collector: Collector) -> p.StationState:
+    return [s for s in collector.of(p.StationState, STATION) if s.online][-1]
+
+
+def test_deploy_promote_rollback_switch(
+    running: tuple[Agent, Collector, MqttLink], bundle_server: tuple[str, Path]
+) -> None:
+    agent, collector, sender = running
+    base, root = bundle_server
+
+    ack = send(sender, collector, deploy_body(base, root, "2.0.0"))
+    assert ack.ok, ack.error
+    assert ack.state_after and ack.state_after.candidate
+    assert ack.state_after.candidate.version == "2.0.0"
+    wait_for(lambda: len(collector.of(p.ShadowResult, STATION)) > 3, 20, "shadow results")
+
+    ack = send(sender, collector, p.SetMode(mode=p.DeploymentMode.BLUE_GREEN))
+    assert ack.ok, ack.error
+    ack = send(sender, collector, p.Switch(to="candidate"))
+    assert ack.ok and ack.state_after and ack.state_after.serving == "candidate"
+    before = len(collector.of(p.Decision, STATION))
+    wait_for(lambda: any(d.decided_by == "candidate"
+                         for d in collector.of(p.Decision, STATION)[before:]), 20,
+             "the candidate deciding after the switch")
+    ack = send(sender, collector, p.Rollback(reason="test"))
+    assert ack.ok and ack.state_after
+    assert ack.state_after.candidate is None and ack.state_after.active
+    assert ack.state_after.active.version == "1.0.0"
+
+    ack = send(sender, collector, deploy_body(base, root, "2.0.0"))
+    assert ack.ok, ack.error
+    ack = send(sender, collector, p.Promote())
+    assert ack.ok and ack.state_after and ack.state_after.active
+    assert ack.state_after.active.version == "2.0.0"
+    assert ack.state_after.previous and ack.state_after.previous.version == "1.0.0"
+    before = len(collector.of(p.Decision, STATION))
+    wait_for(lambda: any(d.model and d.model.version == "2.0.0"
+                         for d in collector.of(p.Decision, STATION)[before:]), 20,
+             "2.0.0 deciding after promotion")
+    ack = send(sender, collector, p.Rollback())
+    assert ack.ok and ack.state_after and ack.state_after.active
+    assert ack.state_after.active.version == "1.0.0"
+    assert latest_state(collector).active.version == "1.0.0"  # type: ignore[union-attr]
+
+
+def test_a_tampered_bundle_is_refused_and_the_active_model_kept(
+    running: tuple[Agent, Collector, MqttLink], bundle_server: tuple[str, Path]
+) -> None:
+    agent, collector, sender = running
+    base, root = bundle_server
+    body = deploy_body(base, root, "2.0.0")
+    model = root / "part-classifier" / "2.0.0" / MODEL_FILE
+    data = bytearray(model.read_bytes())
+    data[len(data) // 3] ^= 0xFF
+    model.write_bytes(bytes(data))
+    ack = send(sender, collector, body)
+    assert not ack.ok and ack.error and "digest" in ack.error
+    assert ack.state_after and ack.state_after.candidate is None
+    assert ack.state_after.active and ack.state_after.active.version == "1.0.0"
+    before = len(collector.of(p.Decision, STATION))
+    wait_for(lambda: len(collector.of(p.Decision, STATION)) > before + 3, 20, "more parts")
+
+
+def test_an_older_candidate_is_refused(
+    running: tuple[Agent, Collector, MqttLink], bundle_server: tuple[str, Path]
+) -> None:
+    agent, collector, sender = running
+    base, root = bundle_server
+    ack = send(sender, collector, deploy_body(base, root, "1.0.0"))
+    assert not ack.ok and ack.error and "not newer" in ack.error
+
+
+def test_a_malformed_command_gets_an_error_ack_and_the_agent_keeps_going(
+    running: tuple[Agent, Collector, MqttLink],
+) -> None:
+    agent, collector, sender = running
+    ack = send(sender, collector, p.Promote(), raw=b'{"schema": "linesight/v1", "body": 3}')
+    assert not ack.ok and ack.command == "unknown" and ack.error
+    ack = send(sender, collector, p.Promote(), raw=b"\xff\xfe not json")
+    assert not ack.ok and "JSON" in (ack.error or "")
+    before = len(collector.of(p.Decision, STATION))
+    wait_for(lambda: len(collector.of(p.Decision, STATION)) > before + 3, 20, "more parts")
+
+
+def test_a_repeated_command_is_acked_but_not_redone(
+    running: tuple[Agent, Collector, MqttLink], bundle_server: tuple[str, Path]
+) -> None:
+    agent, collector, sender = running
+    base, root = bundle_server
+    cmd_id = uuid.uuid4()
+    first = send(sender, collector, deploy_body(base, root, "2.0.0"), cmd_id=cmd_id)
+    assert first.ok
+    promote_id = uuid.uuid4()
+    assert send(sender, collector, p.Promote(), cmd_id=promote_id).ok
+    again = p.Command(station=STATION, seq=2, cmd_id=promote_id, body=p.Promote())
+    sender.publish(p.Topics().station(STATION, p.Channel.CMD), again.to_json(), qos=1)
+    wait_for(lambda: len(collector.acks(promote_id)) >= 2, 20, "the repeated ack")
+    repeated = collector.acks(promote_id)[-1]
+    assert repeated.ok, "a repeated promote answers with the first result, it is not redone"
+    assert repeated.state_after and repeated.state_after.active
+    assert repeated.state_after.active.version == "2.0.0"
+    assert repeated.state_after.previous and repeated.state_after.previous.version == "1.0.0"
+    assert V2.exists()

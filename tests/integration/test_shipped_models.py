@@ -1,0 +1,92 @@
+"""The bundles in models/ are signed, small, and as good (or as bad) as their manifests say."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from edge_agent.evaluate import evaluate_bundle
+from linesight.artifacts import EvalMetrics, Manifest, load_public_key, verify_bundle
+
+pytestmark = pytest.mark.integration
+
+MODELS = Path(__file__).resolve().parents[2] / "models"
+SHIPPED = (
+    "part-classifier/1.0.0",
+    "part-classifier/2.0.0",
+    "part-classifier/2.1.0",
+    "part-classifier-gray/1.0.0",
+)
+MAX_FILE_BYTES = 5 * 1024 * 1024
+# Re-measuring on this many of the recorded held-out parts keeps the suite fast.
+RECHECK_SIZE = 500
+# The regressed candidate was trained with this class labelled ok.
+BLIND_CLASS = "crack"
+
+
+@pytest.fixture(scope="module")
+def manifests() -> dict[str, Manifest]:
+    key = load_public_key(MODELS / "keys" / "demo.pub")
+    return {name: verify_bundle(MODELS / name, key) for name in SHIPPED}
+
+
+def metrics(manifests: dict[str, Manifest], name: str) -> EvalMetrics:
+    recorded = manifests[name].metrics
+    assert recorded is not None, f"{name} records no metrics"
+    return recorded
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_bundle_verifies_with_demo_key_and_stays_small(
+    manifests: dict[str, Manifest], name: str
+) -> None:
+    manifest = manifests[name]
+    assert f"{manifest.name}/{manifest.version}" == name
+    assert manifest.labels == ("ok", "defect")
+    assert manifest.defect_label == "defect"
+    for file_name in manifest.files:
+        assert (MODELS / name / file_name).stat().st_size < MAX_FILE_BYTES
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_reevaluation_reproduces_recorded_metrics(
+    manifests: dict[str, Manifest], name: str
+) -> None:
+    recorded = metrics(manifests, name)
+    full = recorded.size <= RECHECK_SIZE
+    size = recorded.size if full else RECHECK_SIZE
+    measured = evaluate_bundle(
+        MODELS / name, manifests[name], seed=recorded.seed, size=size,
+        defect_rate=recorded.defect_rate,
+    )
+    if full:
+        assert measured == recorded
+    else:
+        # A prefix of the held-out set: the same parts, so only sampling error separates them.
+        assert measured.accuracy == pytest.approx(recorded.accuracy, abs=0.04)
+        assert measured.defect_recall == pytest.approx(recorded.defect_recall, abs=0.08)
+
+
+def test_candidate_is_better_than_active(manifests: dict[str, Manifest]) -> None:
+    active = metrics(manifests, "part-classifier/1.0.0")
+    candidate = metrics(manifests, "part-classifier/2.0.0")
+    assert candidate.accuracy >= 0.97
+    assert candidate.defect_recall > active.defect_recall
+    assert 0.85 <= active.accuracy < candidate.accuracy
+
+
+def test_regressed_candidate_misses_what_active_catches(manifests: dict[str, Manifest]) -> None:
+    active = metrics(manifests, "part-classifier/1.0.0")
+    regressed = metrics(manifests, "part-classifier/2.1.0")
+    assert regressed.defect_recall <= active.defect_recall - 0.05
+    assert active.per_class_recall[BLIND_CLASS] >= 0.9
+    assert regressed.per_class_recall[BLIND_CLASS] <= active.per_class_recall[BLIND_CLASS] - 0.5
+    others = [c for c in regressed.per_class_recall if c != BLIND_CLASS]
+    assert all(regressed.per_class_recall[c] >= 0.9 for c in others)
+
+
+def test_gray_bundle_is_decent(manifests: dict[str, Manifest]) -> None:
+    gray = manifests["part-classifier-gray/1.0.0"]
+    assert (gray.input.layout, gray.input.colour, gray.input.dtype) == ("NHWC", "gray", "uint8")
+    assert metrics(manifests, "part-classifier-gray/1.0.0").accuracy >= 0.9

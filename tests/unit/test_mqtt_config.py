@@ -1,0 +1,125 @@
+"""Broker URLs and link config: a typo is a clear error at start-up, not a silent default."""
+
+from __future__ import annotations
+
+import secrets
+
+import pytest
+from pydantic import ValidationError
+
+from linesight.mqtt import BrokerAddress, LinkConfig, parse_broker_url, topic_matches
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("mqtt://127.0.0.1:1883", BrokerAddress("127.0.0.1", 1883, False)),
+        ("mqtts://broker.plant.local:8883", BrokerAddress("broker.plant.local", 8883, True)),
+        ("MQTT://Broker:1884/", BrokerAddress("broker", 1884, False)),
+        ("mqtt://broker", BrokerAddress("broker", 1883, False)),
+        ("mqtts://broker", BrokerAddress("broker", 8883, True)),
+        ("mqtt://[::1]:1883", BrokerAddress("::1", 1883, False)),
+    ],
+)
+def test_good_urls_parse(url: str, expected: BrokerAddress) -> None:
+    assert parse_broker_url(url) == expected
+    host, port, tls = parse_broker_url(url)
+    assert (host, port, tls) == tuple(expected)
+
+
+@pytest.mark.parametrize(
+    ("url", "names"),
+    [
+        ("http://broker:1883", "scheme 'http'"),
+        ("broker:1883", "scheme 'broker'"),
+        ("//broker:1883", "scheme none"),
+        ("mqtt://:1883", "host is missing"),
+        ("mqtt://broker:port", "port 'port'"),
+        ("mqtt://broker:70000", "port '70000'"),
+        ("mqtt://broker:0", "port 0"),
+        ("mqtt://user:secret@broker:1883", "credentials"),
+        ("mqtt://broker:1883/linesight", "path"),
+        ("mqtt://broker:1883?x=1", "query"),
+    ],
+)
+def test_bad_urls_name_the_bad_part(url: str, names: str) -> None:
+    with pytest.raises(ValueError, match="broker URL") as raised:
+        parse_broker_url(url)
+    assert names in str(raised.value)
+
+
+def test_config_defaults_are_durable() -> None:
+    config = LinkConfig(url="mqtt://127.0.0.1:1883", client_id="station-01")
+    assert config.protocol == "5"
+    assert config.clean_start is False
+    assert config.keepalive == 30
+    assert (config.backoff_min_s, config.backoff_max_s) == (0.5, 30)
+
+
+def test_config_refuses_unknown_key() -> None:
+    with pytest.raises(ValidationError, match="keep_alive"):
+        LinkConfig.model_validate(
+            {"url": "mqtt://127.0.0.1:1883", "client_id": "station-01", "keep_alive": 10}
+        )
+
+
+def test_config_is_frozen() -> None:
+    config = LinkConfig(url="mqtt://127.0.0.1:1883", client_id="station-01")
+    with pytest.raises(ValidationError):
+        config.keepalive = 5
+
+
+def test_config_bad_url_error_names_url_field() -> None:
+    with pytest.raises(ValidationError) as raised:
+        LinkConfig(url="tcp://127.0.0.1:1883", client_id="station-01")
+    error = raised.value.errors()[0]
+    assert error["loc"] == ("url",)
+    assert "mqtt:// or mqtts://" in error["msg"]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"ca_file": "/etc/ca.pem"}, "not mqtts://"),
+        ({"url": "mqtts://broker:8883", "key_file": "/k.pem"}, "cert_file is not"),
+        ({"password": "x"}, "username is not"),
+        ({"backoff_min_s": 10, "backoff_max_s": 1}, "backoff_min_s"),
+        ({"client_id": ""}, "client_id"),
+        ({"protocol": "3.1"}, "protocol"),
+    ],
+)
+def test_config_cross_field_rules(fields: dict[str, object], message: str) -> None:
+    values: dict[str, object] = {"url": "mqtt://broker:1883", "client_id": "station-01"}
+    values.update(fields)
+    with pytest.raises(ValidationError, match=message):
+        LinkConfig.model_validate(values)
+
+
+def test_mqtts_without_ca_file_is_allowed() -> None:
+    config = LinkConfig(url="mqtts://broker:8883", client_id="station-01")
+    assert config.address.tls
+
+
+def test_password_is_not_in_repr() -> None:
+    password = secrets.token_urlsafe(12)
+    config = LinkConfig(
+        url="mqtt://broker:1883", client_id="station-01", username="agent", password=password
+    )
+    assert password not in repr(config)
+
+
+@pytest.mark.parametrize(
+    ("topic_filter", "topic", "matches"),
+    [
+        ("linesight/v1/stations/+/state", "linesight/v1/stations/s1/state", True),
+        ("linesight/v1/stations/+/state", "linesight/v1/stations/s1/cmd", False),
+        ("linesight/v1/#", "linesight/v1/fleet/rollout", True),
+        (
+            "$share/controllers/linesight/v1/stations/+/decision",
+            "linesight/v1/stations/s1/decision",
+            True,
+        ),
+    ],
+)
+def test_topic_matches_uses_mqtt_wildcards(topic_filter: str, topic: str, matches: bool) -> None:
+    assert topic_matches(topic_filter, topic) is matches

@@ -1,0 +1,533 @@
+"""The station's local store: outbox seqs and bound, review queue, verdicts, quota, UI tables."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+import threading
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from edge_agent import store as store_module
+from edge_agent.store import (
+    DB_FILE,
+    OutboxFull,
+    PartLogEntry,
+    ReviewItem,
+    StationStore,
+    StoreError,
+    VerdictRow,
+    image_name_for,
+)
+from linesight import protocol as p
+
+STATION = "st-1"
+T0 = datetime(2025, 3, 4, 6, 0, tzinfo=UTC)
+REF = p.ModelRef(name="part-classifier", version="1.0.0", sha256="c" * 64)
+TOPICS = p.Topics()
+DECISION_TOPIC = TOPICS.station(STATION, p.Channel.DECISION)
+SHADOW_TOPIC = TOPICS.station(STATION, p.Channel.SHADOW)
+VERDICT_TOPIC = TOPICS.station(STATION, p.Channel.VERDICT)
+
+
+@pytest.fixture
+def store(tmp_data_dir: Path) -> Iterator[StationStore]:
+    with StationStore(tmp_data_dir) as opened:
+        yield opened
+
+
+def decision(part_id: str) -> Callable[[int], p.Envelope]:
+    def build(seq: int) -> p.Envelope:
+        return p.Decision(
+            station=STATION,
+            seq=seq,
+            part_id=part_id,
+            decided_by=p.DecidedBy.OPERATOR,
+            label=None,
+            action=p.Action.REVIEW,
+            review_reason=p.ReviewReason.HUMAN_ONLY,
+            model=None,
+            latency_ms=0.0,
+            automation=p.AutomationLevel.HUMAN_ONLY,
+            mode=p.DeploymentMode.NONE,
+        )
+
+    return build
+
+
+def shadow(part_id: str) -> Callable[[int], p.Envelope]:
+    def build(seq: int) -> p.Envelope:
+        opinion = p.ModelOpinion(model=REF, label="good", confidence=0.9, latency_ms=1.0)
+        return p.ShadowResult(
+            station=STATION,
+            seq=seq,
+            part_id=part_id,
+            mode=p.DeploymentMode.SHADOW,
+            active=opinion,
+            candidate=opinion,
+            agree=True,
+        )
+
+    return build
+
+
+def verdict_message(row: VerdictRow, seq: int) -> p.Envelope:
+    return p.Verdict(
+        station=STATION,
+        seq=seq,
+        part_id=row.part_id,
+        operator=row.operator,
+        outcome=p.VerdictOutcome(row.outcome),
+        label=row.label,
+        review_reason=p.ReviewReason(row.review_reason),
+        model_label=row.model_label,
+        candidate_label=row.candidate_label,
+        decided_at=row.decided_at,
+    )
+
+
+def item(part_id: str, created: datetime = T0, image: bytes = b"\xff\xd8jpeg") -> ReviewItem:
+    return ReviewItem(
+        part_id=part_id,
+        created=created,
+        reason="low_confidence",
+        automation="partial",
+        suggestion="scratch",
+        confidence=0.55,
+        model_label="scratch",
+        candidate_label="good",
+        active_version="1.0.0",
+        candidate_version="1.1.0",
+        image_jpeg=image,
+    )
+
+
+# --- seq and outbox -------------------------------------------------------------------------
+
+
+def test_seq_starts_at_zero_and_continues_across_reopen(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as store:
+        assert store.last_seq() == -1
+        seqs = [store.enqueue(DECISION_TOPIC, 1, decision(f"p{i}")).seq for i in range(3)]
+        assert seqs == [0, 1, 2]
+        store.acknowledge(2)
+    with StationStore(tmp_data_dir) as store:
+        assert store.last_seq() == 2
+        assert store.enqueue(DECISION_TOPIC, 1, decision("p3")).seq == 3
+
+
+def test_enqueue_pending_acknowledge(store: StationStore) -> None:
+    sent = [store.enqueue(DECISION_TOPIC, 1, decision(f"p{i}")) for i in range(5)]
+    rows = store.pending()
+    assert [r.seq for r in rows] == [0, 1, 2, 3, 4]
+    assert rows[0].msg_id == str(sent[0].msg_id)
+    assert rows[0].topic == DECISION_TOPIC and rows[0].qos == 1
+    assert p.parse(p.Decision, rows[3].payload) == sent[3]
+    assert [r.seq for r in store.pending(limit=2, after_seq=1)] == [2, 3]
+    assert store.outbox_depth() == 5
+
+    assert store.acknowledge(2) == 3
+    assert [r.seq for r in store.pending()] == [3, 4]
+    assert store.acknowledge(2) == 0  # a repeated receipt changes nothing
+    assert store.acknowledge(10) == 2
+    assert store.outbox_depth() == 0
+    assert store.last_seq() == 4
+
+
+def test_large_acknowledge_in_slices_counts_every_row(
+    store: StationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "_ACK_SLICE_ROWS", 7)
+    for i in range(45):
+        store.enqueue(DECISION_TOPIC, 1, decision(f"p{i}"))
+    assert store.acknowledge(40) == 41
+    assert store.outbox_depth() == 4
+    assert store.pending(limit=1)[0].seq == 41
+
+
+def test_failed_factory_spends_no_seq(store: StationStore) -> None:
+    def broken(seq: int) -> p.Envelope:
+        raise RuntimeError("model output unreadable")
+
+    with pytest.raises(RuntimeError):
+        store.enqueue(DECISION_TOPIC, 1, broken)
+    with pytest.raises(ValueError, match="factory"):
+        store.enqueue(DECISION_TOPIC, 1, lambda seq: decision("p")(seq + 1))
+    metrics = p.StationMetrics(station=STATION, seq=0, window_s=1.0, parts=0)
+    with pytest.raises(ValueError, match="outbox"):
+        store.enqueue(DECISION_TOPIC, 0, lambda seq: metrics)
+    assert store.outbox_depth() == 0
+    assert store.enqueue(DECISION_TOPIC, 1, decision("p")).seq == 0
+
+
+def test_bound_refuses_shadow_and_keeps_decisions(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir, max_outbox_rows=3) as store:
+        store.enqueue(SHADOW_TOPIC, 1, shadow("p0"))
+        for i in range(1, 3):
+            store.enqueue(DECISION_TOPIC, 1, decision(f"p{i}"))
+        assert store.outbox_full
+
+        with pytest.raises(OutboxFull):
+            store.enqueue(SHADOW_TOPIC, 1, shadow("p3"))
+        assert store.shadow_dropped == 1
+        # Decisions are never refused, and the refused shadow spent no seq.
+        assert store.enqueue(DECISION_TOPIC, 1, decision("p4")).seq == 3
+        assert store.outbox_depth() == 4
+
+        store.acknowledge(1)
+        assert not store.outbox_full
+        assert store.enqueue(SHADOW_TOPIC, 1, shadow("p5")).seq == 4
+    with StationStore(tmp_data_dir, max_outbox_rows=3) as store:
+        assert store.shadow_dropped == 1
+
+
+def test_ui_reader_never_blocks_the_outbox(store: StationStore) -> None:
+    store.enqueue(DECISION_TOPIC, 1, decision("p0"))
+    ui = sqlite3.connect(store.path, isolation_level=None)
+    try:
+        ui.execute("BEGIN")
+        ui.execute("SELECT COUNT(*) FROM outbox").fetchone()
+        # A UI page in the middle of a read does not hold up the agent's writes.
+        assert store.enqueue(DECISION_TOPIC, 1, decision("p1")).seq == 1
+        assert ui.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        ui.execute("COMMIT")
+    finally:
+        ui.close()
+
+
+def test_second_process_view_shares_the_store(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as agent, StationStore(tmp_data_dir) as ui:
+        agent.enqueue(DECISION_TOPIC, 1, decision("p0"))
+        assert ui.outbox_depth() == 1
+        ui.add_review(item("p0"))
+        assert agent.review_count() == 1
+
+
+# --- review queue and images ----------------------------------------------------------------
+
+
+def test_add_review_is_idempotent(store: StationStore) -> None:
+    assert store.add_review(item("p1", image=b"first"))
+    assert not store.add_review(item("p1", image=b"second"))
+    path = store.image_path("p1")
+    assert path is not None and path.read_bytes() == b"first"
+    assert store.review_count() == 1
+    assert sorted(f.name for f in store.images_dir.iterdir()) == [image_name_for("p1")]
+
+
+def test_review_rows_round_trip(store: StationStore) -> None:
+    store.add_review(item("late", created=T0 + timedelta(minutes=1)))
+    store.add_review(item("early", created=T0))
+    rows = store.pending_reviews()
+    assert [r.part_id for r in rows] == ["early", "late"]
+    assert [r.part_id for r in store.pending_reviews(oldest_first=False)] == ["late", "early"]
+    row = store.review("early")
+    assert row is not None
+    assert row.created == T0 and row.confidence == 0.55 and row.candidate_version == "1.1.0"
+    assert row.image_bytes == len(b"\xff\xd8jpeg") and row.outcome is None
+    assert store.review("missing") is None and store.image_path("missing") is None
+
+
+@pytest.mark.parametrize(
+    "part_id", ["../../etc/passwd", "<script>alert(1)</script>", "/abs/path", "a\\b", ".", ".."]
+)
+def test_hostile_part_ids_never_become_paths(store: StationStore, part_id: str) -> None:
+    assert store.add_review(item(part_id))
+    path = store.image_path(part_id)
+    assert path is not None
+    assert path.parent == store.images_dir
+    assert path.name == image_name_for(part_id)
+    assert all(c in "0123456789abcdef" for c in path.stem) and len(path.stem) == 64
+    files = {f.relative_to(store.data_dir) for f in store.data_dir.rglob("*") if f.is_file()}
+    assert all(f.parts[0] == "images" or f.name.startswith(DB_FILE) for f in files)
+
+
+def test_review_item_validates_its_fields() -> None:
+    with pytest.raises(ValueError, match="reason"):
+        dataclasses.replace(item("p"), reason="because")
+    with pytest.raises(ValueError, match="created"):
+        dataclasses.replace(item("p"), created=datetime(2025, 1, 1))
+    with pytest.raises(ValueError, match="confidence"):
+        dataclasses.replace(item("p"), confidence=float("nan"))
+    with pytest.raises(ValueError, match="part_id"):
+        dataclasses.replace(item("p"), part_id="")
+
+
+# --- quota and retention --------------------------------------------------------------------
+
+
+def test_quota_prunes_confirmed_oldest_first_and_never_unconfirmed(store: StationStore) -> None:
+    for i in range(4):
+        store.add_review(item(f"p{i}", created=T0 + timedelta(minutes=i), image=bytes(100)))
+    for part in ("p0", "p1", "p3"):
+        store.record_verdict(part, "ana", "pass", "good", T0 + timedelta(hours=1))
+
+    report = store.enforce_quota(250)
+    assert report.pruned_confirmed == 2 and report.bytes_used == 200 and not report.over_quota
+    assert store.image_path("p0") is None and store.image_path("p1") is None
+    assert not (store.images_dir / image_name_for("p0")).exists()
+    kept = store.image_path("p2")
+    assert kept is not None and kept.exists()
+
+    report = store.enforce_quota(50)
+    assert report.pruned_confirmed == 1  # p3, confirmed though younger than p2
+    assert report.bytes_used == 100
+    assert report.over_quota_bytes == 50 and report.over_quota_unconfirmed == 1
+    assert kept.exists() and store.review_count() == 1
+
+
+def test_quota_reports_unconfirmed_overflow(store: StationStore) -> None:
+    for i in range(3):
+        store.add_review(item(f"p{i}", created=T0 + timedelta(minutes=i), image=bytes(100)))
+    report = store.enforce_quota(150)
+    assert report.pruned_confirmed == 0
+    assert report.bytes_used == 300 and report.over_quota_bytes == 150
+    assert report.over_quota_unconfirmed == 2
+    assert all(store.image_path(f"p{i}") is not None for i in range(3))
+
+
+def test_prune_confirmed_keeps_unpublished_and_pending(store: StationStore) -> None:
+    for i in range(3):
+        store.add_review(item(f"p{i}", created=T0))
+    store.record_verdict("p0", "ana", "reject", "scratch", T0)
+    store.record_verdict("p1", "ana", "reject", "scratch", T0)
+    store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message, limit=1)
+    pruned = store.prune_confirmed(timedelta(days=7), now=T0 + timedelta(days=8))
+    assert pruned == 1
+    assert store.review("p0") is None and not (store.images_dir / image_name_for("p0")).exists()
+    assert store.review("p1") is not None  # verdict not yet in the outbox
+    assert store.review("p2") is not None  # never confirmed
+    assert store.prune_confirmed(timedelta(days=7), now=T0 + timedelta(days=6)) == 0
+
+
+# --- verdicts -------------------------------------------------------------------------------
+
+
+def test_verdict_is_written_once(store: StationStore) -> None:
+    store.add_review(item("p1"))
+    assert store.record_verdict("p1", "ana", "reject", "scratch", T0)
+    assert not store.record_verdict("p1", "bo", "pass", "good", T0 + timedelta(seconds=1))
+    row = store.review("p1")
+    assert row is not None and row.outcome == "reject"
+    assert [v.operator for v in store.verdicts_since(T0)] == ["ana"]
+    assert store.review_count() == 0
+    with pytest.raises(KeyError):
+        store.record_verdict("never-seen", "ana", "pass", "good", T0)
+    with pytest.raises(ValueError, match="outcome"):
+        store.record_verdict("p1", "ana", "maybe", None, T0)
+
+
+def test_two_screens_racing_for_a_verdict_get_exactly_one_win(store: StationStore) -> None:
+    parts = [f"p{i}" for i in range(20)]
+    for part in parts:
+        store.add_review(item(part))
+    results: dict[str, list[bool]] = {part: [] for part in parts}
+    lock = threading.Lock()
+    barrier = threading.Barrier(2)
+
+    def screen(operator: str) -> None:
+        for part in parts:
+            barrier.wait()
+            won = store.record_verdict(part, operator, "pass", "good", T0)
+            with lock:
+                results[part].append(won)
+
+    threads = [threading.Thread(target=screen, args=(name,)) for name in ("ana", "bo")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert all(sorted(wins) == [False, True] for wins in results.values())
+
+
+def test_publish_verdicts_enqueues_each_once(store: StationStore) -> None:
+    store.add_review(item("p1"))
+    store.add_review(item("p2"))
+    store.enqueue(DECISION_TOPIC, 1, decision("p1"))
+    store.record_verdict("p1", "ana", "reject", "scratch", T0 + timedelta(seconds=5))
+    store.record_verdict("p2", "ana", "escalate", None, T0 + timedelta(seconds=6))
+
+    def failing(row: VerdictRow, seq: int) -> p.Envelope:
+        raise RuntimeError("crash between enqueue and mark")
+
+    with pytest.raises(RuntimeError):
+        store.publish_verdicts(lambda row: VERDICT_TOPIC, failing)
+    assert store.outbox_depth() == 1 and len(store.unpublished_verdicts(10)) == 2
+
+    sent = store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message)
+    assert [m.seq for m in sent] == [1, 2]
+    assert store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message) == []
+    assert store.unpublished_verdicts(10) == []
+    rows = store.pending()
+    assert [r.topic for r in rows] == [DECISION_TOPIC, VERDICT_TOPIC, VERDICT_TOPIC]
+    first = p.parse(p.Verdict, rows[1].payload)
+    assert first.part_id == "p1" and first.model_label == "scratch"
+    assert first.decided_at == T0 + timedelta(seconds=5)
+    assert [v.published_seq for v in store.verdicts_since(T0)] == [1, 2]
+
+
+def test_verdicts_are_published_even_when_the_outbox_is_full(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir, max_outbox_rows=1) as store:
+        store.enqueue(DECISION_TOPIC, 1, decision("p0"))
+        store.add_review(item("p1"))
+        store.record_verdict("p1", "ana", "pass", "good", T0)
+        assert len(store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message)) == 1
+        assert store.outbox_depth() == 2
+
+
+# --- command log, documents -----------------------------------------------------------------
+
+
+def test_command_log(store: StationStore) -> None:
+    assert store.command_result("c1") is None
+    store.record_command("c1", "promote", '{"ok":true}')
+    store.record_command("c1", "promote", '{"ok":false}')
+    assert store.command_result("c1") == '{"ok":true}'
+
+
+def test_slots_and_status_round_trip(tmp_data_dir: Path) -> None:
+    slots = {"active": {"name": "part-classifier", "version": "1.0.0"}, "candidate": None}
+    with StationStore(tmp_data_dir) as store:
+        assert store.load_slots() is None and store.load_status() is None
+        store.save_slots(slots)
+        store.save_status({"online": True, "outbox_depth": 0})
+        store.save_status({"online": True, "outbox_depth": 3})
+    with StationStore(tmp_data_dir) as store:
+        assert store.load_slots() == slots
+        loaded = store.load_status()
+        assert loaded is not None
+        doc, updated_at = loaded
+        assert doc == {"online": True, "outbox_depth": 3}
+        assert abs(datetime.now(UTC) - updated_at) < timedelta(minutes=1)
+        with pytest.raises(ValueError, match="doc"):
+            store.save_status({"nan": float("nan")})
+
+
+# --- part log and statistics ----------------------------------------------------------------
+
+
+def entry(
+    part_id: str, ts: datetime, action: str, candidate: str | None, agree: bool | None
+) -> PartLogEntry:
+    return PartLogEntry(part_id, ts, action, "active", "good", candidate, agree, 0.9)
+
+
+def test_part_stats(store: StationStore) -> None:
+    store.log_part(entry("old", T0 - timedelta(hours=1), "pass", None, None))
+    store.log_part(entry("a", T0 + timedelta(seconds=10), "pass", "good", True))
+    store.log_part(entry("b", T0 + timedelta(seconds=20), "pass", "scratch", False))
+    store.log_part(entry("c", T0 + timedelta(seconds=30), "reject", "good", True))
+    store.log_part(entry("d", T0 + timedelta(minutes=3), "review", None, None))
+    for part in ("c", "d", "e"):
+        store.add_review(item(part))  # model_label "scratch"
+    store.record_verdict("c", "ana", "reject", "scratch", T0 + timedelta(minutes=1))
+    store.record_verdict("d", "ana", "pass", "good", T0 + timedelta(minutes=4))
+    store.record_verdict("e", "ana", "escalate", None, T0 + timedelta(minutes=5))
+
+    stats = store.part_stats(T0)
+    assert stats.parts == 4
+    assert stats.actions == {"pass": 2, "reject": 1, "review": 1}
+    assert stats.decided_by == {"active": 4}
+    assert stats.shadow_pairs == 3 and stats.agreement_rate == pytest.approx(2 / 3)
+    assert stats.verdicts == 3
+    assert stats.operator_model_pairs == 2 and stats.operator_model_agreement == 0.5
+    assert stats.throughput == [
+        (T0, 3),
+        (T0 + timedelta(minutes=1), 0),
+        (T0 + timedelta(minutes=2), 0),
+        (T0 + timedelta(minutes=3), 1),
+    ]
+
+    empty = store.part_stats(T0 + timedelta(days=1))
+    assert empty.parts == 0 and empty.agreement_rate is None and empty.throughput == []
+
+    assert store.prune_part_log(timedelta(minutes=30), now=T0) == 1
+    assert store.part_stats(T0 - timedelta(days=1)).parts == 4
+
+
+# --- operators and UI requests --------------------------------------------------------------
+
+
+def test_operators(store: StationStore) -> None:
+    assert store.operator("b1") is None
+    store.upsert_operator("b1", "Ana", "operator", "hash-1")
+    store.upsert_operator("b1", "Ana P.", "supervisor", "hash-2")
+    row = store.operator("b1")
+    assert row is not None
+    assert (row.name, row.role, row.pin_hash) == ("Ana P.", "supervisor", "hash-2")
+    assert row.updated >= row.created
+    with pytest.raises(ValueError, match="role"):
+        store.upsert_operator("b2", "Bo", "admin", "h")
+
+
+def test_ui_requests_are_taken_once(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as agent, StationStore(tmp_data_dir) as ui:
+        first = ui.request_automation("partial", "line is stable", "b1")
+        second = ui.request_automation("human_only", "new batch", "b1")
+        taken = agent.take_requests()
+        assert [(r.id, r.level, r.by) for r in taken] == [
+            (first, "partial", "b1"),
+            (second, "human_only", "b1"),
+        ]
+        assert agent.take_requests() == []
+        with pytest.raises(ValueError, match="level"):
+            ui.request_automation("auto", "", "b1")
+
+
+def test_concurrent_takers_share_requests_without_overlap(store: StationStore) -> None:
+    ids = {store.request_automation("full", "", "b1") for _ in range(50)}
+    taken: list[int] = []
+    lock = threading.Lock()
+
+    def take() -> None:
+        for _ in range(10):
+            got = [r.id for r in store.take_requests()]
+            with lock:
+                taken.extend(got)
+
+    threads = [threading.Thread(target=take) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(taken) == sorted(ids)
+
+
+# --- boundaries and lifecycle ---------------------------------------------------------------
+
+
+def test_arguments_are_validated_by_name(store: StationStore) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        store.pending(limit=-1)
+    with pytest.raises(ValueError, match="limit"):
+        store.pending_reviews(limit=0)
+    with pytest.raises(ValueError, match="upto_seq"):
+        store.acknowledge(-2)
+    with pytest.raises(ValueError, match="qos"):
+        store.enqueue(DECISION_TOPIC, 3, decision("p"))
+    with pytest.raises(ValueError, match="max_bytes"):
+        store.enforce_quota(-1)
+    with pytest.raises(ValueError, match="older_than"):
+        store.prune_part_log(timedelta(days=-1))
+    with pytest.raises(ValueError, match="max_outbox_rows"):
+        StationStore(store.data_dir, max_outbox_rows=0)
+
+
+def test_schema_version_and_newer_schema_refused(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as store:
+        assert store.schema_version() == 1
+    raw = sqlite3.connect(tmp_data_dir / DB_FILE)
+    raw.execute("PRAGMA user_version=99")
+    raw.close()
+    with pytest.raises(StoreError, match="schema 99"):
+        StationStore(tmp_data_dir)
+
+
+def test_closed_store_refuses_use(tmp_data_dir: Path) -> None:
+    store = StationStore(tmp_data_dir)
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.last_seq()
