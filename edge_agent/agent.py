@@ -38,7 +38,7 @@ from edge_agent.config import AgentConfig
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.inference import InferenceError
 from edge_agent.metrics import AgentMetrics
-from edge_agent.policy import ModelOutput, Slot, agree, decide, decider_for
+from edge_agent.policy import ModelOutput, PartDecision, Slot, agree, decide, decider_for
 from edge_agent.slots import (
     LoadedModel,
     SlotError,
@@ -60,6 +60,7 @@ from edge_agent.sources import (
     parse_source,
 )
 from edge_agent.store import OutboxFull, PartLogEntry, ReviewItem, StationStore, VerdictRow
+from edge_agent.writer import DurableWriter
 from linesight import __version__
 from linesight import protocol as p
 from linesight.artifacts import (
@@ -81,7 +82,7 @@ MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 @dataclass(frozen=True, slots=True)
 class CandidateJob:
     frame: Frame
-    decision: p.Decision
+    decision: PartDecision
     decider: Slot
     decider_model: LoadedModel
     decider_output: ModelOutput
@@ -137,6 +138,7 @@ class Agent:
         self.topics = p.Topics(config.topic_prefix)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = StationStore(config.data_dir, max_outbox_rows=config.outbox.max_rows)
+        self.writer = DurableWriter(self.store, name=f"writer-{config.station}")
         self.key = load_public_key(config.key) if config.key else None
         self.metrics = AgentMetrics(self.station)
         self.gate = build_gate(config.reject_output)
@@ -152,6 +154,8 @@ class Agent:
         self._commands: queue.Queue[ReceivedMessage | None] = queue.Queue()
         self._publish_wake = threading.Event()
         self._replay = threading.Event()
+        self._receipted_upto = -1
+        self._receipt_progress = time.monotonic()
         self._state_dirty = threading.Event()
         self._window = Window(time.monotonic())
         self._recent_agreement: deque[bool] = deque(maxlen=500)
@@ -375,7 +379,8 @@ class Agent:
             self._boundary.put(apply)
         return future.result(timeout=timeout)
 
-    def inspect(self, frame: Frame) -> p.Decision:
+    def inspect(self, frame: Frame) -> PartDecision:
+        """Judge one part. The decision is committed, acted on and published by the writer."""
         slots = self.slots
         decider = decider_for(
             frame.part_id, slots.mode, slots.canary_fraction, slots.serving,
@@ -386,53 +391,65 @@ class Agent:
         if output.error is not None:
             self._raise_fault(f"{decider}_inference", output.error, model.ref)
         thresholds = {**model.manifest.thresholds, **self.config.thresholds}
+        automation = self.automation
         part = decide(
-            frame.part_id, self.automation, decider, output, thresholds,
+            frame.part_id, automation, decider, output, thresholds,
             model.manifest.defect_label, self.config.audit_fraction,
         )
-        decision = self.store.enqueue(
+        shown = part.shows_model
+        self.writer.enqueue(
             self.topics.station(self.station, p.Channel.DECISION),
             1,
             lambda seq: p.Decision(
                 station=self.station, seq=seq, part_id=frame.part_id,
                 decided_by=part.decided_by,
-                label=output.label if part.shows_model else None,
-                confidence=output.confidence if part.shows_model else None,
+                label=output.label if shown else None,
+                confidence=output.confidence if shown else None,
                 action=part.action, review_reason=part.review_reason,
-                model=model.ref if part.shows_model or part.decided_by == p.DecidedBy.FAILSAFE
-                else None,
-                latency_ms=output.latency_ms, automation=self.automation, mode=slots.mode,
+                model=model.ref if shown or part.decided_by == p.DecidedBy.FAILSAFE else None,
+                latency_ms=output.latency_ms, automation=automation, mode=slots.mode,
                 suggestion=part.suggestion,
             ),
+            after=self._decision_stored,
         )
-        self._publish_wake.set()
-        try:
-            self.gate.act(decision)
-        except OSError as exc:
-            self._raise_fault("reject_output", str(exc))
         queued = part.action == p.Action.REVIEW or part.audit
         if queued:
-            self._queue_review(frame, part.review_reason or p.ReviewReason.AUDIT, model,
-                               output, part.suggestion, None)
-        self._count(decision, decider, output, frame)
+            reason = part.review_reason or p.ReviewReason.AUDIT
+            self.writer.later(lambda: self._queue_review(
+                frame, reason, automation, model, output, part.suggestion, None
+            ))
+        self._count(part, decider, output, frame)
         other: Slot = "active" if decider == "candidate" else "candidate"
         if slots.candidate is not None:
             job = CandidateJob(
-                frame, decision, decider, model, output, slots.model(other), slots.mode,
-                self.automation, queued,
+                frame, part, decider, model, output, slots.model(other), slots.mode,
+                automation, queued,
             )
             try:
                 self._jobs.put_nowait(job)
-                return decision
+                return part
             except queue.Full:
                 self.metrics.candidate_skipped.inc()
                 with self._lock:
                     self._window.skipped += 1
-        self._log_part(frame, decision, output if decider == "active" else None, None)
-        return decision
+        active_output = output if decider == "active" else None
+        self.writer.later(lambda: self._log_part(frame, part, active_output, None))
+        return part
+
+    def _decision_stored(self, result: p.Envelope | Exception) -> None:
+        if isinstance(result, Exception):
+            self._raise_fault("outbox_write", f"a decision could not be stored: {result}")
+            return
+        self._clear_faults("outbox_write")
+        self._publish_wake.set()
+        if isinstance(result, p.Decision):
+            try:
+                self.gate.act(result)
+            except OSError as exc:
+                self._raise_fault("reject_output", str(exc))
 
     def _count(
-        self, decision: p.Decision, decider: Slot, output: ModelOutput, frame: Frame
+        self, decision: PartDecision, decider: Slot, output: ModelOutput, frame: Frame
     ) -> None:
         self.parts_inspected += 1
         self.metrics.parts.inc()
@@ -463,6 +480,7 @@ class Agent:
         self,
         frame: Frame,
         reason: p.ReviewReason,
+        automation: p.AutomationLevel,
         model: LoadedModel,
         output: ModelOutput,
         suggestion: str | None,
@@ -479,7 +497,7 @@ class Agent:
             part_id=frame.part_id,
             created=datetime.fromtimestamp(frame.captured_at, UTC),
             reason=reason.value,
-            automation=self.automation.value,
+            automation=automation.value,
             suggestion=suggestion,
             confidence=output.confidence,
             model_label=output.label,
@@ -490,7 +508,7 @@ class Agent:
         ))
 
     def _log_part(
-        self, frame: Frame, decision: p.Decision, active: ModelOutput | None,
+        self, frame: Frame, decision: PartDecision, active: ModelOutput | None,
         candidate: ModelOutput | None,
     ) -> None:
         self.store.log_part(PartLogEntry(
@@ -536,19 +554,16 @@ class Agent:
                 latency_ms=output.latency_ms, error=output.error,
             )
 
-        try:
-            self.store.enqueue(
-                self.topics.station(self.station, p.Channel.SHADOW),
-                1,
-                lambda seq: p.ShadowResult(
-                    station=self.station, seq=seq, part_id=job.frame.part_id, mode=job.mode,
-                    active=opinion(active_model, active_out),
-                    candidate=opinion(candidate_model, candidate_out), agree=agreed,
-                ),
-            )
-        except OutboxFull:
-            self._raise_fault("outbox_full", "outbox full: shadow results are being dropped")
-        self._publish_wake.set()
+        self.writer.enqueue(
+            self.topics.station(self.station, p.Channel.SHADOW),
+            1,
+            lambda seq: p.ShadowResult(
+                station=self.station, seq=seq, part_id=job.frame.part_id, mode=job.mode,
+                active=opinion(active_model, active_out),
+                candidate=opinion(candidate_model, candidate_out), agree=agreed,
+            ),
+            after=self._shadow_stored,
+        )
         self.metrics.shadow_pairs.inc()
         self.metrics.latency.labels(self.station, other_slot).observe(other.latency_ms)
         if other.confidence is not None:
@@ -563,11 +578,20 @@ class Agent:
             if not job.queued_review:
                 # The candidate never changes what happens to the part; the operator's label of
                 # the disagreement is what the rollout gate needs.
-                self._queue_review(
-                    job.frame, p.ReviewReason.DISAGREEMENT, active_model, active_out,
-                    active_out.label, (candidate_model, candidate_out),
-                )
-        self._log_part(job.frame, job.decision, active_out, candidate_out)
+                self.writer.later(lambda: self._queue_review(
+                    job.frame, p.ReviewReason.DISAGREEMENT, job.automation, active_model,
+                    active_out, active_out.label, (candidate_model, candidate_out),
+                ))
+        self.writer.later(lambda: self._log_part(job.frame, job.decision, active_out,
+                                                 candidate_out))
+
+    def _shadow_stored(self, result: p.Envelope | Exception) -> None:
+        if isinstance(result, OutboxFull):
+            self._raise_fault("outbox_full", "outbox full: shadow results are being dropped")
+        elif isinstance(result, Exception):
+            self._raise_fault("outbox_write", f"a shadow result could not be stored: {result}")
+        else:
+            self._publish_wake.set()
 
     # --- MQTT: publisher, receipts, triggers ------------------------------------------------
 
@@ -578,14 +602,19 @@ class Agent:
 
     def _publisher(self) -> None:
         cursor = -1
+        resend_after = self.config.outbox.resend_after_s
         while not self._stop.is_set() or self._loop_running:
             self._publish_wake.wait(0.5)
             self._publish_wake.clear()
             if not self.link.connected:
                 continue
-            if self._replay.is_set():
+            waiting = time.monotonic() - self._receipt_progress
+            if self._replay.is_set() or (cursor > self._receipted_upto and waiting > resend_after):
+                # After a reconnect, or when receipts stopped coming (a broker restart can drop
+                # the controller's session), everything not yet receipted goes again.
                 self._replay.clear()
-                cursor = -1  # after a reconnect, everything not yet receipted goes again
+                self._receipt_progress = time.monotonic()
+                cursor = -1
             cursor = self._publish_pending(cursor)
 
     def _publish_pending(self, cursor: int) -> int:
@@ -608,6 +637,9 @@ class Agent:
         if receipt.station != self.station:
             log.warning("ignored a receipt addressed to %s", receipt.station)
             return
+        if receipt.upto_seq > self._receipted_upto:
+            self._receipted_upto = receipt.upto_seq
+            self._receipt_progress = time.monotonic()
         if self.store.acknowledge(receipt.upto_seq):
             self.metrics.outbox_depth.set(self.store.outbox_depth())
 
@@ -859,6 +891,7 @@ class Agent:
 
     def _shutdown(self) -> int:
         self._jobs.join()  # every queued part gets its shadow result
+        self.writer.flush()
         self._pump_verdicts()
         self._publish_wake.set()
         wait = self.config.outbox.receipt_wait_s
@@ -881,6 +914,7 @@ class Agent:
         self._commands.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
+        self.writer.close()
         self._save_status_offline()
         offline = self.link.publish(
             self.topics.station(self.station, p.Channel.STATE),

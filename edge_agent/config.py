@@ -42,6 +42,11 @@ class OutboxConfig(Strict):
         default=15.0, ge=0, description="--max-parts: how long to wait for receipts before exit"
     )
     publish_batch: int = Field(default=200, ge=1, le=10_000)
+    resend_after_s: float = Field(
+        default=10.0, gt=0,
+        description="published but not receipted for this long: publish again (e.g. a broker "
+        "restart lost the controller's session)",
+    )
 
 
 class ReviewConfig(Strict):

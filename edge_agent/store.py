@@ -21,7 +21,7 @@ import sqlite3
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -546,6 +546,26 @@ class StationStore:
         if isinstance(outcome, OutboxFull):
             raise outcome
         return outcome
+
+    def enqueue_many(
+        self, items: Sequence[tuple[str, int, Callable[[int], Envelope]]]
+    ) -> list[Envelope | Exception]:
+        """Several enqueues in ONE commit (one fsync): the agent's group commit.
+
+        Each item gets the message it stored, `OutboxFull`, or the error its factory raised;
+        a failing item is rolled back to its savepoint and uses no seq, the others are kept.
+        """
+        results: list[Envelope | Exception] = []
+        with self._write() as conn:
+            for topic, qos, factory in items:
+                conn.execute("SAVEPOINT item")
+                try:
+                    results.append(self._enqueue_in(conn, topic, qos, factory, may_refuse=True))
+                except (ValueError, TypeError) as exc:
+                    conn.execute("ROLLBACK TO item")
+                    results.append(exc)
+                conn.execute("RELEASE item")
+        return results
 
     def _enqueue_in(
         self,

@@ -85,6 +85,7 @@ class Receipter:
     def __init__(self, url: str, prefix: str = p.DEFAULT_PREFIX) -> None:
         self.topics = p.Topics(prefix)
         self.stored: dict[str, dict[int, p.Envelope]] = {}
+        self.deliveries: list[p.Envelope] = []  # every copy that arrived, duplicates included
         self._lock = threading.Lock()
         self._seq = 0
         self.link = MqttLink(LinkConfig(url=url, client_id=f"receipter-{uuid.uuid4().hex[:8]}"))
@@ -98,6 +99,7 @@ class Receipter:
         where = self.topics.parse_station_topic(message.topic)
         parsed = p.parse_station_message(where.channel, message.payload)
         with self._lock:
+            self.deliveries.append(parsed)
             stored = self.stored.setdefault(parsed.station, {})
             stored.setdefault(parsed.seq, parsed)
             upto = -1
@@ -125,6 +127,7 @@ def station_config(
         "data_dir": data_dir,
         "key": DEMO_PUB,
         "outbox.receipt_wait_s": 10.0,
+        "outbox.resend_after_s": 2.0,
         "metrics_interval_s": 1.0,
         "state_interval_s": 2.0,
     }

@@ -13,6 +13,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper
 
 from edge_agent.agent import Agent
+from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.artifacts import (
     MODEL_FILE,
@@ -21,7 +22,7 @@ from linesight.artifacts import (
     build_bundle,
 )
 from linesight.broker import Broker
-from tests.support import V1, V2, Collector, Receipter, station_config, wait_for
+from tests.support import V2, Collector, Receipter, station_config, wait_for
 
 
 @pytest.fixture
@@ -192,3 +193,5 @@ def test_without_a_controller_a_bounded_run_still_ends(tmp_path: Path, broker: B
     threading.Thread(target=go, daemon=True).start()
     assert done.wait(30), "the agent did not exit without receipts"
     assert result == [0]
+    with StationStore(tmp_path) as store:
+        assert store.outbox_depth() == 5, "unreceipted decisions stay owed for the next start"

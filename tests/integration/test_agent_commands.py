@@ -69,9 +69,10 @@ def send(sender: MqttLink, collector: Collector, body: object, *, raw: bytes | N
          cmd_id: uuid.UUID | None = None) -> p.CommandAck:
     command = p.Command(station=STATION, seq=1, cmd_id=cmd_id or uuid.uuid4(), body=body)
     topic = p.Topics().station(STATION, p.Channel.CMD)
-    sender.publish(topic, raw if raw is not None else command.to_json(), qos=1)
     target = command.cmd_id if raw is None else uuid.UUID(int=0)
-    wait_for(lambda: bool(collector.acks(target)), 30, f"an ack for {body}")
+    before = len(collector.acks(target))
+    sender.publish(topic, raw if raw is not None else command.to_json(), qos=1)
+    wait_for(lambda: len(collector.acks(target)) > before, 30, f"an ack for {body}")
     return collector.acks(target)[-1]
 
 
@@ -128,7 +129,8 @@ def test_deploy_promote_rollback_switch(
     ack = send(sender, collector, p.Rollback())
     assert ack.ok and ack.state_after and ack.state_after.active
     assert ack.state_after.active.version == "1.0.0"
-    assert latest_state(collector).active.version == "1.0.0"  # type: ignore[union-attr]
+    wait_for(lambda: latest_state(collector).active.version == "1.0.0",  # type: ignore[union-attr]
+             10, "the retained state to show the rollback")
 
 
 def test_a_tampered_bundle_is_refused_and_the_active_model_kept(

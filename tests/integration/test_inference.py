@@ -136,7 +136,7 @@ def test_unavailable_provider_falls_back_to_cpu(
 
 
 def test_nan_output_raises(tmp_path: Path) -> None:
-    # sqrt(0.25 - mean pixel): [0.5, 0.5] for a black frame (so the warm-up passes), NaN when bright.
+    # sqrt(0.25 - mean pixel): [0.5, 0.5] on black (the warm-up passes), NaN on a bright frame.
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     mean = flat_mean(nodes, inits)
@@ -173,15 +173,18 @@ def test_wrong_output_width_declared_in_graph_refuses_to_load(tmp_path: Path) ->
 
 
 def test_wrong_output_shape_at_run_time_raises(tmp_path: Path) -> None:
-    # The graph declares no widths, so only the answer itself shows the extra column.
-    nodes: list[onnx.NodeProto] = []
-    inits: list[onnx.TensorProto] = []
-    mean = flat_mean(nodes, inits)
-    inits.append(numpy_helper.from_array(np.zeros((1, 3), np.float32), "zeros3"))
-    nodes.append(helper.make_node("Mul", [mean, "zeros3"], ["logits"]))
-    nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
-    with pytest.raises(InferenceError, match="shape"):
-        ModelSession(*write_bundle(tmp_path / "wide", nodes, inits, ["N", "K"]))
+    # Declared [N, 2] but always answers two rows: only the answer itself shows the mistake.
+    inits = [
+        numpy_helper.from_array(np.zeros((2, 2), np.float32), "zeros"),
+        numpy_helper.from_array(np.full((2, 2), 0.5, np.float32), "halves"),
+    ]
+    nodes = [
+        helper.make_node("ReduceSum", ["image"], ["total"], keepdims=0),
+        helper.make_node("Mul", ["total", "zeros"], ["nothing"]),
+        helper.make_node("Add", ["nothing", "halves"], ["probabilities"]),
+    ]
+    with pytest.raises(InferenceError, match=r"output shape \(2, 2\)"):
+        ModelSession(*write_bundle(tmp_path / "rows", nodes, inits, ["N", 2]))
 
 
 def test_out_of_range_probabilities_raise(tmp_path: Path) -> None:

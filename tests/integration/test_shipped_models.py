@@ -19,8 +19,6 @@ SHIPPED = (
     "part-classifier-gray/1.0.0",
 )
 MAX_FILE_BYTES = 5 * 1024 * 1024
-# Re-measuring on this many of the recorded held-out parts keeps the suite fast.
-RECHECK_SIZE = 500
 # The regressed candidate was trained with this class labelled ok.
 BLIND_CLASS = "crack"
 
@@ -54,18 +52,19 @@ def test_reevaluation_reproduces_recorded_metrics(
     manifests: dict[str, Manifest], name: str
 ) -> None:
     recorded = metrics(manifests, name)
-    full = recorded.size <= RECHECK_SIZE
-    size = recorded.size if full else RECHECK_SIZE
     measured = evaluate_bundle(
-        MODELS / name, manifests[name], seed=recorded.seed, size=size,
+        MODELS / name, manifests[name], seed=recorded.seed, size=recorded.size,
         defect_rate=recorded.defect_rate,
     )
-    if full:
-        assert measured == recorded
-    else:
-        # A prefix of the held-out set: the same parts, so only sampling error separates them.
-        assert measured.accuracy == pytest.approx(recorded.accuracy, abs=0.04)
-        assert measured.defect_recall == pytest.approx(recorded.defect_recall, abs=0.08)
+    # Same parts, same graph: only a float rounding on another CPU could flip a borderline part.
+    slack = 2 / recorded.size
+    assert (measured.seed, measured.size, measured.defect_rate) == (
+        recorded.seed, recorded.size, recorded.defect_rate,
+    )
+    assert measured.accuracy == pytest.approx(recorded.accuracy, abs=slack)
+    assert measured.defect_recall == pytest.approx(recorded.defect_recall, abs=4 * slack)
+    assert measured.false_reject_rate == pytest.approx(recorded.false_reject_rate, abs=4 * slack)
+    assert measured.per_class_recall == pytest.approx(recorded.per_class_recall, abs=0.02)
 
 
 def test_candidate_is_better_than_active(manifests: dict[str, Manifest]) -> None:

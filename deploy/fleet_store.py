@@ -1,0 +1,990 @@
+"""The fleet controller's store: every durable station message, the fleet inventory, rollouts.
+
+`FleetStore` is the interface the controller codes against; `SqliteFleetStore` implements it on
+one SQLite file in WAL mode. A PostgreSQL store can implement the same interface later (see
+docs/decisions/0005-fleet-store.md).
+
+Stations number their durable messages (decision, shadow, verdict, ack) with a per-station `seq`
+and keep them in their outbox until a Receipt covers them. The store keys those messages by
+`(station, seq)`, so a redelivered message collapses onto the first copy, and keeps a per-station
+watermark: the highest seq below which nothing is missing. That watermark is what the controller
+receipts, so it is advanced only after the rows it covers are committed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Protocol
+
+from deploy.gates import PairedEvidence
+from deploy.rollout import TERMINAL, StageEvidence
+from linesight.protocol import (
+    CommandAck,
+    Decision,
+    Envelope,
+    ShadowResult,
+    StationMetrics,
+    StationState,
+    Verdict,
+)
+
+__all__ = [
+    "METRICS_HISTORY",
+    "SCHEMA_VERSION",
+    "FleetStore",
+    "FleetStoreError",
+    "SeriesPoint",
+    "SqliteFleetStore",
+    "StationRecord",
+]
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 1
+METRICS_HISTORY = 720
+"""Metrics reports kept per station for plots (an hour at one report every five seconds)."""
+DEFAULT_BUSY_TIMEOUT_S = 10.0
+# The controller's seq is reserved on disk a block at a time, so handing one out costs no commit
+# and a restart (or a power cut) continues above everything that may have been sent.
+_SEQ_BLOCK = 1024
+_TERMINAL_PHASES = json.dumps(sorted(phase.value for phase in TERMINAL))
+
+# Stations interleave, so a b-tree keyed by station dirties one page per station per batch;
+# only the dedup key, the dashboard's decision index and the (rare) verdicts are keyed so. The
+# per-kind tables share the message's rowid and grow at the end, like the time-keyed indexes.
+_SCHEMA_V1: tuple[str, ...] = (
+    """CREATE TABLE meta (
+        id INTEGER PRIMARY KEY CHECK (id = 0),
+        seq_reserved INTEGER NOT NULL CHECK (seq_reserved >= 0)
+    )""",
+    "INSERT INTO meta (id, seq_reserved) VALUES (0, 0)",
+    # One row per station heard of: inventory (retained state / Last Will), the contiguity
+    # watermark of its seq stream, and its latest metrics report.
+    """CREATE TABLE stations (
+        station TEXT PRIMARY KEY,
+        watermark INTEGER NOT NULL DEFAULT -1,
+        max_seq INTEGER NOT NULL DEFAULT -1,
+        online INTEGER NOT NULL DEFAULT 0,
+        state_json TEXT,
+        labels_json TEXT NOT NULL DEFAULT '{}',
+        last_seen_us INTEGER,
+        metrics_json TEXT,
+        metrics_ts_us INTEGER,
+        metrics_count INTEGER NOT NULL DEFAULT 0
+    ) WITHOUT ROWID""",
+    """CREATE TABLE messages (
+        id INTEGER PRIMARY KEY,
+        station TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        kind TEXT NOT NULL,
+        msg_id TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        payload TEXT NOT NULL
+    )""",
+    "CREATE UNIQUE INDEX messages_key ON messages (station, seq)",
+    """CREATE TABLE decisions (
+        id INTEGER PRIMARY KEY REFERENCES messages (id),
+        station TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        part_id TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        decided_by TEXT NOT NULL,
+        action TEXT NOT NULL,
+        label TEXT,
+        confidence REAL,
+        review_reason TEXT,
+        model_version TEXT,
+        model_sha256 TEXT,
+        latency_ms REAL NOT NULL
+    )""",
+    "CREATE INDEX decisions_station_ts ON decisions (station, ts_us, action)",
+    "CREATE INDEX decisions_ts ON decisions (ts_us, station, action)",
+    """CREATE TABLE shadows (
+        id INTEGER PRIMARY KEY REFERENCES messages (id),
+        station TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        part_id TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        paired INTEGER NOT NULL,
+        agree INTEGER NOT NULL,
+        active_label TEXT,
+        candidate_label TEXT,
+        active_confidence REAL,
+        candidate_confidence REAL,
+        active_latency_ms REAL NOT NULL,
+        candidate_latency_ms REAL NOT NULL,
+        active_version TEXT NOT NULL,
+        active_sha256 TEXT NOT NULL,
+        candidate_version TEXT NOT NULL,
+        candidate_sha256 TEXT NOT NULL
+    )""",
+    # Covers the gate's counts and p95: a candidate's rows are only its rollout's stations.
+    """CREATE INDEX shadows_candidate_ts ON shadows
+        (candidate_sha256, ts_us, station, paired, agree, candidate_latency_ms)""",
+    "CREATE INDEX shadows_ts ON shadows (ts_us, station, paired, agree)",
+    """CREATE TABLE verdicts (
+        id INTEGER PRIMARY KEY REFERENCES messages (id),
+        station TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        part_id TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        operator TEXT NOT NULL,
+        outcome TEXT NOT NULL,
+        label TEXT
+    )""",
+    "CREATE INDEX verdicts_station_part ON verdicts (station, part_id)",
+    """CREATE TABLE acks (
+        id INTEGER PRIMARY KEY REFERENCES messages (id),
+        station TEXT NOT NULL,
+        seq INTEGER NOT NULL,
+        cmd_id TEXT NOT NULL,
+        ts_us INTEGER NOT NULL,
+        command TEXT NOT NULL,
+        ok INTEGER NOT NULL,
+        error TEXT
+    )""",
+    "CREATE INDEX acks_cmd ON acks (cmd_id)",
+    # A ring of METRICS_HISTORY slots per station: bounded without a delete per report.
+    """CREATE TABLE metrics_history (
+        station TEXT NOT NULL,
+        slot INTEGER NOT NULL,
+        ts_us INTEGER NOT NULL,
+        payload TEXT NOT NULL,
+        PRIMARY KEY (station, slot)
+    ) WITHOUT ROWID""",
+    """CREATE TABLE rollouts (
+        rollout_id TEXT PRIMARY KEY,
+        phase TEXT NOT NULL,
+        state_json TEXT NOT NULL,
+        updated_us INTEGER NOT NULL
+    )""",
+    "CREATE INDEX rollouts_updated ON rollouts (updated_us)",
+)
+# Index i holds the statements that take the schema from version i to i + 1.
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+
+
+class FleetStoreError(Exception):
+    """The store cannot be used as asked (closed, or written by a newer controller)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StationRecord:
+    """What the controller knows of one station."""
+
+    station: str
+    online: bool
+    state: StationState | None
+    last_seen: datetime | None
+    """When an online state was last received; an offline Last Will leaves it unchanged."""
+    labels: dict[str, str] = field(default_factory=dict)
+    latest_metrics: StationMetrics | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SeriesPoint:
+    """One time bucket of the dashboard's plots."""
+
+    start: datetime
+    parts: int
+    """Decisions made in the bucket."""
+    actions: dict[str, int]
+    shadow_pairs: int
+    """Shadow results where both models gave a label."""
+    agreements: int
+    agreement_rate: float | None
+
+
+class FleetStore(Protocol):
+    """The controller's store. Every method is safe to call from any thread."""
+
+    def ingest(self, messages: Sequence[Envelope]) -> dict[str, int]:
+        """Store a batch in one transaction; return each station's highest contiguous seq."""
+        ...
+
+    def contiguous(self, station: str) -> int: ...
+
+    def record_state(self, state: StationState, received_at: datetime) -> None: ...
+
+    def stations(self) -> list[StationRecord]: ...
+
+    def metrics_history(
+        self, station: str, since: datetime | None = None
+    ) -> list[StationMetrics]: ...
+
+    def paired_evidence(
+        self,
+        stations: Sequence[str],
+        since: datetime,
+        candidate_sha256: str,
+        defect_label: str = "defect",
+    ) -> StageEvidence: ...
+
+    def evidence_series(
+        self,
+        stations: Sequence[str],
+        since: datetime,
+        bucket_s: int,
+        candidate_sha256: str | None = None,
+    ) -> list[SeriesPoint]: ...
+
+    def decision_counts(self, since: datetime) -> dict[str, dict[str, int]]: ...
+
+    def ack(self, cmd_id: str) -> CommandAck | None: ...
+
+    def save_rollout(
+        self, rollout_id: str, phase: str, state_json: str, updated: datetime
+    ) -> None: ...
+
+    def rollout(self, rollout_id: str) -> str | None: ...
+
+    def active_rollout(self) -> tuple[str, str] | None: ...
+
+    def rollouts(self, limit: int = 20) -> list[tuple[str, str, datetime]]: ...
+
+    def next_seq(self) -> int: ...
+
+    def decisions(
+        self,
+        station: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100_000,
+    ) -> list[Decision]: ...
+
+    def close(self) -> None: ...
+
+
+# --- time helpers ----------------------------------------------------------------------------
+
+
+def _us(moment: datetime) -> int:
+    if moment.utcoffset() is None:
+        raise ValueError(f"a timezone-aware datetime is required, got {moment!r}")
+    # Integer microseconds since the epoch: exact round trips and cheap range scans.
+    return round(moment.timestamp() * 1_000_000)
+
+
+def _dt(us: int) -> datetime:
+    return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def _stations_param(stations: Sequence[str]) -> str:
+    if isinstance(stations, str):
+        raise TypeError("stations: a sequence of station ids, not one string")
+    return json.dumps(sorted(set(stations)))
+
+
+# --- rows per message kind -------------------------------------------------------------------
+
+_INSERT_MESSAGE = (
+    "INSERT INTO messages (id, station, seq, kind, msg_id, ts_us, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_DECISION = (
+    "INSERT INTO decisions (id, station, seq, part_id, ts_us, decided_by, action, label, "
+    "confidence, review_reason, model_version, model_sha256, latency_ms) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_SHADOW = (
+    "INSERT INTO shadows (id, station, seq, part_id, ts_us, paired, agree, active_label, "
+    "candidate_label, active_confidence, candidate_confidence, active_latency_ms, "
+    "candidate_latency_ms, active_version, active_sha256, candidate_version, candidate_sha256) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_VERDICT = (
+    "INSERT INTO verdicts (id, station, seq, part_id, ts_us, operator, outcome, label) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_INSERT_ACK = (
+    "INSERT INTO acks (id, station, seq, cmd_id, ts_us, command, ok, error) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+_STREAM_KINDS: dict[type[Envelope], str] = {
+    Decision: "decision",
+    ShadowResult: "shadow",
+    Verdict: "verdict",
+    CommandAck: "ack",
+}
+
+
+@dataclass(slots=True)
+class _Rows:
+    """The parameter lists of one ingest batch, one list per statement."""
+
+    messages: list[tuple[Any, ...]] = field(default_factory=list)
+    decisions: list[tuple[Any, ...]] = field(default_factory=list)
+    shadows: list[tuple[Any, ...]] = field(default_factory=list)
+    verdicts: list[tuple[Any, ...]] = field(default_factory=list)
+    acks: list[tuple[Any, ...]] = field(default_factory=list)
+
+    def add(self, row_id: int, message: Envelope) -> None:
+        ts_us = _us(message.ts)
+        key = (row_id, message.station, message.seq)
+        self.messages.append(
+            (*key, _STREAM_KINDS[type(message)], str(message.msg_id), ts_us,
+             message.model_dump_json(by_alias=True))
+        )  # fmt: skip
+        if isinstance(message, Decision):
+            model = message.model
+            self.decisions.append(
+                (*key, message.part_id, ts_us, message.decided_by.value, message.action.value,
+                 message.label, message.confidence,
+                 message.review_reason.value if message.review_reason else None,
+                 model.version if model else None, model.sha256 if model else None,
+                 message.latency_ms)
+            )  # fmt: skip
+        elif isinstance(message, ShadowResult):
+            active, candidate = message.active, message.candidate
+            paired = active.label is not None and candidate.label is not None
+            self.shadows.append(
+                (*key, message.part_id, ts_us, int(paired), int(message.agree), active.label,
+                 candidate.label, active.confidence, candidate.confidence, active.latency_ms,
+                 candidate.latency_ms, active.model.version, active.model.sha256,
+                 candidate.model.version, candidate.model.sha256)
+            )  # fmt: skip
+        elif isinstance(message, Verdict):
+            self.verdicts.append(
+                (*key, message.part_id, ts_us, message.operator, message.outcome.value,
+                 message.label)
+            )  # fmt: skip
+        elif isinstance(message, CommandAck):
+            self.acks.append(
+                (*key, str(message.cmd_id), ts_us, message.command, int(message.ok),
+                 message.error)
+            )  # fmt: skip
+
+
+# --- queries ---------------------------------------------------------------------------------
+
+# All three read only the shadows_candidate_ts index.
+_CANDIDATE_ROWS = """
+FROM shadows s INDEXED BY shadows_candidate_ts
+WHERE s.candidate_sha256 = ? AND s.ts_us >= ?
+    AND s.station IN (SELECT value FROM json_each(?))
+"""
+_PAIRED_COUNTS = (
+    "SELECT count(*), coalesce(sum(s.paired), 0), coalesce(sum(s.paired AND NOT s.agree), 0) "
+    + _CANDIDATE_ROWS
+)
+_P95_LATENCY = (
+    "SELECT s.candidate_latency_ms "
+    + _CANDIDATE_ROWS
+    + "ORDER BY s.candidate_latency_ms DESC LIMIT 1 OFFSET ?"
+)
+# Only disagreements (a few percent of the rows) look up a verdict. The latest verdict with a
+# label is the truth, so an escalation (label null) neither counts nor hides an earlier one.
+# MATERIALIZED: otherwise SQLite copies the lookup into each aggregate that names `truth`.
+_LABELLED_COUNTS = """
+WITH labelled AS MATERIALIZED (
+    SELECT s.candidate_label AS candidate, (
+        SELECT v.label FROM verdicts v INDEXED BY verdicts_station_part
+        WHERE v.station = s.station AND v.part_id = s.part_id AND v.label IS NOT NULL
+        ORDER BY v.id DESC LIMIT 1
+    ) AS truth
+    FROM shadows s INDEXED BY shadows_candidate_ts
+    WHERE s.candidate_sha256 = ? AND s.ts_us >= ?
+        AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 AND s.agree = 0
+)
+SELECT count(truth), coalesce(sum(truth = candidate), 0),
+    coalesce(sum(truth = ?), 0), coalesce(sum(truth = ? AND truth = candidate), 0)
+FROM labelled
+"""
+_CANDIDATE_SERIES = (
+    "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
+    + _CANDIDATE_ROWS
+    + "AND s.paired = 1 GROUP BY bucket"
+)
+_SHADOW_SERIES = (
+    "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
+    "FROM shadows s INDEXED BY shadows_ts "
+    "WHERE s.ts_us >= ? AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 "
+    "GROUP BY bucket"
+)
+_SELECT_DECISION_PAYLOADS = "SELECT m.payload FROM decisions d JOIN messages m USING (id) "
+
+
+class SqliteFleetStore:
+    """`FleetStore` on one SQLite file (WAL); safe to share between threads.
+
+    Every thread gets its own connection, so the dashboard's reads never wait for the ingest
+    thread, and every write is one short `BEGIN IMMEDIATE` transaction. Commits use
+    synchronous=NORMAL: the stations keep every message until it is receipted, and receipts go
+    out only after the commit returns (docs/decisions/0005-fleet-store.md). Call `close()` once
+    the threads using the store have stopped.
+    """
+
+    def __init__(self, path: Path | str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
+        if busy_timeout_s <= 0:
+            raise ValueError(f"busy_timeout_s: must be positive, got {busy_timeout_s}")
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._busy_timeout_ms = int(busy_timeout_s * 1000)
+        self._local = threading.local()
+        self._registry_lock = threading.Lock()
+        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
+        self._closed = False
+        self._seq_lock = threading.Lock()
+        self._seq_next = 0
+        self._seq_limit = 0  # exclusive end of the block reserved on disk
+        self._migrate(self._conn())
+
+    # -- connections and transactions --
+
+    def _conn(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        with self._registry_lock:
+            if self._closed:
+                raise FleetStoreError("the fleet store is closed")
+            # isolation_level=None: transactions are ours to begin, so every write can be
+            # IMMEDIATE; check_same_thread=False only so close() may close it from any thread.
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self._busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+                cached_statements=256,
+            )
+            try:
+                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+                if str(mode).lower() != "wal":
+                    raise FleetStoreError(f"{self.path}: WAL journal refused (got {mode!r})")
+                conn.execute("PRAGMA synchronous=NORMAL")
+                conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
+                # The shadow table of a running stage is read every second: keep it in memory.
+                conn.execute("PRAGMA cache_size=-65536")
+                conn.execute("PRAGMA temp_store=MEMORY")
+                conn.execute("PRAGMA wal_autocheckpoint=1000")
+            except BaseException:
+                conn.close()
+                raise
+            # An HTTP server that starts a thread per request would otherwise pile up connections.
+            live = []
+            for thread, other in self._connections:
+                if thread.is_alive():
+                    live.append((thread, other))
+                else:
+                    other.close()
+            live.append((threading.current_thread(), conn))
+            self._connections = live
+        self._local.conn = conn
+        return conn
+
+    @contextlib.contextmanager
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `durable=True` fsyncs it (for what no station can resend)."""
+        conn = self._conn()
+        if durable:
+            conn.execute("PRAGMA synchronous=FULL")
+        try:
+            # IMMEDIATE takes the write lock up front: a deferred read-then-write could fail
+            # with SQLITE_BUSY on upgrade, which busy_timeout does not retry.
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+                conn.execute("COMMIT")
+            except BaseException:
+                # A failed COMMIT (disk full) can leave the transaction open; end it here so
+                # this thread's next write does not fail on a nested BEGIN.
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        finally:
+            if durable:
+                conn.execute("PRAGMA synchronous=NORMAL")
+
+    @contextlib.contextmanager
+    def _snapshot(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction, so several queries see one consistent state."""
+        conn = self._conn()
+        conn.execute("BEGIN")
+        try:
+            yield conn
+        finally:
+            conn.execute("COMMIT")
+
+    def _migrate(self, conn: sqlite3.Connection) -> None:
+        with self._write(durable=True):
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            if version > SCHEMA_VERSION:
+                raise FleetStoreError(
+                    f"{self.path} has schema {version}; this build knows up to {SCHEMA_VERSION}"
+                )
+            for statements in _MIGRATIONS[version:]:
+                for statement in statements:
+                    conn.execute(statement)
+            if version != SCHEMA_VERSION:
+                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+
+    def schema_version(self) -> int:
+        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+
+    def close(self) -> None:
+        with self._registry_lock:
+            self._closed = True
+            connections, self._connections = self._connections, []
+        for _, conn in connections:
+            conn.close()
+        self._local = threading.local()
+
+    def __enter__(self) -> SqliteFleetStore:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    # -- ingest --
+
+    def ingest(self, messages: Sequence[Envelope]) -> dict[str, int]:
+        """Store a batch in one transaction; return each station's highest contiguous seq.
+
+        Decisions, shadow results, verdicts and acks are keyed by `(station, seq)`: a duplicate
+        collapses onto the first copy (a different msg_id under the same seq is logged: that
+        station re-used a seq). The result names every station with one of those in the batch,
+        -1 while its seq 0 is missing. Metrics are kept (latest plus a ring of
+        METRICS_HISTORY) and states go to the inventory as if received now; neither is part of
+        the seq stream, so a batch of only those returns {}.
+        """
+        stream: dict[tuple[str, int], Envelope] = {}
+        metrics: list[StationMetrics] = []
+        states: list[StationState] = []
+        for message in messages:
+            if isinstance(message, StationMetrics):
+                metrics.append(message)
+            elif isinstance(message, StationState):
+                states.append(message)
+            elif type(message) in _STREAM_KINDS:
+                key = (message.station, message.seq)
+                first = stream.setdefault(key, message)
+                if first.msg_id != message.msg_id:
+                    _warn_reused(key, first, message)
+            else:
+                raise ValueError(f"ingest: {type(message).__name__} is not a station message")
+        with self._write() as conn:
+            contiguous = self._ingest_stream(conn, stream) if stream else {}
+            if metrics:
+                self._ingest_metrics(conn, metrics)
+            if states:
+                now_us = _us(datetime.now(UTC))
+                for state in states:
+                    self._record_state(conn, state, now_us)
+        return contiguous
+
+    def _ingest_stream(
+        self, conn: sqlite3.Connection, stream: dict[tuple[str, int], Envelope]
+    ) -> dict[str, int]:
+        names = sorted({station for station, _ in stream})
+        marks: dict[str, tuple[int, int]] = {name: (-1, -1) for name in names}
+        for station, watermark, max_seq in conn.execute(
+            "SELECT station, watermark, max_seq FROM stations "
+            "WHERE station IN (SELECT value FROM json_each(?))",
+            (json.dumps(names),),
+        ):
+            marks[station] = (watermark, max_seq)
+        # At or below the watermark a seq is stored; above max_seq it is not; only the gaps in
+        # between need a look at the table. In the steady state nothing does.
+        maybe_stored = [key for key in stream if key[1] <= marks[key[0]][1]]
+        if maybe_stored:
+            for station, seq, msg_id in conn.execute(
+                "SELECT m.station, m.seq, m.msg_id FROM json_each(?) AS j "
+                "JOIN messages m ON m.station = j.value ->> 0 AND m.seq = j.value ->> 1",
+                (json.dumps(maybe_stored),),
+            ):
+                first = stream.pop((station, seq))
+                if str(first.msg_id) != msg_id:
+                    log.warning(
+                        "station %s re-used seq %d: stored msg_id %s, dropped %s",
+                        station, seq, msg_id, first.msg_id,
+                    )  # fmt: skip
+        rows = _Rows()
+        fresh: dict[str, set[int]] = {}
+        # Ids are handed out here, under the write lock, so each kind's row shares its message's.
+        row_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
+        for (station, seq), message in stream.items():
+            row_id += 1
+            rows.add(row_id, message)
+            fresh.setdefault(station, set()).add(seq)
+        conn.executemany(_INSERT_MESSAGE, rows.messages)
+        for statement, params in (
+            (_INSERT_DECISION, rows.decisions),
+            (_INSERT_SHADOW, rows.shadows),
+            (_INSERT_VERDICT, rows.verdicts),
+            (_INSERT_ACK, rows.acks),
+        ):
+            if params:
+                conn.executemany(statement, params)
+
+        updates: list[tuple[str, int, int]] = []
+        for station, seqs in fresh.items():
+            watermark, max_seq = marks[station]
+            new_mark = self._advance(conn, station, watermark, max_seq, seqs)
+            updates.append((station, new_mark, max(max_seq, max(seqs))))
+            marks[station] = (new_mark, max(max_seq, max(seqs)))
+        conn.executemany(
+            "INSERT INTO stations (station, watermark, max_seq) VALUES (?, ?, ?) "
+            "ON CONFLICT (station) DO UPDATE SET "
+            "watermark = excluded.watermark, max_seq = excluded.max_seq",
+            updates,
+        )
+        return {name: marks[name][0] for name in names}
+
+    @staticmethod
+    def _advance(
+        conn: sqlite3.Connection, station: str, watermark: int, max_seq: int, fresh: set[int]
+    ) -> int:
+        """The new watermark after `fresh` seqs were stored; O(seqs it moves past)."""
+        # Invariant: watermark + 1 is never stored, so only a fresh watermark + 1 moves it.
+        mark = watermark
+        while mark + 1 in fresh:
+            mark += 1
+        if mark == watermark or max_seq <= mark:
+            return mark
+        # Seqs stored by earlier batches above the old gap may continue the run.
+        if (
+            conn.execute(
+                "SELECT 1 FROM messages WHERE station = ? AND seq = ?", (station, mark + 1)
+            ).fetchone()
+            is None
+        ):
+            return mark
+        # With mark + 1 stored, the first stored seq above mark whose successor is missing
+        # ends the run: every seq between was stored, or that one would have been found first.
+        end = conn.execute(
+            "SELECT m.seq FROM messages m WHERE m.station = ? AND m.seq > ? AND NOT EXISTS "
+            "(SELECT 1 FROM messages n WHERE n.station = m.station AND n.seq = m.seq + 1) "
+            "ORDER BY m.seq LIMIT 1",
+            (station, mark),
+        ).fetchone()
+        return int(end[0])
+
+    def _ingest_metrics(self, conn: sqlite3.Connection, reports: list[StationMetrics]) -> None:
+        for report in reports:
+            ts_us = _us(report.ts)
+            payload = report.model_dump_json(by_alias=True)
+            # A late QoS 0 report never replaces a newer one as "latest", but joins the history.
+            count = conn.execute(
+                "INSERT INTO stations (station, metrics_json, metrics_ts_us, metrics_count) "
+                "VALUES (?, ?, ?, 1) ON CONFLICT (station) DO UPDATE SET "
+                "metrics_json = CASE WHEN coalesce(metrics_ts_us, -1) <= excluded.metrics_ts_us "
+                "THEN excluded.metrics_json ELSE metrics_json END, "
+                "metrics_ts_us = max(coalesce(metrics_ts_us, -1), excluded.metrics_ts_us), "
+                "metrics_count = metrics_count + 1 RETURNING metrics_count",
+                (report.station, payload, ts_us),
+            ).fetchone()[0]
+            conn.execute(
+                "INSERT OR REPLACE INTO metrics_history (station, slot, ts_us, payload) "
+                "VALUES (?, ?, ?, ?)",
+                (report.station, (int(count) - 1) % METRICS_HISTORY, ts_us, payload),
+            )
+
+    def contiguous(self, station: str) -> int:
+        row = (
+            self._conn()
+            .execute("SELECT watermark FROM stations WHERE station = ?", (station,))
+            .fetchone()
+        )
+        return -1 if row is None else int(row[0])
+
+    # -- inventory --
+
+    def record_state(self, state: StationState, received_at: datetime) -> None:
+        """Keep the station's retained state (or Last Will); the latest call wins.
+
+        Arrival order, not seq, decides: a Last Will is composed at connect time, so its seq is
+        older than the online states published after it.
+        """
+        received_us = _us(received_at)
+        with self._write() as conn:
+            self._record_state(conn, state, received_us)
+
+    @staticmethod
+    def _record_state(conn: sqlite3.Connection, state: StationState, received_us: int) -> None:
+        last_seen = received_us if state.online else None
+        conn.execute(
+            "INSERT INTO stations (station, online, state_json, labels_json, last_seen_us) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (station) DO UPDATE SET "
+            "online = excluded.online, state_json = excluded.state_json, "
+            "labels_json = excluded.labels_json, "
+            "last_seen_us = coalesce(excluded.last_seen_us, last_seen_us)",
+            (
+                state.station,
+                int(state.online),
+                state.model_dump_json(by_alias=True),
+                json.dumps(state.labels),
+                last_seen,
+            ),
+        )
+
+    def stations(self) -> list[StationRecord]:
+        """Every station heard of (by state, stream or metrics), sorted by id."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT station, online, state_json, labels_json, last_seen_us, metrics_json "
+                "FROM stations ORDER BY station"
+            )
+            .fetchall()
+        )
+        return [
+            StationRecord(
+                station=station,
+                online=bool(online),
+                state=StationState.model_validate_json(state_json) if state_json else None,
+                last_seen=None if last_seen_us is None else _dt(last_seen_us),
+                labels=json.loads(labels_json),
+                latest_metrics=(
+                    StationMetrics.model_validate_json(metrics_json) if metrics_json else None
+                ),
+            )
+            for station, online, state_json, labels_json, last_seen_us, metrics_json in rows
+        ]
+
+    def metrics_history(self, station: str, since: datetime | None = None) -> list[StationMetrics]:
+        """The station's kept metrics reports (at most METRICS_HISTORY), oldest first."""
+        rows = (
+            self._conn()
+            .execute(
+                "SELECT payload FROM metrics_history WHERE station = ? AND ts_us >= ? "
+                "ORDER BY ts_us",
+                (station, -(2**62) if since is None else _us(since)),
+            )
+            .fetchall()
+        )
+        return [StationMetrics.model_validate_json(payload) for (payload,) in rows]
+
+    # -- evidence --
+
+    def paired_evidence(
+        self,
+        stations: Sequence[str],
+        since: datetime,
+        candidate_sha256: str,
+        defect_label: str = "defect",
+    ) -> StageEvidence:
+        """Paired outcomes of `candidate_sha256` against the active model on `stations`.
+
+        `escapes.disagreements` estimates the defect disagreements among all of them: the
+        labelled ones whose truth is the defect, plus the unlabelled ones in the same proportion.
+        """
+        names = _stations_param(stations)
+        rows = (candidate_sha256, _us(since), names)
+        with self._snapshot() as conn:
+            results, parts, disagreements = (
+                int(value) for value in conn.execute(_PAIRED_COUNTS, rows).fetchone()
+            )
+            labelled, candidate_right, labelled_defect, defect_right = (
+                int(value)
+                for value in conn.execute(
+                    _LABELLED_COUNTS, (*rows, defect_label, defect_label)
+                ).fetchone()
+            )
+            p95: float | None = None
+            if results:
+                # Nearest rank, counted from the top: the sorter keeps only the slowest 5%.
+                from_top = results - math.ceil(0.95 * results)
+                p95 = float(conn.execute(_P95_LATENCY, (*rows, from_top)).fetchone()[0])
+        unlabelled = disagreements - labelled
+        estimated_defects = (
+            labelled_defect + round(unlabelled * labelled_defect / labelled) if labelled else 0
+        )
+        return StageEvidence(
+            overall=PairedEvidence(
+                parts=parts,
+                disagreements=disagreements,
+                labelled_disagreements=labelled,
+                candidate_right=candidate_right,
+            ),
+            escapes=PairedEvidence(
+                parts=parts,
+                disagreements=estimated_defects,
+                labelled_disagreements=labelled_defect,
+                candidate_right=defect_right,
+            ),
+            p95_latency_ms=p95,
+        )
+
+    def evidence_series(
+        self,
+        stations: Sequence[str],
+        since: datetime,
+        bucket_s: int,
+        candidate_sha256: str | None = None,
+    ) -> list[SeriesPoint]:
+        """Per bucket of `bucket_s` seconds (aligned to the epoch), oldest first.
+
+        Buckets run from the first to the last with any data, zero-filled in between.
+        """
+        if bucket_s < 1:
+            raise ValueError(f"bucket_s: must be at least 1, got {bucket_s}")
+        names = _stations_param(stations)
+        since_us = _us(since)
+        width_us = bucket_s * 1_000_000
+        actions: dict[int, dict[str, int]] = {}
+        pairs: dict[int, tuple[int, int]] = {}
+        with self._snapshot() as conn:
+            for bucket, action, count in conn.execute(
+                "SELECT d.ts_us / ? AS bucket, d.action, count(*) "
+                "FROM decisions d INDEXED BY decisions_station_ts "
+                "WHERE d.station IN (SELECT value FROM json_each(?)) AND d.ts_us >= ? "
+                "GROUP BY bucket, d.action",
+                (width_us, names, since_us),
+            ):
+                actions.setdefault(int(bucket), {})[str(action)] = int(count)
+            if candidate_sha256 is None:
+                shadow_rows = conn.execute(_SHADOW_SERIES, (width_us, since_us, names))
+            else:
+                shadow_rows = conn.execute(
+                    _CANDIDATE_SERIES, (width_us, candidate_sha256, since_us, names)
+                )
+            for bucket, count, agreed in shadow_rows:
+                pairs[int(bucket)] = (int(count), int(agreed))
+        busy = actions.keys() | pairs.keys()
+        if not busy:
+            return []
+        points = []
+        for bucket in range(min(busy), max(busy) + 1):
+            by_action = actions.get(bucket, {})
+            shadow_pairs, agreements = pairs.get(bucket, (0, 0))
+            points.append(
+                SeriesPoint(
+                    start=_dt(bucket * width_us),
+                    parts=sum(by_action.values()),
+                    actions=by_action,
+                    shadow_pairs=shadow_pairs,
+                    agreements=agreements,
+                    agreement_rate=agreements / shadow_pairs if shadow_pairs else None,
+                )
+            )
+        return points
+
+    def decision_counts(self, since: datetime) -> dict[str, dict[str, int]]:
+        """station -> action -> decisions since `since`."""
+        counts: dict[str, dict[str, int]] = {}
+        for station, action, count in self._conn().execute(
+            "SELECT station, action, count(*) FROM decisions WHERE ts_us >= ? "
+            "GROUP BY station, action",
+            (_us(since),),
+        ):
+            counts.setdefault(str(station), {})[str(action)] = int(count)
+        return counts
+
+    def ack(self, cmd_id: str) -> CommandAck | None:
+        """The latest ack of a command, or None while none arrived."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT m.payload FROM acks a JOIN messages m USING (id) "
+                "WHERE a.cmd_id = ? ORDER BY a.id DESC LIMIT 1",
+                (str(cmd_id),),
+            )
+            .fetchone()
+        )
+        return None if row is None else CommandAck.model_validate_json(row[0])
+
+    def decisions(
+        self,
+        station: str | None = None,
+        since: datetime | None = None,
+        limit: int = 100_000,
+    ) -> list[Decision]:
+        """Stored decisions, oldest first, at most `limit`."""
+        if limit < 1:
+            raise ValueError(f"limit: must be at least 1, got {limit}")
+        since_us = -(2**62) if since is None else _us(since)
+        if station is None:
+            sql = _SELECT_DECISION_PAYLOADS + "WHERE d.ts_us >= ? "
+            params: tuple[Any, ...] = (since_us, limit)
+        else:
+            sql = _SELECT_DECISION_PAYLOADS + "WHERE d.station = ? AND d.ts_us >= ? "
+            params = (station, since_us, limit)
+        rows = (
+            self._conn()
+            .execute(sql + "ORDER BY d.ts_us, d.station, d.seq LIMIT ?", params)
+            .fetchall()
+        )
+        return [Decision.model_validate_json(payload) for (payload,) in rows]
+
+    # -- rollouts --
+
+    def save_rollout(self, rollout_id: str, phase: str, state_json: str, updated: datetime) -> None:
+        """Write a rollout's state; fsynced, because no station holds a copy to resend."""
+        updated_us = _us(updated)
+        with self._write(durable=True) as conn:
+            conn.execute(
+                "INSERT INTO rollouts (rollout_id, phase, state_json, updated_us) "
+                "VALUES (?, ?, ?, ?) ON CONFLICT (rollout_id) DO UPDATE SET "
+                "phase = excluded.phase, state_json = excluded.state_json, "
+                "updated_us = excluded.updated_us",
+                (rollout_id, phase, state_json, updated_us),
+            )
+
+    def rollout(self, rollout_id: str) -> str | None:
+        row = (
+            self._conn()
+            .execute("SELECT state_json FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+            .fetchone()
+        )
+        return None if row is None else str(row[0])
+
+    def active_rollout(self) -> tuple[str, str] | None:
+        """(rollout_id, state_json) of the rollout not yet in a terminal phase, if any."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT rollout_id, state_json FROM rollouts "
+                "WHERE phase NOT IN (SELECT value FROM json_each(?)) "
+                "ORDER BY updated_us DESC LIMIT 1",
+                (_TERMINAL_PHASES,),
+            )
+            .fetchone()
+        )
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def rollouts(self, limit: int = 20) -> list[tuple[str, str, datetime]]:
+        """(rollout_id, phase, updated), newest first."""
+        if limit < 1:
+            raise ValueError(f"limit: must be at least 1, got {limit}")
+        return [
+            (str(rollout_id), str(phase), _dt(updated_us))
+            for rollout_id, phase, updated_us in self._conn().execute(
+                "SELECT rollout_id, phase, updated_us FROM rollouts "
+                "ORDER BY updated_us DESC, rollout_id LIMIT ?",
+                (limit,),
+            )
+        ]
+
+    # -- the controller's own seq --
+
+    def next_seq(self) -> int:
+        """The controller's next message seq: monotonic across restarts, possibly with gaps."""
+        with self._seq_lock:
+            if self._seq_next >= self._seq_limit:
+                with self._write(durable=True) as conn:
+                    start = int(
+                        conn.execute(
+                            "UPDATE meta SET seq_reserved = seq_reserved + ? WHERE id = 0 "
+                            "RETURNING seq_reserved - ?",
+                            (_SEQ_BLOCK, _SEQ_BLOCK),
+                        ).fetchone()[0]
+                    )
+                self._seq_next, self._seq_limit = start, start + _SEQ_BLOCK
+            seq = self._seq_next
+            self._seq_next += 1
+            return seq
+
+
+def _warn_reused(key: tuple[str, int], first: Envelope, other: Envelope) -> None:
+    log.warning(
+        "station %s re-used seq %d in one batch: kept msg_id %s, dropped %s",
+        key[0], key[1], first.msg_id, other.msg_id,
+    )  # fmt: skip

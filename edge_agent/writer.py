@@ -1,0 +1,108 @@
+"""Group commit for the station's outbox.
+
+An fsync costs milliseconds on a line-side SSD, far more than the models' inference, so one
+commit per message would make the disk, not the models, set the line's pace. The inspection
+loop hands its messages to this writer and goes on with the next part; the writer commits
+everything waiting in ONE transaction (synchronous=FULL), and only then runs what must follow a
+durable record: the reject gate, the publisher wake-up, review images, the part log. A message
+is therefore never acted on or published before it is on disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from edge_agent.store import StationStore
+from linesight.protocol import Envelope
+
+log = logging.getLogger(__name__)
+
+After = Callable[[Envelope | Exception], None]
+
+
+@dataclass(frozen=True, slots=True)
+class _Enqueue:
+    topic: str
+    qos: int
+    factory: Callable[[int], Envelope]
+    after: After | None
+
+
+@dataclass(frozen=True, slots=True)
+class _Task:
+    run: Callable[[], None]
+
+
+class DurableWriter:
+    def __init__(self, store: StationStore, *, max_batch: int = 256, name: str = "writer") -> None:
+        self.store = store
+        self.max_batch = max_batch
+        self._queue: queue.Queue[_Enqueue | _Task | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def enqueue(
+        self, topic: str, qos: int, factory: Callable[[int], Envelope], after: After | None = None
+    ) -> None:
+        """Store a message in the outbox soon; `after` gets the stored message (or the error)."""
+        self._queue.put(_Enqueue(topic, qos, factory, after))
+
+    def later(self, task: Callable[[], None]) -> None:
+        """Run `task` on the writer thread after the messages submitted before it are stored."""
+        self._queue.put(_Task(task))
+
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Wait until everything submitted so far is done."""
+        done = threading.Event()
+        self.later(done.set)
+        return done.wait(timeout)
+
+    def close(self, timeout: float = 30.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    @property
+    def backlog(self) -> int:
+        return self._queue.qsize()
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch:
+                try:
+                    batch.append(self._queue.get_nowait())
+                except queue.Empty:
+                    break
+            self._process([item for item in batch if item is not None])
+            if None in batch:
+                return
+
+    def _process(self, batch: list[_Enqueue | _Task]) -> None:
+        writes = [item for item in batch if isinstance(item, _Enqueue)]
+        results: list[Envelope | Exception] = []
+        if writes:
+            try:
+                results = self.store.enqueue_many(
+                    [(w.topic, w.qos, w.factory) for w in writes]
+                )
+            except Exception as exc:  # disk full, store closed: every write of the batch failed
+                log.exception("outbox commit failed for %d messages", len(writes))
+                results = [exc] * len(writes)
+        outcome = iter(results)
+        for item in batch:
+            try:
+                if isinstance(item, _Enqueue):
+                    result = next(outcome)
+                    if item.after is not None:
+                        item.after(result)
+                    elif isinstance(result, Exception):
+                        log.error("message to %s not stored: %s", item.topic, result)
+                else:
+                    item.run()
+            except Exception:  # one failing follow-up must not stop the writer
+                log.exception("writer follow-up failed")

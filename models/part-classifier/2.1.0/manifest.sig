@@ -1,0 +1,1 @@
+YArxPbheTycbtMWwT6p//0eiAQX9k+xE4WsQuBhmqmxwvZtNVv2Q/k0APNMaabEqTMMuCkE3WIa37TyoFUjxDA==

@@ -1,0 +1,230 @@
+"""The station UI's app factory: session, CSRF, idle sign-out and headers for every blueprint.
+
+The UI is its own process beside the agent; the only thing the two share is the station
+store, so a fault here can never stop inspection.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar, cast
+
+from flask import (
+    Flask,
+    Response,
+    current_app,
+    g,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    session,
+    url_for,
+)
+from werkzeug.exceptions import HTTPException
+from werkzeug.wrappers import Response as BaseResponse
+
+from edge_agent.store import OperatorRow, StationStore
+from station_ui.config import UiConfig
+from station_ui.security import (
+    SignInLimiter,
+    apply_security_headers,
+    csrf_matches,
+    hash_fingerprint,
+    new_csrf_token,
+)
+
+F = TypeVar("F", bound=Callable[..., Any])
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+CSRF_FIELD = "csrf_token"
+CSRF_HEADER = "X-CSRF-Token"
+# Requests the page makes on its own (polling, images) must not count as the operator being
+# active, or an open page would never sign out.
+_PASSIVE_ENDPOINTS = frozenset(
+    {"review.api_queue", "review.current_card", "review.image", "status.api_status"}
+)
+
+
+@dataclass(slots=True)
+class UiState:
+    config: UiConfig
+    store: StationStore
+    limiter: SignInLimiter
+
+
+def ui() -> UiState:
+    return cast(UiState, current_app.extensions["station_ui"])
+
+
+def now_dt() -> datetime:
+    return datetime.fromtimestamp(ui().config.clock(), UTC)
+
+
+def current_operator() -> OperatorRow | None:
+    return cast(OperatorRow | None, g.get("operator"))
+
+
+def wants_json() -> bool:
+    return request.path.startswith("/api/") or request.accept_mimetypes.best == "application/json"
+
+
+def error_response(status: int, message: str) -> BaseResponse:
+    if wants_json():
+        response = jsonify({"error": message})
+        response.status_code = status
+        return response
+    return Response(
+        render_template("error.html", status=status, message=message), status=status
+    )
+
+
+def signed_in(view: F) -> F:
+    """Any signed-in operator; otherwise the sign-in page (or 401 for the JSON API)."""
+
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        if current_operator() is None:
+            reason = "idle" if g.get("idle_signed_out") else "required"
+            if wants_json() or request.method not in _SAFE_METHODS:
+                return error_response(401, "Signed out. Please sign in again.")
+            return redirect(url_for("auth.login", reason=reason, next=request.path))
+        return view(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+def supervisor_only(view: F) -> F:
+    @signed_in
+    @functools.wraps(view)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        operator = current_operator()
+        if operator is None or operator.role != "supervisor":
+            return error_response(403, "Only a supervisor may do this.")
+        return view(*args, **kwargs)
+
+    return cast(F, wrapper)
+
+
+def start_session(operator: OperatorRow) -> None:
+    now = ui().config.clock()
+    session.clear()
+    # A fresh CSRF token at sign-in: a token seen before sign-in is worth nothing after it.
+    session.update(
+        badge=operator.badge,
+        fp=hash_fingerprint(operator.pin_hash),
+        started=now,
+        seen=now,
+        csrf=new_csrf_token(),
+    )
+
+
+def end_session() -> None:
+    token = session.get("csrf")
+    session.clear()
+    # Keep the CSRF token so a form already on screen gets "signed out", not "bad token".
+    session["csrf"] = token or new_csrf_token()
+
+
+def _load_operator() -> None:
+    state = ui()
+    g.operator = None
+    badge = session.get("badge")
+    if not isinstance(badge, str):
+        return
+    now = state.config.clock()
+    seen = float(session.get("seen", 0.0))
+    started = float(session.get("started", 0.0))
+    if now - seen > state.config.idle_timeout_s or now - started > state.config.max_session_s:
+        end_session()
+        g.idle_signed_out = True
+        return
+    operator = state.store.operator(badge)
+    # A deleted operator, a PIN reset or a role change ends the sessions of that badge.
+    if operator is None or hash_fingerprint(operator.pin_hash) != session.get("fp"):
+        end_session()
+        return
+    g.operator = operator
+    if request.endpoint not in _PASSIVE_ENDPOINTS:
+        session["seen"] = now
+
+
+def _before_request() -> BaseResponse | None:
+    if request.endpoint == "static":
+        return None
+    if "csrf" not in session:
+        session["csrf"] = new_csrf_token()
+    _load_operator()
+    if request.method not in _SAFE_METHODS:
+        given = request.form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
+        if not csrf_matches(session.get("csrf"), given):
+            return error_response(
+                400,
+                "This form is out of date or did not come from this screen (security token "
+                "missing or wrong). Reload the page and try again.",
+            )
+    return None
+
+
+def _after_request(response: Response) -> Response:
+    apply_security_headers(response)
+    if request.endpoint != "static":
+        # A shared kiosk: after sign-out, Back must not show the previous operator's pages.
+        response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _template_globals() -> dict[str, Any]:
+    operator = current_operator()
+    return {
+        "operator": operator,
+        "queue_count": ui().store.review_count() if operator is not None else 0,
+        "csrf_token": session.get("csrf", ""),
+        "poll_interval_ms": ui().config.poll_interval_ms,
+    }
+
+
+def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
+    """The UI for the station whose store lives in `config.data_dir`.
+
+    Pass `store` to share an already open store (tests); otherwise the app opens its own.
+    """
+    app = Flask(__name__)
+    app.config.update(
+        SECRET_KEY=config.secret_key,
+        SESSION_COOKIE_NAME="linesight_station",
+        SESSION_COOKIE_HTTPONLY=True,
+        SESSION_COOKIE_SAMESITE="Strict",
+        SESSION_COOKIE_SECURE=config.secure_cookie,
+        PERMANENT_SESSION_LIFETIME=timedelta(seconds=config.max_session_s),
+        MAX_CONTENT_LENGTH=64 * 1024,
+        SEND_FILE_MAX_AGE_DEFAULT=timedelta(hours=1),
+        TEMPLATES_AUTO_RELOAD=False,
+    )
+    app.extensions["station_ui"] = UiState(
+        config=config,
+        store=store if store is not None else StationStore(config.data_dir),
+        limiter=SignInLimiter(config.clock),
+    )
+
+    from station_ui import auth, review, status, supervisor
+
+    app.register_blueprint(auth.blueprint)
+    app.register_blueprint(review.blueprint)
+    app.register_blueprint(status.blueprint)
+    app.register_blueprint(supervisor.blueprint)
+    app.before_request(_before_request)
+    app.after_request(_after_request)
+    app.context_processor(_template_globals)
+
+    @app.errorhandler(HTTPException)
+    def _http_error(exc: HTTPException) -> BaseResponse:
+        return error_response(exc.code or 500, exc.description or exc.name)
+
+    @app.template_filter("local_time")
+    def _local_time(moment: datetime) -> str:
+        return f"{moment.astimezone():%H:%M:%S}"
+
+    return app

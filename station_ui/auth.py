@@ -1,0 +1,86 @@
+"""Sign-in with badge id and PIN, sign-out, and the limit on failed sign-ins."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from flask import Blueprint, redirect, render_template, request, url_for
+from werkzeug.wrappers import Response as BaseResponse
+
+from station_ui.app import current_operator, end_session, start_session, ui
+from station_ui.security import verify_decoy, verify_pin
+
+blueprint = Blueprint("auth", __name__)
+# Only our own pages are a place to return to after sign-in: never another site.
+_LOCAL_NEXT = re.compile(r"^/(status|supervisor)?$")
+_MAX_FIELD = 64
+
+_REASONS = {
+    "idle": "You were signed out after a while without activity.",
+    "signed_out": "Signed out.",
+}
+
+
+def _next_target() -> str:
+    target = request.values.get("next", "/")
+    return target if _LOCAL_NEXT.match(target) else "/"
+
+
+def _render(status: int = 200, *, error: str | None = None, badge: str = "") -> BaseResponse:
+    notice = _REASONS.get(request.args.get("reason", ""))
+    page = render_template(
+        "login.html", error=error, notice=notice, badge=badge, next=_next_target()
+    )
+    return BaseResponse(page, status=status, content_type="text/html; charset=utf-8")
+
+
+def _wait_text(seconds: float) -> str:
+    whole = math.ceil(seconds)
+    return f"{whole} s" if whole < 120 else f"{math.ceil(whole / 60)} min"
+
+
+@blueprint.get("/login")
+def login() -> BaseResponse:
+    if current_operator() is not None:
+        return redirect(_next_target())
+    return _render()
+
+
+@blueprint.post("/login")
+def login_submit() -> BaseResponse:
+    state = ui()
+    badge = request.form.get("badge", "").strip()[:_MAX_FIELD]
+    pin = request.form.get("pin", "")[:_MAX_FIELD]
+    if not badge or not pin:
+        return _render(400, error="Enter your badge id and your PIN.", badge=badge)
+    badge_key = f"badge:{badge}"
+    address_key = f"addr:{request.remote_addr or '?'}"
+    waiting = max(state.limiter.locked_for(badge_key), state.limiter.locked_for(address_key))
+    if waiting > 0:
+        return _render(
+            429,
+            error=f"Too many wrong sign-ins. Try again in {_wait_text(waiting)}.",
+            badge=badge,
+        )
+    operator = state.store.operator(badge)
+    good = verify_pin(pin, operator.pin_hash) if operator is not None else verify_decoy(pin)
+    if operator is None or not good:
+        locked = max(
+            state.limiter.fail(badge_key, state.config.badge_lock),
+            state.limiter.fail(address_key, state.config.address_lock),
+        )
+        if locked > 0:
+            message = f"Too many wrong sign-ins. Try again in {_wait_text(locked)}."
+            return _render(429, error=message, badge=badge)
+        return _render(401, error="Badge id or PIN not recognised.", badge=badge)
+    state.limiter.succeed(badge_key)
+    state.limiter.succeed(address_key)
+    start_session(operator)
+    return redirect(_next_target())
+
+
+@blueprint.post("/logout")
+def logout() -> BaseResponse:
+    end_session()
+    return redirect(url_for("auth.login", reason="signed_out"))

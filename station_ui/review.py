@@ -1,0 +1,128 @@
+"""The review queue: the part to judge, its image, the verdict, and the JSON the page polls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from flask import (
+    Blueprint,
+    flash,
+    jsonify,
+    redirect,
+    render_template,
+    request,
+    send_file,
+    url_for,
+)
+from werkzeug.wrappers import Response as BaseResponse
+
+from linesight.protocol import VerdictOutcome
+from station_ui.app import current_operator, error_response, now_dt, signed_in, ui, wants_json
+from station_ui.views import Banner, QueueItem, banners, queue_item
+
+blueprint = Blueprint("review", __name__)
+
+_OUTCOME_TEXT = {
+    VerdictOutcome.PASS.value: "passed",
+    VerdictOutcome.REJECT.value: "rejected",
+    VerdictOutcome.ESCALATE.value: "escalated to the supervisor",
+}
+
+
+def _queue() -> tuple[list[QueueItem], int]:
+    state = ui()
+    rows = state.store.pending_reviews(limit=1 + state.config.queue_preview, oldest_first=True)
+    return [queue_item(row) for row in rows], state.store.review_count()
+
+
+def current_banners() -> list[Banner]:
+    state = ui()
+    return banners(
+        state.store.load_status(),
+        now_dt(),
+        stale_after_s=state.config.stale_after_s,
+        outbox_warn=state.config.outbox_warn,
+    )
+
+
+@blueprint.get("/")
+@signed_in
+def queue() -> str:
+    items, count = _queue()
+    return render_template(
+        "queue.html",
+        current=items[0] if items else None,
+        upcoming=items[1:],
+        count=count,
+        banners=current_banners(),
+    )
+
+
+@blueprint.get("/partial/current")
+@signed_in
+def current_card() -> str:
+    """The current part's card alone, swapped in by the page when the head of the queue moves."""
+    items, count = _queue()
+    return render_template(
+        "_current.html", current=items[0] if items else None, count=count
+    )
+
+
+@blueprint.get("/api/queue")
+@signed_in
+def api_queue() -> BaseResponse:
+    items, count = _queue()
+    payload: dict[str, Any] = {
+        "count": count,
+        "head": items[0].part_id if items else None,
+        "items": [item.to_json(f"{item.created.astimezone():%H:%M:%S}") for item in items],
+        "banners": [banner.to_json() for banner in current_banners()],
+    }
+    return jsonify(payload)
+
+
+@blueprint.get("/image")
+@signed_in
+def image() -> BaseResponse:
+    """A part's JPEG, looked up by part id in the store; the request never names a file."""
+    part_id = request.args.get("part", "")
+    state = ui()
+    found = state.store.image_path(part_id) if 1 <= len(part_id) <= 128 else None
+    if found is None:
+        return error_response(404, "No image for this part.")
+    images = state.store.images_dir.resolve()
+    path = Path(found).resolve()
+    if path.parent != images or not path.is_file():
+        return error_response(404, "No image for this part.")
+    response = send_file(path, mimetype="image/jpeg", max_age=3600, conditional=True)
+    response.headers["Cache-Control"] = "private, max-age=3600"
+    return response
+
+
+@blueprint.post("/verdict")
+@signed_in
+def verdict() -> BaseResponse:
+    state = ui()
+    operator = current_operator()
+    assert operator is not None  # noqa: S101 - @signed_in guarantees it
+    part_id = request.form.get("part_id", "")
+    outcome = request.form.get("outcome", "")
+    if outcome not in _OUTCOME_TEXT or not 1 <= len(part_id) <= 128:
+        return error_response(400, "Choose Pass, Reject or Unsure for a part in the queue.")
+    label = {
+        VerdictOutcome.PASS.value: state.config.ok_label,
+        VerdictOutcome.REJECT.value: state.config.defect_label,
+    }.get(outcome)
+    try:
+        recorded = state.store.record_verdict(part_id, operator.badge, outcome, label, now_dt())
+    except KeyError:
+        return error_response(404, "This part is not in the review queue.")
+    result = "recorded" if recorded else "already_judged"
+    if wants_json():
+        return jsonify({"result": result, "part_id": part_id, "outcome": outcome})
+    if recorded:
+        flash(f"Part {part_id} {_OUTCOME_TEXT[outcome]}.", "ok")
+    else:
+        flash(f"Part {part_id} was already judged.", "warn")
+    return redirect(url_for("review.queue"))

@@ -1,0 +1,285 @@
+// Linesight station screen: live queue, verdicts without reload, keyboard shortcuts, image zoom,
+// on-screen PIN keypad. Every piece of data goes into the page through textContent, never as
+// markup; the only markup inserted is the server's own escaped fragment for the current part.
+"use strict";
+
+(function () {
+  const meta = (name) => {
+    const element = document.querySelector(`meta[name="${name}"]`);
+    return element ? element.getAttribute("content") : "";
+  };
+  const csrfToken = meta("csrf-token");
+  const pollMs = Math.max(250, parseInt(meta("poll-interval"), 10) || 1500);
+  const signedIn = document.body.dataset.signedIn === "1";
+
+  // --- toast -------------------------------------------------------------------------------
+
+  let toastTimer = null;
+  function toast(text, warn) {
+    const box = document.getElementById("toast");
+    if (!box) return;
+    box.textContent = text;
+    box.className = warn ? "toast warn" : "toast";
+    box.hidden = false;
+    clearTimeout(toastTimer);
+    toastTimer = setTimeout(() => { box.hidden = true; }, 2500);
+  }
+
+  function signedOut() {
+    window.location.assign("/login?reason=idle");
+  }
+
+  // --- live status: queue count, banners, the waiting list ---------------------------------
+
+  function renderBanners(banners) {
+    const holder = document.getElementById("banners");
+    if (!holder) return;
+    const wanted = JSON.stringify(banners);
+    if (holder.dataset.shown === wanted) return;
+    holder.dataset.shown = wanted;
+    holder.replaceChildren(...banners.map((banner) => {
+      const div = document.createElement("div");
+      div.className = `banner banner-${banner.severity}`;
+      div.dataset.kind = banner.kind;
+      div.textContent = banner.text;
+      return div;
+    }));
+  }
+
+  function renderUpcoming(items) {
+    const list = document.getElementById("upcoming");
+    if (!list) return;
+    list.replaceChildren(...items.slice(1).map((item) => {
+      const li = document.createElement("li");
+      const id = document.createElement("span");
+      id.className = "up-id";
+      id.textContent = item.part_id;
+      const info = document.createElement("span");
+      info.className = "up-meta";
+      info.textContent = `${item.time} · ${item.reason_title}`;
+      li.append(id, info);
+      return li;
+    }));
+  }
+
+  function setText(id, text) {
+    const element = document.getElementById(id);
+    if (element && element.textContent !== text) element.textContent = text;
+  }
+
+  let swapping = false;
+  async function refreshCurrent() {
+    if (swapping) return;
+    swapping = true;
+    try {
+      const response = await fetch("/partial/current", { headers: { Accept: "text/html" } });
+      if (response.status === 401) return signedOut();
+      if (!response.ok) return;
+      const html = await response.text();
+      const current = document.getElementById("current");
+      if (!current) return;
+      const holder = document.createElement("template");
+      holder.innerHTML = html;
+      const fresh = holder.content.getElementById("current");
+      if (fresh) current.replaceWith(fresh);
+    } finally {
+      swapping = false;
+    }
+  }
+
+  let polling = false;
+  async function poll() {
+    if (polling) return;
+    polling = true;
+    try {
+      const response = await fetch("/api/queue", { headers: { Accept: "application/json" } });
+      if (response.status === 401) return signedOut();
+      if (!response.ok) return;
+      const queue = await response.json();
+      setText("queue-count", String(queue.count));
+      setText("queue-total", String(queue.count));
+      renderBanners(queue.banners);
+      renderUpcoming(queue.items);
+      const current = document.getElementById("current");
+      if (current && (current.dataset.partId || null) !== (queue.head || null)) {
+        await refreshCurrent();
+      }
+    } catch (error) {
+      // The UI server restarting or the network blinking: the next poll tries again.
+    } finally {
+      polling = false;
+    }
+  }
+
+  // --- verdicts ------------------------------------------------------------------------------
+
+  const outcomeText = { pass: "passed", reject: "rejected", escalate: "escalated" };
+
+  async function sendVerdict(form, button) {
+    if (form.dataset.busy === "1") return; // a double tap sends one request
+    form.dataset.busy = "1";
+    form.querySelectorAll("button").forEach((b) => { b.disabled = true; });
+    const body = new URLSearchParams(new FormData(form));
+    body.set("outcome", button.value);
+    const partId = body.get("part_id");
+    try {
+      const response = await fetch(form.action, {
+        method: "POST",
+        headers: { Accept: "application/json", "X-CSRF-Token": csrfToken },
+        body,
+      });
+      if (response.status === 401) return signedOut();
+      const answer = await response.json().catch(() => ({}));
+      if (!response.ok) {
+        toast(answer.error || `Not recorded (error ${response.status})`, true);
+      } else if (answer.result === "already_judged") {
+        toast(`Part ${partId} was already judged`, true);
+      } else {
+        toast(`Part ${partId} ${outcomeText[button.value] || button.value}`, false);
+      }
+    } catch (error) {
+      toast("Not recorded: the screen lost its connection. Try again.", true);
+    } finally {
+      form.dataset.busy = "";
+      form.querySelectorAll("button").forEach((b) => { b.disabled = false; });
+    }
+    await poll();
+  }
+
+  document.addEventListener("submit", (event) => {
+    const form = event.target;
+    if (!(form instanceof HTMLFormElement) || !form.hasAttribute("data-verdict")) return;
+    event.preventDefault();
+    const button = event.submitter;
+    if (button && button.value) sendVerdict(form, button);
+  });
+
+  document.addEventListener("keydown", (event) => {
+    if (event.ctrlKey || event.altKey || event.metaKey || event.repeat) return;
+    const target = event.target;
+    if (target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement) return;
+    const zoom = document.getElementById("zoom");
+    if (event.key === "Escape" && zoom && !zoom.hidden) return closeZoom();
+    const key = event.key.toLowerCase();
+    const button = document.querySelector(`#current form[data-verdict] button[data-key="${key}"]`);
+    if (button && !button.disabled) {
+      event.preventDefault();
+      button.click();
+    }
+  });
+
+  // --- zoom: tap to enlarge, tap to magnify 2.5x where tapped, pinch to scale ------------------
+
+  const view = { scale: 1, x: 0, y: 0 };
+  const pointers = new Map();
+  let pinchStart = null;
+
+  function applyView() {
+    const image = document.querySelector("[data-zoom-image]");
+    if (image) image.style.transform = `translate(${view.x}px, ${view.y}px) scale(${view.scale})`;
+  }
+
+  function openZoom(source) {
+    const zoom = document.getElementById("zoom");
+    const image = document.querySelector("[data-zoom-image]");
+    if (!zoom || !image) return;
+    image.src = source.src;
+    image.alt = source.alt;
+    Object.assign(view, { scale: 1, x: 0, y: 0 });
+    applyView();
+    zoom.hidden = false;
+  }
+
+  function closeZoom() {
+    const zoom = document.getElementById("zoom");
+    if (zoom) zoom.hidden = true;
+    pointers.clear();
+    pinchStart = null;
+  }
+
+  document.addEventListener("click", (event) => {
+    const opener = event.target.closest("[data-zoom]");
+    if (opener) {
+      const image = opener.querySelector("img");
+      if (image) openZoom(image);
+      return;
+    }
+    if (event.target.closest("[data-zoom-close]")) closeZoom();
+  });
+
+  const stage = document.querySelector("[data-zoom-stage]");
+  if (stage) {
+    let moved = false;
+    stage.addEventListener("pointerdown", (event) => {
+      pointers.set(event.pointerId, { x: event.clientX, y: event.clientY });
+      moved = false;
+      if (pointers.size === 2) {
+        const [a, b] = [...pointers.values()];
+        pinchStart = { distance: Math.hypot(a.x - b.x, a.y - b.y), scale: view.scale };
+      }
+    });
+    stage.addEventListener("pointermove", (event) => {
+      if (!pointers.has(event.pointerId)) return;
+      const last = pointers.get(event.pointerId);
+      pointers.set(event.pointerId, { x: event.clientX, y: event.clientY });
+      if (pointers.size === 2 && pinchStart) {
+        const [a, b] = [...pointers.values()];
+        const distance = Math.hypot(a.x - b.x, a.y - b.y);
+        view.scale = Math.min(8, Math.max(1, pinchStart.scale * distance / pinchStart.distance));
+        moved = true;
+        applyView();
+      } else if (pointers.size === 1 && view.scale > 1) {
+        view.x += event.clientX - last.x;
+        view.y += event.clientY - last.y;
+        if (Math.abs(event.clientX - last.x) + Math.abs(event.clientY - last.y) > 2) moved = true;
+        applyView();
+      }
+    });
+    const release = (event) => {
+      const wasTap = pointers.size === 1 && !moved;
+      pointers.delete(event.pointerId);
+      if (pointers.size < 2) pinchStart = null;
+      if (!wasTap || event.type !== "pointerup") return;
+      if (view.scale > 1) {
+        Object.assign(view, { scale: 1, x: 0, y: 0 });
+      } else {
+        const box = stage.getBoundingClientRect();
+        view.scale = 2.5;
+        view.x = (box.left + box.width / 2 - event.clientX) * 1.5;
+        view.y = (box.top + box.height / 2 - event.clientY) * 1.5;
+      }
+      applyView();
+    };
+    stage.addEventListener("pointerup", release);
+    stage.addEventListener("pointercancel", release);
+  }
+
+  // --- sign-in keypad ---------------------------------------------------------------------------
+
+  const keypad = document.querySelector("[data-keypad]");
+  if (keypad) {
+    const fields = [...document.querySelectorAll("[data-keypad-target]")];
+    let target = fields.find((field) => field.value === "") || fields[fields.length - 1];
+    const mark = () => fields.forEach((field) => field.classList.toggle("active-field", field === target));
+    fields.forEach((field) => field.addEventListener("focus", () => { target = field; mark(); }));
+    mark();
+    keypad.addEventListener("click", (event) => {
+      const button = event.target.closest("button");
+      if (!button || !target) return;
+      if (button.dataset.digit !== undefined) {
+        if (target.value.length < (target.maxLength > 0 ? target.maxLength : 64)) {
+          target.value += button.dataset.digit;
+        }
+      } else if (button.hasAttribute("data-erase")) {
+        target.value = target.value.slice(0, -1);
+      }
+    });
+  }
+
+  // --- start -----------------------------------------------------------------------------------
+
+  if (signedIn) {
+    setInterval(poll, pollMs);
+    if (document.querySelector("[data-queue]")) poll();
+  }
+})();
