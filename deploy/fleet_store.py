@@ -130,6 +130,10 @@ _SCHEMA_V1: tuple[str, ...] = (
     # Covers the gate's counts and p95: a candidate's rows are only its rollout's stations.
     """CREATE INDEX shadows_candidate_ts ON shadows
         (candidate_sha256, ts_us, station, paired, agree, candidate_latency_ms)""",
+    # Disagreements are a few percent of the rows; only they need a verdict looked up.
+    """CREATE INDEX shadows_disagreements ON shadows
+        (candidate_sha256, ts_us, station, part_id, candidate_label, paired, agree)
+        WHERE paired = 1 AND agree = 0""",
     "CREATE INDEX shadows_ts ON shadows (ts_us, station, paired, agree)",
     """CREATE TABLE verdicts (
         id INTEGER PRIMARY KEY REFERENCES messages (id),
@@ -390,7 +394,7 @@ WITH labelled AS MATERIALIZED (
         WHERE v.station = s.station AND v.part_id = s.part_id AND v.label IS NOT NULL
         ORDER BY v.id DESC LIMIT 1
     ) AS truth
-    FROM shadows s INDEXED BY shadows_candidate_ts
+    FROM shadows s INDEXED BY shadows_disagreements
     WHERE s.candidate_sha256 = ? AND s.ts_us >= ?
         AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 AND s.agree = 0
 )
@@ -464,7 +468,7 @@ class SqliteFleetStore:
                 # The shadow table of a running stage is read every second: keep it in memory.
                 conn.execute("PRAGMA cache_size=-65536")
                 conn.execute("PRAGMA temp_store=MEMORY")
-                conn.execute("PRAGMA wal_autocheckpoint=1000")
+                conn.execute("PRAGMA wal_autocheckpoint=4000")
             except BaseException:
                 conn.close()
                 raise

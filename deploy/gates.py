@@ -304,6 +304,35 @@ def evaluate_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
     )
 
 
+def disagreement_rate_upper(disagreements: int, parts: int, alpha: float) -> float:
+    """A Bernstein-style upper confidence bound on a (rare) disagreement rate.
+
+    |err(candidate) - err(active)| can never exceed the disagreement rate, so when this bound is
+    below delta the candidate cannot be worse by delta, however the disagreements are labelled.
+    """
+    if parts <= 0:
+        return 1.0
+    c = math.log(1.0 / alpha)
+    return min(1.0, (disagreements + c + math.sqrt(2.0 * disagreements * c)) / parts)
+
+
+def evaluate_rare_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
+    """`evaluate_gate`, plus a pass when the models disagree too rarely to differ by delta:
+    used for escaped defects, where disagreements may be too rare ever to reach min_labels."""
+    decision = evaluate_gate(evidence, config)
+    if decision.outcome != GateOutcome.CONTINUE:
+        return decision
+    upper = disagreement_rate_upper(evidence.disagreements, evidence.parts, config.alpha)
+    if upper > config.delta:
+        return decision
+    reason = (
+        f"pass: the models disagree on at most {upper:.2%} of parts ({evidence.disagreements} "
+        f"of {evidence.parts}), so they cannot differ by {config.delta:.2%}"
+    )
+    return GateDecision(GateOutcome.PASS, reason, decision.error_diff_estimate, upper,
+                        decision.llr)
+
+
 def evaluate_guards(metrics: GuardMetrics, config: GateConfig) -> list[str]:
     """Human-readable guard failures for one station; an empty list means all good."""
     failures: list[str] = []

@@ -25,6 +25,7 @@ from deploy.gates import (
     PairedEvidence,
     evaluate_gate,
     evaluate_guards,
+    evaluate_rare_gate,
 )
 from deploy.plan import PlanError, RolloutPlan, Stage, select_stations
 from linesight import protocol as p
@@ -484,7 +485,7 @@ class Verdicts:
 def judge(stage: Stage, evidence: StageEvidence) -> Verdicts:
     return Verdicts(
         evaluate_gate(evidence.overall, gate_config(stage, escapes=False)),
-        evaluate_gate(evidence.escapes, gate_config(stage, escapes=True)),
+        evaluate_rare_gate(evidence.escapes, gate_config(stage, escapes=True)),
     )
 
 

@@ -7,8 +7,13 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from linesight import __version__
+from station_ui.commands import register as register_station_ui
+
+if TYPE_CHECKING:
+    from deploy.client import ControllerClient
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -212,6 +217,152 @@ def _run_agent(args: argparse.Namespace) -> int:
     return agent.run()
 
 
+def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    import os
+
+    fleet = sub.add_parser(
+        "fleet", help="the fleet controller: serve it, or drive its rollouts",
+        description="The fleet controller rolls a model out station by station on evidence.",
+    )
+    verbs = fleet.add_subparsers(dest="verb", metavar="VERB", required=True)
+    serve = verbs.add_parser("serve", help="run the controller (MQTT ingest, rollouts, HTTP)")
+    serve.add_argument("--config", type=Path, help="controller YAML file")
+    serve.add_argument("--broker", help="mqtt://host:port")
+    serve.add_argument("--data-dir", type=Path, help="fleet store and rollout state")
+    serve.add_argument("--http-host", help="address of the API, dashboard and bundle server")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--bundles", type=Path, help="folder of model bundles to serve")
+    serve.add_argument("--key", type=Path, help="public key bundles must be signed with")
+    serve.add_argument("--public-url", help="URL stations use to reach this controller")
+    serve.add_argument("--topic-prefix")
+    serve.set_defaults(handler=_fleet_serve)
+
+    def client_options(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument(
+            "--controller", default=os.environ.get("LINESIGHT_CONTROLLER", "http://127.0.0.1:8700"),
+            help="controller URL (default $LINESIGHT_CONTROLLER or http://127.0.0.1:8700)",
+        )
+        parser.add_argument("--token", default=os.environ.get("LINESIGHT_API_TOKEN"),
+                            help="API token (default $LINESIGHT_API_TOKEN)")
+
+    stations = verbs.add_parser("stations", help="list the stations the controller knows")
+    client_options(stations)
+    stations.set_defaults(handler=_fleet_stations)
+
+    rollout = verbs.add_parser("rollout", help="start, watch and steer rollouts")
+    steps = rollout.add_subparsers(dest="step", metavar="STEP", required=True)
+    begin = steps.add_parser("start", help="start a rollout of a bundle with a plan")
+    begin.add_argument("plan", type=Path, help="plan YAML (see deploy/plans/)")
+    begin.add_argument("--candidate", required=True, help="NAME:VERSION of a served bundle")
+    client_options(begin)
+    begin.set_defaults(handler=_rollout_start)
+    status = steps.add_parser("status", help="show the current rollout")
+    status.add_argument("--watch", action="store_true", help="refresh every 2 s until it ends")
+    status.add_argument("--json", action="store_true")
+    client_options(status)
+    status.set_defaults(handler=_rollout_status)
+    for action, text in (("approve", "approve the stage waiting for a human"),
+                         ("pause", "pause the rollout"), ("resume", "resume a paused rollout"),
+                         ("abort", "abort: roll back every touched station"),
+                         ("rollback", "roll back every touched station (also after promotion)")):
+        step = steps.add_parser(action, help=text)
+        step.add_argument("--id", default="current", help="rollout id (default: the current)")
+        step.add_argument("--reason", default="")
+        step.add_argument("--by", default=os.environ.get("USER", "cli"))
+        client_options(step)
+        step.set_defaults(handler=_rollout_act, action=action)
+
+
+def _client(args: argparse.Namespace) -> ControllerClient:
+    from deploy.client import ControllerClient
+
+    return ControllerClient(args.controller, args.token)
+
+
+def _fleet_serve(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from deploy.api import create_app
+    from deploy.config import load_controller_config
+    from deploy.controller import Controller
+    from linesight.http_server import HttpServer
+
+    config = load_controller_config(args.config, {
+        "broker.url": args.broker, "data_dir": args.data_dir, "http_host": args.http_host,
+        "http_port": args.http_port, "bundles": args.bundles, "key": args.key,
+        "public_url": args.public_url, "topic_prefix": args.topic_prefix,
+    })
+    controller = Controller(config)
+    server = HttpServer(create_app(controller), config.http_host, config.http_port)
+    stopped = threading.Event()
+
+    def stop(signum: int, _frame: object) -> None:
+        stopped.set()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    controller.start()
+    server.start()
+    print(f"fleet controller: dashboard and API on {server.url}, broker {config.broker.url}",
+          flush=True)
+    stopped.wait()
+    server.stop()
+    controller.stop()
+    return 0
+
+
+def _fleet_stations(args: argparse.Namespace) -> int:
+    for station in _client(args).get("/api/stations")["stations"]:
+        state = station["state"] or {}
+        active = (state.get("active") or {}).get("version", "-")
+        candidate = (state.get("candidate") or {}).get("version", "-")
+        print(f"{station['station']:<16} {'online ' if station['online'] else 'OFFLINE'} "
+              f"active {active:<8} candidate {candidate:<8} mode {state.get('mode', '-'):<10} "
+              f"automation {state.get('automation', '-')}")
+    return 0
+
+
+def _rollout_start(args: argparse.Namespace) -> int:
+    name, sep, version = args.candidate.partition(":")
+    if not sep or not name or not version:
+        raise UsageError("--candidate must be NAME:VERSION, e.g. part-classifier:2.0.0")
+    try:
+        plan_text = args.plan.read_text()
+    except OSError as exc:
+        raise UsageError(f"cannot read plan {args.plan}: {exc.strerror}") from exc
+    from deploy.client import format_rollout
+
+    print(format_rollout(_client(args).start_rollout(plan_text, name, version)))
+    return 0
+
+
+def _rollout_status(args: argparse.Namespace) -> int:
+    import time
+
+    from deploy.client import format_rollout
+
+    client = _client(args)
+    while True:
+        doc = client.current()
+        if doc is None:
+            print("no rollout has run on this controller")
+            return 0
+        print(json.dumps(doc) if args.json else format_rollout(doc), flush=True)
+        if not args.watch or doc["phase"] in ("promoted", "rolled_back", "aborted"):
+            return 0
+        time.sleep(2)
+        print()
+
+
+def _rollout_act(args: argparse.Namespace) -> int:
+    from deploy.client import format_rollout
+
+    doc = _client(args).act(args.action, args.id, by=args.by, reason=args.reason)
+    print(format_rollout(doc))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="linesight",
@@ -222,10 +373,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_models(sub)
     _add_agent(sub)
+    _add_fleet(sub)
+    register_station_ui(sub)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from deploy.client import ControllerError, ControllerUnavailable
     from linesight.artifacts import BundleError
     from linesight.logs import setup_logging
 
@@ -235,7 +389,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.command, args.log_level)
         handler: Handler = args.handler
         return handler(args)
-    except (UsageError, BundleError, ValueError, OSError) as exc:
+    except (UsageError, BundleError, ValueError, OSError, ControllerError,
+            ControllerUnavailable) as exc:
         print(f"linesight {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -227,4 +227,8 @@ def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
     def _local_time(moment: datetime) -> str:
         return f"{moment.astimezone():%H:%M:%S}"
 
+    @app.template_filter("local_hm")
+    def _local_hm(moment: datetime) -> str:
+        return f"{moment.astimezone():%H:%M}"
+
     return app

@@ -23,7 +23,8 @@ def _page(status: int = 200, *, error: str | None = None, reason: str = "") -> B
     levels = [
         {
             "value": level.value,
-            "text": AUTOMATION_TEXT[level.value],
+            "title": AUTOMATION_TEXT[level.value].partition(": ")[0],
+            "text": AUTOMATION_TEXT[level.value].partition(": ")[2],
             "allowed": state.config.allows(level),
             "current": level.value == current,
         }

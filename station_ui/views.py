@@ -41,6 +41,9 @@ AUTOMATION_TEXT: dict[str, str] = {
 # At these levels the operator judges without seeing the model's opinion, so it cannot anchor
 # them: in shadow the model is being measured against the operator, in human_only it is not used.
 SUGGESTION_HIDDEN = frozenset({AutomationLevel.SHADOW.value, AutomationLevel.HUMAN_ONLY.value})
+# These verdicts grade the models themselves (an audit samples the model's own decisions; a
+# disagreement is what the rollout gate counts), so showing one model's answer would bias them.
+BLIND_REASONS = frozenset({ReviewReason.AUDIT.value, ReviewReason.DISAGREEMENT.value})
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,7 +78,7 @@ class QueueItem:
 
 def queue_item(row: ReviewRow) -> QueueItem:
     title, text = REASON_TEXT.get(row.reason, (row.reason, ""))
-    hidden = row.automation in SUGGESTION_HIDDEN
+    hidden = row.automation in SUGGESTION_HIDDEN or row.reason in BLIND_REASONS
     return QueueItem(
         part_id=row.part_id,
         created=row.created,

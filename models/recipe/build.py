@@ -79,8 +79,8 @@ class BundleRecipe:
     seed: int
     # A defect class labelled "ok" during training: builds a deliberately regressed model.
     blind_class: str | None = None
-    # Shift the defect logit until this share of calibration defects is flagged: a model tuned
-    # to over-reject rather than miss, as an early line model would be.
+    # Floor on recall: shift the defect logit, if needed, until this share of calibration
+    # defects is flagged; a weak model should over-reject rather than miss.
     target_recall: float | None = None
 
 
@@ -163,8 +163,8 @@ GRAY_SPEC = InputSpec(
 RECIPES: tuple[BundleRecipe, ...] = (
     BundleRecipe(
         name="part-classifier", version="1.0.0",
-        description="Narrow CNN at 32x32 RGB, tuned to over-reject: catches cracks, missing "
-        "holes and stains, misses fine scratches and pits, rejects some good parts.",
+        description="Narrow CNN at 32x32 RGB: catches cracks, missing holes and stains; misses "
+        "a quarter of the fine scratches and rejects some good parts.",
         input=_rgb_spec(32), make_net=lambda: SmallNet(3, width=8), epochs=5, lr=3e-3, seed=1,
         target_recall=0.9,
     ),

@@ -81,8 +81,10 @@ def test_regressed_candidate_misses_what_active_catches(manifests: dict[str, Man
     assert regressed.defect_recall <= active.defect_recall - 0.05
     assert active.per_class_recall[BLIND_CLASS] >= 0.9
     assert regressed.per_class_recall[BLIND_CLASS] <= active.per_class_recall[BLIND_CLASS] - 0.5
+    # Elsewhere it stays close to 2.0.0; dark scratches, which look like cracks, suffer a little.
     others = [c for c in regressed.per_class_recall if c != BLIND_CLASS]
-    assert all(regressed.per_class_recall[c] >= 0.9 for c in others)
+    assert sum(regressed.per_class_recall[c] >= 0.9 for c in others) >= len(others) - 1
+    assert regressed.false_reject_rate <= active.false_reject_rate
 
 
 def test_gray_bundle_is_decent(manifests: dict[str, Manifest]) -> None:

@@ -355,3 +355,18 @@ def test_unknown_stations_are_refused() -> None:
         {"name": "a", "stations": ["ghost"], "mode": "promote"}]})
     with pytest.raises(PlanError, match="ghost"):
         select_stations(parsed.stages[0].stations, {"s1": {}}, [])
+
+
+def test_rare_defect_disagreements_pass_the_escape_gate_without_labels() -> None:
+    from deploy.gates import GateConfig, GateOutcome, evaluate_rare_gate
+
+    config = GateConfig(delta=0.01, min_labels=10)
+    rare = PairedEvidence(parts=3000, disagreements=2, labelled_disagreements=2,
+                          candidate_right=1)
+    assert evaluate_rare_gate(rare, config).outcome == GateOutcome.PASS
+    few_parts = PairedEvidence(parts=100, disagreements=2, labelled_disagreements=2,
+                               candidate_right=1)
+    assert evaluate_rare_gate(few_parts, config).outcome == GateOutcome.CONTINUE
+    common = PairedEvidence(parts=3000, disagreements=300, labelled_disagreements=5,
+                            candidate_right=1)
+    assert evaluate_rare_gate(common, config).outcome == GateOutcome.CONTINUE

@@ -1,1 +1,1 @@
-YArxPbheTycbtMWwT6p//0eiAQX9k+xE4WsQuBhmqmxwvZtNVv2Q/k0APNMaabEqTMMuCkE3WIa37TyoFUjxDA==
+6quKfDDC4u+EC2DjxsmLeJEEEJZV01QoTyKmlaXxIkhFrhhiY7vBcoojBtqNF0M39/GhbeMr0RjfN/TliMuPCQ==

@@ -1,0 +1,297 @@
+"""The controller's HTTP side: the JSON API the CLI and the dashboard use, the bundle server
+stations download candidates from, and Prometheus metrics."""
+
+from __future__ import annotations
+
+import hmac
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import yaml
+from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from werkzeug.exceptions import HTTPException
+
+from deploy.controller import Controller, RolloutConflict, bundle_file
+from deploy.plan import PlanError, parse_plan
+from deploy.rollout import (
+    Abort,
+    Approve,
+    Event,
+    Pause,
+    Resume,
+    RollbackRequested,
+    RolloutState,
+    TransitionError,
+    judge,
+    to_status,
+)
+
+api = Blueprint("api", __name__, url_prefix="/api")
+bundles = Blueprint("bundles", __name__, url_prefix="/bundles")
+
+
+def controller() -> Controller:
+    found: Controller = current_app.extensions["linesight.controller"]
+    return found
+
+
+def _require_token() -> None:
+    token = controller().config.api_token
+    if token is None:
+        return
+    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    if not hmac.compare_digest(given.encode(), token.encode()):
+        abort(401, description="a valid API token is required (Authorization: Bearer ...)")
+
+
+def _body() -> dict[str, Any]:
+    document = request.get_json(silent=True)
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        abort(400, description="the request body must be a JSON object")
+    return document
+
+
+@api.errorhandler(HTTPException)
+def _http_error(exc: HTTPException) -> tuple[Response, int]:
+    return jsonify(error=exc.description), exc.code or 500
+
+
+@api.get("/health")
+def health() -> Response:
+    c = controller()
+    return jsonify(
+        broker_connected=c.link.connected,
+        ingest=vars(c.counters),
+        rollout=c.rollout.rollout_id if c.rollout else None,
+    )
+
+
+def _station_json(record: Any, online: bool) -> dict[str, Any]:
+    state = record.state
+    metrics = record.latest_metrics
+    return {
+        "station": record.station,
+        "online": online,
+        "last_seen": record.last_seen.isoformat() if record.last_seen else None,
+        "labels": record.labels,
+        "state": state.model_dump(mode="json", by_alias=True) if state else None,
+        "metrics": metrics.model_dump(mode="json", by_alias=True) if metrics else None,
+    }
+
+
+@api.get("/stations")
+def stations() -> Response:
+    c = controller()
+    fleet = c.fleet()
+    return jsonify(stations=[
+        _station_json(record, fleet[record.station].online) for record in c.store.stations()
+    ])
+
+
+def rollout_json(state: RolloutState) -> dict[str, Any]:
+    c = controller()
+    status = to_status(state, 0).model_dump(mode="json", exclude={"schema_", "msg_id", "seq",
+                                                                  "ts", "station"})
+    evidence: dict[str, Any] | None = None
+    record = state.record
+    if record.observing_since is not None and record.stations:
+        found = c.store.paired_evidence(record.stations, record.observing_since,
+                                        state.candidate.model.sha256)
+        verdicts = judge(state.current, found)
+        overall = found.overall
+        evidence = {
+            "since": record.observing_since.isoformat(),
+            "parts": overall.parts,
+            "disagreements": overall.disagreements,
+            "agreement_rate": 1 - overall.disagreements / overall.parts if overall.parts
+            else None,
+            "labelled_disagreements": overall.labelled_disagreements,
+            "candidate_right": overall.candidate_right,
+            "escape_disagreements_labelled": found.escapes.labelled_disagreements,
+            "escape_candidate_right": found.escapes.candidate_right,
+            "p95_latency_ms": found.p95_latency_ms,
+            "error_diff_estimate": verdicts.overall.error_diff_estimate,
+            "error_diff_upper": verdicts.overall.error_diff_upper,
+            "escape_diff_estimate": verdicts.escapes.error_diff_estimate,
+            "escape_diff_upper": verdicts.escapes.error_diff_upper,
+            "gate": verdicts.overall.outcome.value,
+            "escape_gate": verdicts.escapes.outcome.value,
+            "min_parts": state.current.exit.min_parts,
+            "min_labelled_disagreements": state.current.exit.min_labelled_disagreements,
+        }
+    return {
+        **status,
+        "phase_detail": state.phase.value,
+        "started": state.started.isoformat(),
+        "updated": state.updated.isoformat(),
+        "pending_commands": [
+            {"station": c_.station, "command": c_.body.get("name"), "attempts": c_.attempts}
+            for c_ in state.pending
+        ],
+        "history": state.history[-50:],
+        "evidence": evidence,
+        "deadline": record.deadline.isoformat() if record.deadline else None,
+    }
+
+
+@api.get("/rollouts")
+def rollouts() -> Response:
+    c = controller()
+    return jsonify(rollouts=[
+        {"rollout_id": rid, "phase": phase, "updated": updated.isoformat()}
+        for rid, phase, updated in c.store.rollouts()
+    ])
+
+
+@api.get("/rollouts/current")
+def current_rollout() -> Response:
+    state = controller().rollout
+    if state is None:
+        abort(404, description="no rollout has run on this controller")
+    return jsonify(rollout_json(state))
+
+
+@api.get("/rollouts/<rollout_id>")
+def one_rollout(rollout_id: str) -> Response:
+    c = controller()
+    if c.rollout and c.rollout.rollout_id == rollout_id:
+        return jsonify(rollout_json(c.rollout))
+    stored = c.store.rollout(rollout_id)
+    if stored is None:
+        abort(404, description=f"no rollout {rollout_id}")
+    return jsonify(rollout_json(RolloutState.model_validate_json(stored)))
+
+
+@api.post("/rollouts")
+def start_rollout() -> tuple[Response, int]:
+    _require_token()
+    body = _body()
+    candidate = body.get("candidate")
+    if not isinstance(candidate, dict) or not {"name", "version"} <= set(candidate):
+        abort(400, description="candidate: give {\"name\": ..., \"version\": ...}")
+    plan_text = body.get("plan_yaml")
+    if not isinstance(plan_text, str):
+        abort(400, description="plan_yaml: the plan's YAML text is required")
+    try:
+        plan = parse_plan(yaml.safe_load(plan_text), "plan_yaml")
+        state = controller().start_rollout(plan, str(candidate["name"]),
+                                           str(candidate["version"]))
+    except (PlanError, yaml.YAMLError) as exc:
+        abort(400, description=str(exc))
+    except RolloutConflict as exc:
+        abort(409, description=str(exc))
+    return jsonify(rollout_json(state)), 201
+
+
+def _request_event(action: str, by: str, reason: str) -> Event:
+    if action == "approve":
+        return Approve(by=by)
+    if action == "pause":
+        return Pause(by=by, reason=reason)
+    if action == "resume":
+        return Resume(by=by)
+    if action == "abort":
+        return Abort(by=by, reason=reason)
+    return RollbackRequested(by=by, reason=reason)
+
+
+_ACTIONS = ("approve", "pause", "resume", "abort", "rollback")
+
+
+@api.post("/rollouts/<rollout_id>/<action>")
+def act(rollout_id: str, action: str) -> Response:
+    _require_token()
+    if action not in _ACTIONS:
+        abort(404, description=f"unknown action {action!r}; one of {', '.join(_ACTIONS)}")
+    body = _body()
+    by = str(body.get("by") or "api")[:64]
+    reason = str(body.get("reason") or "")[:500]
+    c = controller()
+    try:
+        c.apply(_request_event(action, by, reason),
+                rollout_id=None if rollout_id == "current" else rollout_id)
+    except RolloutConflict as exc:
+        abort(404, description=str(exc))
+    except TransitionError as exc:
+        abort(409, description=str(exc))
+    assert c.rollout is not None  # noqa: S101 - apply raised otherwise
+    return jsonify(rollout_json(c.rollout))
+
+
+@api.get("/series")
+def series() -> Response:
+    c = controller()
+    try:
+        minutes = max(1, min(int(request.args.get("minutes", "30")), 24 * 60))
+        bucket = max(1, min(int(request.args.get("bucket_s", "30")), 3600))
+    except ValueError:
+        abort(400, description="minutes and bucket_s must be whole numbers")
+    station = request.args.get("station")
+    names = [station] if station else [r.station for r in c.store.stations()]
+    since = datetime.now(UTC) - timedelta(minutes=minutes)
+    points = c.store.evidence_series(names, since, bucket) if names else []
+    return jsonify(points=[
+        {"start": point.start.isoformat(), "parts": point.parts, "actions": point.actions,
+         "shadow_pairs": point.shadow_pairs, "agreement_rate": point.agreement_rate}
+        for point in points
+    ])
+
+
+@bundles.get("/<name>/<version>/<file_name>")
+def bundle(name: str, version: str, file_name: str) -> Response:
+    path = bundle_file(controller().config.bundles, name, version, file_name)
+    if path is None:
+        abort(404)
+    return send_file(path, mimetype="application/octet-stream", max_age=0)
+
+
+def _metrics(c: Controller) -> bytes:
+    registry = CollectorRegistry()
+    Gauge("linesight_fleet_messages_received", "Messages received", registry=registry).set(
+        c.counters.received)
+    Gauge("linesight_fleet_messages_stored", "Messages stored", registry=registry).set(
+        c.counters.stored)
+    Gauge("linesight_fleet_messages_invalid", "Invalid messages dropped",
+          registry=registry).set(c.counters.invalid)
+    Gauge("linesight_fleet_receipts", "Receipts published", registry=registry).set(
+        c.counters.receipts)
+    online = Gauge("linesight_fleet_station_online", "Station online", ["station"],
+                   registry=registry)
+    for name, view in c.fleet().items():
+        online.labels(name).set(1 if view.online else 0)
+    phase = Gauge("linesight_fleet_rollout_stage", "Current rollout stage index", ["rollout",
+                                                                                  "phase"],
+                  registry=registry)
+    if c.rollout is not None:
+        phase.labels(c.rollout.rollout_id, c.rollout.phase.value).set(c.rollout.stage)
+    return generate_latest(registry)
+
+
+def create_app(c: Controller) -> Flask:
+    app = Flask(__name__)
+    app.extensions["linesight.controller"] = c
+    app.register_blueprint(api)
+    app.register_blueprint(bundles)
+
+    @app.get("/metrics")
+    def metrics() -> Response:
+        return Response(_metrics(c), mimetype="text/plain; version=0.0.4")
+
+    from deploy.dashboard import dashboard  # the page and its assets
+
+    app.register_blueprint(dashboard)
+
+    @app.after_request
+    def security_headers(response: Response) -> Response:
+        response.headers.setdefault(
+            "Content-Security-Policy", "default-src 'self'; frame-ancestors 'none'"
+        )
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "no-referrer")
+        return response
+
+    return app

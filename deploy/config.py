@@ -1,0 +1,74 @@
+"""The fleet controller's configuration: YAML plus flags, validated at start-up."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from linesight.mqtt import LinkConfig
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path and the reason."""
+
+
+class ControllerConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    broker: LinkConfig
+    topic_prefix: str = "linesight/v1"
+    data_dir: Path
+    http_host: str = "127.0.0.1"
+    http_port: int = Field(default=8700, ge=0, le=65535)
+    public_url: str | None = Field(
+        default=None, pattern=r"^https?://",
+        description="base URL stations use to reach this controller (bundle downloads)",
+    )
+    bundles: Path = Field(description="folder of model bundles: <name>/<version>/")
+    key: Path | None = Field(
+        default=None, description="public key bundles must be signed with before a rollout"
+    )
+    api_token: str | None = Field(
+        default=None, min_length=16,
+        description="when set, every request that changes something needs this bearer token",
+    )
+    tick_s: float = Field(default=1.0, gt=0, le=60)
+    offline_after_s: float = Field(
+        default=120.0, gt=0, description="a station silent for this long counts as offline"
+    )
+    ingest_batch: int = Field(default=1000, ge=1, le=100_000)
+
+
+def load_controller_config(path: Path | None, overrides: dict[str, Any]) -> ControllerConfig:
+    document: dict[str, Any] = {}
+    if path is not None:
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a mapping of keys")
+        document = loaded or {}
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        node = document
+        *parents, leaf = dotted.split(".")
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = value
+    broker = document.get("broker")
+    if isinstance(broker, dict):
+        broker.setdefault("client_id", "linesight-fleet-controller")
+    try:
+        return ControllerConfig.model_validate(document)
+    except ValidationError as exc:
+        lines = [f"invalid controller configuration ({path or 'flags'}):"]
+        for error in exc.errors():
+            lines.append(f"  {'.'.join(str(p) for p in error['loc']) or '(root)'}: {error['msg']}")
+        raise ConfigError("\n".join(lines)) from exc

@@ -1,0 +1,292 @@
+"""The fleet controller process: thin I/O around the pure rollout state machine.
+
+- ingest: MQTT messages are parsed and stored in batches (one transaction each); only after the
+  commit does the controller publish each station's Receipt, so a crash never drops a message
+  a station already deleted from its outbox;
+- tick: once a second the active rollout gets a Tick with the fleet as it is and the evidence
+  of its current stage; the returned state is persisted BEFORE its commands are sent;
+- requests from the HTTP API (start, approve, pause, resume, abort, rollback) are events too.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from deploy.config import ControllerConfig
+from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord
+from deploy.plan import RolloutPlan
+from deploy.rollout import (
+    TERMINAL,
+    CandidateSpec,
+    CommandAcked,
+    Event,
+    RolloutState,
+    SendCommand,
+    StageStep,
+    StationView,
+    Tick,
+    TransitionError,
+    start,
+    to_status,
+    transition,
+)
+from linesight import protocol as p
+from linesight.artifacts import (
+    MANIFEST_FILE,
+    SIGNATURE_FILE,
+    BundleError,
+    load_public_key,
+    sha256_file,
+    verify_bundle,
+)
+from linesight.mqtt import MqttLink, ReceivedMessage
+
+log = logging.getLogger(__name__)
+
+
+class RolloutConflict(Exception):
+    """A request that cannot be honoured now (another rollout runs, unknown id, ...)."""
+
+
+@dataclass
+class IngestCounters:
+    received: int = 0
+    stored: int = 0
+    invalid: int = 0
+    receipts: int = 0
+    batches: int = 0
+
+
+class Controller:
+    def __init__(self, config: ControllerConfig, store: FleetStore | None = None) -> None:
+        self.config = config
+        self.topics = p.Topics(config.topic_prefix)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store: FleetStore = store or SqliteFleetStore(config.data_dir / "fleet.db")
+        self.next_seq = self.store.next_seq  # reserved on disk in blocks: cheap per message
+        self.key = load_public_key(config.key) if config.key else None
+        self.counters = IngestCounters()
+        self.link = MqttLink(config.broker)
+        self._inbox: queue.Queue[ReceivedMessage | None] = queue.Queue()
+        self._rollout_lock = threading.RLock()
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self.rollout: RolloutState | None = None
+        self._listeners: list[Callable[[RolloutState], None]] = []
+        active = self.store.active_rollout()
+        if active is not None:
+            self.rollout = RolloutState.model_validate_json(active[1])
+            log.info("resuming rollout %s (%s, stage %d)", self.rollout.rollout_id,
+                     self.rollout.phase.value, self.rollout.stage)
+
+    # --- life cycle -----------------------------------------------------------------------
+
+    @property
+    def public_url(self) -> str:
+        if self.config.public_url:
+            return self.config.public_url.rstrip("/")
+        return f"http://{self.config.http_host}:{self.config.http_port}"
+
+    def start(self) -> None:
+        for channel in p.Channel:
+            if channel in (p.Channel.CMD, p.Channel.RECEIPT):
+                continue
+            self.link.subscribe(self.topics.every_station(channel), self._inbox.put, qos=1)
+        self.link.start()
+        for target, name in ((self._ingest_loop, "ingest"), (self._tick_loop, "tick")):
+            thread = threading.Thread(target=target, name=name, daemon=True)
+            thread.start()
+            self._threads.append(thread)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        for thread in self._threads:
+            thread.join(timeout=10)
+        self.link.stop()
+        self.store.close()
+
+    # --- ingest -----------------------------------------------------------------------------
+
+    def _ingest_loop(self) -> None:
+        while not self._stop.is_set():
+            first = self._inbox.get()
+            if first is None:
+                return
+            batch = [first]
+            while len(batch) < self.config.ingest_batch:
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    self._stop.set()
+                    break
+                batch.append(item)
+            try:
+                self.ingest(batch)
+            except Exception:  # the controller must keep ingesting  # noqa: BLE001
+                log.exception("ingest of %d messages failed", len(batch))
+
+    def ingest(self, batch: list[ReceivedMessage]) -> None:
+        durable: list[p.Envelope] = []
+        acks: list[p.CommandAck] = []
+        now = datetime.now(UTC)
+        for message in batch:
+            self.counters.received += 1
+            try:
+                where = self.topics.parse_station_topic(message.topic)
+                parsed = p.parse_station_message(where.channel, message.payload)
+                if parsed.station != where.station:
+                    raise p.ProtocolError(type(parsed).__name__, "station",
+                                          f"says {parsed.station} on {where.station}'s topic")
+            except (ValueError, p.ProtocolError) as exc:
+                self.counters.invalid += 1
+                log.warning("dropped an invalid message on %s: %s", message.topic, exc)
+                continue
+            if isinstance(parsed, p.StationState):
+                self.store.record_state(parsed, now)
+                continue
+            durable.append(parsed)  # metrics too: the store keeps them beside the seq stream
+            if isinstance(parsed, p.CommandAck):
+                acks.append(parsed)
+        if durable:
+            upto = self.store.ingest(durable)
+            self.counters.stored += len(durable)
+            self.counters.batches += 1
+            for station, seq in upto.items():
+                receipt = p.Receipt(station=station, seq=self.next_seq(), upto_seq=seq)
+                self.link.publish(self.topics.station(station, p.Channel.RECEIPT),
+                                  receipt.to_json(), qos=1)
+                self.counters.receipts += 1
+        for ack in acks:
+            self.apply(CommandAcked(str(ack.cmd_id), ack.ok, ack.error), quiet=True)
+
+    # --- rollouts ---------------------------------------------------------------------------
+
+    def candidate_spec(self, name: str, version: str) -> CandidateSpec:
+        bundle = self.config.bundles / name / version
+        try:
+            manifest = verify_bundle(bundle, self.key)
+        except BundleError as exc:
+            raise RolloutConflict(f"bundle {name} {version} refused: {exc}") from exc
+        return CandidateSpec(
+            model=p.ModelRef(name=manifest.name, version=manifest.version,
+                             sha256=sha256_file(bundle / MANIFEST_FILE)),
+            url=f"{self.public_url}/bundles/{name}/{version}/",
+            signature=(bundle / SIGNATURE_FILE).read_text().strip(),
+        )
+
+    def start_rollout(self, plan: RolloutPlan, name: str, version: str) -> RolloutState:
+        spec = self.candidate_spec(name, version)
+        with self._rollout_lock:
+            if self.rollout is not None and self.rollout.phase not in TERMINAL:
+                raise RolloutConflict(
+                    f"rollout {self.rollout.rollout_id} is still {self.rollout.phase.value}"
+                )
+            now = datetime.now(UTC)
+            rollout_id = f"r-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
+            state = start(rollout_id, plan, spec, now)
+            self._commit(state, [])
+            log.info("rollout %s started: %s %s with plan %s", rollout_id, name, version,
+                     plan.name)
+            return state
+
+    def apply(self, event: Event, *, quiet: bool = False, rollout_id: str | None = None) -> None:
+        """Feed one event to the current rollout; TransitionError for a request that does not
+        apply now (unless quiet, for machine events)."""
+        with self._rollout_lock:
+            state = self.rollout
+            if state is None or (rollout_id is not None and state.rollout_id != rollout_id):
+                if quiet:
+                    return
+                raise RolloutConflict(
+                    f"no rollout {rollout_id}" if rollout_id else "no rollout is running"
+                )
+            try:
+                new_state, sends = transition(state, event, datetime.now(UTC))
+            except TransitionError:
+                if quiet:
+                    return
+                raise
+            if new_state != state or sends:
+                self._commit(new_state, sends)
+
+    def _commit(self, state: RolloutState, sends: list[SendCommand]) -> None:
+        """Persist first, then act: a crash in between only repeats idempotent commands."""
+        self.store.save_rollout(state.rollout_id, state.phase.value, state.model_dump_json(),
+                                state.updated)
+        previous = self.rollout
+        self.rollout = state
+        for send in sends:
+            command = p.Command(
+                station=send.station, seq=self.next_seq(), cmd_id=uuid.UUID(send.cmd_id),
+                body=send.body, rollout_id=send.rollout_id,
+            )
+            self.link.publish(self.topics.station(send.station, p.Channel.CMD),
+                              command.to_json(), qos=1)
+            log.info("-> %s %s (%s)", send.station, send.body.name, send.cmd_id[:8])
+        if previous is None or previous.phase != state.phase or previous.stage != state.stage:
+            log.info("rollout %s: %s, stage %d (%s)", state.rollout_id, state.phase.value,
+                     state.stage, state.reason or state.current.name)
+        status = to_status(state, self.next_seq())
+        self.link.publish(self.topics.rollout(), status.to_json(), qos=1, retain=True)
+        for listener in self._listeners:
+            listener(state)
+
+    def add_listener(self, listener: Callable[[RolloutState], None]) -> None:
+        self._listeners.append(listener)
+
+    # --- the tick ---------------------------------------------------------------------------
+
+    def fleet(self) -> dict[str, StationView]:
+        now = datetime.now(UTC)
+        return {record.station: self._view(record, now) for record in self.store.stations()}
+
+    def _view(self, record: StationRecord, now: datetime) -> StationView:
+        fresh = (
+            record.last_seen is not None
+            and (now - record.last_seen).total_seconds() <= self.config.offline_after_s
+        )
+        state = record.state
+        return StationView(
+            online=record.online and fresh,
+            labels=record.labels,
+            faults=len(state.faults) if state else 0,
+        )
+
+    def tick(self) -> None:
+        with self._rollout_lock:
+            state = self.rollout
+            if state is None or state.phase in TERMINAL:
+                return
+            evidence = None
+            record = state.record
+            if record.step == StageStep.OBSERVING and record.observing_since is not None:
+                evidence = self.store.paired_evidence(
+                    record.stations, record.observing_since, state.candidate.model.sha256
+                )
+            self.apply(Tick(self.fleet(), evidence), quiet=True)
+
+    def _tick_loop(self) -> None:
+        while not self._stop.wait(self.config.tick_s):
+            try:
+                self.tick()
+            except Exception:  # the loop must outlive one bad tick  # noqa: BLE001
+                log.exception("rollout tick failed")
+
+
+def bundle_file(bundles: Path, name: str, version: str, file_name: str) -> Path | None:
+    """A file of a bundle, only if the path stays inside the bundle folder."""
+    root = bundles.resolve()
+    path = (bundles / name / version / file_name).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        return None
+    return path

@@ -1,0 +1,34 @@
+"""A WSGI app served by waitress on a thread of its own, stoppable from the caller."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import waitress
+
+
+class HttpServer:
+    def __init__(self, app: Any, host: str, port: int, *, threads: int = 4) -> None:
+        # Binding happens here, so a taken port is an error at start-up, not in a thread.
+        self._server = waitress.create_server(
+            app, host=host, port=port, threads=threads, ident="linesight",
+            clear_untrusted_proxy_headers=True,
+        )
+        self.host = host
+        self.port: int = int(self._server.effective_port)
+        self._thread = threading.Thread(target=self._server.run, name=f"http-{self.port}",
+                                        daemon=True)
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def start(self) -> HttpServer:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._server.close()
+        self._server.task_dispatcher.shutdown()
+        self._thread.join(timeout=5)

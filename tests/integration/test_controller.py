@@ -1,0 +1,215 @@
+"""The fleet controller with real agents, real models, a real mosquitto and simulated operators."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from deploy.api import create_app
+from deploy.client import ControllerClient, ControllerUnavailable
+from deploy.config import load_controller_config
+from deploy.controller import Controller
+from edge_agent.agent import Agent
+from linesight import protocol as p
+from linesight.broker import Broker, free_port
+from linesight.http_server import HttpServer
+from linesight.sim import SimulatedOperator
+from tests.support import DEMO_PUB, MODELS, Collector, station_config, wait_for
+
+STATIONS = ("st-1", "st-2", "st-3")
+PLAN = """
+name: test-plan
+command_timeout_s: 30
+command_retry_s: 3
+stages:
+  - name: shadow on st-1
+    stations: [st-1]
+    mode: shadow
+    exit: {min_parts: 150, min_labelled_disagreements: 10, max_duration_s: 240}
+    gate: {min_labels: 10}
+    on_inconclusive: rollback
+  - name: canary on st-1
+    stations: [st-1]
+    mode: canary
+    fraction: 0.3
+    exit: {min_parts: 60, min_labelled_disagreements: 5, max_duration_s: 240}
+    gate: {min_labels: 5}
+    on_inconclusive: rollback
+  - name: promote everywhere
+    stations: all
+    mode: promote
+"""
+
+
+@dataclass
+class Line:
+    broker: Broker
+    root: Path
+    agents: dict[str, Agent] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+    operators: list[SimulatedOperator] = field(default_factory=list)
+
+    def start_stations(self) -> None:
+        for index, station in enumerate(STATIONS):
+            data = self.root / station
+            agent = Agent(station_config(
+                data, self.broker.url, station=station, automation="partial",
+                source=f"synthetic:seed={20 + index},rate=25", state_interval_s=1.0,
+            ))
+            self.agents[station] = agent
+            thread = threading.Thread(target=agent.run, daemon=True)
+            thread.start()
+            self.threads.append(thread)
+            self.operators.append(SimulatedOperator(data, badge=f"op-{station}").start())
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        for thread in self.threads:
+            thread.join(30)
+        for operator in self.operators:
+            operator.stop()
+
+
+@pytest.fixture
+def line(tmp_path: Path, broker: Broker) -> Iterator[Line]:
+    line = Line(broker, tmp_path)
+    yield line
+    line.stop()
+
+
+def controller_config(root: Path, broker: Broker, port: int) -> object:
+    return load_controller_config(None, {
+        "broker.url": broker.url, "data_dir": root / "fleet", "bundles": MODELS,
+        "key": DEMO_PUB, "http_port": port, "tick_s": 0.5,
+    })
+
+
+@pytest.fixture
+def controller(line: Line) -> Iterator[tuple[Controller, ControllerClient]]:
+    port = free_port()
+    controller = Controller(controller_config(line.root, line.broker, port))  # type: ignore[arg-type]
+    server = HttpServer(create_app(controller), "127.0.0.1", port)
+    controller.start()
+    server.start()
+    yield controller, ControllerClient(server.url)
+    server.stop()
+    controller.stop()
+
+
+def finished(client: ControllerClient) -> bool:
+    doc = client.current()
+    return doc is not None and doc["phase"] in ("promoted", "rolled_back", "aborted")
+
+
+def test_a_better_model_is_promoted_on_every_station(
+    line: Line, controller: tuple[Controller, ControllerClient]
+) -> None:
+    ctl, client = controller
+    collector = Collector(line.broker.url)
+    line.start_stations()
+    wait_for(lambda: len(ctl.fleet()) == 3 and all(v.online for v in ctl.fleet().values()),
+             30, "three stations online")
+    client.start_rollout(PLAN, "part-classifier", "2.0.0")
+    wait_for(lambda: finished(client), 240, "the rollout to end")
+    doc = client.current()
+    assert doc is not None and doc["phase"] == "promoted", doc
+    assert [s["status"] for s in doc["stages"]] == ["passed", "passed", "passed"]
+    wait_for(lambda: all(a.slots.active.ref.version == "2.0.0" for a in line.agents.values()),
+             20, "2.0.0 active everywhere")
+    # Stations of a later wave were never touched before the earlier waves passed.
+    canary = [c.ts for c in collector.of(p.Command, "st-1") if c.body.name == "set_mode"]
+    later = [c.ts for c in collector.of(p.Command) if c.station != "st-1"]
+    assert canary and later and min(later) > max(canary)
+    assert {c.body.name for c in collector.of(p.Command, "st-2")} == {"deploy_candidate",
+                                                                      "promote"}
+    candidate_decided = [d for d in collector.of(p.Decision, "st-1")
+                         if d.decided_by == "candidate"]
+    assert candidate_decided, "the canary stage let the candidate decide some parts"
+    collector.close()
+
+
+def test_a_regressed_model_is_rolled_back_before_it_decides_a_part(
+    line: Line, controller: tuple[Controller, ControllerClient]
+) -> None:
+    ctl, client = controller
+    collector = Collector(line.broker.url)
+    line.start_stations()
+    wait_for(lambda: len(ctl.fleet()) == 3, 30, "three stations")
+    client.start_rollout(PLAN, "part-classifier", "2.1.0")
+    wait_for(lambda: finished(client), 300, "the rollout to end")
+    doc = client.current()
+    assert doc is not None and doc["phase"] == "rolled_back", doc
+    assert "gate failed" in doc["reason"] and doc["stages"][0]["status"] == "failed"
+    assert doc["touched"] == ["st-1"]
+    wait_for(lambda: line.agents["st-1"].slots.candidate is None, 20, "st-1 rolled back")
+    assert all(a.slots.active.ref.version == "1.0.0" for a in line.agents.values())
+    assert not [d for d in collector.of(p.Decision) if d.decided_by == "candidate"]
+    collector.close()
+
+
+def test_the_cli_says_when_no_controller_runs() -> None:
+    client = ControllerClient(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(ControllerUnavailable, match="no controller is running"):
+        client.current()
+    result = subprocess.run(
+        [sys.executable, "-m", "linesight.cli", "fleet", "rollout", "status",
+         "--controller", client.url], capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 2 and "no controller is running" in result.stderr
+
+
+def serve_process(root: Path, broker: Broker, port: int) -> subprocess.Popen[bytes]:
+    with (root / "controller.log").open("ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "linesight.cli", "fleet", "serve", "--broker", broker.url,
+             "--data-dir", str(root / "fleet"), "--bundles", str(MODELS), "--key",
+             str(DEMO_PUB), "--http-port", str(port)],
+            stdout=log, stderr=log,
+        )
+
+
+def test_a_killed_controller_resumes_its_rollout(line: Line, tmp_path: Path) -> None:
+    port = free_port()
+    client = ControllerClient(f"http://127.0.0.1:{port}")
+    first = serve_process(tmp_path, line.broker, port)
+    try:
+        wait_for(lambda: _answers(client), 30, "the controller's API")
+        line.start_stations()
+        wait_for(lambda: len(client.get("/api/stations")["stations"]) == 3, 30, "stations")
+        started = client.start_rollout(PLAN, "part-classifier", "2.0.0")
+        wait_for(lambda: (client.current() or {}).get("stage", 0) >= 1, 240, "stage 2")
+    finally:
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait(10)
+    second = serve_process(tmp_path, line.broker, port)
+    try:
+        wait_for(lambda: _answers(client), 30, "the restarted controller")
+        doc = client.current()
+        assert doc is not None and doc["rollout_id"] == started["rollout_id"]
+        wait_for(lambda: finished(client), 240, "the resumed rollout to end")
+        doc = client.current()
+        assert doc is not None and doc["phase"] == "promoted", doc
+        wait_for(lambda: all(a.slots.active.ref.version == "2.0.0"
+                             for a in line.agents.values()), 30, "2.0.0 everywhere")
+        history = "\n".join(doc["history"])
+        assert history.count("promoted") >= 1
+    finally:
+        second.send_signal(signal.SIGTERM)
+        second.wait(30)
+
+
+def _answers(client: ControllerClient) -> bool:
+    try:
+        client.get("/api/health")
+        return True
+    except ControllerUnavailable:
+        return False

@@ -1,0 +1,170 @@
+"""End to end in headless Chromium: a real agent flags parts, an operator rejects one on the
+screen, and the Verdict reaches the broker carrying the operator's badge."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from werkzeug.serving import BaseWSGIServer, make_server
+
+from edge_agent.agent import Agent
+from edge_agent.store import StationStore
+from linesight import protocol as p
+from linesight.broker import Broker
+from station_ui.app import create_app
+from station_ui.config import UiConfig
+from station_ui.security import hash_pin
+from tests.support import REPO, V1, Collector, Receipter, station_config, wait_for
+
+CHROMIUM = Path("/usr/bin/chromium")
+SCREENSHOTS = REPO / "docs" / "screenshots"
+BADGE = "op-17"
+PIN = "2580"
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--no-first-run",
+    "--disable-sync",
+]
+
+pytestmark = [
+    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
+                       "(scripts/setup installs it)"),
+    pytest.mark.skipif(not (V1 / "manifest.json").exists(),
+                       reason=f"needs the shipped model bundle {V1}"),
+    pytest.mark.timeout(120),
+]
+
+
+@pytest.fixture
+def ui_server(tmp_path: Path) -> Iterator[tuple[str, StationStore]]:
+    """The station UI on a free port, on the store the agent will write to."""
+    store = StationStore(tmp_path / "station")
+    store.upsert_operator(BADGE, "Robin Line", "supervisor", hash_pin(PIN))
+    config = UiConfig(data_dir=store.data_dir, secret_key=b"browser-test-key" * 2,
+                      poll_interval_ms=500)
+    server: BaseWSGIServer = make_server("127.0.0.1", 0, create_app(config, store), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="station-ui", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}", store
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+        store.close()
+
+
+def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+    wait_for(condition, timeout, what)
+
+
+def test_operator_rejects_a_flagged_part_in_the_browser(
+    tmp_path: Path, broker: Broker, ui_server: tuple[str, StationStore]
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    base, store = ui_server
+    started = time.monotonic()
+    receipter = Receipter(broker.url)
+    collector = Collector(broker.url)
+    agent = Agent(station_config(
+        store.data_dir, broker.url, automation="assist", source="synthetic:seed=4,rate=5"
+    ))
+    agent_thread = threading.Thread(target=agent.run, name="agent", daemon=True)
+    agent_thread.start()
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    problems: list[str] = []
+    try:
+        _until(lambda: store.review_count() >= 2, 30, "the agent to flag parts")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(
+                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+            )
+            try:
+                page = browser.new_page(viewport={"width": 1280, "height": 800})
+                # A CSP violation or a script error shows up here.
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+                page.on("pageerror", lambda e: problems.append(str(e)))
+                page.set_default_timeout(10_000)
+
+                page.goto(f"{base}/")
+                page.fill("#badge", BADGE)
+                page.click("#pin")
+                for digit in PIN:  # the on-screen keypad, as a gloved operator would
+                    page.click(f"[data-keypad] button[data-digit='{digit}']")
+                page.click(".keypad-go")
+                page.wait_for_selector("#current .part-id")
+                part_id = page.inner_text("#current .part-id")
+                assert page.inner_text("#queue-count").strip().isdigit()
+                assert "Model suggests" in page.inner_text("#current")
+                page.wait_for_function(
+                    "() => !document.querySelector('.banner[data-kind=agent_down]')"
+                )
+                page.screenshot(path=str(SCREENSHOTS / "review-1280x800.png"))
+
+                page.click("#current [data-zoom]")
+                page.wait_for_selector("#zoom:not([hidden])")
+                page.screenshot(path=str(SCREENSHOTS / "zoom-1280x800.png"))
+                page.click("[data-zoom-close]")
+
+                page.click("#current button[value=reject]")
+                page.wait_for_selector("#toast:not([hidden])")
+                assert "rejected" in page.inner_text("#toast")
+                _until(
+                    lambda: any(v.part_id == part_id for v in collector.of(p.Verdict)),
+                    20, "the verdict to reach the broker",
+                )
+                verdict = next(v for v in collector.of(p.Verdict) if v.part_id == part_id)
+                assert verdict.operator == BADGE
+                assert verdict.outcome == p.VerdictOutcome.REJECT
+                assert verdict.label == "defect"
+
+                # The next part slides in without a reload; P passes it from the keyboard.
+                page.wait_for_function(
+                    "(judged) => { const c = document.getElementById('current');"
+                    " return c && c.dataset.partId && c.dataset.partId !== judged; }",
+                    arg=part_id,
+                )
+                second = page.inner_text("#current .part-id")
+                page.keyboard.press("p")
+                _until(
+                    lambda: any(
+                        v.part_id == second and v.outcome == p.VerdictOutcome.PASS
+                        for v in collector.of(p.Verdict)
+                    ),
+                    20, "the keyboard verdict to reach the broker",
+                )
+
+                page.goto(f"{base}/status")
+                page.wait_for_selector("svg.plot")
+                assert "part-classifier 1.0.0" in page.inner_text("main")
+                page.screenshot(path=str(SCREENSHOTS / "status-1280x800.png"))
+
+                page.goto(f"{base}/supervisor")
+                page.screenshot(path=str(SCREENSHOTS / "supervisor-1280x800.png"))
+
+                page.set_viewport_size({"width": 800, "height": 480})
+                page.goto(f"{base}/")
+                page.wait_for_selector("#current .part-id")
+                reject_box = page.locator("#current button[value=reject]").bounding_box()
+                assert reject_box is not None and reject_box["height"] >= 80
+                assert reject_box["y"] + reject_box["height"] <= 480, "Reject is below the fold"
+                page.screenshot(path=str(SCREENSHOTS / "review-800x480.png"))
+
+                page.context.clear_cookies()
+                page.goto(f"{base}/login")
+                page.screenshot(path=str(SCREENSHOTS / "login-800x480.png"))
+            finally:
+                browser.close()
+    finally:
+        agent.stop()
+        agent_thread.join(timeout=30)
+        collector.close()
+        receipter.close()
+    assert not agent_thread.is_alive(), "the agent did not stop"
+    assert problems == [], f"the browser reported errors: {problems}"
+    assert time.monotonic() - started < 60

@@ -1,0 +1,434 @@
+"""The fleet controller's store: dedup by (station, seq), contiguity, evidence, inventory."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from deploy.fleet_store import METRICS_HISTORY, FleetStore, FleetStoreError, SqliteFleetStore
+from deploy.gates import PairedEvidence
+from linesight import protocol as p
+
+T0 = datetime(2025, 3, 4, 6, 0, tzinfo=UTC)
+ACTIVE = p.ModelRef(name="part-classifier", version="1.0.0", sha256="a" * 64)
+CANDIDATE = p.ModelRef(name="part-classifier", version="1.1.0", sha256="c" * 64)
+OTHER = p.ModelRef(name="part-classifier", version="1.2.0", sha256="e" * 64)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[SqliteFleetStore]:
+    with SqliteFleetStore(tmp_path / "fleet.db") as opened:
+        yield opened
+
+
+def decision(
+    station: str,
+    seq: int,
+    *,
+    at: datetime = T0,
+    action: p.Action = p.Action.PASS,
+    label: str | None = "ok",
+    msg_id: uuid.UUID | None = None,
+) -> p.Decision:
+    return p.Decision(
+        station=station,
+        seq=seq,
+        ts=at,
+        msg_id=msg_id or uuid.uuid4(),
+        part_id=f"{station}-part-{seq}",
+        decided_by=p.DecidedBy.ACTIVE,
+        label=label,
+        confidence=0.9,
+        action=action,
+        review_reason=p.ReviewReason.LOW_CONFIDENCE if action == p.Action.REVIEW else None,
+        model=ACTIVE,
+        latency_ms=3.0,
+        automation=p.AutomationLevel.FULL,
+        mode=p.DeploymentMode.SHADOW,
+    )
+
+
+def shadow(
+    station: str,
+    seq: int,
+    part_id: str,
+    active: str | None,
+    candidate: str | None,
+    *,
+    at: datetime = T0,
+    model: p.ModelRef = CANDIDATE,
+    latency_ms: float = 5.0,
+) -> p.ShadowResult:
+    return p.ShadowResult(
+        station=station,
+        seq=seq,
+        ts=at,
+        part_id=part_id,
+        mode=p.DeploymentMode.SHADOW,
+        active=p.ModelOpinion(model=ACTIVE, label=active, latency_ms=3.0),
+        candidate=p.ModelOpinion(model=model, label=candidate, latency_ms=latency_ms),
+        agree=active is not None and active == candidate,
+    )
+
+
+def verdict(
+    station: str, seq: int, part_id: str, label: str | None, *, at: datetime = T0
+) -> p.Verdict:
+    outcome = {None: p.VerdictOutcome.ESCALATE, "defect": p.VerdictOutcome.REJECT}.get(
+        label, p.VerdictOutcome.PASS
+    )
+    return p.Verdict(
+        station=station,
+        seq=seq,
+        ts=at,
+        part_id=part_id,
+        operator="op-7",
+        outcome=outcome,
+        label=label,
+        review_reason=p.ReviewReason.DISAGREEMENT,
+        decided_at=at,
+    )
+
+
+def state(station: str, *, online: bool, line: str = "L1") -> p.StationState:
+    return p.StationState(station=station, seq=0, online=online, labels={"line": line})
+
+
+def metrics(station: str, at: datetime, parts: int = 10) -> p.StationMetrics:
+    return p.StationMetrics(station=station, seq=0, ts=at, window_s=5.0, parts=parts)
+
+
+# --- seq stream ------------------------------------------------------------------------------
+
+
+def test_the_store_satisfies_the_interface(store: SqliteFleetStore) -> None:
+    interface: FleetStore = store
+    assert interface.contiguous("st-1") == -1
+
+
+def test_duplicates_collapse_and_the_first_copy_wins(
+    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    first = decision("st-1", 0, action=p.Action.PASS)
+    assert store.ingest([first, decision("st-1", 1)]) == {"st-1": 1}
+
+    redelivered = first.model_copy()
+    reused = decision("st-1", 1, action=p.Action.REJECT)
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        assert store.ingest([redelivered, reused]) == {"st-1": 1}
+
+    stored = store.decisions("st-1")
+    assert [d.seq for d in stored] == [0, 1]
+    assert stored[0].msg_id == first.msg_id
+    assert stored[1].action == p.Action.PASS  # the re-used seq did not overwrite
+    assert store.decision_counts(T0) == {"st-1": {"pass": 2}}
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1 and "re-used seq 1" in warnings[0]
+
+
+def test_a_duplicate_inside_one_batch_keeps_the_first(store: SqliteFleetStore) -> None:
+    kept = decision("st-1", 0, action=p.Action.REJECT, label="defect")
+    assert store.ingest([kept, decision("st-1", 0), kept]) == {"st-1": 0}
+    assert [d.msg_id for d in store.decisions()] == [kept.msg_id]
+
+
+def test_contiguity_waits_for_the_gap_then_jumps_over_stored_seqs(
+    store: SqliteFleetStore,
+) -> None:
+    assert store.ingest([decision("st-1", 1), decision("st-1", 2)]) == {"st-1": -1}
+    assert store.ingest([decision("st-2", 0), decision("st-1", 4)]) == {"st-1": -1, "st-2": 0}
+    assert store.ingest([decision("st-1", 0)]) == {"st-1": 2}
+    assert store.ingest([decision("st-1", 3)]) == {"st-1": 4}
+    assert store.contiguous("st-1") == 4
+    assert store.contiguous("st-2") == 0
+    assert store.contiguous("st-unknown") == -1
+
+
+def test_metrics_and_state_are_not_part_of_the_seq_stream(store: SqliteFleetStore) -> None:
+    assert store.ingest([metrics("st-1", T0), state("st-1", online=True)]) == {}
+    assert store.contiguous("st-1") == -1
+    with pytest.raises(ValueError, match="Receipt"):
+        store.ingest([p.Receipt(station="st-1", seq=0, upto_seq=3)])
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(data=st.data(), n=st.integers(min_value=0, max_value=40))
+def test_any_arrival_order_reaches_the_full_prefix_and_never_overshoots(
+    tmp_path: Path, data: st.DataObject, n: int
+) -> None:
+    seqs = list(range(n + 1))
+    extra = data.draw(st.lists(st.sampled_from(seqs), max_size=n + 1), label="duplicates")
+    arrival = data.draw(st.permutations(seqs + extra), label="arrival")
+    cuts = sorted(data.draw(st.sets(st.integers(0, len(arrival)), max_size=6), label="cuts"))
+    path = tmp_path / f"fleet-{uuid.uuid4().hex}.db"
+    with SqliteFleetStore(path) as fleet:
+        arrived: set[int] = set()
+        for start, end in zip([0, *cuts], [*cuts, len(arrival)], strict=True):
+            batch = arrival[start:end]
+            if not batch:
+                continue
+            reported = fleet.ingest([decision("st-1", seq) for seq in batch])["st-1"]
+            arrived.update(batch)
+            prefix = -1
+            while prefix + 1 in arrived:
+                prefix += 1
+            assert reported == prefix
+        assert fleet.contiguous("st-1") == n
+
+
+def test_ten_thousand_messages_from_many_stations(store: SqliteFleetStore) -> None:
+    batch: list[p.Envelope] = []
+    for i in range(10_000):
+        station = f"st-{i % 50:02d}"
+        seq = i // 50
+        at = T0 + timedelta(milliseconds=i)
+        if seq % 2:
+            batch.append(shadow(station, seq, f"{station}-{seq}", "ok", "ok", at=at))
+        else:
+            batch.append(decision(station, seq, at=at))
+    for start in range(0, len(batch), 500):
+        store.ingest(batch[start : start + 500])
+    assert {store.contiguous(f"st-{s:02d}") for s in range(50)} == {199}
+    assert len(store.decisions()) == 5_000
+
+
+def test_ingest_from_several_threads(store: SqliteFleetStore) -> None:
+    def feed(station: str) -> None:
+        for seq in range(0, 200, 20):
+            store.ingest([decision(station, s) for s in range(seq, seq + 20)])
+
+    threads = [threading.Thread(target=feed, args=(f"st-{i}",)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert [store.contiguous(f"st-{i}") for i in range(4)] == [199] * 4
+
+
+# --- evidence --------------------------------------------------------------------------------
+
+
+def paired_fixture(store: SqliteFleetStore) -> None:
+    """Station a: 10 pairs since T0; station b: 2 pairs; plus rows every query must ignore."""
+    a = [
+        shadow("a", 0, "p0", "ok", "ok", latency_ms=1.0),
+        shadow("a", 1, "p1", "ok", "ok", latency_ms=2.0),
+        shadow("a", 2, "p2", "ok", "ok", latency_ms=3.0),
+        shadow("a", 3, "p3", "ok", "ok", latency_ms=4.0),
+        shadow("a", 4, "p4", "ok", "defect", latency_ms=5.0),  # candidate right (defect)
+        shadow("a", 5, "p5", "defect", "ok", latency_ms=6.0),  # candidate wrong (escape)
+        shadow("a", 6, "p6", "defect", "ok", latency_ms=7.0),  # escalated: not labelled
+        shadow("a", 7, "p7", "ok", "defect", latency_ms=8.0),  # candidate wrong (ok part)
+        shadow("a", 8, "p8", "ok", "defect", latency_ms=9.0),  # unlabelled
+        shadow("a", 9, "p9", None, "ok", latency_ms=100.0),  # active failed: not a pair
+        verdict("a", 10, "p4", "defect"),
+        verdict("a", 11, "p5", "defect"),
+        verdict("a", 12, "p6", None),
+        verdict("a", 13, "p7", "ok"),
+        verdict("a", 14, "p0", "ok"),  # an audit of an agreement: not a disagreement
+        shadow("a", 15, "p10", "ok", "defect", model=OTHER),  # another candidate
+        shadow("a", 16, "p11", "ok", "defect", at=T0 - timedelta(seconds=1)),  # before since
+        verdict("a", 17, "p11", "ok"),
+    ]
+    b = [
+        shadow("b", 0, "q0", "defect", "ok", latency_ms=10.0),
+        verdict("b", 1, "q0", "defect"),
+        verdict("b", 2, "q0", None),  # a later escalation does not hide the label
+        shadow("b", 3, "q1", "ok", "ok", latency_ms=11.0),
+        verdict("b", 4, "p4", "ok"),  # same part id on another station: not a's verdict
+    ]
+    c = [shadow("c", 0, "r0", "ok", "defect"), verdict("c", 1, "r0", "defect")]  # not asked
+    store.ingest([*a, *b, *c])
+
+
+def test_paired_evidence_counts(store: SqliteFleetStore) -> None:
+    paired_fixture(store)
+    evidence = store.paired_evidence(["a", "b"], T0, CANDIDATE.sha256)
+    # pairs: a p0-p8 (9) + b q0, q1 (2); disagreements: p4-p8 (5) + q0; labelled: p4 p5 p7 q0.
+    assert evidence.overall == PairedEvidence(
+        parts=11, disagreements=6, labelled_disagreements=4, candidate_right=1
+    )
+    # labelled defects p4 (right), p5, q0; 2 unlabelled * 3 defects / 4 labelled = 1.5 -> 2.
+    assert evidence.escapes == PairedEvidence(
+        parts=11, disagreements=5, labelled_disagreements=3, candidate_right=1
+    )
+    # 12 candidate results (p9 included): nearest-rank p95 is the 12th slowest of 12.
+    assert evidence.p95_latency_ms == 100.0
+
+
+def test_paired_evidence_filters_station_since_and_candidate(store: SqliteFleetStore) -> None:
+    paired_fixture(store)
+    only_b = store.paired_evidence(["b"], T0, CANDIDATE.sha256)
+    assert only_b.overall == PairedEvidence(2, 1, 1, 0)
+    assert only_b.p95_latency_ms == 11.0
+    later = store.paired_evidence(["a", "b"], T0 + timedelta(seconds=1), CANDIDATE.sha256)
+    assert later.overall == PairedEvidence(0, 0, 0, 0)
+    assert later.escapes == PairedEvidence(0, 0, 0, 0)
+    assert later.p95_latency_ms is None
+    other = store.paired_evidence(["a"], T0, OTHER.sha256)
+    assert other.overall == PairedEvidence(1, 1, 0, 0)
+    assert store.paired_evidence([], T0, CANDIDATE.sha256).overall.parts == 0
+
+
+def test_escapes_with_a_custom_defect_label(store: SqliteFleetStore) -> None:
+    store.ingest(
+        [
+            shadow("a", 0, "p0", "ok", "scratch"),
+            shadow("a", 1, "p1", "scratch", "ok"),
+            verdict("a", 2, "p0", "scratch"),
+            verdict("a", 3, "p1", "scratch"),
+        ]
+    )
+    evidence = store.paired_evidence(["a"], T0, CANDIDATE.sha256, defect_label="scratch")
+    assert evidence.escapes == PairedEvidence(2, 2, 2, 1)
+    assert store.paired_evidence(["a"], T0, CANDIDATE.sha256).escapes == PairedEvidence(2, 0, 0, 0)
+
+
+def test_evidence_series_buckets(store: SqliteFleetStore) -> None:
+    store.ingest(
+        [
+            decision("a", 0, at=T0 + timedelta(seconds=1)),
+            decision("a", 1, at=T0 + timedelta(seconds=2), action=p.Action.REJECT),
+            decision("b", 0, at=T0 + timedelta(seconds=3)),
+            decision("a", 2, at=T0 + timedelta(seconds=25), action=p.Action.REVIEW, label=None),
+            decision("c", 0, at=T0 + timedelta(seconds=12)),  # not asked for
+            shadow("a", 3, "x", "ok", "ok", at=T0 + timedelta(seconds=4)),
+            shadow("a", 4, "y", "ok", "defect", at=T0 + timedelta(seconds=5)),
+            shadow("a", 5, "z", "ok", "ok", at=T0 + timedelta(seconds=26), model=OTHER),
+        ]
+    )
+    points = store.evidence_series(["a", "b"], T0, 10)
+    assert [point.start for point in points] == [T0 + timedelta(seconds=s) for s in (0, 10, 20)]
+    assert [point.parts for point in points] == [3, 0, 1]
+    assert points[0].actions == {"pass": 2, "reject": 1}
+    assert points[2].actions == {"review": 1}
+    assert [point.shadow_pairs for point in points] == [2, 0, 1]
+    assert [point.agreement_rate for point in points] == [0.5, None, 1.0]
+    with_candidate = store.evidence_series(["a", "b"], T0, 10, CANDIDATE.sha256)
+    assert [point.shadow_pairs for point in with_candidate] == [2, 0, 0]
+    assert store.evidence_series(["a"], T0 + timedelta(minutes=5), 10) == []
+
+
+def test_decision_counts_since(store: SqliteFleetStore) -> None:
+    store.ingest(
+        [
+            decision("a", 0, at=T0 - timedelta(minutes=1)),
+            decision("a", 1, action=p.Action.REJECT),
+            decision("a", 2),
+            decision("b", 0, action=p.Action.REVIEW),
+        ]
+    )
+    assert store.decision_counts(T0) == {"a": {"reject": 1, "pass": 1}, "b": {"review": 1}}
+
+
+def test_ack_is_found_by_cmd_id(store: SqliteFleetStore) -> None:
+    cmd_id = uuid.uuid4()
+    assert store.ack(str(cmd_id)) is None
+    store.ingest(
+        [p.CommandAck(station="a", seq=0, cmd_id=cmd_id, command="set_mode", ok=False, error="x")]
+    )
+    ack = store.ack(str(cmd_id))
+    assert ack is not None and ack.ok is False and ack.error == "x" and ack.command == "set_mode"
+
+
+def test_decisions_filter_by_station_and_since(store: SqliteFleetStore) -> None:
+    store.ingest(
+        [
+            decision("a", 0, at=T0),
+            decision("b", 0, at=T0 + timedelta(seconds=1)),
+            decision("a", 1, at=T0 + timedelta(seconds=2)),
+        ]
+    )
+    assert [(d.station, d.seq) for d in store.decisions()] == [("a", 0), ("b", 0), ("a", 1)]
+    assert [d.seq for d in store.decisions("a", since=T0 + timedelta(seconds=1))] == [1]
+    assert len(store.decisions(limit=2)) == 2
+
+
+# --- inventory -------------------------------------------------------------------------------
+
+
+def test_state_inventory_online_offline_and_last_seen(store: SqliteFleetStore) -> None:
+    store.record_state(state("a", online=True, line="L2"), T0)
+    store.record_state(state("b", online=False), T0)
+    store.ingest([decision("c", 0), metrics("c", T0)])  # heard of only by its messages
+    store.record_state(state("a", online=False, line="L2"), T0 + timedelta(minutes=5))
+
+    records = {record.station: record for record in store.stations()}
+    assert list(records) == ["a", "b", "c"]
+    assert records["a"].online is False
+    assert records["a"].last_seen == T0  # a Last Will does not move last_seen
+    assert records["a"].labels == {"line": "L2"}
+    assert records["a"].state is not None and records["a"].state.online is False
+    assert records["b"].last_seen is None
+    assert records["c"].state is None and records["c"].online is False
+    assert records["c"].latest_metrics is not None
+
+    store.record_state(state("a", online=True), T0 + timedelta(minutes=7))
+    again = {record.station: record for record in store.stations()}["a"]
+    assert again.online is True and again.last_seen == T0 + timedelta(minutes=7)
+
+
+def test_latest_metrics_and_bounded_history(store: SqliteFleetStore) -> None:
+    reports = [
+        metrics("a", T0 + timedelta(seconds=5 * i), parts=i) for i in range(METRICS_HISTORY + 5)
+    ]
+    for start in range(0, len(reports), 100):
+        store.ingest(reports[start : start + 100])
+    store.ingest([metrics("a", T0, parts=999)])  # late: joins history, does not become latest
+    latest = store.stations()[0].latest_metrics
+    assert latest is not None and latest.parts == METRICS_HISTORY + 4
+    history = store.metrics_history("a")
+    assert len(history) == METRICS_HISTORY
+    assert history[-1].parts == METRICS_HISTORY + 4
+    assert len(store.metrics_history("a", since=reports[-3].ts)) == 3
+
+
+# --- rollouts and the controller's seq -------------------------------------------------------
+
+
+def test_rollout_save_and_resume(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with SqliteFleetStore(path) as fleet:
+        fleet.save_rollout("r1", "promoted", json.dumps({"id": "r1"}), T0)
+        fleet.save_rollout("r2", "running", json.dumps({"id": "r2", "stage": 0}), T0)
+        fleet.save_rollout("r2", "waiting_approval", json.dumps({"id": "r2", "stage": 1}), T0)
+        assert fleet.active_rollout() == ("r2", json.dumps({"id": "r2", "stage": 1}))
+    with SqliteFleetStore(path) as fleet:
+        assert fleet.active_rollout() == ("r2", json.dumps({"id": "r2", "stage": 1}))
+        fleet.save_rollout("r2", "rolled_back", "{}", T0 + timedelta(minutes=1))
+        assert fleet.active_rollout() is None
+        assert fleet.rollout("r1") == json.dumps({"id": "r1"})
+        assert fleet.rollout("nope") is None
+        assert fleet.rollouts() == [
+            ("r2", "rolled_back", T0 + timedelta(minutes=1)),
+            ("r1", "promoted", T0),
+        ]
+        assert fleet.rollouts(limit=1) == [("r2", "rolled_back", T0 + timedelta(minutes=1))]
+
+
+def test_next_seq_is_monotonic_across_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with SqliteFleetStore(path) as fleet:
+        first = [fleet.next_seq() for _ in range(5)]
+    assert first == sorted(set(first))
+    with SqliteFleetStore(path) as fleet:
+        after = fleet.next_seq()
+    assert after > first[-1]
+
+
+def test_the_store_refuses_use_after_close(tmp_path: Path) -> None:
+    fleet = SqliteFleetStore(tmp_path / "fleet.db")
+    fleet.close()
+    with pytest.raises(FleetStoreError, match="closed"):
+        fleet.contiguous("a")

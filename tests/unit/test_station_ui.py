@@ -1,0 +1,613 @@
+"""The station UI through Flask's test client, on a real station store in a temp folder."""
+
+from __future__ import annotations
+
+import argparse
+import html
+import io
+import re
+import stat
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from flask import Flask
+from flask.testing import FlaskClient
+
+from edge_agent.store import PartLogEntry, ReviewItem, StationStore
+from linesight.protocol import AutomationLevel
+from station_ui.app import create_app
+from station_ui.commands import load_secret, register
+from station_ui.config import UiConfig
+from station_ui.security import LockPolicy, SignInLimiter, hash_pin, verify_pin
+from station_ui.views import shift_start
+
+JPEG = b"\xff\xd8\xff\xe0" + b"part-image" * 10 + b"\xff\xd9"
+HOSTILE_IDS = ("<script>alert(1)</script>", "\"'><img src=x onerror=1>")
+# Hashing is deliberately slow; every test shares these two.
+OPERATOR_PIN = "4321"
+SUPERVISOR_PIN = "98765"
+_HASHES = {OPERATOR_PIN: hash_pin(OPERATOR_PIN), SUPERVISOR_PIN: hash_pin(SUPERVISOR_PIN)}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = time.time()
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StationStore]:
+    opened = StationStore(tmp_path / "data")
+    opened.upsert_operator("op-7", "Ana Operator", "operator", _HASHES[OPERATOR_PIN])
+    opened.upsert_operator("sup-1", "Sam Supervisor", "supervisor", _HASHES[SUPERVISOR_PIN])
+    yield opened
+    opened.close()
+
+
+def make_app(store: StationStore, clock: FakeClock, **settings: Any) -> Flask:
+    config = UiConfig(
+        data_dir=store.data_dir, secret_key=b"k" * 32, clock=clock, **settings
+    )
+    app = create_app(config, store)
+    app.config["TESTING"] = True
+    return app
+
+
+@pytest.fixture
+def app(store: StationStore, clock: FakeClock) -> Flask:
+    return make_app(store, clock)
+
+
+@pytest.fixture
+def client(app: Flask) -> FlaskClient:
+    return app.test_client()
+
+
+def add_part(
+    store: StationStore,
+    part_id: str,
+    *,
+    age_s: float = 0.0,
+    automation: str = "assist",
+    reason: str = "operator_decides",
+    suggestion: str | None = "defect",
+    confidence: float | None = 0.62,
+) -> None:
+    store.add_review(ReviewItem(
+        part_id=part_id,
+        created=datetime.now(UTC) - timedelta(seconds=age_s),
+        reason=reason,
+        automation=automation,
+        suggestion=suggestion,
+        confidence=confidence,
+        model_label=suggestion,
+        candidate_label=None,
+        active_version="1.0.0",
+        candidate_version=None,
+        image_jpeg=JPEG,
+    ))
+
+
+def csrf_of(client: FlaskClient, path: str = "/login") -> str:
+    page = client.get(path).get_data(as_text=True)
+    found = re.search(r'<meta name="csrf-token" content="([^"]+)">', page)
+    assert found, f"no CSRF token on {path}"
+    return found.group(1)
+
+
+def sign_in(client: FlaskClient, badge: str = "op-7", pin: str = OPERATOR_PIN) -> str:
+    token = csrf_of(client)
+    response = client.post("/login", data={"badge": badge, "pin": pin, "csrf_token": token})
+    assert response.status_code == 302, response.get_data(as_text=True)
+    # The token is renewed at sign-in.
+    return csrf_of(client, "/status")
+
+
+def judge(client: FlaskClient, token: str, part_id: str, outcome: str) -> Any:
+    return client.post(
+        "/verdict",
+        data={"part_id": part_id, "outcome": outcome},
+        headers={"X-CSRF-Token": token, "Accept": "application/json"},
+    )
+
+
+def status_doc(**fields: Any) -> dict[str, Any]:
+    doc: dict[str, Any] = {
+        "station": "press-01", "online": True, "broker_connected": True,
+        "rollout_active": False, "faults": [], "outbox_depth": 0, "automation": "assist",
+        "mode": "none", "active": {"name": "part-classifier", "version": "1.0.0"},
+        "candidate": None,
+    }
+    doc.update(fields)
+    return doc
+
+
+def banner_kinds(client: FlaskClient) -> list[str]:
+    return [banner["kind"] for banner in client.get("/api/queue").get_json()["banners"]]
+
+
+# --- headers, cookies, sign-in ---------------------------------------------------------------
+
+
+def test_every_response_carries_the_security_headers(client: FlaskClient) -> None:
+    responses = [
+        client.get("/login"),
+        client.get("/static/station.css"),
+        client.get("/api/queue"),
+        client.get("/no-such-page"),
+    ]
+    for response in responses:
+        policy = response.headers["Content-Security-Policy"]
+        assert "default-src 'self'" in policy and "frame-ancestors 'none'" in policy
+        assert response.headers["X-Frame-Options"] == "DENY"
+        assert response.headers["X-Content-Type-Options"] == "nosniff"
+        assert response.headers["Referrer-Policy"] == "no-referrer"
+        response.close()
+
+
+def test_pages_have_no_inline_script_or_style(client: FlaskClient, store: StationStore) -> None:
+    add_part(store, "P-1")
+    sign_in(client, "sup-1", SUPERVISOR_PIN)
+    for path in ("/", "/status", "/supervisor", "/login"):
+        page = client.get(path).get_data(as_text=True)
+        assert "<script>" not in page and " style=" not in page and "<style" not in page
+        assert re.search(r"\son[a-z]+=", page) is None, f"inline handler on {path}"
+
+
+def test_session_cookie_is_httponly_and_samesite_strict(client: FlaskClient) -> None:
+    sign_in(client)
+    cookie = client.get_cookie("linesight_station")
+    assert cookie is not None and cookie.http_only and cookie.same_site == "Strict"
+
+
+def test_pages_and_api_need_a_signed_in_operator(client: FlaskClient, store: StationStore) -> None:
+    add_part(store, "P-1")
+    assert client.get("/").headers["Location"].startswith("/login")
+    assert client.get("/api/queue").status_code == 401
+    assert client.get("/image?part=P-1").status_code in (302, 401)
+    token = csrf_of(client)
+    assert judge(client, token, "P-1", "pass").status_code == 401
+    assert store.verdicts_since(datetime(2000, 1, 1, tzinfo=UTC)) == []
+
+
+def test_sign_in_with_badge_and_pin(client: FlaskClient) -> None:
+    token = csrf_of(client)
+    wrong = client.post("/login", data={"badge": "op-7", "pin": "0000", "csrf_token": token})
+    assert wrong.status_code == 401
+    assert "not recognised" in wrong.get_data(as_text=True)
+    sign_in(client)
+    page = client.get("/").get_data(as_text=True)
+    assert "Ana Operator" in page and "No parts waiting" in page
+
+
+def test_pin_hash_is_salted_scrypt_and_checks_in_constant_time() -> None:
+    first, second = hash_pin("1234"), hash_pin("1234")
+    assert first.startswith("scrypt$") and first != second
+    assert verify_pin("1234", first) and not verify_pin("1235", first)
+    assert not verify_pin("1234", "garbage") and not verify_pin("1234", "scrypt$1$2$3$x$y")
+    with pytest.raises(ValueError):
+        hash_pin("12a4")
+
+
+# --- CSRF -------------------------------------------------------------------------------------
+
+
+def test_a_post_without_the_session_token_is_refused(
+    client: FlaskClient, store: StationStore
+) -> None:
+    add_part(store, "P-1")
+    refused = client.post("/login", data={"badge": "op-7", "pin": OPERATOR_PIN})
+    assert refused.status_code == 400
+    assert "security token" in refused.get_data(as_text=True)
+    token = sign_in(client)
+    assert judge(client, "forged", "P-1", "reject").status_code == 400
+    no_token = client.post("/verdict", data={"part_id": "P-1", "outcome": "reject"})
+    assert no_token.status_code == 400
+    assert store.review("P-1").outcome is None  # type: ignore[union-attr]
+    assert judge(client, token, "P-1", "reject").status_code == 200
+
+
+def test_the_token_of_another_session_is_refused(app: Flask, store: StationStore) -> None:
+    add_part(store, "P-1")
+    mallory, ana = app.test_client(), app.test_client()
+    stolen = sign_in(mallory)
+    sign_in(ana)
+    assert judge(ana, stolen, "P-1", "pass").status_code == 400
+
+
+# --- idle sign-out and session end ----------------------------------------------------------
+
+
+def test_idle_operator_is_signed_out(client: FlaskClient, clock: FakeClock) -> None:
+    sign_in(client)
+    clock.advance(299)
+    assert client.get("/").status_code == 200
+    clock.advance(299)
+    assert client.get("/").status_code == 200  # activity keeps the session
+    clock.advance(301)
+    response = client.get("/")
+    assert response.status_code == 302 and "reason=idle" in response.headers["Location"]
+    assert "signed out after a while" in client.get("/login?reason=idle").get_data(as_text=True)
+    assert client.get("/api/queue").status_code == 401
+
+
+def test_polling_does_not_keep_a_session_alive(client: FlaskClient, clock: FakeClock) -> None:
+    sign_in(client)
+    for _ in range(4):
+        clock.advance(100)
+        if client.get("/api/queue").status_code != 200:
+            break
+    assert client.get("/api/queue").status_code == 401
+
+
+def test_idle_timeout_is_configurable(store: StationStore, clock: FakeClock) -> None:
+    client = make_app(store, clock, idle_timeout_s=30).test_client()
+    sign_in(client)
+    clock.advance(31)
+    assert client.get("/api/queue").status_code == 401
+
+
+def test_a_pin_reset_ends_open_sessions(client: FlaskClient, store: StationStore) -> None:
+    sign_in(client)
+    store.upsert_operator("op-7", "Ana Operator", "operator", hash_pin("5555"))
+    assert client.get("/api/queue").status_code == 401
+
+
+def test_sign_out(client: FlaskClient) -> None:
+    token = sign_in(client)
+    assert client.post("/logout", data={"csrf_token": token}).status_code == 302
+    assert client.get("/api/queue").status_code == 401
+
+
+# --- rate limit on failed sign-ins ----------------------------------------------------------
+
+
+def _try(client: FlaskClient, badge: str, pin: str) -> int:
+    token = csrf_of(client)
+    return client.post(
+        "/login", data={"badge": badge, "pin": pin, "csrf_token": token}
+    ).status_code
+
+
+def test_five_failures_lock_the_badge_for_30_s(client: FlaskClient, clock: FakeClock) -> None:
+    assert [_try(client, "op-7", "1111") for _ in range(5)] == [401, 401, 401, 401, 429]
+    assert _try(client, "op-7", OPERATOR_PIN) == 429  # even the right PIN waits
+    page = client.post(
+        "/login", data={"badge": "op-7", "pin": "1", "csrf_token": csrf_of(client)}
+    ).get_data(as_text=True)
+    assert "Try again in 30 s" in page
+    clock.advance(31)
+    assert _try(client, "op-7", OPERATOR_PIN) == 302
+
+
+def test_locks_double_and_stop_at_five_minutes() -> None:
+    now = [0.0]
+    limiter = SignInLimiter(lambda: now[0])
+    policy = LockPolicy(max_failures=5, first_lock_s=30, max_lock_s=300)
+    locks = []
+    for _ in range(6):
+        for _ in range(5):
+            lock = limiter.fail("badge:x", policy)
+        locks.append(lock)
+        now[0] += lock + 1
+    assert locks == [30, 60, 120, 240, 300, 300]
+    limiter.succeed("badge:x")
+    assert limiter.locked_for("badge:x") == 0
+
+
+def test_many_badges_from_one_address_lock_that_address(
+    client: FlaskClient, clock: FakeClock
+) -> None:
+    codes = [_try(client, f"guess-{n}", "1234") for n in range(20)]
+    assert codes[-1] == 429 and set(codes[:-1]) == {401}
+    assert _try(client, "op-7", OPERATOR_PIN) == 429
+    clock.advance(31)
+    assert _try(client, "op-7", OPERATOR_PIN) == 302
+
+
+# --- the queue --------------------------------------------------------------------------------
+
+
+def test_queue_shows_the_oldest_part_first_and_the_count(
+    client: FlaskClient, store: StationStore
+) -> None:
+    add_part(store, "P-new", age_s=1)
+    add_part(store, "P-old", age_s=60, reason="low_confidence")
+    add_part(store, "P-mid", age_s=30)
+    sign_in(client)
+    queue = client.get("/api/queue").get_json()
+    assert queue["count"] == 3 and queue["head"] == "P-old"
+    assert [item["part_id"] for item in queue["items"]] == ["P-old", "P-mid", "P-new"]
+    page = client.get("/").get_data(as_text=True)
+    current = page[page.index('id="current"') : page.index("</section>")]
+    assert "P-old" in current and "Low confidence" in current
+    assert 'id="queue-count" aria-label="parts waiting">3<' in page
+
+
+def test_suggestion_is_hidden_at_the_shadow_level(
+    client: FlaskClient, store: StationStore
+) -> None:
+    add_part(store, "P-shadow", age_s=10, automation="shadow", suggestion="defect",
+             confidence=0.93, reason="operator_decides")
+    add_part(store, "P-assist", age_s=5, automation="assist", suggestion="defect",
+             confidence=0.93)
+    sign_in(client)
+    page = client.get("/").get_data(as_text=True)
+    assert "Model suggests" not in page and "93 %" not in page
+    items = client.get("/api/queue").get_json()["items"]
+    assert items[0]["suggestion"] is None and items[0]["confidence"] is None
+    assert items[1]["suggestion"] == "defect" and items[1]["confidence"] == 0.93
+    token = csrf_of(client, "/")
+    judge(client, token, "P-shadow", "pass")
+    page = client.get("/partial/current").get_data(as_text=True)
+    assert "Model suggests" in page and "93 % sure" in page
+
+
+@pytest.mark.parametrize("reason", ["audit", "disagreement"])
+def test_suggestion_is_hidden_when_the_verdict_grades_the_model(
+    client: FlaskClient, store: StationStore, reason: str
+) -> None:
+    add_part(store, "P-1", automation="full", reason=reason, suggestion="ok", confidence=0.99)
+    sign_in(client)
+    assert "Model suggests" not in client.get("/").get_data(as_text=True)
+    assert client.get("/api/queue").get_json()["items"][0]["suggestion"] is None
+
+
+@pytest.mark.parametrize("hostile", HOSTILE_IDS)
+def test_hostile_part_ids_are_escaped(
+    client: FlaskClient, store: StationStore, hostile: str
+) -> None:
+    add_part(store, hostile, age_s=10)
+    add_part(store, hostile + "-2", age_s=5)
+    token = sign_in(client)
+    for path in ("/", "/partial/current"):
+        page = client.get(path).get_data(as_text=True)
+        assert hostile not in page
+        assert "&lt;" in page
+    assert "<img src=x" not in client.get("/").get_data(as_text=True)
+    assert client.get("/api/queue").get_json()["head"] == hostile
+    response = client.post(
+        "/verdict", data={"part_id": hostile, "outcome": "pass", "csrf_token": token},
+        follow_redirects=True,
+    )
+    page = response.get_data(as_text=True)
+    assert "passed" in page and hostile not in page
+
+
+def test_image_route_serves_a_queued_part_and_refuses_others(
+    client: FlaskClient, store: StationStore
+) -> None:
+    add_part(store, "P-1")
+    add_part(store, "<b>odd/../../id</b>")
+    sign_in(client)
+    with client.get("/image?part=P-1") as image:
+        assert image.status_code == 200 and image.mimetype == "image/jpeg"
+        assert image.data == JPEG
+    with client.get("/image", query_string={"part": "<b>odd/../../id</b>"}) as image:
+        assert image.data == JPEG
+    for unknown in ("P-2", "", "../station.db", "images/../station.db", "x" * 500):
+        assert client.get("/image", query_string={"part": unknown}).status_code == 404
+
+
+# --- verdicts ---------------------------------------------------------------------------------
+
+
+def test_a_double_tap_stores_one_verdict(client: FlaskClient, store: StationStore) -> None:
+    add_part(store, "P-1")
+    token = sign_in(client)
+    first = judge(client, token, "P-1", "reject")
+    second = judge(client, token, "P-1", "pass")
+    assert first.get_json()["result"] == "recorded"
+    assert second.get_json()["result"] == "already_judged"
+    verdicts = store.verdicts_since(datetime(2000, 1, 1, tzinfo=UTC))
+    assert len(verdicts) == 1
+    assert (verdicts[0].operator, verdicts[0].outcome, verdicts[0].label) == (
+        "op-7", "reject", "defect",
+    )
+    assert client.get("/api/queue").get_json()["count"] == 0
+
+
+def test_outcomes_carry_the_true_label(client: FlaskClient, store: StationStore) -> None:
+    for part_id in ("P-pass", "P-reject", "P-escalate"):
+        add_part(store, part_id)
+    token = sign_in(client)
+    for outcome in ("pass", "reject", "escalate"):
+        assert judge(client, token, f"P-{outcome}", outcome).status_code == 200
+    labels = {v.part_id: v.label for v in store.verdicts_since(datetime(2000, 1, 1, tzinfo=UTC))}
+    assert labels == {"P-pass": "ok", "P-reject": "defect", "P-escalate": None}
+
+
+def test_a_form_verdict_without_javascript_redirects_with_a_message(
+    client: FlaskClient, store: StationStore
+) -> None:
+    add_part(store, "P-1")
+    token = sign_in(client)
+    data = {"part_id": "P-1", "outcome": "reject", "csrf_token": token}
+    page = client.post("/verdict", data=data, follow_redirects=True).get_data(as_text=True)
+    assert "Part P-1 rejected." in page
+    page = client.post("/verdict", data=data, follow_redirects=True).get_data(as_text=True)
+    assert "Part P-1 was already judged." in page
+
+
+def test_bad_verdicts_are_refused(client: FlaskClient, store: StationStore) -> None:
+    add_part(store, "P-1")
+    token = sign_in(client)
+    assert judge(client, token, "P-unknown", "pass").status_code == 404
+    assert judge(client, token, "P-1", "maybe").status_code == 400
+    assert store.review("P-1").outcome is None  # type: ignore[union-attr]
+
+
+# --- banners ----------------------------------------------------------------------------------
+
+
+def test_banners_follow_the_agent_status(
+    client: FlaskClient, store: StationStore, clock: FakeClock
+) -> None:
+    sign_in(client)
+    assert banner_kinds(client) == ["agent_down"]  # the agent never wrote a status
+    store.save_status(status_doc())
+    assert banner_kinds(client) == []
+    store.save_status(status_doc(broker_connected=False))
+    assert banner_kinds(client) == ["broker_offline"]
+    store.save_status(status_doc(outbox_depth=501))
+    assert banner_kinds(client) == ["outbox"]
+    fault = {"code": "model_nan", "message": "active model returned NaN", "since": "x"}
+    store.save_status(status_doc(faults=[fault]))
+    assert banner_kinds(client) == ["fault"]
+    candidate = {"name": "part-classifier", "version": "2.0.0", "sha256": "0" * 64}
+    store.save_status(status_doc(candidate=candidate, rollout_active=True, mode="shadow"))
+    assert banner_kinds(client) == ["rollout"]
+    assert "part-classifier 2.0.0" in client.get("/").get_data(as_text=True)
+    clock.advance(6)
+    assert banner_kinds(client)[0] == "agent_down"
+
+
+# --- status page ------------------------------------------------------------------------------
+
+
+def test_status_page_shows_models_and_shift_numbers(
+    client: FlaskClient, store: StationStore
+) -> None:
+    candidate = {"name": "part-classifier", "version": "2.0.0", "sha256": "0" * 64}
+    store.save_status(status_doc(candidate=candidate, mode="shadow", rollout_active=True))
+    now = datetime.now(UTC)
+    for n in range(10):
+        store.log_part(PartLogEntry(
+            part_id=f"L-{n}", ts=now - timedelta(seconds=n), action="pass",
+            decided_by="active", active_label="ok", candidate_label="ok" if n < 8 else "defect",
+            agree=n < 8, active_confidence=0.9,
+        ))
+    add_part(store, "P-1", suggestion="defect")
+    token = sign_in(client)
+    judge(client, token, "P-1", "reject")
+    page = client.get("/status").get_data(as_text=True)
+    assert "part-classifier 1.0.0" in page and "part-classifier 2.0.0" in page
+    assert "80.0 %" in page  # models agree on 8 of 10
+    assert "100.0 %" in page  # the operator agreed with the model's defect
+    assert page.count("<svg") >= 3
+    status = client.get("/api/status").get_json()
+    assert status["candidate"] == "part-classifier 2.0.0" and status["mode"] == "shadow"
+
+
+def test_shift_start() -> None:
+    tz = datetime.now().astimezone().tzinfo
+    at = datetime(2024, 5, 6, 13, 59, tzinfo=tz)
+    assert shift_start(at, 6, 8) == datetime(2024, 5, 6, 6, 0, tzinfo=tz)
+    assert shift_start(at.replace(hour=14, minute=0), 6, 8) == at.replace(hour=14, minute=0)
+    early = datetime(2024, 5, 6, 3, 0, tzinfo=tz)
+    assert shift_start(early, 6, 8) == datetime(2024, 5, 5, 22, 0, tzinfo=tz)
+    assert shift_start(early, 6, 12) == datetime(2024, 5, 5, 18, 0, tzinfo=tz)
+
+
+# --- supervisor -------------------------------------------------------------------------------
+
+
+def test_operators_cannot_use_the_supervisor_page(
+    client: FlaskClient, store: StationStore
+) -> None:
+    token = sign_in(client)
+    assert client.get("/supervisor").status_code == 403
+    response = client.post(
+        "/supervisor/automation",
+        data={"level": "full", "reason": "because", "csrf_token": token},
+    )
+    assert response.status_code == 403
+    assert store.take_requests() == []
+    assert "Supervisor" not in client.get("/status").get_data(as_text=True).split("<main>")[0]
+
+
+def test_a_supervisor_changes_the_automation_level(
+    client: FlaskClient, store: StationStore
+) -> None:
+    store.save_status(status_doc())
+    token = sign_in(client, "sup-1", SUPERVISOR_PIN)
+    assert client.get("/supervisor").status_code == 200
+    missing = client.post(
+        "/supervisor/automation", data={"level": "partial", "reason": " ", "csrf_token": token}
+    )
+    assert missing.status_code == 400 and "Give a reason" in missing.get_data(as_text=True)
+    assert store.take_requests() == []
+    done = client.post(
+        "/supervisor/automation",
+        data={"level": "partial", "reason": "model 1.0.0 audited for a week", "csrf_token": token},
+        follow_redirects=True,
+    )
+    assert done.status_code == 200 and "switch to" in done.get_data(as_text=True)
+    [request] = store.take_requests()
+    assert (request.level, request.reason, request.by) == (
+        "partial", "model 1.0.0 audited for a week", "sup-1",
+    )
+
+
+def test_levels_above_the_fleet_maximum_are_refused(
+    store: StationStore, clock: FakeClock
+) -> None:
+    client = make_app(store, clock, max_automation=AutomationLevel.ASSIST).test_client()
+    token = sign_in(client, "sup-1", SUPERVISOR_PIN)
+    page = client.get("/supervisor").get_data(as_text=True)
+    assert re.search(r'value="full"[^>]*disabled', page)
+    refused = client.post(
+        "/supervisor/automation", data={"level": "full", "reason": "x", "csrf_token": token}
+    )
+    assert refused.status_code == 403
+    assert "at most 'assist'" in html.unescape(refused.get_data(as_text=True))
+    assert store.take_requests() == []
+    client.post(
+        "/supervisor/automation", data={"level": "assist", "reason": "x", "csrf_token": token}
+    )
+    assert [r.level for r in store.take_requests()] == ["assist"]
+
+
+# --- command line -----------------------------------------------------------------------------
+
+
+def _cli(argv: list[str], stdin: str, monkeypatch: pytest.MonkeyPatch) -> int:
+    parser = argparse.ArgumentParser(prog="linesight")
+    register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    monkeypatch.setattr("sys.stdin", io.StringIO(stdin))
+    code: int = args.handler(args)
+    return code
+
+
+def test_ui_operator_add_and_reset(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = tmp_path / "station"
+    StationStore(data).close()
+    add = ["ui-operator", "add", "--data-dir", str(data), "--badge", "B-12", "--name", "Lee"]
+    assert _cli(add, "2468\n", monkeypatch) == 0
+    assert _cli(add, "2468\n", monkeypatch) == 2
+    assert "exists" in capsys.readouterr().err
+    reset = ["ui-operator", "reset", "--data-dir", str(data), "--badge", "B-12",
+             "--role", "supervisor"]
+    assert _cli(reset, "13579\n", monkeypatch) == 0
+    assert _cli(reset[:-2], "12\n", monkeypatch) == 2
+    assert "4 to 12 digits" in capsys.readouterr().err
+    missing = ["ui-operator", "reset", "--data-dir", str(data), "--badge", "nobody"]
+    assert _cli(missing, "1234\n", monkeypatch) == 2
+    with StationStore(data) as store:
+        operator = store.operator("B-12")
+    assert operator is not None and operator.role == "supervisor" and operator.name == "Lee"
+    assert verify_pin("13579", operator.pin_hash)
+
+
+def test_the_session_key_file_is_created_private_and_kept(tmp_path: Path) -> None:
+    path = tmp_path / "ui-secret.key"
+    key = load_secret(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(key) >= 32
+    assert load_secret(path) == key
