@@ -6,14 +6,32 @@ store the station UI writes to."""
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import random
+import tempfile
 import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+from deploy.api import create_app
+from deploy.config import load_controller_config
+from deploy.controller import Controller
+from deploy.fleet_store import FleetStore
+from deploy.plan import RolloutPlan, load_plan
+from deploy.rollout import TERMINAL, Phase, RolloutState
+from edge_agent.agent import Agent
+from edge_agent.config import load_config as load_agent_config
 from edge_agent.store import StationStore
 from edge_agent.synthetic import PartGenerator, parse_part_id
+from linesight.artifacts import load_public_key, verify_bundle
+from linesight.broker import free_port, start_broker
+from linesight.http_server import HttpServer
+from linesight.protocol import Action, DecidedBy
 
 log = logging.getLogger(__name__)
 
@@ -87,3 +105,190 @@ class SimulatedOperator:
                     log.exception("simulated operator %s failed", self.badge)
         finally:
             store.close()
+
+
+# --- the outcome of a rollout on a simulated line --------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class LineSummary:
+    outcome: str
+    stages_passed: int
+    parts: int
+    parts_decided_by_candidate: int
+    escaped_defects: dict[str, int]
+    false_rejects: dict[str, int]
+    labels_used: int
+    seconds_to_decision: float | None
+    reason: str
+
+    def to_json(self) -> str:
+        document = asdict(self)
+        document.pop("reason")
+        return json.dumps(document, sort_keys=False)
+
+
+def summarise(
+    store: FleetStore, rollout: RolloutState | None, truth: Callable[[str], str],
+    labels_used: int,
+) -> LineSummary:
+    """Escaped defects are defective parts a model passed; false rejects good parts it
+    rejected; each is attributed to the model that decided the part."""
+    escaped = {"active": 0, "candidate": 0}
+    false_rejects = {"active": 0, "candidate": 0}
+    decisions = store.decisions()
+    for decision in decisions:
+        who = decision.decided_by.value
+        if who not in escaped:
+            continue
+        actual = truth(decision.part_id)
+        if decision.action == Action.PASS and actual == "defect":
+            escaped[who] += 1
+        elif decision.action == Action.REJECT and actual == "ok":
+            false_rejects[who] += 1
+    if rollout is None:
+        return LineSummary("none", 0, len(decisions), 0, escaped, false_rejects, labels_used,
+                           None, "no rollout ran")
+    outcome = {
+        Phase.PROMOTED: "promoted", Phase.ROLLED_BACK: "rolled_back", Phase.ABORTED: "rolled_back",
+    }.get(rollout.phase, "paused")
+    seconds = (
+        (rollout.updated - rollout.started).total_seconds()
+        if rollout.phase in (Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED) else None
+    )
+    return LineSummary(
+        outcome=outcome,
+        stages_passed=sum(1 for record in rollout.stages if record.outcome == "passed"),
+        parts=len(decisions),
+        parts_decided_by_candidate=sum(
+            1 for d in decisions if d.decided_by == DecidedBy.CANDIDATE
+        ),
+        escaped_defects=escaped,
+        false_rejects=false_rejects,
+        labels_used=labels_used,
+        seconds_to_decision=round(seconds, 1) if seconds is not None else None,
+        reason=rollout.reason,
+    )
+
+
+# --- `linesight sim` -----------------------------------------------------------------------
+
+DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "deploy" / "plans" / "shadow-first.yaml"
+MODELS = Path(__file__).resolve().parents[1] / "models"
+
+
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    sim = sub.add_parser(
+        "sim",
+        help="run a rollout on a simulated line, headless, and print its outcome",
+        description="A broker, the controller, N stations on the synthetic source and "
+        "simulated operators, all on this machine; ends with one JSON line.",
+    )
+    sim.add_argument("--stations", type=int, default=3)
+    sim.add_argument("--candidate", type=Path, required=True,
+                     help="bundle folder, e.g. models/part-classifier/2.1.0")
+    sim.add_argument("--active", type=Path, default=MODELS / "part-classifier" / "1.0.0")
+    sim.add_argument("--plan", type=Path, default=DEFAULT_PLAN)
+    sim.add_argument("--seed", type=int, default=1)
+    sim.add_argument("--rate", type=float, default=40.0, help="parts per second per station")
+    sim.add_argument("--operator-error", type=float, default=0.01,
+                     help="share of verdicts the simulated operators get wrong")
+    sim.add_argument("--timeout", type=float, default=900.0, help="give up after this long")
+    sim.add_argument("--key", type=Path, default=MODELS / "keys" / "demo.pub")
+    sim.add_argument("--json", action="store_true", help="only the final JSON line on stdout")
+    sim.set_defaults(handler=run_sim)
+
+
+def run_sim(args: argparse.Namespace) -> int:
+    if not 1 <= args.stations <= 50:
+        raise ValueError("--stations must be between 1 and 50")
+    if args.rate <= 0:
+        raise ValueError("--rate must be > 0")
+    manifest = verify_bundle(args.candidate, load_public_key(args.key))
+    plan = load_plan(args.plan)
+    def say(text: str) -> None:
+        if not args.json:
+            print(text, flush=True)
+
+    with tempfile.TemporaryDirectory(prefix="linesight-sim-") as workdir:
+        summary = simulate(
+            Path(workdir), plan=plan, candidate=(args.candidate.parent.parent, manifest.name,
+                                                 manifest.version),
+            active=args.active, key=args.key, stations=args.stations, seed=args.seed,
+            rate=args.rate, operator_error=args.operator_error, timeout_s=args.timeout, say=say,
+        )
+    say(f"{summary.outcome}: {summary.reason}")
+    print(summary.to_json(), flush=True)
+    return 0
+
+
+def simulate(
+    workdir: Path, *, plan: RolloutPlan, candidate: tuple[Path, str, str], active: Path,
+    key: Path, stations: int, seed: int, rate: float, operator_error: float, timeout_s: float,
+    say: Callable[[str], None],
+) -> LineSummary:
+    """Run one rollout on a simulated line in this process and summarise it."""
+    bundles, name, version = candidate
+    defect_rate = 0.3
+    with start_broker(workdir / "broker") as broker:
+        controller = Controller(load_controller_config(None, {
+            "broker.url": broker.url, "data_dir": workdir / "fleet", "bundles": bundles,
+            "key": key, "http_port": free_port(), "tick_s": 0.5,
+        }))
+        server = HttpServer(create_app(controller), "127.0.0.1", controller.config.http_port)
+        controller.start()
+        server.start()
+        agents: list[Agent] = []
+        threads: list[threading.Thread] = []
+        operators: list[SimulatedOperator] = []
+        try:
+            for index in range(stations):
+                station = f"sim-{index + 1:02d}"
+                data_dir = workdir / station
+                agent = Agent(load_agent_config(None, {
+                    "station": station, "broker.url": broker.url,
+                    "source": f"synthetic:seed={seed * 100 + index},rate={rate:g},"
+                              f"defect_rate={defect_rate}",
+                    "active": active, "data_dir": data_dir, "key": key,
+                    "automation": "partial", "state_interval_s": 2.0,
+                    "metrics_interval_s": 5.0, "outbox.resend_after_s": 5.0,
+                }))
+                agents.append(agent)
+                thread = threading.Thread(target=agent.run, name=station, daemon=True)
+                thread.start()
+                threads.append(thread)
+                operators.append(SimulatedOperator(
+                    data_dir, defect_rate=defect_rate, error_rate=operator_error,
+                    seed=seed * 1000 + index, badge=f"sim-op-{index + 1:02d}",
+                ).start())
+            deadline = time.monotonic() + 30
+            while len(controller.fleet()) < stations and time.monotonic() < deadline:
+                time.sleep(0.1)
+            controller.start_rollout(plan, name, version)
+            say(f"rollout of {name} {version} with plan {plan.name} on {stations} stations")
+            deadline = time.monotonic() + timeout_s
+            last = ""
+            while time.monotonic() < deadline:
+                state = controller.rollout
+                if state is not None:
+                    line = f"  {state.phase.value}: stage {state.stage + 1} {state.current.name}"
+                    if line != last:
+                        say(line)
+                        last = line
+                    if state.phase in TERMINAL or state.phase == Phase.PAUSED:
+                        break
+                time.sleep(0.5)
+        finally:
+            for agent in agents:
+                agent.stop()
+            for thread in threads:
+                thread.join(60)
+            for operator in operators:
+                operator.stop()
+            time.sleep(1.0)  # the last receipts and acks reach the store
+            server.stop()
+        labels = sum(operator.answered for operator in operators)
+        judge = SimulatedOperator(workdir, defect_rate=defect_rate)
+        summary = summarise(controller.store, controller.rollout, judge.truth, labels)
+        controller.stop()
+    return summary
