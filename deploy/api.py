@@ -240,6 +240,20 @@ def series() -> Response:
     ])
 
 
+@api.get("/rollouts/<rollout_id>/plan")
+def rollout_plan(rollout_id: str) -> Response:
+    """The plan a rollout runs, with each stage's exit conditions and gate tolerances: the
+    dashboard shows the evidence against them."""
+    c = controller()
+    state = c.rollout
+    if state is None or rollout_id not in ("current", state.rollout_id):
+        stored = c.store.rollout(rollout_id) if rollout_id != "current" else None
+        if stored is None:
+            abort(404, description=f"no rollout {rollout_id}")
+        state = RolloutState.model_validate_json(stored)
+    return jsonify(rollout_id=state.rollout_id, plan=state.plan.model_dump(mode="json"))
+
+
 @bundles.get("/<name>/<version>/<file_name>")
 def bundle(name: str, version: str, file_name: str) -> Response:
     path = bundle_file(controller().config.bundles, name, version, file_name)

@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import json
 import logging
+import queue
+import threading
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from typing import Protocol
 
 from edge_agent.config import LogRejectOutput, RejectOutputConfig, WebhookRejectOutput
@@ -55,6 +58,8 @@ class WebhookGate:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
                 if response.status >= 300:
                     raise OSError(f"reject webhook answered HTTP {response.status}")
+        except urllib.error.HTTPError as exc:
+            raise OSError(f"reject webhook answered HTTP {exc.code}") from exc
         except urllib.error.URLError as exc:
             raise OSError(f"reject webhook {self.url} failed: {exc.reason}") from exc
 
@@ -65,3 +70,37 @@ def build_gate(config: RejectOutputConfig) -> RejectGate:
     if isinstance(config, LogRejectOutput):
         return LoggingGate()
     raise ValueError(f"unknown reject output {config!r}")
+
+
+class BackgroundGate:
+    """Runs a gate on a thread of its own, so a slow or dead PLC endpoint never holds up the
+    outbox commit or the inspection loop; failures are reported through `on_error`."""
+
+    def __init__(self, gate: RejectGate, on_error: Callable[[str], None],
+                 on_ok: Callable[[], None] = lambda: None, max_backlog: int = 1000) -> None:
+        self.gate = gate
+        self.on_error = on_error
+        self.on_ok = on_ok
+        self._queue: queue.Queue[Decision | None] = queue.Queue(max_backlog)
+        self._thread = threading.Thread(target=self._run, name="reject-gate", daemon=True)
+        self._thread.start()
+
+    def act(self, decision: Decision) -> None:
+        try:
+            self._queue.put_nowait(decision)
+        except queue.Full:
+            self.on_error(f"reject output is {self._queue.maxsize} parts behind; part "
+                          f"{decision.part_id} not signalled")
+
+    def close(self, timeout: float = 5.0) -> None:
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while (decision := self._queue.get()) is not None:
+            try:
+                self.gate.act(decision)
+            except OSError as exc:
+                self.on_error(str(exc))
+            else:
+                self.on_ok()

@@ -33,7 +33,7 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from edge_agent.actuator import build_gate
+from edge_agent.actuator import BackgroundGate, build_gate
 from edge_agent.config import AgentConfig
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.inference import InferenceError
@@ -141,7 +141,11 @@ class Agent:
         self.writer = DurableWriter(self.store, name=f"writer-{config.station}")
         self.key = load_public_key(config.key) if config.key else None
         self.metrics = AgentMetrics(self.station)
-        self.gate = build_gate(config.reject_output)
+        self.gate = BackgroundGate(
+            build_gate(config.reject_output),
+            on_error=lambda error: self._raise_fault("reject_output", error),
+            on_ok=lambda: self._clear_faults("reject_output"),
+        )
         self.automation = config.automation
         self.automation_note = ""
         self.faults: dict[str, p.Fault] = {}
@@ -443,10 +447,7 @@ class Agent:
         self._clear_faults("outbox_write")
         self._publish_wake.set()
         if isinstance(result, p.Decision):
-            try:
-                self.gate.act(result)
-            except OSError as exc:
-                self._raise_fault("reject_output", str(exc))
+            self.gate.act(result)
 
     def _count(
         self, decision: PartDecision, decider: Slot, output: ModelOutput, frame: Frame
@@ -915,6 +916,7 @@ class Agent:
         for thread in self._threads:
             thread.join(timeout=5)
         self.writer.close()
+        self.gate.close()
         self._save_status_offline()
         offline = self.link.publish(
             self.topics.station(self.station, p.Channel.STATE),

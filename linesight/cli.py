@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from linesight import __version__
+from linesight.demo import add_command as add_demo_command
 from linesight.sim import add_command as add_sim_command
 from station_ui.commands import register as register_station_ui
 
@@ -377,6 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_fleet(sub)
     register_station_ui(sub)
     add_sim_command(sub)
+    add_demo_command(sub)
     return parser
 
 

@@ -195,3 +195,61 @@ def test_without_a_controller_a_bounded_run_still_ends(tmp_path: Path, broker: B
     assert result == [0]
     with StationStore(tmp_path) as store:
         assert store.outbox_depth() == 5, "unreceipted decisions stay owed for the next start"
+
+
+def test_prometheus_metrics_and_station_metrics_are_published(
+    tmp_path: Path, broker: Broker, collector: Collector, receipter: Receipter
+) -> None:
+    import urllib.request
+
+    from linesight.broker import free_port
+
+    port = free_port()
+    config = station_config(tmp_path, broker.url, candidate=V2, mode="shadow", max_parts=40,
+                            metrics_port=port, source="synthetic:seed=2,rate=20",
+                            metrics_interval_s=0.5)
+    agent = Agent(config)
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    wait_for(lambda: agent.parts_inspected >= 10, 30, "parts")
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    thread.join(60)
+    for name in ("linesight_parts_total", "linesight_decisions_total",
+                 "linesight_inference_latency_ms_bucket", "linesight_confidence_bucket",
+                 "linesight_outbox_depth", "linesight_frame_age_seconds"):
+        assert name in text, name
+    wait_for(lambda: bool(collector.of(p.StationMetrics)), 10, "a StationMetrics message")
+    metrics = collector.of(p.StationMetrics)
+    assert sum(m.parts for m in metrics) > 0
+    assert any(m.shadow_pairs > 0 and m.agreement_rate is not None for m in metrics)
+    assert any("active" in m.latency and "candidate" in m.latency for m in metrics)
+
+
+def test_sigterm_stops_the_agent_cleanly(tmp_path: Path, broker: Broker,
+                                         collector: Collector) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    from tests.support import DEMO_PUB, V1
+
+    with (tmp_path / "agent.log").open("ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "linesight.cli", "agent", "--station", "press-05",
+             "--broker", broker.url, "--source", "synthetic:seed=1,rate=20", "--active",
+             str(V1), "--data-dir", str(tmp_path / "data"), "--key", str(DEMO_PUB)],
+            stdout=log, stderr=log,
+        )
+    try:
+        wait_for(lambda: len(collector.of(p.Decision, "press-05")) >= 5, 60, "decisions")
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(30) == 0
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    wait_for(lambda: any(not s.online for s in collector.of(p.StationState, "press-05")), 10,
+             "the offline state")
+    with StationStore(tmp_path / "data") as store:
+        assert store.last_seq() >= 4

@@ -1,0 +1,347 @@
+"""How close does the station agent come to onnxruntime itself? Pairs of inferences per second.
+
+All figures use the same pre-generated synthetic parts (active = part-classifier 1.0.0, candidate
+= 2.0.0, both on every part):
+
+  raw       preprocess and both models in a minimal loop, in the best onnxruntime configuration
+            found by a small search (threads, spinning, execution mode, the two models one after
+            the other or on two threads)
+  naive     the same loop with onnxruntime's default session options, one model after the
+            other: what a first script does
+  pipeline  a real edge_agent Agent: source -> active -> policy -> store + outbox (group commit)
+            -> MQTT to a real Mosquitto -> a receipting subscriber in its own process, with the
+            candidate in shadow on its own worker. Counted: pairs (parts both models judged),
+            over a steady-state window after a warm-up.
+
+The active model's latency (Decision.latency_ms: preprocessing + inference, measured inside the
+agent) is compared between a pipeline run with no candidate and one with the candidate in shadow.
+
+Targets on a 2-core line PC: pipeline / raw >= 0.9; active p99 with shadow <= 1.2 x alone.
+Run: .venv/bin/python -m bench.agent_throughput [--parts 600] [--measure-s 8]
+The last line printed is JSON for machines.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run by path: make `bench` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np
+import onnxruntime as ort
+
+from bench.common import (
+    ACTIVE_BUNDLE,
+    CANDIDATE_BUNDLE,
+    DEMO_PUB,
+    U8,
+    ReceipterProcess,
+    ReplaySource,
+    load_average,
+    percentile,
+    print_json_line,
+    start_shipped_broker,
+)
+from edge_agent.agent import Agent
+from edge_agent.config import load_config
+from edge_agent.preprocess import preprocess
+from edge_agent.store import StationStore
+from edge_agent.synthetic import PartGenerator
+from linesight.artifacts import MODEL_FILE, InputSpec, Manifest, verify_bundle
+
+STATION = "bench-01"
+TARGET_RATIO = 0.9
+TARGET_LATENCY_FACTOR = 1.2
+
+
+# --- raw onnxruntime ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class OrtSetting:
+    """One way to run the two models; `threads_per_model` None means onnxruntime's defaults."""
+
+    name: str
+    threads_per_model: int | None
+    spinning: bool = False
+    parallel_mode: bool = False
+    two_threads: bool = False  # the candidate on a second Python thread, like the agent does
+
+    def options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if self.threads_per_model is None:
+            return options
+        options.intra_op_num_threads = self.threads_per_model
+        options.inter_op_num_threads = 2 if self.parallel_mode else 1
+        options.execution_mode = (
+            ort.ExecutionMode.ORT_PARALLEL if self.parallel_mode else ort.ExecutionMode.ORT_SEQUENTIAL
+        )
+        options.add_session_config_entry(
+            "session.intra_op.allow_spinning", "1" if self.spinning else "0"
+        )
+        return options
+
+
+NAIVE = OrtSetting("defaults, one after the other", None)
+SEARCH = (
+    OrtSetting("1 thread each, no spin, sequential", 1),
+    OrtSetting("1 thread each, spin, sequential", 1, spinning=True),
+    OrtSetting("2 threads each, no spin, sequential", 2),
+    OrtSetting("2 threads each, spin, sequential", 2, spinning=True),
+    OrtSetting("1 thread each, ORT_PARALLEL inter 2", 1, parallel_mode=True),
+    OrtSetting("1 thread each, no spin, two Python threads", 1, two_threads=True),
+    OrtSetting("1 thread each, spin, two Python threads", 1, spinning=True, two_threads=True),
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Model:
+    manifest: Manifest
+    path: Path
+
+    @property
+    def spec(self) -> InputSpec:
+        return self.manifest.input
+
+
+def _session(model: Model, setting: OrtSetting) -> ort.InferenceSession:
+    return ort.InferenceSession(
+        str(model.path), sess_options=setting.options(), providers=["CPUExecutionProvider"]
+    )
+
+
+Judge = Callable[[U8], None]
+
+
+def _judge(model: Model, session: ort.InferenceSession) -> Judge:
+    name, spec = model.spec.name, model.spec
+
+    def judge(image: U8) -> None:
+        session.run(None, {name: preprocess(image, spec)})
+
+    return judge
+
+
+def _pass_sequential(active: Judge, candidate: Judge, images: Sequence[U8]) -> None:
+    for image in images:
+        active(image)
+        candidate(image)
+
+
+def _pass_two_threads(active: Judge, candidate: Judge, images: Sequence[U8]) -> None:
+    inbox: queue.SimpleQueue[U8 | None] = queue.SimpleQueue()
+
+    def worker() -> None:
+        while (image := inbox.get()) is not None:
+            candidate(image)
+
+    thread = threading.Thread(target=worker, name="raw-candidate")
+    thread.start()
+    for image in images:
+        inbox.put(image)
+        active(image)
+    inbox.put(None)
+    thread.join()
+
+
+def raw_rate(
+    setting: OrtSetting, active: Model, candidate: Model, images: Sequence[U8], passes: int
+) -> float:
+    """Pairs per second, the best of `passes` passes over the images (after one warm pass)."""
+    judge_a = _judge(active, _session(active, setting))
+    judge_c = _judge(candidate, _session(candidate, setting))
+    one_pass = _pass_two_threads if setting.two_threads else _pass_sequential
+    one_pass(judge_a, judge_c, images[:50])
+    best = 0.0
+    for _ in range(passes):
+        start = time.perf_counter()
+        one_pass(judge_a, judge_c, images)
+        best = max(best, len(images) / (time.perf_counter() - start))
+    return best
+
+
+def model_latency_ms(model: Model, images: Sequence[U8]) -> tuple[float, float]:
+    """p50 and p99 of one model alone (preprocess + run), 1 thread, no spinning."""
+    judge = _judge(model, _session(model, SEARCH[0]))
+    timings = []
+    for image in images:
+        start = time.perf_counter()
+        judge(image)
+        timings.append((time.perf_counter() - start) * 1000)
+    return percentile(timings, 50), percentile(timings, 99)
+
+
+# --- the agent pipeline ------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class PipelineRun:
+    pairs_per_s: float
+    parts_per_s: float
+    skipped_per_s: float
+    active_p50_ms: float
+    active_p99_ms: float
+    outbox_depth_at_end: int
+    owed_after_shutdown: int
+    delivered: int
+
+
+def _sample(agent: Agent, name: str) -> float:
+    value = agent.metrics.registry.get_sample_value(name, {"station": STATION})
+    return float(value or 0.0)
+
+
+def run_pipeline(
+    url: str,
+    images: Sequence[U8],
+    truths: Sequence[str | None],
+    *,
+    shadow: bool,
+    warmup_s: float,
+    measure_s: float,
+    overrides: dict[str, Any] | None = None,
+) -> PipelineRun:
+    """One agent, flat out on the replayed frames; rates over a window after the warm-up."""
+    receipter = ReceipterProcess(url)
+    try:
+        with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
+            values: dict[str, Any] = {
+                "station": STATION,
+                "broker.url": url,
+                "source": "synthetic:seed=1",  # replaced by the replay source below
+                "active": ACTIVE_BUNDLE,
+                "data_dir": Path(tmp),
+                "key": DEMO_PUB,
+                "outbox.receipt_wait_s": 30.0,
+            }
+            if shadow:
+                values.update({"candidate": CANDIDATE_BUNDLE, "mode": "shadow"})
+            values.update(overrides or {})
+            source = ReplaySource(images, truths)
+            agent = Agent(load_config(None, values), source=source)
+            runner = threading.Thread(target=agent.run, name="bench-agent", daemon=True)
+            runner.start()
+            time.sleep(warmup_s)
+            receipter.take()  # drop the warm-up's latencies
+            start = time.perf_counter()
+            parts0 = _sample(agent, "linesight_parts_total")
+            pairs0 = _sample(agent, "linesight_shadow_pairs_total")
+            skipped0 = _sample(agent, "linesight_candidate_skipped_total")
+            time.sleep(measure_s)
+            elapsed = time.perf_counter() - start
+            parts = _sample(agent, "linesight_parts_total") - parts0
+            pairs = _sample(agent, "linesight_shadow_pairs_total") - pairs0
+            skipped = _sample(agent, "linesight_candidate_skipped_total") - skipped0
+            depth = agent.store.outbox_depth()
+            _, latencies = receipter.take()
+            source.finish()
+            runner.join(timeout=120)
+            owed = StationStore(Path(tmp)).outbox_depth()
+            delivered, _ = receipter.take()
+    finally:
+        receipter.close()
+    return PipelineRun(
+        pairs_per_s=pairs / elapsed,
+        parts_per_s=parts / elapsed,
+        skipped_per_s=skipped / elapsed,
+        active_p50_ms=percentile(latencies, 50),
+        active_p99_ms=percentile(latencies, 99),
+        outbox_depth_at_end=depth,
+        owed_after_shutdown=owed,
+        delivered=delivered,
+    )
+
+
+# --- main --------------------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--parts", type=int, default=600, help="pre-generated synthetic parts")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--passes", type=int, default=3, help="raw loops: best of N passes")
+    parser.add_argument("--warmup-s", type=float, default=3.0)
+    parser.add_argument("--measure-s", type=float, default=8.0)
+    args = parser.parse_args(argv)
+    if args.parts < 50:
+        parser.error("--parts must be >= 50")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    generator = PartGenerator(args.seed)
+    parts = [generator.part(i) for i in range(args.parts)]
+    images = [part.image for part in parts]
+    truths = [part.defect or "ok" for part in parts]
+    active = Model(verify_bundle(ACTIVE_BUNDLE, None), ACTIVE_BUNDLE / MODEL_FILE)
+    candidate = Model(verify_bundle(CANDIDATE_BUNDLE, None), CANDIDATE_BUNDLE / MODEL_FILE)
+    load_before = load_average()
+    print(f"agent throughput: {args.parts} synthetic parts (seed {args.seed}), "
+          f"{images[0].shape[1]}x{images[0].shape[0]} px; active {active.manifest.version} "
+          f"({active.spec.width}x{active.spec.height}), candidate {candidate.manifest.version} "
+          f"({candidate.spec.width}x{candidate.spec.height}); load average {load_before[0]:.2f}")
+    for model, slot in ((active, "active"), (candidate, "candidate")):
+        p50, p99 = model_latency_ms(model, images)
+        print(f"  {slot} alone (preprocess + run, 1 thread): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    print()
+    print("(a) raw onnxruntime, both models per part; search:")
+    rates = {}
+    for setting in SEARCH:
+        rates[setting] = raw_rate(setting, active, candidate, images, args.passes)
+        print(f"  {setting.name:<45} {rates[setting]:>8.0f} pairs/s")
+    best = max(rates, key=rates.__getitem__)
+    raw = rates[best]
+    naive = raw_rate(NAIVE, active, candidate, images, args.passes)
+    print(f"  best: {best.name} -> {raw:.0f} pairs/s")
+    print(f"(b) naive (onnxruntime defaults, sequential): {naive:.0f} pairs/s")
+    print()
+
+    with tempfile.TemporaryDirectory(prefix="bench-broker-") as broker_dir:
+        broker = start_shipped_broker(Path(broker_dir))
+        try:
+            alone = run_pipeline(broker.url, images, truths, shadow=False,
+                                 warmup_s=args.warmup_s, measure_s=args.measure_s)
+            shadow = run_pipeline(broker.url, images, truths, shadow=True,
+                                  warmup_s=args.warmup_s, measure_s=args.measure_s)
+        finally:
+            broker.stop()
+    print("(c) agent pipeline (flat out, receipts from a subscriber in its own process):")
+    print(f"  {'run':<24} {'parts/s':>8} {'pairs/s':>8} {'skipped/s':>10} "
+          f"{'active p50':>11} {'active p99':>11} {'outbox':>7} {'owed':>5}")
+    for name, run in (("no candidate", alone), ("candidate in shadow", shadow)):
+        print(f"  {name:<24} {run.parts_per_s:>8.0f} {run.pairs_per_s:>8.0f} "
+              f"{run.skipped_per_s:>10.0f} {run.active_p50_ms:>8.3f} ms {run.active_p99_ms:>8.3f} ms"
+              f" {run.outbox_depth_at_end:>7} {run.owed_after_shutdown:>5}")
+    ratio = shadow.pairs_per_s / raw if raw else 0.0
+    factor = shadow.active_p99_ms / alone.active_p99_ms if alone.active_p99_ms else 0.0
+    print()
+    print(f"pipeline / raw = {ratio:.2f} (target >= {TARGET_RATIO}); naive / raw = "
+          f"{naive / raw:.2f}; active p99 with shadow / alone = {factor:.2f} "
+          f"(target <= {TARGET_LATENCY_FACTOR}); load average {load_average()[0]:.2f}")
+    print_json_line({
+        "raw_pairs_per_s": round(raw, 1),
+        "naive_pairs_per_s": round(naive, 1),
+        "pipeline_pairs_per_s": round(shadow.pairs_per_s, 1),
+        "ratio": round(ratio, 3),
+        "active_p99_ms_alone": round(alone.active_p99_ms, 3),
+        "active_p99_ms_with_shadow": round(shadow.active_p99_ms, 3),
+        "raw_setting": best.name,
+        "pipeline_parts_per_s": round(shadow.parts_per_s, 1),
+        "owed_after_shutdown": shadow.owed_after_shutdown + alone.owed_after_shutdown,
+        "load_average": round(load_before[0], 2),
+    })
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,278 @@
+"""`linesight demo`: a whole line on this machine, one process per piece, like a real site.
+
+A mosquitto broker, the fleet controller with its dashboard, three stations on the synthetic
+source with their operator screens, and simulated operators that answer each review queue from
+the ground truth unless a person answers first. Then a rollout of part-classifier 2.0.0
+(`--scenario regressed`: 2.1.0, which the gates catch and roll back).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from deploy.client import ControllerClient, ControllerError, ControllerUnavailable, format_rollout
+from deploy.fleet_store import SqliteFleetStore
+from deploy.rollout import RolloutState
+from edge_agent.store import StationStore
+from linesight.broker import Broker, free_port, start_broker
+from linesight.sim import SimulatedOperator, summarise
+from station_ui.security import hash_pin
+
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / "models"
+STATIONS = ("press-01", "press-02", "press-03")
+SCENARIOS = {"good": "2.0.0", "regressed": "2.1.0"}
+OPERATOR = ("1001", "Demo operator", "operator", "2468")
+SUPERVISOR = ("9001", "Demo supervisor", "supervisor", "1357")
+
+
+def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    demo = sub.add_parser(
+        "demo",
+        help="run a whole line here: broker, controller, three stations, operator screens",
+        description="Start a line on this machine and roll a new model out over it. "
+        "Ctrl-C stops everything.",
+    )
+    demo.add_argument("--scenario", choices=sorted(SCENARIOS), default="good",
+                      help="good: roll out 2.0.0 (promoted); regressed: 2.1.0 (rolled back)")
+    demo.add_argument("--workdir", type=Path, default=Path(".demo"),
+                      help="where the demo keeps its data and logs (wiped at start)")
+    demo.add_argument("--rate", type=float, default=10.0, help="parts per second per station")
+    demo.add_argument("--operator-delay", type=float, default=4.0,
+                      help="seconds the simulated operators leave a part for a person")
+    demo.add_argument("--exit-when-done", action="store_true",
+                      help="stop the line once the rollout has ended (for scripts)")
+    demo.add_argument("--timeout", type=float, default=900.0)
+    demo.set_defaults(handler=run_demo)
+
+
+def preferred_port(port: int) -> int:
+    """The usual port when it is free, so URLs stay the same between runs; else any."""
+    with socket.socket() as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return free_port()
+    return port
+
+
+@dataclass
+class Line:
+    workdir: Path
+    broker: Broker | None = None
+    processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
+    operators: list[SimulatedOperator] = field(default_factory=list)
+
+    def spawn(self, name: str, *args: str) -> None:
+        logs = self.workdir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        with (logs / f"{name}.log").open("ab") as log:
+            # A session of its own: the terminal's Ctrl-C reaches the demo only, which then
+            # stops every piece in order.
+            self.processes[name] = subprocess.Popen(  # noqa: S603 - our own command line
+                [sys.executable, "-m", "linesight.cli", *args],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        self._write_pids()
+
+    def _write_pids(self) -> None:
+        pids = {name: process.pid for name, process in self.processes.items()}
+        if self.broker is not None and self.broker.pid is not None:
+            pids["mosquitto"] = self.broker.pid
+        (self.workdir / "processes.json").write_text(json.dumps(pids, indent=2))
+
+    def check_alive(self) -> None:
+        for name, process in self.processes.items():
+            if process.poll() is not None:
+                raise RuntimeError(
+                    f"{name} exited with status {process.returncode}; see "
+                    f"{self.workdir / 'logs' / (name + '.log')}"
+                )
+
+    def stop(self) -> None:
+        for operator in self.operators:
+            operator.stop()
+        order = [n for n in self.processes if n.startswith("agent")] + \
+                [n for n in self.processes if not n.startswith("agent")]
+        for name in order:
+            process = self.processes[name]
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for name in order:
+            process = self.processes[name]
+            try:
+                process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                print(f"  {name} did not stop in time; killing it", flush=True)
+                process.kill()
+                process.wait(timeout=5)
+        if self.broker is not None:
+            self.broker.stop()
+
+
+def _create_operators(data_dir: Path) -> None:
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with StationStore(data_dir) as store:
+        for badge, name, role, pin in (OPERATOR, SUPERVISOR):
+            store.upsert_operator(badge, name, role, hash_pin(pin))
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    if args.rate <= 0:
+        raise ValueError("--rate must be > 0")
+    version = SCENARIOS[args.scenario]
+    workdir: Path = args.workdir.resolve()
+    if workdir.exists():
+        shutil.rmtree(workdir)
+    workdir.mkdir(parents=True)
+    line = Line(workdir)
+    try:
+        return _run(line, args, version)
+    except KeyboardInterrupt:
+        print("\nstopping the line ...", flush=True)
+        return 130
+    finally:
+        line.stop()
+        print(f"stopped; data and logs are in {workdir}", flush=True)
+
+
+def _run(line: Line, args: argparse.Namespace, version: str) -> int:
+    workdir = line.workdir
+    key = str(MODELS / "keys" / "demo.pub")
+    line.broker = start_broker(workdir / "broker")
+    http_port = preferred_port(8700)
+    controller_url = f"http://127.0.0.1:{http_port}"
+    line.spawn("controller", "fleet", "serve", "--broker", line.broker.url,
+               "--data-dir", str(workdir / "fleet"), "--bundles", str(MODELS), "--key", key,
+               "--http-port", str(http_port))
+    ui_urls: dict[str, str] = {}
+    for index, station in enumerate(STATIONS):
+        data_dir = workdir / station
+        _create_operators(data_dir)
+        line.spawn(
+            f"agent-{station}", "agent", "--station", station, "--broker", line.broker.url,
+            "--source", f"synthetic:seed={101 + index},rate={args.rate:g}",
+            "--active", str(MODELS / "part-classifier" / "1.0.0"), "--automation", "partial",
+            "--data-dir", str(data_dir), "--key", key,
+            "--metrics-port", str(preferred_port(9101 + index)),
+        )
+        ui_port = preferred_port(8801 + index)
+        line.spawn(f"ui-{station}", "ui", "--data-dir", str(data_dir), "--port", str(ui_port))
+        ui_urls[station] = f"http://127.0.0.1:{ui_port}"
+        line.operators.append(SimulatedOperator(
+            data_dir, error_rate=0.01, seed=index, badge=f"sim-{station}",
+            delay_s=args.operator_delay,
+        ).start())
+    client = ControllerClient(controller_url)
+    _wait_for_stations(client, line)
+    print(f"""
+Linesight demo: one broker, one fleet controller, {len(STATIONS)} stations.
+  fleet dashboard   {controller_url}/
+  station screens   {'  '.join(f'{s} {u}/' for s, u in ui_urls.items())}
+  sign in           operator badge {OPERATOR[0]} PIN {OPERATOR[3]}, supervisor {SUPERVISOR[0]} \
+PIN {SUPERVISOR[3]}
+  broker            {line.broker.url}
+  logs              {workdir / 'logs'}
+Simulated operators answer each review queue after {args.operator_delay:g} s unless you answer
+first on a station screen. Ctrl-C stops everything.
+""", flush=True)
+    plan = (ROOT / "deploy" / "plans" / "demo.yaml").read_text()
+    started = client.start_rollout(plan, "part-classifier", version)
+    print(f"rollout {started['rollout_id']}: part-classifier {version} over "
+          f"{', '.join(STATIONS)}\n", flush=True)
+    doc = _follow(client, line, args.timeout)
+    _print_summary(line, doc)
+    if args.exit_when_done:
+        return 0 if doc is not None else 1
+    print("\nThe line keeps running: look around, then press Ctrl-C to stop it.", flush=True)
+    while True:
+        time.sleep(1)
+        line.check_alive()
+
+
+def _wait_for_stations(client: ControllerClient, line: Line) -> None:
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        line.check_alive()
+        try:
+            stations = client.get("/api/stations")["stations"]
+            if sum(1 for s in stations if s["online"]) == len(STATIONS):
+                return
+        except (ControllerUnavailable, ControllerError):
+            pass
+        time.sleep(0.5)
+    raise RuntimeError("the stations did not come online within 60 s; see the logs")
+
+
+def _follow(client: ControllerClient, line: Line, timeout: float) -> dict[str, Any] | None:
+    """The stage table whenever a stage or the phase changes; one evidence line in between."""
+    deadline = time.monotonic() + timeout
+    shown_stage: tuple[object, ...] = ()
+    last_line = 0.0
+    while time.monotonic() < deadline:
+        line.check_alive()
+        doc = client.current()
+        if doc is not None:
+            stage = (doc["phase"], doc["stage"], tuple(s["status"] for s in doc["stages"]))
+            if stage != shown_stage:
+                print(format_rollout(doc) + "\n", flush=True)
+                shown_stage = stage
+                last_line = time.monotonic()
+            elif time.monotonic() - last_line >= 6 and doc.get("evidence"):
+                print(_evidence_line(doc), flush=True)
+                last_line = time.monotonic()
+            if doc["phase"] in ("promoted", "rolled_back", "aborted", "paused"):
+                return doc
+        time.sleep(2)
+    print(f"the rollout did not end within {timeout:g} s", flush=True)
+    return None
+
+
+def _evidence_line(doc: dict[str, Any]) -> str:
+    evidence = doc["evidence"]
+    agreement = evidence["agreement_rate"]
+    text = (
+        f"  stage {doc['stage'] + 1}: parts {evidence['parts']}/{evidence['min_parts']}, "
+        f"labelled disagreements {evidence['labelled_disagreements']}/"
+        f"{evidence['min_labelled_disagreements']}"
+    )
+    if agreement is not None:
+        text += f", agreement {agreement:.1%}"
+    if evidence["error_diff_estimate"] is not None:
+        text += f", error difference {evidence['error_diff_estimate']:+.2%}"
+    return text + f", gate {evidence['gate']}, escape gate {evidence['escape_gate']}"
+
+
+def _print_summary(line: Line, doc: dict[str, Any] | None) -> None:
+    if doc is None:
+        return
+    store = SqliteFleetStore(line.workdir / "fleet" / "fleet.db")
+    try:
+        stored = store.rollout(str(doc["rollout_id"]))
+        rollout = RolloutState.model_validate_json(stored) if stored else None
+        labels = sum(operator.answered for operator in line.operators)
+        summary = summarise(store, rollout, SimulatedOperator(line.workdir).truth, labels)
+    finally:
+        store.close()
+    print("summary")
+    print(f"  outcome              {summary.outcome} after {summary.seconds_to_decision} s: "
+          f"{summary.reason}")
+    print(f"  stages passed        {summary.stages_passed}")
+    print(f"  parts inspected      {summary.parts} "
+          f"({summary.parts_decided_by_candidate} decided by the candidate)")
+    print(f"  escaped defects      active {summary.escaped_defects['active']}, "
+          f"candidate {summary.escaped_defects['candidate']}")
+    print(f"  false rejects        active {summary.false_rejects['active']}, "
+          f"candidate {summary.false_rejects['candidate']}")
+    print(f"  operator labels      {summary.labels_used} (simulated operators)")
+    print(json.dumps({"summary": json.loads(summary.to_json())}), flush=True)

@@ -1,0 +1,158 @@
+"""A station on a live network camera: the test serves an HTTP MJPEG stream of synthetic parts,
+a real agent judges them and publishes through a real Mosquitto to a receipting controller
+stand-in. The camera goes away: the agent keeps running and keeps trying. The camera comes back
+on the same address: decisions flow again with nobody touching the station."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import cv2
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.sources import LatestFrameReader, TriggeredSource
+from edge_agent.synthetic import PartGenerator
+from linesight import protocol as p
+from linesight.broker import Broker
+from tests.support import Collector, Receipter, station_config, wait_for
+
+FRAME_PERIOD_S = 0.04  # 25 frames per second, as an IP camera
+STATION = "cam-01"
+
+pytestmark = pytest.mark.skipif(
+    "FFMPEG:                      YES" not in cv2.getBuildInformation(),
+    reason="this OpenCV build has no FFmpeg backend for network streams",
+)
+
+
+class PartCamera:
+    """An IP camera's MJPEG endpoint showing synthetic parts, one per frame."""
+
+    def __init__(self, port: int = 0) -> None:
+        generator = PartGenerator(seed=5)
+        self._jpegs = [
+            cv2.imencode(".jpg", generator.part(i).image)[1].tobytes() for i in range(16)
+        ]
+        self.sent = 0
+        self._stopping = threading.Event()
+        camera = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                while not camera._stopping.is_set():
+                    body = camera._jpegs[camera.sent % len(camera._jpegs)]
+                    head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}"
+                    try:
+                        self.wfile.write(head.encode() + b"\r\n\r\n" + body + b"\r\n")
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the station hung up
+                    camera.sent += 1
+                    camera._stopping.wait(FRAME_PERIOD_S)
+
+        # HTTPServer sets allow_reuse_address: the camera can come back on the same port at once.
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream.mjpg"
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()  # every open stream is closed: the camera is gone
+        self._thread.join(timeout=5)
+
+
+@pytest.fixture
+def cameras() -> Iterator[list[PartCamera]]:
+    running = [PartCamera()]  # a list: the test replaces the camera when it comes back
+    yield running
+    running[-1].stop()
+
+
+def test_agent_rides_out_a_camera_outage(
+    tmp_path: Path, broker: Broker, cameras: list[PartCamera]
+) -> None:
+    collector = Collector(broker.url)
+    receipter = Receipter(broker.url)
+    config = station_config(
+        tmp_path / "station", broker.url, station=STATION, source=cameras[0].url,
+        source_options={
+            "trigger": "every_nth", "every_nth": 5,
+            "stale_after_s": 1.0, "reconnect_min_s": 0.2, "reconnect_max_s": 0.5,
+        },
+        automation="full",
+    )
+    agent = Agent(config)
+    assert isinstance(agent.source, TriggeredSource)
+    reader = agent.source.inner
+    assert isinstance(reader, LatestFrameReader)
+    finished = threading.Event()
+    exit_status: list[int] = []
+
+    def run() -> None:
+        exit_status.append(agent.run())
+        finished.set()
+
+    threading.Thread(target=run, name="agent-under-test", daemon=True).start()
+    try:
+        def decisions() -> list[p.Decision]:
+            return collector.unique(p.Decision, STATION)
+
+        # Frames flow: one part every 5th frame, judged by the model, receipted by "controller".
+        wait_for(lambda: len(decisions()) >= 4, 20, "decisions from the live stream")
+        first = decisions()
+        assert all(d.decided_by == p.DecidedBy.ACTIVE and d.label for d in first)
+        assert len({d.part_id for d in first}) == len(first)
+
+        # The camera goes away. The agent keeps running, its reader keeps trying to reconnect.
+        cameras[0].stop()
+        attempts = reader.reconnect_attempts
+        wait_for(lambda: reader.reconnect_attempts >= attempts + 2 and not reader.connected, 15,
+                 "reconnect attempts while the camera is down")
+        during_outage = len(decisions())
+        assert not finished.is_set(), "the agent stopped when its camera went away"
+        states_before = len(collector.of(p.StationState, STATION))
+        wait_for(lambda: len(collector.of(p.StationState, STATION)) > states_before, 10,
+                 "the station still reporting its state while the camera is down")
+        assert collector.of(p.StationState, STATION)[-1].online
+        assert len(decisions()) <= during_outage + 1  # at most a part already in hand
+
+        # The camera is back on the same address: decisions flow again, nobody touched anything.
+        cameras.append(PartCamera(cameras[0].port))
+        wait_for(lambda: len(decisions()) >= during_outage + 4, 20,
+                 "decisions after the camera came back")
+        assert reader.reconnects >= 1
+        wait_for(
+            lambda: (agent.metrics.registry.get_sample_value(
+                "linesight_source_reconnects", {"station": STATION}) or 0) >= 1,
+            10, "the reconnect in the station's Prometheus metrics",
+        )
+        assert not finished.is_set()
+        # Everything the station decided reached the controller stand-in and was receipted.
+        wait_for(lambda: agent.store.outbox_depth() == 0, 10, "every decision receipted")
+        assert {d.part_id for d in decisions()} <= {
+            m.part_id for m in receipter.deliveries if isinstance(m, p.Decision)
+        }
+        assert collector.errors == []
+    finally:
+        agent.stop()
+        finished.wait(20)
+        receipter.close()
+        collector.close()
+    assert exit_status == [0]
