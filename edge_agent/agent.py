@@ -61,7 +61,7 @@ from edge_agent.sources import (
 )
 from edge_agent.store import OutboxFull, PartLogEntry, ReviewItem, StationStore, VerdictRow
 from edge_agent.writer import DurableWriter
-from linesight import __version__
+from linesight import __version__, systemd
 from linesight import protocol as p
 from linesight.artifacts import (
     MANIFEST_FILE,
@@ -164,6 +164,9 @@ class Agent:
         self._window = Window(time.monotonic())
         self._recent_agreement: deque[bool] = deque(maxlen=500)
         self._threads: list[threading.Thread] = []
+        interval = systemd.watchdog_interval()
+        self._watchdog_every = interval / 2 if interval else None
+        self._last_watchdog = 0.0
         self.slots = self._initial_slots()
         self.drift = DriftMonitor(config.drift_window, reference=self._saved_reference())
         self.source = source or self._open_source()
@@ -327,6 +330,9 @@ class Agent:
             self.station, self.config.source, self.slots.active.ref.name,
             self.slots.active.ref.version, self.slots.mode.value, self.automation.value,
         )
+        systemd.notify("\n".join(
+            [systemd.READY, systemd.status(f"inspecting from {self.config.source}")]
+        ))
         self._loop_running = True
         try:
             self._inspect_until_done()
@@ -342,6 +348,7 @@ class Agent:
     def _inspect_until_done(self) -> None:
         limit = self.config.max_parts
         while not self._stop.is_set():
+            self._watchdog()
             self._apply_boundary_actions()
             if limit is not None and self.parts_inspected >= limit:
                 return
@@ -355,9 +362,21 @@ class Agent:
                 self._stop.wait(1.0)
                 continue
             if frame is None:
+                if not getattr(self.source, "connected", True):
+                    self._raise_fault(
+                        "source", f"{self.config.source}: no stream, reconnecting "
+                        f"({self.source.reconnects} reconnects so far)",
+                    )
                 continue
             self._clear_faults("source")
             self.inspect(frame)
+
+    def _watchdog(self) -> None:
+        """Only the inspection loop pings systemd's watchdog: a hung loop gets restarted."""
+        now = time.monotonic()
+        if self._watchdog_every is not None and now - self._last_watchdog >= self._watchdog_every:
+            systemd.notify(systemd.WATCHDOG)
+            self._last_watchdog = now
 
     def _apply_boundary_actions(self) -> None:
         while True:
@@ -891,6 +910,7 @@ class Agent:
     # --- shutdown ---------------------------------------------------------------------------
 
     def _shutdown(self) -> int:
+        systemd.notify("\n".join([systemd.STOPPING, systemd.status("delivering what is owed")]))
         self._jobs.join()  # every queued part gets its shadow result
         self.writer.flush()
         self._pump_verdicts()
@@ -901,6 +921,7 @@ class Agent:
         deadline = time.monotonic() + wait
         while self.store.outbox_depth() > 0 and time.monotonic() < deadline:
             self._publish_wake.set()
+            self._watchdog()
             time.sleep(0.05)
         owed = self.store.outbox_depth()
         if owed:

@@ -627,6 +627,11 @@ class TriggeredSource:
         return self.inner.frame_age_s
 
     @property
+    def connected(self) -> bool:
+        """False while the live stream under it is down and reconnecting."""
+        return bool(getattr(self.inner, "connected", True))
+
+    @property
     def pending_triggers(self) -> int:
         with self._cond:
             return len(self._triggers)

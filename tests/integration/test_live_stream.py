@@ -131,6 +131,9 @@ def test_agent_rides_out_a_camera_outage(
         wait_for(lambda: len(collector.of(p.StationState, STATION)) > states_before, 10,
                  "the station still reporting its state while the camera is down")
         assert collector.of(p.StationState, STATION)[-1].online
+        wait_for(lambda: any(f.code == "source" for f in
+                             collector.of(p.StationState, STATION)[-1].faults), 10,
+                 "the outage reported as a source fault")
         assert len(decisions()) <= during_outage + 1  # at most a part already in hand
 
         # The camera is back on the same address: decisions flow again, nobody touched anything.
@@ -138,6 +141,9 @@ def test_agent_rides_out_a_camera_outage(
         wait_for(lambda: len(decisions()) >= during_outage + 4, 20,
                  "decisions after the camera came back")
         assert reader.reconnects >= 1
+        wait_for(lambda: not any(f.code == "source" for f in
+                                 collector.of(p.StationState, STATION)[-1].faults), 10,
+                 "the source fault cleared")
         wait_for(
             lambda: (agent.metrics.registry.get_sample_value(
                 "linesight_source_reconnects", {"station": STATION}) or 0) >= 1,
