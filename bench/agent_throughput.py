@@ -38,7 +38,6 @@ from typing import Any
 if __package__ in (None, ""):  # run by path: make `bench` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import numpy as np
 import onnxruntime as ort
 
 from bench.common import (
@@ -85,9 +84,8 @@ class OrtSetting:
             return options
         options.intra_op_num_threads = self.threads_per_model
         options.inter_op_num_threads = 2 if self.parallel_mode else 1
-        options.execution_mode = (
-            ort.ExecutionMode.ORT_PARALLEL if self.parallel_mode else ort.ExecutionMode.ORT_SEQUENTIAL
-        )
+        mode = ort.ExecutionMode
+        options.execution_mode = mode.ORT_PARALLEL if self.parallel_mode else mode.ORT_SEQUENTIAL
         options.add_session_config_entry(
             "session.intra_op.allow_spinning", "1" if self.spinning else "0"
         )
@@ -320,8 +318,9 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{'active p50':>11} {'active p99':>11} {'outbox':>7} {'owed':>5}")
     for name, run in (("no candidate", alone), ("candidate in shadow", shadow)):
         print(f"  {name:<24} {run.parts_per_s:>8.0f} {run.pairs_per_s:>8.0f} "
-              f"{run.skipped_per_s:>10.0f} {run.active_p50_ms:>8.3f} ms {run.active_p99_ms:>8.3f} ms"
-              f" {run.outbox_depth_at_end:>7} {run.owed_after_shutdown:>5}")
+              f"{run.skipped_per_s:>10.0f} {run.active_p50_ms:>8.3f} ms "
+              f"{run.active_p99_ms:>8.3f} ms {run.outbox_depth_at_end:>7} "
+              f"{run.owed_after_shutdown:>5}")
     ratio = shadow.pairs_per_s / raw if raw else 0.0
     factor = shadow.active_p99_ms / alone.active_p99_ms if alone.active_p99_ms else 0.0
     print()

@@ -30,7 +30,6 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
@@ -121,7 +120,8 @@ def publish(load: Load, index: int, receipts: bool, control: Connection) -> None
         for slot, station in enumerate(mine):
             for offset, channel in ((0, p.Channel.DECISION), (1, p.Channel.SHADOW)):
                 seq = round_ * per_round + offset
-                schedule.append((slot, seq, topics.station(station, channel), message(station, seq)))
+                topic = topics.station(station, channel)
+                schedule.append((slot, seq, topic, message(station, seq)))
     schedule = schedule[: int(rate * load.duration_s)]
     published: list[list[float]] = [[] for _ in mine]
     receipted: list[int] = [-1] * len(mine)

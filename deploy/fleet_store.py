@@ -13,13 +13,12 @@ receipts, so it is advanced only after the rows it covers are committed.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -36,6 +35,7 @@ from linesight.protocol import (
     StationState,
     Verdict,
 )
+from linesight.sqlite_db import SqliteDatabase, Transaction
 
 __all__ = [
     "METRICS_HISTORY",
@@ -427,119 +427,36 @@ class SqliteFleetStore:
     """
 
     def __init__(self, path: Path | str, *, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> None:
-        if busy_timeout_s <= 0:
-            raise ValueError(f"busy_timeout_s: must be positive, got {busy_timeout_s}")
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._busy_timeout_ms = int(busy_timeout_s * 1000)
-        self._local = threading.local()
-        self._registry_lock = threading.Lock()
-        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._closed = False
         self._seq_lock = threading.Lock()
         self._seq_next = 0
         self._seq_limit = 0  # exclusive end of the block reserved on disk
-        self._migrate(self._conn())
+        self._db = SqliteDatabase(
+            self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s,
+            # The shadow table of a running stage is read every second: keep it in memory.
+            pragmas=("cache_size=-65536", "temp_store=MEMORY", "wal_autocheckpoint=4000"),
+            error=FleetStoreError,
+        )
+        self._db.migrate(_MIGRATIONS)
 
-    # -- connections and transactions --
+    # -- connections and transactions (linesight.sqlite_db) --
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
-        with self._registry_lock:
-            if self._closed:
-                raise FleetStoreError("the fleet store is closed")
-            # isolation_level=None: transactions are ours to begin, so every write can be
-            # IMMEDIATE; check_same_thread=False only so close() may close it from any thread.
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-                cached_statements=256,
-            )
-            try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise FleetStoreError(f"{self.path}: WAL journal refused (got {mode!r})")
-                conn.execute("PRAGMA synchronous=NORMAL")
-                conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-                # The shadow table of a running stage is read every second: keep it in memory.
-                conn.execute("PRAGMA cache_size=-65536")
-                conn.execute("PRAGMA temp_store=MEMORY")
-                conn.execute("PRAGMA wal_autocheckpoint=4000")
-            except BaseException:
-                conn.close()
-                raise
-            # An HTTP server that starts a thread per request would otherwise pile up connections.
-            live = []
-            for thread, other in self._connections:
-                if thread.is_alive():
-                    live.append((thread, other))
-                else:
-                    other.close()
-            live.append((threading.current_thread(), conn))
-            self._connections = live
-        self._local.conn = conn
-        return conn
+        return self._db.connection()
 
-    @contextlib.contextmanager
-    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+    def _write(self, *, durable: bool = False) -> Transaction:
         """One write transaction; `durable=True` fsyncs it (for what no station can resend)."""
-        conn = self._conn()
-        if durable:
-            conn.execute("PRAGMA synchronous=FULL")
-        try:
-            # IMMEDIATE takes the write lock up front: a deferred read-then-write could fail
-            # with SQLITE_BUSY on upgrade, which busy_timeout does not retry.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (disk full) can leave the transaction open; end it here so
-                # this thread's next write does not fail on a nested BEGIN.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            if durable:
-                conn.execute("PRAGMA synchronous=NORMAL")
+        return self._db.write(synchronous="FULL" if durable else None)
 
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction, so several queries see one consistent state."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        with self._write(durable=True):
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise FleetStoreError(
-                    f"{self.path} has schema {version}; this build knows up to {SCHEMA_VERSION}"
-                )
-            for statements in _MIGRATIONS[version:]:
-                for statement in statements:
-                    conn.execute(statement)
-            if version != SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    def _snapshot(self) -> Transaction:
+        return self._db.snapshot()
 
     def schema_version(self) -> int:
-        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+        return self._db.schema_version()
 
     def close(self) -> None:
-        with self._registry_lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for _, conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._db.close()
 
     def __enter__(self) -> SqliteFleetStore:
         return self

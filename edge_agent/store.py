@@ -11,7 +11,6 @@ Receipt covers it. See docs/decisions/0003-outbox.md for the durability and boun
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import hashlib
 import json
@@ -19,9 +18,8 @@ import math
 import os
 import sqlite3
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -38,6 +36,7 @@ from linesight.protocol import (
     ReviewReason,
     VerdictOutcome,
 )
+from linesight.sqlite_db import SqliteDatabase, Transaction
 
 MessageT = TypeVar("MessageT", bound=Envelope)
 DB_FILE = "station.db"
@@ -407,124 +406,36 @@ class StationStore:
     ) -> None:
         if max_outbox_rows < 1:
             raise ValueError(f"max_outbox_rows: must be at least 1, got {max_outbox_rows}")
-        if busy_timeout_s <= 0:
-            raise ValueError(f"busy_timeout_s: must be positive, got {busy_timeout_s}")
         self.data_dir = Path(data_dir)
         self.images_dir = self.data_dir / IMAGES_DIR
         self.path = self.data_dir / DB_FILE
         self.max_outbox_rows = max_outbox_rows
-        self._busy_timeout_ms = int(busy_timeout_s * 1000)
         self.images_dir.mkdir(parents=True, exist_ok=True)
-        self._local = threading.local()
-        self._registry_lock = threading.Lock()
-        self._connections: list[tuple[threading.Thread, sqlite3.Connection]] = []
-        self._closed = False
-        self._migrate(self._conn())
+        self._db = SqliteDatabase(
+            self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s,
+            pragmas=("foreign_keys=ON",), error=StoreError,
+        )
+        self._db.migrate(_MIGRATIONS)
 
-    # -- connections and transactions --
+    # -- connections and transactions (linesight.sqlite_db) --
 
     def _conn(self) -> sqlite3.Connection:
-        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
-        if conn is not None:
-            return conn
-        with self._registry_lock:
-            if self._closed:
-                raise StoreError("the station store is closed")
-            # isolation_level=None: transactions are ours to begin, so every write can be
-            # IMMEDIATE; check_same_thread=False only so close() may close it from any thread.
-            conn = sqlite3.connect(
-                self.path,
-                timeout=self._busy_timeout_ms / 1000,
-                isolation_level=None,
-                check_same_thread=False,
-                cached_statements=256,
-            )
-            try:
-                mode = conn.execute("PRAGMA journal_mode=WAL").fetchone()[0]
-                if str(mode).lower() != "wal":
-                    raise StoreError(f"{self.path}: WAL journal refused (got {mode!r})")
-                conn.execute("PRAGMA synchronous=FULL")
-                conn.execute(f"PRAGMA busy_timeout={self._busy_timeout_ms}")
-                conn.execute("PRAGMA foreign_keys=ON")
-            except BaseException:
-                conn.close()
-                raise
-            # A server that starts a thread per request would otherwise pile up connections.
-            live = []
-            for thread, other in self._connections:
-                if thread.is_alive():
-                    live.append((thread, other))
-                else:
-                    other.close()
-            live.append((threading.current_thread(), conn))
-            self._connections = live
-        self._local.conn = conn
-        return conn
+        return self._db.connection()
 
-    @contextlib.contextmanager
-    def _write(self, *, durable: bool = True) -> Iterator[sqlite3.Connection]:
-        """One short write transaction; `durable=False` skips the fsync for data we can redo."""
-        conn = self._conn()
-        if not durable:
-            # WAL with synchronous=NORMAL stays consistent; a power cut may lose only this
-            # commit, and the next FULL commit makes it durable anyway.
-            conn.execute("PRAGMA synchronous=NORMAL")
-        try:
-            # IMMEDIATE takes the write lock up front: a deferred read-then-write could fail
-            # with SQLITE_BUSY on upgrade, which busy_timeout does not retry.
-            conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield conn
-                conn.execute("COMMIT")
-            except BaseException:
-                # A failed COMMIT (disk full) can leave the transaction open; end it here so
-                # this thread's next write does not fail on a nested BEGIN.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-        finally:
-            if not durable:
-                conn.execute("PRAGMA synchronous=FULL")
+    def _write(self, *, durable: bool = True) -> Transaction:
+        """One short write transaction; `durable=False` skips the fsync for data we can redo:
+        under WAL a power cut may lose only that commit, and the next FULL commit makes it
+        durable anyway."""
+        return self._db.write(synchronous=None if durable else "NORMAL")
 
-    @contextlib.contextmanager
-    def _snapshot(self) -> Iterator[sqlite3.Connection]:
-        """A read transaction, so several queries see one consistent state."""
-        conn = self._conn()
-        conn.execute("BEGIN")
-        try:
-            yield conn
-        finally:
-            conn.execute("COMMIT")
-
-    def _migrate(self, conn: sqlite3.Connection) -> None:
-        # BEGIN IMMEDIATE serialises the agent and the UI opening a fresh store at once.
-        conn.execute("BEGIN IMMEDIATE")
-        try:
-            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.path} has schema {version}; this build knows up to {SCHEMA_VERSION}"
-                )
-            for statements in _MIGRATIONS[version:]:
-                for statement in statements:
-                    conn.execute(statement)
-            if version != SCHEMA_VERSION:
-                conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-        except BaseException:
-            conn.execute("ROLLBACK")
-            raise
-        conn.execute("COMMIT")
+    def _snapshot(self) -> Transaction:
+        return self._db.snapshot()
 
     def schema_version(self) -> int:
-        return int(self._conn().execute("PRAGMA user_version").fetchone()[0])
+        return self._db.schema_version()
 
     def close(self) -> None:
-        with self._registry_lock:
-            self._closed = True
-            connections, self._connections = self._connections, []
-        for _, conn in connections:
-            conn.close()
-        self._local = threading.local()
+        self._db.close()
 
     def __enter__(self) -> StationStore:
         return self
