@@ -5,14 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 
+from linesight.config_file import load_model
 from linesight.mqtt import LinkConfig
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key path and the reason."""
 
 
 class ControllerConfig(BaseModel):
@@ -42,33 +38,11 @@ class ControllerConfig(BaseModel):
     ingest_batch: int = Field(default=1000, ge=1, le=100_000)
 
 
-def load_controller_config(path: Path | None, overrides: dict[str, Any]) -> ControllerConfig:
-    document: dict[str, Any] = {}
-    if path is not None:
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys")
-        document = loaded or {}
-    for dotted, value in overrides.items():
-        if value is None:
-            continue
-        node = document
-        *parents, leaf = dotted.split(".")
-        for parent in parents:
-            node = node.setdefault(parent, {})
-        node[leaf] = value
+def _client_id(document: dict[str, Any]) -> None:
     broker = document.get("broker")
     if isinstance(broker, dict):
         broker.setdefault("client_id", "linesight-fleet-controller")
-    try:
-        return ControllerConfig.model_validate(document)
-    except ValidationError as exc:
-        lines = [f"invalid controller configuration ({path or 'flags'}):"]
-        for error in exc.errors():
-            lines.append(f"  {'.'.join(str(p) for p in error['loc']) or '(root)'}: {error['msg']}")
-        raise ConfigError("\n".join(lines)) from exc
+
+
+def load_controller_config(path: Path | None, overrides: dict[str, Any]) -> ControllerConfig:
+    return load_model(ControllerConfig, "controller configuration", path, overrides, _client_id)

@@ -6,15 +6,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from linesight.config_file import load_model
 from linesight.mqtt import LinkConfig
 from linesight.protocol import STATION_ID_PATTERN, AutomationLevel, DeploymentMode
-
-
-class ConfigError(ValueError):
-    """A configuration problem; the message names the key path and the reason."""
 
 
 class Strict(BaseModel):
@@ -108,48 +104,12 @@ class AgentConfig(Strict):
         return self
 
 
-def _describe(exc: ValidationError, source: str) -> str:
-    lines = [f"invalid station configuration ({source}):"]
-    for error in exc.errors():
-        path = ".".join(str(part) for part in error["loc"]) or "(root)"
-        lines.append(f"  {path}: {error['msg']}")
-    return "\n".join(lines)
-
-
-def _set_path(document: dict[str, Any], dotted: str, value: Any) -> None:
-    node = document
-    *parents, leaf = dotted.split(".")
-    for parent in parents:
-        child = node.setdefault(parent, {})
-        if not isinstance(child, dict):
-            raise ConfigError(f"{dotted}: {parent} is not a mapping in the configuration")
-        node = child
-    node[leaf] = value
+def _client_id(document: dict[str, Any]) -> None:
+    broker = document.get("broker")
+    if isinstance(broker, dict) and "client_id" not in broker and "station" in document:
+        broker["client_id"] = f"linesight-agent-{document['station']}"
 
 
 def load_config(path: Path | None, overrides: dict[str, Any]) -> AgentConfig:
     """YAML file (optional) with flag overrides on top (dotted keys, e.g. 'broker.url')."""
-    document: dict[str, Any] = {}
-    source = "flags"
-    if path is not None:
-        source = str(path)
-        try:
-            loaded = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
-        if loaded is not None and not isinstance(loaded, dict):
-            raise ConfigError(f"{path} must hold a mapping of keys, not {type(loaded).__name__}")
-        document = loaded or {}
-        source = f"{path} and flags" if overrides else str(path)
-    for dotted, value in overrides.items():
-        if value is not None:
-            _set_path(document, dotted, value)
-    broker = document.get("broker")
-    if isinstance(broker, dict) and "client_id" not in broker and "station" in document:
-        broker["client_id"] = f"linesight-agent-{document['station']}"
-    try:
-        return AgentConfig.model_validate(document)
-    except ValidationError as exc:
-        raise ConfigError(_describe(exc, source)) from exc
+    return load_model(AgentConfig, "station configuration", path, overrides, _client_id)

@@ -1,0 +1,72 @@
+"""Configuration files: YAML with flag overrides on top, validated by a pydantic model, every
+problem reported with the key's path. The station, the controller and the plans read theirs
+this way."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ConfigError(ValueError):
+    """A configuration problem; the message names the key path and the reason."""
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    try:
+        loaded = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if loaded is not None and not isinstance(loaded, dict):
+        raise ConfigError(f"{path} must hold a mapping of keys, not {type(loaded).__name__}")
+    return loaded or {}
+
+
+def describe(exc: ValidationError, what: str, source: str) -> str:
+    lines = [f"invalid {what} ({source}):"]
+    for error in exc.errors():
+        path = ".".join(str(part) for part in error["loc"]) or "(root)"
+        lines.append(f"  {path}: {error['msg']}")
+    return "\n".join(lines)
+
+
+def set_path(document: dict[str, Any], dotted: str, value: Any) -> None:
+    node = document
+    *parents, leaf = dotted.split(".")
+    for parent in parents:
+        child = node.setdefault(parent, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: {parent} is not a mapping in the configuration")
+        node = child
+    node[leaf] = value
+
+
+def load_model(
+    model: type[M],
+    what: str,
+    path: Path | None,
+    overrides: Mapping[str, Any],
+    defaults: Callable[[dict[str, Any]], None] = lambda _document: None,
+) -> M:
+    """The YAML file (optional) with overrides (dotted keys, e.g. 'broker.url'; None skipped)
+    on top, then `defaults` filling what depends on other keys, then validation."""
+    given = {key: value for key, value in overrides.items() if value is not None}
+    document = read_yaml_mapping(path) if path is not None else {}
+    source = str(path) if path is not None else "flags"
+    if path is not None and given:
+        source = f"{path} and flags"
+    for dotted, value in given.items():
+        set_path(document, dotted, value)
+    defaults(document)
+    try:
+        return model.model_validate(document)
+    except ValidationError as exc:
+        raise ConfigError(describe(exc, what, source)) from exc

@@ -1,0 +1,79 @@
+"""Station and controller configuration: a typo stops start-up with the key's path."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from deploy.config import load_controller_config
+from edge_agent.config import load_config
+from linesight.config_file import ConfigError
+
+STATION = """
+station: press-01
+broker: {url: "mqtt://127.0.0.1:1883"}
+source: "synthetic:"
+active: models/part-classifier/1.0.0
+data_dir: /tmp/press-01
+"""
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "station.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_valid_file_loads_and_flags_win(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, STATION), {"automation": "full", "broker.url": None})
+    assert config.station == "press-01" and config.automation == "full"
+    assert config.broker.client_id == "linesight-agent-press-01"
+    config = load_config(write(tmp_path, STATION), {"broker.url": "mqtts://line:8883"})
+    assert config.broker.url == "mqtts://line:8883"
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        ("automaton: full\n", "automaton"),
+        ("inference: {timeout_ms: -1}\n", "inference.timeout_ms"),
+        ("outbox: {max_row: 5}\n", "outbox.max_row"),
+        ("mode: canary\ncandidate: models/part-classifier/2.0.0\n", "canary_fraction"),
+        ("mode: shadow\n", "needs a candidate"),
+        ("reject_output: {type: webhook, url: ftp://x}\n", "reject_output.webhook.url"),
+    ],
+)
+def test_bad_keys_and_values_name_the_path(tmp_path: Path, extra: str, where: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, STATION + extra), {})
+    assert where in str(caught.value)
+    assert "station.yaml" in str(caught.value)
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("station: [unclosed", "not valid YAML"),
+    ("- a list\n- of things\n", "mapping"),
+])
+def test_unreadable_files_are_refused(tmp_path: Path, text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(write(tmp_path, text), {})
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", {})
+
+
+def test_flags_alone_are_enough_and_missing_keys_are_named() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, {"station": "press-01"})
+    for key in ("broker", "source", "active", "data_dir"):
+        assert key in str(caught.value)
+
+
+def test_controller_configuration(tmp_path: Path) -> None:
+    config = load_controller_config(None, {
+        "broker.url": "mqtt://127.0.0.1:1883", "data_dir": tmp_path, "bundles": tmp_path,
+    })
+    assert config.broker.client_id == "linesight-fleet-controller" and config.http_port == 8700
+    with pytest.raises(ConfigError, match="api_token"):
+        load_controller_config(None, {"broker.url": "mqtt://h:1", "data_dir": tmp_path,
+                                      "bundles": tmp_path, "api_token": "short"})
