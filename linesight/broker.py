@@ -17,6 +17,7 @@ import socket
 import subprocess
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
@@ -27,6 +28,7 @@ __all__ = [
     "free_port",
     "start_broker",
     "write_password_file",
+    "TlsFiles",
 ]
 
 LOCALHOST = "127.0.0.1"
@@ -98,6 +100,15 @@ def write_password_file(
     return path
 
 
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """PEM files for a TLS listener: the CA that signed the server certificate, and its key."""
+
+    ca_file: Path
+    cert_file: Path
+    key_file: Path
+
+
 class Broker:
     """One mosquitto process on 127.0.0.1; use `start_broker` to get a running one."""
 
@@ -110,8 +121,10 @@ class Broker:
         *,
         password_file: Path | None = None,
         autosave_interval_s: int = 1,
+        tls: TlsFiles | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.tls = tls
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
         self.password_file = password_file
@@ -120,7 +133,7 @@ class Broker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        return f"{'mqtts' if self.tls else 'mqtt'}://{self.host}:{self.port}"
 
     @property
     def pid(self) -> int | None:
@@ -235,6 +248,9 @@ class Broker:
         ]
         if self.password_file is not None:
             lines.append(f"password_file {self.password_file}")
+        if self.tls is not None:
+            lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.cert_file}",
+                      f"keyfile {self.tls.key_file}"]
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def _spawn(self) -> None:
@@ -272,8 +288,10 @@ def start_broker(
     *,
     password_file: Path | None = None,
     autosave_interval_s: int = 1,
+    tls: TlsFiles | None = None,
 ) -> Broker:
     """Start a mosquitto on 127.0.0.1 (a free port unless `port` is given) and return it."""
     return Broker(
-        data_dir, port, password_file=password_file, autosave_interval_s=autosave_interval_s
+        data_dir, port, password_file=password_file, autosave_interval_s=autosave_interval_s,
+        tls=tls,
     ).start()
