@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from linesight.artifacts import (
 from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
+RECEIPT_INTERVAL_S = 0.1
 
 
 class RolloutConflict(Exception):
@@ -116,26 +118,55 @@ class Controller:
     # --- ingest -----------------------------------------------------------------------------
 
     def _ingest_loop(self) -> None:
-        while not self._stop.is_set():
-            first = self._inbox.get()
-            if first is None:
-                return
-            batch = [first]
-            while len(batch) < self.config.ingest_batch:
+        owed: dict[str, int] = {}
+        last_flush = time.monotonic()
+        while True:
+            batch, stopping = self._next_batch()
+            if batch:
                 try:
-                    item = self._inbox.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    self._stop.set()
-                    break
-                batch.append(item)
-            try:
-                self.ingest(batch)
-            except Exception:  # the controller must keep ingesting  # noqa: BLE001
-                log.exception("ingest of %d messages failed", len(batch))
+                    owed.update(self.ingest(batch))
+                except Exception:  # the controller must keep ingesting  # noqa: BLE001
+                    log.exception("ingest of %d messages failed", len(batch))
+            # Receipts are coalesced: at most one per station per interval, however many
+            # batches its messages came in (the highest contiguous seq is all that counts).
+            now = time.monotonic()
+            if owed and (stopping or now - last_flush >= RECEIPT_INTERVAL_S):
+                self._send_receipts(owed)
+                owed = {}
+                last_flush = now
+            if stopping:
+                return
 
-    def ingest(self, batch: list[ReceivedMessage]) -> None:
+    def _next_batch(self) -> tuple[list[ReceivedMessage], bool]:
+        """Up to ingest_batch messages (waiting at most a receipt interval for the first), and
+        whether the controller is stopping."""
+        try:
+            first = self._inbox.get(timeout=RECEIPT_INTERVAL_S)
+        except queue.Empty:
+            return [], self._stop.is_set()
+        if first is None:
+            return [], True
+        batch = [first]
+        while len(batch) < self.config.ingest_batch:
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                return batch, True
+            batch.append(item)
+        return batch, False
+
+    def _send_receipts(self, owed: dict[str, int]) -> None:
+        for station, seq in owed.items():
+            receipt = p.Receipt(station=station, seq=self.next_seq(), upto_seq=seq)
+            self.link.publish(self.topics.station(station, p.Channel.RECEIPT),
+                              receipt.to_json(), qos=1)
+            self.counters.receipts += 1
+
+    def ingest(self, batch: list[ReceivedMessage]) -> dict[str, int]:
+        """Parse and store one batch; the highest contiguous seq per station it touched.
+        Receipts for them may be sent only after this returns (the batch is committed)."""
         durable: list[p.Envelope] = []
         acks: list[p.CommandAck] = []
         now = datetime.now(UTC)
@@ -157,17 +188,14 @@ class Controller:
             durable.append(parsed)  # metrics too: the store keeps them beside the seq stream
             if isinstance(parsed, p.CommandAck):
                 acks.append(parsed)
+        upto: dict[str, int] = {}
         if durable:
             upto = self.store.ingest(durable)
             self.counters.stored += len(durable)
             self.counters.batches += 1
-            for station, seq in upto.items():
-                receipt = p.Receipt(station=station, seq=self.next_seq(), upto_seq=seq)
-                self.link.publish(self.topics.station(station, p.Channel.RECEIPT),
-                                  receipt.to_json(), qos=1)
-                self.counters.receipts += 1
         for ack in acks:
             self.apply(CommandAcked(str(ack.cmd_id), ack.ok, ack.error), quiet=True)
+        return upto
 
     # --- rollouts ---------------------------------------------------------------------------
 

@@ -486,7 +486,10 @@ class Agent:
             window.actions[decision.action] = window.actions.get(decision.action, 0) + 1
             window.deciders[decision.decided_by] = window.deciders.get(decision.decided_by, 0) + 1
             window.latency[decider].append(output.latency_ms)
-        if decider == "active" and self.drift.add(image_stats(frame.image), output.confidence):
+        sampled = self.parts_inspected % self.config.drift_sample_every == 0
+        if sampled and decider == "active" and self.drift.add(
+            image_stats(frame.image), output.confidence
+        ):
             if self.drift.last is not None:
                 for feature in FEATURES:
                     self.metrics.drift.labels(self.station, feature).set(

@@ -90,7 +90,8 @@ class AgentConfig(Strict):
     reject_output: RejectOutputConfig = Field(default_factory=LogRejectOutput)
     metrics_interval_s: float = Field(default=10, gt=0)
     state_interval_s: float = Field(default=30, gt=0)
-    drift_window: int = Field(default=500, ge=50)
+    drift_window: int = Field(default=500, ge=50, description="sampled parts per drift window")
+    drift_sample_every: int = Field(default=4, ge=1, description="one part in N feeds drift")
     download_timeout_s: float = Field(default=30, gt=0)
 
     @model_validator(mode="after")

@@ -26,10 +26,11 @@ _EPS = 1e-4
 def image_stats(image_bgr: np.ndarray) -> tuple[float, float, float]:
     """Brightness (mean), contrast (std) and sharpness (variance of the Laplacian) on a small
     grey copy: cheap enough for every part."""
-    small = cv2.resize(image_bgr, (64, 64), interpolation=cv2.INTER_AREA)
+    small = cv2.resize(image_bgr, (48, 48), interpolation=cv2.INTER_AREA)
     gray = cv2.cvtColor(small, cv2.COLOR_BGR2GRAY) if small.ndim == 3 else small
-    sharpness = float(cv2.Laplacian(gray, cv2.CV_32F).var())
-    return float(gray.mean()), float(gray.std()), sharpness
+    mean, std = cv2.meanStdDev(gray)
+    _, laplacian_std = cv2.meanStdDev(cv2.Laplacian(gray, cv2.CV_32F))
+    return float(mean[0, 0]), float(std[0, 0]), float(laplacian_std[0, 0]) ** 2
 
 
 def bin_edges(reference: Sequence[float], bins: int = BINS) -> list[float]:

@@ -115,15 +115,17 @@ def probability_row(output: object, labels: int) -> tuple[float, ...]:
         raise InferenceError(f"output is {type(output).__name__}, not a tensor")
     if output.shape != (1, labels):
         raise InferenceError(f"output shape {output.shape}, expected (1, {labels})")
-    row = output[0].astype(np.float64)
-    if not np.all(np.isfinite(row)):
-        raise InferenceError(f"output is not finite (nan/inf): {row.tolist()}")
+    # Plain Python on a two-element row: numpy's per-call overhead dominated here.
+    row = [float(v) for v in output[0].tolist()]
+    if not all(math.isfinite(v) for v in row):
+        raise InferenceError(f"output is not finite (nan/inf): {row}")
     tol = _PROBABILITY_TOLERANCE
-    if np.any(row < -tol) or np.any(row > 1 + tol):
-        raise InferenceError(f"output probabilities out of [0, 1]: {row.tolist()}")
-    if not math.isclose(float(row.sum()), 1.0, abs_tol=tol):
-        raise InferenceError(f"output probabilities sum to {row.sum():.4f}, not 1")
-    return tuple(float(v) for v in np.clip(row, 0.0, 1.0))
+    if any(v < -tol or v > 1 + tol for v in row):
+        raise InferenceError(f"output probabilities out of [0, 1]: {row}")
+    total = sum(row)
+    if not math.isclose(total, 1.0, abs_tol=tol):
+        raise InferenceError(f"output probabilities sum to {total:.4f}, not 1")
+    return tuple(min(max(v, 0.0), 1.0) for v in row)
 
 
 class ModelSession:

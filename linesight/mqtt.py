@@ -59,6 +59,7 @@ class _DropPahoNoise(logging.Filter):
 
 
 # paho's own debug trail (packets in and out), under ours so one logging config covers both.
+_ROUTE_CACHE_SIZE = 100_000
 _PAHO_LOGGER = logging.getLogger(f"{__name__}.paho")
 _PAHO_LOGGER.addFilter(_DropPahoNoise())
 
@@ -157,6 +158,9 @@ class LinkConfig(BaseModel):
     # MQTT 5 only: how long the broker keeps the session after we go away (3.1.1 sessions
     # live until the broker's own persistent_client_expiration).
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    # QoS 1 messages on the wire before their PUBACK. paho's default of 20 makes a busy
+    # publisher (the controller's receipts, a station's outbox replay) wait a round trip per 20.
+    max_inflight: int = Field(default=1000, ge=1, le=65535)
 
     @field_validator("url")
     @classmethod
@@ -239,6 +243,7 @@ class MqttLink:
         # Signalled whenever `_connected` or `_fatal_error` changes, for wait_connected.
         self._state_changed = threading.Condition(self._lock)
         self._subscriptions: list[_Subscription] = []
+        self._routes: dict[str, list[MessageCallback]] = {}  # topic -> callbacks, cached
         # Filters the broker has seen a SUBSCRIBE for from this link, see _resubscribe.
         self._sent_filters: set[str] = set()
         self._connect_listeners: list[Listener] = []
@@ -383,6 +388,7 @@ class MqttLink:
         subscription = _Subscription(topic_filter, callback, qos)
         with self._lock:
             self._subscriptions.append(subscription)
+            self._routes.clear()
             connected = self._connected
         if connected:
             self._send_subscribe([subscription], session_present=False)
@@ -391,6 +397,7 @@ class MqttLink:
         """Forget every callback registered for `topic_filter` and tell the broker."""
         with self._lock:
             self._subscriptions = [s for s in self._subscriptions if s.topic_filter != topic_filter]
+            self._routes.clear()
             self._sent_filters.discard(topic_filter)
             connected = self._connected
         if connected:
@@ -419,6 +426,7 @@ class MqttLink:
             protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
         )
         client.enable_logger(_PAHO_LOGGER)
+        client.max_inflight_messages_set(config.max_inflight)
         # paho types these as int but only does float arithmetic and sleeps with them.
         client.reconnect_delay_set(config.backoff_min_s, config.backoff_max_s)  # type: ignore[arg-type]
         if config.username is not None:
@@ -551,9 +559,17 @@ class MqttLink:
             topic=topic, payload=bytes(message.payload), qos=message.qos, retain=message.retain
         )
         with self._lock:
-            callbacks = [
-                s.callback for s in self._subscriptions if topic_matches(s.topic_filter, topic)
-            ]
+            callbacks = self._routes.get(topic)
+            if callbacks is None:
+                # Matching every filter per message is the network thread's biggest cost at
+                # thousands of messages a second; a topic's callbacks change only on (un)subscribe.
+                callbacks = [
+                    s.callback for s in self._subscriptions
+                    if topic_matches(s.topic_filter, topic)
+                ]
+                if len(self._routes) >= _ROUTE_CACHE_SIZE:
+                    self._routes.clear()
+                self._routes[topic] = callbacks
         for callback in callbacks:
             self._call_safely(partial(callback, received), f"message callback for {topic}")
 
