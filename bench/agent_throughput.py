@@ -210,8 +210,10 @@ def run_pipeline(
     warmup_s: float,
     measure_s: float,
     overrides: dict[str, Any] | None = None,
+    rate_hz: float | None = None,
 ) -> PipelineRun:
-    """One agent, flat out on the replayed frames; rates over a window after the warm-up."""
+    """One agent on the replayed frames (flat out, or paced at `rate_hz`); rates over a window
+    after the warm-up."""
     receipter = ReceipterProcess(url)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-agent-") as tmp:
@@ -227,7 +229,7 @@ def run_pipeline(
             if shadow:
                 values.update({"candidate": CANDIDATE_BUNDLE, "mode": "shadow"})
             values.update(overrides or {})
-            source = ReplaySource(images, truths)
+            source = ReplaySource(images, truths, rate_hz)
             agent = Agent(load_config(None, values), source=source)
             runner = threading.Thread(target=agent.run, name="bench-agent", daemon=True)
             runner.start()
@@ -272,6 +274,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--passes", type=int, default=3, help="raw loops: best of N passes")
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
+    parser.add_argument("--line-rate", type=float, default=200.0,
+                        help="parts/s of the paced latency runs (a fast line)")
     args = parser.parse_args(argv)
     if args.parts < 50:
         parser.error("--parts must be >= 50")
@@ -311,22 +315,36 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  warmup_s=args.warmup_s, measure_s=args.measure_s)
             shadow = run_pipeline(broker.url, images, truths, shadow=True,
                                   warmup_s=args.warmup_s, measure_s=args.measure_s)
+            paced_alone = run_pipeline(broker.url, images, truths, shadow=False,
+                                       warmup_s=args.warmup_s, measure_s=args.measure_s,
+                                       rate_hz=args.line_rate)
+            paced_shadow = run_pipeline(broker.url, images, truths, shadow=True,
+                                        warmup_s=args.warmup_s, measure_s=args.measure_s,
+                                        rate_hz=args.line_rate)
         finally:
             broker.stop()
     print("(c) agent pipeline (flat out, receipts from a subscriber in its own process):")
     print(f"  {'run':<24} {'parts/s':>8} {'pairs/s':>8} {'skipped/s':>10} "
           f"{'active p50':>11} {'active p99':>11} {'outbox':>7} {'owed':>5}")
-    for name, run in (("no candidate", alone), ("candidate in shadow", shadow)):
+    paced = f"@ {args.line_rate:g}/s"
+    for name, run in (("no candidate", alone), ("candidate in shadow", shadow),
+                      (f"no candidate {paced}", paced_alone),
+                      (f"shadow {paced}", paced_shadow)):
         print(f"  {name:<24} {run.parts_per_s:>8.0f} {run.pairs_per_s:>8.0f} "
               f"{run.skipped_per_s:>10.0f} {run.active_p50_ms:>8.3f} ms "
               f"{run.active_p99_ms:>8.3f} ms {run.outbox_depth_at_end:>7} "
               f"{run.owed_after_shutdown:>5}")
     ratio = shadow.pairs_per_s / raw if raw else 0.0
     factor = shadow.active_p99_ms / alone.active_p99_ms if alone.active_p99_ms else 0.0
+    paced_factor = (
+        paced_shadow.active_p99_ms / paced_alone.active_p99_ms if paced_alone.active_p99_ms
+        else 0.0
+    )
     print()
     print(f"pipeline / raw = {ratio:.2f} (target >= {TARGET_RATIO}); naive / raw = "
           f"{naive / raw:.2f}; active p99 with shadow / alone = {factor:.2f} "
-          f"(target <= {TARGET_LATENCY_FACTOR}); load average {load_average()[0]:.2f}")
+          f"(target <= {TARGET_LATENCY_FACTOR}) flat out, {paced_factor:.2f} at a line rate of "
+          f"{args.line_rate:g} parts/s; load average {load_average()[0]:.2f}")
     print_json_line({
         "raw_pairs_per_s": round(raw, 1),
         "naive_pairs_per_s": round(naive, 1),
@@ -337,6 +355,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "raw_setting": best.name,
         "pipeline_parts_per_s": round(shadow.parts_per_s, 1),
         "owed_after_shutdown": shadow.owed_after_shutdown + alone.owed_after_shutdown,
+        "line_rate": args.line_rate,
+        "active_p99_ms_alone_at_line_rate": round(paced_alone.active_p99_ms, 3),
+        "active_p99_ms_with_shadow_at_line_rate": round(paced_shadow.active_p99_ms, 3),
+        "skipped_at_line_rate": round(paced_shadow.skipped_per_s, 1),
         "load_average": round(load_before[0], 2),
     })
     return 0

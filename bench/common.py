@@ -138,13 +138,18 @@ def start_shipped_broker(data_dir: Path) -> Broker:
 
 
 class ReplaySource:
-    """Hands on pre-generated frames flat out, cycling through them, each with a fresh part id,
-    until `finish()` is called; then `EndOfSource`, so the agent delivers what it owes."""
+    """Hands on pre-generated frames, cycling through them, each with a fresh part id, flat out
+    or at `rate_hz` (a line's pace), until `finish()` is called; then `EndOfSource`, so the agent
+    delivers what it owes."""
 
     reconnects = 0
     frame_age_s = 0.0
 
-    def __init__(self, images: Sequence[U8], truths: Sequence[str | None]) -> None:
+    def __init__(
+        self, images: Sequence[U8], truths: Sequence[str | None], rate_hz: float | None = None
+    ) -> None:
+        self._interval = 1.0 / rate_hz if rate_hz else 0.0
+        self._due = time.monotonic()
         self._images = list(images)
         self._truths = list(truths)
         self._index = 0
@@ -154,6 +159,14 @@ class ReplaySource:
     def read(self, timeout: float) -> Frame | None:
         if self._finished.is_set():
             raise EndOfSource("replay finished")
+        if self._interval:
+            wait = self._due - time.monotonic()
+            if wait > timeout:
+                time.sleep(timeout)
+                return None
+            if wait > 0:
+                time.sleep(wait)
+            self._due = max(self._due + self._interval, time.monotonic() - self._interval)
         position = self._index % len(self._images)
         frame = Frame(
             part_id=f"replay-{self._index:08d}",

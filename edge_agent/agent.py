@@ -455,8 +455,7 @@ class Agent:
                 self.metrics.candidate_skipped.inc()
                 with self._lock:
                     self._window.skipped += 1
-        active_output = output if decider == "active" else None
-        self.writer.later(lambda: self._log_part(frame, part, active_output, None))
+        self._log_part(frame, part, output if decider == "active" else None, None)
         return part
 
     def _decision_stored(self, result: p.Envelope | Exception) -> None:
@@ -534,7 +533,7 @@ class Agent:
         self, frame: Frame, decision: PartDecision, active: ModelOutput | None,
         candidate: ModelOutput | None,
     ) -> None:
-        self.store.log_part(PartLogEntry(
+        self.writer.log_part(PartLogEntry(
             part_id=frame.part_id,
             ts=datetime.fromtimestamp(frame.captured_at, UTC),
             action=decision.action.value,
@@ -605,8 +604,7 @@ class Agent:
                     job.frame, p.ReviewReason.DISAGREEMENT, job.automation, active_model,
                     active_out, active_out.label, (candidate_model, candidate_out),
                 ))
-        self.writer.later(lambda: self._log_part(job.frame, job.decision, active_out,
-                                                 candidate_out))
+        self._log_part(job.frame, job.decision, active_out, candidate_out)
 
     def _shadow_stored(self, result: p.Envelope | Exception) -> None:
         if isinstance(result, OutboxFull):

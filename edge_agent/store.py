@@ -941,21 +941,28 @@ class StationStore:
     # -- part log and shift statistics --
 
     def log_part(self, entry: PartLogEntry) -> None:
-        # Statistics only: no fsync of its own (the next outbox commit carries it to disk).
+        self.log_parts([entry])
+
+    def log_parts(self, entries: Sequence[PartLogEntry]) -> None:
+        """Several parts in one transaction. Statistics only: no fsync of its own (the next
+        outbox commit carries it to disk)."""
         with self._write(durable=False) as conn:
-            conn.execute(
+            conn.executemany(
                 "INSERT INTO part_log (part_id, ts_us, action, decided_by, active_label, "
                 "candidate_label, agree, active_confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    entry.part_id,
-                    _us(entry.ts),
-                    entry.action,
-                    entry.decided_by,
-                    entry.active_label,
-                    entry.candidate_label,
-                    None if entry.agree is None else int(entry.agree),
-                    entry.active_confidence,
-                ),
+                [
+                    (
+                        entry.part_id,
+                        _us(entry.ts),
+                        entry.action,
+                        entry.decided_by,
+                        entry.active_label,
+                        entry.candidate_label,
+                        None if entry.agree is None else int(entry.agree),
+                        entry.active_confidence,
+                    )
+                    for entry in entries
+                ],
             )
 
     def part_stats(self, since: datetime) -> PartStats:

@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.store import StationStore
+from edge_agent.store import PartLogEntry, StationStore
 from linesight.protocol import Envelope
 
 log = logging.getLogger(__name__)
@@ -37,11 +37,16 @@ class _Task:
     run: Callable[[], None]
 
 
+@dataclass(frozen=True, slots=True)
+class _PartLog:
+    entry: PartLogEntry
+
+
 class DurableWriter:
     def __init__(self, store: StationStore, *, max_batch: int = 256, name: str = "writer") -> None:
         self.store = store
         self.max_batch = max_batch
-        self._queue: queue.Queue[_Enqueue | _Task | None] = queue.Queue()
+        self._queue: queue.Queue[_Enqueue | _Task | _PartLog | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -50,6 +55,10 @@ class DurableWriter:
     ) -> None:
         """Store a message in the outbox soon; `after` gets the stored message (or the error)."""
         self._queue.put(_Enqueue(topic, qos, factory, after))
+
+    def log_part(self, entry: PartLogEntry) -> None:
+        """Add a part to the statistics log, in the same batch as the messages around it."""
+        self._queue.put(_PartLog(entry))
 
     def later(self, task: Callable[[], None]) -> None:
         """Run `task` on the writer thread after the messages submitted before it are stored."""
@@ -82,8 +91,9 @@ class DurableWriter:
             if None in batch:
                 return
 
-    def _process(self, batch: list[_Enqueue | _Task]) -> None:
+    def _process(self, batch: list[_Enqueue | _Task | _PartLog]) -> None:
         writes = [item for item in batch if isinstance(item, _Enqueue)]
+        logged = [item.entry for item in batch if isinstance(item, _PartLog)]
         results: list[Envelope | Exception] = []
         if writes:
             try:
@@ -93,6 +103,11 @@ class DurableWriter:
             except Exception as exc:  # disk full, store closed: every write of the batch failed
                 log.exception("outbox commit failed for %d messages", len(writes))
                 results = [exc] * len(writes)
+        if logged:
+            try:
+                self.store.log_parts(logged)
+            except Exception:  # statistics only: never worth stopping the writer
+                log.exception("part log of %d parts failed", len(logged))
         outcome = iter(results)
         for item in batch:
             try:
@@ -102,7 +117,7 @@ class DurableWriter:
                         item.after(result)
                     elif isinstance(result, Exception):
                         log.error("message to %s not stored: %s", item.topic, result)
-                else:
+                elif isinstance(item, _Task):
                     item.run()
             except Exception:  # one failing follow-up must not stop the writer
                 log.exception("writer follow-up failed")
