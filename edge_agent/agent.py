@@ -902,9 +902,11 @@ class Agent:
         self.link.publish(self.topics.station(self.station, p.Channel.METRICS),
                           message.to_json(), qos=0)
 
-    def _save_status(self) -> None:
-        document = self._state(online=self.link.connected).model_dump(mode="json", by_alias=True)
-        document["broker_connected"] = self.link.connected
+    def _save_status(self, *, running: bool = True) -> None:
+        """The snapshot the station UI shows: the state, plus whether the broker is reachable."""
+        connected = running and self.link.connected
+        document = self._state(online=connected).model_dump(mode="json", by_alias=True)
+        document["broker_connected"] = connected
         document["rollout_active"] = self.slots.candidate is not None
         self.store.save_status(document)
 
@@ -939,7 +941,7 @@ class Agent:
             thread.join(timeout=5)
         self.writer.close()
         self.gate.close()
-        self._save_status_offline()
+        self._save_status(running=False)
         offline = self.link.publish(
             self.topics.station(self.station, p.Channel.STATE),
             self._state(online=False).to_json(), qos=1, retain=True,
@@ -949,12 +951,6 @@ class Agent:
         self.source.close()
         self.store.close()
         return 0
-
-    def _save_status_offline(self) -> None:
-        document = self._state(online=False).model_dump(mode="json", by_alias=True)
-        document["broker_connected"] = False
-        document["rollout_active"] = self.slots.candidate is not None
-        self.store.save_status(document)
 
 
 def _cmd_id_of(payload: bytes) -> uuid.UUID:
