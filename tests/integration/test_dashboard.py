@@ -5,7 +5,6 @@ work from the page, and the page raises no console error (a CSP violation would)
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -153,7 +152,6 @@ def test_the_dashboard_follows_a_rollout_and_pauses_it(
     from playwright.sync_api import sync_playwright
 
     ctl, client = served
-    started = time.monotonic()
     fleet.start()
     _publish_hostile_station(fleet.broker.url)
     wait_for(lambda: len(ctl.fleet()) == 3 and all(v.online for v in ctl.fleet().values()),
@@ -235,7 +233,6 @@ def test_the_dashboard_follows_a_rollout_and_pauses_it(
         finally:
             browser.close()
     assert problems == [], f"the browser reported errors: {problems}"
-    assert time.monotonic() - started < 90
 
 
 def test_the_page_asks_for_the_token_but_never_holds_it(tmp_path: Path) -> None:

@@ -4,7 +4,6 @@ screen, and the Verdict reaches the broker carrying the operator's badge."""
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -68,7 +67,6 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
     from playwright.sync_api import sync_playwright
 
     base, store = ui_server
-    started = time.monotonic()
     receipter = Receipter(broker.url)
     collector = Collector(broker.url)
     agent = Agent(station_config(
@@ -167,4 +165,3 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
         receipter.close()
     assert not agent_thread.is_alive(), "the agent did not stop"
     assert problems == [], f"the browser reported errors: {problems}"
-    assert time.monotonic() - started < 60
