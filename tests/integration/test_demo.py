@@ -35,3 +35,34 @@ def test_the_demo_rolls_back_a_regressed_model_and_cleans_up(tmp_path: Path) -> 
     pids = json.loads((workdir / "processes.json").read_text())
     assert set(pids) >= {"controller", "mosquitto", "agent-press-01", "ui-press-03"}
     assert not [name for name, pid in pids.items() if alive(pid)], "processes left behind"
+
+
+def test_ctrl_c_stops_the_whole_line(tmp_path: Path) -> None:
+    import signal
+    import time
+
+    workdir = tmp_path / "demo"
+    log = tmp_path / "demo.out"
+    with log.open("wb") as out:
+        demo = subprocess.Popen(
+            [sys.executable, "-m", "linesight.cli", "demo", "--workdir", str(workdir)],
+            stdout=out, stderr=subprocess.STDOUT,
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while "rollout r-" not in log.read_text() and time.monotonic() < deadline:
+            assert demo.poll() is None, log.read_text()[-3000:]
+            time.sleep(0.5)
+        assert "rollout r-" in log.read_text(), "the line did not come up"
+        demo.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
+        assert demo.wait(120) == 130
+    finally:
+        if demo.poll() is None:
+            demo.kill()
+            demo.wait()
+    assert "stopping the line" in log.read_text()
+    pids = json.loads((workdir / "processes.json").read_text())
+    assert not [name for name, pid in pids.items() if alive(pid)], "processes left behind"
+    # The stations' data stays: every decision made is in a station store or the fleet store.
+    assert (workdir / "fleet" / "fleet.db").exists()
+    assert (workdir / "press-01" / "station.db").exists()
