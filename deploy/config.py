@@ -36,6 +36,9 @@ class ControllerConfig(BaseModel):
         default=120.0, gt=0, description="a station silent for this long counts as offline"
     )
     ingest_batch: int = Field(default=1000, ge=1, le=100_000)
+    retention_days: float = Field(
+        default=30, gt=0, description="receipted messages older than this are pruned hourly"
+    )
 
 
 def _client_id(document: dict[str, Any]) -> None:

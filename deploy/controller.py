@@ -17,7 +17,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from deploy.config import ControllerConfig
@@ -51,6 +51,7 @@ from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
 RECEIPT_INTERVAL_S = 0.1
+PRUNE_INTERVAL_S = 3600.0
 
 
 class RolloutConflict(Exception):
@@ -304,11 +305,22 @@ class Controller:
             self.apply(Tick(self.fleet(), evidence), quiet=True)
 
     def _tick_loop(self) -> None:
+        next_prune = time.monotonic()
         while not self._stop.wait(self.config.tick_s):
             try:
                 self.tick()
+                if time.monotonic() >= next_prune:
+                    next_prune = time.monotonic() + PRUNE_INTERVAL_S
+                    self.prune()
             except Exception:  # the loop must outlive one bad tick  # noqa: BLE001
                 log.exception("rollout tick failed")
+
+    def prune(self) -> int:
+        before = datetime.now(UTC) - timedelta(days=self.config.retention_days)
+        pruned = self.store.prune(before)
+        if pruned:
+            log.info("pruned %d receipted messages older than %s", pruned, before.isoformat())
+        return pruned
 
 
 def bundle_file(bundles: Path, name: str, version: str, file_name: str) -> Path | None:

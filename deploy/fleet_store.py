@@ -49,7 +49,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -174,7 +174,14 @@ _SCHEMA_V1: tuple[str, ...] = (
     "CREATE INDEX rollouts_updated ON rollouts (updated_us)",
 )
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+# Retention: old receipted messages are pruned by age.
+_SCHEMA_V2: tuple[str, ...] = ("CREATE INDEX messages_ts ON messages (ts_us)",)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_PRUNE = tuple(
+    f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
+    for table in ("decisions", "shadows", "verdicts", "acks", "messages")
+)
 
 
 class FleetStoreError(Exception):
@@ -256,6 +263,10 @@ class FleetStore(Protocol):
     def rollouts(self, limit: int = 20) -> list[tuple[str, str, datetime]]: ...
 
     def next_seq(self) -> int: ...
+
+    def prune(self, before: datetime) -> int:
+        """Delete receipted messages older than `before`; how many were deleted."""
+        ...
 
     def decisions(
         self,
@@ -527,6 +538,10 @@ class SqliteFleetStore:
                         "station %s re-used seq %d: stored msg_id %s, dropped %s",
                         station, seq, msg_id, first.msg_id,
                     )  # fmt: skip
+        # At or below the watermark a seq was stored, even if it has since been pruned by age:
+        # a late copy of it is a duplicate, never stored again.
+        for key in [key for key in stream if key[1] <= marks[key[0]][0]]:
+            del stream[key]
         rows = _Rows()
         fresh: dict[str, set[int]] = {}
         # Ids are handed out here, under the write lock, so each kind's row shares its message's.
@@ -587,6 +602,24 @@ class SqliteFleetStore:
             (station, mark),
         ).fetchone()
         return int(end[0])
+
+    def prune(self, before: datetime, batch: int = 5000) -> int:
+        """Delete stored messages older than `before` that lie at or below their station's
+        watermark (so every one of them was receipted), a batch per short transaction."""
+        cutoff = _us(before)
+        total = 0
+        while True:
+            with self._write() as conn:
+                ids = [row[0] for row in conn.execute(
+                    "SELECT m.id FROM messages m JOIN stations s ON s.station = m.station "
+                    "WHERE m.ts_us < ? AND m.seq <= s.watermark LIMIT ?", (cutoff, batch),
+                )]
+                if not ids:
+                    return total
+                chosen = json.dumps(ids)
+                for statement in _PRUNE:
+                    conn.execute(statement, (chosen,))
+            total += len(ids)
 
     def _ingest_metrics(self, conn: sqlite3.Connection, reports: list[StationMetrics]) -> None:
         for report in reports:

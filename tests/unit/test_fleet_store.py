@@ -432,3 +432,21 @@ def test_the_store_refuses_use_after_close(tmp_path: Path) -> None:
     fleet.close()
     with pytest.raises(FleetStoreError, match="closed"):
         fleet.contiguous("a")
+
+
+def test_retention_prunes_only_old_receipted_messages(store: SqliteFleetStore) -> None:
+    old, new = T0 - timedelta(days=40), T0
+    # seq 0-4 old and contiguous; seq 6 old but above a gap (5 missing); seq 7 new.
+    store.ingest([decision("a", seq, at=old) for seq in (0, 1, 2, 3, 4, 6)])
+    store.ingest([decision("a", 7, at=new)])
+    assert store.contiguous("a") == 4
+    assert store.prune(T0 - timedelta(days=30)) == 5
+    left = [d.seq for d in store.decisions("a")]
+    assert left == [6, 7], "a message above a gap is kept until the gap is filled"
+    # A late copy of a pruned message is a duplicate, not a new message.
+    assert store.ingest([decision("a", 2, at=old)]) == {"a": 4}
+    assert [d.seq for d in store.decisions("a")] == [6, 7]
+    # The gap closes: contiguity still jumps over what was stored above it.
+    assert store.ingest([decision("a", 5, at=new)]) == {"a": 7}
+    assert store.prune(T0 - timedelta(days=30)) == 1  # seq 6, now receipted
+    assert store.prune(T0 - timedelta(days=30)) == 0
