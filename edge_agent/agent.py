@@ -853,6 +853,8 @@ class Agent:
     def _enforce_quota(self) -> None:
         quota = int(self.config.review.quota_mb * 1024 * 1024)
         self.store.prune_confirmed(timedelta(days=self.config.review.retention_days))
+        self.store.prune_part_log(timedelta(days=self.config.history_days))
+        self.store.prune_history(timedelta(days=self.config.history_days))
         report = self.store.enforce_quota(quota)
         if report.over_quota_unconfirmed:
             self._raise_fault(

@@ -93,6 +93,9 @@ class AgentConfig(Strict):
     drift_window: int = Field(default=500, ge=50, description="sampled parts per drift window")
     drift_sample_every: int = Field(default=4, ge=1, description="one part in N feeds drift")
     download_timeout_s: float = Field(default=30, gt=0)
+    history_days: float = Field(
+        default=30, gt=0, description="part log, command log and UI requests are kept this long"
+    )
 
     @model_validator(mode="after")
     def _coherent(self) -> AgentConfig:

@@ -1023,6 +1023,18 @@ class StationStore:
         with self._write() as conn:
             return int(conn.execute("DELETE FROM part_log WHERE ts_us < ?", (cutoff,)).rowcount)
 
+    def prune_history(self, older_than: timedelta, now: datetime | None = None) -> int:
+        """Forget commands and taken UI requests older than `older_than`; a command repeated
+        after that is carried out again, so keep it longer than any command's expiry."""
+        _check_age(older_than)
+        cutoff = _us((now or datetime.now(UTC)) - older_than)
+        with self._write() as conn:
+            commands = conn.execute("DELETE FROM commands WHERE created_us < ?", (cutoff,))
+            requests = conn.execute(
+                "DELETE FROM ui_requests WHERE taken_us IS NOT NULL AND created_us < ?", (cutoff,)
+            )
+            return int(commands.rowcount) + int(requests.rowcount)
+
     # -- operators --
 
     def upsert_operator(self, badge: str, name: str, role: str, pin_hash: str) -> None:

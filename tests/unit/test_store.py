@@ -531,3 +531,16 @@ def test_closed_store_refuses_use(tmp_data_dir: Path) -> None:
     store.close()
     with pytest.raises(StoreError, match="closed"):
         store.last_seq()
+
+
+def test_history_is_pruned_but_open_requests_are_kept(store: StationStore) -> None:
+    store.record_command("c-1", "promote", '{"ok": true, "error": null}')
+    store.request_automation("full", "night shift", by="9001")
+    taken = store.take_requests()
+    store.request_automation("partial", "day shift", by="9001")  # still open
+    later = datetime.now(UTC) + timedelta(days=40)
+    assert len(taken) == 1
+    assert store.prune_history(timedelta(days=30)) == 0
+    assert store.prune_history(timedelta(days=30), now=later) == 2
+    assert store.command_result("c-1") is None
+    assert [r.level for r in store.take_requests()] == ["partial"]
