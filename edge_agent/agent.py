@@ -16,11 +16,8 @@ from __future__ import annotations
 import json
 import logging
 import queue
-import shutil
-import tempfile
 import threading
 import time
-import urllib.request
 import uuid
 from collections import deque
 from collections.abc import Callable
@@ -34,6 +31,7 @@ import cv2
 import numpy as np
 
 from edge_agent.actuator import BackgroundGate, build_gate
+from edge_agent.bundle_fetch import fetch_bundle
 from edge_agent.config import AgentConfig
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.inference import InferenceError
@@ -64,19 +62,13 @@ from edge_agent.writer import DurableWriter
 from linesight import __version__, systemd
 from linesight import protocol as p
 from linesight.artifacts import (
-    MANIFEST_FILE,
-    SIGNATURE_FILE,
     BundleError,
     load_public_key,
-    parse_manifest,
-    sha256_bytes,
-    verify_bundle,
 )
 from linesight.mqtt import MqttLink, ReceivedMessage, Will
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
-MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -750,35 +742,14 @@ class Agent:
         log.info("automation set to %s by %s (%s)", level.value, by, reason or "no reason given")
 
     def _fetch_candidate(self, body: p.DeployCandidate) -> LoadedModel:
-        """Download the bundle, check the manifest against the command, verify, load, warm up."""
-        base = body.url if body.url.endswith("/") else body.url + "/"
-        timeout = self.config.download_timeout_s
-        manifest_data = _download(base + MANIFEST_FILE, timeout)
-        if sha256_bytes(manifest_data) != body.model.sha256:
-            raise BundleError("digest", "the downloaded manifest differs from the command's sha256")
-        manifest = parse_manifest(manifest_data)
-        if (manifest.name, manifest.version) != (body.model.name, body.model.version):
-            raise BundleError("manifest", "the manifest names another model than the command")
-        target = (
-            self.config.data_dir / "bundles" / manifest.name
-            / f"{manifest.version}-{body.model.sha256[:12]}"
-        )
+        """Download and verify the bundle (unless it is the candidate already), load, warm up."""
         if self.slots.candidate is not None and self.slots.candidate.ref == body.model:
             return self.slots.candidate
-        staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=self.config.data_dir))
-        try:
-            (staging / MANIFEST_FILE).write_bytes(manifest_data)
-            (staging / SIGNATURE_FILE).write_text(body.signature.strip() + "\n")
-            for file_name in manifest.files:
-                (staging / file_name).write_bytes(_download(base + file_name, timeout))
-            verify_bundle(staging, self.key)  # a tampered bundle never reaches its final place
-            if target.exists():
-                shutil.rmtree(target)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging.rename(target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-        return self._load(target, "candidate")
+        bundle = fetch_bundle(
+            body.url, body.model, body.signature, self.config.data_dir, key=self.key,
+            timeout=self.config.download_timeout_s,
+        )
+        return self._load(bundle, "candidate")
 
     def _ack(
         self, cmd_id: uuid.UUID, name: str, *, ok: bool, error: str | None
@@ -962,16 +933,3 @@ def _cmd_id_of(payload: bytes) -> uuid.UUID:
         return uuid.UUID(str(document["cmd_id"]))
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         return uuid.UUID(int=0)
-
-
-def _download(url: str, timeout: float) -> bytes:
-    if not url.startswith(("http://", "https://")):
-        raise BundleError("download", f"refusing to download from {url!r}")
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - checked
-            data: bytes = response.read(MAX_DOWNLOAD_BYTES + 1)
-    except OSError as exc:
-        raise BundleError("download", f"cannot download {url}: {exc}") from exc
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise BundleError("download", f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
-    return data
