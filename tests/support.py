@@ -3,16 +3,26 @@ ingest, and station configurations on the shipped bundles."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from deploy.api import create_app
+from deploy.client import ControllerClient
+from deploy.config import load_controller_config
+from deploy.controller import Controller
+from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, load_config
 from linesight import protocol as p
+from linesight.broker import free_port
+from linesight.http_server import HttpServer
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
+from linesight.sim import SimulatedOperator
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = REPO / "models"
@@ -137,3 +147,142 @@ def station_config(
 
 def command(station: str, body: Any, seq: int = 1) -> p.Command:
     return p.Command(station=station, seq=seq, cmd_id=uuid.uuid4(), body=body)
+
+
+class MjpegCamera:
+    """An IP camera's MJPEG endpoint (multipart/x-mixed-replace JPEG frames, 25 a second) on
+    127.0.0.1. `frame(n)` gives the JPEG bytes of the n-th frame sent."""
+
+    FRAME_PERIOD_S = 0.04
+
+    def __init__(self, frame: Callable[[int], bytes], port: int = 0) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.sent = 0
+        self._stopping = threading.Event()
+        camera = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                pass
+
+            def do_GET(self) -> None:  # noqa: N802 - http.server's name
+                self.send_response(200)
+                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
+                self.end_headers()
+                while not camera._stopping.is_set():
+                    body = frame(camera.sent)
+                    head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}"
+                    try:
+                        self.wfile.write(head.encode() + b"\r\n\r\n" + body + b"\r\n")
+                        self.wfile.flush()
+                    except OSError:
+                        return  # the reader hung up
+                    camera.sent += 1
+                    camera._stopping.wait(MjpegCamera.FRAME_PERIOD_S)
+
+        # HTTPServer sets allow_reuse_address: the camera can come back on the same port at once.
+        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port: int = self._httpd.server_address[1]
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/stream.mjpg"
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self._httpd.shutdown()
+        self._httpd.server_close()  # every open stream is closed: the camera is gone
+        self._thread.join(timeout=5)
+
+
+# --- headless Chromium (Debian's package; Playwright's own download does not work here) -------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+    "--disable-background-networking", "--disable-component-update", "--no-first-run",
+    "--disable-sync",
+]
+SCREENSHOTS = REPO / "docs" / "screenshots"
+
+
+def launch_chromium(playwright: Any) -> Any:
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+    )
+
+
+def watched_page(browser: Any, problems: list[str], *, width: int = 1280, height: int = 800,
+                 timeout_ms: int = 10_000) -> Any:
+    """A page whose console errors and script errors (a CSP violation among them) are collected
+    in `problems`, for the test to assert empty at the end."""
+    page = browser.new_page(viewport={"width": width, "height": height})
+    page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: problems.append(str(e)))
+    page.set_default_timeout(timeout_ms)
+    return page
+
+
+# --- a line of real agents in this process, and a controller serving its API -----------------
+
+
+@dataclass
+class AgentLine:
+    """Stations on the synthetic source, each an Agent on a thread of this process, with
+    simulated operators answering the review queues of `operated` stations."""
+
+    broker_url: str
+    root: Path
+    stations: Sequence[str]
+    rate: float = 25.0
+    seed: int = 20
+    operated: Sequence[str] | None = None  # None: every station
+    agents: dict[str, Agent] = field(default_factory=dict)
+    threads: list[threading.Thread] = field(default_factory=list)
+    operators: list[SimulatedOperator] = field(default_factory=list)
+
+    def start(self) -> None:
+        for index, station in enumerate(self.stations):
+            data = self.root / station
+            agent = Agent(station_config(
+                data, self.broker_url, station=station, automation="partial",
+                source=f"synthetic:seed={self.seed + index},rate={self.rate:g}",
+                state_interval_s=1.0,
+            ))
+            self.agents[station] = agent
+            thread = threading.Thread(target=agent.run, name=f"agent-{station}", daemon=True)
+            thread.start()
+            self.threads.append(thread)
+            if self.operated is None or station in self.operated:
+                self.operators.append(SimulatedOperator(data, badge=f"op-{station}").start())
+
+    def stop(self) -> None:
+        for agent in self.agents.values():
+            agent.stop()
+        for thread in self.threads:
+            thread.join(30)
+        for operator in self.operators:
+            operator.stop()
+
+
+@contextlib.contextmanager
+def served_controller(
+    root: Path, broker_url: str, **settings: Any
+) -> Iterator[tuple[Controller, ControllerClient]]:
+    """A fleet controller over the shipped bundles, its API served on a free port."""
+    port = free_port()
+    controller = Controller(load_controller_config(None, {
+        "broker.url": broker_url, "data_dir": root / "fleet", "bundles": MODELS,
+        "key": DEMO_PUB, "http_port": port, "tick_s": 0.5, **settings,
+    }))
+    server = HttpServer(create_app(controller), "127.0.0.1", port)
+    controller.start()
+    server.start()
+    try:
+        yield controller, ControllerClient(server.url)
+    finally:
+        server.stop()
+        controller.stop()

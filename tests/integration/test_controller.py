@@ -6,23 +6,23 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
-from deploy.api import create_app
 from deploy.client import ControllerClient, ControllerUnavailable
-from deploy.config import load_controller_config
 from deploy.controller import Controller
-from edge_agent.agent import Agent
 from linesight import protocol as p
 from linesight.broker import Broker, free_port
-from linesight.http_server import HttpServer
-from linesight.sim import SimulatedOperator
-from tests.support import DEMO_PUB, MODELS, Collector, station_config, wait_for
+from tests.support import (
+    DEMO_PUB,
+    MODELS,
+    AgentLine,
+    Collector,
+    served_controller,
+    wait_for,
+)
 
 STATIONS = ("st-1", "st-2", "st-3")
 PLAN = """
@@ -49,60 +49,17 @@ stages:
 """
 
 
-@dataclass
-class Line:
-    broker: Broker
-    root: Path
-    agents: dict[str, Agent] = field(default_factory=dict)
-    threads: list[threading.Thread] = field(default_factory=list)
-    operators: list[SimulatedOperator] = field(default_factory=list)
-
-    def start_stations(self) -> None:
-        for index, station in enumerate(STATIONS):
-            data = self.root / station
-            agent = Agent(station_config(
-                data, self.broker.url, station=station, automation="partial",
-                source=f"synthetic:seed={20 + index},rate=25", state_interval_s=1.0,
-            ))
-            self.agents[station] = agent
-            thread = threading.Thread(target=agent.run, daemon=True)
-            thread.start()
-            self.threads.append(thread)
-            self.operators.append(SimulatedOperator(data, badge=f"op-{station}").start())
-
-    def stop(self) -> None:
-        for agent in self.agents.values():
-            agent.stop()
-        for thread in self.threads:
-            thread.join(30)
-        for operator in self.operators:
-            operator.stop()
+@pytest.fixture
+def line(tmp_path: Path, broker: Broker) -> Iterator[AgentLine]:
+    running = AgentLine(broker.url, tmp_path, STATIONS)
+    yield running
+    running.stop()
 
 
 @pytest.fixture
-def line(tmp_path: Path, broker: Broker) -> Iterator[Line]:
-    line = Line(broker, tmp_path)
-    yield line
-    line.stop()
-
-
-def controller_config(root: Path, broker: Broker, port: int) -> object:
-    return load_controller_config(None, {
-        "broker.url": broker.url, "data_dir": root / "fleet", "bundles": MODELS,
-        "key": DEMO_PUB, "http_port": port, "tick_s": 0.5,
-    })
-
-
-@pytest.fixture
-def controller(line: Line) -> Iterator[tuple[Controller, ControllerClient]]:
-    port = free_port()
-    controller = Controller(controller_config(line.root, line.broker, port))  # type: ignore[arg-type]
-    server = HttpServer(create_app(controller), "127.0.0.1", port)
-    controller.start()
-    server.start()
-    yield controller, ControllerClient(server.url)
-    server.stop()
-    controller.stop()
+def controller(line: AgentLine) -> Iterator[tuple[Controller, ControllerClient]]:
+    with served_controller(line.root, line.broker_url) as served:
+        yield served
 
 
 def finished(client: ControllerClient) -> bool:
@@ -111,11 +68,11 @@ def finished(client: ControllerClient) -> bool:
 
 
 def test_a_better_model_is_promoted_on_every_station(
-    line: Line, controller: tuple[Controller, ControllerClient]
+    line: AgentLine, controller: tuple[Controller, ControllerClient]
 ) -> None:
     ctl, client = controller
-    collector = Collector(line.broker.url)
-    line.start_stations()
+    collector = Collector(line.broker_url)
+    line.start()
     wait_for(lambda: len(ctl.fleet()) == 3 and all(v.online for v in ctl.fleet().values()),
              30, "three stations online")
     client.start_rollout(PLAN, "part-classifier", "2.0.0")
@@ -138,11 +95,11 @@ def test_a_better_model_is_promoted_on_every_station(
 
 
 def test_a_regressed_model_is_rolled_back_before_it_decides_a_part(
-    line: Line, controller: tuple[Controller, ControllerClient]
+    line: AgentLine, controller: tuple[Controller, ControllerClient]
 ) -> None:
     ctl, client = controller
-    collector = Collector(line.broker.url)
-    line.start_stations()
+    collector = Collector(line.broker_url)
+    line.start()
     wait_for(lambda: len(ctl.fleet()) == 3, 30, "three stations")
     client.start_rollout(PLAN, "part-classifier", "2.1.0")
     wait_for(lambda: finished(client), 300, "the rollout to end")
@@ -177,20 +134,22 @@ def serve_process(root: Path, broker: Broker, port: int) -> subprocess.Popen[byt
         )
 
 
-def test_a_killed_controller_resumes_its_rollout(line: Line, tmp_path: Path) -> None:
+def test_a_killed_controller_resumes_its_rollout(
+    line: AgentLine, tmp_path: Path, broker: Broker
+) -> None:
     port = free_port()
     client = ControllerClient(f"http://127.0.0.1:{port}")
-    first = serve_process(tmp_path, line.broker, port)
+    first = serve_process(tmp_path, broker, port)
     try:
         wait_for(lambda: _answers(client), 30, "the controller's API")
-        line.start_stations()
+        line.start()
         wait_for(lambda: len(client.get("/api/stations")["stations"]) == 3, 30, "stations")
         started = client.start_rollout(PLAN, "part-classifier", "2.0.0")
         wait_for(lambda: (client.current() or {}).get("stage", 0) >= 1, 240, "stage 2")
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
-    second = serve_process(tmp_path, line.broker, port)
+    second = serve_process(tmp_path, broker, port)
     try:
         wait_for(lambda: _answers(client), 30, "the restarted controller")
         doc = client.current()

@@ -4,12 +4,9 @@ work from the page, and the page raises no console error (a CSP violation would)
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -18,21 +15,21 @@ from deploy.client import ControllerClient
 from deploy.config import load_controller_config
 from deploy.controller import Controller
 from deploy.rollout import Phase
-from edge_agent.agent import Agent
 from linesight import protocol as p
 from linesight.broker import Broker, free_port
-from linesight.http_server import HttpServer
 from linesight.mqtt import LinkConfig, MqttLink
-from linesight.sim import SimulatedOperator
-from tests.support import DEMO_PUB, MODELS, REPO, V2, station_config, wait_for
+from tests.support import (
+    CHROMIUM,
+    MODELS,
+    SCREENSHOTS,
+    V2,
+    AgentLine,
+    launch_chromium,
+    served_controller,
+    wait_for,
+    watched_page,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = REPO / "docs" / "screenshots"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--no-first-run",
-    "--disable-sync",
-]
 STATIONS = ("st-1", "st-2")
 HOSTILE_LABEL = "<img src=x onerror=window.__pwned=1>"
 HOSTILE_FAULT = "<b>bold</b> & <script>window.__pwned=2</script>"
@@ -62,61 +59,18 @@ pytestmark = [
 ]
 
 
-@dataclass
-class Fleet:
-    broker: Broker
-    root: Path
-    agents: list[Agent] = field(default_factory=list)
-    threads: list[threading.Thread] = field(default_factory=list)
-    operators: list[SimulatedOperator] = field(default_factory=list)
-
-    def start(self) -> None:
-        for index, station in enumerate(STATIONS):
-            data = self.root / station
-            agent = Agent(station_config(
-                data, self.broker.url, station=station, automation="partial",
-                source=f"synthetic:seed={30 + index},rate=10", state_interval_s=1.0,
-            ))
-            self.agents.append(agent)
-            thread = threading.Thread(target=agent.run, name=f"agent-{station}", daemon=True)
-            thread.start()
-            self.threads.append(thread)
-        # Labels for st-1's disagreements, so the gate has something to weigh.
-        self.operators.append(SimulatedOperator(self.root / "st-1", badge="op-1").start())
-
-    def stop(self) -> None:
-        for agent in self.agents:
-            agent.stop()
-        for thread in self.threads:
-            thread.join(30)
-        for operator in self.operators:
-            operator.stop()
-
-
 @pytest.fixture
-def fleet(tmp_path: Path, broker: Broker) -> Iterator[Fleet]:
-    running = Fleet(broker, tmp_path)
+def fleet(tmp_path: Path, broker: Broker) -> Iterator[AgentLine]:
+    # Labels only for st-1's disagreements, so the gate has something to weigh.
+    running = AgentLine(broker.url, tmp_path, STATIONS, rate=10, seed=30, operated=["st-1"])
     yield running
     running.stop()
 
 
-def _config(root: Path, broker_url: str, port: int, **extra: Any) -> Any:
-    return load_controller_config(None, {
-        "broker.url": broker_url, "data_dir": root / "fleet", "bundles": MODELS,
-        "key": DEMO_PUB, "http_port": port, "tick_s": 0.5, **extra,
-    })
-
-
 @pytest.fixture
-def served(fleet: Fleet) -> Iterator[tuple[Controller, ControllerClient]]:
-    port = free_port()
-    controller = Controller(_config(fleet.root, fleet.broker.url, port))
-    server = HttpServer(create_app(controller), "127.0.0.1", port)
-    controller.start()
-    server.start()
-    yield controller, ControllerClient(server.url)
-    server.stop()
-    controller.stop()
+def served(fleet: AgentLine) -> Iterator[tuple[Controller, ControllerClient]]:
+    with served_controller(fleet.root, fleet.broker_url) as running:
+        yield running
 
 
 def _publish_hostile_station(broker_url: str) -> None:
@@ -147,26 +101,21 @@ def _number(text: str) -> int:
 
 
 def test_the_dashboard_follows_a_rollout_and_pauses_it(
-    fleet: Fleet, served: tuple[Controller, ControllerClient]
+    fleet: AgentLine, served: tuple[Controller, ControllerClient]
 ) -> None:
     from playwright.sync_api import sync_playwright
 
     ctl, client = served
     fleet.start()
-    _publish_hostile_station(fleet.broker.url)
+    _publish_hostile_station(fleet.broker_url)
     wait_for(lambda: len(ctl.fleet()) == 3 and all(v.online for v in ctl.fleet().values()),
              30, "three stations online")
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-        )
+        browser = launch_chromium(playwright)
         try:
-            page = browser.new_page(viewport={"width": 1280, "height": 800})
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.set_default_timeout(20_000)
+            page = watched_page(browser, problems, timeout_ms=20_000)
             page.goto(client.url + "/")
 
             # Stations, with the hostile one's markup shown as text.
@@ -237,8 +186,10 @@ def test_the_dashboard_follows_a_rollout_and_pauses_it(
 
 def test_the_page_asks_for_the_token_but_never_holds_it(tmp_path: Path) -> None:
     token = "s3cret-token-for-the-dashboard"  # noqa: S105 - a test value
-    controller = Controller(_config(tmp_path, f"mqtt://127.0.0.1:{free_port()}", free_port(),
-                                    api_token=token))
+    controller = Controller(load_controller_config(None, {
+        "broker.url": f"mqtt://127.0.0.1:{free_port()}", "data_dir": tmp_path / "fleet",
+        "bundles": MODELS, "api_token": token,
+    }))
     try:
         page = create_app(controller).test_client().get("/")
         html = page.get_data(as_text=True)

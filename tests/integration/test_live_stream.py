@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
 
 import cv2
 import pytest
@@ -19,9 +17,8 @@ from edge_agent.sources import LatestFrameReader, TriggeredSource
 from edge_agent.synthetic import PartGenerator
 from linesight import protocol as p
 from linesight.broker import Broker
-from tests.support import Collector, Receipter, station_config, wait_for
+from tests.support import Collector, MjpegCamera, Receipter, station_config, wait_for
 
-FRAME_PERIOD_S = 0.04  # 25 frames per second, as an IP camera
 STATION = "cam-01"
 
 pytestmark = pytest.mark.skipif(
@@ -30,63 +27,22 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-class PartCamera:
-    """An IP camera's MJPEG endpoint showing synthetic parts, one per frame."""
-
-    def __init__(self, port: int = 0) -> None:
-        generator = PartGenerator(seed=5)
-        self._jpegs = [
-            cv2.imencode(".jpg", generator.part(i).image)[1].tobytes() for i in range(16)
-        ]
-        self.sent = 0
-        self._stopping = threading.Event()
-        camera = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                while not camera._stopping.is_set():
-                    body = camera._jpegs[camera.sent % len(camera._jpegs)]
-                    head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}"
-                    try:
-                        self.wfile.write(head.encode() + b"\r\n\r\n" + body + b"\r\n")
-                        self.wfile.flush()
-                    except OSError:
-                        return  # the station hung up
-                    camera.sent += 1
-                    camera._stopping.wait(FRAME_PERIOD_S)
-
-        # HTTPServer sets allow_reuse_address: the camera can come back on the same port at once.
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port: int = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/stream.mjpg"
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()  # every open stream is closed: the camera is gone
-        self._thread.join(timeout=5)
+def part_camera(port: int = 0) -> MjpegCamera:
+    """An IP camera showing synthetic parts, one per frame."""
+    generator = PartGenerator(seed=5)
+    jpegs = [cv2.imencode(".jpg", generator.part(i).image)[1].tobytes() for i in range(16)]
+    return MjpegCamera(lambda n: jpegs[n % len(jpegs)], port)
 
 
 @pytest.fixture
-def cameras() -> Iterator[list[PartCamera]]:
-    running = [PartCamera()]  # a list: the test replaces the camera when it comes back
+def cameras() -> Iterator[list[MjpegCamera]]:
+    running = [part_camera()]  # a list: the test replaces the camera when it comes back
     yield running
     running[-1].stop()
 
 
 def test_agent_rides_out_a_camera_outage(
-    tmp_path: Path, broker: Broker, cameras: list[PartCamera]
+    tmp_path: Path, broker: Broker, cameras: list[MjpegCamera]
 ) -> None:
     collector = Collector(broker.url)
     receipter = Receipter(broker.url)
@@ -137,7 +93,7 @@ def test_agent_rides_out_a_camera_outage(
         assert len(decisions()) <= during_outage + 1  # at most a part already in hand
 
         # The camera is back on the same address: decisions flow again, nobody touched anything.
-        cameras.append(PartCamera(cameras[0].port))
+        cameras.append(part_camera(cameras[0].port))
         wait_for(lambda: len(decisions()) >= during_outage + 4, 20,
                  "decisions after the camera came back")
         assert reader.reconnects >= 1

@@ -3,11 +3,8 @@ frames flow, the stream drops, the reader keeps trying, the stream returns, fram
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import cv2
 import numpy as np
@@ -20,9 +17,9 @@ from edge_agent.sources import (
     TriggeredSource,
     parse_source,
 )
+from tests.support import MjpegCamera
 
 WAIT_S = 10.0
-FRAME_PERIOD_S = 0.04
 
 pytestmark = pytest.mark.skipif(
     "FFMPEG:                      YES" not in cv2.getBuildInformation(),
@@ -39,61 +36,22 @@ def wait_until(predicate: Callable[[], bool], timeout: float = WAIT_S) -> bool:
     return predicate()
 
 
-class MjpegServer:
-    """An IP camera's MJPEG endpoint: multipart/x-mixed-replace JPEG frames, 25 per second.
+def gray_camera(port: int = 0) -> MjpegCamera:
+    """Each frame is a solid gray whose level is the frame counter (mod 256), so a test can
+    tell which frame it got."""
 
-    Each frame is a solid gray whose level is the frame counter (mod 256), so a test can tell
-    which frame it got.
-    """
+    def frame(n: int) -> bytes:
+        ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), n % 256, np.uint8))
+        assert ok
+        return jpeg.tobytes()
 
-    def __init__(self, port: int = 0) -> None:
-        self.sent = 0
-        self._stopping = threading.Event()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 - http.server's name
-                self.send_response(200)
-                self.send_header("Content-Type", "multipart/x-mixed-replace; boundary=frame")
-                self.end_headers()
-                while not server._stopping.is_set():
-                    level = server.sent % 256
-                    ok, jpeg = cv2.imencode(".jpg", np.full((48, 64, 3), level, np.uint8))
-                    assert ok
-                    body = jpeg.tobytes()
-                    head = f"--frame\r\nContent-Type: image/jpeg\r\nContent-Length: {len(body)}"
-                    try:
-                        self.wfile.write(head.encode() + b"\r\n\r\n" + body + b"\r\n")
-                        self.wfile.flush()
-                    except OSError:
-                        return  # the reader hung up
-                    server.sent += 1
-                    server._stopping.wait(FRAME_PERIOD_S)
-
-        # allow_reuse_address is set by HTTPServer: a restart may bind the same port at once.
-        self._httpd = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port: int = self._httpd.server_address[1]
-        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
-        self._thread.start()
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}/stream.mjpg"
-
-    def stop(self) -> None:
-        self._stopping.set()
-        self._httpd.shutdown()
-        self._httpd.server_close()  # joins the handler threads: every connection is closed
-        self._thread.join(timeout=5)
+    return MjpegCamera(frame, port)
 
 
 @pytest.fixture
-def server() -> Iterator[list[MjpegServer]]:
+def server() -> Iterator[list[MjpegCamera]]:
     # A list: the test replaces the server when it restarts it.
-    running = [MjpegServer()]
+    running = [gray_camera()]
     yield running
     running[-1].stop()
 
@@ -112,7 +70,7 @@ def level(frame: Frame) -> int:
     return round(float(frame.image.mean()))
 
 
-def test_stream_drops_and_comes_back(server: list[MjpegServer]) -> None:
+def test_stream_drops_and_comes_back(server: list[MjpegCamera]) -> None:
     options = SourceOptions(reconnect_min_s=0.1, reconnect_max_s=0.4, stale_after_s=1.0)
     source = parse_source(server[0].url, station="st-it", options=options)
     assert isinstance(source, TriggeredSource)
@@ -144,7 +102,7 @@ def test_stream_drops_and_comes_back(server: list[MjpegServer]) -> None:
         assert not reader.connected
 
         # The camera is back on the same address: frames flow again.
-        server.append(MjpegServer(server[0].port))
+        server.append(gray_camera(server[0].port))
         frames = read_frames(source, 3)
         assert len(frames) == 3, "no frames after the stream came back"
         assert source.reconnects >= 1

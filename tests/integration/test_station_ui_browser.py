@@ -4,7 +4,7 @@ screen, and the Verdict reaches the broker carrying the operator's badge."""
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -17,17 +17,20 @@ from linesight.broker import Broker
 from station_ui.app import create_app
 from station_ui.config import UiConfig
 from station_ui.security import hash_pin
-from tests.support import REPO, V1, Collector, Receipter, station_config, wait_for
+from tests.support import (
+    CHROMIUM,
+    SCREENSHOTS,
+    V1,
+    Collector,
+    Receipter,
+    launch_chromium,
+    station_config,
+    wait_for,
+    watched_page,
+)
 
-CHROMIUM = Path("/usr/bin/chromium")
-SCREENSHOTS = REPO / "docs" / "screenshots"
 BADGE = "op-17"
 PIN = "2580"
-CHROMIUM_ARGS = [
-    "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-    "--disable-background-networking", "--disable-component-update", "--no-first-run",
-    "--disable-sync",
-]
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
@@ -57,10 +60,6 @@ def ui_server(tmp_path: Path) -> Iterator[tuple[str, StationStore]]:
         store.close()
 
 
-def _until(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    wait_for(condition, timeout, what)
-
-
 def test_operator_rejects_a_flagged_part_in_the_browser(
     tmp_path: Path, broker: Broker, ui_server: tuple[str, StationStore]
 ) -> None:
@@ -77,17 +76,11 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     try:
-        _until(lambda: store.review_count() >= 2, 30, "the agent to flag parts")
+        wait_for(lambda: store.review_count() >= 2, 30, "the agent to flag parts")
         with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(
-                executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
-            )
+            browser = launch_chromium(playwright)
             try:
-                page = browser.new_page(viewport={"width": 1280, "height": 800})
-                # A CSP violation or a script error shows up here.
-                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-                page.on("pageerror", lambda e: problems.append(str(e)))
-                page.set_default_timeout(10_000)
+                page = watched_page(browser, problems)
 
                 page.goto(f"{base}/")
                 page.fill("#badge", BADGE)
@@ -112,7 +105,7 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
                 page.click("#current button[value=reject]")
                 page.wait_for_selector("#toast:not([hidden])")
                 assert "rejected" in page.inner_text("#toast")
-                _until(
+                wait_for(
                     lambda: any(v.part_id == part_id for v in collector.of(p.Verdict)),
                     20, "the verdict to reach the broker",
                 )
@@ -129,7 +122,7 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
                 )
                 second = page.inner_text("#current .part-id")
                 page.keyboard.press("p")
-                _until(
+                wait_for(
                     lambda: any(
                         v.part_id == second and v.outcome == p.VerdictOutcome.PASS
                         for v in collector.of(p.Verdict)
