@@ -1,6 +1,13 @@
-"""Camera frame -> model input tensor, exactly as the bundle's manifest describes it."""
+"""Camera frame -> model input tensor, exactly as the bundle's manifest describes it.
+
+Two C calls for a float model (the resize, then OpenCV's blob builder doing colour order,
+(x * scale - mean) / std and layout in one pass): each call into C lets another thread take
+the GIL, and the station runs two models side by side, so fewer calls mean fewer waits.
+"""
 
 from __future__ import annotations
+
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -15,9 +22,44 @@ def preprocess(frame_bgr: np.ndarray, spec: InputSpec) -> np.ndarray:
     """Return a batch of one (NCHW or NHWC) in the manifest's size, colour order and dtype."""
     frame = validate_frame(frame_bgr)
     resized = resize(frame, spec.height, spec.width)
-    pixels = convert_colour(resized, spec.colour)
-    tensor = normalise(pixels, spec) if spec.dtype == "float32" else pixels
-    return to_batch(tensor, spec.layout)
+    if spec.dtype == "float32":
+        return float_blob(resized, spec)
+    return to_batch(convert_colour(resized, spec.colour), spec.layout)
+
+
+def float_blob(frame: U8, spec: InputSpec) -> npt.NDArray[np.float32]:
+    """A resized BGR (or gray) frame -> (x * scale - mean) / std per channel, batch of one."""
+    colour_frame = frame.ndim == 3
+    if colour_frame and spec.colour != "gray":
+        pixels = frame  # BGR -> RGB is the blob builder's channel swap
+    else:
+        pixels = convert_colour(frame, spec.colour)
+    blob = cv2.dnn.blobFromImageWithParams(pixels, _blob_params(spec, swap=colour_frame))
+    result: npt.NDArray[np.float32] = np.asarray(blob, np.float32)
+    return result
+
+
+@lru_cache(maxsize=32)
+def _blob_params(spec: InputSpec, *, swap: bool) -> cv2.dnn.Image2BlobParams:
+    # OpenCV computes (x - mean) * scalefactor, with mean and scalefactor in the output's
+    # channel order: mean' = mean / scale and scalefactor' = scale / std give the manifest's
+    # (x * scale - mean) / std.
+    channels = spec.channels
+    mean = _per_channel(spec.mean, channels, "mean").reshape(-1)
+    std = _per_channel(spec.std, channels, "std").reshape(-1)
+    params = cv2.dnn.Image2BlobParams()
+    params.scalefactor = _scalar(np.float64(spec.scale) / std.astype(np.float64))
+    params.mean = _scalar(mean.astype(np.float64) / np.float64(spec.scale))
+    params.swapRB = swap and spec.colour == "rgb"
+    params.ddepth = cv2.CV_32F
+    params.datalayout = cv2.DNN_LAYOUT_NCHW if spec.layout == "NCHW" else cv2.DNN_LAYOUT_NHWC
+    params.size = (spec.width, spec.height)
+    return params
+
+
+def _scalar(values: npt.NDArray[np.float64]) -> tuple[float, float, float, float]:
+    padded = [float(v) for v in values] + [float(values[-1])] * (4 - len(values))
+    return padded[0], padded[1], padded[2], 0.0
 
 
 def validate_frame(frame: object) -> U8:
@@ -58,16 +100,6 @@ def convert_colour(frame: U8, colour: str) -> U8:
     if converted.ndim == 2:
         converted = converted[:, :, None]
     return np.ascontiguousarray(converted)
-
-
-def normalise(pixels: U8, spec: InputSpec) -> npt.NDArray[np.float32]:
-    """(x * scale - mean) / std per channel, in float32."""
-    channels = pixels.shape[2]
-    mean = _per_channel(spec.mean, channels, "mean")
-    std = _per_channel(spec.std, channels, "std")
-    scaled = pixels.astype(np.float32) * np.float32(spec.scale)
-    result: npt.NDArray[np.float32] = ((scaled - mean) / std).astype(np.float32, copy=False)
-    return result
 
 
 def _per_channel(values: tuple[float, ...], channels: int, field: str) -> npt.NDArray[np.float32]:

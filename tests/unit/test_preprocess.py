@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import cv2
 import numpy as np
 import pytest
 
@@ -77,6 +78,31 @@ def test_uint8_ignores_scale_mean_std() -> None:
     batch = preprocess(bgr_frame(), spec(dtype="uint8", scale=0.5, mean=(9.0,), std=(3.0,)))
     assert batch.dtype == np.uint8
     assert batch[0, :, 0, 0].tolist() == [RED, GREEN, BLUE]
+
+
+def reference(frame: np.ndarray, s: InputSpec) -> np.ndarray:
+    """The manifest's definition in plain numpy: resize, colour order, (x*scale-mean)/std."""
+    resized = cv2.resize(frame, (s.width, s.height), interpolation=cv2.INTER_AREA)
+    pixels = resized[:, :, ::-1] if s.colour == "rgb" else resized
+    x = (pixels.astype(np.float64) * s.scale - np.asarray(s.mean)) / np.asarray(s.std)
+    x = x.transpose(2, 0, 1) if s.layout == "NCHW" else x
+    return np.asarray(x[None])
+
+
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("colour", ["rgb", "bgr"])
+@pytest.mark.parametrize(
+    ("mean", "std"), [((0.0,), (1.0,)), ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+)
+def test_float_tensor_matches_the_manifest_definition(
+    layout: str, colour: str, mean: tuple[float, ...], std: tuple[float, ...]
+) -> None:
+    frame = np.random.default_rng(3).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    s = spec(layout=layout, colour=colour, height=20, width=15, scale=1 / 255, mean=mean, std=std)
+    batch = preprocess(frame, s)
+    assert batch.dtype == np.float32
+    assert batch.flags["C_CONTIGUOUS"]
+    assert np.allclose(batch, reference(frame, s), atol=1e-5)
 
 
 @pytest.mark.parametrize("shape", [(8, 12), (8, 12, 1)])
