@@ -72,6 +72,36 @@ def build_gate(config: RejectOutputConfig) -> RejectGate:
     raise ValueError(f"unknown reject output {config!r}")
 
 
+class InlineGate:
+    """A gate that cannot block (the logging default) runs on the thread that stored the
+    decision: a thread hand-off per part would cost more than the gate itself."""
+
+    def __init__(self, gate: RejectGate, on_error: Callable[[str], None],
+                 on_ok: Callable[[], None] = lambda: None) -> None:
+        self.gate = gate
+        self.on_error = on_error
+        self.on_ok = on_ok
+
+    def act(self, decision: Decision) -> None:
+        try:
+            self.gate.act(decision)
+        except OSError as exc:
+            self.on_error(str(exc))
+        else:
+            self.on_ok()
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Nothing is ever queued."""
+
+
+def start_gate(gate: RejectGate, on_error: Callable[[str], None],
+               on_ok: Callable[[], None] = lambda: None) -> InlineGate | BackgroundGate:
+    """The logging gate inline; anything that talks to the line (a webhook) on its own thread."""
+    if isinstance(gate, LoggingGate):
+        return InlineGate(gate, on_error, on_ok)
+    return BackgroundGate(gate, on_error, on_ok)
+
+
 class BackgroundGate:
     """Runs a gate on a thread of its own, so a slow or dead PLC endpoint never holds up the
     outbox commit or the inspection loop; failures are reported through `on_error`."""

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from edge_agent.actuator import BackgroundGate, build_gate
+from edge_agent.actuator import build_gate, start_gate
 from edge_agent.bundle_fetch import fetch_bundle
 from edge_agent.config import AgentConfig
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
@@ -133,7 +133,7 @@ class Agent:
         self.writer = DurableWriter(self.store, name=f"writer-{config.station}")
         self.key = load_public_key(config.key) if config.key else None
         self.metrics = AgentMetrics(self.station)
-        self.gate = BackgroundGate(
+        self.gate = start_gate(
             build_gate(config.reject_output),
             on_error=lambda error: self._raise_fault("reject_output", error),
             on_ok=lambda: self._clear_faults("reject_output"),

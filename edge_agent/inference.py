@@ -179,7 +179,7 @@ class ModelSession:
             raise InferenceError(f"runtime error in {self.manifest.name}: {exc}") from exc
         probabilities = probability_row(outputs[0], len(self.manifest.labels))
         latency_ms = (time.perf_counter() - start) * 1000.0
-        best = int(np.argmax(probabilities))
+        best = max(range(len(probabilities)), key=probabilities.__getitem__)
         return Prediction(
             label=self.manifest.labels[best],
             confidence=probabilities[best],

@@ -23,7 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from linesight.protocol import (
     CHANNEL_OF,
@@ -351,6 +351,23 @@ def _us(moment: datetime) -> int:
     return round(moment.timestamp() * 1_000_000)
 
 
+def _outbox_message(
+    topic: str, qos: int, factory: Callable[[int], MessageT], seq: int
+) -> MessageT:
+    """The factory's message for `seq`, checked to be one that goes through the outbox."""
+    if not topic:
+        raise ValueError("topic: must not be empty")
+    if qos not in (0, 1, 2):
+        raise ValueError(f"qos: must be 0, 1 or 2, got {qos!r}")
+    message = factory(seq)
+    if message.seq != seq:
+        raise ValueError(f"factory: built seq {message.seq}, expected {seq}")
+    channel = CHANNEL_OF.get(type(message))
+    if channel is None or not DELIVERY[channel].durable:
+        raise ValueError(f"factory: {type(message).__name__} does not go through the outbox")
+    return message
+
+
 def _now_us() -> int:
     return time.time_ns() // 1_000
 
@@ -451,58 +468,68 @@ class StationStore:
         Raises `OutboxFull` (and counts it) for a SHADOW message when the outbox is at its
         bound; every other durable message is kept. A refused or failed message uses no seq.
         """
-        with self._write() as conn:
-            outcome = self._enqueue_in(conn, topic, qos, factory, may_refuse=True)
-        # A refusal commits its drop count above, then surfaces here.
-        if isinstance(outcome, OutboxFull):
+        outcome = self.enqueue_many([(topic, qos, factory)])[0]
+        # A refusal has committed its drop count; it surfaces here.
+        if isinstance(outcome, Exception):
             raise outcome
-        return outcome
+        return cast(MessageT, outcome)
 
     def enqueue_many(
         self, items: Sequence[tuple[str, int, Callable[[int], Envelope]]]
     ) -> list[Envelope | Exception]:
         """Several enqueues in ONE commit (one fsync): the agent's group commit.
 
-        Each item gets the message it stored, `OutboxFull`, or the error its factory raised;
-        a failing item is rolled back to its savepoint and uses no seq, the others are kept.
+        Each item gets the message it stored, `OutboxFull`, or the error its factory raised
+        (`ValueError`, `TypeError`); a failing or refused item uses no seq, the others are
+        kept. The messages are built first, then written with one INSERT for the batch and
+        one update of the counters: SQLite statements, not the rows, are what cost here.
         """
         results: list[Envelope | Exception] = []
         with self._write() as conn:
+            next_seq, depth = conn.execute(
+                "SELECT next_seq, outbox_rows FROM outbox_meta"
+            ).fetchone()
+            rows: list[tuple[int, str, str, bytes, int, int]] = []
+            refused = 0
+            now_us = _now_us()
             for topic, qos, factory in items:
-                conn.execute("SAVEPOINT item")
                 try:
-                    results.append(self._enqueue_in(conn, topic, qos, factory, may_refuse=True))
+                    message = _outbox_message(topic, qos, factory, next_seq)
                 except (ValueError, TypeError) as exc:
-                    conn.execute("ROLLBACK TO item")
                     results.append(exc)
-                conn.execute("RELEASE item")
+                    continue
+                if CHANNEL_OF[type(message)] is Channel.SHADOW and depth >= self.max_outbox_rows:
+                    # Counted in the same commit; the seq is not spent, so the controller's
+                    # contiguous receipt never waits for a message that will not come.
+                    refused += 1
+                    results.append(OutboxFull(depth, self.max_outbox_rows))
+                    continue
+                rows.append(
+                    (next_seq, str(message.msg_id), topic, message.to_json(), qos, now_us)
+                )
+                results.append(message)
+                next_seq += 1
+                depth += 1
+            if rows:
+                conn.executemany(
+                    "INSERT INTO outbox (seq, msg_id, topic, payload, qos, created_us) "
+                    "VALUES (?, ?, ?, ?, ?, ?)",
+                    rows,
+                )
+            if rows or refused:
+                conn.execute(
+                    "UPDATE outbox_meta SET next_seq = ?, outbox_rows = outbox_rows + ?, "
+                    "shadow_dropped = shadow_dropped + ?",
+                    (next_seq, len(rows), refused),
+                )
         return results
 
-    def _enqueue_in(
-        self,
-        conn: sqlite3.Connection,
-        topic: str,
-        qos: int,
-        factory: Callable[[int], MessageT],
-        *,
-        may_refuse: bool,
-    ) -> MessageT | OutboxFull:
-        if not topic:
-            raise ValueError("topic: must not be empty")
-        if qos not in (0, 1, 2):
-            raise ValueError(f"qos: must be 0, 1 or 2, got {qos!r}")
-        seq, depth = conn.execute("SELECT next_seq, outbox_rows FROM outbox_meta").fetchone()
-        message = factory(seq)
-        if message.seq != seq:
-            raise ValueError(f"factory: built seq {message.seq}, expected {seq}")
-        channel = CHANNEL_OF.get(type(message))
-        if channel is None or not DELIVERY[channel].durable:
-            raise ValueError(f"factory: {type(message).__name__} does not go through the outbox")
-        if may_refuse and channel is Channel.SHADOW and depth >= self.max_outbox_rows:
-            # The refusal is counted in the same commit; the seq is not spent, so the
-            # controller's contiguous receipt never waits for a message that will not come.
-            conn.execute("UPDATE outbox_meta SET shadow_dropped = shadow_dropped + 1")
-            return OutboxFull(depth, self.max_outbox_rows)
+    def _append_in(
+        self, conn: sqlite3.Connection, topic: str, qos: int, factory: Callable[[int], MessageT]
+    ) -> MessageT:
+        """One message into the outbox inside the caller's transaction; never refused."""
+        seq = int(conn.execute("SELECT next_seq FROM outbox_meta").fetchone()[0])
+        message = _outbox_message(topic, qos, factory, seq)
         conn.execute(
             "INSERT INTO outbox (seq, msg_id, topic, payload, qos, created_us) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -848,14 +875,9 @@ class StationStore:
                 if row is None:
                     continue  # another publisher took it between the listing and now
                 verdict = self._verdict_row(row)
-                message = self._enqueue_in(
-                    conn,
-                    topic_for(verdict),
-                    qos,
-                    functools.partial(factory, verdict),
-                    may_refuse=False,
+                message = self._append_in(
+                    conn, topic_for(verdict), qos, functools.partial(factory, verdict)
                 )
-                assert not isinstance(message, OutboxFull)  # noqa: S101 - may_refuse=False
                 conn.execute(
                     "UPDATE verdicts SET published_seq = ? WHERE part_id = ?",
                     (message.seq, verdict.part_id),

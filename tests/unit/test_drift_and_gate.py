@@ -10,7 +10,14 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 
-from edge_agent.actuator import LoggingGate, WebhookGate, build_gate
+from edge_agent.actuator import (
+    BackgroundGate,
+    InlineGate,
+    LoggingGate,
+    WebhookGate,
+    build_gate,
+    start_gate,
+)
 from edge_agent.config import LogRejectOutput, WebhookRejectOutput
 from edge_agent.drift import DriftMonitor, Reference, bin_edges, image_stats, proportions, psi
 from linesight import protocol as p
@@ -117,3 +124,32 @@ def test_the_default_gate_only_logs() -> None:
     gate = build_gate(LogRejectOutput())
     assert isinstance(gate, LoggingGate)
     gate.act(decision("pass"))
+
+
+def test_only_a_gate_that_can_block_gets_a_thread() -> None:
+    errors: list[str] = []
+    inline = start_gate(build_gate(LogRejectOutput()), errors.append)
+    assert isinstance(inline, InlineGate)
+    inline.act(decision("reject"))
+    webhook = build_gate(
+        WebhookRejectOutput(type="webhook", url="http://127.0.0.1:9/none", timeout_s=0.5)
+    )
+    background = start_gate(webhook, errors.append)
+    try:
+        assert isinstance(background, BackgroundGate)
+    finally:
+        background.close()
+    assert errors == []
+
+
+def test_an_inline_gate_reports_a_failure_and_keeps_going() -> None:
+    errors: list[str] = []
+    oks: list[bool] = []
+    failing = WebhookGate("http://127.0.0.1:9/none", 0.5)
+    inline = InlineGate(failing, errors.append, lambda: oks.append(True))
+    inline.act(decision("reject"))
+    assert len(errors) == 1
+    assert "failed" in errors[0]
+    inline.gate = build_gate(LogRejectOutput())
+    inline.act(decision("pass"))
+    assert oks == [True]
