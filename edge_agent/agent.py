@@ -128,9 +128,14 @@ class Agent:
         self.config = config
         self.station = config.station
         self.topics = p.Topics(config.topic_prefix)
+        self._decision_topic = self.topics.station(self.station, p.Channel.DECISION)
+        self._shadow_topic = self.topics.station(self.station, p.Channel.SHADOW)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = StationStore(config.data_dir, max_outbox_rows=config.outbox.max_rows)
-        self.writer = DurableWriter(self.store, name=f"writer-{config.station}")
+        self.writer = DurableWriter(
+            self.store, name=f"writer-{config.station}",
+            on_reviews=self._reviews_stored,
+        )
         self.key = load_public_key(config.key) if config.key else None
         self.metrics = AgentMetrics(self.station)
         self.gate = start_gate(
@@ -413,7 +418,7 @@ class Agent:
         )
         shown = part.shows_model
         self.writer.enqueue(
-            self.topics.station(self.station, p.Channel.DECISION),
+            self._decision_topic,
             1,
             lambda seq: p.Decision(
                 station=self.station, seq=seq, part_id=frame.part_id,
@@ -430,7 +435,7 @@ class Agent:
         queued = part.action == p.Action.REVIEW or part.audit
         if queued:
             reason = part.review_reason or p.ReviewReason.AUDIT
-            self.writer.later(lambda: self._queue_review(
+            self.writer.review(lambda: self._review_item(
                 frame, reason, automation, model, output, part.suggestion, None
             ))
         self._count(part, decider, output, frame)
@@ -459,17 +464,21 @@ class Agent:
         if isinstance(result, p.Decision):
             self.gate.act(result)
 
+    def _reviews_stored(self, error: str | None) -> None:
+        if error is None:
+            self._clear_faults("review_store")
+        else:
+            self._raise_fault("review_store", error)
+
     def _count(
         self, decision: PartDecision, decider: Slot, output: ModelOutput, frame: Frame
     ) -> None:
         self.parts_inspected += 1
         self.metrics.parts.inc()
-        self.metrics.decisions.labels(
-            self.station, decision.action.value, decision.decided_by.value
-        ).inc()
-        self.metrics.latency.labels(self.station, decider).observe(output.latency_ms)
+        self.metrics.decision_of(decision.action.value, decision.decided_by.value).inc()
+        self.metrics.latency_of(decider).observe(output.latency_ms)
         if output.confidence is not None:
-            self.metrics.confidence.labels(self.station, decider).observe(output.confidence)
+            self.metrics.confidence_of(decider).observe(output.confidence)
         self.metrics.frame_age.set(self.source.frame_age_s)
         with self._lock:
             window = self._window
@@ -490,7 +499,7 @@ class Agent:
                 self._save_slots()  # a new reference was just taken
             self._state_dirty.set()
 
-    def _queue_review(
+    def _review_item(
         self,
         frame: Frame,
         reason: p.ReviewReason,
@@ -499,15 +508,16 @@ class Agent:
         output: ModelOutput,
         suggestion: str | None,
         candidate: tuple[LoadedModel, ModelOutput] | None,
-    ) -> None:
+    ) -> ReviewItem | None:
+        """The part's review item with its JPEG (built on the writer thread), or None."""
         ok, jpeg = cv2.imencode(
             ".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.config.review.jpeg_quality]
         )
         if not ok:
             self._raise_fault("review_image", f"cannot encode part {frame.part_id} as JPEG")
-            return
+            return None
         slots = self.slots
-        self.store.add_review(ReviewItem(
+        return ReviewItem(
             part_id=frame.part_id,
             created=datetime.fromtimestamp(frame.captured_at, UTC),
             reason=reason.value,
@@ -519,7 +529,7 @@ class Agent:
             active_version=model.ref.version if candidate is None else slots.active.ref.version,
             candidate_version=candidate[0].ref.version if candidate else None,
             image_jpeg=jpeg.tobytes(),
-        ))
+        )
 
     def _log_part(
         self, frame: Frame, decision: PartDecision, active: ModelOutput | None,
@@ -569,7 +579,7 @@ class Agent:
             )
 
         self.writer.enqueue(
-            self.topics.station(self.station, p.Channel.SHADOW),
+            self._shadow_topic,
             1,
             lambda seq: p.ShadowResult(
                 station=self.station, seq=seq, part_id=job.frame.part_id, mode=job.mode,
@@ -579,9 +589,9 @@ class Agent:
             after=self._shadow_stored,
         )
         self.metrics.shadow_pairs.inc()
-        self.metrics.latency.labels(self.station, other_slot).observe(other.latency_ms)
+        self.metrics.latency_of(other_slot).observe(other.latency_ms)
         if other.confidence is not None:
-            self.metrics.confidence.labels(self.station, other_slot).observe(other.confidence)
+            self.metrics.confidence_of(other_slot).observe(other.confidence)
         with self._lock:
             self._window.pairs += 1
             self._window.agreed += int(agreed)
@@ -592,7 +602,7 @@ class Agent:
             if not job.queued_review:
                 # The candidate never changes what happens to the part; the operator's label of
                 # the disagreement is what the rollout gate needs.
-                self.writer.later(lambda: self._queue_review(
+                self.writer.review(lambda: self._review_item(
                     job.frame, p.ReviewReason.DISAGREEMENT, job.automation, active_model,
                     active_out, active_out.label, (candidate_model, candidate_out),
                 ))

@@ -3,6 +3,9 @@ process in tests and simulations)."""
 
 from __future__ import annotations
 
+from functools import lru_cache
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
 
 _LATENCY_BUCKETS = (1, 2, 3, 5, 7.5, 10, 15, 20, 30, 50, 75, 100, 200, 500, 1000)
@@ -69,6 +72,20 @@ class AgentMetrics:
             ["station", "feature"], registry=r,
         )
         self.station = station
+        # `labels()` takes a lock and builds a key on every call; the per-part metrics keep
+        # their few children instead.
+        self.decision_of = lru_cache(maxsize=64)(self._decision_child)
+        self.latency_of = lru_cache(maxsize=8)(self._latency_child)
+        self.confidence_of = lru_cache(maxsize=8)(self._confidence_child)
+
+    def _decision_child(self, action: str, decided_by: str) -> Any:
+        return self.decisions.labels(self.station, action, decided_by)
+
+    def _latency_child(self, slot: str) -> Any:
+        return self.latency.labels(self.station, slot)
+
+    def _confidence_child(self, slot: str) -> Any:
+        return self.confidence.labels(self.station, slot)
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)  # noqa: S104 - scraped

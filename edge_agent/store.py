@@ -586,43 +586,60 @@ class StationStore:
 
     def add_review(self, item: ReviewItem) -> bool:
         """Queue a part for review with its image; False (and nothing changed) if already queued."""
-        name = image_name_for(item.part_id)
-        fd, temp_name = tempfile.mkstemp(dir=self.images_dir, prefix=".", suffix=_TEMP_SUFFIX)
-        temp = Path(temp_name)
+        return self.add_reviews([item])[0]
+
+    def add_reviews(self, items: Sequence[ReviewItem]) -> list[bool]:
+        """Queue parts for review with their images, in one commit; for each, False (and
+        nothing changed) if that part was already queued.
+
+        Every image is on disk (fsynced) before the commit that names it, and renamed into
+        place only for the rows that were inserted: a row never names a missing image; a crash
+        leaves at most orphan files, which the quota sweep removes.
+        """
+        temps: list[Path] = []
         try:
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(item.image_jpeg)
-                handle.flush()
-                os.fsync(handle.fileno())
+            for item in items:
+                fd, temp_name = tempfile.mkstemp(
+                    dir=self.images_dir, prefix=".", suffix=_TEMP_SUFFIX
+                )
+                temps.append(Path(temp_name))
+                with os.fdopen(fd, "wb") as handle:
+                    handle.write(item.image_jpeg)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+            inserted: list[bool] = []
             with self._write() as conn:
-                inserted = conn.execute(
-                    "INSERT INTO reviews (part_id, created_us, reason, automation, suggestion, "
-                    "confidence, model_label, candidate_label, active_version, "
-                    "candidate_version, image_name, image_bytes) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                    (
-                        item.part_id,
-                        _us(item.created),
-                        item.reason,
-                        item.automation,
-                        item.suggestion,
-                        item.confidence,
-                        item.model_label,
-                        item.candidate_label,
-                        item.active_version,
-                        item.candidate_version,
-                        name,
-                        len(item.image_jpeg),
-                    ),
-                ).rowcount
-                if inserted:
-                    # The file is in place before the row commits: a row never names a
-                    # missing image; a crash here leaves only an orphan file to sweep.
-                    os.replace(temp, self.images_dir / name)
+                for item, temp in zip(items, temps, strict=True):
+                    name = image_name_for(item.part_id)
+                    added = conn.execute(
+                        "INSERT INTO reviews (part_id, created_us, reason, automation, "
+                        "suggestion, confidence, model_label, candidate_label, active_version, "
+                        "candidate_version, image_name, image_bytes) "
+                        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                        (
+                            item.part_id,
+                            _us(item.created),
+                            item.reason,
+                            item.automation,
+                            item.suggestion,
+                            item.confidence,
+                            item.model_label,
+                            item.candidate_label,
+                            item.active_version,
+                            item.candidate_version,
+                            name,
+                            len(item.image_jpeg),
+                        ),
+                    ).rowcount
+                    if added:
+                        os.replace(temp, self.images_dir / name)
+                    inserted.append(bool(added))
+                if any(inserted):
                     _fsync_dir(self.images_dir)
-            return bool(inserted)
+            return inserted
         finally:
-            temp.unlink(missing_ok=True)
+            for temp in temps:
+                temp.unlink(missing_ok=True)
 
     def _review_row(self, row: tuple[Any, ...]) -> ReviewRow:
         image_name = row[10]

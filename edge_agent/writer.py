@@ -5,7 +5,8 @@ commit per message would make the disk, not the models, set the line's pace. The
 loop hands its messages to this writer and goes on with the next part; the writer commits
 everything waiting in ONE transaction (synchronous=FULL), and only then runs what must follow a
 durable record: the reject gate, the publisher wake-up, review images, the part log. A message
-is therefore never acted on or published before it is on disk.
+is therefore never acted on or published before it is on disk. Review items of a batch are
+stored together too (one commit for their rows, one directory sync for their images).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from edge_agent.store import PartLogEntry, StationStore
+from edge_agent.store import PartLogEntry, ReviewItem, StationStore
 from linesight.protocol import Envelope
 
 log = logging.getLogger(__name__)
@@ -42,11 +43,28 @@ class _PartLog:
     entry: PartLogEntry
 
 
+@dataclass(frozen=True, slots=True)
+class _Review:
+    build: Callable[[], ReviewItem | None]
+
+
+_Item = _Enqueue | _Task | _PartLog | _Review
+
+
 class DurableWriter:
-    def __init__(self, store: StationStore, *, max_batch: int = 256, name: str = "writer") -> None:
+    def __init__(
+        self,
+        store: StationStore,
+        *,
+        max_batch: int = 256,
+        name: str = "writer",
+        on_reviews: Callable[[str | None], None] | None = None,
+    ) -> None:
+        """`on_reviews` hears after each batch of review items: None, or what went wrong."""
         self.store = store
+        self.on_reviews = on_reviews
         self.max_batch = max_batch
-        self._queue: queue.Queue[_Enqueue | _Task | _PartLog | None] = queue.Queue()
+        self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -59,6 +77,11 @@ class DurableWriter:
     def log_part(self, entry: PartLogEntry) -> None:
         """Add a part to the statistics log, in the same batch as the messages around it."""
         self._queue.put(_PartLog(entry))
+
+    def review(self, build: Callable[[], ReviewItem | None]) -> None:
+        """Queue a part for review after the messages submitted before it are stored; `build`
+        runs on the writer thread (it may encode the image) and returns None to skip."""
+        self._queue.put(_Review(build))
 
     def later(self, task: Callable[[], None]) -> None:
         """Run `task` on the writer thread after the messages submitted before it are stored."""
@@ -91,7 +114,7 @@ class DurableWriter:
             if None in batch:
                 return
 
-    def _process(self, batch: list[_Enqueue | _Task | _PartLog]) -> None:
+    def _process(self, batch: list[_Item]) -> None:
         writes = [item for item in batch if isinstance(item, _Enqueue)]
         logged = [item.entry for item in batch if isinstance(item, _PartLog)]
         results: list[Envelope | Exception] = []
@@ -108,6 +131,7 @@ class DurableWriter:
                 self.store.log_parts(logged)
             except Exception:  # statistics only: never worth stopping the writer
                 log.exception("part log of %d parts failed", len(logged))
+        self._store_reviews([item for item in batch if isinstance(item, _Review)])
         outcome = iter(results)
         for item in batch:
             try:
@@ -121,3 +145,23 @@ class DurableWriter:
                     item.run()
             except Exception:  # one failing follow-up must not stop the writer
                 log.exception("writer follow-up failed")
+
+    def _store_reviews(self, reviews: list[_Review]) -> None:
+        items: list[ReviewItem] = []
+        for review in reviews:
+            try:
+                built = review.build()
+            except Exception:  # one unencodable image must not cost the others
+                log.exception("review item could not be built")
+                continue
+            if built is not None:
+                items.append(built)
+        if items:
+            error: str | None = None
+            try:
+                self.store.add_reviews(items)
+            except Exception as exc:  # a full or failing disk: the parts are not reviewable
+                log.exception("review items of %d parts could not be stored", len(items))
+                error = f"{len(items)} parts could not be queued for review: {exc}"
+            if self.on_reviews is not None:
+                self.on_reviews(error)

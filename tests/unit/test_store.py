@@ -184,6 +184,33 @@ def test_bound_refuses_shadow_and_keeps_decisions(tmp_data_dir: Path) -> None:
         assert store.shadow_dropped == 1
 
 
+def test_a_batch_keeps_seqs_contiguous_around_failures_and_refusals(
+    tmp_data_dir: Path,
+) -> None:
+    def wrong_seq(seq: int) -> p.Envelope:
+        return decision("bad")(seq + 5)
+
+    with StationStore(tmp_data_dir, max_outbox_rows=2) as store:
+        results = store.enqueue_many([
+            (DECISION_TOPIC, 1, decision("p0")),
+            (DECISION_TOPIC, 1, wrong_seq),
+            ("", 1, decision("no-topic")),
+            (SHADOW_TOPIC, 1, shadow("p1")),
+            (SHADOW_TOPIC, 1, shadow("p2")),  # the bound (2 rows) is reached: refused
+            (DECISION_TOPIC, 1, decision("p3")),  # decisions are never refused
+        ])
+        assert [type(r).__name__ for r in results] == [
+            "Decision", "ValueError", "ValueError", "ShadowResult", "OutboxFull", "Decision",
+        ]
+        stored = [r for r in results if isinstance(r, p.Envelope)]
+        assert [m.seq for m in stored] == [0, 1, 2]
+        assert [row.seq for row in store.pending()] == [0, 1, 2]
+        assert [row.msg_id for row in store.pending()] == [str(m.msg_id) for m in stored]
+        assert store.outbox_depth() == 3
+        assert store.shadow_dropped == 1
+        assert store.enqueue(DECISION_TOPIC, 1, decision("p4")).seq == 3
+
+
 def test_ui_reader_never_blocks_the_outbox(store: StationStore) -> None:
     store.enqueue(DECISION_TOPIC, 1, decision("p0"))
     ui = sqlite3.connect(store.path, isolation_level=None)
@@ -216,6 +243,22 @@ def test_add_review_is_idempotent(store: StationStore) -> None:
     assert path is not None and path.read_bytes() == b"first"
     assert store.review_count() == 1
     assert sorted(f.name for f in store.images_dir.iterdir()) == [image_name_for("p1")]
+
+
+def test_reviews_in_one_batch_are_each_stored_once(store: StationStore) -> None:
+    store.add_review(item("old", image=b"old"))
+    added = store.add_reviews([
+        item("a", image=b"a"), item("old", image=b"again"), item("b", image=b"b"),
+        item("a", image=b"a twice"),
+    ])
+    assert added == [True, False, True, False]
+    assert store.review_count() == 3
+    for part, content in (("a", b"a"), ("b", b"b"), ("old", b"old")):
+        path = store.image_path(part)
+        assert path is not None and path.read_bytes() == content
+    assert sorted(f.name for f in store.images_dir.iterdir()) == sorted(
+        image_name_for(part) for part in ("a", "b", "old")
+    )  # no temp file left behind
 
 
 def test_review_rows_round_trip(store: StationStore) -> None:

@@ -1,0 +1,91 @@
+"""The group-commit writer: messages first, then what follows them, batch by batch."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from edge_agent.store import ReviewItem, StationStore
+from edge_agent.writer import DurableWriter
+from linesight import protocol as p
+
+pytestmark = pytest.mark.unit
+
+STATION = "st-1"
+TOPIC = p.Topics().station(STATION, p.Channel.DECISION)
+
+
+def decision(part_id: str) -> p.Decision:
+    return p.Decision(
+        station=STATION, seq=0, part_id=part_id, decided_by=p.DecidedBy.OPERATOR, label=None,
+        action=p.Action.REVIEW, review_reason=p.ReviewReason.HUMAN_ONLY, model=None,
+        latency_ms=0.0, automation=p.AutomationLevel.HUMAN_ONLY, mode=p.DeploymentMode.NONE,
+    )
+
+
+def review(part_id: str) -> ReviewItem:
+    return ReviewItem(
+        part_id=part_id, created=datetime(2026, 1, 2, tzinfo=UTC), reason="human_only",
+        automation="human_only", suggestion=None, confidence=None, model_label=None,
+        candidate_label=None, active_version="1.0.0", candidate_version=None,
+        image_jpeg=b"\xff\xd8jpeg",
+    )
+
+
+@pytest.fixture
+def store(tmp_data_dir: Path) -> Iterator[StationStore]:
+    with StationStore(tmp_data_dir) as opened:
+        yield opened
+
+
+def test_a_review_is_stored_after_the_decision_before_it(store: StationStore) -> None:
+    seen: list[str] = []
+    reports: list[str | None] = []
+    writer = DurableWriter(store, on_reviews=reports.append)
+    try:
+        def build() -> ReviewItem:
+            # The decision submitted before this review is already committed.
+            seen.append(f"outbox depth {store.outbox_depth()}")
+            return review("p1")
+
+        writer.enqueue(TOPIC, 1, lambda seq: decision("p1").model_copy(update={"seq": seq}))
+        writer.review(build)
+        writer.review(lambda: None)  # nothing to queue: skipped
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert seen == ["outbox depth 1"]
+    assert store.review_count() == 1
+    assert reports == [None]
+
+
+def test_a_failing_review_store_is_reported_and_the_writer_goes_on(
+    store: StationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reports: list[str | None] = []
+    writer = DurableWriter(store, on_reviews=reports.append)
+
+    def disk_full(items: list[ReviewItem]) -> list[bool]:
+        raise OSError(28, "No space left on device")
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setattr(store, "add_reviews", disk_full)
+            writer.review(lambda: review("p1"))
+            assert writer.flush()
+
+        def broken() -> ReviewItem:
+            raise ValueError("cannot encode")
+
+        writer.review(broken)
+        writer.review(lambda: review("p2"))
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert reports[0] is not None and "No space left" in reports[0]
+    assert reports[1:] == [None]
+    assert store.review("p2") is not None
+    assert store.review("p1") is None
