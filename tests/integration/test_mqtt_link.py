@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import secrets
 import shutil
+import socket
 import subprocess
 import sys
 import threading
@@ -109,6 +110,16 @@ def test_qos1_round_trip(broker: Broker, make_link: LinkFactory, protocol: str) 
     assert [m.payload for m in received] == [f"part-{n}".encode() for n in range(20)]
     assert {m.qos for m in received} == {1}
     assert not any(m.retain for m in received)
+
+
+def test_the_socket_sends_small_packets_at_once(broker: Broker, make_link: LinkFactory) -> None:
+    """TCP_NODELAY: with Nagle on, a QoS 1 round trip could wait ~40 ms for a delayed ACK."""
+    link = make_link(broker.url, "nodelay")
+    link.start()
+    assert link.wait_connected(WAIT_S)
+    sock = link._client.socket()  # noqa: SLF001 - paho's socket, to read its options
+    assert sock is not None
+    assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
 
 
 def _subscribed(publisher: MqttLink, inbox: Inbox, probe_topic: str) -> bool:
