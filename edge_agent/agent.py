@@ -587,7 +587,6 @@ class Agent:
                 candidate=opinion(candidate_model, candidate_out), agree=agreed,
             ),
             after=self._shadow_stored,
-            urgent=False,  # rides the next decision's commit
         )
         self.metrics.shadow_pairs.inc()
         self.metrics.latency_of(other_slot).observe(other.latency_ms)

@@ -7,12 +7,6 @@ everything waiting in ONE transaction (synchronous=FULL), and only then runs wha
 durable record: the reject gate, the publisher wake-up, review images, the part log. A message
 is therefore never acted on or published before it is on disk. Review items of a batch are
 stored together too (one commit for their rows, one directory sync for their images).
-
-Not everything is urgent. A decision is (the reject gate waits for its commit), and so is a
-task someone waits for; shadow results, the part log and review items are not. Those wait for
-the next urgent item, at most `lazy_s`, and ride its commit: with a candidate in shadow that is
-one commit and one publisher wake-up per part instead of two, which is background work the
-inspection loop no longer competes with for the interpreter.
 """
 
 from __future__ import annotations
@@ -20,7 +14,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -38,7 +31,6 @@ class _Enqueue:
     qos: int
     factory: Callable[[int], Envelope]
     after: After | None
-    urgent: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,43 +51,28 @@ class _Review:
 _Item = _Enqueue | _Task | _PartLog | _Review
 
 
-def _urgent(item: _Item) -> bool:
-    return isinstance(item, _Task) or (isinstance(item, _Enqueue) and item.urgent)
-
-
 class DurableWriter:
     def __init__(
         self,
         store: StationStore,
         *,
         max_batch: int = 256,
-        lazy_s: float = 0.05,
         name: str = "writer",
         on_reviews: Callable[[str | None], None] | None = None,
     ) -> None:
         """`on_reviews` hears after each batch of review items: None, or what went wrong."""
-        if lazy_s < 0 or max_batch < 1:
-            raise ValueError("lazy_s must be >= 0 and max_batch >= 1")
         self.store = store
         self.on_reviews = on_reviews
         self.max_batch = max_batch
-        self.lazy_s = lazy_s
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def enqueue(
-        self,
-        topic: str,
-        qos: int,
-        factory: Callable[[int], Envelope],
-        after: After | None = None,
-        *,
-        urgent: bool = True,
+        self, topic: str, qos: int, factory: Callable[[int], Envelope], after: After | None = None
     ) -> None:
-        """Store a message in the outbox soon; `after` gets the stored message (or the error).
-        A message that is not `urgent` may wait up to `lazy_s` for the next urgent one."""
-        self._queue.put(_Enqueue(topic, qos, factory, after, urgent))
+        """Store a message in the outbox soon; `after` gets the stored message (or the error)."""
+        self._queue.put(_Enqueue(topic, qos, factory, after))
 
     def log_part(self, entry: PartLogEntry) -> None:
         """Add a part to the statistics log, in the same batch as the messages around it."""
@@ -125,34 +102,17 @@ class DurableWriter:
         return self._queue.qsize()
 
     def _run(self) -> None:
-        batch: list[_Item] = []
-        oldest = 0.0  # when the first item of `batch` arrived
-        closing = False
-        while not closing:
-            # Only lazy items waiting: wake when the oldest has waited lazy_s.
-            timeout = max(0.0, oldest + self.lazy_s - time.monotonic()) if batch else None
-            try:
-                arrived = [self._queue.get(timeout=timeout)]
-            except queue.Empty:
-                arrived = []
-            while arrived and len(batch) + len(arrived) < self.max_batch:
+        while True:
+            first = self._queue.get()
+            batch = [first]
+            while len(batch) < self.max_batch:
                 try:
-                    arrived.append(self._queue.get_nowait())
+                    batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
-            if not batch:
-                oldest = time.monotonic()
-            closing = None in arrived
-            fresh = [item for item in arrived if item is not None]
-            batch.extend(fresh)
-            if (
-                not arrived  # the lazy items waited long enough
-                or closing
-                or len(batch) >= self.max_batch
-                or any(_urgent(item) for item in fresh)
-            ) and batch:
-                self._process(batch)
-                batch = []
+            self._process([item for item in batch if item is not None])
+            if None in batch:
+                return
 
     def _process(self, batch: list[_Item]) -> None:
         writes = [item for item in batch if isinstance(item, _Enqueue)]

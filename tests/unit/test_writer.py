@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import threading
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -18,7 +16,6 @@ pytestmark = pytest.mark.unit
 
 STATION = "st-1"
 TOPIC = p.Topics().station(STATION, p.Channel.DECISION)
-SHADOW = p.Topics().station(STATION, p.Channel.SHADOW)
 
 
 def decision(part_id: str) -> p.Decision:
@@ -92,51 +89,3 @@ def test_a_failing_review_store_is_reported_and_the_writer_goes_on(
     assert reports[1:] == [None]
     assert store.review("p2") is not None
     assert store.review("p1") is None
-
-
-def shadow(part_id: str) -> Callable[[int], p.Envelope]:
-    ref = p.ModelRef(name="m", version="1.0.0", sha256="a" * 64)
-    opinion = p.ModelOpinion(model=ref, label="good", confidence=0.9, latency_ms=1.0)
-
-    def build(seq: int) -> p.Envelope:
-        return p.ShadowResult(
-            station=STATION, seq=seq, part_id=part_id, mode=p.DeploymentMode.SHADOW,
-            active=opinion, candidate=opinion, agree=True,
-        )
-
-    return build
-
-
-def test_a_lazy_message_rides_the_next_urgent_commit(store: StationStore) -> None:
-    stored: list[p.Envelope | Exception] = []
-    writer = DurableWriter(store, lazy_s=30.0)
-    try:
-        writer.enqueue(SHADOW, 1, shadow("p1"), after=stored.append, urgent=False)
-        time.sleep(0.1)
-        assert store.outbox_depth() == 0  # waiting for company, not lost
-        writer.enqueue(TOPIC, 1, lambda seq: decision("p2").model_copy(update={"seq": seq}),
-                       after=stored.append)
-        assert writer.flush()
-    finally:
-        writer.close()
-    assert [type(m).__name__ for m in stored] == ["ShadowResult", "Decision"]
-    assert [row.seq for row in store.pending()] == [0, 1]
-
-
-def test_a_lazy_message_alone_is_committed_after_lazy_s(store: StationStore) -> None:
-    done = threading.Event()
-    writer = DurableWriter(store, lazy_s=0.05)
-    try:
-        writer.enqueue(SHADOW, 1, shadow("p1"), after=lambda _: done.set(), urgent=False)
-        assert done.wait(10.0)
-        assert store.outbox_depth() == 1
-    finally:
-        writer.close()
-
-
-def test_closing_commits_what_is_waiting(tmp_data_dir: Path) -> None:
-    with StationStore(tmp_data_dir) as store:
-        writer = DurableWriter(store, lazy_s=30.0)
-        writer.enqueue(SHADOW, 1, shadow("p1"), urgent=False)
-        writer.close()
-        assert store.outbox_depth() == 1
