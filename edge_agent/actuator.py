@@ -110,7 +110,7 @@ class BackgroundGate:
                  on_ok: Callable[[], None] = lambda: None, max_backlog: int = 1000) -> None:
         self.gate = gate
         self.on_error = on_error
-        self.on_ok = on_ok
+        self._inline = InlineGate(gate, on_error, on_ok)  # what the thread runs per decision
         self._queue: queue.Queue[Decision | None] = queue.Queue(max_backlog)
         self._thread = threading.Thread(target=self._run, name="reject-gate", daemon=True)
         self._thread.start()
@@ -128,9 +128,4 @@ class BackgroundGate:
 
     def _run(self) -> None:
         while (decision := self._queue.get()) is not None:
-            try:
-                self.gate.act(decision)
-            except OSError as exc:
-                self.on_error(str(exc))
-            else:
-                self.on_ok()
+            self._inline.act(decision)
