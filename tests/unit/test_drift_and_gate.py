@@ -153,3 +153,20 @@ def test_an_inline_gate_reports_a_failure_and_keeps_going() -> None:
     inline.gate = build_gate(LogRejectOutput())
     inline.act(decision("pass"))
     assert oks == [True]
+
+
+def test_the_background_gate_posts_on_its_thread_and_reports_failures(plc: str) -> None:
+    errors: list[str] = []
+    oks: list[bool] = []
+    gate = start_gate(WebhookGate(plc, 2), errors.append, lambda: oks.append(True))
+    assert isinstance(gate, BackgroundGate)
+    gate.act(decision("reject"))
+    gate.close()  # drains what was queued
+    assert [body["action"] for body in Recorder.bodies] == ["reject"]
+    assert oks == [True] and errors == []
+
+    Recorder.status = 500
+    failing = start_gate(WebhookGate(plc, 2), errors.append)
+    failing.act(decision("pass"))
+    failing.close()
+    assert len(errors) == 1 and "HTTP 500" in errors[0]
