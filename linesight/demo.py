@@ -136,14 +136,32 @@ def run_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     line = Line(workdir)
+    # Ctrl-C arrives as KeyboardInterrupt; `kill`, a service manager or a closed terminal send
+    # SIGTERM or SIGHUP, whose default would end this process and leave the line running.
+    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         return _run(line, args, version)
     except KeyboardInterrupt:
         print("\nstopping the line ...", flush=True)
         return 130
+    except _Stopped as stopped:
+        print(f"\n{signal.Signals(stopped.signum).name}: stopping the line ...", flush=True)
+        return 128 + stopped.signum
     finally:
         line.stop()
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         print(f"stopped; data and logs are in {workdir}", flush=True)
+
+
+class _Stopped(Exception):  # noqa: N818 - a signal, not an error
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+def _raise_stop(signum: int, frame: object) -> None:
+    raise _Stopped(signum)
 
 
 def _run(line: Line, args: argparse.Namespace, version: str) -> int:

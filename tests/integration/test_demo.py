@@ -5,9 +5,13 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 
 def alive(pid: int) -> bool:
@@ -37,10 +41,16 @@ def test_the_demo_rolls_back_a_regressed_model_and_cleans_up(tmp_path: Path) -> 
     assert not [name for name, pid in pids.items() if alive(pid)], "processes left behind"
 
 
-def test_ctrl_c_stops_the_whole_line(tmp_path: Path) -> None:
-    import signal
-    import time
-
+@pytest.mark.parametrize(
+    ("signum", "code", "said"),
+    [
+        (signal.SIGINT, 130, "stopping the line"),  # what Ctrl-C in the terminal sends
+        (signal.SIGTERM, 143, "SIGTERM: stopping the line"),  # kill, a service manager
+    ],
+)
+def test_a_stop_signal_stops_the_whole_line(
+    tmp_path: Path, signum: signal.Signals, code: int, said: str
+) -> None:
     workdir = tmp_path / "demo"
     log = tmp_path / "demo.out"
     with log.open("wb") as out:
@@ -54,13 +64,13 @@ def test_ctrl_c_stops_the_whole_line(tmp_path: Path) -> None:
             assert demo.poll() is None, log.read_text()[-3000:]
             time.sleep(0.5)
         assert "rollout r-" in log.read_text(), "the line did not come up"
-        demo.send_signal(signal.SIGINT)  # what Ctrl-C in the terminal sends
-        assert demo.wait(120) == 130
+        demo.send_signal(signum)
+        assert demo.wait(120) == code
     finally:
         if demo.poll() is None:
             demo.kill()
             demo.wait()
-    assert "stopping the line" in log.read_text()
+    assert said in log.read_text()
     pids = json.loads((workdir / "processes.json").read_text())
     assert not [name for name, pid in pids.items() if alive(pid)], "processes left behind"
     # The stations' data stays: every decision made is in a station store or the fleet store.
