@@ -131,20 +131,23 @@ class DurableWriter:
                 self.store.log_parts(logged)
             except Exception:  # statistics only: never worth stopping the writer
                 log.exception("part log of %d parts failed", len(logged))
-        self._store_reviews([item for item in batch if isinstance(item, _Review)])
-        outcome = iter(results)
-        for item in batch:
+        # What must follow a stored message first (the reject gate, the publisher), then the
+        # review images (JPEG and fsyncs: slow), then tasks, which may wait for all of it.
+        for write, result in zip(writes, results, strict=True):
             try:
-                if isinstance(item, _Enqueue):
-                    result = next(outcome)
-                    if item.after is not None:
-                        item.after(result)
-                    elif isinstance(result, Exception):
-                        log.error("message to %s not stored: %s", item.topic, result)
-                elif isinstance(item, _Task):
-                    item.run()
+                if write.after is not None:
+                    write.after(result)
+                elif isinstance(result, Exception):
+                    log.error("message to %s not stored: %s", write.topic, result)
             except Exception:  # one failing follow-up must not stop the writer
                 log.exception("writer follow-up failed")
+        self._store_reviews([item for item in batch if isinstance(item, _Review)])
+        for item in batch:
+            if isinstance(item, _Task):
+                try:
+                    item.run()
+                except Exception:  # one failing task must not stop the writer
+                    log.exception("writer task failed")
 
     def _store_reviews(self, reviews: list[_Review]) -> None:
         items: list[ReviewItem] = []

@@ -89,3 +89,23 @@ def test_a_failing_review_store_is_reported_and_the_writer_goes_on(
     assert reports[1:] == [None]
     assert store.review("p2") is not None
     assert store.review("p1") is None
+
+
+def test_the_reject_gate_hears_of_a_decision_before_review_images_are_written(
+    store: StationStore,
+) -> None:
+    order: list[str] = []
+    writer = DurableWriter(store)
+    try:
+        def build() -> ReviewItem:
+            order.append("review image")
+            return review("p1")
+
+        writer.enqueue(TOPIC, 1, lambda seq: decision("p1").model_copy(update={"seq": seq}),
+                       after=lambda _: order.append("decision stored"))
+        writer.review(build)
+        writer.later(lambda: order.append("task"))
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert order == ["decision stored", "review image", "task"]
