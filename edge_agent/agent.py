@@ -5,7 +5,9 @@ Threads, and why each exists:
   critical path, which nothing else may block. Slot changes run here, between two parts.
 - the candidate worker: the other model on the same frame, with a bounded queue; when it cannot
   keep up it skips parts and counts them, it never delays a decision.
-- the publisher: outbox rows to MQTT, from the oldest not yet receipted; again after a reconnect.
+- the outbox relay (edge_agent.relay), by default a child process with its own MQTT connection:
+  outbox rows to MQTT from the oldest not yet receipted, receipts back; the agent wakes it after
+  every commit and restarts it if it dies.
 - the command worker: parses, downloads and loads off the critical path, then asks the loop to
   apply the change at a part boundary and acks the result.
 - housekeeping: verdicts from the UI, state, metrics, quota, the UI's status snapshot.
@@ -37,6 +39,7 @@ from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.inference import InferenceError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.policy import ModelOutput, PartDecision, Slot, agree, decide, decider_for
+from edge_agent.relay import OutboxRelay, RelayProcess, RelaySpec, ThreadRelay
 from edge_agent.slots import (
     LoadedModel,
     SlotError,
@@ -153,10 +156,6 @@ class Agent:
         self._boundary: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._jobs: queue.Queue[CandidateJob | None] = queue.Queue(config.inference.candidate_queue)
         self._commands: queue.Queue[ReceivedMessage | None] = queue.Queue()
-        self._publish_wake = threading.Event()
-        self._replay = threading.Event()
-        self._receipted_upto = -1
-        self._receipt_progress = time.monotonic()
         self._state_dirty = threading.Event()
         self._window = Window(time.monotonic())
         self._recent_agreement: deque[bool] = deque(maxlen=500)
@@ -171,8 +170,25 @@ class Agent:
             self.topics.station(self.station, p.Channel.STATE),
             self._state(online=False).to_json(), qos=1, retain=True,
         ))
+        self.relay = self._build_relay()
+        self._relay_restarted_at: float | None = None
 
     # --- start-up ---------------------------------------------------------------------------
+
+    def _build_relay(self) -> RelayProcess | ThreadRelay:
+        outbox = self.config.outbox
+        if outbox.relay == "thread":
+            return ThreadRelay(OutboxRelay(
+                self.store, self.link, station=self.station, topics=self.topics,
+                publish_batch=outbox.publish_batch, resend_after_s=outbox.resend_after_s,
+            ))
+        return RelayProcess(RelaySpec(
+            station=self.station, topic_prefix=self.config.topic_prefix,
+            data_dir=self.config.data_dir, max_outbox_rows=outbox.max_rows,
+            publish_batch=outbox.publish_batch, resend_after_s=outbox.resend_after_s,
+            broker=self.config.broker,
+            log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
+        ))
 
     def _load(self, bundle: Path, slot: Slot) -> LoadedModel:
         threads = (
@@ -304,18 +320,18 @@ class Agent:
         """Inspect until stopped (or --max-parts), then deliver what is owed and exit."""
         for topic, handler in (
             (self.topics.station(self.station, p.Channel.CMD), self._on_command),
-            (self.topics.station(self.station, p.Channel.RECEIPT), self._on_receipt),
             (self.topics.trigger(self.station), self._on_trigger),
         ):
             self.link.subscribe(topic, handler)
         self.link.add_connect_listener(self._on_connected)
+        self.relay.attach()
         self.link.start()
+        self.relay.start()
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port)
         self._save_slots()
         for target, name in (
             (self._candidate_worker, "candidate"),
-            (self._publisher, "publisher"),
             (self._command_worker, "commands"),
             (self._housekeeping, "housekeeping"),
         ):
@@ -460,7 +476,7 @@ class Agent:
             self._raise_fault("outbox_write", f"a decision could not be stored: {result}")
             return
         self._clear_faults("outbox_write")
-        self._publish_wake.set()
+        self.relay.wake()
         if isinstance(result, p.Decision):
             self.gate.act(result)
 
@@ -614,57 +630,12 @@ class Agent:
         elif isinstance(result, Exception):
             self._raise_fault("outbox_write", f"a shadow result could not be stored: {result}")
         else:
-            self._publish_wake.set()
+            self.relay.wake()
 
-    # --- MQTT: publisher, receipts, triggers ------------------------------------------------
+    # --- MQTT: connection, triggers ---------------------------------------------------------
 
     def _on_connected(self) -> None:
-        self._replay.set()
-        self._publish_wake.set()
         self._state_dirty.set()
-
-    def _publisher(self) -> None:
-        cursor = -1
-        resend_after = self.config.outbox.resend_after_s
-        while not self._stop.is_set() or self._loop_running:
-            self._publish_wake.wait(0.5)
-            self._publish_wake.clear()
-            if not self.link.connected:
-                continue
-            waiting = time.monotonic() - self._receipt_progress
-            if self._replay.is_set() or (cursor > self._receipted_upto and waiting > resend_after):
-                # After a reconnect, or when receipts stopped coming (a broker restart can drop
-                # the controller's session), everything not yet receipted goes again.
-                self._replay.clear()
-                self._receipt_progress = time.monotonic()
-                cursor = -1
-            cursor = self._publish_pending(cursor)
-
-    def _publish_pending(self, cursor: int) -> int:
-        while self.link.connected:
-            rows = self.store.pending(limit=self.config.outbox.publish_batch, after_seq=cursor)
-            if not rows:
-                return cursor
-            tickets = [self.link.publish(row.topic, row.payload, qos=row.qos) for row in rows]
-            if not tickets[-1].wait(10.0):
-                return cursor  # not acknowledged: try again from here
-            cursor = rows[-1].seq
-        return cursor
-
-    def _on_receipt(self, message: ReceivedMessage) -> None:
-        try:
-            receipt = p.parse(p.Receipt, message.payload)
-        except p.ProtocolError as exc:
-            log.warning("ignored a receipt: %s", exc)
-            return
-        if receipt.station != self.station:
-            log.warning("ignored a receipt addressed to %s", receipt.station)
-            return
-        if receipt.upto_seq > self._receipted_upto:
-            self._receipted_upto = receipt.upto_seq
-            self._receipt_progress = time.monotonic()
-        if self.store.acknowledge(receipt.upto_seq):
-            self.metrics.outbox_depth.set(self.store.outbox_depth())
 
     def _on_trigger(self, message: ReceivedMessage) -> None:
         trigger = getattr(self.source, "trigger", None)
@@ -773,7 +744,7 @@ class Agent:
                 error=error, state_after=state,
             ),
         )
-        self._publish_wake.set()
+        self.relay.wake()
         self._state_dirty.set()
         assert isinstance(ack, p.CommandAck)  # noqa: S101 - enqueue returns what it was given
         return ack
@@ -799,10 +770,28 @@ class Agent:
                     self._publish_metrics()
                 if now - last_status > 1.0:
                     last_status = now
+                    self._supervise_relay(now)
                     self._save_status()
             except Exception:  # housekeeping must keep going  # noqa: BLE001
                 log.exception("housekeeping failed")
             self._stop.wait(0.25)
+
+    def _supervise_relay(self, now: float) -> None:
+        """Restart a relay that died (the outbox is the hand-over, so nothing is lost) and
+        report it as a fault until the new one has run for a while."""
+        self.metrics.outbox_depth.set(self.store.outbox_depth())
+        if self._stop.is_set():
+            return
+        if not self.relay.alive():
+            self._raise_fault(
+                "outbox_relay",
+                f"the outbox relay stopped (exit code {self.relay.exit_code}); restarted",
+            )
+            self.relay.start()
+            self._relay_restarted_at = now
+        elif self._relay_restarted_at is not None and now - self._relay_restarted_at > 10:
+            self._relay_restarted_at = None
+            self._clear_faults("outbox_relay")
 
     def _pump_verdicts(self) -> None:
         topic = self.topics.station(self.station, p.Channel.VERDICT)
@@ -816,7 +805,7 @@ class Agent:
             )
 
         if self.store.publish_verdicts(lambda _row: topic, build):
-            self._publish_wake.set()
+            self.relay.wake()
 
     def _take_ui_requests(self) -> None:
         for request in self.store.take_requests():
@@ -900,13 +889,13 @@ class Agent:
         self._jobs.join()  # every queued part gets its shadow result
         self.writer.flush()
         self._pump_verdicts()
-        self._publish_wake.set()
+        self.relay.wake()
         wait = self.config.outbox.receipt_wait_s
         if self._stop.is_set():
             wait = min(wait, 2.0)  # a stop request: what is owed stays safely in the outbox
         deadline = time.monotonic() + wait
         while self.store.outbox_depth() > 0 and time.monotonic() < deadline:
-            self._publish_wake.set()
+            self.relay.wake()
             self._watchdog()
             time.sleep(0.05)
         owed = self.store.outbox_depth()
@@ -922,6 +911,7 @@ class Agent:
         self._commands.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
+        self.relay.stop()
         self.writer.close()
         self.gate.close()
         self._save_status(running=False)

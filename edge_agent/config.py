@@ -43,6 +43,11 @@ class OutboxConfig(Strict):
         description="published but not receipted for this long: publish again (e.g. a broker "
         "restart lost the controller's session)",
     )
+    relay: Literal["process", "thread"] = Field(
+        default="process",
+        description="where outbox rows are published and receipts applied: a child process "
+        "with its own MQTT connection (keeps MQTT work off the inspection loop), or a thread",
+    )
 
 
 class ReviewConfig(Strict):

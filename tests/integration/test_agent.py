@@ -43,12 +43,13 @@ def run_agent(agent: Agent) -> int:
     return agent.run()
 
 
+@pytest.mark.parametrize("relay", ["process", "thread"])
 def test_shadow_run_publishes_a_decision_and_a_shadow_result_per_part(
-    tmp_path: Path, broker: Broker, collector: Collector, receipter: Receipter
+    tmp_path: Path, broker: Broker, collector: Collector, receipter: Receipter, relay: str
 ) -> None:
     config = station_config(
         tmp_path, broker.url, candidate=V2, mode="shadow", automation="partial", max_parts=30,
-        inference__candidate_queue=64,
+        inference__candidate_queue=64, outbox__relay=relay,
     )
     assert Agent(config).run() == 0
     wait_for(lambda: len(collector.unique(p.ShadowResult)) >= 30, 10, "30 shadow results")

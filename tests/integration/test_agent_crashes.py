@@ -10,6 +10,7 @@ import threading
 from pathlib import Path
 
 from edge_agent.agent import Agent
+from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.broker import Broker
@@ -60,6 +61,62 @@ def test_broker_killed_mid_run_loses_nothing(tmp_path: Path, broker: Broker) -> 
         assert store.outbox_depth() == 0, "every message was receipted and dropped from the outbox"
 
 
+def test_a_killed_outbox_relay_is_restarted_and_nothing_is_lost(
+    tmp_path: Path, broker: Broker
+) -> None:
+    receipter = Receipter(broker.url)
+    config = station_config(tmp_path, broker.url, source="synthetic:seed=6,rate=40",
+                            automation="full", max_parts=160, outbox__receipt_wait_s=30)
+    agent = Agent(config)
+    assert isinstance(agent.relay, RelayProcess), "the relay runs in its own process by default"
+    thread = threading.Thread(target=agent.run, daemon=True)
+    thread.start()
+    try:
+        wait_for(lambda: len(receipter.stored.get("press-01", {})) >= 20, 30, "20 messages")
+        first = agent.relay.pid
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: "outbox_relay" in agent.faults, 10, "the outbox_relay fault")
+        assert "exit code -9" in agent.faults["outbox_relay"].message
+        wait_for(lambda: agent.relay.pid not in (None, first) and agent.relay.alive(), 10,
+                 "a new relay")
+        thread.join(90)
+        assert not thread.is_alive(), "the agent did not finish delivering"
+        stored = receipter.stored["press-01"]
+        assert contiguous(stored)
+        decisions = [m for m in stored.values() if isinstance(m, p.Decision)]
+        assert len(decisions) == 160 and len({d.part_id for d in decisions}) == 160
+        assert agent.relay.starts == 2
+        assert not agent.relay.alive(), "the relay stops with the agent"
+    finally:
+        agent.stop()
+        thread.join(30)
+        receipter.close()
+    with StationStore(tmp_path) as store:
+        assert store.outbox_depth() == 0
+
+
+def _children_of(pid: int) -> list[int]:
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def _gone(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
 def _ids_by_seq(messages: list[p.Decision]) -> dict[int, set[object]]:
     ids: dict[int, set[object]] = {}
     for message in messages:
@@ -90,9 +147,12 @@ def test_agent_killed_mid_run_replays_its_outbox(tmp_path: Path, broker: Broker)
     try:
         # No receipts yet: everything the first run inspects stays owed in its outbox.
         wait_for(lambda: len(collector.of(p.Decision, "press-09")) >= 25, 60, "25 decisions")
+        relays = _children_of(first.pid)
+        assert len(relays) == 1, "the agent runs its outbox relay as a child process"
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
+    wait_for(lambda: _gone(relays[0]), 10, "the relay to exit with its killed agent")
     with StationStore(tmp_path / "data") as store:
         owed = store.outbox_depth()
         last_before = store.last_seq()

@@ -1,0 +1,331 @@
+"""The outbox relay: outbox rows to MQTT, the controller's receipts back into the outbox.
+
+The relay owns the station's delivery guarantee: it publishes every row from the oldest not yet
+receipted, deletes rows only when a Receipt covers their seq, and publishes everything not yet
+receipted again after a reconnect, or when receipts stop advancing for `resend_after_s` (a
+broker restart can drop the controller's session).
+
+By default it runs in its own process (`outbox.relay: process`), with its own MQTT connection
+and its own connection to the station's SQLite file: paho's per-message work (publish, PUBACK,
+receipts) then never takes the inspection loop's interpreter lock. The agent wakes it after
+every commit through a pipe; it also looks every half second. The child exits when its stdin
+closes, which happens when the agent exits, even on `kill -9`. `outbox.relay: thread` runs the
+same loop inside the agent, on the agent's own MQTT link.
+
+Run as a child: `python -m edge_agent.relay --wake-fd N`, with one line of JSON on stdin (a
+`RelaySpec`). It is started by the agent, not by hand.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from edge_agent.store import StationStore
+from linesight import protocol as p
+from linesight.logs import setup_logging
+from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
+
+log = logging.getLogger(__name__)
+
+POLL_S = 0.5  # how often the relay looks at the outbox when nobody wakes it
+ACK_WAIT_S = 10.0  # a batch's last PUBACK: not acknowledged by then, the batch goes again
+STOP_WAIT_S = 5.0  # a child that has not exited this long after its stdin closed is killed
+
+
+class OutboxRelay:
+    """The delivery loop, on any MQTT link: call `run` in its own thread."""
+
+    def __init__(
+        self,
+        store: StationStore,
+        link: MqttLink,
+        *,
+        station: str,
+        topics: p.Topics,
+        publish_batch: int,
+        resend_after_s: float,
+        on_acknowledged: Callable[[int], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.link = link
+        self.station = station
+        self.publish_batch = publish_batch
+        self.resend_after_s = resend_after_s
+        self.receipt_topic = topics.station(station, p.Channel.RECEIPT)
+        self._on_acknowledged = on_acknowledged
+        self.wake = threading.Event()
+        self._replay = threading.Event()
+        self._receipted_upto = -1
+        self._receipt_progress = time.monotonic()
+
+    def attach(self) -> None:
+        """Subscribe to the receipts and hear of reconnects; call before `link.start()`."""
+        self.link.subscribe(self.receipt_topic, self.on_receipt)
+        self.link.add_connect_listener(self.on_connected)
+
+    def on_connected(self) -> None:
+        self._replay.set()
+        self.wake.set()
+
+    def run(self, keep_going: Callable[[], bool]) -> None:
+        """Publish what is pending until `keep_going()` is False."""
+        cursor = -1
+        while keep_going():
+            self.wake.wait(POLL_S)
+            self.wake.clear()
+            if not self.link.connected:
+                continue
+            waiting = time.monotonic() - self._receipt_progress
+            if self._replay.is_set() or (
+                cursor > self._receipted_upto and waiting > self.resend_after_s
+            ):
+                # After a reconnect, or when receipts stopped coming, everything not yet
+                # receipted goes again, with the same msg_id and seq.
+                self._replay.clear()
+                self._receipt_progress = time.monotonic()
+                cursor = -1
+            cursor = self.publish_pending(cursor)
+
+    def publish_pending(self, cursor: int) -> int:
+        """Publish the rows after `cursor`; return the seq up to which the broker has them."""
+        while self.link.connected:
+            rows = self.store.pending(limit=self.publish_batch, after_seq=cursor)
+            if not rows:
+                return cursor
+            tickets = [self.link.publish(row.topic, row.payload, qos=row.qos) for row in rows]
+            if not tickets[-1].wait(ACK_WAIT_S):
+                return cursor  # not acknowledged: try again from here
+            cursor = rows[-1].seq
+        return cursor
+
+    def on_receipt(self, message: ReceivedMessage) -> None:
+        try:
+            receipt = p.parse(p.Receipt, message.payload)
+        except p.ProtocolError as exc:
+            log.warning("ignored a receipt: %s", exc)
+            return
+        if receipt.station != self.station:
+            log.warning("ignored a receipt addressed to %s", receipt.station)
+            return
+        if receipt.upto_seq > self._receipted_upto:
+            self._receipted_upto = receipt.upto_seq
+            self._receipt_progress = time.monotonic()
+        if self.store.acknowledge(receipt.upto_seq) and self._on_acknowledged is not None:
+            self._on_acknowledged(receipt.upto_seq)
+
+
+class ThreadRelay:
+    """`outbox.relay: thread`: the loop on a thread of the agent, on the agent's own link."""
+
+    def __init__(self, relay: OutboxRelay) -> None:
+        self.relay = relay
+        self.starts = 0
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def attach(self) -> None:
+        self.relay.attach()
+
+    def start(self) -> None:
+        self._stopping.clear()
+        self._thread = threading.Thread(
+            target=self.relay.run, args=(lambda: not self._stopping.is_set(),),
+            name=f"relay-{self.relay.station}", daemon=True,
+        )
+        self._thread.start()
+        self.starts += 1
+
+    def wake(self) -> None:
+        self.relay.wake.set()
+
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    @property
+    def exit_code(self) -> int | None:
+        return None
+
+    def stop(self) -> None:
+        self._stopping.set()
+        self.relay.wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=STOP_WAIT_S)
+
+
+# --- the relay in its own process ---------------------------------------------------------------
+
+
+class RelaySpec(BaseModel):
+    """What the agent hands its relay child on stdin."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    station: str = Field(min_length=1)
+    topic_prefix: str = Field(min_length=1)
+    data_dir: Path
+    max_outbox_rows: int = Field(ge=1)
+    publish_batch: int = Field(ge=1)
+    resend_after_s: float = Field(gt=0)
+    broker: LinkConfig
+    log_level: str = "INFO"
+
+
+def relay_link_config(broker: LinkConfig) -> LinkConfig:
+    """The relay's own MQTT identity: the station's client id with `-outbox` (a second client
+    with the same id would take the agent's session over)."""
+    suffix = "-outbox"
+    client_id = broker.client_id[: 128 - len(suffix)] + suffix
+    return broker.model_copy(update={"client_id": client_id})
+
+
+class RelayProcess:
+    """The agent's handle on its relay child: start, wake, supervise, stop."""
+
+    def __init__(self, spec: RelaySpec) -> None:
+        self.spec = spec
+        self.starts = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._wake_w: int | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process is not None else None
+
+    def attach(self) -> None:
+        """Nothing to do on the agent's link: the child has its own."""
+
+    def start(self) -> None:
+        """Start the child (again, after it died: the outbox is the hand-over)."""
+        self.stop()  # a previous child: reaped, its pipes closed
+        wake_r, wake_w = os.pipe()
+        os.set_blocking(wake_w, False)
+        try:
+            self._process = subprocess.Popen(  # noqa: S603 (our own interpreter and module)
+                [sys.executable, "-m", "edge_agent.relay", "--wake-fd", str(wake_r)],
+                stdin=subprocess.PIPE,
+                pass_fds=(wake_r,),
+                # Its own session: a Ctrl-C at the terminal reaches the agent, which stops and
+                # delivers what is owed; the relay must still be there for that.
+                start_new_session=True,
+            )
+        except OSError:
+            os.close(wake_w)
+            raise
+        finally:
+            os.close(wake_r)
+        self._wake_w = wake_w
+        stdin = self._process.stdin
+        if stdin is None:  # cannot happen with stdin=PIPE; keeps the type checker honest
+            raise RuntimeError("the outbox relay has no stdin")
+        stdin.write(self.spec.model_dump_json().encode() + b"\n")
+        stdin.flush()
+        self.starts += 1
+
+    def wake(self) -> None:
+        """Tell the child there is something to publish; never blocks."""
+        if self._wake_w is None:
+            return
+        with contextlib.suppress(BlockingIOError, BrokenPipeError):
+            os.write(self._wake_w, b"\0")  # a full pipe already holds a wake-up
+
+    def alive(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def exit_code(self) -> int | None:
+        """How the current child ended (negative: the signal that killed it); None if running."""
+        return self._process.poll() if self._process is not None else None
+
+    def stop(self) -> None:
+        """Close the child's stdin (its signal to stop) and wait; kill it if it hangs."""
+        process, self._process = self._process, None
+        self._close_wake()
+        if process is None:
+            return
+        if process.stdin is not None:
+            with contextlib.suppress(OSError):
+                process.stdin.close()
+        try:
+            process.wait(timeout=STOP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            log.warning("outbox relay (pid %d) did not stop; killing it", process.pid)
+            process.kill()
+            process.wait(timeout=STOP_WAIT_S)
+
+    def _close_wake(self) -> None:
+        if self._wake_w is not None:
+            os.close(self._wake_w)
+            self._wake_w = None
+
+
+def _read_spec(line: bytes) -> RelaySpec:
+    try:
+        return RelaySpec.model_validate_json(line)
+    except ValidationError as exc:
+        raise SystemExit(f"outbox relay: invalid spec on stdin: {exc}") from exc
+
+
+def _forward_wakes(fd: int, wake: threading.Event) -> None:
+    while True:
+        try:
+            data = os.read(fd, 512)
+        except OSError:
+            return
+        if not data:
+            return
+        wake.set()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        description="the station's outbox relay (started by the agent, not by hand)"
+    )
+    parser.add_argument("--wake-fd", type=int, required=True)
+    args = parser.parse_args(argv)
+    # The agent decides when the relay stops (by closing stdin): a terminal's Ctrl-C or a
+    # service manager's SIGTERM to the whole group must not cut delivery short before that.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    spec = _read_spec(sys.stdin.buffer.readline())
+    setup_logging(f"relay[{spec.station}]", spec.log_level)
+    store = StationStore(spec.data_dir, max_outbox_rows=spec.max_outbox_rows)
+    link = MqttLink(relay_link_config(spec.broker))
+    relay = OutboxRelay(
+        store, link, station=spec.station, topics=p.Topics(spec.topic_prefix),
+        publish_batch=spec.publish_batch, resend_after_s=spec.resend_after_s,
+    )
+    stopping = threading.Event()
+
+    def watch_stdin() -> None:
+        sys.stdin.buffer.read()  # returns at EOF: the agent closed it, or died
+        stopping.set()
+        relay.wake.set()
+
+    relay.attach()
+    link.start()
+    threading.Thread(target=watch_stdin, name="relay-stdin", daemon=True).start()
+    threading.Thread(
+        target=_forward_wakes, args=(args.wake_fd, relay.wake), name="relay-wakes", daemon=True
+    ).start()
+    try:
+        relay.run(lambda: not stopping.is_set())
+    finally:
+        link.stop()
+        store.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,106 @@
+"""The outbox relay's logic: what it publishes, what a receipt deletes, its MQTT identity."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from edge_agent.relay import OutboxRelay, relay_link_config
+from edge_agent.store import StationStore
+from linesight import protocol as p
+from linesight.mqtt import LinkConfig, ReceivedMessage
+from tests.unit.test_store import STATION, decision
+
+pytestmark = pytest.mark.unit
+
+TOPICS = p.Topics()
+
+
+class Ticket:
+    def __init__(self, acked: bool) -> None:
+        self.acked = acked
+
+    def wait(self, timeout: float) -> bool:
+        return self.acked
+
+
+class FakeLink:
+    """Records publishes; its broker acknowledges them unless told not to."""
+
+    def __init__(self) -> None:
+        self.connected = True
+        self.acks = True
+        self.published: list[tuple[str, bytes, int]] = []
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> Ticket:
+        self.published.append((topic, payload, qos))
+        return Ticket(self.acks)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[StationStore]:
+    with StationStore(tmp_path) as opened:
+        for n in range(5):
+            opened.enqueue(TOPICS.station(STATION, p.Channel.DECISION), 1, decision(f"part-{n}"))
+        yield opened
+
+
+def relay_on(store: StationStore, link: FakeLink, batch: int = 2) -> OutboxRelay:
+    return OutboxRelay(
+        store, link, station=STATION, topics=TOPICS,  # type: ignore[arg-type]
+        publish_batch=batch, resend_after_s=10.0,
+    )
+
+
+def receipt(upto: int, station: str = STATION) -> ReceivedMessage:
+    body = p.Receipt(station=station, seq=1, upto_seq=upto)
+    return ReceivedMessage(TOPICS.station(station, p.Channel.RECEIPT), body.to_json(), 1, False)
+
+
+def test_publishes_every_pending_row_in_seq_order_in_batches(store: StationStore) -> None:
+    link = FakeLink()
+    assert relay_on(store, link).publish_pending(-1) == 4
+    seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
+    assert seqs == [0, 1, 2, 3, 4]
+    assert {qos for _, _, qos in link.published} == {1}
+    assert store.outbox_depth() == 5, "a PUBACK deletes nothing: only a receipt does"
+
+
+def test_an_unacknowledged_batch_is_published_again_from_where_it_was(
+    store: StationStore,
+) -> None:
+    link = FakeLink()
+    link.acks = False
+    relay = relay_on(store, link)
+    assert relay.publish_pending(-1) == -1
+    link.acks = True
+    assert relay.publish_pending(-1) == 4
+    seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
+    assert seqs == [0, 1, 0, 1, 2, 3, 4]
+
+
+def test_a_receipt_deletes_up_to_its_seq_and_others_change_nothing(
+    store: StationStore,
+) -> None:
+    acknowledged: list[int] = []
+    relay = OutboxRelay(
+        store, FakeLink(), station=STATION, topics=TOPICS,  # type: ignore[arg-type]
+        publish_batch=2, resend_after_s=10.0, on_acknowledged=acknowledged.append,
+    )
+    relay.on_receipt(receipt(2))
+    assert store.outbox_depth() == 2 and acknowledged == [2]
+    relay.on_receipt(receipt(4, station="other-station"))
+    relay.on_receipt(ReceivedMessage("x", b"{not json", 1, False))
+    relay.on_receipt(receipt(1))  # an old receipt again: nothing left to delete
+    assert store.outbox_depth() == 2 and acknowledged == [2]
+
+
+def test_the_relay_has_its_own_client_id_within_mqtts_limit() -> None:
+    base = LinkConfig(url="mqtt://127.0.0.1:1883", client_id="press-01")
+    assert relay_link_config(base).client_id == "press-01-outbox"
+    assert relay_link_config(base).url == base.url
+    long = base.model_copy(update={"client_id": "s" * 128})
+    relay_id = relay_link_config(long).client_id
+    assert len(relay_id) == 128 and relay_id.endswith("-outbox")
