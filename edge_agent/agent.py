@@ -4,7 +4,8 @@ Threads, and why each exists:
 - the inspection loop (the caller's thread): source -> deciding model -> policy -> store; the
   critical path, which nothing else may block. Slot changes run here, between two parts.
 - the candidate worker: the other model on the same frame, with a bounded queue; when it cannot
-  keep up it skips parts and counts them, it never delays a decision.
+  keep up it skips parts and counts them, it never delays a decision. It runs at a lower CPU
+  priority (`inference.candidate_nice`), so when the CPU is short the active model gets it.
 - the outbox relay (edge_agent.relay), by default a child process with its own MQTT connection:
   outbox rows to MQTT from the oldest not yet receipted, receipts back; the agent wakes it after
   every commit and restarts it if it dies.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import queue
+import sys
 import threading
 import time
 import uuid
@@ -124,6 +127,25 @@ def run_model(model: LoadedModel, image: np.ndarray, timeout_ms: float) -> Model
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else 0.0
+
+
+def lower_thread_priority(steps: int) -> None:
+    """Make the calling thread `steps` nice levels less important to the scheduler (Linux).
+
+    Raising one's own nice value needs no privilege. Elsewhere PRIO_PROCESS would name the whole
+    process, so other systems keep one priority for every thread.
+    """
+    if steps <= 0:
+        return
+    if not sys.platform.startswith("linux"):
+        log.info("thread priorities are not set on %s", sys.platform)
+        return
+    tid = threading.get_native_id()
+    try:
+        current = os.getpriority(os.PRIO_PROCESS, tid)
+        os.setpriority(os.PRIO_PROCESS, tid, min(current + steps, 19))
+    except OSError as exc:
+        log.warning("could not lower the priority of thread %s: %s", tid, exc)
 
 
 class Agent:
@@ -565,6 +587,7 @@ class Agent:
     # --- candidate worker -------------------------------------------------------------------
 
     def _candidate_worker(self) -> None:
+        lower_thread_priority(self.config.inference.candidate_nice)
         while True:
             job = self._jobs.get()
             if job is None:

@@ -30,6 +30,11 @@ class InferenceConfig(Strict):
     candidate_queue: int = Field(
         default=4, ge=1, le=1024, description="parts waiting for the candidate; beyond, skipped"
     )
+    candidate_nice: int = Field(
+        default=10, ge=0, le=19,
+        description="how much lower the candidate worker's CPU priority is (Linux nice steps): "
+        "when the CPU is short, the active model gets it first and the candidate skips parts",
+    )
 
 
 class OutboxConfig(Strict):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from pathlib import Path
 
@@ -70,6 +71,30 @@ def test_shadow_run_publishes_a_decision_and_a_shadow_result_per_part(
     assert online[-1].candidate.version == "2.0.0" and online[-1].mode == p.DeploymentMode.SHADOW
     assert states[-1].online is False, "a clean stop publishes offline state"
     assert not collector.errors
+
+
+def test_the_candidate_worker_yields_the_cpu_to_the_active_model(
+    tmp_path: Path, broker: Broker, receipter: Receipter
+) -> None:
+    config = station_config(
+        tmp_path, broker.url, candidate=V2, mode="shadow", source="synthetic:seed=3,rate=40",
+        max_parts=400, inference__candidate_nice=7,
+    )
+    agent = Agent(config)
+    loop = threading.Thread(target=agent.run, daemon=True)
+    loop.start()
+    try:
+        registry = agent.metrics.registry
+        wait_for(lambda: (registry.get_sample_value(
+            "linesight_shadow_pairs_total", {"station": "press-01"}) or 0) >= 3, 20, "3 pairs")
+        worker = next(t for t in threading.enumerate() if t.name == "candidate-press-01")
+        base = os.getpriority(os.PRIO_PROCESS, 0)  # this thread's nice value: the process's
+        assert worker.native_id is not None and loop.native_id is not None
+        assert os.getpriority(os.PRIO_PROCESS, worker.native_id) == min(base + 7, 19)
+        assert os.getpriority(os.PRIO_PROCESS, loop.native_id) == base, "the loop keeps its own"
+    finally:
+        agent.stop()
+        loop.join(30)
 
 
 @pytest.mark.parametrize(

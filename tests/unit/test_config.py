@@ -39,6 +39,8 @@ def test_a_valid_file_loads_and_flags_win(tmp_path: Path) -> None:
         ("automaton: full\n", "automaton"),
         ("inference: {timeout_ms: -1}\n", "inference.timeout_ms"),
         ("outbox: {max_row: 5}\n", "outbox.max_row"),
+        ("outbox: {relay: fork}\n", "outbox.relay"),
+        ("inference: {candidate_nice: 20}\n", "inference.candidate_nice"),
         ("mode: canary\ncandidate: models/part-classifier/2.0.0\n", "canary_fraction"),
         ("mode: shadow\n", "needs a candidate"),
         ("reject_output: {type: webhook, url: ftp://x}\n", "reject_output.webhook.url"),
