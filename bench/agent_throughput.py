@@ -15,11 +15,16 @@ All figures use the same pre-generated synthetic parts (active = part-classifier
 
 The active model's latency (Decision.latency_ms: preprocessing + inference, measured inside the
 agent) is compared between a pipeline run with no candidate and one with the candidate in shadow.
+The agent's candidate worker runs at a lower CPU priority (inference.candidate_nice, 10); one
+more run gives it the same priority as the rest, to show what that trade costs and buys. The
+CPU each process used (agent, its outbox relay, Mosquitto, the receipting subscriber) is read
+from /proc, and the active model alone in a loop paced at the line rate gives the machine's own
+latency floor at that pace (a virtual machine's idle vCPU wakes slowly).
 
 Targets on a 2-core line PC: pipeline / raw >= 0.9; active p99 with shadow <= 1.2 x alone.
-The four pipeline runs (no candidate and shadow, flat out and at a line rate) take turns for
---rounds rounds and each figure is the median over the rounds: one p99 of one run moves by a
-factor of two on a shared machine.
+The five pipeline runs (no candidate, shadow and shadow at equal priority flat out; no candidate
+and shadow at a line rate) take turns for --rounds rounds and each figure is the median over the
+rounds: one p99 of one run moves by a factor of two on a shared machine.
 Run: .venv/bin/python -m bench.agent_throughput [--parts 600] [--measure-s 8] [--rounds 3]
 The last line printed is JSON for machines.
 """
@@ -28,7 +33,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import queue
+import resource
 import sys
 import tempfile
 import threading
@@ -51,6 +58,7 @@ from bench.common import (
     U8,
     ReceipterProcess,
     ReplaySource,
+    cpu_seconds,
     load_average,
     percentile,
     print_json_line,
@@ -59,6 +67,7 @@ from bench.common import (
 from edge_agent.agent import Agent
 from edge_agent.config import load_config
 from edge_agent.preprocess import preprocess
+from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
 from edge_agent.synthetic import PartGenerator
 from linesight.artifacts import MODEL_FILE, InputSpec, Manifest, verify_bundle
@@ -185,6 +194,21 @@ def model_latency_ms(model: Model, images: Sequence[U8]) -> tuple[float, float]:
     return percentile(timings, 50), percentile(timings, 99)
 
 
+def paced_latency_p99_ms(model: Model, images: Sequence[U8], rate_hz: float) -> float:
+    """One model alone, one frame every 1/rate_hz s, nothing else running: the machine's floor
+    for a p99 at that pace."""
+    judge = _judge(model, _session(model, SEARCH[0]))
+    timings = []
+    due = time.monotonic()
+    for image in [*images, *images][:1600]:
+        due += 1.0 / rate_hz
+        time.sleep(max(0.0, due - time.monotonic()))
+        start = time.perf_counter()
+        judge(image)
+        timings.append((time.perf_counter() - start) * 1000)
+    return percentile(timings, 99)
+
+
 # --- the agent pipeline ------------------------------------------------------------------------
 
 
@@ -198,6 +222,12 @@ class PipelineRun:
     outbox_depth_at_end: int
     owed_after_shutdown: int
     delivered: int
+    cores: dict[str, float]  # CPU cores each process used over the window
+
+
+def _own_cpu_seconds() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _sample(agent: Agent, name: str) -> float:
@@ -215,6 +245,7 @@ def run_pipeline(
     measure_s: float,
     overrides: dict[str, Any] | None = None,
     rate_hz: float | None = None,
+    broker_pid: int | None = None,
 ) -> PipelineRun:
     """One agent on the replayed frames (flat out, or paced at `rate_hz`); rates over a window
     after the warm-up."""
@@ -239,12 +270,18 @@ def run_pipeline(
             runner.start()
             time.sleep(warmup_s)
             receipter.take()  # drop the warm-up's latencies
+            relay_pid = agent.relay.pid if isinstance(agent.relay, RelayProcess) else None
+            pids = {"relay": relay_pid, "broker": broker_pid, "receipter": receipter.pid}
+            cpu0 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu0["agent"] = _own_cpu_seconds()
             start = time.perf_counter()
             parts0 = _sample(agent, "linesight_parts_total")
             pairs0 = _sample(agent, "linesight_shadow_pairs_total")
             skipped0 = _sample(agent, "linesight_candidate_skipped_total")
             time.sleep(measure_s)
             elapsed = time.perf_counter() - start
+            cpu1 = {name: cpu_seconds(pid) for name, pid in pids.items()}
+            cpu1["agent"] = _own_cpu_seconds()
             parts = _sample(agent, "linesight_parts_total") - parts0
             pairs = _sample(agent, "linesight_shadow_pairs_total") - pairs0
             skipped = _sample(agent, "linesight_candidate_skipped_total") - skipped0
@@ -265,6 +302,7 @@ def run_pipeline(
         outbox_depth_at_end=depth,
         owed_after_shutdown=owed,
         delivered=delivered,
+        cores={name: (cpu1[name] - cpu0[name]) / elapsed for name in cpu0},
     )
 
 
@@ -282,6 +320,7 @@ def _median_run(runs: Sequence[PipelineRun]) -> PipelineRun:
         outbox_depth_at_end=max(r.outbox_depth_at_end for r in runs),
         owed_after_shutdown=sum(r.owed_after_shutdown for r in runs),
         delivered=sum(r.delivered for r in runs),
+        cores={name: median([r.cores[name] for r in runs]) for name in runs[0].cores},
     )
 
 
@@ -296,7 +335,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--warmup-s", type=float, default=3.0)
     parser.add_argument("--measure-s", type=float, default=8.0)
     parser.add_argument("--rounds", type=int, default=3,
-                        help="turns of the four pipeline runs; figures are medians over them")
+                        help="turns of the five pipeline runs; figures are medians over them")
     parser.add_argument("--line-rate", type=float, default=200.0,
                         help="parts/s of the paced latency runs (a fast line)")
     args = parser.parse_args(argv)
@@ -320,6 +359,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     for model, slot in ((active, "active"), (candidate, "candidate")):
         p50, p99 = model_latency_ms(model, images)
         print(f"  {slot} alone (preprocess + run, 1 thread): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
+    floor = paced_latency_p99_ms(active, images, args.line_rate)
+    print(f"  active alone, paced at {args.line_rate:g}/s with nothing else running: "
+          f"p99 {floor:.3f} ms (this machine's floor at that pace)")
     print()
     print("(a) raw onnxruntime, both models per part; search:")
     rates = {}
@@ -336,21 +378,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     # A p99 is the 16th-worst of ~1,600 parts and this is a shared machine: one run of each
     # setting drifts with whatever else the host does. The settings take turns, round after
     # round, and every figure below is the median over the rounds.
-    settings = (
-        ("no candidate", False, None),
-        ("candidate in shadow", True, None),
-        (f"no candidate @ {args.line_rate:g}/s", False, args.line_rate),
-        (f"shadow @ {args.line_rate:g}/s", True, args.line_rate),
+    equal: dict[str, Any] = {"inference.candidate_nice": 0}
+    settings: tuple[tuple[str, bool, float | None, dict[str, Any]], ...] = (
+        ("no candidate", False, None, {}),
+        ("candidate in shadow", True, None, {}),
+        ("shadow, equal priority", True, None, equal),
+        (f"no candidate @ {args.line_rate:g}/s", False, args.line_rate, {}),
+        (f"shadow @ {args.line_rate:g}/s", True, args.line_rate, {}),
     )
-    runs: dict[str, list[PipelineRun]] = {name: [] for name, _, _ in settings}
+    runs: dict[str, list[PipelineRun]] = {name: [] for name, _, _, _ in settings}
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as broker_dir:
         broker = start_shipped_broker(Path(broker_dir))
         try:
             for _ in range(args.rounds):
-                for name, shadow_on, rate in settings:
+                for name, shadow_on, rate, overrides in settings:
                     runs[name].append(run_pipeline(
                         broker.url, images, truths, shadow=shadow_on, warmup_s=args.warmup_s,
-                        measure_s=args.measure_s, rate_hz=rate,
+                        measure_s=args.measure_s, rate_hz=rate, overrides=overrides,
+                        broker_pid=broker.pid,
                     ))
         finally:
             broker.stop()
@@ -364,8 +409,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"  {name:<24} {run.parts_per_s:>8.0f} {run.pairs_per_s:>8.0f} "
               f"{run.skipped_per_s:>10.0f} {run.active_p50_ms:>8.3f} ms "
               f"{run.active_p99_ms:>8.3f} ms  [{rounds}]")
-    alone, shadow = med[settings[0][0]], med[settings[1][0]]
-    paced_alone, paced_shadow = med[settings[2][0]], med[settings[3][0]]
+    print(f"  CPU cores used (of {os.cpu_count()}):")
+    for name, run in med.items():
+        used = ", ".join(f"{who} {cores:.2f}" for who, cores in run.cores.items())
+        print(f"  {name:<24} {used}; total {sum(run.cores.values()):.2f}")
+    alone, shadow, equal_run = (med[settings[i][0]] for i in range(3))
+    paced_alone, paced_shadow = med[settings[3][0]], med[settings[4][0]]
     owed = sum(r.owed_after_shutdown for name_runs in runs.values() for r in name_runs)
     ratio = shadow.pairs_per_s / raw if raw else 0.0
     factor = shadow.active_p99_ms / alone.active_p99_ms if alone.active_p99_ms else 0.0
@@ -393,6 +442,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "active_p99_ms_alone_at_line_rate": round(paced_alone.active_p99_ms, 3),
         "active_p99_ms_with_shadow_at_line_rate": round(paced_shadow.active_p99_ms, 3),
         "skipped_at_line_rate": round(paced_shadow.skipped_per_s, 1),
+        "active_p99_ms_paced_floor": round(floor, 3),
+        "pipeline_pairs_per_s_equal_priority": round(equal_run.pairs_per_s, 1),
+        "active_p99_ms_with_shadow_equal_priority": round(equal_run.active_p99_ms, 3),
+        "cores_with_shadow": {who: round(c, 2) for who, c in shadow.cores.items()},
         "load_average": round(load_before[0], 2),
         "rounds": args.rounds,
         "active_p99_ms_rounds": {

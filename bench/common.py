@@ -259,6 +259,17 @@ class LightReceipter:
         self.link.stop()
 
 
+def cpu_seconds(pid: int | None) -> float:
+    """CPU time (user + system) a process has used so far, from /proc; 0 where unknown."""
+    if pid is None:
+        return 0.0
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def print_json_line(summary: dict[str, Any]) -> None:
     """The benchmark's last line: what bench/run_all.py collects."""
     print(json.dumps(summary), flush=True)
@@ -295,6 +306,10 @@ class ReceipterProcess:
         self._control.send("take")
         delivered, latencies = self._control.recv()
         return int(delivered), [float(v) for v in latencies]
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid
 
     def close(self) -> None:
         if self._process.is_alive():
