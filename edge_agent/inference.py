@@ -116,16 +116,19 @@ def probability_row(output: object, labels: int) -> tuple[float, ...]:
     if output.shape != (1, labels):
         raise InferenceError(f"output shape {output.shape}, expected (1, {labels})")
     # Plain Python on a two-element row: numpy's per-call overhead dominated here.
-    row = [float(v) for v in output[0].tolist()]
-    if not all(math.isfinite(v) for v in row):
+    row: list[float] = output[0].tolist()
+    total = sum(row)
+    if not math.isfinite(total):  # NaN and infinity (of either sign) all reach the sum
         raise InferenceError(f"output is not finite (nan/inf): {row}")
     tol = _PROBABILITY_TOLERANCE
-    if any(v < -tol or v > 1 + tol for v in row):
+    low, high = min(row), max(row)
+    if low < -tol or high > 1 + tol:
         raise InferenceError(f"output probabilities out of [0, 1]: {row}")
-    total = sum(row)
     if not math.isclose(total, 1.0, abs_tol=tol):
         raise InferenceError(f"output probabilities sum to {total:.4f}, not 1")
-    return tuple(min(max(v, 0.0), 1.0) for v in row)
+    if low < 0.0 or high > 1.0:
+        return tuple(min(max(v, 0.0), 1.0) for v in row)
+    return tuple(row)
 
 
 class ModelSession:
