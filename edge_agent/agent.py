@@ -42,7 +42,7 @@ from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.inference import InferenceError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.policy import ModelOutput, PartDecision, Slot, agree, decide, decider_for
-from edge_agent.relay import OutboxRelay, RelayProcess, RelaySpec, ThreadRelay
+from edge_agent.relay import OutboxRelay, RelayProcess, RelaySpec, Restarts, ThreadRelay
 from edge_agent.slots import (
     LoadedModel,
     SlotError,
@@ -193,7 +193,7 @@ class Agent:
             self._state(online=False).to_json(), qos=1, retain=True,
         ))
         self.relay = self._build_relay()
-        self._relay_restarted_at: float | None = None
+        self._relay_restarts = Restarts()
 
     # --- start-up ---------------------------------------------------------------------------
 
@@ -800,21 +800,26 @@ class Agent:
             self._stop.wait(0.25)
 
     def _supervise_relay(self, now: float) -> None:
-        """Restart a relay that died (the outbox is the hand-over, so nothing is lost) and
-        report it as a fault until the new one has run for a while."""
+        """Start a relay that died again (the outbox is the hand-over, so nothing is lost), with
+        a growing delay while it keeps dying; the fault stays until one has run for a while."""
         self.metrics.outbox_depth.set(self.store.outbox_depth())
         if self._stop.is_set():
             return
-        if not self.relay.alive():
-            self._raise_fault(
-                "outbox_relay",
-                f"the outbox relay stopped (exit code {self.relay.exit_code}); restarted",
-            )
-            self.relay.start()
-            self._relay_restarted_at = now
-        elif self._relay_restarted_at is not None and now - self._relay_restarted_at > 10:
-            self._relay_restarted_at = None
-            self._clear_faults("outbox_relay")
+        restarts = self._relay_restarts
+        if self.relay.alive():
+            if restarts.healthy(now):
+                self._clear_faults("outbox_relay")
+            return
+        if not restarts.may_start(now):
+            return
+        exit_code = self.relay.exit_code
+        log.warning("the outbox relay stopped (exit code %s); starting it again", exit_code)
+        self._raise_fault(
+            "outbox_relay",
+            f"the outbox relay stopped (exit code {exit_code}) and was started again",
+        )
+        self.relay.start()
+        restarts.started(now)
 
     def _pump_verdicts(self) -> None:
         topic = self.topics.station(self.station, p.Channel.VERDICT)

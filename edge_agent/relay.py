@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -96,7 +97,11 @@ class OutboxRelay:
                 self._replay.clear()
                 self._receipt_progress = time.monotonic()
                 cursor = -1
-            cursor = self.publish_pending(cursor)
+            try:
+                cursor = self.publish_pending(cursor)
+            except Exception:  # a locked or failing disk: the rows stay, try again  # noqa: BLE001
+                log.exception("publishing the outbox failed; trying again in %.1f s", POLL_S)
+                time.sleep(POLL_S)
 
     def publish_pending(self, cursor: int) -> int:
         """Publish the rows after `cursor`; return the seq up to which the broker has them."""
@@ -124,6 +129,36 @@ class OutboxRelay:
             self._receipt_progress = time.monotonic()
         if self.store.acknowledge(receipt.upto_seq) and self._on_acknowledged is not None:
             self._on_acknowledged(receipt.upto_seq)
+
+
+@dataclass
+class Restarts:
+    """When to start a relay that died: at once the first time, then 1, 2, 4 ... up to 30 s
+    after the previous start while it keeps dying (a relay that cannot run must not cost a
+    Python start-up every second); a relay that has run `healthy_after_s` resets the delay."""
+
+    first_delay_s: float = 1.0
+    max_delay_s: float = 30.0
+    healthy_after_s: float = 10.0
+    delay_s: float = 0.0
+    next_start: float = 0.0
+    started_at: float | None = None
+
+    def may_start(self, now: float) -> bool:
+        return now >= self.next_start
+
+    def started(self, now: float) -> None:
+        self.started_at = now
+        self.delay_s = min(max(2 * self.delay_s, self.first_delay_s), self.max_delay_s)
+        self.next_start = now + self.delay_s
+
+    def healthy(self, now: float) -> bool:
+        """True once the relay started last has run long enough (its fault may clear)."""
+        if self.started_at is None or now - self.started_at < self.healthy_after_s:
+            return False
+        self.started_at = None
+        self.delay_s = 0.0
+        return True
 
 
 class ThreadRelay:

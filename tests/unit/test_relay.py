@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.relay import OutboxRelay, relay_link_config
+from edge_agent.relay import OutboxRelay, Restarts, relay_link_config
 from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.mqtt import LinkConfig, ReceivedMessage
@@ -104,3 +104,28 @@ def test_the_relay_has_its_own_client_id_within_mqtts_limit() -> None:
     long = base.model_copy(update={"client_id": "s" * 128})
     relay_id = relay_link_config(long).client_id
     assert len(relay_id) == 128 and relay_id.endswith("-outbox")
+
+
+def test_a_relay_that_keeps_dying_is_started_again_later_and_later() -> None:
+    restarts = Restarts()
+    starts = []
+    now = 0.0
+    while now < 70:
+        if restarts.may_start(now):  # the relay is found dead at every look, every 0.5 s
+            restarts.started(now)
+            starts.append(now)
+        now += 0.5
+    assert starts == [0.0, 1.0, 3.0, 7.0, 15.0, 31.0, 61.0]
+
+
+def test_a_relay_that_ran_long_enough_is_healthy_once_and_resets_the_delay() -> None:
+    restarts = Restarts()
+    for at in (0.0, 0.0, 1.0):
+        restarts.started(at)
+    assert restarts.delay_s == 4.0
+    assert not restarts.healthy(5.0)
+    assert restarts.healthy(11.0)
+    assert not restarts.healthy(12.0), "reported once"
+    assert restarts.may_start(20.0), "after a healthy run, the next death restarts at once"
+    restarts.started(20.0)
+    assert restarts.delay_s == 1.0 and not restarts.may_start(20.5)
