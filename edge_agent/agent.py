@@ -348,10 +348,10 @@ class Agent:
         self.link.add_connect_listener(self._on_connected)
         self.relay.attach()
         self.link.start()
-        self.relay.start()
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port)
         self._save_slots()
+        self.relay.start()
         for target, name in (
             (self._candidate_worker, "candidate"),
             (self._command_worker, "commands"),

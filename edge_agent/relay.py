@@ -233,6 +233,9 @@ class RelayProcess:
         self.starts = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._wake_w: int | None = None
+        # Writers wake the child while housekeeping may restart it: a closed descriptor's
+        # number is soon reused by some other file, which a late wake-up must never write to.
+        self._wake_lock = threading.Lock()
 
     @property
     def pid(self) -> int | None:
@@ -260,20 +263,24 @@ class RelayProcess:
             raise
         finally:
             os.close(wake_r)
-        self._wake_w = wake_w
+        with self._wake_lock:
+            self._wake_w = wake_w
         stdin = self._process.stdin
         if stdin is None:  # cannot happen with stdin=PIPE; keeps the type checker honest
             raise RuntimeError("the outbox relay has no stdin")
-        stdin.write(self.spec.model_dump_json().encode() + b"\n")
-        stdin.flush()
+        # A child that died at once closed its end: the supervisor sees it dead and retries.
+        with contextlib.suppress(BrokenPipeError):
+            stdin.write(self.spec.model_dump_json().encode() + b"\n")
+            stdin.flush()
         self.starts += 1
 
     def wake(self) -> None:
         """Tell the child there is something to publish; never blocks."""
-        if self._wake_w is None:
-            return
-        with contextlib.suppress(BlockingIOError, BrokenPipeError):
-            os.write(self._wake_w, b"\0")  # a full pipe already holds a wake-up
+        with self._wake_lock:
+            if self._wake_w is None:
+                return
+            with contextlib.suppress(BlockingIOError, BrokenPipeError):
+                os.write(self._wake_w, b"\0")  # a full pipe already holds a wake-up
 
     def alive(self) -> bool:
         return self._process is not None and self._process.poll() is None
@@ -300,9 +307,10 @@ class RelayProcess:
             process.wait(timeout=STOP_WAIT_S)
 
     def _close_wake(self) -> None:
-        if self._wake_w is not None:
-            os.close(self._wake_w)
-            self._wake_w = None
+        with self._wake_lock:
+            if self._wake_w is not None:
+                os.close(self._wake_w)
+                self._wake_w = None
 
 
 def _read_spec(line: bytes) -> RelaySpec:

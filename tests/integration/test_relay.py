@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from edge_agent.relay import RelayProcess, RelaySpec
 from edge_agent.store import StationStore
 from linesight import protocol as p
@@ -77,3 +79,18 @@ def test_an_invalid_spec_stops_the_child_with_the_reason(tmp_path: Path) -> None
     assert result.returncode != 0
     error = result.stderr.decode()
     assert "invalid spec" in error and "publish_batch" in error and "data_dir" in error
+
+
+def test_a_wake_up_after_stop_writes_to_no_descriptor(tmp_path: Path, broker: Broker) -> None:
+    relay = RelayProcess(spec(tmp_path, broker.url))
+    relay.start()
+    relay.stop()
+    read_end, write_end = os.pipe()  # likely to reuse the stopped relay's descriptor numbers
+    try:
+        os.set_blocking(read_end, False)
+        relay.wake()
+        with pytest.raises(BlockingIOError):
+            os.read(read_end, 1)
+    finally:
+        os.close(read_end)
+        os.close(write_end)
