@@ -93,13 +93,17 @@ class Receipter:
     """What the controller's ingest does for the outbox: store by (station, seq), answer with
     the highest contiguous seq stored."""
 
-    def __init__(self, url: str, prefix: str = p.DEFAULT_PREFIX) -> None:
+    def __init__(
+        self, url: str, prefix: str = p.DEFAULT_PREFIX, ca_file: Path | None = None
+    ) -> None:
         self.topics = p.Topics(prefix)
         self.stored: dict[str, dict[int, p.Envelope]] = {}
         self.deliveries: list[p.Envelope] = []  # every copy that arrived, duplicates included
         self._lock = threading.Lock()
         self._seq = 0
-        self.link = MqttLink(LinkConfig(url=url, client_id=f"receipter-{uuid.uuid4().hex[:8]}"))
+        self.link = MqttLink(LinkConfig(
+            url=url, client_id=f"receipter-{uuid.uuid4().hex[:8]}", ca_file=ca_file
+        ))
         for channel in p.Channel:
             if p.DELIVERY[channel].durable:
                 self.link.subscribe(self.topics.every_station(channel), self._on_message)

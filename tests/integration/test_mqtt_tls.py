@@ -14,8 +14,13 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from edge_agent.agent import Agent
+from edge_agent.relay import RelayProcess
+from edge_agent.store import StationStore
+from linesight import protocol as p
 from linesight.broker import TlsFiles, start_broker
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
+from tests.support import Receipter, station_config
 
 
 def _name(common: str) -> x509.Name:
@@ -91,3 +96,24 @@ def test_a_station_talks_over_tls_and_refuses_an_unknown_ca(tmp_path: Path) -> N
 def _fresh(folder: Path) -> Path:
     folder.mkdir()
     return folder
+
+
+def test_a_station_and_its_outbox_relay_deliver_over_tls(tmp_path: Path) -> None:
+    tls = make_ca_and_server(tmp_path)
+    with start_broker(tmp_path / "broker", tls=tls) as broker:
+        receipter = Receipter(broker.url, ca_file=tls.ca_file)
+        try:
+            config = station_config(
+                tmp_path / "station", broker.url, automation="full", max_parts=20,
+                broker__ca_file=tls.ca_file,
+            )
+            agent = Agent(config)
+            assert isinstance(agent.relay, RelayProcess)
+            assert agent.run() == 0
+            stored = receipter.stored["press-01"]
+            decisions = [m for m in stored.values() if isinstance(m, p.Decision)]
+            assert len(decisions) == 20 and sorted(stored) == list(range(len(stored)))
+        finally:
+            receipter.close()
+        with StationStore(tmp_path / "station") as store:
+            assert store.outbox_depth() == 0, "the relay got every receipt over TLS"
