@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from edge_agent.relay import OutboxRelay, Restarts, relay_link_config
+from edge_agent.relay import OutboxRelay, RelaySpec, Restarts, relay_link_config
 from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.mqtt import LinkConfig, ReceivedMessage
@@ -129,3 +129,17 @@ def test_a_relay_that_ran_long_enough_is_healthy_once_and_resets_the_delay() -> 
     assert restarts.may_start(20.0), "after a healthy run, the next death restarts at once"
     restarts.started(20.0)
     assert restarts.delay_s == 1.0 and not restarts.may_start(20.5)
+
+
+def test_the_spec_carries_every_broker_setting_to_the_child(tmp_path: Path) -> None:
+    broker = LinkConfig(
+        url="mqtts://line:8883", client_id="press-01", username="press-01",
+        password="secret",  # noqa: S106 - a test value
+        ca_file=tmp_path / "ca.pem", protocol="3.1.1", keepalive=15,
+    )
+    spec = RelaySpec(
+        station="press-01", topic_prefix="linesight/v1", data_dir=tmp_path, max_outbox_rows=100,
+        publish_batch=50, resend_after_s=5.0, broker=broker,
+    )
+    assert RelaySpec.model_validate_json(spec.model_dump_json()) == spec
+    assert "secret" not in repr(spec), "the password never reaches a log line"
