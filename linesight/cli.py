@@ -7,7 +7,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from linesight import __version__
 from linesight.demo import add_command as add_demo_command
@@ -182,7 +182,31 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     agent.add_argument("--metrics-port", type=int, help="Prometheus metrics port")
     agent.add_argument("--key", type=Path, help="public key bundles must be signed with")
     agent.add_argument("--topic-prefix", help="MQTT topic root (default linesight/v1)")
+    agent.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        help="any other key of the station YAML, dotted, with a YAML value; repeatable, e.g. "
+        "--set inference.timeout_ms=500 --set outbox.relay=thread (the named flags above win)",
+    )
     agent.set_defaults(handler=_run_agent)
+
+
+def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
+    """`--set KEY=VALUE` flags as dotted overrides; each value is read as YAML (a number, a
+    word, a list like [a, b] or a mapping like {type: log})."""
+    import yaml
+
+    parsed: dict[str, Any] = {}
+    for setting in settings:
+        key, sep, text = setting.partition("=")
+        key = key.strip()
+        if not sep or not key or any(not part for part in key.split(".")):
+            raise UsageError(f"--set {setting!r}: expected KEY=VALUE with a dotted key, "
+                             "e.g. inference.timeout_ms=500")
+        try:
+            parsed[key] = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError as exc:
+            raise UsageError(f"--set {key}: the value is not valid YAML ({exc})") from exc
+    return parsed
 
 
 def _run_agent(args: argparse.Namespace) -> int:
@@ -191,7 +215,7 @@ def _run_agent(args: argparse.Namespace) -> int:
     from edge_agent.agent import Agent
     from edge_agent.config import load_config
 
-    overrides = {
+    named = {
         "station": args.station,
         "broker.url": args.broker,
         "source": args.source,
@@ -208,7 +232,11 @@ def _run_agent(args: argparse.Namespace) -> int:
         "key": args.key,
         "topic_prefix": args.topic_prefix,
     }
-    config = load_config(args.config, {k: v for k, v in overrides.items() if v is not None})
+    overrides = {
+        **parse_settings(args.settings),
+        **{key: value for key, value in named.items() if value is not None},
+    }
+    config = load_config(args.config, overrides)
     agent = Agent(config)
 
     def stop(signum: int, _frame: object) -> None:

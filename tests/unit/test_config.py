@@ -8,6 +8,7 @@ import pytest
 
 from deploy.config import load_controller_config
 from edge_agent.config import load_config
+from linesight.cli import UsageError, main, parse_settings
 from linesight.config_file import ConfigError
 
 STATION = """
@@ -79,3 +80,32 @@ def test_controller_configuration(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="api_token"):
         load_controller_config(None, {"broker.url": "mqtt://h:1", "data_dir": tmp_path,
                                       "bundles": tmp_path, "api_token": "short"})
+
+
+def test_set_flags_reach_every_key_with_yaml_values(tmp_path: Path) -> None:
+    settings = parse_settings([
+        "inference.timeout_ms=500", "outbox.relay=thread",
+        "inference.providers=[CPUExecutionProvider]",
+        "reject_output={type: webhook, url: 'http://plc:8080/reject'}", "labels.line=L2",
+    ])
+    config = load_config(write(tmp_path, STATION), settings)
+    assert config.inference.timeout_ms == 500 and config.outbox.relay == "thread"
+    assert config.inference.providers == ["CPUExecutionProvider"]
+    assert config.reject_output.type == "webhook" and config.labels == {"line": "L2"}
+
+
+@pytest.mark.parametrize(
+    "setting", ["timeout_ms", "=5", "inference..timeout_ms=5", "a=[unclosed"]
+)
+def test_a_malformed_set_flag_is_refused(setting: str) -> None:
+    with pytest.raises(UsageError, match="--set"):
+        parse_settings([setting])
+
+
+def test_a_set_flag_naming_an_unknown_key_stops_the_agent_with_its_path(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["agent", "--config", str(write(tmp_path, STATION)),
+                 "--set", "inference.timeout_msec=5"])
+    assert code == 2
+    assert "inference.timeout_msec" in capsys.readouterr().err
