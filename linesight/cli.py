@@ -182,12 +182,24 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     agent.add_argument("--metrics-port", type=int, help="Prometheus metrics port")
     agent.add_argument("--key", type=Path, help="public key bundles must be signed with")
     agent.add_argument("--topic-prefix", help="MQTT topic root (default linesight/v1)")
-    agent.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-        help="any other key of the station YAML, dotted, with a YAML value; repeatable, e.g. "
-        "--set inference.timeout_ms=500 --set outbox.relay=thread (the named flags above win)",
-    )
+    _add_set_flag(agent, "station", "--set inference.timeout_ms=500 --set outbox.relay=thread")
     agent.set_defaults(handler=_run_agent)
+
+
+def _add_set_flag(parser: argparse.ArgumentParser, what: str, example: str) -> None:
+    parser.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+        help=f"any other key of the {what} YAML, dotted, with a YAML value; repeatable, e.g. "
+        f"{example} (the named flags above win)",
+    )
+
+
+def _overrides(settings: Sequence[str], named: dict[str, Any]) -> dict[str, Any]:
+    """`--set` values, then the named flags that were given on top."""
+    return {
+        **parse_settings(settings),
+        **{key: value for key, value in named.items() if value is not None},
+    }
 
 
 def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
@@ -232,11 +244,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         "key": args.key,
         "topic_prefix": args.topic_prefix,
     }
-    overrides = {
-        **parse_settings(args.settings),
-        **{key: value for key, value in named.items() if value is not None},
-    }
-    config = load_config(args.config, overrides)
+    config = load_config(args.config, _overrides(args.settings, named))
     agent = Agent(config)
 
     def stop(signum: int, _frame: object) -> None:
@@ -265,6 +273,7 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument("--key", type=Path, help="public key bundles must be signed with")
     serve.add_argument("--public-url", help="URL stations use to reach this controller")
     serve.add_argument("--topic-prefix")
+    _add_set_flag(serve, "controller", "--set offline_after_s=60")
     serve.set_defaults(handler=_fleet_serve)
 
     def client_options(parser: argparse.ArgumentParser) -> None:
@@ -318,11 +327,11 @@ def _fleet_serve(args: argparse.Namespace) -> int:
     from deploy.controller import Controller
     from linesight.http_server import HttpServer
 
-    config = load_controller_config(args.config, {
+    config = load_controller_config(args.config, _overrides(args.settings, {
         "broker.url": args.broker, "data_dir": args.data_dir, "http_host": args.http_host,
         "http_port": args.http_port, "bundles": args.bundles, "key": args.key,
         "public_url": args.public_url, "topic_prefix": args.topic_prefix,
-    })
+    }))
     controller = Controller(config)
     server = HttpServer(create_app(controller), config.http_host, config.http_port)
     stopped = threading.Event()

@@ -109,3 +109,12 @@ def test_a_set_flag_naming_an_unknown_key_stops_the_agent_with_its_path(
                  "--set", "inference.timeout_msec=5"])
     assert code == 2
     assert "inference.timeout_msec" in capsys.readouterr().err
+
+
+def test_the_controller_takes_set_flags_too(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["fleet", "serve", "--broker", "mqtt://127.0.0.1:1883", "--data-dir",
+                 str(tmp_path), "--bundles", str(tmp_path), "--set", "offline_after_sec=60"])
+    assert code == 2
+    assert "offline_after_sec" in capsys.readouterr().err
