@@ -6,6 +6,7 @@ import threading
 from typing import Any
 
 import waitress
+from waitress import wasyncore
 
 
 class HttpServer:
@@ -29,6 +30,14 @@ class HttpServer:
         return self
 
     def stop(self) -> None:
-        self._server.close()
-        self._server.task_dispatcher.shutdown()
-        self._thread.join(timeout=5)
+        server = self._server
+        if self._thread.is_alive():
+            # Close every socket on the server's own loop thread (waitress runs a trigger's
+            # thunk there): closed from here, a socket its select() is watching fails that
+            # select with EBADF and kills the thread, and the freed descriptor number may
+            # already belong to another file. With its map empty, the loop returns.
+            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+            self._thread.join(timeout=5)
+        else:
+            server.close()
+        server.task_dispatcher.shutdown()
