@@ -4,7 +4,7 @@ An fsync costs milliseconds on a line-side SSD, far more than the models' infere
 commit per message would make the disk, not the models, set the line's pace. The inspection
 loop hands its messages to this writer and goes on with the next part; the writer commits
 everything waiting in ONE transaction (synchronous=FULL), and only then runs what must follow a
-durable record: the reject gate, the publisher wake-up, review images, the part log. A message
+durable record: the reject gate, the outbox relay's wake-up, review images, the part log. A message
 is therefore never acted on or published before it is on disk. Review items of a batch are
 stored together too (one commit for their rows, one directory sync for their images).
 """
@@ -131,7 +131,7 @@ class DurableWriter:
                 self.store.log_parts(logged)
             except Exception:  # statistics only: never worth stopping the writer
                 log.exception("part log of %d parts failed", len(logged))
-        # What must follow a stored message first (the reject gate, the publisher), then the
+        # What must follow a stored message first (the reject gate, the relay's wake-up), then the
         # review images (JPEG and fsyncs: slow), then tasks, which may wait for all of it.
         for write, result in zip(writes, results, strict=True):
             try:
