@@ -193,6 +193,10 @@ class Agent:
             self._state(online=False).to_json(), qos=1, retain=True,
         ))
         self.relay = self._build_relay()
+        if isinstance(self.relay, RelayProcess):
+            # Receipts go to the relay's own connection. A build whose agent subscribed to them
+            # left that subscription in this client id's persistent session on the broker.
+            self.link.forget_subscription(self.topics.station(self.station, p.Channel.RECEIPT))
         self._relay_restarts = Restarts()
 
     # --- start-up ---------------------------------------------------------------------------

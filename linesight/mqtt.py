@@ -278,6 +278,7 @@ class MqttLink:
         self._routes: dict[str, list[MessageCallback]] = {}  # topic -> callbacks, cached
         # Filters the broker has seen a SUBSCRIBE for from this link, see _resubscribe.
         self._sent_filters: set[str] = set()
+        self._stale_filters: set[str] = set()
         self._connect_listeners: list[Listener] = []
         self._disconnect_listeners: list[Listener] = []
         # mid -> ticket, or None when the PUBACK beat the publisher to registering its ticket.
@@ -435,6 +436,19 @@ class MqttLink:
         if connected:
             self._client.unsubscribe(topic_filter)
 
+    def forget_subscription(self, topic_filter: str) -> None:
+        """Drop `topic_filter` from the broker's copy of a persistent session, on every connect.
+
+        A session outlives the program that made it: a station upgraded from a build that
+        subscribed to `topic_filter` under this client id would go on receiving (and dropping)
+        those messages. After each connect whose session the broker kept, the link sends an
+        UNSUBSCRIBE for every forgotten filter it has not subscribed itself. Call before `start()`.
+        """
+        if not _filter_is_valid(topic_filter):
+            raise ValueError(f"invalid MQTT topic filter {topic_filter!r}")
+        with self._lock:
+            self._stale_filters.add(topic_filter)
+
     def add_connect_listener(self, listener: Listener) -> None:
         """Call `listener` after every successful connect, once subscriptions are re-sent."""
         with self._lock:
@@ -511,6 +525,7 @@ class MqttLink:
             self._connected = True
             subscriptions = list(self._subscriptions)
             listeners = list(self._connect_listeners)
+            stale = sorted(self._stale_filters - {sub.topic_filter for sub in subscriptions})
             self._state_changed.notify_all()
         if stopping:
             # stop() raced with this connect: its disconnect() may have been overtaken.
@@ -525,6 +540,15 @@ class MqttLink:
         )
         if subscriptions:
             self._send_subscribe(subscriptions, session_present=flags.session_present)
+        if stale and flags.session_present:
+            result, _ = client.unsubscribe(stale)
+            if result != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                logger.warning(
+                    "mqtt link %s: unsubscribe %s not sent (%s); tried again on the next connect",
+                    self._config.client_id,
+                    stale,
+                    paho.error_string(result),
+                )
         for listener in listeners:
             self._call_safely(listener, "connect listener")
 

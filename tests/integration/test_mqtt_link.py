@@ -256,6 +256,56 @@ def test_persistent_session_keeps_queued_messages_across_broker_kill(
     assert [m.payload for m in received] == [f"cmd-{n}".encode() for n in range(50)]
 
 
+@pytest.mark.parametrize("forget", [True, False])
+def test_a_forgotten_subscription_leaves_the_persistent_session(
+    broker: Broker, make_link: LinkFactory, forget: bool
+) -> None:
+    """An older build subscribed under this client id; the new one forgets that filter."""
+    topic = "linesight/v1/stations/s1/receipt"
+    old = make_link(broker.url, "station-s1")
+    old.subscribe(topic, Inbox())
+    old.start()
+    assert old.wait_connected(WAIT_S)
+    old.stop()  # the broker keeps the session, subscription included
+
+    new = make_link(broker.url, "station-s1")
+    if forget:
+        new.forget_subscription(topic)
+    connected = threading.Event()
+    new.add_connect_listener(connected.set)  # runs after the link's own (un)subscribes
+    new.start()
+    assert connected.wait(WAIT_S)
+    new.stop()  # the UNSUBSCRIBE went out before the DISCONNECT, on the same socket
+
+    controller = make_link(broker.url, "controller")
+    controller.start()
+    assert controller.wait_connected(WAIT_S)
+    tickets = [controller.publish(topic, f"receipt-{n}".encode()) for n in range(5)]
+    assert all(ticket.wait(WAIT_S) for ticket in tickets)
+
+    # Whatever the session queued while it was away arrives first, then the probe.
+    inbox = Inbox()
+    probe = make_link(broker.url, "station-s1")
+    probe.subscribe(topic, inbox)
+    probe.start()
+    assert probe.wait_connected(WAIT_S)
+
+    def probed() -> bool:
+        if b"probe" not in inbox.payloads():
+            controller.publish(topic, b"probe").wait(1.0)
+        return wait_until(lambda: b"probe" in inbox.payloads(), 0.3)
+
+    assert wait_until(probed)
+    queued = inbox.payloads()[: inbox.payloads().index(b"probe")]
+    assert queued == ([] if forget else [f"receipt-{n}".encode() for n in range(5)])
+
+
+def test_forget_subscription_refuses_an_invalid_filter(make_link: LinkFactory) -> None:
+    link = make_link("mqtt://127.0.0.1:1", "station-s1")
+    with pytest.raises(ValueError, match="invalid MQTT topic filter"):
+        link.forget_subscription("a/#/b")
+
+
 def test_start_without_broker_connects_when_it_appears(
     tmp_path: Path, make_link: LinkFactory
 ) -> None:

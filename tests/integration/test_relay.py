@@ -10,12 +10,13 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent.agent import Agent
 from edge_agent.relay import RelayProcess, RelaySpec
 from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.broker import Broker
-from linesight.mqtt import LinkConfig
-from tests.support import Receipter, wait_for
+from linesight.mqtt import LinkConfig, MqttLink
+from tests.support import Receipter, station_config, wait_for
 from tests.unit.test_store import decision
 
 STATION = "st-1"
@@ -94,3 +95,46 @@ def test_a_wake_up_after_stop_writes_to_no_descriptor(tmp_path: Path, broker: Br
     finally:
         os.close(read_end)
         os.close(write_end)
+
+
+def test_an_upgraded_station_drops_the_receipt_subscription_its_old_agent_left(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """Receipts go to the relay's connection; the agent's own session must not queue them."""
+    config = station_config(tmp_path, broker.url, max_parts=3)
+    topic = p.Topics(config.topic_prefix).station(config.station, p.Channel.RECEIPT)
+    old_agent = MqttLink(config.broker)  # an older build: the agent's client id took receipts
+    old_agent.subscribe(topic, lambda message: None)
+    old_agent.start()
+    assert old_agent.wait_connected(10)
+    old_agent.stop()
+
+    receipter = Receipter(broker.url)
+    try:
+        assert Agent(config).run() == 0
+    finally:
+        receipter.close()
+    controller = MqttLink(LinkConfig(url=broker.url, client_id="controller-probe"))
+    controller.start()
+    try:
+        assert controller.wait_connected(10)
+        assert all(controller.publish(topic, b"receipt").wait(10) for _ in range(3))
+        # Whatever the agent's session queued while it was away would arrive before the probe.
+        arrived: list[bytes] = []
+        agent_session = MqttLink(config.broker)
+        agent_session.subscribe(topic, lambda message: arrived.append(message.payload))
+        agent_session.start()
+        try:
+            assert agent_session.wait_connected(10)
+
+            def probed() -> bool:
+                if b"probe" not in arrived:
+                    controller.publish(topic, b"probe").wait(1)
+                return b"probe" in arrived
+
+            wait_for(probed, 10, "the probe on the agent's own connection")
+            assert arrived[0] == b"probe", f"queued for the agent's old subscription: {arrived}"
+        finally:
+            agent_session.stop()
+    finally:
+        controller.stop()
