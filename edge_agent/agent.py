@@ -159,7 +159,7 @@ class Agent:
         self.store = StationStore(config.data_dir, max_outbox_rows=config.outbox.max_rows)
         self.writer = DurableWriter(
             self.store, name=f"writer-{config.station}",
-            on_reviews=self._reviews_stored,
+            on_reviews=self._reviews_stored, on_committed=self._wake_relay,
         )
         self.key = load_public_key(config.key) if config.key else None
         self.metrics = AgentMetrics(self.station)
@@ -502,7 +502,6 @@ class Agent:
             self._raise_fault("outbox_write", f"a decision could not be stored: {result}")
             return
         self._clear_faults("outbox_write")
-        self.relay.wake()
         if isinstance(result, p.Decision):
             self.gate.act(result)
 
@@ -656,8 +655,10 @@ class Agent:
             self._raise_fault("outbox_full", "outbox full: shadow results are being dropped")
         elif isinstance(result, Exception):
             self._raise_fault("outbox_write", f"a shadow result could not be stored: {result}")
-        else:
-            self.relay.wake()
+
+    def _wake_relay(self) -> None:
+        """After each writer commit: the relay publishes what it stored."""
+        self.relay.wake()
 
     # --- MQTT: connection, triggers ---------------------------------------------------------
 

@@ -4,7 +4,8 @@ An fsync costs milliseconds on a line-side SSD, far more than the models' infere
 commit per message would make the disk, not the models, set the line's pace. The inspection
 loop hands its messages to this writer and goes on with the next part; the writer commits
 everything waiting in ONE transaction (synchronous=FULL), and only then runs what must follow a
-durable record: the reject gate, the outbox relay's wake-up, review images, the part log. A message
+durable record: the outbox relay's wake-up (once per batch), the reject gate, review images, the
+part log. A message
 is therefore never acted on or published before it is on disk. Review items of a batch are
 stored together too (one commit for their rows, one directory sync for their images).
 """
@@ -59,10 +60,13 @@ class DurableWriter:
         max_batch: int = 256,
         name: str = "writer",
         on_reviews: Callable[[str | None], None] | None = None,
+        on_committed: Callable[[], None] | None = None,
     ) -> None:
-        """`on_reviews` hears after each batch of review items: None, or what went wrong."""
+        """`on_reviews` hears after each batch of review items: None, or what went wrong;
+        `on_committed` once after each commit that stored at least one message."""
         self.store = store
         self.on_reviews = on_reviews
+        self.on_committed = on_committed
         self.max_batch = max_batch
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -131,8 +135,15 @@ class DurableWriter:
                 self.store.log_parts(logged)
             except Exception:  # statistics only: never worth stopping the writer
                 log.exception("part log of %d parts failed", len(logged))
-        # What must follow a stored message first (the reject gate, the relay's wake-up), then the
-        # review images (JPEG and fsyncs: slow), then tasks, which may wait for all of it.
+        # What must follow a stored message first (the relay's wake-up, the reject gate), then
+        # the review images (JPEG and fsyncs: slow), then tasks, which may wait for all of it.
+        if self.on_committed is not None and any(
+            not isinstance(result, Exception) for result in results
+        ):
+            try:
+                self.on_committed()
+            except Exception:  # the relay also looks on its own every half second
+                log.exception("writer commit follow-up failed")
         for write, result in zip(writes, results, strict=True):
             try:
                 if write.after is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,3 +110,45 @@ def test_the_reject_gate_hears_of_a_decision_before_review_images_are_written(
     finally:
         writer.close()
     assert order == ["decision stored", "review image", "task"]
+
+
+def test_the_relay_is_woken_once_per_commit_not_once_per_message(store: StationStore) -> None:
+    commits: list[int] = []
+    writer = DurableWriter(store, on_committed=lambda: commits.append(store.outbox_depth()))
+    try:
+        held = threading.Event()
+        release = threading.Event()
+
+        def hold() -> None:
+            held.set()
+            release.wait(10)
+
+        writer.later(hold)  # a batch with no message: no wake-up
+        assert held.wait(10)
+        for n in range(10):  # all waiting while the writer is held: one batch
+            writer.enqueue(TOPIC, 1, lambda seq, n=n: decision(f"p{n}").model_copy(
+                update={"seq": seq}))
+        release.set()
+        assert writer.flush()
+        writer.enqueue(TOPIC, 1, lambda seq: decision("p10").model_copy(update={"seq": seq}))
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert commits == [10, 11], "one wake-up per commit, after the rows are stored"
+
+
+def test_a_failed_commit_wakes_nobody(store: StationStore) -> None:
+    commits: list[int] = []
+    writer = DurableWriter(store, on_committed=lambda: commits.append(1))
+    results: list[p.Envelope | Exception] = []
+
+    def broken(seq: int) -> p.Envelope:
+        raise ValueError("cannot build")
+
+    try:
+        writer.enqueue(TOPIC, 1, broken, after=results.append)
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert len(results) == 1 and isinstance(results[0], Exception)
+    assert commits == []
