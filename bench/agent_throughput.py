@@ -324,6 +324,24 @@ def _median_run(runs: Sequence[PipelineRun]) -> PipelineRun:
     )
 
 
+def ratio_bound(
+    shadow: PipelineRun, model_ms_per_pair: float, raw_pairs_per_s: float, cores: int
+) -> tuple[float, float]:
+    """The most pairs / raw that ANY agent could reach in this benchmark's setup.
+
+    Every pair costs at least the two models (`model_ms_per_pair`: each one's p50 alone, a low
+    estimate of its CPU) and its two messages' CPU in the broker and the receipting subscriber,
+    which share the cores with the agent here (measured per message in the shadow run). An
+    agent that itself cost nothing would still be held to `cores` divided by that. Returns the
+    helpers' CPU milliseconds per message and the bound.
+    """
+    messages_per_s = shadow.parts_per_s + shadow.pairs_per_s  # a Decision a part, a pair's result
+    helper_cores = shadow.cores.get("broker", 0.0) + shadow.cores.get("receipter", 0.0)
+    helper_ms = 1000.0 * helper_cores / messages_per_s if messages_per_s else 0.0
+    max_pairs_per_s = 1000.0 * cores / (model_ms_per_pair + 2 * helper_ms)
+    return helper_ms, (max_pairs_per_s / raw_pairs_per_s if raw_pairs_per_s else 0.0)
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -356,8 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
           f"{images[0].shape[1]}x{images[0].shape[0]} px; active {active.manifest.version} "
           f"({active.spec.width}x{active.spec.height}), candidate {candidate.manifest.version} "
           f"({candidate.spec.width}x{candidate.spec.height}); load average {load_before[0]:.2f}")
+    model_p50_ms = 0.0
     for model, slot in ((active, "active"), (candidate, "candidate")):
         p50, p99 = model_latency_ms(model, images)
+        model_p50_ms += p50
         print(f"  {slot} alone (preprocess + run, 1 thread): p50 {p50:.3f} ms, p99 {p99:.3f} ms")
     floor = paced_latency_p99_ms(active, images, args.line_rate)
     print(f"  active alone, paced at {args.line_rate:g}/s with nothing else running: "
@@ -423,6 +443,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         else 0.0
     )
     print(f"  messages still owed after the agents' shutdowns: {owed}")
+    helper_ms, bound = ratio_bound(shadow, model_p50_ms, raw, os.cpu_count() or 1)
+    print(f"  the broker and the receipting subscriber used {helper_ms:.3f} ms of CPU per "
+          f"message; with the two models at their p50 alone ({model_p50_ms:.3f} ms a pair), an "
+          f"agent that cost nothing could reach at most {bound:.2f} x raw on these "
+          f"{os.cpu_count()} cores")
     print()
     print(f"pipeline / raw = {ratio:.2f} (target >= {TARGET_RATIO}); naive / raw = "
           f"{naive / raw:.2f}; active p99 with shadow / alone = {factor:.2f} "
@@ -446,6 +471,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         "pipeline_pairs_per_s_equal_priority": round(equal_run.pairs_per_s, 1),
         "active_p99_ms_with_shadow_equal_priority": round(equal_run.active_p99_ms, 3),
         "cores_with_shadow": {who: round(c, 2) for who, c in shadow.cores.items()},
+        "helper_cpu_ms_per_message": round(helper_ms, 4),
+        "ratio_bound_free_agent": round(bound, 3),
         "load_average": round(load_before[0], 2),
         "rounds": args.rounds,
         "active_p99_ms_rounds": {

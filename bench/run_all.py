@@ -64,9 +64,23 @@ def _agent_rows(s: Summary) -> list[Row]:
             f"raw onnxruntime, best setting: {raw:.0f}", f"{naive / raw:.2f}", "—", None),
         Row("active p99 latency with the candidate in shadow, flat out", f"{shadow:.2f} ms",
             f"no candidate: {alone:.2f} ms", f"{factor:.2f}", "<= 1.20", factor <= 1.2),
+        *_bound_rows(s),
         *_equal_priority_rows(s),
         *_line_rate_rows(s),
     ]
+
+
+def _bound_rows(s: Summary) -> list[Row]:
+    """What no agent could beat here: the models plus the helpers' CPU per message."""
+    if "ratio_bound_free_agent" not in s:
+        return []
+    raw, bound = s["raw_pairs_per_s"], s["ratio_bound_free_agent"]
+    return [Row(
+        "(bound) pairs/s of an agent that cost no CPU at all, beside this broker and receipting "
+        f"subscriber ({s['helper_cpu_ms_per_message']:.3f} ms of CPU per message)",
+        f"{bound * raw:.0f}", f"raw onnxruntime, best setting: {raw:.0f}", f"{bound:.2f}",
+        "—", None,
+    )]
 
 
 def _equal_priority_rows(s: Summary) -> list[Row]:
