@@ -159,7 +159,8 @@ BENCHMARKS = (
         "in its own process), flat out and at a line rate. The agent runs with and without the "
         "candidate take turns for three rounds; every agent figure is the median over them. The "
         "candidate runs at a lower CPU priority (inference.candidate_nice 10); one run at equal "
-        "priority shows the trade.",
+        "priority shows the trade. The bound row is what an agent that cost no CPU at all could "
+        "reach here, where the broker and the receipting subscriber share the cores.",
         _agent_rows,
     ),
     Benchmark(
