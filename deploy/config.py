@@ -27,6 +27,11 @@ class ControllerConfig(BaseModel):
     key: Path | None = Field(
         default=None, description="public key bundles must be signed with before a rollout"
     )
+    command_key: Path | None = Field(
+        default=None,
+        description="Ed25519 private key (PEM) every command is signed with; stations that hold "
+        "its public key refuse commands without a valid signature",
+    )
     api_token: str | None = Field(
         default=None, min_length=16,
         description="when set, every request that changes something needs this bearer token",

@@ -47,6 +47,7 @@ from linesight.artifacts import (
     sha256_file,
     verify_bundle,
 )
+from linesight.command_auth import load_signing_key, sign_command
 from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
@@ -75,6 +76,7 @@ class Controller:
         self.store: FleetStore = store or SqliteFleetStore(config.data_dir / "fleet.db")
         self.next_seq = self.store.next_seq  # reserved on disk in blocks: cheap per message
         self.key = load_public_key(config.key) if config.key else None
+        self.command_key = load_signing_key(config.command_key) if config.command_key else None
         self.counters = IngestCounters()
         self.link = MqttLink(config.broker)
         self._inbox: queue.Queue[ReceivedMessage | None] = queue.Queue()
@@ -259,6 +261,8 @@ class Controller:
                 station=send.station, seq=self.next_seq(), cmd_id=uuid.UUID(send.cmd_id),
                 body=send.body, rollout_id=send.rollout_id,
             )
+            if self.command_key is not None:
+                command = sign_command(command, self.command_key)
             self.link.publish(self.topics.station(send.station, p.Channel.CMD),
                               command.to_json(), qos=1)
             log.info("-> %s %s (%s)", send.station, send.body.name, send.cmd_id[:8])

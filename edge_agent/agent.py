@@ -71,6 +71,7 @@ from linesight.artifacts import (
     BundleError,
     load_public_key,
 )
+from linesight.command_auth import load_verifying_key, signature_error
 from linesight.mqtt import MqttLink, ReceivedMessage, Will
 
 log = logging.getLogger(__name__)
@@ -162,6 +163,7 @@ class Agent:
             on_reviews=self._reviews_stored, on_committed=self._wake_relay,
         )
         self.key = load_public_key(config.key) if config.key else None
+        self.command_key = load_verifying_key(config.command_key) if config.command_key else None
         self.metrics = AgentMetrics(self.station)
         self.gate = start_gate(
             build_gate(config.reject_output),
@@ -705,6 +707,12 @@ class Agent:
         if command.station != self.station:
             return self._ack(command.cmd_id, name, ok=False,
                              error=f"command addressed to {command.station}, not {self.station}")
+        if self.command_key is not None:
+            # Checked before the cmd_id log: a forged command must not claim a real one's id.
+            refused = signature_error(command, self.command_key)
+            if refused is not None:
+                log.warning("refused command %s (%s): %s", command.cmd_id, name, refused)
+                return self._ack(command.cmd_id, name, ok=False, error=refused)
         previous = self.store.command_result(cmd_id)
         if previous is not None:
             done = json.loads(previous)

@@ -94,6 +94,11 @@ class AgentConfig(Strict):
     max_parts: int | None = Field(default=None, ge=1)
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
     key: Path | None = Field(default=None, description="public key bundles must be signed with")
+    command_key: Path | None = Field(
+        default=None,
+        description="the controller's public command key: when set, a command without a valid "
+        "signature is refused with an error ack",
+    )
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)

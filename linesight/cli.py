@@ -181,6 +181,8 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                        help="with --max-parts: seconds to wait for receipts before exiting")
     agent.add_argument("--metrics-port", type=int, help="Prometheus metrics port")
     agent.add_argument("--key", type=Path, help="public key bundles must be signed with")
+    agent.add_argument("--command-key", type=Path,
+                       help="the controller's public command key: refuse unsigned commands")
     agent.add_argument("--topic-prefix", help="MQTT topic root (default linesight/v1)")
     _add_set_flag(agent, "station", "--set inference.timeout_ms=500 --set outbox.relay=thread")
     agent.set_defaults(handler=_run_agent)
@@ -242,6 +244,7 @@ def _run_agent(args: argparse.Namespace) -> int:
         "outbox.receipt_wait_s": args.receipt_wait,
         "metrics_port": args.metrics_port,
         "key": args.key,
+        "command_key": args.command_key,
         "topic_prefix": args.topic_prefix,
     }
     config = load_config(args.config, _overrides(args.settings, named))
@@ -271,6 +274,8 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     serve.add_argument("--http-port", type=int)
     serve.add_argument("--bundles", type=Path, help="folder of model bundles to serve")
     serve.add_argument("--key", type=Path, help="public key bundles must be signed with")
+    serve.add_argument("--command-key", type=Path,
+                       help="private key to sign every command with (stations verify it)")
     serve.add_argument("--public-url", help="URL stations use to reach this controller")
     serve.add_argument("--topic-prefix")
     _add_set_flag(serve, "controller", "--set offline_after_s=60")
@@ -330,6 +335,7 @@ def _fleet_serve(args: argparse.Namespace) -> int:
     config = load_controller_config(args.config, _overrides(args.settings, {
         "broker.url": args.broker, "data_dir": args.data_dir, "http_host": args.http_host,
         "http_port": args.http_port, "bundles": args.bundles, "key": args.key,
+        "command_key": args.command_key,
         "public_url": args.public_url, "topic_prefix": args.topic_prefix,
     }))
     controller = Controller(config)

@@ -24,6 +24,7 @@ from deploy.client import ControllerClient, ControllerError, ControllerUnavailab
 from deploy.fleet_store import SqliteFleetStore
 from deploy.rollout import RolloutState
 from edge_agent.store import StationStore
+from linesight.artifacts import generate_keypair
 from linesight.broker import Broker, free_port, start_broker
 from linesight.sim import SimulatedOperator, summarise
 from station_ui.security import hash_pin
@@ -136,9 +137,12 @@ def run_demo(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True)
     line = Line(workdir)
-    # Ctrl-C arrives as KeyboardInterrupt; `kill`, a service manager or a closed terminal send
-    # SIGTERM or SIGHUP, whose default would end this process and leave the line running.
+    # Ctrl-C arrives as KeyboardInterrupt, also when this process was started with SIGINT
+    # ignored (a background job of a script inherits that); `kill`, a service manager or a closed
+    # terminal send SIGTERM or SIGHUP, whose default would end this process and leave the line
+    # running.
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         return _run(line, args, version)
     except KeyboardInterrupt:
@@ -167,11 +171,15 @@ def _raise_stop(signum: int, frame: object) -> None:
 def _run(line: Line, args: argparse.Namespace, version: str) -> int:
     workdir = line.workdir
     key = str(MODELS / "keys" / "demo.pub")
+    # Commands are signed end to end, with a key pair made for this run of the demo.
+    command_key, command_pub = workdir / "keys" / "command.key", workdir / "keys" / "command.pub"
+    generate_keypair(command_key, command_pub)
     line.broker = start_broker(workdir / "broker")
     http_port = preferred_port(8700)
     controller_url = f"http://127.0.0.1:{http_port}"
     line.spawn("controller", "fleet", "serve", "--broker", line.broker.url,
                "--data-dir", str(workdir / "fleet"), "--bundles", str(MODELS), "--key", key,
+               "--command-key", str(command_key),
                "--http-port", str(http_port))
     ui_urls: dict[str, str] = {}
     for index, station in enumerate(STATIONS):
@@ -181,7 +189,7 @@ def _run(line: Line, args: argparse.Namespace, version: str) -> int:
             f"agent-{station}", "agent", "--station", station, "--broker", line.broker.url,
             "--source", f"synthetic:seed={101 + index},rate={args.rate:g}",
             "--active", str(MODELS / "part-classifier" / "1.0.0"), "--automation", "partial",
-            "--data-dir", str(data_dir), "--key", key,
+            "--data-dir", str(data_dir), "--key", key, "--command-key", str(command_pub),
             "--metrics-port", str(preferred_port(9101 + index)),
         )
         ui_port = preferred_port(8801 + index)

@@ -349,7 +349,9 @@ class Command(Envelope):
         default=None, description="a station refuses the command after this time"
     )
     signature: str | None = Field(
-        default=None, description="reserved: end-to-end Ed25519 signature of the command"
+        default=None,
+        description="base64 Ed25519 signature by the controller's command key over the "
+        "command's canonical JSON without this field; required by stations that hold the key",
     )
 
 

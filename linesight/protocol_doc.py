@@ -67,6 +67,7 @@ def examples() -> list[p.Envelope]:
                 model=_CANDIDATE, signature="BASE64-ED25519-SIGNATURE-OF-MANIFEST",
                 mode=p.DeploymentMode.SHADOW,
             ),
+            signature="BASE64-ED25519-SIGNATURE-OF-THE-COMMAND",
         ),
         p.CommandAck(
             msg_id=_id(7), station="press-01", seq=45, ts=_TS, cmd_id=_id(60),
@@ -102,7 +103,10 @@ _PURPOSE: dict[str, str] = {
     "Command": "From the fleet controller to one station. `body.name` selects the command: "
     "`deploy_candidate`, `set_mode`, `set_automation`, `promote`, `rollback`, `switch`. "
     "A repeated `cmd_id` is acknowledged again but not carried out twice; a command past "
-    "`expires_at` is refused. `signature` is reserved for end-to-end signed commands.",
+    "`expires_at` is refused. `signature` is the controller's Ed25519 signature (base64) over "
+    "the command's canonical JSON without `signature` (keys sorted, no whitespace; "
+    "`linesight.command_auth`): a station configured with the controller's public command key "
+    "refuses, with an error ack, any command whose signature is missing or does not match.",
     "CommandAck": "The station's answer to a command: `ok`, or the error that stopped it.",
     "Receipt": "From the controller: every message of this station up to `upto_seq` is "
     "stored. Only then does the station delete those messages from its outbox.",

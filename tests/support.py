@@ -247,6 +247,7 @@ class AgentLine:
     rate: float = 25.0
     seed: int = 20
     operated: Sequence[str] | None = None  # None: every station
+    command_key: Path | None = None  # the public key of signed commands, when they are
     agents: dict[str, Agent] = field(default_factory=dict)
     threads: list[threading.Thread] = field(default_factory=list)
     operators: list[SimulatedOperator] = field(default_factory=list)
@@ -257,7 +258,7 @@ class AgentLine:
             agent = Agent(station_config(
                 data, self.broker_url, station=station, automation="partial",
                 source=f"synthetic:seed={self.seed + index},rate={self.rate:g}",
-                state_interval_s=1.0,
+                state_interval_s=1.0, command_key=self.command_key,
             ))
             self.agents[station] = agent
             thread = threading.Thread(target=agent.run, name=f"agent-{station}", daemon=True)

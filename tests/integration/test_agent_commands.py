@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import shutil
 import threading
@@ -11,11 +12,14 @@ from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.agent import Agent
 from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, sha256_file
 from linesight.broker import Broker
+from linesight.command_auth import sign_command
 from linesight.mqtt import LinkConfig, MqttLink
 from tests.support import MODELS, V2, Collector, Receipter, station_config, wait_for
 
@@ -41,13 +45,15 @@ def bundle_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     server.server_close()
 
 
-@pytest.fixture
-def running(tmp_path: Path, broker: Broker) -> Iterator[tuple[Agent, Collector, MqttLink]]:
+@contextlib.contextmanager
+def station_running(
+    tmp_path: Path, broker: Broker, **overrides: object
+) -> Iterator[tuple[Agent, Collector, MqttLink]]:
     collector = Collector(broker.url)
     receipter = Receipter(broker.url)
     config = station_config(
         tmp_path / "station", broker.url, station=STATION, source="synthetic:seed=3,rate=40",
-        automation="partial",
+        automation="partial", **overrides,
     )
     agent = Agent(config)
     thread = threading.Thread(target=agent.run, daemon=True)
@@ -63,6 +69,12 @@ def running(tmp_path: Path, broker: Broker) -> Iterator[tuple[Agent, Collector, 
     sender.stop()
     receipter.close()
     collector.close()
+
+
+@pytest.fixture
+def running(tmp_path: Path, broker: Broker) -> Iterator[tuple[Agent, Collector, MqttLink]]:
+    with station_running(tmp_path, broker) as station:
+        yield station
 
 
 def send(sender: MqttLink, collector: Collector, body: object, *, raw: bytes | None = None,
@@ -191,3 +203,43 @@ def test_a_repeated_command_is_acked_but_not_redone(
     assert repeated.state_after.active.version == "2.0.0"
     assert repeated.state_after.previous and repeated.state_after.previous.version == "1.0.0"
     assert V2.exists()
+
+
+def publish(sender: MqttLink, collector: Collector, payload: bytes, cmd_id: uuid.UUID
+            ) -> p.CommandAck:
+    before = len(collector.acks(cmd_id))
+    sender.publish(p.Topics().station(STATION, p.Channel.CMD), payload, qos=1)
+    wait_for(lambda: len(collector.acks(cmd_id)) > before, 30, f"an ack for {cmd_id}")
+    return collector.acks(cmd_id)[-1]
+
+
+def test_a_station_with_a_command_key_carries_out_only_signed_commands(
+    tmp_path: Path, broker: Broker
+) -> None:
+    controller_key = Ed25519PrivateKey.generate()
+    public = tmp_path / "command.pub"
+    public.write_bytes(controller_key.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
+    with station_running(tmp_path, broker, command_key=public) as (agent, collector, sender):
+        def command(level: p.AutomationLevel, cmd_id: uuid.UUID | None = None) -> p.Command:
+            return p.Command(station=STATION, seq=1, cmd_id=cmd_id or uuid.uuid4(),
+                             body=p.SetAutomation(automation=level, reason="test"))
+
+        unsigned = command(p.AutomationLevel.FULL)
+        ack = publish(sender, collector, unsigned.to_json(), unsigned.cmd_id)
+        assert not ack.ok and ack.error and "not signed" in ack.error
+        foreign = sign_command(command(p.AutomationLevel.FULL), Ed25519PrivateKey.generate())
+        ack = publish(sender, collector, foreign.to_json(), foreign.cmd_id)
+        assert not ack.ok and ack.error and "does not match" in ack.error
+        # Signed for human_only, then edited on the way to say full.
+        signed = sign_command(command(p.AutomationLevel.HUMAN_ONLY), controller_key)
+        edited = signed.to_json().replace(b'"human_only"', b'"full"')
+        ack = publish(sender, collector, edited, signed.cmd_id)
+        assert not ack.ok and ack.error and "does not match" in ack.error
+        assert agent.automation == p.AutomationLevel.PARTIAL, "no refused command changed it"
+
+        # The genuine command, with the cmd_id a forgery already used, is still carried out.
+        ack = publish(sender, collector, signed.to_json(), signed.cmd_id)
+        assert ack.ok, ack.error
+        assert ack.state_after and ack.state_after.automation == p.AutomationLevel.HUMAN_ONLY
+        assert agent.automation == p.AutomationLevel.HUMAN_ONLY

@@ -14,7 +14,9 @@ import pytest
 from deploy.client import ControllerClient, ControllerUnavailable
 from deploy.controller import Controller
 from linesight import protocol as p
+from linesight.artifacts import generate_keypair, load_public_key
 from linesight.broker import Broker, free_port
+from linesight.command_auth import signature_error
 from tests.support import (
     DEMO_PUB,
     MODELS,
@@ -25,6 +27,7 @@ from tests.support import (
 )
 
 STATIONS = ("st-1", "st-2", "st-3")
+COMMAND_KEY, COMMAND_PUB = "keys/command.key", "keys/command.pub"
 PLAN = """
 name: test-plan
 command_timeout_s: 30
@@ -51,14 +54,18 @@ stages:
 
 @pytest.fixture
 def line(tmp_path: Path, broker: Broker) -> Iterator[AgentLine]:
-    running = AgentLine(broker.url, tmp_path, STATIONS)
+    """Three stations that accept only commands signed with the controller's command key."""
+    generate_keypair(tmp_path / COMMAND_KEY, tmp_path / COMMAND_PUB)
+    running = AgentLine(broker.url, tmp_path, STATIONS, command_key=tmp_path / COMMAND_PUB)
     yield running
     running.stop()
 
 
 @pytest.fixture
 def controller(line: AgentLine) -> Iterator[tuple[Controller, ControllerClient]]:
-    with served_controller(line.root, line.broker_url) as served:
+    with served_controller(
+        line.root, line.broker_url, command_key=line.root / COMMAND_KEY
+    ) as served:
         yield served
 
 
@@ -91,6 +98,10 @@ def test_a_better_model_is_promoted_on_every_station(
     candidate_decided = [d for d in collector.of(p.Decision, "st-1")
                          if d.decided_by == "candidate"]
     assert candidate_decided, "the canary stage let the candidate decide some parts"
+    # Every command went out signed, and every station (which refuses unsigned ones) obeyed.
+    public = load_public_key(line.root / COMMAND_PUB)
+    assert all(signature_error(c, public) is None for c in collector.of(p.Command))
+    assert all(a.ok for a in collector.of(p.CommandAck)), "no command was refused"
     collector.close()
 
 
@@ -129,7 +140,7 @@ def serve_process(root: Path, broker: Broker, port: int) -> subprocess.Popen[byt
         return subprocess.Popen(
             [sys.executable, "-m", "linesight.cli", "fleet", "serve", "--broker", broker.url,
              "--data-dir", str(root / "fleet"), "--bundles", str(MODELS), "--key",
-             str(DEMO_PUB), "--http-port", str(port)],
+             str(DEMO_PUB), "--command-key", str(root / COMMAND_KEY), "--http-port", str(port)],
             stdout=log, stderr=log,
         )
 
