@@ -118,3 +118,11 @@ def test_the_controller_takes_set_flags_too(
                  str(tmp_path), "--bundles", str(tmp_path), "--set", "offline_after_sec=60"])
     assert code == 2
     assert "offline_after_sec" in capsys.readouterr().err
+
+
+def test_the_shipped_example_configurations_are_valid() -> None:
+    examples = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
+    station = load_config(examples / "station.yaml.example", {})
+    assert station.command_key == Path("/etc/linesight/command.pub")
+    controller = load_controller_config(examples / "controller.yaml.example", {})
+    assert controller.command_key == Path("/etc/linesight/command.key")
