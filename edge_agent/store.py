@@ -798,10 +798,17 @@ class StationStore:
         }
         cutoff = time.time() - _ORPHAN_GRACE_S
         removed = 0
-        for entry in os.scandir(self.images_dir):
-            if not entry.is_file() or entry.name in referenced:
-                continue
-            if entry.stat().st_mtime < cutoff:
+        with os.scandir(self.images_dir) as entries:
+            for entry in entries:
+                if entry.name in referenced:
+                    continue
+                try:
+                    if not entry.is_file() or entry.stat().st_mtime >= cutoff:
+                        continue
+                except FileNotFoundError:
+                    # The writer renamed its temporary file into place (or a prune deleted
+                    # it) between the listing and the look: nothing to sweep.
+                    continue
                 Path(entry.path).unlink(missing_ok=True)
                 removed += 1
         return removed

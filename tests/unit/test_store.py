@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -587,3 +589,32 @@ def test_history_is_pruned_but_open_requests_are_kept(store: StationStore) -> No
     assert store.prune_history(timedelta(days=30), now=later) == 2
     assert store.command_result("c-1") is None
     assert [r.level for r in store.take_requests()] == ["partial"]
+
+
+def test_the_orphan_sweep_passes_over_a_file_that_vanishes_while_it_looks(
+    store: StationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The writer renames its temporary image files into place while housekeeping sweeps."""
+    old = time.time() - 2 * store_module._ORPHAN_GRACE_S  # noqa: SLF001 - the grace period
+    for name in (".7-1.tmp", "orphan.jpg"):
+        path = store.images_dir / name
+        path.write_bytes(b"\xff\xd8jpeg")
+        os.utime(path, (old, old))
+    with os.scandir(store.images_dir) as listing:
+        entries = list(listing)
+    (store.images_dir / ".7-1.tmp").unlink()  # renamed between the listing and the look
+
+    class Listed:  # what os.scandir gives: iterable, and a context manager
+        def __iter__(self) -> Iterator[os.DirEntry[str]]:
+            return iter(entries)
+
+        def __enter__(self) -> Iterator[os.DirEntry[str]]:
+            return iter(entries)
+
+        def __exit__(self, *exc: object) -> None:
+            return None
+
+    monkeypatch.setattr(store_module.os, "scandir", lambda path: Listed())
+    report = store.enforce_quota(10**9)
+    assert report.over_quota_bytes == 0
+    assert not (store.images_dir / "orphan.jpg").exists(), "a real orphan is still swept"
