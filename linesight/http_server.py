@@ -31,13 +31,20 @@ class HttpServer:
 
     def stop(self) -> None:
         server = self._server
+        # The workers first: one finishing a request pulls the trigger to wake the loop, and
+        # after the trigger is closed that write would hit a closed (or reused) descriptor.
+        server.task_dispatcher.shutdown()
         if self._thread.is_alive():
             # Close every socket on the server's own loop thread (waitress runs a trigger's
-            # thunk there): closed from here, a socket its select() is watching fails that
-            # select with EBADF and kills the thread, and the freed descriptor number may
-            # already belong to another file. With its map empty, the loop returns.
-            server.trigger.pull_trigger(lambda: wasyncore.close_all(server._map))
+            # thunks there): closed from here, a socket its select() is watching fails that
+            # select with EBADF and kills the thread. The thunk closes the trigger too, so it
+            # must not run before our wake-up byte is written: the loop runs thunks under the
+            # trigger's lock, which is held here until the byte is in the pipe. With its map
+            # empty, the loop returns.
+            trigger = server.trigger
+            with trigger.lock:
+                trigger.thunks.append(lambda: wasyncore.close_all(server._map))
+                trigger._physical_pull()
             self._thread.join(timeout=5)
         else:
             server.close()
-        server.task_dispatcher.shutdown()
