@@ -26,11 +26,13 @@ def test_stop_ends_the_server_thread_without_an_error_while_a_client_keeps_a_con
     for _ in range(100):
         server = HttpServer(hello, "127.0.0.1", 0).start()
         client = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
-        client.request("GET", "/")  # HTTP/1.1: the connection stays open after the answer
-        assert client.getresponse().read() == b"ok"
-        server.stop()
-        assert not server._thread.is_alive(), "the server thread ended"  # noqa: SLF001
-        client.close()
+        try:
+            client.request("GET", "/")  # HTTP/1.1: the connection stays open after the answer
+            assert client.getresponse().read() == b"ok"
+            server.stop()
+            assert not server._thread.is_alive(), "the server thread ended"  # noqa: SLF001
+        finally:
+            client.close()  # even after a failure: a socket left to the GC fails a later test
     assert failures == [], f"the server thread failed: {failures[:1]}"
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
     assert errors == [], f"a worker failed: {errors[:1]}"
