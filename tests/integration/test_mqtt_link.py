@@ -232,8 +232,10 @@ def test_persistent_session_keeps_queued_messages_across_broker_kill(
     topic = "linesight/v1/stations/s1/cmd"
     first = make_link(broker.url, "station-s1")
     first.subscribe(topic, Inbox())
+    subscribed = threading.Event()
+    first.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
     first.start()
-    assert first.wait_connected(WAIT_S)
+    assert subscribed.wait(WAIT_S)
     first.stop()  # session (subscription + queue) stays on the broker
 
     controller = make_link(broker.url, "controller")
@@ -264,8 +266,10 @@ def test_a_forgotten_subscription_leaves_the_persistent_session(
     topic = "linesight/v1/stations/s1/receipt"
     old = make_link(broker.url, "station-s1")
     old.subscribe(topic, Inbox())
+    subscribed = threading.Event()
+    old.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
     old.start()
-    assert old.wait_connected(WAIT_S)
+    assert subscribed.wait(WAIT_S)
     old.stop()  # the broker keeps the session, subscription included
 
     new = make_link(broker.url, "station-s1")

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -105,8 +106,10 @@ def test_an_upgraded_station_drops_the_receipt_subscription_its_old_agent_left(
     topic = p.Topics(config.topic_prefix).station(config.station, p.Channel.RECEIPT)
     old_agent = MqttLink(config.broker)  # an older build: the agent's client id took receipts
     old_agent.subscribe(topic, lambda message: None)
+    subscribed = threading.Event()
+    old_agent.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
     old_agent.start()
-    assert old_agent.wait_connected(10)
+    assert subscribed.wait(10)
     old_agent.stop()
 
     receipter = Receipter(broker.url)
