@@ -130,6 +130,20 @@ class Receipter:
         self.link.stop()
 
 
+def leave_subscribed_session(config: LinkConfig, topic_filter: str) -> None:
+    """Connect as `config.client_id`, subscribe to `topic_filter` and leave: the broker keeps
+    that persistent session, subscription included."""
+    link = MqttLink(config)
+    link.subscribe(topic_filter, lambda message: None)
+    subscribed = threading.Event()
+    link.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
+    link.start()
+    try:
+        wait_for(subscribed.is_set, 10, f"{config.client_id} to subscribe")
+    finally:
+        link.stop()
+
+
 def station_config(
     data_dir: Path, broker_url: str, station: str = "press-01", **overrides: Any
 ) -> AgentConfig:

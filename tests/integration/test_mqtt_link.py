@@ -18,6 +18,7 @@ import pytest
 
 from linesight.broker import Broker, free_port, start_broker, write_password_file
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage, Will
+from tests.support import leave_subscribed_session
 
 WAIT_S = 10.0
 PROTOCOLS = ["5", "3.1.1"]
@@ -230,13 +231,8 @@ def test_persistent_session_keeps_queued_messages_across_broker_kill(
     broker: Broker, make_link: LinkFactory
 ) -> None:
     topic = "linesight/v1/stations/s1/cmd"
-    first = make_link(broker.url, "station-s1")
-    first.subscribe(topic, Inbox())
-    subscribed = threading.Event()
-    first.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
-    first.start()
-    assert subscribed.wait(WAIT_S)
-    first.stop()  # session (subscription + queue) stays on the broker
+    # The session (its subscription, and what is queued for it) stays on the broker.
+    leave_subscribed_session(LinkConfig(url=broker.url, client_id="station-s1"), topic)
 
     controller = make_link(broker.url, "controller")
     controller.start()
@@ -264,13 +260,8 @@ def test_a_forgotten_subscription_leaves_the_persistent_session(
 ) -> None:
     """An older build subscribed under this client id; the new one forgets that filter."""
     topic = "linesight/v1/stations/s1/receipt"
-    old = make_link(broker.url, "station-s1")
-    old.subscribe(topic, Inbox())
-    subscribed = threading.Event()
-    old.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
-    old.start()
-    assert subscribed.wait(WAIT_S)
-    old.stop()  # the broker keeps the session, subscription included
+    # The session (its subscription, and what is queued for it) stays on the broker.
+    leave_subscribed_session(LinkConfig(url=broker.url, client_id="station-s1"), topic)
 
     new = make_link(broker.url, "station-s1")
     if forget:

@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.broker import Broker
 from linesight.mqtt import LinkConfig, MqttLink
-from tests.support import Receipter, station_config, wait_for
+from tests.support import Receipter, leave_subscribed_session, station_config, wait_for
 from tests.unit.test_store import decision
 
 STATION = "st-1"
@@ -104,13 +103,7 @@ def test_an_upgraded_station_drops_the_receipt_subscription_its_old_agent_left(
     """Receipts go to the relay's connection; the agent's own session must not queue them."""
     config = station_config(tmp_path, broker.url, max_parts=3)
     topic = p.Topics(config.topic_prefix).station(config.station, p.Channel.RECEIPT)
-    old_agent = MqttLink(config.broker)  # an older build: the agent's client id took receipts
-    old_agent.subscribe(topic, lambda message: None)
-    subscribed = threading.Event()
-    old_agent.add_connect_listener(subscribed.set)  # runs once the SUBSCRIBE is on its way
-    old_agent.start()
-    assert subscribed.wait(10)
-    old_agent.stop()
+    leave_subscribed_session(config.broker, topic)  # an older build's agent took receipts
 
     receipter = Receipter(broker.url)
     try:
