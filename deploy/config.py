@@ -32,6 +32,12 @@ class ControllerConfig(BaseModel):
         description="Ed25519 private key (PEM) every command is signed with; stations that hold "
         "its public key refuse commands without a valid signature",
     )
+    command_ttl_s: float = Field(
+        default=3600, gt=0, le=7 * 86400,
+        description="every command carries expires_at = sent + this; a station refuses it later "
+        "(a command queued for an offline station goes stale; a captured one cannot be replayed "
+        "once the station has forgotten its cmd_id)",
+    )
     api_token: str | None = Field(
         default=None, min_length=16,
         description="when set, every request that changes something needs this bearer token",

@@ -257,9 +257,11 @@ class Controller:
         previous = self.rollout
         self.rollout = state
         for send in sends:
+            sent = datetime.now(UTC)
             command = p.Command(
                 station=send.station, seq=self.next_seq(), cmd_id=uuid.UUID(send.cmd_id),
-                body=send.body, rollout_id=send.rollout_id,
+                body=send.body, rollout_id=send.rollout_id, ts=sent,
+                expires_at=sent + timedelta(seconds=self.config.command_ttl_s),
             )
             if self.command_key is not None:
                 command = sign_command(command, self.command_key)

@@ -5,9 +5,9 @@ commit per message would make the disk, not the models, set the line's pace. The
 loop hands its messages to this writer and goes on with the next part; the writer commits
 everything waiting in ONE transaction (synchronous=FULL), and only then runs what must follow a
 durable record: the outbox relay's wake-up (once per batch), the reject gate, review images, the
-part log. A message
-is therefore never acted on or published before it is on disk. Review items of a batch are
-stored together too (one commit for their rows, one directory sync for their images).
+part log. A message is therefore never acted on or published before it is on disk. Review items
+of a batch are stored together too (one commit for their rows, one directory sync for their
+images).
 """
 
 from __future__ import annotations

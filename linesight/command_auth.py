@@ -7,7 +7,7 @@ password, a bridge in between. What is signed is the command's canonical JSON wi
 `signature` field: every other field (msg_id, ts, station, seq, cmd_id, body, rollout_id,
 expires_at) as linesight/v1 serialises it, keys sorted, no whitespace. A captured command can
 be replayed only as itself: a station carries out each cmd_id once and refuses it after
-`expires_at`.
+`expires_at`, which the controller sets `command_ttl_s` (an hour) after sending.
 """
 
 from __future__ import annotations

@@ -101,6 +101,7 @@ def test_a_better_model_is_promoted_on_every_station(
     # Every command went out signed, and every station (which refuses unsigned ones) obeyed.
     public = load_public_key(line.root / COMMAND_PUB)
     assert all(signature_error(c, public) is None for c in collector.of(p.Command))
+    assert all(c.expires_at is not None and c.expires_at > c.ts for c in collector.of(p.Command))
     assert all(a.ok for a in collector.of(p.CommandAck)), "no command was refused"
     collector.close()
 
