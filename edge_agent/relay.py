@@ -68,6 +68,9 @@ class OutboxRelay:
         self._on_acknowledged = on_acknowledged
         self.wake = threading.Event()
         self._replay = threading.Event()
+        # Set by the connect listener, which runs after the link reports connected: publishing
+        # in between would send a first batch that the replay after the connect sends again.
+        self._online = threading.Event()
         self._receipted_upto = -1
         self._receipt_progress = time.monotonic()
 
@@ -75,9 +78,11 @@ class OutboxRelay:
         """Subscribe to the receipts and hear of reconnects; call before `link.start()`."""
         self.link.subscribe(self.receipt_topic, self.on_receipt)
         self.link.add_connect_listener(self.on_connected)
+        self.link.add_disconnect_listener(self._online.clear)
 
     def on_connected(self) -> None:
         self._replay.set()
+        self._online.set()
         self.wake.set()
 
     def run(self, keep_going: Callable[[], bool]) -> None:
@@ -86,7 +91,7 @@ class OutboxRelay:
         while keep_going():
             self.wake.wait(POLL_S)
             self.wake.clear()
-            if not self.link.connected:
+            if not (self._online.is_set() and self.link.connected):
                 continue
             waiting = time.monotonic() - self._receipt_progress
             if self._replay.is_set() or (

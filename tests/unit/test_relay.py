@@ -143,3 +143,25 @@ def test_the_spec_carries_every_broker_setting_to_the_child(tmp_path: Path) -> N
     )
     assert RelaySpec.model_validate_json(spec.model_dump_json()) == spec
     assert "secret" not in repr(spec), "the password never reaches a log line"
+
+
+def test_nothing_goes_out_between_the_link_connecting_and_its_connect_listener(
+    store: StationStore,
+) -> None:
+    """paho reports connected before the listeners run; the replay they ask for sends the rows:
+    a pass in between would send them twice."""
+    link = FakeLink()  # connected, but the relay has not heard of it yet
+    relay = relay_on(store, link, batch=10)
+    calls = 0
+
+    def keep_going() -> bool:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            relay.on_connected()  # the connect listener, one pass later
+        relay.wake.set()
+        return calls <= 2
+
+    relay.run(keep_going)
+    seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
+    assert seqs == [0, 1, 2, 3, 4], "each row once, after the connect listener"
