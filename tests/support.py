@@ -144,6 +144,25 @@ def leave_subscribed_session(config: LinkConfig, topic_filter: str) -> None:
         link.stop()
 
 
+def queued_for_session(config: LinkConfig, topic: str, publisher: MqttLink) -> list[bytes]:
+    """Reconnect as `config.client_id`, subscribed to `topic`: what the broker had queued for
+    that session, i.e. what arrives before a probe that `publisher` sends after the connect."""
+    arrived: list[bytes] = []
+    link = MqttLink(config)
+    link.subscribe(topic, lambda message: arrived.append(message.payload))
+    link.start()
+    try:
+        def probed() -> bool:
+            if b"probe" not in arrived:
+                publisher.publish(topic, b"probe").wait(1)
+            return b"probe" in arrived
+
+        wait_for(probed, 10, f"a probe on {config.client_id}'s connection")
+    finally:
+        link.stop()
+    return arrived[: arrived.index(b"probe")]
+
+
 def station_config(
     data_dir: Path, broker_url: str, station: str = "press-01", **overrides: Any
 ) -> AgentConfig:

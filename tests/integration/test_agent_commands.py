@@ -77,15 +77,22 @@ def running(tmp_path: Path, broker: Broker) -> Iterator[tuple[Agent, Collector, 
         yield station
 
 
+def publish(sender: MqttLink, collector: Collector, payload: bytes, cmd_id: uuid.UUID
+            ) -> p.CommandAck:
+    """Send a command payload as it is; the station's next ack for `cmd_id`."""
+    before = len(collector.acks(cmd_id))
+    sender.publish(p.Topics().station(STATION, p.Channel.CMD), payload, qos=1)
+    wait_for(lambda: len(collector.acks(cmd_id)) > before, 30, f"an ack for {cmd_id}")
+    return collector.acks(cmd_id)[-1]
+
+
 def send(sender: MqttLink, collector: Collector, body: object, *, raw: bytes | None = None,
          cmd_id: uuid.UUID | None = None) -> p.CommandAck:
+    """A command with `body`, or `raw` bytes (acked under the nil cmd_id when unreadable)."""
+    if raw is not None:
+        return publish(sender, collector, raw, uuid.UUID(int=0))
     command = p.Command(station=STATION, seq=1, cmd_id=cmd_id or uuid.uuid4(), body=body)
-    topic = p.Topics().station(STATION, p.Channel.CMD)
-    target = command.cmd_id if raw is None else uuid.UUID(int=0)
-    before = len(collector.acks(target))
-    sender.publish(topic, raw if raw is not None else command.to_json(), qos=1)
-    wait_for(lambda: len(collector.acks(target)) > before, 30, f"an ack for {body}")
-    return collector.acks(target)[-1]
+    return publish(sender, collector, command.to_json(), command.cmd_id)
 
 
 def deploy_body(base: str, root: Path, version: str) -> p.DeployCandidate:
@@ -203,14 +210,6 @@ def test_a_repeated_command_is_acked_but_not_redone(
     assert repeated.state_after.active.version == "2.0.0"
     assert repeated.state_after.previous and repeated.state_after.previous.version == "1.0.0"
     assert V2.exists()
-
-
-def publish(sender: MqttLink, collector: Collector, payload: bytes, cmd_id: uuid.UUID
-            ) -> p.CommandAck:
-    before = len(collector.acks(cmd_id))
-    sender.publish(p.Topics().station(STATION, p.Channel.CMD), payload, qos=1)
-    wait_for(lambda: len(collector.acks(cmd_id)) > before, 30, f"an ack for {cmd_id}")
-    return collector.acks(cmd_id)[-1]
 
 
 def test_a_station_with_a_command_key_carries_out_only_signed_commands(

@@ -18,7 +18,7 @@ import pytest
 
 from linesight.broker import Broker, free_port, start_broker, write_password_file
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage, Will
-from tests.support import leave_subscribed_session
+from tests.support import leave_subscribed_session, queued_for_session
 
 WAIT_S = 10.0
 PROTOCOLS = ["5", "3.1.1"]
@@ -278,20 +278,9 @@ def test_a_forgotten_subscription_leaves_the_persistent_session(
     tickets = [controller.publish(topic, f"receipt-{n}".encode()) for n in range(5)]
     assert all(ticket.wait(WAIT_S) for ticket in tickets)
 
-    # Whatever the session queued while it was away arrives first, then the probe.
-    inbox = Inbox()
-    probe = make_link(broker.url, "station-s1")
-    probe.subscribe(topic, inbox)
-    probe.start()
-    assert probe.wait_connected(WAIT_S)
-
-    def probed() -> bool:
-        if b"probe" not in inbox.payloads():
-            controller.publish(topic, b"probe").wait(1.0)
-        return wait_until(lambda: b"probe" in inbox.payloads(), 0.3)
-
-    assert wait_until(probed)
-    queued = inbox.payloads()[: inbox.payloads().index(b"probe")]
+    queued = queued_for_session(
+        LinkConfig(url=broker.url, client_id="station-s1"), topic, controller
+    )
     assert queued == ([] if forget else [f"receipt-{n}".encode() for n in range(5)])
 
 
