@@ -201,9 +201,9 @@ class LightReceipter:
     def __init__(self, url: str, *, interval_s: float = 0.05) -> None:
         self.topics = p.Topics()
         self._lock = threading.Lock()
-        self._seen: dict[str, set[int]] = {}
-        self._upto: dict[str, int] = {}
-        self._sent: dict[str, int] = {}
+        self._seen: dict[tuple[str, str | None], set[int]] = {}
+        self._upto: dict[tuple[str, str | None], int] = {}
+        self._sent: dict[tuple[str, str | None], int] = {}
         self._seq = 0
         self.delivered = 0
         self.latencies: list[float] = []
@@ -224,26 +224,31 @@ class LightReceipter:
     def _on_message(self, message: ReceivedMessage) -> None:
         document = json.loads(message.payload)
         station, seq = str(document["station"]), int(document["seq"])
+        stream = document.get("stream")  # the station's seq stream; absent from simulators
+        key = (station, None if stream is None else str(stream))
         with self._lock:
             self.delivered += 1
             if message.topic.endswith("/decision"):
                 self.latencies.append(float(document["latency_ms"]))
-            seen = self._seen.setdefault(station, set())
+            seen = self._seen.setdefault(key, set())
             seen.add(seq)
-            upto = self._upto.get(station, -1)
+            upto = self._upto.get(key, -1)
             while upto + 1 in seen:
                 upto += 1
                 seen.discard(upto)
-            self._upto[station] = upto
+            self._upto[key] = upto
 
     def _answer(self, interval_s: float) -> None:
         while not self._stop.wait(interval_s):
             with self._lock:
                 due = {s: u for s, u in self._upto.items() if u > self._sent.get(s, -1)}
                 self._sent.update(due)
-            for station, upto in due.items():
+            for (station, stream), upto in due.items():
                 self._seq += 1
-                receipt = p.Receipt(station=station, seq=self._seq, upto_seq=upto)
+                receipt = p.Receipt(
+                    station=station, seq=self._seq, upto_seq=upto,
+                    upto_stream=None if stream is None else uuid.UUID(stream),
+                )  # fmt: skip
                 self.link.publish(
                     self.topics.station(station, p.Channel.RECEIPT), receipt.to_json(), qos=1
                 )

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from deploy.config import ControllerConfig
-from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord
+from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord, StreamKey
 from deploy.plan import RolloutPlan
 from deploy.rollout import (
     TERMINAL,
@@ -121,7 +121,7 @@ class Controller:
     # --- ingest -----------------------------------------------------------------------------
 
     def _ingest_loop(self) -> None:
-        owed: dict[str, int] = {}
+        owed: dict[StreamKey, int] = {}
         last_flush = time.monotonic()
         while True:
             batch, stopping = self._next_batch()
@@ -130,7 +130,7 @@ class Controller:
                     owed.update(self.ingest(batch))
                 except Exception:  # the controller must keep ingesting  # noqa: BLE001
                     log.exception("ingest of %d messages failed", len(batch))
-            # Receipts are coalesced: at most one per station per interval, however many
+            # Receipts are coalesced: at most one per seq stream per interval, however many
             # batches its messages came in (the highest contiguous seq is all that counts).
             now = time.monotonic()
             if owed and (stopping or now - last_flush >= RECEIPT_INTERVAL_S):
@@ -160,15 +160,17 @@ class Controller:
             batch.append(item)
         return batch, False
 
-    def _send_receipts(self, owed: dict[str, int]) -> None:
-        for station, seq in owed.items():
-            receipt = p.Receipt(station=station, seq=self.next_seq(), upto_seq=seq)
+    def _send_receipts(self, owed: dict[StreamKey, int]) -> None:
+        for (station, stream), seq in owed.items():
+            receipt = p.Receipt(
+                station=station, seq=self.next_seq(), upto_seq=seq, upto_stream=stream
+            )
             self.link.publish(self.topics.station(station, p.Channel.RECEIPT),
                               receipt.to_json(), qos=1)
             self.counters.receipts += 1
 
-    def ingest(self, batch: list[ReceivedMessage]) -> dict[str, int]:
-        """Parse and store one batch; the highest contiguous seq per station it touched.
+    def ingest(self, batch: list[ReceivedMessage]) -> dict[StreamKey, int]:
+        """Parse and store one batch; the highest contiguous seq of each seq stream it touched.
         Receipts for them may be sent only after this returns (the batch is committed)."""
         durable: list[p.Envelope] = []
         acks: list[p.CommandAck] = []
@@ -191,7 +193,7 @@ class Controller:
             durable.append(parsed)  # metrics too: the store keeps them beside the seq stream
             if isinstance(parsed, p.CommandAck):
                 acks.append(parsed)
-        upto: dict[str, int] = {}
+        upto: dict[StreamKey, int] = {}
         if durable:
             upto = self.store.ingest(durable)
             self.counters.stored += len(durable)

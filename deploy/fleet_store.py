@@ -5,10 +5,12 @@ one SQLite file in WAL mode. A PostgreSQL store can implement the same interface
 docs/decisions/0005-fleet-store.md).
 
 Stations number their durable messages (decision, shadow, verdict, ack) with a per-station `seq`
-and keep them in their outbox until a Receipt covers them. The store keys those messages by
-`(station, seq)`, so a redelivered message collapses onto the first copy, and keeps a per-station
-watermark: the highest seq below which nothing is missing. That watermark is what the controller
-receipts, so it is advanced only after the rows it covers are committed.
+and keep them in their outbox until a Receipt covers them. A station's seq counts in its seq
+`stream`: a station whose storage was replaced starts a new stream at seq 0 under the same
+station id. The store keys those messages by `(station, stream, seq)`, so a redelivered message
+collapses onto the first copy, and keeps a watermark per stream: the highest seq below which
+nothing is missing. That watermark is what the controller receipts, so it is advanced only after
+the rows it covers are committed.
 """
 
 from __future__ import annotations
@@ -18,11 +20,12 @@ import logging
 import math
 import sqlite3
 import threading
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from deploy.gates import PairedEvidence
 from deploy.rollout import TERMINAL, StageEvidence
@@ -45,11 +48,12 @@ __all__ = [
     "SeriesPoint",
     "SqliteFleetStore",
     "StationRecord",
+    "StreamKey",
 ]
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -177,11 +181,49 @@ _SCHEMA_V1: tuple[str, ...] = (
 # Retention: old receipted messages are pruned by age.
 _SCHEMA_V2: tuple[str, ...] = ("CREATE INDEX messages_ts ON messages (ts_us)",)
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+# Seq streams: a station's messages are keyed by (station, stream, seq), and each stream has
+# its own watermark. '' is the stream of messages that name none (stations from before streams).
+_SCHEMA_V3: tuple[str, ...] = (
+    "ALTER TABLE messages ADD COLUMN stream TEXT NOT NULL DEFAULT ''",
+    "DROP INDEX messages_key",
+    "CREATE UNIQUE INDEX messages_key ON messages (station, stream, seq)",
+    """CREATE TABLE streams (
+        station TEXT NOT NULL,
+        stream TEXT NOT NULL,
+        watermark INTEGER NOT NULL DEFAULT -1,
+        max_seq INTEGER NOT NULL DEFAULT -1,
+        PRIMARY KEY (station, stream)
+    ) WITHOUT ROWID""",
+    "INSERT INTO streams (station, stream, watermark, max_seq) "
+    "SELECT station, '', watermark, max_seq FROM stations WHERE max_seq >= 0",
+    "ALTER TABLE stations DROP COLUMN watermark",
+    "ALTER TABLE stations DROP COLUMN max_seq",
+)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
 _PRUNE = tuple(
     f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
     for table in ("decisions", "shadows", "verdicts", "acks", "messages")
 )
+
+
+class StreamKey(NamedTuple):
+    """One station's seq stream; `stream` is None for messages that name none."""
+
+    station: str
+    stream: uuid.UUID | None = None
+
+
+_MessageKey = tuple[str, str, int]
+"""(station, stream as stored, seq): one durable message."""
+
+
+def _stream_text(stream: uuid.UUID | None) -> str:
+    return "" if stream is None else str(stream)
+
+
+def _stream_key(station: str, text: str) -> StreamKey:
+    return StreamKey(station, uuid.UUID(text) if text else None)
 
 
 class FleetStoreError(Exception):
@@ -218,11 +260,11 @@ class SeriesPoint:
 class FleetStore(Protocol):
     """The controller's store. Every method is safe to call from any thread."""
 
-    def ingest(self, messages: Sequence[Envelope]) -> dict[str, int]:
-        """Store a batch in one transaction; return each station's highest contiguous seq."""
+    def ingest(self, messages: Sequence[Envelope]) -> dict[StreamKey, int]:
+        """Store a batch in one transaction; return each seq stream's highest contiguous seq."""
         ...
 
-    def contiguous(self, station: str) -> int: ...
+    def contiguous(self, station: str, stream: uuid.UUID | None = None) -> int: ...
 
     def record_state(self, state: StationState, received_at: datetime) -> None: ...
 
@@ -301,8 +343,8 @@ def _stations_param(stations: Sequence[str]) -> str:
 # --- rows per message kind -------------------------------------------------------------------
 
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (id, station, seq, kind, msg_id, ts_us, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (id, station, seq, stream, kind, msg_id, ts_us, payload) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_DECISION = (
     "INSERT INTO decisions (id, station, seq, part_id, ts_us, decided_by, action, label, "
@@ -345,8 +387,8 @@ class _Rows:
         ts_us = _us(message.ts)
         key = (row_id, message.station, message.seq)
         self.messages.append(
-            (*key, _STREAM_KINDS[type(message)], str(message.msg_id), ts_us,
-             message.model_dump_json(by_alias=True))
+            (*key, _stream_text(message.stream), _STREAM_KINDS[type(message)],
+             str(message.msg_id), ts_us, message.model_dump_json(by_alias=True))
         )  # fmt: skip
         if isinstance(message, Decision):
             model = message.model
@@ -477,17 +519,17 @@ class SqliteFleetStore:
 
     # -- ingest --
 
-    def ingest(self, messages: Sequence[Envelope]) -> dict[str, int]:
-        """Store a batch in one transaction; return each station's highest contiguous seq.
+    def ingest(self, messages: Sequence[Envelope]) -> dict[StreamKey, int]:
+        """Store a batch in one transaction; return each seq stream's highest contiguous seq.
 
-        Decisions, shadow results, verdicts and acks are keyed by `(station, seq)`: a duplicate
-        collapses onto the first copy (a different msg_id under the same seq is logged: that
-        station re-used a seq). The result names every station with one of those in the batch,
-        -1 while its seq 0 is missing. Metrics are kept (latest plus a ring of
+        Decisions, shadow results, verdicts and acks are keyed by `(station, stream, seq)`: a
+        duplicate collapses onto the first copy (a different msg_id under the same key is
+        logged: that station re-used a seq). The result names every stream with one of those
+        in the batch, -1 while its seq 0 is missing. Metrics are kept (latest plus a ring of
         METRICS_HISTORY) and states go to the inventory as if received now; neither is part of
-        the seq stream, so a batch of only those returns {}.
+        a seq stream, so a batch of only those returns {}.
         """
-        stream: dict[tuple[str, int], Envelope] = {}
+        batch: dict[_MessageKey, Envelope] = {}
         metrics: list[StationMetrics] = []
         states: list[StationState] = []
         for message in messages:
@@ -496,60 +538,61 @@ class SqliteFleetStore:
             elif isinstance(message, StationState):
                 states.append(message)
             elif type(message) in _STREAM_KINDS:
-                key = (message.station, message.seq)
-                first = stream.setdefault(key, message)
+                key = (message.station, _stream_text(message.stream), message.seq)
+                first = batch.setdefault(key, message)
                 if first.msg_id != message.msg_id:
                     _warn_reused(key, first, message)
             else:
                 raise ValueError(f"ingest: {type(message).__name__} is not a station message")
         with self._write() as conn:
-            contiguous = self._ingest_stream(conn, stream) if stream else {}
+            contiguous = self._ingest_stream(conn, batch) if batch else {}
             if metrics:
                 self._ingest_metrics(conn, metrics)
             if states:
                 now_us = _us(datetime.now(UTC))
                 for state in states:
                     self._record_state(conn, state, now_us)
-        return contiguous
+        return {_stream_key(*key): mark for key, mark in contiguous.items()}
 
     def _ingest_stream(
-        self, conn: sqlite3.Connection, stream: dict[tuple[str, int], Envelope]
-    ) -> dict[str, int]:
-        names = sorted({station for station, _ in stream})
-        marks: dict[str, tuple[int, int]] = {name: (-1, -1) for name in names}
-        for station, watermark, max_seq in conn.execute(
-            "SELECT station, watermark, max_seq FROM stations "
-            "WHERE station IN (SELECT value FROM json_each(?))",
+        self, conn: sqlite3.Connection, batch: dict[_MessageKey, Envelope]
+    ) -> dict[tuple[str, str], int]:
+        names = sorted({(station, stream) for station, stream, _ in batch})
+        marks: dict[tuple[str, str], tuple[int, int]] = {name: (-1, -1) for name in names}
+        for station, stream, watermark, max_seq in conn.execute(
+            "SELECT s.station, s.stream, s.watermark, s.max_seq FROM json_each(?) AS j "
+            "JOIN streams s ON s.station = j.value ->> 0 AND s.stream = j.value ->> 1",
             (json.dumps(names),),
         ):
-            marks[station] = (watermark, max_seq)
+            marks[(station, stream)] = (watermark, max_seq)
         # At or below the watermark a seq is stored; above max_seq it is not; only the gaps in
         # between need a look at the table. In the steady state nothing does.
-        maybe_stored = [key for key in stream if key[1] <= marks[key[0]][1]]
+        maybe_stored = [key for key in batch if key[2] <= marks[key[:2]][1]]
         if maybe_stored:
-            for station, seq, msg_id in conn.execute(
-                "SELECT m.station, m.seq, m.msg_id FROM json_each(?) AS j "
-                "JOIN messages m ON m.station = j.value ->> 0 AND m.seq = j.value ->> 1",
+            for station, stream, seq, msg_id in conn.execute(
+                "SELECT m.station, m.stream, m.seq, m.msg_id FROM json_each(?) AS j "
+                "JOIN messages m ON m.station = j.value ->> 0 AND m.stream = j.value ->> 1 "
+                "AND m.seq = j.value ->> 2",
                 (json.dumps(maybe_stored),),
             ):
-                first = stream.pop((station, seq))
+                first = batch.pop((station, stream, seq))
                 if str(first.msg_id) != msg_id:
                     log.warning(
-                        "station %s re-used seq %d: stored msg_id %s, dropped %s",
-                        station, seq, msg_id, first.msg_id,
+                        "station %s re-used seq %d of stream %r: stored msg_id %s, dropped %s",
+                        station, seq, stream, msg_id, first.msg_id,
                     )  # fmt: skip
         # At or below the watermark a seq was stored, even if it has since been pruned by age:
         # a late copy of it is a duplicate, never stored again.
-        for key in [key for key in stream if key[1] <= marks[key[0]][0]]:
-            del stream[key]
+        for key in [key for key in batch if key[2] <= marks[key[:2]][0]]:
+            del batch[key]
         rows = _Rows()
-        fresh: dict[str, set[int]] = {}
+        fresh: dict[tuple[str, str], set[int]] = {}
         # Ids are handed out here, under the write lock, so each kind's row shares its message's.
         row_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
-        for (station, seq), message in stream.items():
+        for (station, stream, seq), message in batch.items():
             row_id += 1
             rows.add(row_id, message)
-            fresh.setdefault(station, set()).add(seq)
+            fresh.setdefault((station, stream), set()).add(seq)
         conn.executemany(_INSERT_MESSAGE, rows.messages)
         for statement, params in (
             (_INSERT_DECISION, rows.decisions),
@@ -560,25 +603,31 @@ class SqliteFleetStore:
             if params:
                 conn.executemany(statement, params)
 
-        updates: list[tuple[str, int, int]] = []
-        for station, seqs in fresh.items():
-            watermark, max_seq = marks[station]
-            new_mark = self._advance(conn, station, watermark, max_seq, seqs)
-            updates.append((station, new_mark, max(max_seq, max(seqs))))
-            marks[station] = (new_mark, max(max_seq, max(seqs)))
+        updates: list[tuple[str, str, int, int]] = []
+        for name, seqs in fresh.items():
+            watermark, max_seq = marks[name]
+            new_mark = self._advance(conn, name, watermark, max_seq, seqs)
+            updates.append((*name, new_mark, max(max_seq, max(seqs))))
+            marks[name] = (new_mark, max(max_seq, max(seqs)))
         conn.executemany(
-            "INSERT INTO stations (station, watermark, max_seq) VALUES (?, ?, ?) "
-            "ON CONFLICT (station) DO UPDATE SET "
+            "INSERT INTO streams (station, stream, watermark, max_seq) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT (station, stream) DO UPDATE SET "
             "watermark = excluded.watermark, max_seq = excluded.max_seq",
             updates,
+        )
+        # A station is in the inventory from its first message, state or not.
+        conn.executemany(
+            "INSERT INTO stations (station) VALUES (?) ON CONFLICT (station) DO NOTHING",
+            [(station,) for station in {station for station, _ in fresh}],
         )
         return {name: marks[name][0] for name in names}
 
     @staticmethod
     def _advance(
-        conn: sqlite3.Connection, station: str, watermark: int, max_seq: int, fresh: set[int]
+        conn: sqlite3.Connection, name: tuple[str, str], watermark: int, max_seq: int,
+        fresh: set[int],
     ) -> int:
-        """The new watermark after `fresh` seqs were stored; O(seqs it moves past)."""
+        """The stream's new watermark after `fresh` seqs were stored; O(seqs it moves past)."""
         # Invariant: watermark + 1 is never stored, so only a fresh watermark + 1 moves it.
         mark = watermark
         while mark + 1 in fresh:
@@ -588,7 +637,8 @@ class SqliteFleetStore:
         # Seqs stored by earlier batches above the old gap may continue the run.
         if (
             conn.execute(
-                "SELECT 1 FROM messages WHERE station = ? AND seq = ?", (station, mark + 1)
+                "SELECT 1 FROM messages WHERE station = ? AND stream = ? AND seq = ?",
+                (*name, mark + 1),
             ).fetchone()
             is None
         ):
@@ -596,22 +646,23 @@ class SqliteFleetStore:
         # With mark + 1 stored, the first stored seq above mark whose successor is missing
         # ends the run: every seq between was stored, or that one would have been found first.
         end = conn.execute(
-            "SELECT m.seq FROM messages m WHERE m.station = ? AND m.seq > ? AND NOT EXISTS "
-            "(SELECT 1 FROM messages n WHERE n.station = m.station AND n.seq = m.seq + 1) "
-            "ORDER BY m.seq LIMIT 1",
-            (station, mark),
+            "SELECT m.seq FROM messages m WHERE m.station = ? AND m.stream = ? AND m.seq > ? "
+            "AND NOT EXISTS (SELECT 1 FROM messages n WHERE n.station = m.station "
+            "AND n.stream = m.stream AND n.seq = m.seq + 1) ORDER BY m.seq LIMIT 1",
+            (*name, mark),
         ).fetchone()
         return int(end[0])
 
     def prune(self, before: datetime, batch: int = 5000) -> int:
-        """Delete stored messages older than `before` that lie at or below their station's
+        """Delete stored messages older than `before` that lie at or below their stream's
         watermark (so every one of them was receipted), a batch per short transaction."""
         cutoff = _us(before)
         total = 0
         while True:
             with self._write() as conn:
                 ids = [row[0] for row in conn.execute(
-                    "SELECT m.id FROM messages m JOIN stations s ON s.station = m.station "
+                    "SELECT m.id FROM messages m JOIN streams s "
+                    "ON s.station = m.station AND s.stream = m.stream "
                     "WHERE m.ts_us < ? AND m.seq <= s.watermark LIMIT ?", (cutoff, batch),
                 )]
                 if not ids:
@@ -641,10 +692,13 @@ class SqliteFleetStore:
                 (report.station, (int(count) - 1) % METRICS_HISTORY, ts_us, payload),
             )
 
-    def contiguous(self, station: str) -> int:
+    def contiguous(self, station: str, stream: uuid.UUID | None = None) -> int:
         row = (
             self._conn()
-            .execute("SELECT watermark FROM stations WHERE station = ?", (station,))
+            .execute(
+                "SELECT watermark FROM streams WHERE station = ? AND stream = ?",
+                (station, _stream_text(stream)),
+            )
             .fetchone()
         )
         return -1 if row is None else int(row[0])
@@ -937,8 +991,8 @@ class SqliteFleetStore:
             return seq
 
 
-def _warn_reused(key: tuple[str, int], first: Envelope, other: Envelope) -> None:
+def _warn_reused(key: _MessageKey, first: Envelope, other: Envelope) -> None:
     log.warning(
-        "station %s re-used seq %d in one batch: kept msg_id %s, dropped %s",
-        key[0], key[1], first.msg_id, other.msg_id,
+        "station %s re-used seq %d of stream %r in one batch: kept msg_id %s, dropped %s",
+        key[0], key[2], key[1], first.msg_id, other.msg_id,
     )  # fmt: skip

@@ -1,9 +1,9 @@
 """The outbox relay: outbox rows to MQTT, the controller's receipts back into the outbox.
 
 The relay owns the station's delivery guarantee: it publishes every row from the oldest not yet
-receipted, deletes rows only when a Receipt covers their seq, and publishes everything not yet
-receipted again after a reconnect, or when receipts stop advancing for `resend_after_s` (a
-broker restart can drop the controller's session).
+receipted, deletes rows only when a Receipt for the store's seq stream covers their seq, and
+publishes everything not yet receipted again after a reconnect, or when receipts stop advancing
+for `resend_after_s` (a broker restart can drop the controller's session).
 
 By default it runs in its own process (`outbox.relay: process`), with its own MQTT connection
 and its own connection to the station's SQLite file: paho's per-message work (publish, PUBACK,
@@ -128,6 +128,14 @@ class OutboxRelay:
             return
         if receipt.station != self.station:
             log.warning("ignored a receipt addressed to %s", receipt.station)
+            return
+        if receipt.upto_stream != self.store.stream:
+            # For another store under this station id (this one's storage was replaced, and
+            # the broker kept receipts for the old one): its seqs are not this store's.
+            log.warning(
+                "ignored a receipt for seq stream %s up to %d: this store's stream is %s",
+                receipt.upto_stream, receipt.upto_seq, self.store.stream,
+            )  # fmt: skip
             return
         if receipt.upto_seq > self._receipted_upto:
             self._receipted_upto = receipt.upto_seq

@@ -5,8 +5,9 @@ Two processes share it: the agent (inspection, outbox, receipts, commands) and t
 of the agent, so everything the two exchange goes through here.
 
 The outbox is the reason this module exists: a message the agent must deliver is given its
-station `seq` and written to disk in one transaction, and leaves only when the controller's
-Receipt covers it. See docs/decisions/0003-outbox.md for the durability and bound policies.
+station `seq` and the store's seq `stream` and written to disk in one transaction, and leaves
+only when the controller's Receipt for that stream covers it. See docs/decisions/0003-outbox.md
+for the durability and bound policies, 0009-seq-streams.md for the stream.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import math
 import os
 import sqlite3
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -143,8 +145,15 @@ _SCHEMA_V1: tuple[str, ...] = (
     )""",
     "CREATE INDEX ui_requests_open ON ui_requests (id) WHERE taken_us IS NULL",
 )
+# The seq stream's id. A store that has never given out a seq gets a random one, so a station
+# whose storage was replaced is told apart from its old self; a store that already numbered
+# messages keeps none (NULL), and its messages go on without a stream, as they always did.
+_SCHEMA_V2: tuple[str, ...] = (
+    "ALTER TABLE outbox_meta ADD COLUMN stream TEXT",
+    "UPDATE outbox_meta SET stream = lower(hex(randomblob(16))) WHERE next_seq = 0",
+)
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1,)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
 
 
 class StoreError(Exception):
@@ -359,9 +368,10 @@ def _us(moment: datetime) -> int:
 
 
 def _outbox_message(
-    topic: str, qos: int, factory: Callable[[int], MessageT], seq: int
+    topic: str, qos: int, factory: Callable[[int], MessageT], seq: int, stream: uuid.UUID | None
 ) -> MessageT:
-    """The factory's message for `seq`, checked to be one that goes through the outbox."""
+    """The factory's message for `seq`, checked to be one that goes through the outbox, in
+    the store's seq `stream`."""
     if not topic:
         raise ValueError("topic: must not be empty")
     if qos not in (0, 1, 2):
@@ -372,6 +382,11 @@ def _outbox_message(
     channel = CHANNEL_OF.get(type(message))
     if channel is None or not DELIVERY[channel].durable:
         raise ValueError(f"factory: {type(message).__name__} does not go through the outbox")
+    if message.stream != stream:
+        if message.stream is not None:
+            raise ValueError(f"factory: built stream {message.stream}, expected {stream}")
+        # A field of the envelope, not of what the factory decided: no need to validate again.
+        message = message.model_copy(update={"stream": stream})
     return message
 
 
@@ -440,6 +455,10 @@ class StationStore:
             pragmas=("foreign_keys=ON",), error=StoreError,
         )
         self._db.migrate(_MIGRATIONS)
+        stream = self._conn().execute("SELECT stream FROM outbox_meta").fetchone()[0]
+        self.stream: uuid.UUID | None = None if stream is None else uuid.UUID(hex=stream)
+        """This store's seq stream, set on every outbox message; None for a store that was
+        numbering messages before streams existed."""
 
     # -- connections and transactions (linesight.sqlite_db) --
 
@@ -501,7 +520,7 @@ class StationStore:
             now_us = _now_us()
             for topic, qos, factory in items:
                 try:
-                    message = _outbox_message(topic, qos, factory, next_seq)
+                    message = _outbox_message(topic, qos, factory, next_seq, self.stream)
                 except (ValueError, TypeError) as exc:
                     results.append(exc)
                     continue
@@ -536,7 +555,7 @@ class StationStore:
     ) -> MessageT:
         """One message into the outbox inside the caller's transaction; never refused."""
         seq = int(conn.execute("SELECT next_seq FROM outbox_meta").fetchone()[0])
-        message = _outbox_message(topic, qos, factory, seq)
+        message = _outbox_message(topic, qos, factory, seq, self.stream)
         conn.execute(
             "INSERT INTO outbox (seq, msg_id, topic, payload, qos, created_us) "
             "VALUES (?, ?, ?, ?, ?, ?)",

@@ -1,8 +1,8 @@
 """The MQTT contract, v1: the one place where topic strings and payload schemas exist.
 
 Every message is JSON validated by a pydantic model below. Every message carries the envelope
-`schema`, `msg_id`, `station`, `seq` and `ts`. Parsing never raises anything but
-`ProtocolError`, which names the offending field.
+`schema`, `msg_id`, `station`, `seq` and `ts`; a station's messages also name their seq
+`stream`. Parsing never raises anything but `ProtocolError`, which names the offending field.
 """
 
 from __future__ import annotations
@@ -97,6 +97,12 @@ class VerdictOutcome(StrEnum):
     ESCALATE = "escalate"
 
 
+def _absent(value: object) -> bool:
+    """Optional fields added to v1 are left out of the JSON when unset, so a peer built before
+    them (which forbids unknown keys) still parses the message."""
+    return value is None
+
+
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -121,6 +127,13 @@ class Envelope(Strict):
         description="the station the message is from or about ('fleet' for fleet-wide messages)"
     )
     seq: int = Field(ge=0, description="per-sender sequence number; monotonic across restarts")
+    stream: uuid.UUID | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="the sender's seq stream: a station whose storage was replaced starts a "
+        "new stream at seq 0; absent (no key at all) from senders that keep no store or "
+        "started before streams existed",
+    )
     ts: AwareDatetime = Field(
         default_factory=lambda: datetime.now(UTC), description="when it was made (UTC)"
     )
@@ -360,6 +373,12 @@ class Receipt(Envelope):
 
     kind: ClassVar[str] = "receipt"
     upto_seq: int = Field(ge=-1, description="highest contiguous seq stored; -1 when none")
+    upto_stream: uuid.UUID | None = Field(
+        default=None,
+        exclude_if=_absent,
+        description="the station's seq stream that upto_seq counts in (absent: the station's "
+        "messages carried no stream); a station applies only receipts for its own stream",
+    )
 
 
 class StageStatus(Strict):

@@ -14,6 +14,7 @@ from linesight import protocol as p
 _TS = datetime(2026, 3, 2, 7, 30, 0, tzinfo=UTC)
 _ACTIVE = p.ModelRef(name="part-classifier", version="1.0.0", sha256="a" * 64)
 _CANDIDATE = p.ModelRef(name="part-classifier", version="2.0.0", sha256="b" * 64)
+_STREAM = uuid.UUID("5d8ed8dc-537a-4499-940a-bdbb53c7048f")
 
 
 def _id(n: int) -> uuid.UUID:
@@ -31,14 +32,16 @@ def examples() -> list[p.Envelope]:
     return [
         state,
         p.Decision(
-            msg_id=_id(2), station="press-01", seq=42, ts=_TS, part_id="syn-7-00000042",
+            msg_id=_id(2), station="press-01", seq=42, stream=_STREAM, ts=_TS,
+            part_id="syn-7-00000042",
             decided_by=p.DecidedBy.ACTIVE, label="defect", confidence=0.97,
             action=p.Action.REJECT, model=_ACTIVE, latency_ms=3.1,
             automation=p.AutomationLevel.PARTIAL, mode=p.DeploymentMode.SHADOW,
             suggestion="defect",
         ),
         p.ShadowResult(
-            msg_id=_id(3), station="press-01", seq=43, ts=_TS, part_id="syn-7-00000042",
+            msg_id=_id(3), station="press-01", seq=43, stream=_STREAM, ts=_TS,
+            part_id="syn-7-00000042",
             mode=p.DeploymentMode.SHADOW,
             active=p.ModelOpinion(model=_ACTIVE, label="defect", confidence=0.97, latency_ms=3.1),
             candidate=p.ModelOpinion(
@@ -47,7 +50,8 @@ def examples() -> list[p.Envelope]:
             agree=True,
         ),
         p.Verdict(
-            msg_id=_id(4), station="press-01", seq=44, ts=_TS, part_id="syn-7-00000043",
+            msg_id=_id(4), station="press-01", seq=44, stream=_STREAM, ts=_TS,
+            part_id="syn-7-00000043",
             operator="badge-1042", outcome=p.VerdictOutcome.REJECT, label="defect",
             review_reason=p.ReviewReason.LOW_CONFIDENCE, model_label="ok", decided_at=_TS,
         ),
@@ -70,10 +74,12 @@ def examples() -> list[p.Envelope]:
             signature="BASE64-ED25519-SIGNATURE-OF-THE-COMMAND",
         ),
         p.CommandAck(
-            msg_id=_id(7), station="press-01", seq=45, ts=_TS, cmd_id=_id(60),
+            msg_id=_id(7), station="press-01", seq=45, stream=_STREAM, ts=_TS, cmd_id=_id(60),
             command="deploy_candidate", ok=True,
         ),
-        p.Receipt(msg_id=_id(8), station="press-01", seq=8, ts=_TS, upto_seq=45),
+        p.Receipt(
+            msg_id=_id(8), station="press-01", seq=8, ts=_TS, upto_seq=45, upto_stream=_STREAM
+        ),
         p.RolloutStatus(
             msg_id=_id(9), station=p.CONTROLLER_ID, seq=9, ts=_TS, rollout_id="r-20260302-01",
             plan="shadow-first", candidate=_CANDIDATE, phase="running", stage=0,
@@ -108,8 +114,10 @@ _PURPOSE: dict[str, str] = {
     "`linesight.command_auth`): a station configured with the controller's public command key "
     "refuses, with an error ack, any command whose signature is missing or does not match.",
     "CommandAck": "The station's answer to a command: `ok`, or the error that stopped it.",
-    "Receipt": "From the controller: every message of this station up to `upto_seq` is "
-    "stored. Only then does the station delete those messages from its outbox.",
+    "Receipt": "From the controller: every message of this station's seq stream "
+    "`upto_stream` up to `upto_seq` is stored. Only then does the station delete those "
+    "messages from its outbox; a receipt for another stream (one that the broker kept for "
+    "this station id before its storage was replaced) deletes nothing.",
     "RolloutStatus": "The current (or last) rollout: phase, stage by stage, and why it "
     "ended. Retained on the fleet topic.",
 }
@@ -164,10 +172,16 @@ def render() -> str:
         "something is still on its way; state and metrics carry the latest such number "
         "without taking a new one |",
         "| `ts` | when the message was made, UTC, ISO 8601 |",
+        "| `stream` | decisions, shadow results, verdicts and acks: the station's seq stream, "
+        "a UUID made with the station's store. A station whose storage was replaced (a new "
+        "disk, a wiped `data_dir`) starts a new stream at `seq` 0 under the same station id. "
+        "Absent from stations whose store was numbering messages before this field existed; "
+        "absent also means absent, never `null`, so consumers built before the field still "
+        "parse the message |",
         "",
         "Delivery is at least once: after a reconnect a station publishes again what the "
         "controller has not yet receipted, with the same `msg_id` and `seq`. Store by "
-        "`(station, seq)` or by `msg_id` and duplicates collapse.",
+        "`(station, stream, seq)` or by `msg_id` and duplicates collapse.",
         "",
     ]
     for message in examples():

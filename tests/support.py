@@ -91,7 +91,8 @@ class Collector:
 
 class Receipter:
     """What the controller's ingest does for the outbox: store by (station, seq), answer with
-    the highest contiguous seq stored."""
+    the highest contiguous seq stored of the message's seq stream. (`stored` assumes one stream
+    per station; the controller's own tests cover several.)"""
 
     def __init__(
         self, url: str, prefix: str = p.DEFAULT_PREFIX, ca_file: Path | None = None
@@ -99,6 +100,7 @@ class Receipter:
         self.topics = p.Topics(prefix)
         self.stored: dict[str, dict[int, p.Envelope]] = {}
         self.deliveries: list[p.Envelope] = []  # every copy that arrived, duplicates included
+        self._streams: dict[tuple[str, uuid.UUID | None], set[int]] = {}
         self._lock = threading.Lock()
         self._seq = 0
         self.link = MqttLink(LinkConfig(
@@ -115,13 +117,16 @@ class Receipter:
         parsed = p.parse_station_message(where.channel, message.payload)
         with self._lock:
             self.deliveries.append(parsed)
-            stored = self.stored.setdefault(parsed.station, {})
-            stored.setdefault(parsed.seq, parsed)
+            self.stored.setdefault(parsed.station, {}).setdefault(parsed.seq, parsed)
+            seqs = self._streams.setdefault((parsed.station, parsed.stream), set())
+            seqs.add(parsed.seq)
             upto = -1
-            while upto + 1 in stored:
+            while upto + 1 in seqs:
                 upto += 1
             self._seq += 1
-            receipt = p.Receipt(station=parsed.station, seq=self._seq, upto_seq=upto)
+            receipt = p.Receipt(
+                station=parsed.station, seq=self._seq, upto_seq=upto, upto_stream=parsed.stream
+            )
         self.link.publish(
             self.topics.station(parsed.station, p.Channel.RECEIPT), receipt.to_json(), qos=1
         )

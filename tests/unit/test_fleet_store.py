@@ -14,9 +14,17 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from deploy.fleet_store import METRICS_HISTORY, FleetStore, FleetStoreError, SqliteFleetStore
+from deploy import fleet_store
+from deploy.fleet_store import (
+    METRICS_HISTORY,
+    FleetStore,
+    FleetStoreError,
+    SqliteFleetStore,
+    StreamKey,
+)
 from deploy.gates import PairedEvidence
 from linesight import protocol as p
+from linesight.sqlite_db import SqliteDatabase
 
 T0 = datetime(2025, 3, 4, 6, 0, tzinfo=UTC)
 ACTIVE = p.ModelRef(name="part-classifier", version="1.0.0", sha256="a" * 64)
@@ -38,10 +46,12 @@ def decision(
     action: p.Action = p.Action.PASS,
     label: str | None = "ok",
     msg_id: uuid.UUID | None = None,
+    stream: uuid.UUID | None = None,
 ) -> p.Decision:
     return p.Decision(
         station=station,
         seq=seq,
+        stream=stream,
         ts=at,
         msg_id=msg_id or uuid.uuid4(),
         part_id=f"{station}-part-{seq}",
@@ -119,12 +129,12 @@ def test_duplicates_collapse_and_the_first_copy_wins(
     store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     first = decision("st-1", 0, action=p.Action.PASS)
-    assert store.ingest([first, decision("st-1", 1)]) == {"st-1": 1}
+    assert store.ingest([first, decision("st-1", 1)]) == {StreamKey("st-1"): 1}
 
     redelivered = first.model_copy()
     reused = decision("st-1", 1, action=p.Action.REJECT)
     with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
-        assert store.ingest([redelivered, reused]) == {"st-1": 1}
+        assert store.ingest([redelivered, reused]) == {StreamKey("st-1"): 1}
 
     stored = store.decisions("st-1")
     assert [d.seq for d in stored] == [0, 1]
@@ -137,20 +147,75 @@ def test_duplicates_collapse_and_the_first_copy_wins(
 
 def test_a_duplicate_inside_one_batch_keeps_the_first(store: SqliteFleetStore) -> None:
     kept = decision("st-1", 0, action=p.Action.REJECT, label="defect")
-    assert store.ingest([kept, decision("st-1", 0), kept]) == {"st-1": 0}
+    assert store.ingest([kept, decision("st-1", 0), kept]) == {StreamKey("st-1"): 0}
     assert [d.msg_id for d in store.decisions()] == [kept.msg_id]
 
 
 def test_contiguity_waits_for_the_gap_then_jumps_over_stored_seqs(
     store: SqliteFleetStore,
 ) -> None:
-    assert store.ingest([decision("st-1", 1), decision("st-1", 2)]) == {"st-1": -1}
-    assert store.ingest([decision("st-2", 0), decision("st-1", 4)]) == {"st-1": -1, "st-2": 0}
-    assert store.ingest([decision("st-1", 0)]) == {"st-1": 2}
-    assert store.ingest([decision("st-1", 3)]) == {"st-1": 4}
+    assert store.ingest([decision("st-1", 1), decision("st-1", 2)]) == {StreamKey("st-1"): -1}
+    assert store.ingest([decision("st-2", 0), decision("st-1", 4)]) == {
+        StreamKey("st-1"): -1, StreamKey("st-2"): 0
+    }
+    assert store.ingest([decision("st-1", 0)]) == {StreamKey("st-1"): 2}
+    assert store.ingest([decision("st-1", 3)]) == {StreamKey("st-1"): 4}
     assert store.contiguous("st-1") == 4
     assert store.contiguous("st-2") == 0
     assert store.contiguous("st-unknown") == -1
+
+
+def test_each_seq_stream_of_a_station_is_stored_with_its_own_watermark(
+    store: SqliteFleetStore,
+) -> None:
+    """A station whose storage was replaced numbers from 0 again, in a new stream."""
+    old, new = uuid.uuid4(), uuid.uuid4()
+    unnamed = [decision("st-1", seq) for seq in range(3)]  # a store from before streams
+    before = [decision("st-1", seq, stream=old) for seq in range(5)]
+    after = [decision("st-1", seq, stream=new) for seq in range(2)]
+    assert store.ingest([*unnamed, *before]) == {
+        StreamKey("st-1"): 2, StreamKey("st-1", old): 4
+    }
+    assert store.ingest(after) == {StreamKey("st-1", new): 1}
+    assert (store.contiguous("st-1"), store.contiguous("st-1", old)) == (2, 4)
+    assert store.contiguous("st-1", new) == 1
+    assert len(store.decisions("st-1")) == 10, "seq 0 and 1 of the new stream are not copies"
+    # Within a stream, a copy still collapses onto the first.
+    assert store.ingest([after[1].model_copy(), before[4]]) == {
+        StreamKey("st-1", new): 1, StreamKey("st-1", old): 4
+    }
+    assert len(store.decisions("st-1")) == 10
+    assert [record.station for record in store.stations()] == ["st-1"]
+    # Pruning goes by each stream's own watermark.
+    gap = decision("st-1", 9, stream=new)  # above a gap: not receipted, so never pruned
+    store.ingest([gap])
+    assert store.prune(T0 + timedelta(days=1)) == 10
+    assert [(d.stream, d.seq) for d in store.decisions("st-1")] == [(new, 9)]
+
+
+def test_a_store_from_before_seq_streams_keeps_its_watermarks(tmp_path: Path) -> None:
+    """Schema 2 kept one watermark per station; schema 3 keeps it as the unnamed stream's."""
+    path = tmp_path / "fleet.db"
+    old = SqliteDatabase(path, synchronous="NORMAL", busy_timeout_s=5.0)
+    old.migrate(fleet_store._MIGRATIONS[:2])
+    with old.write() as conn:
+        conn.execute(
+            "INSERT INTO stations (station, watermark, max_seq, online) VALUES ('st-1', 4, 6, 1)"
+        )
+        conn.executemany(
+            "INSERT INTO messages (station, seq, kind, msg_id, ts_us, payload) "
+            "VALUES ('st-1', ?, 'decision', ?, 0, '{}')",
+            [(seq, str(uuid.uuid4())) for seq in (0, 1, 2, 3, 4, 6)],
+        )
+    old.close()
+    with SqliteFleetStore(path) as store:
+        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 3
+        assert store.contiguous("st-1") == 4
+        assert store.ingest([decision("st-1", 3)]) == {StreamKey("st-1"): 4}, "a copy"
+        assert store.ingest([decision("st-1", 5)]) == {StreamKey("st-1"): 6}
+        fresh = uuid.uuid4()  # its storage replaced after the upgrade
+        assert store.ingest([decision("st-1", 0, stream=fresh)]) == {StreamKey("st-1", fresh): 0}
+        assert [record.station for record in store.stations()] == ["st-1"]
 
 
 def test_metrics_and_state_are_not_part_of_the_seq_stream(store: SqliteFleetStore) -> None:
@@ -178,7 +243,7 @@ def test_any_arrival_order_reaches_the_full_prefix_and_never_overshoots(
             batch = arrival[start:end]
             if not batch:
                 continue
-            reported = fleet.ingest([decision("st-1", seq) for seq in batch])["st-1"]
+            reported = fleet.ingest([decision("st-1", seq) for seq in batch])[StreamKey("st-1")]
             arrived.update(batch)
             prefix = -1
             while prefix + 1 in arrived:
@@ -444,9 +509,9 @@ def test_retention_prunes_only_old_receipted_messages(store: SqliteFleetStore) -
     left = [d.seq for d in store.decisions("a")]
     assert left == [6, 7], "a message above a gap is kept until the gap is filled"
     # A late copy of a pruned message is a duplicate, not a new message.
-    assert store.ingest([decision("a", 2, at=old)]) == {"a": 4}
+    assert store.ingest([decision("a", 2, at=old)]) == {StreamKey("a"): 4}
     assert [d.seq for d in store.decisions("a")] == [6, 7]
     # The gap closes: contiguity still jumps over what was stored above it.
-    assert store.ingest([decision("a", 5, at=new)]) == {"a": 7}
+    assert store.ingest([decision("a", 5, at=new)]) == {StreamKey("a"): 7}
     assert store.prune(T0 - timedelta(days=30)) == 1  # seq 6, now receipted
     assert store.prune(T0 - timedelta(days=30)) == 0

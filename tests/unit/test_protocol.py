@@ -100,6 +100,24 @@ def test_command_bodies_are_a_tagged_union() -> None:
     assert caught.value.field.startswith("body")
 
 
+def test_a_seq_stream_is_sent_only_when_there_is_one() -> None:
+    """Peers built before `stream` and `upto_stream` refuse unknown keys: an unset one is left
+    out, not sent as null."""
+    receipt = p.Receipt(station="s1", seq=0, upto_seq=3)
+    assert "upto_stream" not in json.loads(receipt.to_json())
+    assert "stream" not in json.loads(receipt.to_json())
+    stream = uuid.uuid4()
+    named = p.Receipt(station="s1", seq=0, upto_seq=3, upto_stream=stream, stream=stream)
+    document = json.loads(named.to_json())
+    assert document["upto_stream"] == document["stream"] == str(stream)
+    assert p.parse(p.Receipt, named.to_json()) == named
+    document.update(stream=None, upto_stream=None)
+    assert p.parse(p.Receipt, json.dumps(document)).upto_stream is None
+    document["upto_stream"] = "not-a-uuid"
+    with pytest.raises(p.ProtocolError, match="upto_stream"):
+        p.parse(p.Receipt, json.dumps(document))
+
+
 def test_timestamps_are_normalised_to_utc() -> None:
     local = datetime(2026, 1, 1, 9, 0, tzinfo=timezone(timedelta(hours=2)))
     receipt = p.Receipt(station="s1", seq=0, ts=local, upto_seq=3)

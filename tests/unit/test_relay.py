@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -54,8 +55,10 @@ def relay_on(store: StationStore, link: FakeLink, batch: int = 2) -> OutboxRelay
     )
 
 
-def receipt(upto: int, station: str = STATION) -> ReceivedMessage:
-    body = p.Receipt(station=station, seq=1, upto_seq=upto)
+def receipt(
+    upto: int, stream: uuid.UUID | None, station: str = STATION
+) -> ReceivedMessage:
+    body = p.Receipt(station=station, seq=1, upto_seq=upto, upto_stream=stream)
     return ReceivedMessage(TOPICS.station(station, p.Channel.RECEIPT), body.to_json(), 1, False)
 
 
@@ -89,12 +92,24 @@ def test_a_receipt_deletes_up_to_its_seq_and_others_change_nothing(
         store, FakeLink(), station=STATION, topics=TOPICS,  # type: ignore[arg-type]
         publish_batch=2, resend_after_s=10.0, on_acknowledged=acknowledged.append,
     )
-    relay.on_receipt(receipt(2))
+    assert store.stream is not None, "a new store numbers its messages in a stream of its own"
+    relay.on_receipt(receipt(2, store.stream))
     assert store.outbox_depth() == 2 and acknowledged == [2]
-    relay.on_receipt(receipt(4, station="other-station"))
+    relay.on_receipt(receipt(4, store.stream, station="other-station"))
     relay.on_receipt(ReceivedMessage("x", b"{not json", 1, False))
-    relay.on_receipt(receipt(1))  # an old receipt again: nothing left to delete
+    relay.on_receipt(receipt(1, store.stream))  # an old receipt again: nothing left to delete
     assert store.outbox_depth() == 2 and acknowledged == [2]
+
+
+def test_a_receipt_for_another_seq_stream_deletes_nothing(store: StationStore) -> None:
+    """What the broker kept for this station id before its storage was replaced (a stream of
+    its own, or none at all) counts seqs that are not this store's."""
+    relay = relay_on(store, FakeLink())
+    relay.on_receipt(receipt(4, uuid.uuid4()))
+    relay.on_receipt(receipt(4, None))
+    assert store.outbox_depth() == 5
+    relay.on_receipt(receipt(4, store.stream))
+    assert store.outbox_depth() == 0
 
 
 def test_the_relay_has_its_own_client_id_within_mqtts_limit() -> None:

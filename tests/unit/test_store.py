@@ -7,6 +7,7 @@ import os
 import sqlite3
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,6 +26,7 @@ from edge_agent.store import (
     image_name_for,
 )
 from linesight import protocol as p
+from linesight.sqlite_db import SqliteDatabase
 
 STATION = "st-1"
 T0 = datetime(2025, 3, 4, 6, 0, tzinfo=UTC)
@@ -119,6 +121,43 @@ def test_seq_starts_at_zero_and_continues_across_reopen(tmp_data_dir: Path) -> N
     with StationStore(tmp_data_dir) as store:
         assert store.last_seq() == 2
         assert store.enqueue(DECISION_TOPIC, 1, decision("p3")).seq == 3
+
+
+def test_every_outbox_message_names_the_store_s_seq_stream(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as store:
+        stream = store.stream
+        assert stream is not None
+        sent = store.enqueue(DECISION_TOPIC, 1, decision("p0"))
+        assert sent.stream == stream
+        assert p.parse(p.Decision, store.pending()[0].payload).stream == stream
+        with pytest.raises(ValueError, match="stream"):
+            store.enqueue(DECISION_TOPIC, 1, lambda seq: decision("p1")(seq).model_copy(
+                update={"stream": uuid.uuid4()}
+            ))
+    with StationStore(tmp_data_dir) as store:
+        assert store.stream == stream, "the stream is the store's: it survives a restart"
+    with StationStore(tmp_data_dir.parent / "new-disk") as store:
+        assert store.stream not in (None, stream), "a new store starts a stream of its own"
+
+
+def test_a_store_that_numbered_messages_before_streams_keeps_none(tmp_data_dir: Path) -> None:
+    """Its seq continues the stream the controller knows (the unnamed one); a store from
+    then that never numbered anything gets a stream of its own."""
+    for name, messages in (("numbered", 3), ("unused", 0)):
+        old = SqliteDatabase(tmp_data_dir / name / DB_FILE, synchronous="FULL",
+                             busy_timeout_s=5.0)  # fmt: skip
+        (tmp_data_dir / name).mkdir(parents=True)
+        old.migrate(store_module._MIGRATIONS[:1])
+        with old.write() as conn:
+            conn.execute("UPDATE outbox_meta SET next_seq = ?", (messages,))
+        old.close()
+    with StationStore(tmp_data_dir / "numbered") as store:
+        assert store.stream is None
+        sent = store.enqueue(DECISION_TOPIC, 1, decision("p3"))
+        assert (sent.seq, sent.stream) == (3, None)
+        assert b'"stream"' not in store.pending()[0].payload, "as before: no key at all"
+    with StationStore(tmp_data_dir / "unused") as store:
+        assert store.stream is not None
 
 
 def test_enqueue_pending_acknowledge(store: StationStore) -> None:
@@ -563,7 +602,7 @@ def test_arguments_are_validated_by_name(store: StationStore) -> None:
 
 def test_schema_version_and_newer_schema_refused(tmp_data_dir: Path) -> None:
     with StationStore(tmp_data_dir) as store:
-        assert store.schema_version() == 1
+        assert store.schema_version() == 2
     raw = sqlite3.connect(tmp_data_dir / DB_FILE)
     raw.execute("PRAGMA user_version=99")
     raw.close()
