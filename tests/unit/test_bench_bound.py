@@ -12,8 +12,8 @@ pytestmark = pytest.mark.unit
 def shadow_run(parts: float, pairs: float, cores: dict[str, float]) -> PipelineRun:
     return PipelineRun(
         pairs_per_s=pairs, parts_per_s=parts, skipped_per_s=parts - pairs, active_p50_ms=0.2,
-        active_p99_ms=3.0, outbox_depth_at_end=0, owed_after_shutdown=0, delivered=0,
-        cores=cores,
+        active_p99_ms=3.0, active_p999_ms=6.0, outbox_depth_at_end=0, owed_after_shutdown=0,
+        delivered=0, cores=cores,
     )
 
 
