@@ -103,13 +103,20 @@ class Line:
     def stop(self) -> None:
         for operator in self.operators:
             operator.stop()
-        order = [n for n in self.processes if n.startswith("agent")] + \
-                [n for n in self.processes if not n.startswith("agent")]
-        for name in order:
+        # The stations first, while the controller is there to receipt what they deliver on
+        # their way out (their outboxes end empty); then the controller and the screens.
+        agents = [name for name in self.processes if name.startswith("agent")]
+        self._stop_together(agents)
+        self._stop_together([name for name in self.processes if name not in agents])
+        if self.broker is not None:
+            self.broker.stop()
+
+    def _stop_together(self, names: list[str]) -> None:
+        for name in names:
             process = self.processes[name]
             if process.poll() is None:
                 process.send_signal(signal.SIGTERM)
-        for name in order:
+        for name in names:
             process = self.processes[name]
             try:
                 process.wait(timeout=20)
@@ -117,8 +124,6 @@ class Line:
                 print(f"  {name} did not stop in time; killing it", flush=True)
                 process.kill()
                 process.wait(timeout=5)
-        if self.broker is not None:
-            self.broker.stop()
 
 
 def _create_operators(data_dir: Path) -> None:
