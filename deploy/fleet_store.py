@@ -565,6 +565,8 @@ class SqliteFleetStore:
             (json.dumps(names),),
         ):
             marks[(station, stream)] = (watermark, max_seq)
+        for station, stream in (name for name in names if marks[name] == (-1, -1)):
+            _note_new_stream(conn, station, stream)
         # At or below the watermark a seq is stored; above max_seq it is not; only the gaps in
         # between need a look at the table. In the steady state nothing does.
         maybe_stored = [key for key in batch if key[2] <= marks[key[:2]][1]]
@@ -989,6 +991,19 @@ class SqliteFleetStore:
             seq = self._seq_next
             self._seq_next += 1
             return seq
+
+
+def _note_new_stream(conn: sqlite3.Connection, station: str, stream: str) -> None:
+    """A station's first stream is its start; a later one means its storage was replaced."""
+    earlier = conn.execute(
+        "SELECT count(*) FROM streams WHERE station = ? AND stream != ?", (station, stream)
+    ).fetchone()[0]
+    if earlier:
+        log.warning(
+            "station %s started a new seq stream %r beside %d earlier: its storage was replaced "
+            "(a new disk or an emptied data_dir); its earlier messages are kept",
+            station, stream, earlier,
+        )  # fmt: skip
 
 
 def _warn_reused(key: _MessageKey, first: Envelope, other: Envelope) -> None:

@@ -166,7 +166,7 @@ def test_contiguity_waits_for_the_gap_then_jumps_over_stored_seqs(
 
 
 def test_each_seq_stream_of_a_station_is_stored_with_its_own_watermark(
-    store: SqliteFleetStore,
+    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
 ) -> None:
     """A station whose storage was replaced numbers from 0 again, in a new stream."""
     old, new = uuid.uuid4(), uuid.uuid4()
@@ -176,14 +176,19 @@ def test_each_seq_stream_of_a_station_is_stored_with_its_own_watermark(
     assert store.ingest([*unnamed, *before]) == {
         StreamKey("st-1"): 2, StreamKey("st-1", old): 4
     }
-    assert store.ingest(after) == {StreamKey("st-1", new): 1}
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        assert store.ingest(after) == {StreamKey("st-1", new): 1}
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 1 and f"started a new seq stream '{new}' beside 2 earlier" in said[0]
     assert (store.contiguous("st-1"), store.contiguous("st-1", old)) == (2, 4)
     assert store.contiguous("st-1", new) == 1
     assert len(store.decisions("st-1")) == 10, "seq 0 and 1 of the new stream are not copies"
     # Within a stream, a copy still collapses onto the first.
-    assert store.ingest([after[1].model_copy(), before[4]]) == {
-        StreamKey("st-1", new): 1, StreamKey("st-1", old): 4
-    }
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        assert store.ingest([after[1].model_copy(), before[4]]) == {
+            StreamKey("st-1", new): 1, StreamKey("st-1", old): 4
+        }
+    assert len(caplog.records) == 1, "a new stream is said once, not with every batch"
     assert len(store.decisions("st-1")) == 10
     assert [record.station for record in store.stations()] == ["st-1"]
     # Pruning goes by each stream's own watermark.
