@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 
+from edge_agent import store as store_module
 from edge_agent.relay import OutboxRelay, RelaySpec, Restarts, relay_link_config
-from edge_agent.store import StationStore
+from edge_agent.store import DB_FILE, StationStore
 from linesight import protocol as p
 from linesight.mqtt import LinkConfig, ReceivedMessage
+from linesight.sqlite_db import SqliteDatabase
 from tests.unit.test_store import STATION, decision
 
 pytestmark = pytest.mark.unit
@@ -110,6 +112,24 @@ def test_a_receipt_for_another_seq_stream_deletes_nothing(store: StationStore) -
     assert store.outbox_depth() == 5
     relay.on_receipt(receipt(4, store.stream))
     assert store.outbox_depth() == 0
+
+
+def test_a_store_from_before_streams_takes_receipts_that_name_none(tmp_path: Path) -> None:
+    """A station upgraded with its outbox full goes on in the controller's unnamed stream."""
+    old = SqliteDatabase(tmp_path / DB_FILE, synchronous="FULL", busy_timeout_s=5.0)
+    old.migrate(store_module._MIGRATIONS[:1])  # schema 1: no streams yet
+    with old.write() as conn:
+        conn.execute("UPDATE outbox_meta SET next_seq = 7")
+    old.close()
+    with StationStore(tmp_path) as store:
+        assert store.stream is None
+        for n in range(3):
+            store.enqueue(TOPICS.station(STATION, p.Channel.DECISION), 1, decision(f"p{n}"))
+        relay = relay_on(store, FakeLink())
+        relay.on_receipt(receipt(8, uuid.uuid4()))
+        assert store.outbox_depth() == 3
+        relay.on_receipt(receipt(8, None))
+        assert [row.seq for row in store.pending()] == [9]
 
 
 def test_the_relay_has_its_own_client_id_within_mqtts_limit() -> None:
