@@ -14,20 +14,47 @@ from pathlib import Path
 from edge_agent.agent import Agent
 from edge_agent.store import StationStore
 from linesight import protocol as p
-from linesight.broker import Broker
+from linesight.broker import Broker, free_port
+from linesight.mqtt import LinkConfig, MqttLink
 from tests.support import served_controller, station_config
 
 STATION = "press-09"
 
 
-def inspect(data: Path, broker_url: str, parts: int) -> uuid.UUID:
+def inspect(data: Path, broker_url: str, parts: int, seed: int = 11) -> uuid.UUID:
     """Run the station for `parts` parts against the controller; its stream, once delivered."""
-    config = station_config(data, broker_url, station=STATION, max_parts=parts)
+    config = station_config(
+        data, broker_url, station=STATION, max_parts=parts, source=f"synthetic:seed={seed}"
+    )
     assert Agent(config).run() == 0
     with StationStore(data) as store:
         assert store.outbox_depth() == 0, "every message was receipted"
         assert store.stream is not None
         return store.stream
+
+
+def inspect_offline(data: Path, parts: int) -> None:
+    """The station inspects with its broker unreachable: everything stays in its outbox."""
+    config = station_config(
+        data, f"mqtt://127.0.0.1:{free_port()}", station=STATION, max_parts=parts,
+        outbox__receipt_wait_s=0.2,
+    )
+    assert Agent(config).run() == 0
+    with StationStore(data) as store:
+        assert store.outbox_depth() >= parts
+
+
+def stale_receipts(broker_url: str, streams: list[uuid.UUID | None]) -> None:
+    link = MqttLink(LinkConfig(url=broker_url, client_id="stale-controller"))
+    link.start()
+    try:
+        assert link.wait_connected(10)
+        topic = p.Topics().station(STATION, p.Channel.RECEIPT)
+        for stream in streams:
+            receipt = p.Receipt(station=STATION, seq=1, upto_seq=10_000, upto_stream=stream)
+            assert link.publish(topic, receipt.to_json(), qos=1).wait(10)
+    finally:
+        link.stop()
 
 
 def test_a_station_whose_storage_was_replaced_loses_nothing(
@@ -37,12 +64,19 @@ def test_a_station_whose_storage_was_replaced_loses_nothing(
     with served_controller(tmp_path, broker.url) as (controller, _):
         first = inspect(data, broker.url, 20)
         shutil.rmtree(data)  # a new disk: the station starts again at seq 0
-        second = inspect(data, broker.url, 15)
+        # Receipts the broker keeps for the station's outbox session meanwhile (the old disk's
+        # stream's, and one naming none, as a controller from before streams sent). They
+        # arrive on the first connect, while the new disk's outbox holds more than one publish
+        # batch: applied, they would delete what was not yet sent (without the relay's check
+        # of the stream, 205 of these 405 decisions were lost).
+        stale_receipts(broker.url, [first, None])
+        inspect_offline(data, 400)  # the new disk's first parts wait in its outbox
+        second = inspect(data, broker.url, 5, seed=12)
         assert second != first
 
         decisions = controller.store.decisions(station=STATION)
-        assert len(decisions) == 35, "the new disk's decisions were not taken for copies"
-        for stream, parts in ((first, 20), (second, 15)):
+        assert len(decisions) == 425, "every decision of both disks reached the controller"
+        for stream, parts in ((first, 20), (second, 405)):
             ours = [d for d in decisions if d.stream == stream]
             assert len(ours) == parts
             assert [d.seq for d in ours] == sorted(d.seq for d in ours)
