@@ -174,6 +174,7 @@ class Controller:
         Receipts for them may be sent only after this returns (the batch is committed)."""
         durable: list[p.Envelope] = []
         acks: list[p.CommandAck] = []
+        receipted: dict[StreamKey, int] = {}  # what stations say was receipted before
         now = datetime.now(UTC)
         for message in batch:
             self.counters.received += 1
@@ -189,6 +190,8 @@ class Controller:
                 continue
             if isinstance(parsed, p.StationState):
                 self.store.record_state(parsed, now)
+                if parsed.receipted_upto is not None:
+                    receipted[StreamKey(parsed.station, parsed.stream)] = parsed.receipted_upto
                 continue
             durable.append(parsed)  # metrics too: the store keeps them beside the seq stream
             if isinstance(parsed, p.CommandAck):
@@ -198,6 +201,10 @@ class Controller:
             upto = self.store.ingest(durable)
             self.counters.stored += len(durable)
             self.counters.batches += 1
+        for key, receipted_upto in receipted.items():
+            moved = self.store.resume(key, receipted_upto)
+            if moved is not None:
+                upto[key] = max(upto.get(key, -1), moved)
         for ack in acks:
             self.apply(CommandAcked(str(ack.cmd_id), ack.ok, ack.error), quiet=True)
         return upto

@@ -266,6 +266,11 @@ class FleetStore(Protocol):
 
     def contiguous(self, station: str, stream: uuid.UUID | None = None) -> int: ...
 
+    def resume(self, key: StreamKey, receipted_upto: int) -> int | None:
+        """Raise the stream's watermark to what the station says was receipted; the new
+        watermark if it moved, else None."""
+        ...
+
     def record_state(self, state: StationState, received_at: datetime) -> None: ...
 
     def stations(self) -> list[StationRecord]: ...
@@ -634,7 +639,14 @@ class SqliteFleetStore:
         mark = watermark
         while mark + 1 in fresh:
             mark += 1
-        if mark == watermark or max_seq <= mark:
+        if mark == watermark:
+            return mark
+        return SqliteFleetStore._run_from(conn, name, mark, max_seq)
+
+    @staticmethod
+    def _run_from(conn: sqlite3.Connection, name: tuple[str, str], mark: int, max_seq: int) -> int:
+        """The end of the run of stored seqs that continues from `mark` (itself covered)."""
+        if max_seq <= mark:
             return mark
         # Seqs stored by earlier batches above the old gap may continue the run.
         if (
@@ -654,6 +666,42 @@ class SqliteFleetStore:
             (*name, mark),
         ).fetchone()
         return int(end[0])
+
+    def resume(self, key: StreamKey, receipted_upto: int) -> int | None:
+        """Raise the stream's watermark to `receipted_upto`, what the station says a controller
+        receipted and it deleted: those messages will never come again, so waiting for them
+        would stop the stream's receipts for good. That happens only when this store lost
+        messages it had receipted (restored from a backup, or replaced). Returns the new
+        watermark when it moved (past later seqs already stored, too), else None."""
+        # Every state a station publishes says this; it is news only after a loss, so the
+        # common case is one read, without the write lock.
+        if receipted_upto < 0 or receipted_upto <= self.contiguous(*key):
+            return None
+        name = (key.station, _stream_text(key.stream))
+        with self._write() as conn:
+            row = conn.execute(
+                "SELECT watermark, max_seq FROM streams WHERE station = ? AND stream = ?", name
+            ).fetchone()
+            watermark, max_seq = (-1, -1) if row is None else (int(row[0]), int(row[1]))
+            if receipted_upto <= watermark:
+                return None
+            mark = self._run_from(conn, name, receipted_upto, max_seq)
+            conn.execute(
+                "INSERT INTO streams (station, stream, watermark, max_seq) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT (station, stream) DO UPDATE SET "
+                "watermark = excluded.watermark, max_seq = excluded.max_seq",
+                (*name, mark, max(max_seq, mark)),
+            )
+            conn.execute(
+                "INSERT INTO stations (station) VALUES (?) ON CONFLICT (station) DO NOTHING",
+                (key.station,),
+            )
+        log.warning(
+            "station %s, seq stream %r: seqs %d to %d were receipted earlier but are not in "
+            "this store (was it restored or replaced?); the stream continues from %d",
+            key.station, name[1], watermark + 1, receipted_upto, mark,
+        )  # fmt: skip
+        return mark
 
     def prune(self, before: datetime, batch: int = 5000) -> int:
         """Delete stored messages older than `before` that lie at or below their stream's

@@ -287,6 +287,7 @@ class Agent:
         return p.StationState(
             station=self.station,
             seq=max(self.store.last_seq(), 0),
+            stream=self.store.stream,
             online=online,
             active=slots.active.ref,
             candidate=slots.candidate.ref if slots.candidate else None,
@@ -297,6 +298,7 @@ class Agent:
             serving=slots.serving,
             faults=faults,
             outbox_depth=self.store.outbox_depth(),
+            receipted_upto=self.store.receipted_upto() if self.store.stream else None,
             review_queue_depth=self.store.review_count(),
             drift=self.drift.last,
             parts_inspected=self.parts_inspected,

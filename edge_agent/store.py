@@ -595,6 +595,15 @@ class StationStore:
                 conn.execute("UPDATE outbox_meta SET outbox_rows = outbox_rows - ?", (count,))
                 deleted += count
 
+    def receipted_upto(self) -> int:
+        """The highest seq deleted on a receipt: every seq at or below it was receipted (rows
+        leave the outbox only so, oldest first, and a refused message spends no seq)."""
+        with self._snapshot() as conn:
+            oldest = conn.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]
+            if oldest is not None:
+                return int(oldest) - 1
+            return int(conn.execute("SELECT next_seq FROM outbox_meta").fetchone()[0]) - 1
+
     def outbox_depth(self) -> int:
         return int(self._conn().execute("SELECT outbox_rows FROM outbox_meta").fetchone()[0])
 

@@ -189,6 +189,14 @@ class StationState(Envelope):
     )
     faults: list[Fault] = Field(default_factory=list)
     outbox_depth: int = Field(default=0, ge=0)
+    receipted_upto: int | None = Field(
+        default=None,
+        ge=-1,
+        exclude_if=_absent,
+        description="the highest seq of this station's seq stream (`stream`) that a controller "
+        "receipted and the outbox deleted: nothing at or below it will be sent again; a "
+        "controller whose store lost those messages continues the stream's watermark from here",
+    )
     review_queue_depth: int = Field(default=0, ge=0)
     unconfirmed_dropped: int = Field(
         default=0, ge=0, description="review images that the disk quota forced out unconfirmed"

@@ -24,9 +24,10 @@ def _id(n: int) -> uuid.UUID:
 def examples() -> list[p.Envelope]:
     """One realistic example per message type, in the order the page presents them."""
     state = p.StationState(
-        msg_id=_id(1), station="press-01", seq=41, ts=_TS, online=True, active=_ACTIVE,
-        candidate=_CANDIDATE, mode=p.DeploymentMode.SHADOW,
-        automation=p.AutomationLevel.PARTIAL, outbox_depth=3, review_queue_depth=2,
+        msg_id=_id(1), station="press-01", seq=41, stream=_STREAM, ts=_TS, online=True,
+        active=_ACTIVE, candidate=_CANDIDATE, mode=p.DeploymentMode.SHADOW,
+        automation=p.AutomationLevel.PARTIAL, outbox_depth=3, receipted_upto=38,
+        review_queue_depth=2,
         parts_inspected=1200, labels={"line": "A"}, agent_version="0.1.0",
     )
     return [
@@ -97,7 +98,11 @@ def examples() -> list[p.Envelope]:
 _PURPOSE: dict[str, str] = {
     "StationState": "The station's current state: models, mode, automation level, faults and "
     "queues. Retained, so a new subscriber sees it at once; the broker publishes the same "
-    "message with `online: false` as the station's Last Will when its connection drops.",
+    "message with `online: false` as the station's Last Will when its connection drops. "
+    "`receipted_upto` (with the seq `stream` it counts in) is the highest seq the station "
+    "deleted on a receipt: a controller that lost messages it had receipted (its store "
+    "restored from a backup, or replaced) continues the stream's watermark from there instead "
+    "of waiting for them for ever.",
     "Decision": "One per inspected part: what the station did with it (`pass`, `reject` or "
     "`review`), who decided, and with which model. This is the message to feed a MES.",
     "ShadowResult": "One per part that both the active and the candidate model judged: both "

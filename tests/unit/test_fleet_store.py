@@ -198,6 +198,30 @@ def test_each_seq_stream_of_a_station_is_stored_with_its_own_watermark(
     assert [(d.stream, d.seq) for d in store.decisions("st-1")] == [(new, 9)]
 
 
+def test_a_stream_resumes_from_what_the_station_says_was_receipted(
+    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A store that lost messages it had receipted (a restore, a new disk) would wait for them
+    for ever: the station never sends them again."""
+    kept, lost = uuid.uuid4(), uuid.uuid4()
+    store.ingest([decision("st-1", seq, stream=kept) for seq in range(5)])
+    assert store.resume(StreamKey("st-1", kept), 3) is None, "below the watermark: no news"
+    assert store.resume(StreamKey("st-1", kept), -1) is None
+    # After the loss this store holds only what came since: 10, 11 and 13.
+    arrived = [decision("st-1", seq, stream=lost) for seq in (10, 11, 13)]
+    assert store.ingest(arrived) == {StreamKey("st-1", lost): -1}
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        assert store.resume(StreamKey("st-1", lost), 9) == 11, "and on over 10 and 11"
+    assert "seqs 0 to 9 were receipted earlier but are not in this store" in caplog.text
+    assert store.contiguous("st-1", lost) == 11
+    assert store.resume(StreamKey("st-1", lost), 9) is None
+    assert store.ingest([decision("st-1", 12, stream=lost)]) == {StreamKey("st-1", lost): 13}
+    # A stream this store never heard of starts where the station says.
+    assert store.resume(StreamKey("st-2", lost), 40) == 40
+    assert store.ingest([decision("st-2", 41, stream=lost)]) == {StreamKey("st-2", lost): 41}
+    assert {record.station for record in store.stations()} == {"st-1", "st-2"}
+
+
 def test_a_store_from_before_seq_streams_keeps_its_watermarks(tmp_path: Path) -> None:
     """Schema 2 kept one watermark per station; schema 3 keeps it as the unnamed stream's."""
     path = tmp_path / "fleet.db"

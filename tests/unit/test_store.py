@@ -160,6 +160,17 @@ def test_a_store_that_numbered_messages_before_streams_keeps_none(tmp_data_dir: 
         assert store.stream is not None
 
 
+def test_receipted_upto_is_the_highest_seq_a_receipt_deleted(store: StationStore) -> None:
+    assert store.receipted_upto() == -1
+    for n in range(4):
+        store.enqueue(DECISION_TOPIC, 1, decision(f"p{n}"))
+    assert store.receipted_upto() == -1, "sent is not receipted"
+    store.acknowledge(1)
+    assert store.receipted_upto() == 1
+    store.acknowledge(3)
+    assert store.receipted_upto() == 3, "an empty outbox: everything numbered was receipted"
+
+
 def test_enqueue_pending_acknowledge(store: StationStore) -> None:
     sent = [store.enqueue(DECISION_TOPIC, 1, decision(f"p{i}")) for i in range(5)]
     rows = store.pending()

@@ -1,8 +1,10 @@
-"""A station whose storage is replaced under the same station id: nothing it sends is lost.
+"""Storage lost on either side of the outbox, and nothing the stations send after it is lost.
 
-A wiped `data_dir` starts the station's seq again at 0. Its store numbers messages in a new seq
+A station's wiped `data_dir` starts its seq again at 0: its store numbers messages in a new seq
 stream, so the controller stores them beside the old ones instead of taking them for copies,
-and receipts them per stream.
+and receipts them per stream. A controller whose store lost what it had receipted continues
+each stream from the `receipted_upto` that the station's state reports, instead of waiting for
+seqs that will never come again.
 """
 
 from __future__ import annotations
@@ -85,3 +87,19 @@ def test_a_station_whose_storage_was_replaced_loses_nothing(
         assert controller.store.contiguous(STATION) == -1, "no message came without a stream"
         assert {record.station for record in controller.store.stations()} == {STATION}
         assert all(isinstance(d, p.Decision) for d in decisions)
+
+
+def test_a_controller_whose_store_was_lost_receipts_what_comes_next(
+    tmp_path: Path, broker: Broker
+) -> None:
+    data = tmp_path / STATION
+    with served_controller(tmp_path / "before", broker.url) as (before, _):
+        stream = inspect(data, broker.url, 20)
+        assert before.store.contiguous(STATION, stream) >= 19
+    # A new fleet store (a replaced disk, or a restore from an older backup): without the
+    # station's receipted_upto it would wait for seq 0 for ever and receipt nothing.
+    with served_controller(tmp_path / "after", broker.url) as (after, _):
+        assert inspect(data, broker.url, 10, seed=12) == stream  # the outbox ends empty
+        decisions = after.store.decisions(station=STATION)
+        assert len(decisions) == 10 and {d.stream for d in decisions} == {stream}
+        assert after.store.contiguous(STATION, stream) >= max(d.seq for d in decisions)
