@@ -1,8 +1,9 @@
 """The MQTT contract, v1: the one place where topic strings and payload schemas exist.
 
 Every message is JSON validated by a pydantic model below. Every message carries the envelope
-`schema`, `msg_id`, `station`, `seq` and `ts`; a station's messages also name their seq
-`stream`. Parsing never raises anything but `ProtocolError`, which names the offending field.
+`schema`, `msg_id`, `station`, `seq` and `ts`; a station's durable messages and state also
+name its seq `stream`. Parsing never raises anything but `ProtocolError`, which names the
+offending field.
 """
 
 from __future__ import annotations

@@ -177,12 +177,12 @@ def render() -> str:
         "something is still on its way; state and metrics carry the latest such number "
         "without taking a new one |",
         "| `ts` | when the message was made, UTC, ISO 8601 |",
-        "| `stream` | decisions, shadow results, verdicts and acks: the station's seq stream, "
-        "a UUID made with the station's store. A station whose storage was replaced (a new "
-        "disk, a wiped `data_dir`) starts a new stream at `seq` 0 under the same station id. "
-        "Absent from stations whose store was numbering messages before this field existed; "
-        "absent also means absent, never `null`, so consumers built before the field still "
-        "parse the message |",
+        "| `stream` | decisions, shadow results, verdicts, acks and the station's state: the "
+        "station's seq stream, a UUID made with the station's store. A station whose storage "
+        "was replaced (a new disk, a wiped `data_dir`) starts a new stream at `seq` 0 under "
+        "the same station id. Absent from stations whose store was numbering messages before "
+        "this field existed; absent means no key at all, never `null`, so consumers built "
+        "before the field still parse the message |",
         "",
         "Delivery is at least once: after a reconnect a station publishes again what the "
         "controller has not yet receipted, with the same `msg_id` and `seq`. Store by "
