@@ -370,6 +370,13 @@ _INSERT_ACK = (
     "INSERT INTO acks (id, station, seq, cmd_id, ts_us, command, ok, error) "
     "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
+_SET_STREAM_MARKS = (
+    "INSERT INTO streams (station, stream, watermark, max_seq) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (station, stream) DO UPDATE SET "
+    "watermark = excluded.watermark, max_seq = excluded.max_seq"
+)
+# A station is in the inventory from its first message, state or not.
+_ADD_STATION = "INSERT INTO stations (station) VALUES (?) ON CONFLICT (station) DO NOTHING"
 _STREAM_KINDS: dict[type[Envelope], str] = {
     Decision: "decision",
     ShadowResult: "shadow",
@@ -616,17 +623,8 @@ class SqliteFleetStore:
             new_mark = self._advance(conn, name, watermark, max_seq, seqs)
             updates.append((*name, new_mark, max(max_seq, max(seqs))))
             marks[name] = (new_mark, max(max_seq, max(seqs)))
-        conn.executemany(
-            "INSERT INTO streams (station, stream, watermark, max_seq) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (station, stream) DO UPDATE SET "
-            "watermark = excluded.watermark, max_seq = excluded.max_seq",
-            updates,
-        )
-        # A station is in the inventory from its first message, state or not.
-        conn.executemany(
-            "INSERT INTO stations (station) VALUES (?) ON CONFLICT (station) DO NOTHING",
-            [(station,) for station in {station for station, _ in fresh}],
-        )
+        conn.executemany(_SET_STREAM_MARKS, updates)
+        conn.executemany(_ADD_STATION, [(station,) for station in {s for s, _ in fresh}])
         return {name: marks[name][0] for name in names}
 
     @staticmethod
@@ -686,16 +684,8 @@ class SqliteFleetStore:
             if receipted_upto <= watermark:
                 return None
             mark = self._run_from(conn, name, receipted_upto, max_seq)
-            conn.execute(
-                "INSERT INTO streams (station, stream, watermark, max_seq) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT (station, stream) DO UPDATE SET "
-                "watermark = excluded.watermark, max_seq = excluded.max_seq",
-                (*name, mark, max(max_seq, mark)),
-            )
-            conn.execute(
-                "INSERT INTO stations (station) VALUES (?) ON CONFLICT (station) DO NOTHING",
-                (key.station,),
-            )
+            conn.execute(_SET_STREAM_MARKS, (*name, mark, max(max_seq, mark)))
+            conn.execute(_ADD_STATION, (key.station,))
         log.warning(
             "station %s, seq stream %r: seqs %d to %d were receipted earlier but are not in "
             "this store (was it restored or replaced?); the stream continues from %d",
