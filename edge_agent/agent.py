@@ -61,9 +61,11 @@ from edge_agent.sources import (
     FrameSource,
     SourceError,
     SourceOptions,
-    parse_source,
+    open_source,
+    parse_spec,
 )
 from edge_agent.store import OutboxFull, PartLogEntry, ReviewItem, StationStore, VerdictRow
+from edge_agent.synthetic import id_prefix, next_index
 from edge_agent.writer import DurableWriter
 from linesight import __version__, systemd
 from linesight import protocol as p
@@ -276,7 +278,16 @@ class Agent:
 
     def _open_source(self) -> FrameSource:
         options = SourceOptions.model_validate(self.config.source_options)
-        return parse_source(self.config.source, station=self.station, options=options)
+        spec = parse_spec(self.config.source, options)
+        start = 0
+        if spec.kind == "synthetic":
+            # A restarted simulation goes on down the line instead of judging its first parts
+            # again under ids the review queue and the controller already hold.
+            seed = spec.options.seed
+            start = next_index(self.store.part_ids_to_avoid(id_prefix(seed)), seed)
+            if start:
+                log.info("synthetic source (seed %d) goes on at part %d", seed, start)
+        return open_source(spec, station=self.station, synthetic_start=start)
 
     # --- state ------------------------------------------------------------------------------
 

@@ -168,6 +168,20 @@ def live_part_id(station: str, captured_at: float, seq: int) -> str:
     return f"{station}-{round(captured_at * 1000)}-{seq}"
 
 
+PART_ID_MAX = 128
+"""The contract's limit on a part id (`linesight.protocol.PartId`)."""
+
+
+def file_part_id(station: str, stem: str, captured_at: float, count: int) -> str:
+    """Part id for an image or a video frame: station, file stem, UTC capture time in ms and
+    frame counter. The time keeps ids unique when a restarted station counts from 1 again
+    (the station's review queue holds one item per part id); a long stem is shortened to keep
+    the id within the contract's 128 characters."""
+    tail = f"-{round(captured_at * 1000)}-{count}"
+    room = max(PART_ID_MAX - len(station) - 1 - len(tail), 0)
+    return f"{station}-{stem[:room]}{tail}"
+
+
 class _Pacer:
     """Keeps a finite or synthetic source to ``rate_hz``; `close` interrupts the wait."""
 
@@ -202,11 +216,15 @@ class SyntheticSource:
     reconnects = 0
     frame_age_s = 0.0
 
-    def __init__(self, generator: PartGenerator, *, rate_hz: float | None = None) -> None:
+    def __init__(
+        self, generator: PartGenerator, *, rate_hz: float | None = None, start: int = 0
+    ) -> None:
+        if start < 0:
+            raise ValueError(f"synthetic source: start must be >= 0, not {start}")
         self._generator = generator
         self._stopped = threading.Event()
         self._pacer = _Pacer(rate_hz, self._stopped)
-        self._index = 0
+        self._index = start
 
     def read(self, timeout: float) -> Frame | None:
         if self._stopped.is_set():
@@ -289,10 +307,11 @@ class FolderSource:
                 continue
             self._read_this_pass += 1
             self._count += 1
+            captured_at = time.time()
             return Frame(
-                part_id=f"{self._station}-{path.stem}-{self._count}",
+                part_id=file_part_id(self._station, path.stem, captured_at, self._count),
                 image=to_bgr(image),
-                captured_at=time.time(),
+                captured_at=captured_at,
                 seq=self._count,
             )
 
@@ -342,10 +361,11 @@ class VideoFileSource:
             if not ok or image is None:
                 raise SourceError(f"video:{self._path}: no frame could be decoded")
         self._count += 1
+        captured_at = time.time()
         return Frame(
-            part_id=f"{self._station}-{self._path.stem}-{self._count}",
+            part_id=file_part_id(self._station, self._path.stem, captured_at, self._count),
             image=to_bgr(image),
-            captured_at=time.time(),
+            captured_at=captured_at,
             seq=self._count,
         )
 
@@ -876,15 +896,17 @@ def open_source(
     *,
     station: str,
     capture_factory: CaptureFactory | None = None,
+    synthetic_start: int = 0,
 ) -> FrameSource:
     """Open a parsed spec. Live sources come wrapped in a `TriggeredSource`.
 
-    ``capture_factory`` replaces OpenCV for live sources (tests).
+    ``capture_factory`` replaces OpenCV for live sources (tests); a synthetic source begins at
+    part ``synthetic_start`` of its generator.
     """
     options = spec.options
     if spec.kind == "synthetic":
         generator = PartGenerator(options.seed, options.defect_rate, options.size)
-        return SyntheticSource(generator, rate_hz=options.rate_hz)
+        return SyntheticSource(generator, rate_hz=options.rate_hz, start=synthetic_start)
     if spec.kind == "folder":
         return FolderSource(
             Path(spec.target), station=station, loop=options.loop, rate_hz=options.rate_hz

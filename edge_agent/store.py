@@ -1054,6 +1054,21 @@ class StationStore:
                 ],
             )
 
+    def part_ids_to_avoid(self, prefix: str) -> list[str]:
+        """Part ids starting with ``prefix`` that a restarted source must not hand out again:
+        the latest one in the part log and every one in the review queue."""
+        size = len(prefix)
+        with self._snapshot() as conn:
+            latest = conn.execute(
+                "SELECT part_id FROM part_log WHERE substr(part_id, 1, ?) = ? "
+                "ORDER BY id DESC LIMIT 1",
+                (size, prefix),
+            ).fetchall()
+            queued = conn.execute(
+                "SELECT part_id FROM reviews WHERE substr(part_id, 1, ?) = ?", (size, prefix)
+            ).fetchall()
+        return [str(row[0]) for row in latest + queued]
+
     def part_stats(self, since: datetime) -> PartStats:
         _check_aware("since", since)
         since_us = _us(since)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import math
 import re
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import count
 
@@ -54,8 +54,12 @@ class _Shape:
     outer_r: float
 
 
+def id_prefix(seed: int) -> str:
+    return f"syn-{seed}-"
+
+
 def part_id_for(seed: int, index: int) -> str:
-    return f"syn-{seed}-{index:08d}"
+    return f"{id_prefix(seed)}{index:08d}"
 
 
 def parse_part_id(part_id: str) -> tuple[int, int]:
@@ -64,6 +68,22 @@ def parse_part_id(part_id: str) -> tuple[int, int]:
     if match is None:
         raise ValueError(f"not a synthetic part id: {part_id!r}")
     return int(match.group(1)), int(match.group(2))
+
+
+def next_index(part_ids: Iterable[str], seed: int) -> int:
+    """The index after the highest synthetic part id of ``seed`` in ``part_ids``; 0 if none.
+
+    Where a restarted synthetic source goes on, so that it does not judge the same parts again
+    under ids the station and the controller already hold."""
+    highest = -1
+    for part_id in part_ids:
+        try:
+            id_seed, index = parse_part_id(part_id)
+        except ValueError:
+            continue
+        if id_seed == seed:
+            highest = max(highest, index)
+    return highest + 1
 
 
 class PartGenerator:

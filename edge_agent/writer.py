@@ -173,9 +173,18 @@ class DurableWriter:
         if items:
             error: str | None = None
             try:
-                self.store.add_reviews(items)
+                inserted = self.store.add_reviews(items)
             except Exception as exc:  # a full or failing disk: the parts are not reviewable
                 log.exception("review items of %d parts could not be stored", len(items))
                 error = f"{len(items)} parts could not be queued for review: {exc}"
+            else:
+                repeated = [item.part_id for item, new in zip(items, inserted, strict=True)
+                            if not new]
+                if repeated:
+                    # The queue holds one item per part id: a source (or a PLC's trigger)
+                    # that hands out an id again would otherwise lose the part silently.
+                    error = (f"{len(repeated)} parts not queued for review: part id already "
+                             f"in the review queue (the source repeats ids): {repeated[0]}")
+                    log.error("%s", error)
             if self.on_reviews is not None:
                 self.on_reviews(error)

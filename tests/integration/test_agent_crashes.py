@@ -169,6 +169,9 @@ def test_agent_killed_mid_run_replays_its_outbox(tmp_path: Path, broker: Broker)
                  "the replayed and the new messages")
         decisions = [m for m in stored.values() if isinstance(m, p.Decision)]
         assert len(decisions) == last_before + 11
+        assert len({d.part_id for d in decisions}) == len(decisions), (
+            "the restarted synthetic source goes on instead of judging its first parts again"
+        )
         assert max(stored) == last_before + 10, "seq continues where the killed run stopped"
     finally:
         receipter.close()

@@ -24,6 +24,7 @@ from edge_agent.sources import (
     SyntheticSource,
     TriggeredSource,
     backoff_delay,
+    file_part_id,
     pacing_step,
     parse_source,
     parse_spec,
@@ -197,6 +198,16 @@ def test_synthetic_source_is_deterministic_and_carries_truth() -> None:
         first.read(0.1)
 
 
+def test_a_synthetic_source_can_go_on_from_a_later_part() -> None:
+    generator = PartGenerator(seed=3, size=32)
+    frame = SyntheticSource(generator, start=40).read(1.0)
+    assert frame is not None
+    assert frame.part_id == generator.part(40).part_id == "syn-3-00000040"
+    assert frame.seq == 40
+    with pytest.raises(ValueError, match="start"):
+        SyntheticSource(generator, start=-1)
+
+
 def test_paced_source_returns_none_when_the_next_frame_is_not_due() -> None:
     source = SyntheticSource(PartGenerator(seed=0, size=32), rate_hz=0.01)
     assert source.read(0.0) is not None  # the first frame is due at once
@@ -205,6 +216,25 @@ def test_paced_source_returns_none_when_the_next_frame_is_not_due() -> None:
 
 
 # --- folder ----------------------------------------------------------------------------------
+
+
+def without_time(part_id: str) -> str:
+    """A file part id without its capture time: ``st-1-a-1700000000000-1`` -> ``st-1-a-1``."""
+    head, _, count = part_id.rpartition("-")
+    stem, _, millis = head.rpartition("-")
+    assert millis.isdigit() and abs(int(millis) / 1000 - time.time()) < 600, part_id
+    return f"{stem}-{count}"
+
+
+def test_file_part_ids_differ_across_restarts_and_fit_the_contract() -> None:
+    first = file_part_id("st-1", "a", 1_800_000_000.0, 1)
+    assert first == "st-1-a-1800000000000-1"
+    # A restarted station counts from 1 again: the capture time tells the parts apart.
+    assert file_part_id("st-1", "a", 1_800_000_360.5, 1) != first
+    long_station = "s" * 64
+    long_id = file_part_id(long_station, "x" * 300, 1_800_000_000.0, 12345)
+    assert len(long_id) == 128
+    assert long_id.startswith(f"{long_station}-xxx") and long_id.endswith("-1800000000000-12345")
 
 
 @pytest.fixture
@@ -235,7 +265,7 @@ def test_folder_reads_images_in_name_order_and_skips_unreadable(
     source = parse_source(f"folder:{parts_folder}", station="st-1")
     with caplog.at_level(logging.WARNING):
         frames = read_all(source)
-    assert [f.part_id for f in frames] == ["st-1-a-1", "st-1-b-2", "st-1-c-3"]
+    assert [without_time(f.part_id) for f in frames] == ["st-1-a-1", "st-1-b-2", "st-1-c-3"]
     assert [int(f.image[0, 0, 0]) for f in frames] == [10, 20, 30]
     assert all(f.image.shape == (8, 8, 3) and f.image.dtype == np.uint8 for f in frames)
     assert all(f.truth is None for f in frames)
@@ -278,7 +308,7 @@ def video_file(tmp_path: Path) -> Path:
 def test_video_file_round_trip(video_file: Path) -> None:
     frames = read_all(parse_source(f"video:{video_file}", station="st-1"))
     assert len(frames) == 6
-    assert [f.part_id for f in frames[:2]] == ["st-1-line-1", "st-1-line-2"]
+    assert [without_time(f.part_id) for f in frames[:2]] == ["st-1-line-1", "st-1-line-2"]
     assert all(f.image.shape == (48, 64, 3) for f in frames)
     # MJPG is lossy: compare brightness roughly.
     assert [round(float(f.image.mean()) / 40) for f in frames] == list(range(6))

@@ -313,6 +313,22 @@ def test_reviews_in_one_batch_are_each_stored_once(store: StationStore) -> None:
     )  # no temp file left behind
 
 
+def test_part_ids_to_avoid_are_the_latest_logged_and_every_queued_one(
+    store: StationStore,
+) -> None:
+    assert store.part_ids_to_avoid("syn-7-") == []
+    store.log_parts([
+        PartLogEntry(part_id=part, ts=T0, action="pass", decided_by="active",
+                     active_label="good", candidate_label=None, agree=None,
+                     active_confidence=0.9)
+        for part in ("syn-7-00000001", "syn-7-00000002", "syn-8-00000050", "syn-7-00000003",
+                     "other-1")
+    ])
+    store.add_reviews([item("syn-7-00000009"), item("syn-70-00000100"), item("x-syn-7-1")])
+    assert sorted(store.part_ids_to_avoid("syn-7-")) == ["syn-7-00000003", "syn-7-00000009"]
+    assert store.part_ids_to_avoid("syn-8-") == ["syn-8-00000050"]
+
+
 def test_review_rows_round_trip(store: StationStore) -> None:
     store.add_review(item("late", created=T0 + timedelta(minutes=1)))
     store.add_review(item("early", created=T0))

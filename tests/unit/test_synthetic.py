@@ -6,7 +6,13 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from edge_agent.synthetic import DEFECT_CLASSES, PartGenerator, SyntheticPart, parse_part_id
+from edge_agent.synthetic import (
+    DEFECT_CLASSES,
+    PartGenerator,
+    SyntheticPart,
+    next_index,
+    parse_part_id,
+)
 
 pytestmark = pytest.mark.unit
 
@@ -97,3 +103,11 @@ def test_part_id_round_trip() -> None:
 def test_parse_part_id_rejects_foreign_ids(foreign: str) -> None:
     with pytest.raises(ValueError, match="synthetic part id"):
         parse_part_id(foreign)
+
+
+def test_next_index_goes_past_the_highest_id_of_the_seed() -> None:
+    assert next_index([], 7) == 0
+    ids = ["syn-7-00000003", "syn-7-00000120", "syn-8-00009999", "press-01-a-1", "syn-7-x"]
+    assert next_index(ids, 7) == 121
+    assert next_index(ids, 8) == 10_000
+    assert next_index(ids, 9) == 0

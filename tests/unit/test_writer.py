@@ -92,6 +92,25 @@ def test_a_failing_review_store_is_reported_and_the_writer_goes_on(
     assert store.review("p1") is None
 
 
+def test_a_part_id_already_in_the_queue_is_reported_not_dropped_silently(
+    store: StationStore,
+) -> None:
+    reports: list[str | None] = []
+    writer = DurableWriter(store, on_reviews=reports.append)
+    try:
+        writer.review(lambda: review("p1"))
+        assert writer.flush()
+        writer.review(lambda: review("p2"))
+        writer.review(lambda: review("p1"))  # a source that hands out an id again
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert reports[0] is None
+    assert reports[1] is not None
+    assert "1 parts not queued for review" in reports[1] and "p1" in reports[1]
+    assert store.review("p2") is not None and store.review_count() == 2
+
+
 def test_the_reject_gate_hears_of_a_decision_before_review_images_are_written(
     store: StationStore,
 ) -> None:
