@@ -39,6 +39,7 @@ from edge_agent.actuator import build_gate, start_gate
 from edge_agent.bundle_fetch import fetch_bundle
 from edge_agent.config import AgentConfig
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
+from edge_agent.handoff import SkippingQueue
 from edge_agent.inference import InferenceError
 from edge_agent.metrics import AgentMetrics
 from edge_agent.policy import ModelOutput, PartDecision, Slot, agree, decide, decider_for
@@ -180,7 +181,7 @@ class Agent:
         self._stop = threading.Event()
         self._loop_running = False
         self._boundary: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
-        self._jobs: queue.Queue[CandidateJob | None] = queue.Queue(config.inference.candidate_queue)
+        self._jobs: SkippingQueue[CandidateJob] = SkippingQueue(config.inference.candidate_queue)
         self._commands: queue.Queue[ReceivedMessage | None] = queue.Queue()
         self._state_dirty = threading.Event()
         self._window = Window(time.monotonic())
@@ -474,11 +475,12 @@ class Agent:
             model.manifest.defect_label, self.config.audit_fraction,
         )
         shown = part.shows_model
+        stream = self.store.stream  # stamped here: the store would copy the message to add it
         self.writer.enqueue(
             self._decision_topic,
             1,
             lambda seq: p.Decision(
-                station=self.station, seq=seq, part_id=frame.part_id,
+                station=self.station, seq=seq, stream=stream, part_id=frame.part_id,
                 decided_by=part.decided_by,
                 label=output.label if shown else None,
                 confidence=output.confidence if shown else None,
@@ -502,13 +504,11 @@ class Agent:
                 frame, part, decider, model, output, slots.model(other), slots.mode,
                 automation, queued,
             )
-            try:
-                self._jobs.put_nowait(job)
+            if self._jobs.offer(job):
                 return part
-            except queue.Full:
-                self.metrics.candidate_skipped.inc()
-                with self._lock:
-                    self._window.skipped += 1
+            self.metrics.candidate_skipped.inc()
+            with self._lock:
+                self._window.skipped += 1
         self._log_part(frame, part, output if decider == "active" else None, None)
         return part
 
@@ -615,7 +615,7 @@ class Agent:
             except Exception:  # the worker must outlive any one part  # noqa: BLE001
                 log.exception("candidate worker failed on part %s", job.frame.part_id)
             finally:
-                self._jobs.task_done()
+                self._jobs.done()
 
     def _judge_with_other(self, job: CandidateJob) -> None:
         other = run_model(job.other_model, job.frame.image, self.config.inference.timeout_ms)
@@ -639,7 +639,8 @@ class Agent:
             self._shadow_topic,
             1,
             lambda seq: p.ShadowResult(
-                station=self.station, seq=seq, part_id=job.frame.part_id, mode=job.mode,
+                station=self.station, seq=seq, stream=self.store.stream,
+                part_id=job.frame.part_id, mode=job.mode,
                 active=opinion(active_model, active_out),
                 candidate=opinion(candidate_model, candidate_out), agree=agreed,
             ),
@@ -961,7 +962,7 @@ class Agent:
         else:
             log.info("every message delivered and receipted")
         self._stop.set()
-        self._jobs.put(None)
+        self._jobs.close()
         self._commands.put(None)
         for thread in self._threads:
             thread.join(timeout=5)

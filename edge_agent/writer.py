@@ -68,7 +68,8 @@ class DurableWriter:
         self.on_reviews = on_reviews
         self.on_committed = on_committed
         self.max_batch = max_batch
-        self._queue: queue.Queue[_Item | None] = queue.Queue()
+        # SimpleQueue: a C queue, a tenth of queue.Queue's cost per item (several per part).
+        self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
