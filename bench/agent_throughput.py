@@ -21,6 +21,12 @@ CPU each process used (agent, its outbox relay, Mosquitto, the receipting subscr
 from /proc, and the active model alone in a loop paced at the line rate gives the machine's own
 latency floor at that pace (a virtual machine's idle vCPU wakes slowly).
 
+Flat out the candidate skips most parts by design (it never delays the active model), so the
+flat-out pairs/s also count the CPU spent on parts that got only the active model. A bisection
+over paced runs then finds the highest line rate the agent holds with the candidate on every
+part (>= 97 % of the offered parts inspected, <= 1 % candidate skips): its pairs/s is compared
+with raw as well ("sustained").
+
 Targets on a 2-core line PC: pipeline / raw >= 0.9; active p99 with shadow <= 1.2 x alone.
 The five pipeline runs (no candidate, shadow and shadow at equal priority flat out; no candidate
 and shadow at a line rate) take turns for --rounds rounds and each figure is the median over the
@@ -345,6 +351,36 @@ def ratio_bound(
     return helper_ms, (max_pairs_per_s / raw_pairs_per_s if raw_pairs_per_s else 0.0)
 
 
+def keeps_up(run: PipelineRun, rate_hz: float, *, max_skipped: float = 0.01) -> bool:
+    """Did the agent hold a line paced at `rate_hz` with the candidate on (nearly) every part?
+    It must inspect at least 97 % of the offered parts (the pacer's own jitter aside) and skip
+    the candidate on at most `max_skipped` of them."""
+    return (
+        run.parts_per_s >= 0.97 * rate_hz
+        and run.skipped_per_s <= max_skipped * max(run.parts_per_s, 1.0)
+    )
+
+
+def sustained_rate(
+    measure: Callable[[float], PipelineRun], low: float, high: float, steps: int
+) -> tuple[float, PipelineRun | None, list[tuple[float, bool]]]:
+    """Bisect the line rate between `low` (taken as held) and `high` (taken as not held): the
+    highest rate at which `measure(rate)` `keeps_up`, that run (None when no rate tried was
+    held) and every (rate, held) tried."""
+    best: PipelineRun | None = None
+    tried: list[tuple[float, bool]] = []
+    for _ in range(steps):
+        rate = (low + high) / 2
+        run = measure(rate)
+        held = keeps_up(run, rate)
+        tried.append((rate, held))
+        if held:
+            low, best = rate, run
+        else:
+            high = rate
+    return (low if best is not None else 0.0), best, tried
+
+
 # --- main --------------------------------------------------------------------------------------
 
 
@@ -359,11 +395,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="turns of the five pipeline runs; figures are medians over them")
     parser.add_argument("--line-rate", type=float, default=200.0,
                         help="parts/s of the paced latency runs (a fast line)")
+    parser.add_argument("--search-steps", type=int, default=6,
+                        help="bisection steps for the highest line rate held with the candidate "
+                        "on every part (0: skip that search)")
     args = parser.parse_args(argv)
     if args.parts < 50:
         parser.error("--parts must be >= 50")
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
+    if args.search_steps < 0:
+        parser.error("--search-steps must be >= 0")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
     generator = PartGenerator(args.seed)
@@ -410,6 +451,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         (f"shadow @ {args.line_rate:g}/s", True, args.line_rate, {}),
     )
     runs: dict[str, list[PipelineRun]] = {name: [] for name, _, _, _ in settings}
+    search_runs: list[PipelineRun] = []
     with tempfile.TemporaryDirectory(prefix="bench-broker-") as broker_dir:
         broker = start_shipped_broker(Path(broker_dir))
         try:
@@ -420,6 +462,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                         measure_s=args.measure_s, rate_hz=rate, overrides=overrides,
                         broker_pid=broker.pid,
                     ))
+            # Flat out the candidate skips most parts by design; a line runs paced. The highest
+            # pace at which every part still gets both models is the agent's own pairs/s.
+            def shadow_at(rate: float) -> PipelineRun:
+                run = run_pipeline(
+                    broker.url, images, truths, shadow=True, warmup_s=args.warmup_s,
+                    measure_s=args.measure_s, rate_hz=rate, broker_pid=broker.pid,
+                )
+                search_runs.append(run)
+                return run
+
+            flat_out = _median_run(runs[settings[1][0]])
+            sustained, at_sustained, tried = sustained_rate(
+                shadow_at, low=0.0, high=max(flat_out.parts_per_s, 1.0),
+                steps=args.search_steps,
+            )
         finally:
             broker.stop()
     print(f"(c) agent pipeline (receipts from a subscriber in its own process), {args.rounds} "
@@ -439,6 +496,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     alone, shadow, equal_run = (med[settings[i][0]] for i in range(3))
     paced_alone, paced_shadow = med[settings[3][0]], med[settings[4][0]]
     owed = sum(r.owed_after_shutdown for name_runs in runs.values() for r in name_runs)
+    owed += sum(r.owed_after_shutdown for r in search_runs)
     ratio = shadow.pairs_per_s / raw if raw else 0.0
     factor = shadow.active_p99_ms / alone.active_p99_ms if alone.active_p99_ms else 0.0
     paced_factor = (
@@ -446,6 +504,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         else 0.0
     )
     print(f"  messages still owed after the agents' shutdowns: {owed}")
+    sustained_pairs = at_sustained.pairs_per_s if at_sustained else 0.0
+    print("  the highest line rate held with the candidate on every part (bisection; held = "
+          ">= 97 % of the offered parts inspected, <= 1 % candidate skips): "
+          + ", ".join(f"{rate:.0f}/s {'held' if held else 'not held'}" for rate, held in tried))
+    if at_sustained is not None:
+        print(f"  held {sustained:.0f} parts/s: {sustained_pairs:.0f} pairs/s, active p99 "
+              f"{at_sustained.active_p99_ms:.2f} ms, cores "
+              + ", ".join(f"{who} {c:.2f}" for who, c in at_sustained.cores.items()))
     helper_ms, bound = ratio_bound(shadow, model_p50_ms, raw, os.cpu_count() or 1)
     print(f"  the broker and the receipting subscriber used {helper_ms:.3f} ms of CPU per "
           f"message; with the two models at their p50 alone ({model_p50_ms:.3f} ms a pair), an "
@@ -477,6 +543,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "cores_with_shadow": {who: round(c, 2) for who, c in shadow.cores.items()},
         "helper_cpu_ms_per_message": round(helper_ms, 4),
         "ratio_bound_free_agent": round(bound, 3),
+        "sustained_pairs_per_s": round(sustained_pairs, 1),
+        "sustained_ratio": round(sustained_pairs / raw, 3) if raw else 0.0,
+        "sustained_tried": [[round(rate, 1), held] for rate, held in tried],
         "load_average": round(load_before[0], 2),
         "rounds": args.rounds,
         "active_p99_ms_rounds": {
