@@ -26,6 +26,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.synthetic import PartGenerator
+from linesight.protocol import PART_ID_MAX_LENGTH
 
 log = logging.getLogger(__name__)
 
@@ -168,17 +169,13 @@ def live_part_id(station: str, captured_at: float, seq: int) -> str:
     return f"{station}-{round(captured_at * 1000)}-{seq}"
 
 
-PART_ID_MAX = 128
-"""The contract's limit on a part id (`linesight.protocol.PartId`)."""
-
-
 def file_part_id(station: str, stem: str, captured_at: float, count: int) -> str:
     """Part id for an image or a video frame: station, file stem, UTC capture time in ms and
     frame counter. The time keeps ids unique when a restarted station counts from 1 again
     (the station's review queue holds one item per part id); a long stem is shortened to keep
     the id within the contract's 128 characters."""
     tail = f"-{round(captured_at * 1000)}-{count}"
-    room = max(PART_ID_MAX - len(station) - 1 - len(tail), 0)
+    room = max(PART_ID_MAX_LENGTH - len(station) - 1 - len(tail), 0)
     return f"{station}-{stem[:room]}{tail}"
 
 

@@ -31,6 +31,7 @@ from typing import Any, TypeVar, cast
 from linesight.protocol import (
     CHANNEL_OF,
     DELIVERY,
+    PART_ID_MAX_LENGTH,
     Action,
     AutomationLevel,
     Channel,
@@ -56,7 +57,7 @@ _ORPHAN_GRACE_S = 600.0
 _IMAGE_SUFFIX = ".jpg"
 _TEMP_SUFFIX = ".tmp"
 _TEMP_NAMES = itertools.count()  # shared by every store of the process: names never repeat
-_MAX_PART_ID = 128
+_MAX_PART_ID = PART_ID_MAX_LENGTH
 _MAX_LABEL = 64
 _MAX_OPERATOR = 64
 

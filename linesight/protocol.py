@@ -34,7 +34,10 @@ CONTROLLER_ID = "fleet"
 """The `station` field of messages the fleet controller sends about the fleet as a whole."""
 
 StationId = Annotated[str, Field(pattern=STATION_ID_PATTERN, description="station identifier")]
-PartId = Annotated[str, Field(min_length=1, max_length=128, description="part identifier")]
+PART_ID_MAX_LENGTH = 128
+PartId = Annotated[
+    str, Field(min_length=1, max_length=PART_ID_MAX_LENGTH, description="part identifier")
+]
 Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Label = Annotated[str, Field(min_length=1, max_length=64)]
 

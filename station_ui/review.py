@@ -17,7 +17,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
-from linesight.protocol import VerdictOutcome
+from linesight.protocol import PART_ID_MAX_LENGTH, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, signed_in, ui, wants_json
 from station_ui.views import Banner, QueueItem, banners, queue_item
 
@@ -88,7 +88,7 @@ def image() -> BaseResponse:
     """A part's JPEG, looked up by part id in the store; the request never names a file."""
     part_id = request.args.get("part", "")
     state = ui()
-    found = state.store.image_path(part_id) if 1 <= len(part_id) <= 128 else None
+    found = state.store.image_path(part_id) if 1 <= len(part_id) <= PART_ID_MAX_LENGTH else None
     if found is None:
         return error_response(404, "No image for this part.")
     images = state.store.images_dir.resolve()
@@ -108,7 +108,7 @@ def verdict() -> BaseResponse:
     assert operator is not None  # noqa: S101 - @signed_in guarantees it
     part_id = request.form.get("part_id", "")
     outcome = request.form.get("outcome", "")
-    if outcome not in _OUTCOME_TEXT or not 1 <= len(part_id) <= 128:
+    if outcome not in _OUTCOME_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
         return error_response(400, "Choose Pass, Reject or Unsure for a part in the queue.")
     label = {
         VerdictOutcome.PASS.value: state.config.ok_label,
