@@ -212,12 +212,13 @@ class Agent:
             return ThreadRelay(OutboxRelay(
                 self.store, self.link, station=self.station, topics=self.topics,
                 publish_batch=outbox.publish_batch, resend_after_s=outbox.resend_after_s,
+                linger_s=outbox.publish_linger_ms / 1000,
             ))
         return RelayProcess(RelaySpec(
             station=self.station, topic_prefix=self.config.topic_prefix,
             data_dir=self.config.data_dir, max_outbox_rows=outbox.max_rows,
             publish_batch=outbox.publish_batch, resend_after_s=outbox.resend_after_s,
-            broker=self.config.broker,
+            linger_s=outbox.publish_linger_ms / 1000, broker=self.config.broker,
             log_level=logging.getLevelName(logging.getLogger().getEffectiveLevel()),
         ))
 

@@ -43,6 +43,12 @@ class OutboxConfig(Strict):
         default=15.0, ge=0, description="--max-parts: how long to wait for receipts before exit"
     )
     publish_batch: int = Field(default=200, ge=1, le=10_000)
+    publish_linger_ms: float = Field(
+        default=10.0, ge=0, le=1000,
+        description="after a commit wakes the relay, wait this long so that what the next "
+        "parts commit goes in the same batch: fewer publish rounds and receipts at a line "
+        "rate, for at most this much more delivery latency (0: publish at once)",
+    )
     resend_after_s: float = Field(
         default=10.0, gt=0,
         description="published but not receipted for this long: publish again (e.g. a broker "

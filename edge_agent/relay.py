@@ -57,6 +57,7 @@ class OutboxRelay:
         topics: p.Topics,
         publish_batch: int,
         resend_after_s: float,
+        linger_s: float = 0.0,
         on_acknowledged: Callable[[int], None] | None = None,
     ) -> None:
         self.store = store
@@ -64,6 +65,7 @@ class OutboxRelay:
         self.station = station
         self.publish_batch = publish_batch
         self.resend_after_s = resend_after_s
+        self.linger_s = linger_s
         self.receipt_topic = topics.station(station, p.Channel.RECEIPT)
         self._on_acknowledged = on_acknowledged
         self.wake = threading.Event()
@@ -89,7 +91,11 @@ class OutboxRelay:
         """Publish what is pending until `keep_going()` is False."""
         cursor = -1
         while keep_going():
-            self.wake.wait(POLL_S)
+            woken = self.wake.wait(POLL_S)
+            if woken and self.linger_s > 0:
+                # What the next parts commit meanwhile joins this batch: at a line rate, fewer
+                # publish rounds, PUBACK waits and receipts, for `linger_s` more latency.
+                time.sleep(self.linger_s)
             self.wake.clear()
             if not (self._online.is_set() and self.link.connected):
                 continue
@@ -226,6 +232,7 @@ class RelaySpec(BaseModel):
     max_outbox_rows: int = Field(ge=1)
     publish_batch: int = Field(ge=1)
     resend_after_s: float = Field(gt=0)
+    linger_s: float = Field(default=0.0, ge=0, le=1)
     broker: LinkConfig
     log_level: str = "INFO"
 
@@ -361,6 +368,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     relay = OutboxRelay(
         store, link, station=spec.station, topics=p.Topics(spec.topic_prefix),
         publish_batch=spec.publish_batch, resend_after_s=spec.resend_after_s,
+        linger_s=spec.linger_s,
     )
     stopping = threading.Event()
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -14,6 +16,7 @@ from edge_agent.store import DB_FILE, StationStore
 from linesight import protocol as p
 from linesight.mqtt import LinkConfig, ReceivedMessage
 from linesight.sqlite_db import SqliteDatabase
+from tests.support import wait_for
 from tests.unit.test_store import STATION, decision
 
 pytestmark = pytest.mark.unit
@@ -71,6 +74,33 @@ def test_publishes_every_pending_row_in_seq_order_in_batches(store: StationStore
     assert seqs == [0, 1, 2, 3, 4]
     assert {qos for _, _, qos in link.published} == {1}
     assert store.outbox_depth() == 5, "a PUBACK deletes nothing: only a receipt does"
+
+
+def test_a_woken_relay_lingers_so_that_the_next_commits_join_its_batch(
+    store: StationStore,
+) -> None:
+    link = FakeLink()
+    relay = OutboxRelay(
+        store, link, station=STATION, topics=TOPICS,  # type: ignore[arg-type]
+        publish_batch=100, resend_after_s=10.0, linger_s=0.4,
+    )
+    relay.on_connected()  # online, and a wake-up for the 5 rows already stored
+    stop = threading.Event()
+    runner = threading.Thread(target=relay.run, args=(lambda: not stop.is_set(),))
+    runner.start()
+    try:
+        time.sleep(0.1)
+        assert link.published == [], "woken, the relay waits for the commits that follow"
+        for n in range(5, 8):
+            store.enqueue(TOPICS.station(STATION, p.Channel.DECISION), 1, decision(f"part-{n}"))
+            relay.wake.set()
+        wait_for(lambda: len(link.published) == 8, 5, "the 8 rows")
+    finally:
+        stop.set()
+        relay.wake.set()
+        runner.join(5)
+    seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
+    assert seqs == list(range(8))
 
 
 def test_an_unacknowledged_batch_is_published_again_from_where_it_was(
