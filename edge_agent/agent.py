@@ -79,6 +79,7 @@ from linesight.mqtt import MqttLink, ReceivedMessage, Will
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+CANDIDATE_DRAIN_S = 30.0  # at a stop, the longest wait for the parts queued for the candidate
 
 
 @dataclass(frozen=True, slots=True)
@@ -942,7 +943,11 @@ class Agent:
 
     def _shutdown(self) -> int:
         systemd.notify("\n".join([systemd.STOPPING, systemd.status("delivering what is owed")]))
-        self._jobs.join()  # every queued part gets its shadow result
+        # Every queued part gets its shadow result, unless the candidate hangs (a model call
+        # cannot be interrupted): the stop must not wait for it forever.
+        if not self._jobs.join(timeout=CANDIDATE_DRAIN_S):
+            log.warning("the candidate worker did not finish %d parts within %.0f s; their "
+                        "shadow results are not stored", self._jobs.unfinished, CANDIDATE_DRAIN_S)
         self.writer.flush()
         self._pump_verdicts()
         self.relay.wake()
