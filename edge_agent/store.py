@@ -16,6 +16,7 @@ import functools
 import hashlib
 import itertools
 import json
+import logging
 import math
 import os
 import sqlite3
@@ -41,6 +42,8 @@ from linesight.protocol import (
     VerdictOutcome,
 )
 from linesight.sqlite_db import SqliteDatabase, Transaction
+
+log = logging.getLogger(__name__)
 
 MessageT = TypeVar("MessageT", bound=Envelope)
 DB_FILE = "station.db"
@@ -391,6 +394,25 @@ def _outbox_message(
     return message
 
 
+_INSERT_PART_LOG = (
+    "INSERT INTO part_log (part_id, ts_us, action, decided_by, active_label, candidate_label, "
+    "agree, active_confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def _part_log_row(entry: PartLogEntry) -> tuple[object, ...]:
+    return (
+        entry.part_id,
+        _us(entry.ts),
+        entry.action,
+        entry.decided_by,
+        entry.active_label,
+        entry.candidate_label,
+        None if entry.agree is None else int(entry.agree),
+        entry.active_confidence,
+    )
+
+
 def _now_us() -> int:
     return time.time_ns() // 1_000
 
@@ -502,7 +524,9 @@ class StationStore:
         return cast(MessageT, outcome)
 
     def enqueue_many(
-        self, items: Sequence[tuple[str, int, Callable[[int], Envelope]]]
+        self,
+        items: Sequence[tuple[str, int, Callable[[int], Envelope]]],
+        part_log: Sequence[PartLogEntry] = (),
     ) -> list[Envelope | Exception]:
         """Several enqueues in ONE commit (one fsync): the agent's group commit.
 
@@ -510,9 +534,13 @@ class StationStore:
         (`ValueError`, `TypeError`); a failing or refused item uses no seq, the others are
         kept. The messages are built first, then written with one INSERT for the batch and
         one update of the counters: SQLite statements, not the rows, are what cost here.
+        `part_log` entries ride in the same commit (at a line rate a transaction of its own
+        cost as much as the messages'); a failure there is logged and costs only them.
         """
         results: list[Envelope | Exception] = []
         with self._write() as conn:
+            if part_log:
+                self._log_parts_in(conn, part_log)
             next_seq, depth = conn.execute(
                 "SELECT next_seq, outbox_rows FROM outbox_meta"
             ).fetchone()
@@ -1037,23 +1065,20 @@ class StationStore:
         """Several parts in one transaction. Statistics only: no fsync of its own (the next
         outbox commit carries it to disk)."""
         with self._write(durable=False) as conn:
-            conn.executemany(
-                "INSERT INTO part_log (part_id, ts_us, action, decided_by, active_label, "
-                "candidate_label, agree, active_confidence) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [
-                    (
-                        entry.part_id,
-                        _us(entry.ts),
-                        entry.action,
-                        entry.decided_by,
-                        entry.active_label,
-                        entry.candidate_label,
-                        None if entry.agree is None else int(entry.agree),
-                        entry.active_confidence,
-                    )
-                    for entry in entries
-                ],
-            )
+            conn.executemany(_INSERT_PART_LOG, [_part_log_row(entry) for entry in entries])
+
+    @staticmethod
+    def _log_parts_in(conn: sqlite3.Connection, entries: Sequence[PartLogEntry]) -> None:
+        """Part log rows inside the caller's transaction, behind a savepoint: statistics never
+        cost the messages they ride with."""
+        conn.execute("SAVEPOINT part_log")
+        try:
+            conn.executemany(_INSERT_PART_LOG, [_part_log_row(entry) for entry in entries])
+        except sqlite3.Error:
+            conn.execute("ROLLBACK TO part_log")
+            log.exception("part log of %d parts not stored", len(entries))
+        finally:
+            conn.execute("RELEASE part_log")
 
     def part_ids_to_avoid(self, prefix: str) -> list[str]:
         """Part ids starting with ``prefix`` that a restarted source must not hand out again:

@@ -126,8 +126,9 @@ class DurableWriter:
         if writes:
             try:
                 results = self.store.enqueue_many(
-                    [(w.topic, w.qos, w.factory) for w in writes]
+                    [(w.topic, w.qos, w.factory) for w in writes], part_log=logged
                 )
+                logged = []  # stored in the same commit
             except Exception as exc:  # disk full, store closed: every write of the batch failed
                 log.exception("outbox commit failed for %d messages", len(writes))
                 results = [exc] * len(writes)

@@ -526,6 +526,23 @@ def entry(
     return PartLogEntry(part_id, ts, action, "active", "good", candidate, agree, 0.9)
 
 
+def test_part_log_entries_ride_in_the_messages_commit_and_never_cost_them(
+    store: StationStore,
+) -> None:
+    stored = store.enqueue_many(
+        [(DECISION_TOPIC, 1, decision("p0"))], part_log=[entry("p0", T0, "pass", None, None)]
+    )
+    assert [m.seq for m in stored if isinstance(m, p.Envelope)] == [0]
+    assert store.part_stats(T0 - timedelta(hours=1)).parts == 1
+    with store._write() as conn:  # a part log that cannot be written (here: it is gone)
+        conn.execute("DROP TABLE part_log")
+    stored = store.enqueue_many(
+        [(DECISION_TOPIC, 1, decision("p1"))], part_log=[entry("p1", T0, "pass", None, None)]
+    )
+    assert [m.seq for m in stored if isinstance(m, p.Envelope)] == [1]
+    assert store.outbox_depth() == 2
+
+
 def test_part_stats(store: StationStore) -> None:
     store.log_part(entry("old", T0 - timedelta(hours=1), "pass", None, None))
     store.log_part(entry("a", T0 + timedelta(seconds=10), "pass", "good", True))
