@@ -689,13 +689,9 @@ class Agent:
             log.warning("trigger message ignored: source %s is not externally triggered",
                         self.config.source)
             return
-        part_id: str | None = None
-        try:
-            document = json.loads(message.payload or b"{}")
-            if isinstance(document, dict) and isinstance(document.get("part_id"), str):
-                part_id = document["part_id"][:128] or None
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            log.warning("trigger payload is not JSON; triggering without a part id")
+        part_id, problem = trigger_part_id(message.payload)
+        if problem is not None:
+            log.warning("trigger: %s; the part gets the camera's id", problem)
         trigger(part_id)
 
     # --- commands ---------------------------------------------------------------------------
@@ -985,6 +981,31 @@ class Agent:
         self.source.close()
         self.store.close()
         return 0
+
+
+def trigger_part_id(payload: bytes) -> tuple[str | None, str | None]:
+    """The part id a PLC gateway's trigger names (None: the camera's id), and what was wrong
+    with the payload, if anything. A trigger is never refused: the part is in front of the
+    camera either way. An over-long id is not cut short, which could give two parts one id."""
+    if not payload.strip():
+        return None, None
+    try:
+        document = json.loads(payload)
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None, "payload is not JSON"
+    if not isinstance(document, dict):
+        return None, 'payload is not a JSON object like {"part_id": "..."}'
+    part_id = document.get("part_id")
+    if part_id is None or part_id == "":
+        return None, None
+    if not isinstance(part_id, str):
+        return None, f"part_id is not a string: {part_id!r:.60}"
+    if len(part_id) > p.PART_ID_MAX_LENGTH:
+        return None, (
+            f"part_id is {len(part_id)} characters, more than {p.PART_ID_MAX_LENGTH}: "
+            f"{part_id[:40]!r}..."
+        )
+    return part_id, None
 
 
 def _cmd_id_of(payload: bytes) -> uuid.UUID:

@@ -5,7 +5,9 @@ on the same address: decisions flow again with nobody touching the station."""
 
 from __future__ import annotations
 
+import json
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +19,7 @@ from edge_agent.sources import LatestFrameReader, TriggeredSource
 from edge_agent.synthetic import PartGenerator
 from linesight import protocol as p
 from linesight.broker import Broker
+from linesight.mqtt import LinkConfig, MqttLink
 from tests.support import Collector, MjpegCamera, Receipter, station_config, wait_for
 
 STATION = "cam-01"
@@ -118,3 +121,57 @@ def test_agent_rides_out_a_camera_outage(
         receipter.close()
         collector.close()
     assert exit_status == [0]
+
+
+def test_plc_triggers_over_mqtt_name_the_parts(
+    tmp_path: Path, broker: Broker, cameras: list[MjpegCamera]
+) -> None:
+    """External trigger mode: a part per trigger message, under the PLC's id when it is usable,
+    under the camera's id when the payload is not (never cut short, never refused)."""
+    collector = Collector(broker.url)
+    receipter = Receipter(broker.url)
+    config = station_config(
+        tmp_path / "station", broker.url, station=STATION, source=cameras[0].url,
+        source_options={"trigger": "external", "stale_after_s": 5.0},
+        automation="full",
+    )
+    agent = Agent(config)
+    assert isinstance(agent.source, TriggeredSource)
+    reader = agent.source.inner
+    assert isinstance(reader, LatestFrameReader)
+    plc = MqttLink(LinkConfig(url=broker.url, client_id="plc-gateway"))
+    plc.start()
+    assert plc.wait_connected(10)
+    thread = threading.Thread(target=agent.run, name="agent-under-test", daemon=True)
+    thread.start()
+    topic = p.Topics().trigger(STATION)
+    try:
+        def decisions() -> list[p.Decision]:
+            return collector.unique(p.Decision, STATION)
+
+        wait_for(lambda: reader.connected and agent.link.connected, 20,
+                 "the camera stream and the broker connected")
+        time.sleep(1.0)  # frames flow, but no trigger yet: no part
+        assert decisions() == []
+
+        plc.publish(topic, b'{"part_id": "PLC-0007"}', qos=1).wait(5)
+        wait_for(lambda: len(decisions()) == 1, 15, "the part of the first trigger")
+        assert decisions()[0].part_id == "PLC-0007"
+
+        too_long = "X" * (p.PART_ID_MAX_LENGTH + 1)
+        for payload in (json.dumps({"part_id": too_long}).encode(), b"PART 8", b""):
+            plc.publish(topic, payload, qos=1).wait(5)
+        wait_for(lambda: len(decisions()) == 4, 15, "a part for each of the other triggers")
+        others = [d.part_id for d in decisions()[1:]]
+        assert all(part_id.startswith(f"{STATION}-") for part_id in others), others
+        assert len(set(others)) == 3
+        time.sleep(1.0)
+        assert len(decisions()) == 4, "a part without a trigger"
+        assert all(d.decided_by == p.DecidedBy.ACTIVE and d.label for d in decisions())
+    finally:
+        agent.stop()
+        thread.join(30)
+        plc.stop()
+        receipter.close()
+        collector.close()
+    assert not thread.is_alive()

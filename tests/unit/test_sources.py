@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -14,6 +15,7 @@ import cv2
 import numpy as np
 import pytest
 
+from edge_agent.agent import trigger_part_id
 from edge_agent.sources import (
     EndOfSource,
     Frame,
@@ -32,6 +34,7 @@ from edge_agent.sources import (
     to_bgr,
 )
 from edge_agent.synthetic import PartGenerator
+from linesight.protocol import PART_ID_MAX_LENGTH
 
 pytestmark = pytest.mark.unit
 
@@ -618,3 +621,35 @@ def test_parse_source_wraps_live_sources_in_the_trigger(camera: FakeCamera) -> N
     finally:
         camera.shut = True
         source.close()
+
+
+@pytest.mark.parametrize(
+    ("payload", "part_id", "problem"),
+    [
+        (b'{"part_id": "PLC-0007"}', "PLC-0007", None),
+        (b"", None, None),
+        (b"  \n", None, None),
+        (b"{}", None, None),
+        (b'{"part_id": ""}', None, None),
+        (b'{"part_id": null}', None, None),
+        (b"PART 8", None, "not JSON"),
+        (b"\xff\xfe", None, "not JSON"),
+        (b'["PLC-1"]', None, "not a JSON object"),
+        (b'{"part_id": 17}', None, "not a string: 17"),
+        (('{"part_id": "' + "X" * 129 + '"}').encode(), None, "129 characters, more than 128"),
+    ],
+)
+def test_a_trigger_payload_names_the_part_or_says_what_is_wrong(
+    payload: bytes, part_id: str | None, problem: str | None
+) -> None:
+    found, error = trigger_part_id(payload)
+    assert found == part_id
+    if problem is None:
+        assert error is None
+    else:
+        assert error is not None and problem in error
+
+
+def test_a_trigger_part_id_of_the_longest_allowed_length_is_kept_whole() -> None:
+    longest = "P" * PART_ID_MAX_LENGTH
+    assert trigger_part_id(json.dumps({"part_id": longest}).encode()) == (longest, None)
