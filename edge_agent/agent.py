@@ -991,7 +991,7 @@ def trigger_part_id(payload: bytes) -> tuple[str | None, str | None]:
         return None, None
     try:
         document = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # not JSON or UTF-8, a huge number, deep nesting
         return None, "payload is not JSON"
     if not isinstance(document, dict):
         return None, 'payload is not a JSON object like {"part_id": "..."}'
@@ -1013,5 +1013,5 @@ def _cmd_id_of(payload: bytes) -> uuid.UUID:
     try:
         document = json.loads(payload)
         return uuid.UUID(str(document["cmd_id"]))
-    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+    except (ValueError, KeyError, TypeError, RecursionError):
         return uuid.UUID(int=0)

@@ -441,8 +441,10 @@ def parse(message_type: type[M], payload: bytes | str) -> M:
     name = message_type.__name__
     try:
         document = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ProtocolError(name, "(payload)", f"not JSON: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # ValueError: not JSON, not UTF-8, or an integer of more than 4,300 digits;
+        # RecursionError: nesting deeper than the interpreter's stack.
+        raise ProtocolError(name, "(payload)", f"not JSON: {str(exc)[:200]}") from exc
     if not isinstance(document, dict):
         raise ProtocolError(name, "(payload)", "a JSON object is required")
     version = document.get("schema")

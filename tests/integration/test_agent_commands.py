@@ -187,6 +187,12 @@ def test_a_malformed_command_gets_an_error_ack_and_the_agent_keeps_going(
     assert not ack.ok and ack.command == "unknown" and ack.error
     ack = send(sender, collector, p.Promote(), raw=b"\xff\xfe not json")
     assert not ack.ok and "JSON" in (ack.error or "")
+    # What Python's json module refuses with other errors than a JSON syntax error.
+    huge_number = b'{"schema": "linesight/v1", "seq": ' + b"9" * 5000 + b"}"
+    deep = b"[" * 100_000 + b"]" * 100_000
+    for raw in (huge_number, deep):
+        ack = send(sender, collector, p.Promote(), raw=raw)
+        assert not ack.ok and "JSON" in (ack.error or ""), ack.error
     before = len(collector.of(p.Decision, STATION))
     wait_for(lambda: len(collector.of(p.Decision, STATION)) > before + 3, 20, "more parts")
 

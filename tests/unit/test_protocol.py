@@ -245,3 +245,16 @@ def test_arbitrary_json_objects_never_crash_the_parser(document: dict[str, objec
             p.parse(message_type, json.dumps(document))
         except p.ProtocolError:
             pass
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b'{"schema": "linesight/v1", "seq": ' + b"9" * 5000 + b"}",  # int() digit limit
+        b"[" * 100_000 + b"]" * 100_000,  # deeper than the interpreter's stack
+        b"\xff\xfe",
+    ],
+)
+def test_any_unreadable_payload_is_a_protocol_error(payload: bytes) -> None:
+    with pytest.raises(p.ProtocolError, match="not JSON"):
+        p.parse(p.Command, payload)

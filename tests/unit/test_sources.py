@@ -634,6 +634,8 @@ def test_parse_source_wraps_live_sources_in_the_trigger(camera: FakeCamera) -> N
         (b'{"part_id": null}', None, None),
         (b"PART 8", None, "not JSON"),
         (b"\xff\xfe", None, "not JSON"),
+        (b'{"part_id": "P", "n": ' + b"9" * 5000 + b"}", None, "not JSON"),
+        (b"[" * 100_000 + b"]" * 100_000, None, "not JSON"),
         (b'["PLC-1"]', None, "not a JSON object"),
         (b'{"part_id": 17}', None, "not a string: 17"),
         (('{"part_id": "' + "X" * 129 + '"}').encode(), None, "129 characters, more than 128"),
