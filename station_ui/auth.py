@@ -13,7 +13,7 @@ from station_ui.security import verify_decoy, verify_pin
 
 blueprint = Blueprint("auth", __name__)
 # Only our own pages are a place to return to after sign-in: never another site.
-_LOCAL_NEXT = re.compile(r"^/(status|supervisor)?$")
+_LOCAL_NEXT = re.compile(r"/(status|supervisor)?")
 _MAX_FIELD = 64
 
 _REASONS = {
@@ -24,7 +24,7 @@ _REASONS = {
 
 def _next_target() -> str:
     target = request.values.get("next", "/")
-    return target if _LOCAL_NEXT.match(target) else "/"
+    return target if _LOCAL_NEXT.fullmatch(target) else "/"
 
 
 def _render(status: int = 200, *, error: str | None = None, badge: str = "") -> BaseResponse:

@@ -194,6 +194,31 @@ def test_sign_in_with_badge_and_pin(client: FlaskClient) -> None:
     assert "Ana Operator" in page and "No parts waiting" in page
 
 
+@pytest.mark.parametrize(
+    ("target", "lands_on"),
+    [
+        ("/status", "/status"),
+        ("/supervisor", "/supervisor"),
+        ("/status\n", "/"),  # a header may not hold a newline: this was a 500
+        ("/\n", "/"),
+        ("//evil.example/", "/"),
+        ("https://evil.example/status", "/"),
+    ],
+)
+def test_sign_in_returns_only_to_our_own_pages(
+    client: FlaskClient, target: str, lands_on: str
+) -> None:
+    token = csrf_of(client)
+    response = client.post(
+        "/login", data={"badge": "op-7", "pin": OPERATOR_PIN, "csrf_token": token, "next": target}
+    )
+    assert response.status_code == 302
+    assert response.headers["Location"] == lands_on
+    again = client.get("/login", query_string={"next": target})  # already signed in
+    assert again.status_code == 302
+    assert again.headers["Location"] == lands_on
+
+
 def test_pin_hash_is_salted_scrypt_and_checks_in_constant_time() -> None:
     first, second = hash_pin("1234"), hash_pin("1234")
     assert first.startswith("scrypt$") and first != second
