@@ -72,10 +72,16 @@ def current_card() -> str:
 @blueprint.get("/api/queue")
 @signed_in
 def api_queue() -> BaseResponse:
+    """The queue as the page polls it. `showing` names the part on the operator's screen: the
+    page keeps that card until the part is judged (here or on another screen), even when a part
+    captured earlier (a late disagreement) has become the head meanwhile."""
     items, count = _queue()
+    showing = request.args.get("showing", "")
+    row = ui().store.review(showing) if 1 <= len(showing) <= PART_ID_MAX_LENGTH else None
     payload: dict[str, Any] = {
         "count": count,
         "head": items[0].part_id if items else None,
+        "showing_waiting": row is not None and row.outcome is None,
         "items": [item.to_json(f"{item.created.astimezone():%H:%M:%S}") for item in items],
         "banners": [banner.to_json() for banner in current_banners()],
     }

@@ -46,10 +46,11 @@
     }));
   }
 
-  function renderUpcoming(items) {
+  function renderUpcoming(items, shown) {
     const list = document.getElementById("upcoming");
     if (!list) return;
-    list.replaceChildren(...items.slice(1).map((item) => {
+    const others = items.filter((item) => item.part_id !== shown).slice(0, items.length - 1);
+    list.replaceChildren(...others.map((item) => {
       const li = document.createElement("li");
       const id = document.createElement("span");
       id.className = "up-id";
@@ -87,22 +88,40 @@
     }
   }
 
+  // The card on screen stays until its part is judged: a part that arrives later but was
+  // captured earlier (a disagreement found by the candidate) waits in the list instead of
+  // replacing the card under the operator's finger.
+  let judgedHere = "";
+  function holdButtons(ms) {
+    const buttons = document.querySelectorAll("#current form[data-verdict] button");
+    buttons.forEach((b) => { b.disabled = true; });
+    setTimeout(() => buttons.forEach((b) => { b.disabled = false; }), ms);
+  }
+
   let polling = false;
   async function poll() {
     if (polling) return;
     polling = true;
     try {
-      const response = await fetch("/api/queue", { headers: { Accept: "application/json" } });
+      const current = document.getElementById("current");
+      const shown = current ? current.dataset.partId || "" : "";
+      const response = await fetch(`/api/queue?showing=${encodeURIComponent(shown)}`,
+                                   { headers: { Accept: "application/json" } });
       if (response.status === 401) return signedOut();
       if (!response.ok) return;
       const queue = await response.json();
       setText("queue-count", String(queue.count));
       setText("queue-total", String(queue.count));
       renderBanners(queue.banners);
-      renderUpcoming(queue.items);
-      const current = document.getElementById("current");
-      if (current && (current.dataset.partId || null) !== (queue.head || null)) {
+      renderUpcoming(queue.items, shown);
+      if (current && !queue.showing_waiting && shown !== (queue.head || "")) {
+        closeZoom();
         await refreshCurrent();
+        if (shown && shown !== judgedHere) {
+          // Judged on another screen: say so, and let a tap meant for it not land on the next.
+          toast(`Part ${shown} was judged on another screen`, true);
+          holdButtons(1000);
+        }
       }
     } catch (error) {
       // The UI server restarting or the network blinking: the next poll tries again.
@@ -133,8 +152,10 @@
       if (!response.ok) {
         toast(answer.error || `Not recorded (error ${response.status})`, true);
       } else if (answer.result === "already_judged") {
+        judgedHere = partId;
         toast(`Part ${partId} was already judged`, true);
       } else {
+        judgedHere = partId;
         toast(`Part ${partId} ${outcomeText[button.value] || button.value}`, false);
       }
     } catch (error) {
@@ -159,7 +180,11 @@
     const target = event.target;
     if (target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement) return;
     const zoom = document.getElementById("zoom");
-    if (event.key === "Escape" && zoom && !zoom.hidden) return closeZoom();
+    if (zoom && !zoom.hidden) {
+      // A verdict is given on the card, with the enlarged image closed.
+      if (event.key === "Escape") closeZoom();
+      return;
+    }
     const key = event.key.toLowerCase();
     const button = document.querySelector(`#current form[data-verdict] button[data-key="${key}"]`);
     if (button && !button.disabled) {

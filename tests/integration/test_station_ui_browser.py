@@ -5,13 +5,18 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
+import cv2
+import numpy as np
 import pytest
 from werkzeug.serving import BaseWSGIServer, make_server
 
 from edge_agent.agent import Agent
-from edge_agent.store import StationStore
+from edge_agent.store import ReviewItem, StationStore
 from linesight import protocol as p
 from linesight.broker import Broker
 from station_ui.app import create_app
@@ -31,6 +36,7 @@ from tests.support import (
 
 BADGE = "op-17"
 PIN = "2580"
+_NONE = SimpleNamespace(outcome=None)  # a part not (yet) in the store
 
 pytestmark = [
     pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
@@ -157,4 +163,78 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
         collector.close()
         receipter.close()
     assert not agent_thread.is_alive(), "the agent did not stop"
+    assert problems == [], f"the browser reported errors: {problems}"
+
+
+def _queue_part(store: StationStore, part_id: str, *, age_s: float) -> None:
+    image = np.full((96, 96, 3), 128, np.uint8)
+    store.add_review(ReviewItem(
+        part_id=part_id, created=datetime.now(UTC) - timedelta(seconds=age_s),
+        reason="disagreement", automation="assist", suggestion=None, confidence=None,
+        model_label="ok", candidate_label="defect", active_version="1.0.0",
+        candidate_version="2.0.0", image_jpeg=cv2.imencode(".jpg", image)[1].tobytes(),
+    ))
+
+
+def _sign_in(page: Any, base: str) -> None:
+    page.goto(f"{base}/")
+    page.fill("#badge", BADGE)
+    page.fill("#pin", PIN)
+    page.click(".keypad-go")
+
+
+def _shown(page: Any) -> str:
+    return str(page.get_attribute("#current", "data-part-id") or "")
+
+
+def test_the_card_on_screen_stays_until_its_part_is_judged(
+    ui_server: tuple[str, StationStore],
+) -> None:
+    """A disagreement found after the part on screen, but captured before it, becomes the head
+    of the queue: it must wait its turn, not replace the card (or the open enlargement) under
+    the operator's finger, where the next key press would judge a part nobody looked at."""
+    from playwright.sync_api import sync_playwright
+
+    base, store = ui_server
+    _queue_part(store, "A-100", age_s=0)
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = watched_page(browser, problems)
+            _sign_in(page, base)
+            page.wait_for_selector("#current .part-id")
+            assert _shown(page) == "A-100"
+            page.click("#current [data-zoom]")
+            page.wait_for_selector("#zoom:not([hidden])")
+
+            _queue_part(store, "D-099", age_s=5)  # now the head of the queue
+            page.wait_for_function(
+                "() => [...document.querySelectorAll('#upcoming .up-id')]"
+                ".some((e) => e.textContent === 'D-099')"
+            )
+            page.wait_for_timeout(1200)  # two more polls
+            assert _shown(page) == "A-100"
+            assert page.is_visible("#zoom")
+            assert "A-100" in (page.get_attribute("[data-zoom-image]", "src") or "")
+
+            page.keyboard.press("r")  # the enlarged image is open: no verdict
+            page.keyboard.press("Escape")
+            page.wait_for_selector("#zoom", state="hidden")
+            page.click("#current button[value=pass]")
+            wait_for(lambda: (store.review("A-100") or _NONE).outcome is not None, 10,
+                     "the verdict for the part on screen")
+            assert (store.review("A-100") or _NONE).outcome == "pass"
+            page.wait_for_function("() => document.getElementById('current')"
+                                   ".dataset.partId === 'D-099'")
+            assert (store.review("D-099") or _NONE).outcome is None
+
+            # Judged on another screen: this one says so and moves on.
+            store.record_verdict("D-099", "op-99", "reject", "defect", datetime.now(UTC))
+            page.wait_for_function("() => !document.getElementById('toast').hidden && document"
+                                   ".getElementById('toast').textContent.includes('D-099')")
+            assert "judged on another screen" in page.inner_text("#toast")
+            page.wait_for_selector("#current .empty")
+        finally:
+            browser.close()
     assert problems == [], f"the browser reported errors: {problems}"
