@@ -48,7 +48,6 @@ log = logging.getLogger(__name__)
 MessageT = TypeVar("MessageT", bound=Envelope)
 DB_FILE = "station.db"
 IMAGES_DIR = "images"
-SCHEMA_VERSION = 1
 DEFAULT_MAX_OUTBOX_ROWS = 100_000
 DEFAULT_BUSY_TIMEOUT_S = 5.0
 OPERATOR_ROLES = ("operator", "supervisor")
@@ -156,8 +155,33 @@ _SCHEMA_V2: tuple[str, ...] = (
     "ALTER TABLE outbox_meta ADD COLUMN stream TEXT",
     "UPDATE outbox_meta SET stream = lower(hex(randomblob(16))) WHERE next_seq = 0",
 )
+# An escalated part ("unsure") waits for a supervisor, whose final pass or reject is kept
+# here and published as a second, labelled Verdict for the part; the operator's verdict row
+# (outcome escalate, no label) stays as it was written.
+_SCHEMA_V3: tuple[str, ...] = (
+    """CREATE TABLE resolutions (
+        part_id TEXT PRIMARY KEY REFERENCES verdicts (part_id) ON DELETE CASCADE,
+        operator TEXT NOT NULL,
+        outcome TEXT NOT NULL CHECK (outcome IN ('pass', 'reject')),
+        label TEXT NOT NULL,
+        decided_at_us INTEGER NOT NULL,
+        published_seq INTEGER
+    )""",
+    "CREATE INDEX resolutions_unpublished ON resolutions (decided_at_us) "
+    "WHERE published_seq IS NULL",
+    # A part is confirmed once it has its final verdict: an operator's pass or reject, or a
+    # supervisor's resolution of an escalation. Only confirmed parts lose images to the quota.
+    """CREATE VIEW confirmed AS
+        SELECT v.part_id FROM verdicts v WHERE v.outcome != 'escalate'
+        UNION ALL SELECT x.part_id FROM resolutions x""",
+    # Published: nothing of the part is still waiting for the outbox.
+    """CREATE VIEW unpublished AS
+        SELECT part_id FROM verdicts WHERE published_seq IS NULL
+        UNION ALL SELECT part_id FROM resolutions WHERE published_seq IS NULL""",
+)
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+SCHEMA_VERSION = len(_MIGRATIONS)
 
 
 class StoreError(Exception):
@@ -247,6 +271,16 @@ class VerdictRow:
     active_version: str
     candidate_version: str | None
     published_seq: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class Escalation:
+    """A part an operator was unsure of, waiting for a supervisor's final verdict."""
+
+    review: ReviewRow
+    operator: str
+    """Who escalated it."""
+    escalated_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +475,18 @@ _SELECT_REVIEWS = (
     "r.model_label, r.candidate_label, r.active_version, r.candidate_version, "
     "r.image_name, r.image_bytes, v.outcome "
     "FROM reviews r LEFT JOIN verdicts v USING (part_id) "
+)
+_SELECT_RESOLUTIONS = (  # the escalation's verdict `v` is joined for its published_seq
+    "SELECT x.part_id, x.operator, x.outcome, x.label, x.decided_at_us, r.reason, "
+    "r.model_label, r.candidate_label, r.active_version, r.candidate_version, x.published_seq "
+    "FROM resolutions x JOIN reviews r USING (part_id) JOIN verdicts v USING (part_id) "
+)
+_SELECT_ESCALATIONS = (  # the review row's columns, then who escalated it and when
+    "SELECT r.part_id, r.created_us, r.reason, r.automation, r.suggestion, r.confidence, "
+    "r.model_label, r.candidate_label, r.active_version, r.candidate_version, "
+    "r.image_name, r.image_bytes, v.outcome, v.operator, v.decided_at_us "
+    "FROM reviews r JOIN verdicts v USING (part_id) "
+    "WHERE v.outcome = 'escalate' AND r.part_id NOT IN (SELECT part_id FROM confirmed) "
 )
 _SELECT_VERDICTS = (
     "SELECT v.part_id, v.operator, v.outcome, v.label, v.decided_at_us, r.reason, "
@@ -793,11 +839,11 @@ class StationStore:
         used = int(conn.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM reviews").fetchone()[0])
         pruned = 0
         if used > max_bytes:
-            # Escalated parts still await a supervisor's look, so their images go last.
+            # An escalated part waits for a supervisor's look: unconfirmed until resolved.
             candidates = conn.execute(
                 "SELECT r.part_id, r.image_name, r.image_bytes FROM reviews r "
-                "JOIN verdicts v USING (part_id) WHERE r.image_name IS NOT NULL "
-                "ORDER BY v.outcome = 'escalate', r.created_us"
+                "WHERE r.image_name IS NOT NULL AND r.part_id IN (SELECT part_id FROM confirmed) "
+                "ORDER BY r.created_us"
             ).fetchall()
             chosen: list[tuple[str, str]] = []
             for part_id, image_name, size in candidates:
@@ -814,9 +860,8 @@ class StationStore:
         if over_bytes:
             remaining = over_bytes
             sizes = conn.execute(
-                "SELECT r.image_bytes FROM reviews r WHERE r.image_name IS NOT NULL AND NOT "
-                "EXISTS (SELECT 1 FROM verdicts v WHERE v.part_id = r.part_id) "
-                "ORDER BY r.created_us"
+                "SELECT r.image_bytes FROM reviews r WHERE r.image_name IS NOT NULL AND "
+                "r.part_id NOT IN (SELECT part_id FROM confirmed) ORDER BY r.created_us"
             )
             for (size,) in sizes:
                 if remaining <= 0:
@@ -830,14 +875,13 @@ class StationStore:
             return 0
         with self._write() as conn:
             # The row forgets the image before the file goes: a crash leaves an orphan file
-            # for the sweep, never a row naming a missing file. Only verdicted rows qualify.
+            # for the sweep, never a row naming a missing file. Only confirmed rows qualify.
             dropped = [
                 (part_id, name)
                 for part_id, name in chosen
                 if conn.execute(
                     "UPDATE reviews SET image_name = NULL, image_bytes = 0 WHERE part_id = ? "
-                    "AND image_name IS NOT NULL AND EXISTS "
-                    "(SELECT 1 FROM verdicts v WHERE v.part_id = reviews.part_id)",
+                    "AND image_name IS NOT NULL AND part_id IN (SELECT part_id FROM confirmed)",
                     (part_id,),
                 ).rowcount
             ]
@@ -871,17 +915,18 @@ class StationStore:
         return removed
 
     def prune_confirmed(self, older_than: timedelta, now: datetime | None = None) -> int:
-        """Forget verdicted parts created before `now - older_than`, images included.
+        """Forget confirmed parts created before `now - older_than`, images included.
 
-        A verdict not yet in the outbox is kept until `publish_verdicts` has taken it.
+        A verdict (or a supervisor's resolution) not yet in the outbox is kept until
+        `publish_verdicts` has taken it; an escalation nobody resolved is kept.
         """
         _check_age(older_than)
         cutoff = _us((now or datetime.now(UTC)) - older_than)
         with self._write() as conn:
             doomed = conn.execute(
-                "DELETE FROM reviews WHERE created_us < ? AND part_id IN "
-                "(SELECT part_id FROM verdicts WHERE published_seq IS NOT NULL) "
-                "RETURNING image_name",
+                "DELETE FROM reviews WHERE created_us < ? "
+                "AND part_id IN (SELECT part_id FROM confirmed) "
+                "AND part_id NOT IN (SELECT part_id FROM unpublished) RETURNING image_name",
                 (cutoff,),
             ).fetchall()
         for (name,) in doomed:
@@ -924,6 +969,63 @@ class StationStore:
             raise KeyError(part_id)
         return False
 
+    def resolve_escalation(
+        self,
+        part_id: str,
+        operator: str,
+        outcome: str,
+        label: str,
+        decided_at: datetime,
+    ) -> bool:
+        """A supervisor's final pass or reject of an escalated part, written once; False if
+        it was resolved already. Raises KeyError when the part is not an escalation."""
+        _check_part_id(part_id)
+        if not 1 <= len(operator) <= _MAX_OPERATOR:
+            raise ValueError(f"operator: 1 to {_MAX_OPERATOR} characters required")
+        if outcome not in (VerdictOutcome.PASS.value, VerdictOutcome.REJECT.value):
+            raise ValueError(f"outcome: pass or reject required, got {outcome!r}")
+        _check_label("label", label)
+        _check_aware("decided_at", decided_at)
+        with self._write() as conn:
+            written = conn.execute(
+                "INSERT INTO resolutions (part_id, operator, outcome, label, decided_at_us) "
+                "SELECT part_id, ?, ?, ?, ? FROM verdicts WHERE part_id = ? "
+                "AND outcome = 'escalate' ON CONFLICT DO NOTHING",
+                (operator, outcome, label, _us(decided_at), part_id),
+            ).rowcount
+            if written:
+                return True
+            escalated = conn.execute(
+                "SELECT 1 FROM verdicts WHERE part_id = ? AND outcome = 'escalate'", (part_id,)
+            ).fetchone()
+        if escalated is None:
+            raise KeyError(part_id)
+        return False
+
+    def escalations(self, limit: int = 50) -> list[Escalation]:
+        """Escalated parts no supervisor has resolved yet, oldest escalation first."""
+        _check_limit(limit)
+        rows = self._conn().execute(
+            _SELECT_ESCALATIONS + "ORDER BY v.decided_at_us, r.part_id LIMIT ?", (limit,)
+        )
+        return [
+            Escalation(
+                review=self._review_row(row[:-2]), operator=row[-2], escalated_at=_dt(row[-1])
+            )
+            for row in rows
+        ]
+
+    def escalation_count(self) -> int:
+        """Escalated parts waiting for a supervisor."""
+        return int(
+            self._conn()
+            .execute(
+                "SELECT COUNT(*) FROM verdicts WHERE outcome = 'escalate' "
+                "AND part_id NOT IN (SELECT part_id FROM confirmed)"
+            )
+            .fetchone()[0]
+        )
+
     @staticmethod
     def _verdict_row(row: tuple[Any, ...]) -> VerdictRow:
         return VerdictRow(
@@ -941,12 +1043,19 @@ class StationStore:
         )
 
     def unpublished_verdicts(self, limit: int = 100) -> list[VerdictRow]:
+        """Operators' verdicts, then supervisors' resolutions, not yet in the outbox."""
         _check_limit(limit)
-        rows = self._conn().execute(
+        conn = self._conn()
+        rows = conn.execute(
             _SELECT_VERDICTS
             + "WHERE v.published_seq IS NULL ORDER BY v.decided_at_us, v.part_id LIMIT ?",
             (limit,),
-        )
+        ).fetchall()
+        rows += conn.execute(
+            _SELECT_RESOLUTIONS
+            + "WHERE x.published_seq IS NULL ORDER BY x.decided_at_us, x.part_id LIMIT ?",
+            (limit - len(rows),),
+        ).fetchall()
         return [self._verdict_row(row) for row in rows]
 
     def publish_verdicts(
@@ -960,6 +1069,8 @@ class StationStore:
 
         Each transaction enqueues the message and marks the verdict published, so a crash
         can neither lose a verdict nor send it twice. The outbox bound never refuses these.
+        A supervisor's resolution of an escalated part goes out as a second Verdict for the
+        part, after the operator's escalation.
         """
         messages: list[Envelope] = []
         for candidate in self.unpublished_verdicts(limit):
@@ -968,6 +1079,16 @@ class StationStore:
                     _SELECT_VERDICTS + "WHERE v.part_id = ? AND v.published_seq IS NULL",
                     (candidate.part_id,),
                 ).fetchone()
+                table = "verdicts"
+                if row is None:
+                    # A resolution, once its escalation is out (the controller keeps the
+                    # latest labelled verdict of a part as its truth).
+                    row = conn.execute(
+                        _SELECT_RESOLUTIONS + "WHERE x.part_id = ? AND x.published_seq IS NULL "
+                        "AND v.published_seq IS NOT NULL",
+                        (candidate.part_id,),
+                    ).fetchone()
+                    table = "resolutions"
                 if row is None:
                     continue  # another publisher took it between the listing and now
                 verdict = self._verdict_row(row)
@@ -975,7 +1096,7 @@ class StationStore:
                     conn, topic_for(verdict), qos, functools.partial(factory, verdict)
                 )
                 conn.execute(
-                    "UPDATE verdicts SET published_seq = ? WHERE part_id = ?",
+                    f"UPDATE {table} SET published_seq = ? WHERE part_id = ?",  # noqa: S608
                     (message.seq, verdict.part_id),
                 )
             messages.append(message)

@@ -269,7 +269,8 @@ class ShadowResult(Envelope):
 
 
 class Verdict(Envelope):
-    """An operator's judgement of a part: the ground truth for the gates."""
+    """An operator's judgement of a part: the ground truth for the gates. An escalated part
+    gets a second, labelled Verdict from the supervisor; the latest labelled one counts."""
 
     kind: ClassVar[str] = "verdict"
     part_id: PartId

@@ -108,7 +108,9 @@ _PURPOSE: dict[str, str] = {
     "ShadowResult": "One per part that both the active and the candidate model judged: both "
     "opinions and whether they agree.",
     "Verdict": "An operator's judgement of a part from the station screen: the ground truth "
-    "that rollout gates use.",
+    "that rollout gates use. An escalation (`outcome` escalate, no label) is followed by a "
+    "second Verdict for the same part once a supervisor gives the final pass or reject: a "
+    "part's truth is its latest verdict with a label.",
     "StationMetrics": "Counters over the last window: throughput, actions, agreement, latency "
     "percentiles, outbox depth. QoS 0: a lost sample is replaced by the next one.",
     "Command": "From the fleet controller to one station. `body.name` selects the command: "

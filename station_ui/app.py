@@ -178,9 +178,11 @@ def _after_request(response: Response) -> Response:
 
 def _template_globals() -> dict[str, Any]:
     operator = current_operator()
+    supervisor = operator is not None and operator.role == "supervisor"
     return {
         "operator": operator,
         "queue_count": ui().store.review_count() if operator is not None else 0,
+        "escalated_count": ui().store.escalation_count() if supervisor else 0,
         "csrf_token": session.get("csrf", ""),
         "poll_interval_ms": ui().config.poll_interval_ms,
     }

@@ -1,21 +1,27 @@
-"""The supervisor's page: change the station's automation level within what the fleet allows."""
+"""The supervisor's page: the final verdict on parts operators escalated, and the station's
+automation level within what the fleet allows."""
 
 from __future__ import annotations
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
-from linesight.protocol import AutomationLevel
-from station_ui.app import current_operator, error_response, supervisor_only, ui
+from linesight.protocol import PART_ID_MAX_LENGTH, AutomationLevel, VerdictOutcome
+from station_ui.app import current_operator, error_response, now_dt, supervisor_only, ui
 from station_ui.config import AUTOMATION_ORDER
 from station_ui.review import current_banners
-from station_ui.views import AUTOMATION_TEXT
+from station_ui.views import AUTOMATION_TEXT, queue_item
 
 blueprint = Blueprint("supervisor", __name__)
 MAX_REASON = 500  # what a SetAutomation command carries
+ESCALATIONS_SHOWN = 20
+_FINAL_TEXT = {VerdictOutcome.PASS.value: "passed", VerdictOutcome.REJECT.value: "rejected"}
 
 
-def _page(status: int = 200, *, error: str | None = None, reason: str = "") -> BaseResponse:
+def _page(
+    status: int = 200, *, error: str | None = None, reason: str = "",
+    resolve_error: str | None = None,
+) -> BaseResponse:
     state = ui()
     loaded = state.store.load_status()
     current = str(loaded[0].get("automation", "")) if loaded else ""
@@ -30,8 +36,15 @@ def _page(status: int = 200, *, error: str | None = None, reason: str = "") -> B
         }
         for level in AUTOMATION_ORDER
     ]
+    escalations = [
+        (queue_item(escalation.review), escalation)
+        for escalation in state.store.escalations(limit=ESCALATIONS_SHOWN)
+    ]
     page = render_template(
         "supervisor.html",
+        escalations=escalations,
+        resolve_error=resolve_error,
+        escalation_count=state.store.escalation_count(),
         levels=levels,
         current=current,
         note=note,
@@ -79,4 +92,27 @@ def change_automation() -> BaseResponse:
         "parts and reports it to the fleet.",
         "ok",
     )
+    return redirect(url_for("supervisor.supervisor_page"))
+
+
+@blueprint.post("/supervisor/resolve")
+@supervisor_only
+def resolve_escalation() -> BaseResponse:
+    """The final pass or reject of an escalated part; published as the part's labelled Verdict."""
+    state = ui()
+    operator = current_operator()
+    assert operator is not None  # noqa: S101 - @supervisor_only guarantees it
+    part_id = request.form.get("part_id", "")
+    outcome = request.form.get("outcome", "")
+    if outcome not in _FINAL_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
+        return _page(400, resolve_error="Choose Pass or Reject for an escalated part.")
+    label = state.config.ok_label if outcome == "pass" else state.config.defect_label
+    try:
+        recorded = state.store.resolve_escalation(part_id, operator.badge, outcome, label, now_dt())
+    except KeyError:
+        return error_response(404, "This part is not waiting for a supervisor.")
+    if recorded:
+        flash(f"Part {part_id} {_FINAL_TEXT[outcome]}: final verdict recorded.", "ok")
+    else:
+        flash(f"Part {part_id} already has a supervisor's verdict.", "warn")
     return redirect(url_for("supervisor.supervisor_page"))

@@ -136,13 +136,36 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
                     20, "the keyboard verdict to reach the broker",
                 )
 
+                # Unsure: E escalates the next part; it waits on the supervisor's page, where
+                # the final verdict is given and reaches the broker as the part's label.
+                page.wait_for_function(
+                    "(judged) => { const c = document.getElementById('current');"
+                    " return c && c.dataset.partId && c.dataset.partId !== judged; }",
+                    arg=second,
+                )
+                unsure = page.inner_text("#current .part-id")
+                page.keyboard.press("e")
+                wait_for(lambda: store.escalation_count() == 1, 20, "the escalation stored")
+                page.goto(f"{base}/supervisor")
+                row = page.locator(f".escalation[data-part-id='{unsure}']")
+                assert "escalated by " + BADGE in row.inner_text()
+                page.screenshot(path=str(SCREENSHOTS / "supervisor-1280x800.png"))
+                row.locator("button[value=reject]").click()
+                page.wait_for_selector(".flash-ok")
+                assert "final verdict recorded" in page.inner_text(".flash-ok")
+                wait_for(
+                    lambda: [
+                        (v.outcome, v.label) for v in collector.unique(p.Verdict)
+                        if v.part_id == unsure
+                    ] == [(p.VerdictOutcome.ESCALATE, None), (p.VerdictOutcome.REJECT, "defect")],
+                    20, "the escalation and the supervisor's verdict to reach the broker",
+                )
+
                 page.goto(f"{base}/status")
                 page.wait_for_selector("svg.plot")
                 assert "part-classifier 1.0.0" in page.inner_text("main")
                 page.screenshot(path=str(SCREENSHOTS / "status-1280x800.png"))
 
-                page.goto(f"{base}/supervisor")
-                page.screenshot(path=str(SCREENSHOTS / "supervisor-1280x800.png"))
 
                 page.set_viewport_size({"width": 800, "height": 480})
                 page.goto(f"{base}/")

@@ -597,6 +597,70 @@ def test_levels_above_the_fleet_maximum_are_refused(
     assert [r.level for r in store.take_requests()] == ["assist"]
 
 
+def test_an_escalated_part_reaches_the_supervisor_who_gives_the_final_verdict(
+    app: Flask, store: StationStore
+) -> None:
+    add_part(store, "P-1", age_s=30, reason="disagreement")
+    add_part(store, "P-2", age_s=20)
+    operator = app.test_client()
+    token = sign_in(operator)
+    escalated = judge(operator, token, "P-1", "escalate")
+    assert escalated.get_json()["result"] == "recorded"
+    assert "P-1" not in operator.get("/").get_data(as_text=True)  # off the operator's queue
+    assert operator.get("/supervisor").status_code == 403
+    refused = operator.post(
+        "/supervisor/resolve", data={"part_id": "P-1", "outcome": "pass"},
+        headers={"X-CSRF-Token": token},
+    )
+    assert refused.status_code == 403
+
+    supervisor = app.test_client()
+    token = sign_in(supervisor, "sup-1", SUPERVISOR_PIN)
+    nav = supervisor.get("/status").get_data(as_text=True).split("<main>")[0]
+    assert 'aria-label="escalated parts waiting">1<' in nav
+    page = supervisor.get("/supervisor").get_data(as_text=True)
+    assert 'data-part-id="P-1"' in page and "escalated by op-7" in page
+    assert "Model suggests" not in page  # a disagreement grades the models: no suggestion
+
+    for data, status in (
+        ({"part_id": "P-1", "outcome": "escalate"}, 400),
+        ({"part_id": "", "outcome": "pass"}, 400),
+        ({"part_id": "P-2", "outcome": "reject"}, 404),  # waiting for an operator, not escalated
+        ({"part_id": "nope", "outcome": "reject"}, 404),
+    ):
+        response = supervisor.post("/supervisor/resolve", data={**data, "csrf_token": token})
+        assert response.status_code == status, data
+    assert store.escalation_count() == 1
+
+    done = supervisor.post(
+        "/supervisor/resolve", data={"part_id": "P-1", "outcome": "reject", "csrf_token": token},
+        follow_redirects=True,
+    )
+    assert done.status_code == 200
+    assert "P-1 rejected: final verdict recorded" in done.get_data(as_text=True)
+    assert store.escalations() == []
+    again = supervisor.post(
+        "/supervisor/resolve", data={"part_id": "P-1", "outcome": "pass", "csrf_token": token},
+        follow_redirects=True,
+    )
+    assert "already has a supervisor" in again.get_data(as_text=True)
+    sent = store.unpublished_verdicts()
+    assert [(v.part_id, v.operator, v.outcome, v.label) for v in sent] == [
+        ("P-1", "op-7", "escalate", None), ("P-1", "sup-1", "reject", "defect"),
+    ]
+    assert "No part is waiting for you" in supervisor.get("/supervisor").get_data(as_text=True)
+
+
+def test_a_resolution_needs_the_session_token(app: Flask, store: StationStore) -> None:
+    add_part(store, "P-1")
+    store.record_verdict("P-1", "op-7", "escalate", None, datetime.now(UTC))
+    supervisor = app.test_client()
+    sign_in(supervisor, "sup-1", SUPERVISOR_PIN)
+    forged = supervisor.post("/supervisor/resolve", data={"part_id": "P-1", "outcome": "pass"})
+    assert forged.status_code in (400, 403)
+    assert store.escalation_count() == 1
+
+
 # --- command line -----------------------------------------------------------------------------
 
 

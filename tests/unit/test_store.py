@@ -17,6 +17,7 @@ import pytest
 from edge_agent import store as store_module
 from edge_agent.store import (
     DB_FILE,
+    SCHEMA_VERSION,
     OutboxFull,
     PartLogEntry,
     ReviewItem,
@@ -480,6 +481,84 @@ def test_publish_verdicts_enqueues_each_once(store: StationStore) -> None:
     assert [v.published_seq for v in store.verdicts_since(T0)] == [1, 2]
 
 
+def test_an_escalation_waits_for_a_supervisor_whose_verdict_is_published_after_it(
+    store: StationStore,
+) -> None:
+    for part in ("e1", "e2", "p3"):
+        store.add_review(item(part))
+    store.record_verdict("e1", "ana", "escalate", None, T0 + timedelta(seconds=1))
+    store.record_verdict("e2", "bo", "escalate", None, T0 + timedelta(seconds=2))
+    store.record_verdict("p3", "ana", "pass", "good", T0 + timedelta(seconds=3))
+    assert [(e.review.part_id, e.operator) for e in store.escalations()] == [
+        ("e1", "ana"), ("e2", "bo"),
+    ]
+    assert store.escalation_count() == 2
+    assert store.escalations()[0].escalated_at == T0 + timedelta(seconds=1)
+
+    # Resolved before the escalation itself went out: the escalation is published first.
+    assert store.resolve_escalation("e1", "sup-9", "reject", "scratch", T0 + timedelta(minutes=1))
+    assert not store.resolve_escalation("e1", "sup-8", "pass", "good", T0 + timedelta(minutes=2))
+    assert [e.review.part_id for e in store.escalations()] == ["e2"]
+    assert store.escalation_count() == 1
+    with pytest.raises(KeyError):
+        store.resolve_escalation("p3", "sup-9", "reject", "scratch", T0)  # not an escalation
+    with pytest.raises(KeyError):
+        store.resolve_escalation("nope", "sup-9", "reject", "scratch", T0)
+    with pytest.raises(ValueError, match="outcome"):
+        store.resolve_escalation("e2", "sup-9", "escalate", "scratch", T0)
+
+    sent = store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message)
+    verdicts = [p.parse(p.Verdict, row.payload) for row in store.pending()]
+    assert [m.seq for m in sent] == [v.seq for v in verdicts] == [0, 1, 2, 3]
+    assert [(v.part_id, v.operator, v.outcome.value, v.label) for v in verdicts] == [
+        ("e1", "ana", "escalate", None),
+        ("e2", "bo", "escalate", None),
+        ("p3", "ana", "pass", "good"),
+        ("e1", "sup-9", "reject", "scratch"),
+    ]
+    assert verdicts[3].review_reason == verdicts[0].review_reason
+    assert store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message) == []
+
+
+def test_an_unresolved_escalation_keeps_its_image_and_its_part(store: StationStore) -> None:
+    for i, part in enumerate(("e0", "p1", "e2")):
+        store.add_review(item(part, created=T0 + timedelta(minutes=i), image=bytes(100)))
+    store.record_verdict("e0", "ana", "escalate", None, T0)
+    store.record_verdict("p1", "ana", "pass", "good", T0)
+    store.record_verdict("e2", "ana", "escalate", None, T0)
+    store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message)
+
+    report = store.enforce_quota(0)
+    assert report.pruned_confirmed == 1  # p1 only
+    assert report.over_quota_unconfirmed == 2 and report.over_quota_bytes == 200
+    assert store.image_path("e0") is not None and store.image_path("p1") is None
+    assert store.prune_confirmed(timedelta(0), now=T0 + timedelta(days=1)) == 1
+    assert [e.review.part_id for e in store.escalations()] == ["e0", "e2"]
+
+    store.resolve_escalation("e0", "sup-9", "pass", "good", T0 + timedelta(hours=1))
+    assert store.prune_confirmed(timedelta(0), now=T0 + timedelta(days=1)) == 0  # not sent yet
+    store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message)
+    assert store.enforce_quota(0).pruned_confirmed == 1
+    assert store.prune_confirmed(timedelta(0), now=T0 + timedelta(days=1)) == 1
+    assert store.review("e0") is None and store.review("e2") is not None
+
+
+def test_a_store_of_schema_2_gains_resolutions(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as store:
+        store.add_review(item("e1"))
+        store.record_verdict("e1", "ana", "escalate", None, T0)
+    raw = sqlite3.connect(tmp_data_dir / DB_FILE)
+    raw.executescript(
+        "DROP VIEW confirmed; DROP VIEW unpublished; DROP TABLE resolutions; "
+        "PRAGMA user_version=2;"
+    )
+    raw.close()
+    with StationStore(tmp_data_dir) as store:
+        assert store.schema_version() == 3
+        assert [e.review.part_id for e in store.escalations()] == ["e1"]
+        assert store.resolve_escalation("e1", "sup-9", "pass", "good", T0)
+
+
 def test_verdicts_are_published_even_when_the_outbox_is_full(tmp_data_dir: Path) -> None:
     with StationStore(tmp_data_dir, max_outbox_rows=1) as store:
         store.enqueue(DECISION_TOPIC, 1, decision("p0"))
@@ -646,7 +725,7 @@ def test_arguments_are_validated_by_name(store: StationStore) -> None:
 
 def test_schema_version_and_newer_schema_refused(tmp_data_dir: Path) -> None:
     with StationStore(tmp_data_dir) as store:
-        assert store.schema_version() == 2
+        assert store.schema_version() == SCHEMA_VERSION == 3
     raw = sqlite3.connect(tmp_data_dir / DB_FILE)
     raw.execute("PRAGMA user_version=99")
     raw.close()
