@@ -7,14 +7,17 @@ document for every part. A failing gate is reported, never allowed to stop inspe
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import queue
 import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
-from typing import Protocol
+from email.message import Message
+from typing import IO, Protocol
 
 from edge_agent.config import LogRejectOutput, RejectOutputConfig, WebhookRejectOutput
 from linesight.protocol import Decision
@@ -32,12 +35,26 @@ class LoggingGate:
         log.debug("part %s: %s (%s)", decision.part_id, decision.action, decision.decided_by)
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """urllib would follow a 301/302/303 as a GET without the body and take the target's answer
+    for the POST's: here a redirect stays the HTTPError it is."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+        headers: Message, newurl: str,
+    ) -> urllib.request.Request | None:
+        return None
+
+
 class WebhookGate:
-    """POST {"station", "part_id", "action", "decided_by", "label", "confidence", "seq"}."""
+    """POST {"station", "part_id", "action", "decided_by", "label", "confidence", "seq"}.
+
+    Only a 2xx answer to the POST itself is success: redirects are not followed."""
 
     def __init__(self, url: str, timeout_s: float) -> None:
         self.url = url
         self.timeout_s = timeout_s
+        self._opener = urllib.request.build_opener(_NoRedirect)
 
     def act(self, decision: Decision) -> None:
         body = json.dumps(
@@ -55,13 +72,23 @@ class WebhookGate:
             self.url, data=body, headers={"Content-Type": "application/json"}, method="POST"
         )
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout_s) as response:  # noqa: S310
-                if response.status >= 300:
-                    raise OSError(f"reject webhook answered HTTP {response.status}")
+            with self._opener.open(request, timeout=self.timeout_s) as response:
+                if not 200 <= response.status < 300:
+                    raise OSError(f"reject webhook {self.url} answered HTTP {response.status}")
         except urllib.error.HTTPError as exc:
-            raise OSError(f"reject webhook answered HTTP {exc.code}") from exc
+            if 300 <= exc.code < 400:
+                raise OSError(
+                    f"reject webhook {self.url} answered HTTP {exc.code}, a redirect to "
+                    f"{exc.headers.get('Location', '(no Location)')}; redirects are not "
+                    "followed: configure the URL that takes the POST"
+                ) from exc
+            raise OSError(f"reject webhook {self.url} answered HTTP {exc.code}") from exc
         except urllib.error.URLError as exc:
             raise OSError(f"reject webhook {self.url} failed: {exc.reason}") from exc
+        except http.client.HTTPException as exc:  # BadStatusLine, IncompleteRead, ...
+            raise OSError(f"reject webhook {self.url} gave a malformed answer: {exc!r}") from exc
+        except OSError as exc:  # a time-out or reset while the answer is read
+            raise OSError(f"reject webhook {self.url} failed: {exc}") from exc
 
 
 def build_gate(config: RejectOutputConfig) -> RejectGate:
@@ -87,6 +114,9 @@ class InlineGate:
             self.gate.act(decision)
         except OSError as exc:
             self.on_error(str(exc))
+        except Exception as exc:  # a gate's bug must not stop inspection either  # noqa: BLE001
+            log.exception("reject gate failed on part %s", decision.part_id)
+            self.on_error(f"reject gate failed: {type(exc).__name__}: {exc}")
         else:
             self.on_ok()
 
@@ -104,7 +134,8 @@ def start_gate(gate: RejectGate, on_error: Callable[[str], None],
 
 class BackgroundGate:
     """Runs a gate on a thread of its own, so a slow or dead PLC endpoint never holds up the
-    outbox commit or the inspection loop; failures are reported through `on_error`."""
+    outbox commit or the inspection loop; failures are reported through `on_error`, and the
+    thread goes on with the next part whatever one part's signal raised."""
 
     def __init__(self, gate: RejectGate, on_error: Callable[[str], None],
                  on_ok: Callable[[], None] = lambda: None, max_backlog: int = 1000) -> None:
@@ -112,6 +143,7 @@ class BackgroundGate:
         self.on_error = on_error
         self._inline = InlineGate(gate, on_error, on_ok)  # what the thread runs per decision
         self._queue: queue.Queue[Decision | None] = queue.Queue(max_backlog)
+        self._given_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reject-gate", daemon=True)
         self._thread.start()
 
@@ -123,9 +155,22 @@ class BackgroundGate:
                           f"{decision.part_id} not signalled")
 
     def close(self, timeout: float = 5.0) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout)
+        """Signal the parts still queued for up to `timeout` seconds, then give up on the rest
+        (their decisions are stored and published): a dead endpoint never holds up a shutdown."""
+        deadline = time.monotonic() + timeout
+        try:
+            self._queue.put(None, timeout=timeout)
+        except queue.Full:
+            pass
+        self._thread.join(max(0.0, deadline - time.monotonic()))
+        if self._thread.is_alive():
+            self._given_up.set()  # the thread ends after the part it is signalling
+            log.warning("reject output: gave up after %.0f s with about %d parts not signalled",
+                        timeout, self._queue.qsize())
 
     def _run(self) -> None:
-        while (decision := self._queue.get()) is not None:
-            self._inline.act(decision)
+        while not self._given_up.is_set() and (decision := self._queue.get()) is not None:
+            try:
+                self._inline.act(decision)
+            except Exception:  # on_error or on_ok raised: the next part still goes out  # noqa: BLE001
+                log.exception("reject output: reporting part %s failed", decision.part_id)

@@ -48,8 +48,11 @@ from edge_agent.slots import (
     LoadedModel,
     SlotError,
     Slots,
+    check_fraction,
+    is_placeholder,
     load_model,
     promoted,
+    restore_slots,
     rolled_back,
     switched,
     unloadable_model,
@@ -236,16 +239,8 @@ class Agent:
         """What the station ran before a restart wins over the configuration's start values."""
         record = self.store.load_slots()
         if record is not None:
-            try:
-                return self._slots_from_record(record)
-            except (BundleError, InferenceError, OSError, SlotError, KeyError) as exc:
-                log.error("cannot restore the saved model slots (%s); using the configuration", exc)
-        try:
-            active = self._load(self.config.active, "active")
-        except (BundleError, InferenceError, OSError) as exc:
-            self._raise_fault("active_load", f"active model not loaded: {exc}")
-            active = unloadable_model(self.config.active, str(exc))
-        slots = Slots(active=active)
+            return self._slots_from_record(record)
+        slots = Slots(active=self._configured_active())
         if self.config.candidate is not None:
             try:
                 candidate = self._load(self.config.candidate, "candidate")
@@ -256,20 +251,29 @@ class Agent:
                 self._raise_fault("candidate_load", f"candidate not loaded: {exc}")
         return slots
 
+    def _configured_active(self) -> LoadedModel:
+        try:
+            return self._load(self.config.active, "active")
+        except (BundleError, InferenceError, OSError) as exc:
+            self._raise_fault("active_load", f"active model not loaded: {exc}")
+            return unloadable_model(self.config.active, str(exc))
+
     def _slots_from_record(self, record: dict[str, Any]) -> Slots:
-        active = self._load(Path(record["active"]), "active")
-        previous = self._load(Path(record["previous"]), "active") if record["previous"] else None
-        candidate = (
-            self._load(Path(record["candidate"]), "candidate") if record["candidate"] else None
-        )
-        slots = Slots(active=active, candidate=candidate, previous=previous)
-        if candidate is not None:
-            slots = with_mode(
-                slots, p.DeploymentMode(record["mode"]), float(record["canary_fraction"])
-            )
-            if record.get("serving") == "candidate" and slots.mode == p.DeploymentMode.BLUE_GREEN:
-                slots = switched(slots, "candidate")
-        self.automation = p.AutomationLevel(record.get("automation", self.automation))
+        """Each saved slot on its own: a bundle gone from disk costs only its slot (a lost active
+        one is replaced by the configuration's), and the automation level is kept regardless."""
+        try:
+            self.automation = p.AutomationLevel(record.get("automation", self.automation))
+        except ValueError:
+            log.error("saved automation level %r unknown; using %s", record.get("automation"),
+                      self.automation.value)
+        slots, problems = restore_slots(record, self._load, self._configured_active)
+        for problem in problems:
+            if problem.slot == "candidate":
+                self._raise_fault("candidate_load", problem.message)
+            elif problem.slot == "active":
+                log.error("%s; using the configuration's active model", problem.message)
+            else:
+                log.error("%s", problem.message)
         return slots
 
     def _saved_reference(self) -> Reference | None:
@@ -354,6 +358,8 @@ class Agent:
         self.slots = slots
         if active_changed:
             self.drift.reset()
+            if not is_placeholder(slots.active):
+                self._clear_faults("active_load")  # a loaded model took the placeholder's place
         self._clear_faults("active_inference", "candidate_inference", "candidate_load")
         self._save_slots()
         self._state_dirty.set()
@@ -740,6 +746,7 @@ class Agent:
         """Carry out one command; the error text, or None on success."""
         try:
             if isinstance(body, p.DeployCandidate):
+                check_fraction(body.mode, body.canary_fraction)  # before any download
                 candidate = self._fetch_candidate(body)
                 self.at_boundary(lambda: self._set_slots(
                     with_candidate(self.slots, candidate, body.mode, body.canary_fraction)

@@ -7,6 +7,7 @@ folder, so a tampered or partial bundle never reaches its final place.
 
 from __future__ import annotations
 
+import http.client
 import shutil
 import tempfile
 import urllib.request
@@ -28,15 +29,30 @@ MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 
 
 def download(url: str, timeout: float) -> bytes:
+    """The body at `url`, whole; BundleError naming the URL and the problem otherwise (no
+    connection, an HTTP error status, a malformed answer, a transfer cut short)."""
     if not url.startswith(("http://", "https://")):
         raise BundleError("download", f"refusing to download from {url!r}")
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - checked
             data: bytes = response.read(MAX_DOWNLOAD_BYTES + 1)
+            missing: int | None = response.length  # what Content-Length announced and never came
+    except http.client.IncompleteRead as exc:  # a chunked transfer cut short
+        raise BundleError(
+            "download", f"cannot download {url}: the chunked transfer was cut short ({exc})"
+        ) from exc
+    except http.client.HTTPException as exc:  # BadStatusLine and the like
+        raise BundleError("download", f"cannot download {url}: malformed HTTP answer {exc!r}"
+                          ) from exc
     except OSError as exc:
         raise BundleError("download", f"cannot download {url}: {exc}") from exc
     if len(data) > MAX_DOWNLOAD_BYTES:
         raise BundleError("download", f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
+    if missing:
+        raise BundleError(
+            "download", f"cannot download {url}: the transfer was cut short after {len(data)} "
+            f"of {len(data) + missing} bytes"
+        )
     return data
 
 

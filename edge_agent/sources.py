@@ -252,7 +252,8 @@ def list_images(folder: Path) -> list[Path]:
 
 class FolderSource:
     """Images of a folder in name order; the folder is listed again at each pass when looping,
-    so images dropped in while the station runs are picked up."""
+    so images dropped in while the station runs are picked up. A pass that finds nothing readable
+    is a SourceError, and the next read lists the folder again."""
 
     reconnects = 0
     frame_age_s = 0.0
@@ -271,7 +272,6 @@ class FolderSource:
         if not self._pending:
             raise SourceError(f"folder:{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
         self._count = 0
-        self._read_this_pass = 0
         self.skipped = 0
 
     def _list(self) -> list[Path]:
@@ -285,15 +285,16 @@ class FolderSource:
             raise EndOfSource(f"folder:{self._folder} is closed")
         if not self._pacer.wait(timeout):
             return None
+        listed = False
         while True:
             if not self._pending:
                 if not self._loop:
                     raise EndOfSource(f"folder:{self._folder}: all images read")
-                if self._read_this_pass == 0:
-                    # Looping over a folder where nothing decodes would spin forever.
+                if listed:
+                    # One listing per read: a folder where nothing decodes must not spin forever.
                     raise SourceError(f"folder:{self._folder}: no readable image in a full pass")
                 self._pending.extend(self._list())
-                self._read_this_pass = 0
+                listed = True
                 if not self._pending:
                     raise SourceError(f"folder:{self._folder}: all images are gone")
             path = self._pending.popleft()
@@ -302,7 +303,6 @@ class FolderSource:
                 self.skipped += 1
                 log.warning("folder:%s: skipping %s: not a readable image", self._folder, path.name)
                 continue
-            self._read_this_pass += 1
             self._count += 1
             captured_at = time.time()
             return Frame(

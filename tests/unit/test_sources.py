@@ -294,6 +294,24 @@ def test_folder_problems_are_source_errors(tmp_path: Path) -> None:
         source.read(1.0)
 
 
+@pytest.mark.parametrize("gap", ["empty", "half-written"])
+def test_a_looping_folder_recovers_when_readable_images_come_back(
+    tmp_path: Path, gap: str
+) -> None:
+    cv2.imwrite(str(tmp_path / "a.png"), solid(10))
+    source = parse_source(f"folder:{tmp_path}", station="st-1", options=SourceOptions(loop=True))
+    assert source.read(1.0) is not None
+    (tmp_path / "a.png").unlink()
+    if gap == "half-written":  # a file still being copied in: not readable yet
+        (tmp_path / "b.png").write_bytes(cv2.imencode(".png", solid(20))[1].tobytes()[:20])
+    for _ in range(3):  # the agent shows a source fault and tries again
+        with pytest.raises(SourceError, match=str(tmp_path)):
+            source.read(1.0)
+    cv2.imwrite(str(tmp_path / "b.png"), solid(20))  # the copy is complete
+    frames = [source.read(1.0) for _ in range(3)]
+    assert [int(f.image[0, 0, 0]) for f in frames if f] == [20, 20, 20]
+
+
 # --- video file ------------------------------------------------------------------------------
 
 
