@@ -2,7 +2,8 @@
 
 A bundle is a folder holding `model.onnx`, `manifest.json` and `manifest.sig`. The signature
 covers the exact bytes of `manifest.json`; the manifest pins the size and sha256 of every other
-file. `verify_bundle` checks all of it before onnxruntime is ever allowed to open the model.
+file. `verify_bundle` checks all of it before onnxruntime is ever allowed to open the model,
+including that any tensor data kept outside `model.onnx` comes from one of those files.
 """
 
 from __future__ import annotations
@@ -11,10 +12,10 @@ import base64
 import hashlib
 import json
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Literal
+from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING, Any, Literal
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
@@ -23,6 +24,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+if TYPE_CHECKING:
+    import onnx
 
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
@@ -256,8 +260,24 @@ def parse_manifest(data: bytes) -> Manifest:
         raise BundleError("manifest-schema", problems) from exc
 
 
+def _tensors(message: Any) -> Iterator[onnx.TensorProto]:
+    """Every TensorProto anywhere inside an ONNX protobuf message: initializers and sparse
+    initializers of the main graph and of every sub-graph (If, Loop and Scan bodies),
+    tensor-valued node attributes, function bodies alike."""
+    import onnx
+
+    if isinstance(message, onnx.TensorProto):
+        yield message
+        return
+    for field, value in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:  # a message, or a list of them when repeated
+            for item in value if isinstance(value, Sequence) else [value]:
+                yield from _tensors(item)
+
+
 def external_data_references(model_path: Path) -> list[str]:
-    """Locations of tensors the ONNX file keeps outside itself (empty for a self-contained file)."""
+    """Locations of the tensor data the ONNX file keeps outside itself, from every tensor of the
+    model however deeply nested (empty for a self-contained file)."""
     import onnx  # imported here: only verification needs the graph parser
 
     try:
@@ -266,31 +286,29 @@ def external_data_references(model_path: Path) -> list[str]:
         raise BundleError(
             "onnx-parse", f"{model_path.name} is not a readable ONNX file: {exc}"
         ) from exc
-    references: list[str] = []
-    tensors = list(model.graph.initializer)
-    for node in model.graph.node:
-        for attribute in node.attribute:
-            if attribute.HasField("t"):
-                tensors.append(attribute.t)
-            tensors.extend(attribute.tensors)
-    for tensor in tensors:
-        if tensor.data_location == onnx.TensorProto.EXTERNAL:
-            location = next((e.value for e in tensor.external_data if e.key == "location"), "")
-            references.append(location)
-    return references
+    return [
+        next((entry.value for entry in tensor.external_data if entry.key == "location"), "")
+        for tensor in _tensors(model)
+        if tensor.data_location == onnx.TensorProto.EXTERNAL or len(tensor.external_data) > 0
+    ]
 
 
 def _check_external_data(bundle_dir: Path, manifest: Manifest) -> None:
-    root = bundle_dir.resolve()
+    """Tensor data may live outside model.onnx only in a file at the top of the bundle that the
+    manifest lists, so that its bytes were digest-checked like the model's. A location is read
+    relative to the bundle: `weights.bin` (or `./weights.bin`) is accepted when the manifest
+    lists `weights.bin`; a sub-folder, `..`, an absolute path or an unlisted name is refused."""
     for location in external_data_references(bundle_dir / MODEL_FILE):
-        target = (bundle_dir / location).resolve()
-        if not target.is_relative_to(root) or target == root:
+        path = PurePosixPath(location.replace("\\", "/"))
+        if not path.parts or path.is_absolute() or ".." in path.parts:
             raise BundleError(
-                "external-data", f"{MODEL_FILE} references data outside its bundle: {location!r}"
+                "external-data", f"{MODEL_FILE} reads tensor data outside its bundle: {location!r}"
             )
-        if target.name not in manifest.files:
+        if len(path.parts) != 1 or path.name not in manifest.files:
             raise BundleError(
-                "external-data", f"{MODEL_FILE} references {location!r}, which the manifest omits"
+                "external-data",
+                f"{MODEL_FILE} reads tensor data from {location!r}, which is not a file the "
+                "manifest lists (only those, at the top of the bundle, are digest-checked)",
             )
 
 

@@ -16,6 +16,7 @@ from station_ui.commands import register as register_station_ui
 
 if TYPE_CHECKING:
     from deploy.client import ControllerClient
+    from edge_agent.config import AgentConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -191,13 +192,14 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
 def _add_set_flag(parser: argparse.ArgumentParser, what: str, example: str) -> None:
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-        help=f"any other key of the {what} YAML, dotted, with a YAML value; repeatable, e.g. "
-        f"{example} (the named flags above win)",
+        help=f"any other key of the {what} YAML, dotted, with a YAML value (KEY=null sets it "
+        f"to null); repeatable, e.g. {example} (the named flags above win)",
     )
 
 
 def _overrides(settings: Sequence[str], named: dict[str, Any]) -> dict[str, Any]:
-    """`--set` values, then the named flags that were given on top."""
+    """`--set` values (`KEY=null` included: it sets the key to null), then the named flags that
+    were given on top; a named flag left out (None) overrides nothing."""
     return {
         **parse_settings(settings),
         **{key: value for key, value in named.items() if value is not None},
@@ -223,10 +225,9 @@ def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
     return parsed
 
 
-def _run_agent(args: argparse.Namespace) -> int:
-    import signal
-
-    from edge_agent.agent import Agent
+def agent_config(args: argparse.Namespace) -> AgentConfig:
+    """The station configuration `linesight agent` was given: --config, then --set, then the
+    named flags."""
     from edge_agent.config import load_config
 
     named = {
@@ -247,8 +248,15 @@ def _run_agent(args: argparse.Namespace) -> int:
         "command_key": args.command_key,
         "topic_prefix": args.topic_prefix,
     }
-    config = load_config(args.config, _overrides(args.settings, named))
-    agent = Agent(config)
+    return load_config(args.config, _overrides(args.settings, named))
+
+
+def _run_agent(args: argparse.Namespace) -> int:
+    import signal
+
+    from edge_agent.agent import Agent
+
+    agent = Agent(agent_config(args))
 
     def stop(signum: int, _frame: object) -> None:
         agent.stop()

@@ -56,14 +56,17 @@ def load_model(
     overrides: Mapping[str, Any],
     defaults: Callable[[dict[str, Any]], None] = lambda _document: None,
 ) -> M:
-    """The YAML file (optional) with overrides (dotted keys, e.g. 'broker.url'; None skipped)
-    on top, then `defaults` filling what depends on other keys, then validation."""
-    given = {key: value for key, value in overrides.items() if value is not None}
+    """The YAML file (optional) with overrides (dotted keys, e.g. 'broker.url') on top, then
+    `defaults` filling what depends on other keys, then validation.
+
+    Every override is applied as given: None sets the key to null (`--set candidate=null`),
+    which the model accepts or refuses with the key's path. Callers leave out the flags the
+    user did not give."""
     document = read_yaml_mapping(path) if path is not None else {}
     source = str(path) if path is not None else "flags"
-    if path is not None and given:
+    if path is not None and overrides:
         source = f"{path} and flags"
-    for dotted, value in given.items():
+    for dotted, value in overrides.items():
         set_path(document, dotted, value)
     defaults(document)
     try:

@@ -196,7 +196,7 @@ def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
     app = Flask(__name__)
     app.config.update(
         SECRET_KEY=config.secret_key,
-        SESSION_COOKIE_NAME="linesight_station",
+        SESSION_COOKIE_NAME=config.session_cookie_name,
         SESSION_COOKIE_HTTPONLY=True,
         SESSION_COOKIE_SAMESITE="Strict",
         SESSION_COOKIE_SECURE=config.secure_cookie,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,3 +64,11 @@ class UiConfig:
     @property
     def allowed_levels(self) -> tuple[AutomationLevel, ...]:
         return tuple(level for level in AUTOMATION_ORDER if self.allows(level))
+
+    @property
+    def session_cookie_name(self) -> str:
+        """One name per station screen, the same after a restart: browsers keep cookies per
+        host, not per port, so screens served from one host (the demo's three on 127.0.0.1)
+        would otherwise overwrite each other's session and sign each other out."""
+        digest = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()
+        return f"linesight_station_{digest[:12]}"

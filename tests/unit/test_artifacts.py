@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -41,9 +42,19 @@ def tiny_model(external_location: str | None = None) -> onnx.ModelProto:
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
 
 
-def make_bundle(folder: Path, key: Ed25519PrivateKey, model: onnx.ModelProto | None = None) -> Path:
+def make_bundle(
+    folder: Path,
+    key: Ed25519PrivateKey,
+    model: onnx.ModelProto | None = None,
+    files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write the model and `files` (relative paths), then sign: the manifest lists the files at
+    the top of the folder."""
     folder.mkdir(parents=True)
     (folder / a.MODEL_FILE).write_bytes((model or tiny_model()).SerializeToString())
+    for relative, data in (files or {}).items():
+        (folder / relative).parent.mkdir(parents=True, exist_ok=True)
+        (folder / relative).write_bytes(data)
     a.build_bundle(
         folder,
         name="tiny",
@@ -198,3 +209,133 @@ def test_cli_verify_and_sign(
     assert main(["models", "verify", str(bundle), "--key", str(public)]) == 1
     assert "digest" in capsys.readouterr().err
     assert main(["models", "verify", str(tmp_path / "nowhere"), "--key", str(public)]) == 1
+
+
+# --- tensor data outside model.onnx: every tensor, only listed files ---------------------
+
+PROBABILITIES = np.array([0.25, 0.75], dtype=np.float32).tobytes()
+FORGED = np.array([1.0, 0.0], dtype=np.float32).tobytes()  # "ok", with certainty
+
+
+def external_tensor(location: str) -> onnx.TensorProto:
+    """A [2] float tensor named W whose bytes live in `location`."""
+    tensor = numpy_helper.from_array(np.frombuffer(PROBABILITIES, dtype=np.float32), "W")
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    for field, value in (("location", location), ("offset", "0"), ("length", "8")):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = field, value
+    return tensor
+
+
+def sparse_external(location: str) -> onnx.SparseTensorProto:
+    indices = numpy_helper.from_array(np.array([0, 1], dtype=np.int64), "W_indices")
+    return helper.make_sparse_tensor(external_tensor(location), indices, [2])
+
+
+def probabilities_model(
+    nodes: Sequence[onnx.NodeProto],
+    initializers: Sequence[onnx.TensorProto] = (),
+    sparse_initializers: Sequence[onnx.SparseTensorProto] = (),
+) -> onnx.ModelProto:
+    """`nodes` compute p [2]; the model answers [1, 2] probabilities for any image."""
+    axes = numpy_helper.from_array(np.array([0], dtype=np.int64), "axes")
+    graph = helper.make_graph(
+        [*nodes, helper.make_node("Unsqueeze", ["p", "axes"], ["probabilities"])],
+        "external",
+        [helper.make_tensor_value_info("image", TensorProto.FLOAT, [1, 3, 8, 8])],
+        [helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [1, 2])],
+        initializer=[axes, *initializers],
+        sparse_initializer=list(sparse_initializers),
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def if_model(
+    then_nodes: Sequence[onnx.NodeProto], then_initializers: Sequence[onnx.TensorProto]
+) -> onnx.ModelProto:
+    """p comes from an If whose then-branch (always taken) is a sub-graph of its own."""
+    branch_out = [helper.make_tensor_value_info("p_branch", TensorProto.FLOAT, [2])]
+    then_branch = helper.make_graph(
+        list(then_nodes), "then", [], branch_out, initializer=list(then_initializers)
+    )
+    half = numpy_helper.from_array(np.array([0.5, 0.5], dtype=np.float32))
+    else_branch = helper.make_graph(
+        [helper.make_node("Constant", [], ["p_branch"], value=half)], "else", [], branch_out
+    )
+    condition = numpy_helper.from_array(np.array(True), "condition")
+    return probabilities_model(
+        [helper.make_node("If", ["condition"], ["p"], then_branch=then_branch,
+                          else_branch=else_branch)],
+        initializers=[condition],
+    )
+
+
+def model_reading(place: str, location: str) -> onnx.ModelProto:
+    """A model whose tensor W, kept in `location`, sits at `place` in the graph."""
+    if place == "sub-graph initializer":
+        return if_model([helper.make_node("Identity", ["W"], ["p_branch"])],
+                        [external_tensor(location)])
+    if place == "sub-graph Constant node":
+        return if_model(
+            [helper.make_node("Constant", [], ["p_branch"], value=external_tensor(location))], []
+        )
+    if place == "sparse initializer":
+        return probabilities_model([helper.make_node("Identity", ["W"], ["p"])],
+                                   sparse_initializers=[sparse_external(location)])
+    assert place == "sparse Constant node"
+    return probabilities_model(
+        [helper.make_node("Constant", [], ["p"], sparse_value=sparse_external(location))]
+    )
+
+
+def refusal(bundle: Path, key: Ed25519PrivateKey) -> a.BundleError:
+    with pytest.raises(a.BundleError) as caught:
+        a.verify_bundle(bundle, key.public_key())
+    return caught.value
+
+
+@pytest.mark.parametrize(
+    "place",
+    ["sub-graph initializer", "sub-graph Constant node", "sparse initializer",
+     "sparse Constant node"],
+)
+def test_tensor_data_anywhere_in_the_model_must_be_in_a_listed_file(
+    tmp_path: Path, key: Ed25519PrivateKey, place: str
+) -> None:
+    bundle = make_bundle(tmp_path / "b", key, model_reading(place, "weights.bin"),
+                         files={"weights.bin": PROBABILITIES})
+    assert "weights.bin" in a.verify_bundle(bundle, key.public_key()).files
+    # the same bundle, signed with a manifest that does not list (so never checks) weights.bin
+    manifest = a.parse_manifest((bundle / a.MANIFEST_FILE).read_bytes())
+    files = {name: entry for name, entry in manifest.files.items() if name != "weights.bin"}
+    a.write_signed_manifest(bundle, manifest.model_copy(update={"files": files}), key)
+    (bundle / "weights.bin").write_bytes(FORGED)
+    error = refusal(bundle, key)
+    assert error.check == "external-data" and "'weights.bin'" in error.detail
+
+
+def test_a_sub_graph_reading_an_unchecked_file_in_a_sub_folder_is_refused(
+    tmp_path: Path, key: Ed25519PrivateKey
+) -> None:
+    model = model_reading("sub-graph initializer", "sub/w.bin")
+    bundle = make_bundle(tmp_path / "a", key, model, files={"sub/w.bin": PROBABILITIES})
+    (bundle / "sub" / "w.bin").write_bytes(FORGED)  # after signing
+    error = refusal(bundle, key)
+    assert error.check == "external-data" and "'sub/w.bin'" in error.detail
+    assert "not a file the manifest lists" in str(error)
+
+
+@pytest.mark.parametrize("location", ["sub/weights.bin", "./sub/weights.bin", "sub/../weights.bin"])
+def test_a_listed_file_of_the_same_name_does_not_vouch_for_another_path(
+    tmp_path: Path, key: Ed25519PrivateKey, location: str
+) -> None:
+    """The manifest lists a decoy weights.bin; the model reads a file that is never checked."""
+    model = probabilities_model([helper.make_node("Identity", ["W"], ["p"])],
+                                    initializers=[external_tensor(location)])
+    bundle = make_bundle(tmp_path / "b", key, model,
+                         files={"weights.bin": PROBABILITIES, "sub/weights.bin": PROBABILITIES})
+    assert "weights.bin" in a.parse_manifest((bundle / a.MANIFEST_FILE).read_bytes()).files
+    (bundle / "sub" / "weights.bin").write_bytes(FORGED)  # after signing
+    error = refusal(bundle, key)
+    assert error.check == "external-data" and repr(location) in error.detail

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
+import re
 from pathlib import Path
 
 import pytest
 
 from deploy.config import load_controller_config
 from edge_agent.config import load_config
-from linesight.cli import UsageError, main, parse_settings
+from linesight.cli import UsageError, agent_config, build_parser, main, parse_settings
 from linesight.config_file import ConfigError
+from linesight.protocol import DeploymentMode
 
 STATION = """
 station: press-01
@@ -27,7 +30,7 @@ def write(tmp_path: Path, text: str) -> Path:
 
 
 def test_a_valid_file_loads_and_flags_win(tmp_path: Path) -> None:
-    config = load_config(write(tmp_path, STATION), {"automation": "full", "broker.url": None})
+    config = load_config(write(tmp_path, STATION), {"automation": "full"})
     assert config.station == "press-01" and config.automation == "full"
     assert config.broker.client_id == "linesight-agent-press-01"
     config = load_config(write(tmp_path, STATION), {"broker.url": "mqtts://line:8883"})
@@ -126,3 +129,31 @@ def test_the_shipped_example_configurations_are_valid() -> None:
     assert station.command_key == Path("/etc/linesight/command.pub")
     controller = load_controller_config(examples / "controller.yaml.example", {})
     assert controller.command_key == Path("/etc/linesight/command.key")
+
+
+def agent_args(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(["agent", *argv])
+
+
+def test_set_null_clears_a_key_of_the_file_and_flags_not_given_change_nothing(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, STATION + "candidate: models/part-classifier/2.0.0\nmode: shadow\n"
+                 "metrics_port: 9101\n")
+    config = agent_config(agent_args(
+        "--config", str(path), "--set", "candidate=null", "--set", "metrics_port=null",
+        "--set", "mode=null", "--mode", "none",  # the named flag wins over --set
+    ))
+    assert config.candidate is None and config.metrics_port is None
+    assert config.mode == DeploymentMode.NONE
+    # --station, --broker, --active, --candidate... were not given: the file's values stand
+    assert config.station == "press-01" and config.broker.url == "mqtt://127.0.0.1:1883"
+    assert config.active == Path("models/part-classifier/1.0.0")
+
+
+@pytest.mark.parametrize("key", ["station", "active", "broker.url", "data_dir"])
+def test_set_null_on_a_required_key_is_refused_naming_the_key(tmp_path: Path, key: str) -> None:
+    args = agent_args("--config", str(write(tmp_path, STATION)), "--set", f"{key}=null")
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}: ") as caught:
+        agent_config(args)
+    assert "station configuration" in str(caught.value)

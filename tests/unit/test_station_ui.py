@@ -170,7 +170,7 @@ def test_pages_have_no_inline_script_or_style(client: FlaskClient, store: Statio
 
 def test_session_cookie_is_httponly_and_samesite_strict(client: FlaskClient) -> None:
     sign_in(client)
-    cookie = client.get_cookie("linesight_station")
+    cookie = client.get_cookie(client.application.config["SESSION_COOKIE_NAME"])
     assert cookie is not None and cookie.http_only and cookie.same_site == "Strict"
 
 
@@ -700,3 +700,50 @@ def test_the_session_key_file_is_created_private_and_kept(tmp_path: Path) -> Non
     key = load_secret(path)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600 and len(key) >= 32
     assert load_secret(path) == key
+
+
+def _share_cookies(source: FlaskClient, target: FlaskClient, names: list[str]) -> None:
+    """What one browser does with two screens on one host: cookies are kept per host, not per
+    port, so what one screen sets is sent to the other too."""
+    for name in names:
+        cookie = source.get_cookie(name)
+        if cookie is not None:
+            target.set_cookie(name, cookie.value)
+
+
+def test_two_station_screens_on_one_host_keep_their_own_sessions(
+    tmp_path: Path, clock: FakeClock
+) -> None:
+    stores = [StationStore(tmp_path / station) for station in ("press-01", "press-02")]
+    try:
+        configs = []
+        for index, station_store in enumerate(stores):
+            station_store.upsert_operator("op-7", "Ana Operator", "operator",
+                                          _HASHES[OPERATOR_PIN])
+            add_part(station_store, "P-1")
+            configs.append(UiConfig(data_dir=station_store.data_dir,
+                                    secret_key=bytes([65 + index]) * 32, clock=clock))
+        apps = [create_app(config, s) for config, s in zip(configs, stores, strict=True)]
+        names = [app.config["SESSION_COOKIE_NAME"] for app in apps]
+        assert names[0] != names[1]
+        first, second = (app.test_client() for app in apps)
+
+        first_token = sign_in(first)
+        _share_cookies(first, second, names)
+        second_token = sign_in(second)
+        _share_cookies(second, first, names)
+        assert judge(first, first_token, "P-1", "reject").status_code == 200
+        _share_cookies(first, second, names)
+        assert judge(second, second_token, "P-1", "pass").status_code == 200
+        outcomes = [s.review("P-1") for s in stores]
+        assert [row.outcome if row else None for row in outcomes] == ["reject", "pass"]
+
+        # the first screen restarts (same data dir and key): same cookie name, still signed in
+        restarted = create_app(configs[0], stores[0])
+        assert restarted.config["SESSION_COOKIE_NAME"] == names[0]
+        browser = restarted.test_client()
+        _share_cookies(first, browser, names)
+        assert browser.get("/api/queue", headers={"Accept": "application/json"}).status_code == 200
+    finally:
+        for station_store in stores:
+            station_store.close()
