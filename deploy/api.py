@@ -98,12 +98,14 @@ def rollout_json(state: RolloutState) -> dict[str, Any]:
     evidence: dict[str, Any] | None = None
     record = state.record
     if record.observing_since is not None and record.stations:
+        defect_label = c.defect_label(state)
         found = c.store.paired_evidence(record.stations, record.observing_since,
-                                        state.candidate.model.sha256)
+                                        state.candidate.model.sha256, defect_label)
         verdicts = judge(state.current, found)
         overall = found.overall
         evidence = {
             "since": record.observing_since.isoformat(),
+            "defect_label": defect_label,
             "parts": overall.parts,
             "disagreements": overall.disagreements,
             "agreement_rate": 1 - overall.disagreements / overall.parts if overall.parts
@@ -272,6 +274,13 @@ def _metrics(c: Controller) -> bytes:
           registry=registry).set(c.counters.invalid)
     Gauge("linesight_fleet_receipts", "Receipts published", registry=registry).set(
         c.counters.receipts)
+    Gauge("linesight_fleet_ingest_failed_batches",
+          "Ingest batches that could not be stored (their stations send them again)",
+          registry=registry).set(c.counters.failed_batches)
+    Gauge("linesight_fleet_receipt_failures", "Receipt flushes that failed (tried again)",
+          registry=registry).set(c.counters.failed_receipt_flushes)
+    Gauge("linesight_fleet_receipts_owed", "Seq streams whose receipt waits to be sent",
+          registry=registry).set(c.counters.receipts_owed)
     online = Gauge("linesight_fleet_station_online", "Station online", ["station"],
                    registry=registry)
     for name, view in c.fleet().items():

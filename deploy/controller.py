@@ -2,7 +2,9 @@
 
 - ingest: MQTT messages are parsed and stored in batches (one transaction each); only after the
   commit does the controller publish each station's Receipt, so a crash never drops a message
-  a station already deleted from its outbox;
+  a station already deleted from its outbox. A message that cannot be parsed is dropped alone;
+  a batch that cannot be stored is dropped unreceipted (its stations send it again), and
+  receipts that cannot be sent stay owed: the ingest thread outlives every such failure;
 - tick: once a second the active rollout gets a Tick with the fleet as it is and the evidence
   of its current stage; the returned state is persisted BEFORE its commands are sent;
 - requests from the HTTP API (start, approve, pause, resume, abort, rollback) are events too.
@@ -44,6 +46,8 @@ from linesight.artifacts import (
     SIGNATURE_FILE,
     BundleError,
     load_public_key,
+    parse_manifest,
+    sha256_bytes,
     sha256_file,
     verify_bundle,
 )
@@ -52,7 +56,10 @@ from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
 RECEIPT_INTERVAL_S = 0.1
+RECEIPT_RETRY_S = 1.0
+"""After a failed receipt flush, the owed receipts are tried again this much later."""
 PRUNE_INTERVAL_S = 3600.0
+DEFAULT_DEFECT_LABEL = "defect"
 
 
 class RolloutConflict(Exception):
@@ -66,6 +73,11 @@ class IngestCounters:
     invalid: int = 0
     receipts: int = 0
     batches: int = 0
+    failed_batches: int = 0
+    """Batches that could not be stored (nor receipted): their stations send them again."""
+    failed_receipt_flushes: int = 0
+    receipts_owed: int = 0
+    """Seq streams whose receipt waits to be sent (after a failed flush, until it succeeds)."""
 
 
 class Controller:
@@ -85,11 +97,15 @@ class Controller:
         self._threads: list[threading.Thread] = []
         self.rollout: RolloutState | None = None
         self._listeners: list[Callable[[RolloutState], None]] = []
-        active = self.store.active_rollout()
-        if active is not None:
-            self.rollout = RolloutState.model_validate_json(active[1])
-            log.info("resuming rollout %s (%s, stage %d)", self.rollout.rollout_id,
-                     self.rollout.phase.value, self.rollout.stage)
+        self._defect_labels: dict[str, str] = {}  # rollout_id -> its candidate's defect label
+        # The running rollout, else the last one, which can still be shown (and a promotion
+        # rolled back) as before the restart.
+        found = self.store.active_rollout() or self.store.latest_rollout()
+        if found is not None:
+            self.rollout = RolloutState.model_validate_json(found[1])
+            log.info("%s rollout %s (%s, stage %d)",
+                     "last" if self.rollout.phase in TERMINAL else "resuming",
+                     self.rollout.rollout_id, self.rollout.phase.value, self.rollout.stage)
 
     # --- life cycle -----------------------------------------------------------------------
 
@@ -121,22 +137,34 @@ class Controller:
     # --- ingest -----------------------------------------------------------------------------
 
     def _ingest_loop(self) -> None:
-        owed: dict[StreamKey, int] = {}
-        last_flush = time.monotonic()
+        """Store batches and send the receipts they earn until the controller stops. A failure
+        (the database locked or full) is logged and counted, and the loop goes on: a batch that
+        was not stored earns no receipt, so its stations send it again; receipts that could not
+        be sent stay owed and are tried again."""
+        owed: dict[StreamKey, int] = {}  # seq stream -> highest contiguous seq stored
+        next_flush = time.monotonic()
         while True:
             batch, stopping = self._next_batch()
             if batch:
                 try:
-                    owed.update(self.ingest(batch))
+                    owed.update(self.ingest(batch))  # a watermark only rises: the latest wins
                 except Exception:  # the controller must keep ingesting  # noqa: BLE001
-                    log.exception("ingest of %d messages failed", len(batch))
+                    self.counters.failed_batches += 1
+                    log.exception("ingest of %d messages failed; nothing of it is receipted, "
+                                  "so its stations will send it again", len(batch))
             # Receipts are coalesced: at most one per seq stream per interval, however many
             # batches its messages came in (the highest contiguous seq is all that counts).
             now = time.monotonic()
-            if owed and (stopping or now - last_flush >= RECEIPT_INTERVAL_S):
-                self._send_receipts(owed)
-                owed = {}
-                last_flush = now
+            if owed and (stopping or now >= next_flush):
+                try:
+                    self._send_receipts(owed)
+                    next_flush = now + RECEIPT_INTERVAL_S
+                except Exception:  # noqa: BLE001 - the receipts stay owed
+                    self.counters.failed_receipt_flushes += 1
+                    next_flush = now + RECEIPT_RETRY_S
+                    log.exception("sending receipts failed; %d stay owed and are tried again",
+                                  len(owed))
+            self.counters.receipts_owed = len(owed)
             if stopping:
                 return
 
@@ -161,12 +189,16 @@ class Controller:
         return batch, False
 
     def _send_receipts(self, owed: dict[StreamKey, int]) -> None:
-        for (station, stream), seq in owed.items():
+        """Publish the receipt of each owed seq stream and remove it from `owed`; if one fails
+        (its seq is reserved with a durable write), it and the rest stay owed."""
+        for key, upto_seq in list(owed.items()):
             receipt = p.Receipt(
-                station=station, seq=self.next_seq(), upto_seq=seq, upto_stream=stream
+                station=key.station, seq=self.next_seq(), upto_seq=upto_seq,
+                upto_stream=key.stream,
             )
-            self.link.publish(self.topics.station(station, p.Channel.RECEIPT),
+            self.link.publish(self.topics.station(key.station, p.Channel.RECEIPT),
                               receipt.to_json(), qos=1)
+            del owed[key]
             self.counters.receipts += 1
 
     def ingest(self, batch: list[ReceivedMessage]) -> dict[StreamKey, int]:
@@ -184,9 +216,11 @@ class Controller:
                 if parsed.station != where.station:
                     raise p.ProtocolError(type(parsed).__name__, "station",
                                           f"says {parsed.station} on {where.station}'s topic")
-            except (ValueError, p.ProtocolError) as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever one payload raises, only it is lost
+                # e.g. a ts whose offset puts it outside the years 1 to 9999 in UTC: OverflowError
                 self.counters.invalid += 1
-                log.warning("dropped an invalid message on %s: %s", message.topic, exc)
+                log.warning("dropped an invalid message on %s: %s: %s", message.topic,
+                            type(exc).__name__, exc)
                 continue
             if isinstance(parsed, p.StationState):
                 self.store.record_state(parsed, now)
@@ -206,26 +240,55 @@ class Controller:
             if moved is not None:
                 upto[key] = max(upto.get(key, -1), moved)
         for ack in acks:
-            self.apply(CommandAcked(str(ack.cmd_id), ack.ok, ack.error), quiet=True)
+            self.apply(CommandAcked(cmd_id=str(ack.cmd_id), station=ack.station, ok=ack.ok,
+                                    error=ack.error), quiet=True)
         return upto
 
     # --- rollouts ---------------------------------------------------------------------------
 
-    def candidate_spec(self, name: str, version: str) -> CandidateSpec:
+    def candidate_spec(self, name: str, version: str) -> tuple[CandidateSpec, str]:
+        """The candidate from its verified bundle, and the label its manifest calls a defect."""
         bundle = self.config.bundles / name / version
         try:
             manifest = verify_bundle(bundle, self.key)
         except BundleError as exc:
             raise RolloutConflict(f"bundle {name} {version} refused: {exc}") from exc
-        return CandidateSpec(
+        spec = CandidateSpec(
             model=p.ModelRef(name=manifest.name, version=manifest.version,
                              sha256=sha256_file(bundle / MANIFEST_FILE)),
             url=f"{self.public_url}/bundles/{name}/{version}/",
             signature=(bundle / SIGNATURE_FILE).read_text().strip(),
         )
+        return spec, manifest.defect_label
+
+    def defect_label(self, state: RolloutState) -> str:
+        """The label the rollout's candidate calls a defect (its manifest's `defect_label`):
+        the escaped-defect gate counts the disagreements whose true label is this one."""
+        label = self._defect_labels.get(state.rollout_id)
+        if label is None:
+            label = self.store.rollout_defect_label(state.rollout_id)
+            if label is None:  # a rollout saved before controllers kept the label
+                label = self._bundle_defect_label(state.candidate.model)
+            self._defect_labels[state.rollout_id] = label
+        return label
+
+    def _bundle_defect_label(self, model: p.ModelRef) -> str:
+        """The defect label in the candidate's bundle, if its manifest is still the one the
+        rollout deployed (same sha256); else the default, with a warning."""
+        path = self.config.bundles / model.name / model.version / MANIFEST_FILE
+        try:
+            data = path.read_bytes()
+            if sha256_bytes(data) == model.sha256:
+                return parse_manifest(data).defect_label
+            problem = "the bundle holds another manifest now"
+        except (OSError, BundleError) as exc:
+            problem = str(exc)
+        log.warning("the defect label of %s %s is unknown (%s): its escaped-defect evidence "
+                    "counts %r", model.name, model.version, problem, DEFAULT_DEFECT_LABEL)
+        return DEFAULT_DEFECT_LABEL
 
     def start_rollout(self, plan: RolloutPlan, name: str, version: str) -> RolloutState:
-        spec = self.candidate_spec(name, version)
+        spec, defect_label = self.candidate_spec(name, version)
         with self._rollout_lock:
             if self.rollout is not None and self.rollout.phase not in TERMINAL:
                 raise RolloutConflict(
@@ -234,7 +297,8 @@ class Controller:
             now = datetime.now(UTC)
             rollout_id = f"r-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
             state = start(rollout_id, plan, spec, now)
-            self._commit(state, [])
+            self._defect_labels[rollout_id] = defect_label
+            self._commit(state, [], defect_label=defect_label)
             log.info("rollout %s started: %s %s with plan %s", rollout_id, name, version,
                      plan.name)
             return state
@@ -259,10 +323,12 @@ class Controller:
             if new_state != state or sends:
                 self._commit(new_state, sends)
 
-    def _commit(self, state: RolloutState, sends: list[SendCommand]) -> None:
+    def _commit(
+        self, state: RolloutState, sends: list[SendCommand], *, defect_label: str | None = None
+    ) -> None:
         """Persist first, then act: a crash in between only repeats idempotent commands."""
         self.store.save_rollout(state.rollout_id, state.phase.value, state.model_dump_json(),
-                                state.updated)
+                                state.updated, defect_label)
         previous = self.rollout
         self.rollout = state
         for send in sends:
@@ -315,7 +381,8 @@ class Controller:
             record = state.record
             if record.step == StageStep.OBSERVING and record.observing_since is not None:
                 evidence = self.store.paired_evidence(
-                    record.stations, record.observing_since, state.candidate.model.sha256
+                    record.stations, record.observing_since, state.candidate.model.sha256,
+                    self.defect_label(state),
                 )
             self.apply(Tick(self.fleet(), evidence), quiet=True)
 

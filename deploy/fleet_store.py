@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -200,7 +200,11 @@ _SCHEMA_V3: tuple[str, ...] = (
     "ALTER TABLE stations DROP COLUMN max_seq",
 )
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+# The label the rollout's candidate calls a defect (its manifest's defect_label), which the
+# escaped-defect gate counts; NULL for rollouts saved before it was kept.
+_SCHEMA_V4: tuple[str, ...] = ("ALTER TABLE rollouts ADD COLUMN defect_label TEXT",)
+
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 _PRUNE = tuple(
     f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
     for table in ("decisions", "shadows", "verdicts", "acks", "messages")
@@ -293,6 +297,7 @@ class FleetStore(Protocol):
         since: datetime,
         bucket_s: int,
         candidate_sha256: str | None = None,
+        until: datetime | None = None,
     ) -> list[SeriesPoint]: ...
 
     def decision_counts(self, since: datetime) -> dict[str, dict[str, int]]: ...
@@ -300,12 +305,23 @@ class FleetStore(Protocol):
     def ack(self, cmd_id: str) -> CommandAck | None: ...
 
     def save_rollout(
-        self, rollout_id: str, phase: str, state_json: str, updated: datetime
-    ) -> None: ...
+        self,
+        rollout_id: str,
+        phase: str,
+        state_json: str,
+        updated: datetime,
+        defect_label: str | None = None,
+    ) -> None:
+        """Write a rollout's state; `defect_label` is kept as it was when None."""
+        ...
 
     def rollout(self, rollout_id: str) -> str | None: ...
 
+    def rollout_defect_label(self, rollout_id: str) -> str | None: ...
+
     def active_rollout(self) -> tuple[str, str] | None: ...
+
+    def latest_rollout(self) -> tuple[str, str] | None: ...
 
     def rollouts(self, limit: int = 20) -> list[tuple[str, str, datetime]]: ...
 
@@ -470,13 +486,13 @@ FROM labelled
 _CANDIDATE_SERIES = (
     "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
     + _CANDIDATE_ROWS
-    + "AND s.paired = 1 GROUP BY bucket"
+    + "AND s.ts_us < ? AND s.paired = 1 GROUP BY bucket"
 )
 _SHADOW_SERIES = (
     "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
     "FROM shadows s INDEXED BY shadows_ts "
-    "WHERE s.ts_us >= ? AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 "
-    "GROUP BY bucket"
+    "WHERE s.ts_us >= ? AND s.ts_us < ? AND s.station IN (SELECT value FROM json_each(?)) "
+    "AND s.paired = 1 GROUP BY bucket"
 )
 _SELECT_DECISION_PAYLOADS = "SELECT m.payload FROM decisions d JOIN messages m USING (id) "
 
@@ -867,15 +883,21 @@ class SqliteFleetStore:
         since: datetime,
         bucket_s: int,
         candidate_sha256: str | None = None,
+        until: datetime | None = None,
     ) -> list[SeriesPoint]:
-        """Per bucket of `bucket_s` seconds (aligned to the epoch), oldest first.
+        """Per bucket of `bucket_s` seconds (aligned to the epoch), oldest first, of what is
+        dated from `since` up to `until` (by default one bucket past now).
 
-        Buckets run from the first to the last with any data, zero-filled in between.
+        Buckets run from the first to the last with any data, zero-filled in between. Messages
+        dated after `until` (a station whose clock runs ahead) are left out: the series never
+        holds more than the window's buckets, however far ahead such a date lies.
         """
         if bucket_s < 1:
             raise ValueError(f"bucket_s: must be at least 1, got {bucket_s}")
+        if until is None:
+            until = datetime.now(UTC) + timedelta(seconds=bucket_s)
         names = _stations_param(stations)
-        since_us = _us(since)
+        since_us, until_us = _us(since), _us(until)
         width_us = bucket_s * 1_000_000
         actions: dict[int, dict[str, int]] = {}
         pairs: dict[int, tuple[int, int]] = {}
@@ -883,16 +905,16 @@ class SqliteFleetStore:
             for bucket, action, count in conn.execute(
                 "SELECT d.ts_us / ? AS bucket, d.action, count(*) "
                 "FROM decisions d INDEXED BY decisions_station_ts "
-                "WHERE d.station IN (SELECT value FROM json_each(?)) AND d.ts_us >= ? "
-                "GROUP BY bucket, d.action",
-                (width_us, names, since_us),
+                "WHERE d.station IN (SELECT value FROM json_each(?)) "
+                "AND d.ts_us >= ? AND d.ts_us < ? GROUP BY bucket, d.action",
+                (width_us, names, since_us, until_us),
             ):
                 actions.setdefault(int(bucket), {})[str(action)] = int(count)
             if candidate_sha256 is None:
-                shadow_rows = conn.execute(_SHADOW_SERIES, (width_us, since_us, names))
+                shadow_rows = conn.execute(_SHADOW_SERIES, (width_us, since_us, until_us, names))
             else:
                 shadow_rows = conn.execute(
-                    _CANDIDATE_SERIES, (width_us, candidate_sha256, since_us, names)
+                    _CANDIDATE_SERIES, (width_us, candidate_sha256, since_us, names, until_us)
                 )
             for bucket, count, agreed in shadow_rows:
                 pairs[int(bucket)] = (int(count), int(agreed))
@@ -964,16 +986,28 @@ class SqliteFleetStore:
 
     # -- rollouts --
 
-    def save_rollout(self, rollout_id: str, phase: str, state_json: str, updated: datetime) -> None:
-        """Write a rollout's state; fsynced, because no station holds a copy to resend."""
+    def save_rollout(
+        self,
+        rollout_id: str,
+        phase: str,
+        state_json: str,
+        updated: datetime,
+        defect_label: str | None = None,
+    ) -> None:
+        """Write a rollout's state; fsynced, because no station holds a copy to resend.
+
+        `defect_label` is the label the rollout's candidate calls a defect (given when the
+        rollout starts); None keeps the one saved before.
+        """
         updated_us = _us(updated)
         with self._write(durable=True) as conn:
             conn.execute(
-                "INSERT INTO rollouts (rollout_id, phase, state_json, updated_us) "
-                "VALUES (?, ?, ?, ?) ON CONFLICT (rollout_id) DO UPDATE SET "
+                "INSERT INTO rollouts (rollout_id, phase, state_json, updated_us, defect_label) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT (rollout_id) DO UPDATE SET "
                 "phase = excluded.phase, state_json = excluded.state_json, "
-                "updated_us = excluded.updated_us",
-                (rollout_id, phase, state_json, updated_us),
+                "updated_us = excluded.updated_us, "
+                "defect_label = coalesce(excluded.defect_label, defect_label)",
+                (rollout_id, phase, state_json, updated_us, defect_label),
             )
 
     def rollout(self, rollout_id: str) -> str | None:
@@ -984,6 +1018,15 @@ class SqliteFleetStore:
         )
         return None if row is None else str(row[0])
 
+    def rollout_defect_label(self, rollout_id: str) -> str | None:
+        """The defect label saved with the rollout; None if it has none (or is unknown)."""
+        row = (
+            self._conn()
+            .execute("SELECT defect_label FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+            .fetchone()
+        )
+        return None if row is None or row[0] is None else str(row[0])
+
     def active_rollout(self) -> tuple[str, str] | None:
         """(rollout_id, state_json) of the rollout not yet in a terminal phase, if any."""
         row = (
@@ -993,6 +1036,19 @@ class SqliteFleetStore:
                 "WHERE phase NOT IN (SELECT value FROM json_each(?)) "
                 "ORDER BY updated_us DESC LIMIT 1",
                 (_TERMINAL_PHASES,),
+            )
+            .fetchone()
+        )
+        return None if row is None else (str(row[0]), str(row[1]))
+
+    def latest_rollout(self) -> tuple[str, str] | None:
+        """(rollout_id, state_json) of the rollout changed last, whatever its phase: the first
+        of `rollouts()`."""
+        row = (
+            self._conn()
+            .execute(
+                "SELECT rollout_id, state_json FROM rollouts "
+                "ORDER BY updated_us DESC, rollout_id LIMIT 1"
             )
             .fetchone()
         )

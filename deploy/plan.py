@@ -20,13 +20,20 @@ from pydantic import (
 
 from linesight.protocol import STATION_ID_PATTERN
 
+# Upper bounds on a plan's durations, in seconds. Beyond them a value is a typo or a way of
+# saying "never" that the rollout cannot honour (a deadline must be a date it can compute).
+MAX_STAGE_DURATION_S = 30 * 24 * 3600  # 30 days; Resume gives a stage a fresh window
+MAX_COMMAND_TIMEOUT_S = 24 * 3600
+MAX_COMMAND_RETRY_S = 3600
+
 
 class PlanError(ValueError):
     """A plan that cannot run; the message names the key and the reason."""
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere in a plan: every number in it is a count, a rate or a duration.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ByName(Strict):
@@ -55,7 +62,7 @@ Selector = ByName | ByLabel | ByCount | ByPercent | AllStations
 class ExitConditions(Strict):
     min_parts: int = Field(default=100, ge=0, description="parts both models judged")
     min_labelled_disagreements: int = Field(default=10, ge=0)
-    max_duration_s: float = Field(default=3600, gt=0)
+    max_duration_s: float = Field(default=3600, gt=0, le=MAX_STAGE_DURATION_S)
 
 
 class GateSettings(Strict):
@@ -107,8 +114,8 @@ class RolloutPlan(Strict):
     name: str = Field(min_length=1, max_length=80)
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
-    command_timeout_s: float = Field(default=60, gt=0)
-    command_retry_s: float = Field(default=5, gt=0)
+    command_timeout_s: float = Field(default=60, gt=0, le=MAX_COMMAND_TIMEOUT_S)
+    command_retry_s: float = Field(default=5, gt=0, le=MAX_COMMAND_RETRY_S)
 
     @model_validator(mode="after")
     def _ends_in_promotion(self) -> RolloutPlan:

@@ -8,6 +8,7 @@ same ids and the stations' idempotency by cmd_id does the rest.
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -29,6 +30,8 @@ from deploy.gates import (
 )
 from deploy.plan import PlanError, RolloutPlan, Stage, select_stations
 from linesight import protocol as p
+
+log = logging.getLogger(__name__)
 
 ROLLOUT_NAMESPACE = uuid.UUID("5f0c2f7e-6a43-4d55-9d8e-8b8f6b1c2a10")
 
@@ -142,7 +145,11 @@ class Tick:
 
 @dataclass(frozen=True, slots=True)
 class CommandAcked:
+    """A station's ack. `station` is the station that sent it (the topic it came on): an ack
+    counts only for a command that was sent to that station."""
+
     cmd_id: str
+    station: str
     ok: bool
     error: str | None = None
 
@@ -380,10 +387,45 @@ def _choose_stations(
 
 
 def _station_trouble(state: RolloutState, now: datetime, why: str) -> Result:
+    """A station of the stage is offline or faulty: pause or roll back, as the plan says."""
     if state.current.on_station_fault == "pause":
+        if state.phase == Phase.PAUSED:
+            return state, []  # already held for a person, as the plan asks
         return _note(state, now, f"paused: {why}", phase=Phase.PAUSED,
-                     paused_from=Phase.RUNNING, reason=why), []
+                     paused_from=state.phase, reason=why), []
     return _rollback(state, now, why, Phase.ROLLED_BACK)
+
+
+def _guard_trouble(state: RolloutState, fleet: Mapping[str, StationView]) -> str | None:
+    """The first station of the current stage that is offline or reports a fault, and why."""
+    config = gate_config(state.current, escapes=False)
+    for station in state.record.stations:
+        view = fleet.get(station, StationView(online=False))
+        failures = evaluate_guards(
+            GuardMetrics(online=view.online, faults=view.faults,
+                         p95_latency_ms=None, disagreement_rate=None),
+            config,
+        )
+        if failures:
+            return f"{station}: {'; '.join(failures)}"
+    return None
+
+
+def _candidate_may_decide(state: RolloutState) -> bool:
+    """Whether the candidate may be deciding parts on the current stage's stations: always in
+    a canary, blue_green or promote stage; in a shadow stage only while a station has not yet
+    acknowledged its switch to shadow (it may still run an earlier stage's canary)."""
+    if state.current.mode != "shadow":
+        return True
+    return any(
+        command.station in state.record.stations and command.body.get("name") == "set_mode"
+        for command in state.pending
+    )
+
+
+def _round_open(state: RolloutState) -> bool:
+    """Whether a command of the current stage's round is still waiting for its ack."""
+    return any(command.station in state.record.stations for command in state.pending)
 
 
 def _rollback(state: RolloutState, now: datetime, why: str, end: Phase) -> Result:
@@ -404,6 +446,11 @@ def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
     match = next((c for c in state.pending if c.cmd_id == event.cmd_id), None)
     if match is None:
         return state, []  # a late or repeated ack: already handled
+    if match.station != event.station:
+        # Command ids are predictable: only the station a command went to may answer it.
+        log.warning("ignored an ack from %s for command %s sent to %s",
+                    event.station, event.cmd_id, match.station)
+        return state, []
     pending = [c for c in state.pending if c.cmd_id != event.cmd_id]
     state = state.model_copy(update={"pending": pending, "updated": now})
     name = match.body.get("name")
@@ -416,10 +463,10 @@ def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
                          Phase.ROLLED_BACK)
     if name == "deploy_candidate" and match.station not in state.deployed:
         state = state.model_copy(update={"deployed": [*state.deployed, match.station]})
+    # While paused the round stays as it is; the first tick after Resume completes it.
     if state.phase != Phase.RUNNING or state.record.step != StageStep.COMMANDING:
         return state, []
-    round_open = any(c.station in state.record.stations for c in pending)
-    if round_open:
+    if _round_open(state):
         return state, []
     return _round_done(state, now)
 
@@ -493,6 +540,13 @@ def _tick(state: RolloutState, event: Tick, now: datetime) -> Result:
     if state.phase in TERMINAL:
         return state, []
     state, sends = _retry(state, now)
+    if state.phase in (Phase.WAITING_APPROVAL, Phase.PAUSED):
+        # Held for a person, but a candidate that decides parts is still watched.
+        trouble = _guard_trouble(state, event.fleet) if _candidate_may_decide(state) else None
+        if trouble is None:
+            return state, sends
+        state, more = _station_trouble(state, now, trouble)
+        return state, [*sends, *more]
     if state.phase != Phase.RUNNING:
         return state, sends
     record = state.record
@@ -503,16 +557,14 @@ def _tick(state: RolloutState, event: Tick, now: datetime) -> Result:
         return state, sends
     stage = state.current
     # Guards: every station of the stage must stay online and fault-free, in any step.
-    for station in record.stations:
-        view = event.fleet.get(station, StationView(online=False))
-        failures = evaluate_guards(
-            GuardMetrics(online=view.online, faults=view.faults,
-                         p95_latency_ms=None, disagreement_rate=None),
-            gate_config(stage, escapes=False),
-        )
-        if failures:
-            state, more = _station_trouble(state, now, f"{station}: {'; '.join(failures)}")
-            return state, [*sends, *more]
+    trouble = _guard_trouble(state, event.fleet)
+    if trouble is not None:
+        state, more = _station_trouble(state, now, trouble)
+        return state, [*sends, *more]
+    if record.step == StageStep.COMMANDING and not _round_open(state):
+        # Every ack of the round came in while the rollout was paused.
+        state, more = _round_done(state, now)
+        return state, [*sends, *more]
     if record.step != StageStep.OBSERVING or event.evidence is None:
         return state, sends
     evidence = event.evidence

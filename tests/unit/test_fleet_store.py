@@ -238,7 +238,7 @@ def test_a_store_from_before_seq_streams_keeps_its_watermarks(tmp_path: Path) ->
         )
     old.close()
     with SqliteFleetStore(path) as store:
-        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 3
+        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 4
         assert store.contiguous("st-1") == 4
         assert store.ingest([decision("st-1", 3)]) == {StreamKey("st-1"): 4}, "a copy"
         assert store.ingest([decision("st-1", 5)]) == {StreamKey("st-1"): 6}
@@ -414,6 +414,32 @@ def test_evidence_series_buckets(store: SqliteFleetStore) -> None:
     assert store.evidence_series(["a"], T0 + timedelta(minutes=5), 10) == []
 
 
+def test_evidence_series_ends_at_until(store: SqliteFleetStore) -> None:
+    """A station whose clock runs a year ahead: its messages stay out of the series, which
+    covers [since, until) only, instead of zero-filling a bucket per 10 s up to next year."""
+    ahead = T0 + timedelta(days=365)
+    store.ingest([
+        decision("a", 0, at=T0 + timedelta(seconds=1)),
+        decision("a", 1, at=ahead),
+        shadow("a", 2, "x", "ok", "ok", at=T0 + timedelta(seconds=2)),
+        shadow("a", 3, "y", "ok", "ok", at=ahead),
+    ])
+    until = T0 + timedelta(minutes=1)
+    for candidate in (None, CANDIDATE.sha256):
+        points = store.evidence_series(["a"], T0, 10, candidate, until=until)
+        assert [point.start for point in points] == [T0]
+        assert (points[0].parts, points[0].shadow_pairs) == (1, 1)
+    later = store.evidence_series(["a"], ahead, 10, until=ahead + timedelta(seconds=10))
+    assert [(point.start, point.parts) for point in later] == [(ahead, 1)], "kept, not lost"
+
+
+def test_evidence_series_ends_one_bucket_past_now_by_default(store: SqliteFleetStore) -> None:
+    now = datetime.now(UTC)
+    store.ingest([decision("a", 0, at=now), decision("a", 1, at=now + timedelta(days=30))])
+    points = store.evidence_series(["a"], now - timedelta(minutes=30), 30)
+    assert 1 <= len(points) <= 2 and sum(point.parts for point in points) == 1
+
+
 def test_decision_counts_since(store: SqliteFleetStore) -> None:
     store.ingest(
         [
@@ -509,6 +535,43 @@ def test_rollout_save_and_resume(tmp_path: Path) -> None:
             ("r1", "promoted", T0),
         ]
         assert fleet.rollouts(limit=1) == [("r2", "rolled_back", T0 + timedelta(minutes=1))]
+
+
+def test_the_latest_rollout_whatever_its_phase(store: SqliteFleetStore) -> None:
+    assert store.latest_rollout() is None
+    store.save_rollout("r1", "promoted", json.dumps({"id": "r1"}), T0)
+    assert store.latest_rollout() == ("r1", json.dumps({"id": "r1"}))
+    store.save_rollout("r2", "aborted", json.dumps({"id": "r2"}), T0 + timedelta(minutes=1))
+    assert store.latest_rollout() == ("r2", json.dumps({"id": "r2"}))
+    assert store.active_rollout() is None
+
+
+def test_a_rollout_keeps_its_defect_label(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    with SqliteFleetStore(path) as fleet:
+        fleet.save_rollout("r1", "running", "{}", T0, defect_label="ng")
+        fleet.save_rollout("r1", "promoted", "{}", T0 + timedelta(minutes=1))
+        fleet.save_rollout("r2", "running", "{}", T0)
+    with SqliteFleetStore(path) as fleet:
+        assert fleet.rollout_defect_label("r1") == "ng"
+        assert fleet.rollout_defect_label("r2") is None
+        assert fleet.rollout_defect_label("nope") is None
+
+
+def test_a_rollout_from_before_schema_4_has_no_defect_label(tmp_path: Path) -> None:
+    path = tmp_path / "fleet.db"
+    old = SqliteDatabase(path, synchronous="NORMAL", busy_timeout_s=5.0)
+    old.migrate(fleet_store._MIGRATIONS[:3])
+    with old.write() as conn:
+        conn.execute(
+            "INSERT INTO rollouts (rollout_id, phase, state_json, updated_us) "
+            "VALUES ('r1', 'running', '{}', 0)"
+        )
+    old.close()
+    with SqliteFleetStore(path) as fleet:
+        assert fleet.schema_version() == 4
+        assert fleet.active_rollout() == ("r1", "{}")
+        assert fleet.rollout_defect_label("r1") is None
 
 
 def test_next_seq_is_monotonic_across_reopen(tmp_path: Path) -> None:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
+import yaml
 
 from deploy.gates import PairedEvidence
 from deploy.plan import PlanError, parse_plan, select_stations
@@ -87,7 +89,8 @@ def escaping_evidence() -> StageEvidence:
 
 def ack_all(state: RolloutState, sends: list[SendCommand], clock: Clock) -> RolloutState:
     for send in sends:
-        state, _ = transition(state, CommandAcked(send.cmd_id, ok=True), clock.step(0.1))
+        ack = CommandAcked(send.cmd_id, send.station, ok=True)
+        state, _ = transition(state, ack, clock.step(0.1))
     return state
 
 
@@ -128,7 +131,8 @@ def test_a_good_candidate_goes_through_every_stage_to_promotion() -> None:
         ("s1", "promote"), ("s2", "promote"), ("s3", "promote")
     ]
     for command in promotes:
-        state, _ = transition(state, CommandAcked(command.cmd_id, ok=True), clock.step())
+        ack = CommandAcked(command.cmd_id, command.station, ok=True)
+        state, _ = transition(state, ack, clock.step())
     assert state.phase == Phase.PROMOTED
     status = to_status(state, seq=5)
     assert status.phase == "promoted" and [s.status for s in status.stages] == ["passed"] * 3
@@ -255,9 +259,10 @@ def test_a_late_ack_after_retry_is_accepted_once() -> None:
     state, clock = begin()
     state, sends = transition(state, Tick(FLEET), clock.step())
     state, _ = transition(state, Tick(FLEET), clock.step(6))
-    state, _ = transition(state, CommandAcked(sends[0].cmd_id, ok=True), clock.step())
+    ack = CommandAcked(sends[0].cmd_id, "s1", ok=True)
+    state, _ = transition(state, ack, clock.step())
     assert state.record.step == StageStep.OBSERVING
-    again, extra = transition(state, CommandAcked(sends[0].cmd_id, ok=True), clock.step())
+    again, extra = transition(state, ack, clock.step())
     assert again.record == state.record and extra == []
 
 
@@ -265,7 +270,7 @@ def test_a_refused_command_rolls_back() -> None:
     state, clock = begin()
     state, sends = transition(state, Tick(FLEET), clock.step())
     state, rollback = transition(
-        state, CommandAcked(sends[0].cmd_id, ok=False, error="digest mismatch"), clock.step()
+        state, CommandAcked(sends[0].cmd_id, "s1", ok=False, error="digest mismatch"), clock.step()
     )
     assert state.phase == Phase.ROLLING_BACK and "digest mismatch" in state.reason
     assert [s.body.name for s in rollback] == ["rollback"]
@@ -370,3 +375,187 @@ def test_rare_defect_disagreements_pass_the_escape_gate_without_labels() -> None
     common = PairedEvidence(parts=3000, disagreements=300, labelled_disagreements=5,
                             candidate_right=1)
     assert evaluate_rare_gate(common, config).outcome == GateOutcome.CONTINUE
+
+
+# --- a pause while commands are out -----------------------------------------------------------
+
+
+def test_acks_that_arrive_while_paused_complete_the_round_after_resume() -> None:
+    state, clock = begin()
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state, _ = transition(state, Pause(by="ops", reason="shift change"), clock.step())
+    state = ack_all(state, sends, clock)
+    assert state.phase == Phase.PAUSED and state.record.step == StageStep.COMMANDING
+    assert state.pending == [], "the ack is taken while paused"
+    state, _ = transition(state, Resume(by="ops"), clock.step())
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert not sends and state.record.step == StageStep.OBSERVING
+    assert state.record.deadline == clock.now + timedelta(seconds=600)
+    state, _ = transition(state, Tick(FLEET, good_evidence()), clock.step())
+    assert state.phase == Phase.RUNNING and state.stage == 1
+
+
+def test_a_station_that_drops_out_during_its_deploy_and_comes_back_carries_on() -> None:
+    state, clock = begin(on_station_fault="pause")
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    offline = {**FLEET, "s1": StationView(online=False)}
+    state, _ = transition(state, Tick(offline), clock.step())
+    assert state.phase == Phase.PAUSED and "s1: station offline" in state.reason
+    state = ack_all(state, sends, clock)  # back on the network, it acks its deploy
+    state, _ = transition(state, Resume(by="ops"), clock.step())
+    state, _ = transition(state, Tick(FLEET), clock.step())
+    assert state.phase == Phase.RUNNING and state.record.step == StageStep.OBSERVING
+
+
+def test_a_blue_green_round_acked_while_paused_switches_after_resume() -> None:
+    state, clock = begin(mode="blue_green")
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert [s.body.name for s in sends] == ["deploy_candidate"]
+    state, _ = transition(state, Pause(by="ops"), clock.step())
+    state = ack_all(state, sends, clock)
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert not sends, "nothing moves forward while paused"
+    state, _ = transition(state, Resume(by="ops"), clock.step())
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert [(s.station, s.body) for s in sends] == [("s1", p.Switch(to="candidate"))]
+    state = ack_all(state, sends, clock)
+    assert state.record.step == StageStep.OBSERVING
+
+
+# --- acks from the wrong station ----------------------------------------------------------------
+
+
+def test_an_ack_from_another_station_is_ignored(caplog: pytest.LogCaptureFixture) -> None:
+    state, clock = begin()
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    deploy = sends[0]
+    assert deploy.station == "s1"
+    for forged in (CommandAcked(deploy.cmd_id, "s2", ok=True),
+                   CommandAcked(deploy.cmd_id, "s2", ok=False, error="forged")):
+        after, more = transition(state, forged, clock.step())
+        assert after == state and more == []
+    assert "ignored an ack from s2" in caplog.text
+    state, _ = transition(state, CommandAcked(deploy.cmd_id, "s1", ok=True), clock.step())
+    assert state.record.step == StageStep.OBSERVING and state.deployed == ["s1"]
+
+
+def test_another_station_cannot_answer_a_rollback() -> None:
+    state, clock = begin()
+    state = to_observing(state, clock)
+    state, sends = transition(state, Abort(by="qa"), clock.step())
+    state, _ = transition(state, CommandAcked(sends[0].cmd_id, "s3", ok=True), clock.step())
+    assert state.phase == Phase.ROLLING_BACK and len(state.pending) == 1
+    state = ack_all(state, sends, clock)
+    assert state.phase == Phase.ABORTED
+
+
+# --- guards while the rollout is held -----------------------------------------------------------
+
+FAULTY = {**FLEET, "s1": StationView(online=True, labels={"line": "A"}, faults=3)}
+OFFLINE = {**FLEET, "s1": StationView(online=False, labels={"line": "A"})}
+
+
+def canary_waiting_for_approval(**stage0: Any) -> tuple[RolloutState, Clock]:
+    state, clock = begin(mode="canary", fraction=0.25, approval=True, **stage0)
+    state = to_observing(state, clock)
+    state, _ = transition(state, Tick(FLEET, good_evidence()), clock.step())
+    assert state.phase == Phase.WAITING_APPROVAL
+    return state, clock
+
+
+@pytest.mark.parametrize(("fleet", "why"),
+                         [(FAULTY, "s1: 3 model fault(s)"), (OFFLINE, "s1: station offline")])
+def test_a_canary_waiting_for_approval_still_rolls_back_on_a_station_fault(
+    fleet: dict[str, StationView], why: str
+) -> None:
+    state, clock = canary_waiting_for_approval()
+    state, _ = transition(state, Tick(FLEET), clock.step(3600))
+    assert state.phase == Phase.WAITING_APPROVAL
+    state, sends = transition(state, Tick(fleet), clock.step())
+    assert state.phase == Phase.ROLLING_BACK and why in state.reason
+    assert [(s.station, s.body.name) for s in sends] == [("s1", "rollback")]
+
+
+def test_a_human_pause_does_not_switch_off_the_guards_of_a_canary() -> None:
+    state, clock = begin(mode="canary", fraction=0.25)
+    state = to_observing(state, clock)
+    state, _ = transition(state, Pause(by="ops", reason="lunch"), clock.step())
+    state, sends = transition(state, Tick(FAULTY), clock.step())
+    assert state.phase == Phase.ROLLING_BACK and "s1: 3 model fault(s)" in state.reason
+    assert [s.body.name for s in sends] == ["rollback"]
+
+
+def test_a_fault_while_waiting_for_approval_pauses_when_the_plan_says_so() -> None:
+    state, clock = canary_waiting_for_approval(on_station_fault="pause")
+    state, sends = transition(state, Tick(FAULTY), clock.step())
+    assert state.phase == Phase.PAUSED and not sends and "s1: 3 model fault(s)" in state.reason
+    with pytest.raises(TransitionError):
+        transition(state, Approve(by="qa-lead"), clock.step())
+    again, sends = transition(state, Tick(FAULTY), clock.step())
+    assert again.phase == Phase.PAUSED and not sends and again.history == state.history
+    state, _ = transition(again, Resume(by="ops"), clock.step())
+    assert state.phase == Phase.WAITING_APPROVAL, "resuming goes back to waiting for approval"
+    state, _ = transition(state, Tick(FLEET), clock.step())
+    state, _ = transition(state, Approve(by="qa-lead"), clock.step())
+    assert state.phase == Phase.RUNNING and state.stage == 1
+
+
+def test_a_held_shadow_stage_is_watched_until_its_stations_confirm_shadow_mode() -> None:
+    # s1 ran a canary in stage 0; stage 1 puts it back in shadow and is paused before s1 acks.
+    rollout = parse_plan({
+        "name": "canary-then-shadow", "command_timeout_s": 30, "command_retry_s": 5,
+        "stages": [
+            {"name": "canary", "stations": ["s1"], "mode": "canary", "fraction": 0.2},
+            {"name": "shadow", "stations": ["s1", "s2"], "mode": "shadow"},
+            {"name": "everywhere", "stations": "all", "mode": "promote"},
+        ],
+    })
+    clock = Clock()
+    state = to_observing(start("r-1", rollout, CANDIDATE, clock.now), clock)
+    state, _ = transition(state, Tick(FLEET, good_evidence()), clock.step())
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert sorted((s.station, s.body.name) for s in sends) == [
+        ("s1", "set_mode"), ("s2", "deploy_candidate")
+    ]
+    paused, _ = transition(state, Pause(by="ops"), clock.step())
+    rolled, _ = transition(paused, Tick(FAULTY), clock.step())
+    assert rolled.phase == Phase.ROLLING_BACK, "s1 may still be deciding parts as a canary"
+    confirmed = ack_all(paused, sends, clock)
+    held, more = transition(confirmed, Tick(FAULTY), clock.step())
+    assert held.phase == Phase.PAUSED and not more, "a shadow candidate decides no part"
+
+
+# --- numbers in a plan ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "message"),
+    [
+        ("exit.max_duration_s", ".inf", "stages.0.exit.max_duration_s: Input should be a finite"),
+        ("exit.max_duration_s", ".nan", "stages.0.exit.max_duration_s: Input should be a finite"),
+        ("exit.max_duration_s", "1e12", "stages.0.exit.max_duration_s: Input should be less"),
+        ("gate.max_p95_latency_ms", ".inf", "stages.0.gate.max_p95_latency_ms: Input should be"),
+        ("command_timeout_s", ".inf", "command_timeout_s: Input should be a finite"),
+        ("command_timeout_s", "1e9", "command_timeout_s: Input should be less"),
+        ("command_retry_s", ".inf", "command_retry_s: Input should be a finite"),
+    ],
+)
+def test_plan_numbers_must_be_finite_and_bounded(setting: str, value: str, message: str) -> None:
+    section, _, key = setting.rpartition(".")
+    stage = f"{{name: shadow, stations: [s1], mode: shadow, {section}: {{{key}: {value}}}}}"
+    top = ""
+    if not section:
+        stage, top = "{name: shadow, stations: [s1], mode: shadow}", f"{key}: {value}\n"
+    document = yaml.safe_load(
+        f"name: x\n{top}stages:\n  - {stage}\n  - {{name: p, stations: all, mode: promote}}\n"
+    )
+    with pytest.raises(PlanError, match=re.escape(message)):
+        parse_plan(document)
+
+
+def test_the_longest_stage_a_plan_allows_still_gets_a_deadline() -> None:
+    from deploy.plan import MAX_STAGE_DURATION_S
+
+    state, clock = begin(exit={"max_duration_s": MAX_STAGE_DURATION_S})
+    state = to_observing(state, clock)
+    assert state.record.deadline == clock.now + timedelta(seconds=MAX_STAGE_DURATION_S)

@@ -1,0 +1,324 @@
+"""The fleet controller on a real SQLite store and real signed bundles, built but never started:
+no broker, no threads. Messages go in through `Controller.ingest` as they come off MQTT; what the
+controller publishes waits in the MQTT client's memory and is dropped with it."""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import json
+import shutil
+import sqlite3
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+from deploy.api import create_app
+from deploy.config import ControllerConfig
+from deploy.controller import Controller
+from deploy.plan import parse_plan
+from deploy.rollout import Phase, StageStep
+from linesight import protocol as p
+from linesight.artifacts import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    build_bundle,
+    generate_keypair,
+    load_private_key,
+    parse_manifest,
+)
+from linesight.mqtt import LinkConfig, ReceivedMessage
+from tests.support import V2
+
+NAME, VERSION = "part-classifier-ng", "2.0.0"
+ACTIVE = p.ModelRef(name="part-classifier-ng", version="1.0.0", sha256="a" * 64)
+SHADOW_STAGE = {
+    "name": "shadow", "stations": ["s1"], "mode": "shadow",
+    "exit": {"min_parts": 300, "min_labelled_disagreements": 20, "max_duration_s": 3600},
+    "gate": {"delta": 0.02, "escape_delta": 0.01, "min_labels": 15},
+    "on_inconclusive": "rollback",
+}
+PROMOTE_STAGE = {"name": "promote", "stations": ["s1"], "mode": "promote"}
+
+
+@pytest.fixture
+def bundles(tmp_path: Path) -> Path:
+    """A signed bundle whose model calls its classes 'good' and 'ng' (not 'ok' and 'defect')."""
+    root = tmp_path / "bundles"
+    folder = root / NAME / VERSION
+    folder.mkdir(parents=True)
+    shutil.copy(V2 / MODEL_FILE, folder / MODEL_FILE)
+    shipped = parse_manifest((V2 / MANIFEST_FILE).read_bytes())
+    generate_keypair(tmp_path / "site.key", tmp_path / "site.pub")
+    build_bundle(
+        folder, name=NAME, version=VERSION, description="labels good / ng",
+        input=shipped.input, output=shipped.output, labels=("good", "ng"), defect_label="ng",
+        thresholds={"ng": 0.5}, metrics=None, private_key=load_private_key(tmp_path / "site.key"),
+    )
+    return root
+
+
+def config(tmp_path: Path, bundles: Path) -> ControllerConfig:
+    return ControllerConfig(
+        broker=LinkConfig(url="mqtt://127.0.0.1:1", client_id="unit-controller"),
+        data_dir=tmp_path / "fleet", bundles=bundles, key=tmp_path / "site.pub",
+    )
+
+
+@pytest.fixture
+def controller(tmp_path: Path, bundles: Path) -> Iterator[Controller]:
+    built = Controller(config(tmp_path, bundles))
+    try:
+        yield built
+    finally:
+        built.store.close()
+
+
+def restarted(controller: Controller) -> Controller:
+    """A new controller on the same data_dir, as after a restart."""
+    controller.store.close()
+    return Controller(controller.config)
+
+
+def received(message: p.Envelope) -> ReceivedMessage:
+    topic = p.Topics(p.DEFAULT_PREFIX).station(message.station, p.Channel(message.kind))
+    return ReceivedMessage(topic, message.to_json(), 1, False)
+
+
+def deliver(controller: Controller, *messages: p.Envelope) -> None:
+    controller.ingest([received(message) for message in messages])
+
+
+def decision(station: str, seq: int, at: datetime | None = None) -> p.Decision:
+    return p.Decision(
+        station=station, seq=seq, ts=at or datetime.now(UTC), part_id=f"{station}-{seq}",
+        decided_by=p.DecidedBy.ACTIVE, label="good", confidence=0.9, action=p.Action.PASS,
+        model=ACTIVE, latency_ms=3.0, automation=p.AutomationLevel.FULL,
+        mode=p.DeploymentMode.SHADOW,
+    )
+
+
+class S1:
+    """Station s1 as the controller hears it: its durable messages numbered in one seq stream."""
+
+    def __init__(self) -> None:
+        self.seqs = itertools.count()
+
+    def online(self, controller: Controller) -> None:
+        deliver(controller, p.StationState(station="s1", seq=0, online=True))
+
+    def ack_pending(self, controller: Controller) -> None:
+        """Ack every command the rollout waits for, as the agent would."""
+        assert controller.rollout is not None
+        deliver(controller, *(
+            p.CommandAck(station=command.station, seq=next(self.seqs), cmd_id=command.cmd_id,
+                         command=command.body["name"], ok=True)
+            for command in controller.rollout.pending
+        ))
+
+    def start_observing(self, controller: Controller) -> None:
+        """Start a shadow rollout of the 'ng' bundle on s1 and bring it to observing."""
+        self.online(controller)
+        controller.start_rollout(
+            parse_plan({"name": "ng-plan", "stages": [SHADOW_STAGE, PROMOTE_STAGE]}), NAME,
+            VERSION,
+        )
+        controller.tick()  # s1 chosen, deploy_candidate sent
+        self.ack_pending(controller)
+        assert controller.rollout is not None
+        assert controller.rollout.record.step == StageStep.OBSERVING
+
+    def promote(self, controller: Controller) -> str:
+        """A rollout of the bundle straight to promotion on s1; its id."""
+        self.online(controller)
+        rollout_id = controller.start_rollout(
+            parse_plan({"name": "promote-plan", "stages": [PROMOTE_STAGE]}), NAME, VERSION
+        ).rollout_id
+        controller.tick()  # deploy_candidate
+        self.ack_pending(controller)  # then promote
+        self.ack_pending(controller)
+        assert controller.rollout is not None and controller.rollout.phase == Phase.PROMOTED
+        return rollout_id
+
+    def candidate_passes_the_defects(self, controller: Controller) -> None:
+        """920 parts both models pass; 60 the active model wrongly rejects (the candidate is
+        right); 20 real defects ('ng' by the operator) that the active model catches and the
+        candidate passes. Better overall, but it lets defects through."""
+        assert controller.rollout is not None
+        candidate = controller.rollout.candidate.model
+        now = datetime.now(UTC)  # the stage observes from when it started: these come after
+        messages: list[p.Envelope] = []
+
+        def part(part_id: str, active: str, truth: str | None = None) -> None:
+            messages.append(p.ShadowResult(
+                station="s1", seq=next(self.seqs), ts=now, part_id=part_id,
+                mode=p.DeploymentMode.SHADOW,
+                active=p.ModelOpinion(model=ACTIVE, label=active, latency_ms=3.0),
+                candidate=p.ModelOpinion(model=candidate, label="good", latency_ms=3.0),
+                agree=active == "good",
+            ))
+            if truth is not None:
+                messages.append(p.Verdict(
+                    station="s1", seq=next(self.seqs), ts=now, part_id=part_id, operator="op",
+                    outcome=p.VerdictOutcome.REJECT if truth == "ng" else p.VerdictOutcome.PASS,
+                    label=truth, review_reason=p.ReviewReason.DISAGREEMENT, decided_at=now,
+                ))
+
+        for i in range(920):
+            part(f"same-{i}", "good")
+        for i in range(60):
+            part(f"false-reject-{i}", "ng", truth="good")
+        for i in range(20):
+            part(f"escape-{i}", "ng", truth="ng")
+        deliver(controller, *messages)
+
+
+# --- the escaped-defect gate counts the candidate's own defect label --------------------------
+
+
+def test_a_candidate_that_passes_ng_parts_fails_the_escape_gate(controller: Controller) -> None:
+    s1 = S1()
+    s1.start_observing(controller)
+    s1.candidate_passes_the_defects(controller)
+    controller.tick()
+    state = controller.rollout
+    assert state is not None
+    assert state.stage == 0 and state.stages[0].outcome == "failed", state.history[-1]
+    assert state.phase == Phase.ROLLING_BACK
+    # The escape gate's verdict: 20 defects labelled 'ng', the candidate passed every one.
+    assert state.reason.startswith("gate failed in 'shadow': fail: candidate right on 0 of 20 ")
+
+
+def test_the_api_shows_the_escape_evidence_of_the_defect_label(controller: Controller) -> None:
+    s1 = S1()
+    s1.start_observing(controller)
+    s1.candidate_passes_the_defects(controller)
+    doc = create_app(controller).test_client().get("/api/rollouts/current").get_json()
+    evidence = doc["evidence"]
+    assert evidence["defect_label"] == "ng"
+    assert evidence["escape_disagreements_labelled"] == 20
+    assert evidence["escape_candidate_right"] == 0
+    assert evidence["escape_gate"] == "fail"
+
+
+def test_the_defect_label_is_kept_with_the_rollout(controller: Controller) -> None:
+    """After a restart the gate still counts 'ng', with the bundle gone from the folder."""
+    s1 = S1()
+    s1.start_observing(controller)
+    shutil.rmtree(controller.config.bundles)
+    again = restarted(controller)
+    try:
+        s1.candidate_passes_the_defects(again)
+        again.tick()
+        assert again.rollout is not None and again.rollout.stages[0].outcome == "failed"
+        assert "candidate right on 0 of 20 " in again.rollout.reason
+    finally:
+        again.store.close()
+
+
+def test_a_rollout_saved_without_its_label_reads_it_from_its_bundle(
+    controller: Controller,
+) -> None:
+    """A rollout saved by a controller from before the label was kept: the label comes from the
+    candidate's manifest while that is still the one deployed, else it is 'defect'."""
+    S1().start_observing(controller)
+    state = controller.rollout
+    assert state is not None
+    controller.store.close()
+    with contextlib.closing(sqlite3.connect(controller.config.data_dir / "fleet.db")) as conn:
+        conn.execute("UPDATE rollouts SET defect_label = NULL")  # as an older build left it
+        conn.commit()
+    again = Controller(controller.config)
+    try:
+        assert again.defect_label(state) == "ng"
+    finally:
+        again.store.close()
+    manifest = controller.config.bundles / NAME / VERSION / MANIFEST_FILE
+    manifest.write_bytes(manifest.read_bytes().replace(b'"ng"', b'"NG"'))  # another manifest
+    again = Controller(controller.config)
+    try:
+        assert again.defect_label(state) == "defect"
+    finally:
+        again.store.close()
+
+
+# --- one payload that cannot be parsed is dropped alone ---------------------------------------
+
+
+@pytest.mark.parametrize("ts", ["9999-12-31T23:00:00-05:00", "0001-01-01T00:00:00+05:00"])
+def test_a_timestamp_outside_the_utc_range_drops_only_its_message(
+    controller: Controller, ts: str
+) -> None:
+    """Such a ts cannot be converted to UTC (OverflowError): that message is invalid, the rest
+    of the batch is stored as usual."""
+    poison = json.loads(decision("s1", 0).to_json())
+    poison["ts"] = ts
+    topics = controller.topics
+    upto = controller.ingest([
+        received(decision("s2", 0)),
+        ReceivedMessage(topics.station("s1", p.Channel.DECISION), json.dumps(poison).encode(),
+                        1, False),
+        received(p.StationState(station="s3", seq=0, online=False)),  # a Last Will
+        received(decision("s2", 1)),
+    ])
+    assert {(key.station, seq) for key, seq in upto.items()} == {("s2", 1)}
+    assert controller.counters.invalid == 1 and controller.counters.stored == 2
+    assert [record.station for record in controller.store.stations()] == ["s2", "s3"]
+    assert controller.store.contiguous("s1") == -1
+
+
+# --- a station clock far ahead does not blow up the dashboard's series ------------------------
+
+
+def test_a_future_dated_decision_does_not_lengthen_the_series(controller: Controller) -> None:
+    now = datetime.now(UTC)
+    deliver(controller, decision("s1", 0, now), decision("s1", 1, now + timedelta(days=30)))
+    answer = create_app(controller).test_client().get("/api/series?minutes=30&bucket_s=30")
+    points = answer.get_json()["points"]
+    assert 1 <= len(points) <= 30 * 2 + 2, len(points)
+    assert sum(point["parts"] for point in points) == 1
+
+
+# --- the last rollout is still there after a restart ------------------------------------------
+
+
+def test_a_promotion_can_be_rolled_back_after_a_restart(controller: Controller) -> None:
+    rollout_id = S1().promote(controller)
+    again = restarted(controller)
+    try:
+        client = create_app(again).test_client()
+        current = client.get("/api/rollouts/current")
+        assert current.status_code == 200
+        assert current.get_json()["rollout_id"] == rollout_id
+        assert current.get_json()["phase"] == "promoted"
+        answer = client.post(f"/api/rollouts/{rollout_id}/rollback", json={"by": "qe"})
+        assert answer.status_code == 200, answer.get_json()
+        assert answer.get_json()["phase_detail"] == "rolling_back"
+        assert again.rollout is not None
+        assert [(c.station, c.body["name"]) for c in again.rollout.pending] == [("s1", "rollback")]
+    finally:
+        again.store.close()
+
+
+def test_a_promotion_followed_by_a_newer_rollout_stays_as_it_is(controller: Controller) -> None:
+    """Only the newest rollout comes back: a promotion that a later rollout followed (here one
+    already ended) cannot be rolled back any more."""
+    s1 = S1()
+    first = s1.promote(controller)
+    s1.start_observing(controller)
+    s1.candidate_passes_the_defects(controller)
+    controller.tick()  # the gate fails: rolling back
+    s1.ack_pending(controller)
+    assert controller.rollout is not None and controller.rollout.phase == Phase.ROLLED_BACK
+    newest = controller.rollout.rollout_id
+    again = restarted(controller)
+    try:
+        assert again.rollout is not None and again.rollout.rollout_id == newest
+        client = create_app(again).test_client()
+        answer = client.post(f"/api/rollouts/{first}/rollback", json={"by": "qe"})
+        assert answer.status_code == 404, answer.get_json()
+        assert client.post(f"/api/rollouts/{newest}/rollback").status_code == 409
+    finally:
+        again.store.close()
