@@ -108,7 +108,9 @@ def _absent(value: object) -> bool:
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or nan anywhere: JSON has no such numbers (Python writes them as bare words that
+    # other parsers refuse, and a store that keeps the document writes them back as null).
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class ModelRef(Strict):
@@ -142,12 +144,17 @@ class Envelope(Strict):
         default_factory=lambda: datetime.now(UTC), description="when it was made (UTC)"
     )
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    model_config = ConfigDict(
+        extra="forbid", frozen=True, populate_by_name=True, allow_inf_nan=False
+    )
 
     @field_validator("ts")
     @classmethod
     def _utc(cls, value: datetime) -> datetime:
-        return value.astimezone(UTC)
+        try:
+            return value.astimezone(UTC)
+        except OverflowError as exc:  # e.g. 9999-12-31T23:00:00-05:00
+            raise ValueError("outside the years 1 to 9999 once converted to UTC") from exc
 
     def to_json(self) -> bytes:
         return self.model_dump_json(by_alias=True).encode()

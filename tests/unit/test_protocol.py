@@ -258,3 +258,39 @@ def test_arbitrary_json_objects_never_crash_the_parser(document: dict[str, objec
 def test_any_unreadable_payload_is_a_protocol_error(payload: bytes) -> None:
     with pytest.raises(p.ProtocolError, match="not JSON"):
         p.parse(p.Command, payload)
+
+
+@pytest.mark.parametrize("number", ["1e999", "-1e999", "NaN", "Infinity"])
+@pytest.mark.parametrize(
+    "where",
+    ["latency.active.p95_ms", "window_s", "drift.psi_brightness"],
+)
+def test_no_infinite_or_nan_number_is_accepted(number: str, where: str) -> None:
+    """JSON has no inf or nan: a store keeping such a document would write null back, and every
+    later read of it would fail. They are refused at the door, naming the field."""
+    metrics = p.StationMetrics(
+        station="s1", seq=1, window_s=10, parts=5,
+        latency={"active": p.LatencySummary(p50_ms=1, p95_ms=2, p99_ms=3, count=5)},
+        drift=p.DriftSignal(
+            psi_brightness=0.1, psi_contrast=0.1, psi_sharpness=0.1, psi_confidence=0.1,
+            window_parts=50, drifting=False,
+        ),
+    )
+    text = metrics.to_json()
+    document = json.loads(text)
+    target = document
+    *parents, leaf = where.split(".")
+    for key in parents:
+        target = target[key]
+    target[leaf] = 12345.678
+    text = json.dumps(document).replace("12345.678", number)
+    with pytest.raises(p.ProtocolError) as caught:
+        p.parse(p.StationMetrics, text)
+    assert caught.value.field == where
+
+
+def test_a_timestamp_outside_the_utc_range_is_a_protocol_error() -> None:
+    document = json.loads(p.Receipt(station="s1", seq=0, upto_seq=3).to_json())
+    document["ts"] = "9999-12-31T23:00:00-05:00"
+    with pytest.raises(p.ProtocolError, match="ts"):
+        p.parse(p.Receipt, json.dumps(document))
