@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -428,17 +428,35 @@ def _round_open(state: RolloutState) -> bool:
     return any(command.station in state.record.stations for command in state.pending)
 
 
-def _rollback(state: RolloutState, now: datetime, why: str, end: Phase) -> Result:
+def _holding_candidate(
+    state: RolloutState, unanswered: Sequence[PendingCommand] = ()
+) -> list[str]:
+    """The touched stations that may hold this rollout's candidate: its deploy was acked, or is
+    still on its way or unanswered (it may have landed). A station whose deploy was refused
+    holds none of ours, and a rollback there would undo the station's own previous promotion,
+    which this rollout never made."""
+    maybe = {
+        command.station for command in [*state.pending, *unanswered]
+        if command.body.get("name") == "deploy_candidate"
+    }
+    return [s for s in state.touched if s in state.deployed or s in maybe]
+
+
+def _rollback(
+    state: RolloutState, now: datetime, why: str, end: Phase,
+    unanswered: Sequence[PendingCommand] = (),
+) -> Result:
+    targets = _holding_candidate(state, unanswered)
     record = state.record.model_copy(update={"outcome": "failed", "gate": why})
     state = _with_record(state, record).model_copy(update={"pending": []})
     state = _note(state, now, f"rolling back: {why}", phase=Phase.ROLLING_BACK,
                   reason=why, end_after_rollback=end)
     orders: list[tuple[str, Body]] = [
-        (station, p.Rollback(reason=why[:500])) for station in state.touched
+        (station, p.Rollback(reason=why[:500])) for station in targets
     ]
     state, sends = _issue(state, now, orders)
     if not sends:
-        return _note(state, now, f"{end.value}: nothing was touched", phase=end), []
+        return _note(state, now, f"{end.value}: no station holds the candidate", phase=end), []
     return state, sends
 
 
@@ -503,7 +521,7 @@ def _retry(state: RolloutState, now: datetime) -> Result:
             finished, more = _finish_rollback_if_done(state, now)
             return finished, [*sends, *more]
         rolled, more = _rollback(state, now, f"no ack in {plan.command_timeout_s:g} s for {late}",
-                                 Phase.ROLLED_BACK)
+                                 Phase.ROLLED_BACK, unanswered=expired)
         return rolled, more
     return state, sends
 

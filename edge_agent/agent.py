@@ -16,8 +16,10 @@ Threads, and why each exists:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import os
 import queue
 import sys
@@ -82,6 +84,7 @@ from linesight.mqtt import MqttLink, ReceivedMessage, Will
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+ACK_ERROR_MAX = 4000  # CommandAck.error's bound in the contract
 CANDIDATE_DRAIN_S = 30.0  # at a stop, the longest wait for the parts queued for the candidate
 
 
@@ -96,6 +99,10 @@ class CandidateJob:
     mode: p.DeploymentMode
     automation: p.AutomationLevel
     queued_review: bool
+    generation: int
+    """The slots' generation when the part was judged: a job from before a slot change (a
+    rolled-back candidate's queued parts) must not raise faults or move the agreement of the
+    models that run now."""
 
 
 @dataclass
@@ -190,6 +197,8 @@ class Agent:
         self._state_dirty = threading.Event()
         self._window = Window(time.monotonic())
         self._recent_agreement: deque[bool] = deque(maxlen=500)
+        self._slot_generation = 0  # +1 at every slot change, under self._lock
+        self._slots_unsaved = False  # a save failed: housekeeping tries again
         self._threads: list[threading.Thread] = []
         interval = systemd.watchdog_interval()
         self._watchdog_every = interval / 2 if interval else None
@@ -325,8 +334,14 @@ class Agent:
             automation_note=self.automation_note,
         )
 
-    def _raise_fault(self, code: str, message: str, model: p.ModelRef | None = None) -> None:
+    def _raise_fault(
+        self, code: str, message: str, model: p.ModelRef | None = None,
+        generation: int | None = None,
+    ) -> None:
+        """Raise a fault once; with `generation`, only if the slots have not changed since."""
         with self._lock:
+            if generation is not None and generation != self._slot_generation:
+                return  # about a model that has left its slot
             known = code in self.faults
             if not known:
                 self.faults[code] = p.Fault(
@@ -352,16 +367,36 @@ class Agent:
             record["reference_for"] = self.slots.active.ref.sha256
         self.store.save_slots(record)
 
+    def _persist_slots(self) -> None:
+        """Save the slots; a store that cannot write now (disk full, locked) raises a fault and
+        housekeeping tries again: neither the inspection loop nor a command dies of it."""
+        try:
+            self._save_slots()
+        except Exception as exc:  # noqa: BLE001 - any store failure
+            self._slots_unsaved = True
+            self._raise_fault("slots_save", f"the model slots could not be saved: {exc}")
+            return
+        self._slots_unsaved = False
+        self._clear_faults("slots_save")
+
     def _set_slots(self, slots: Slots) -> None:
         """Only the inspection loop (or, when it has ended, the command worker) calls this."""
-        active_changed = slots.active is not self.slots.active
-        self.slots = slots
+        old = self.slots
+        active_changed = slots.active is not old.active
+        with self._lock:
+            self._slot_generation += 1
+            self.slots = slots
+            if slots.candidate is not old.candidate or active_changed:
+                self._recent_agreement.clear()  # agreement of models that no longer pair
         if active_changed:
             self.drift.reset()
+            for feature in FEATURES:  # the old model's drift is not this one's
+                with contextlib.suppress(KeyError):
+                    self.metrics.drift.remove(self.station, feature)
             if not is_placeholder(slots.active):
                 self._clear_faults("active_load")  # a loaded model took the placeholder's place
         self._clear_faults("active_inference", "candidate_inference", "candidate_load")
-        self._save_slots()
+        self._persist_slots()
         self._state_dirty.set()
 
     # --- the inspection loop ----------------------------------------------------------------
@@ -378,7 +413,7 @@ class Agent:
         self.link.start()
         if self.config.metrics_port is not None:
             self.metrics.serve(self.config.metrics_port)
-        self._save_slots()
+        self._persist_slots()
         self.relay.start()
         for target, name in (
             (self._candidate_worker, "candidate"),
@@ -510,7 +545,7 @@ class Agent:
         if slots.candidate is not None:
             job = CandidateJob(
                 frame, part, decider, model, output, slots.model(other), slots.mode,
-                automation, queued,
+                automation, queued, self._slot_generation,
             )
             if self._jobs.offer(job):
                 return part
@@ -560,7 +595,7 @@ class Agent:
                         getattr(self.drift.last, f"psi_{feature}")
                     )
             else:
-                self._save_slots()  # a new reference was just taken
+                self._persist_slots()  # a new reference was just taken
             self._state_dirty.set()
 
     def _review_item(
@@ -629,7 +664,8 @@ class Agent:
         other = run_model(job.other_model, job.frame.image, self.config.inference.timeout_ms)
         other_slot: Slot = "active" if job.decider == "candidate" else "candidate"
         if other.error is not None:
-            self._raise_fault(f"{other_slot}_inference", other.error, job.other_model.ref)
+            self._raise_fault(f"{other_slot}_inference", other.error, job.other_model.ref,
+                              generation=job.generation)
         active_model, active_out, candidate_model, candidate_out = (
             (job.decider_model, job.decider_output, job.other_model, other)
             if job.decider == "active"
@@ -662,7 +698,8 @@ class Agent:
             self._window.pairs += 1
             self._window.agreed += int(agreed)
             self._window.latency[other_slot].append(other.latency_ms)
-            self._recent_agreement.append(agreed)
+            if job.generation == self._slot_generation:
+                self._recent_agreement.append(agreed)
         if not agreed:
             self.metrics.disagreements.inc()
             if not job.queued_review:
@@ -773,7 +810,7 @@ class Agent:
     def _set_automation(self, level: p.AutomationLevel, reason: str, by: str) -> None:
         self.automation = level
         self.automation_note = f"{level.value} by {by}: {reason}".strip(": ")
-        self._save_slots()
+        self._persist_slots()
         self._state_dirty.set()
         log.info("automation set to %s by %s (%s)", level.value, by, reason or "no reason given")
 
@@ -791,6 +828,7 @@ class Agent:
         self, cmd_id: uuid.UUID, name: str, *, ok: bool, error: str | None
     ) -> p.CommandAck:
         state = self._state(online=True)
+        error = None if error is None else error[:ACK_ERROR_MAX]  # the contract's bound
         ack = self.store.enqueue(
             self.topics.station(self.station, p.Channel.ACK),
             1,
@@ -825,6 +863,8 @@ class Agent:
                     self._publish_metrics()
                 if now - last_status > 1.0:
                     last_status = now
+                    if self._slots_unsaved:
+                        self._persist_slots()
                     self._supervise_relay(now)
                     self._save_status()
             except Exception:  # housekeeping must keep going  # noqa: BLE001
@@ -914,8 +954,8 @@ class Agent:
             recent = list(self._recent_agreement)
         elapsed = max(time.monotonic() - window.started, 1e-3)
         agreement = (window.agreed / window.pairs) if window.pairs else None
-        if recent:
-            self.metrics.agreement.set(sum(recent) / len(recent))
+        # NaN: no pairs of the models that run now (none yet, or no candidate any more).
+        self.metrics.agreement.set(sum(recent) / len(recent) if recent else math.nan)
         message = p.StationMetrics(
             station=self.station, seq=max(self.store.last_seq(), 0), window_s=elapsed,
             parts=window.parts, actions=window.actions, decided_by=window.deciders,
@@ -975,6 +1015,8 @@ class Agent:
         self._commands.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
+        if self._slots_unsaved:
+            self._persist_slots()  # a last try: what the station runs outlives the stop
         self.relay.stop()
         self.writer.close()
         self.gate.close()

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from linesight.protocol import Label
+
 if TYPE_CHECKING:
     import onnx
 
@@ -111,8 +113,10 @@ class Manifest(StrictModel):
     description: str = ""
     input: InputSpec
     output: OutputSpec
-    labels: tuple[str, ...] = Field(min_length=2, max_length=2)
-    defect_label: str
+    # Each label travels in every Decision and Verdict, whose contract allows 1 to 64 characters
+    # (linesight.protocol.Label): a bundle with another is refused here, not part by part.
+    labels: tuple[Label, ...] = Field(min_length=2, max_length=2)
+    defect_label: Label
     thresholds: dict[str, float]
     files: dict[str, FileEntry]
     created: datetime

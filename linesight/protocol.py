@@ -42,11 +42,17 @@ Probability = Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 Label = Annotated[str, Field(min_length=1, max_length=64)]
 
 
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else f"{text[: limit - 3]}..."
+
+
 class ProtocolError(ValueError):
     """A payload that is not a valid v1 message; `field` names where it went wrong."""
 
     def __init__(self, message_type: str, field: str, reason: str) -> None:
-        super().__init__(f"invalid {message_type}: {field}: {reason}")
+        # Clipped: the field path and the reason come from the payload (an unknown key of any
+        # length), and the text goes into an ack or a log line.
+        super().__init__(f"invalid {message_type}: {_clip(field, 200)}: {_clip(reason, 1000)}")
         self.message_type = message_type
         self.field = field
         self.reason = reason

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import shutil
 import threading
 import uuid
@@ -21,7 +22,7 @@ from linesight.artifacts import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, sha25
 from linesight.broker import Broker
 from linesight.command_auth import sign_command
 from linesight.mqtt import LinkConfig, MqttLink
-from tests.support import MODELS, V2, Collector, Receipter, station_config, wait_for
+from tests.support import MODELS, V2, Collector, Receipter, command, station_config, wait_for
 
 STATION = "press-07"
 
@@ -193,6 +194,12 @@ def test_a_malformed_command_gets_an_error_ack_and_the_agent_keeps_going(
     for raw in (huge_number, deep):
         ack = send(sender, collector, p.Promote(), raw=raw)
         assert not ack.ok and "JSON" in (ack.error or ""), ack.error
+    # An unknown key of 5,000 characters: the error names it, cut short, and is still acked.
+    document = json.loads(command(STATION, p.Promote()).to_json())
+    document["k" * 5000] = 1
+    cmd_id = uuid.UUID(document["cmd_id"])
+    ack = publish(sender, collector, json.dumps(document).encode(), cmd_id)
+    assert not ack.ok and ack.error and "kkk" in ack.error and len(ack.error) < 1500
     before = len(collector.of(p.Decision, STATION))
     wait_for(lambda: len(collector.of(p.Decision, STATION)) > before + 3, 20, "more parts")
 

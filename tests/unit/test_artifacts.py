@@ -169,6 +169,9 @@ def test_manifest_rules() -> None:
         ({"thresholds": {"scratch": 0.5}}, "unknown labels"),
         ({"files": {"../x": a.FileEntry(sha256="0" * 64, size=1)}}, "model.onnx"),
         ({"version": "v1"}, "semantic"),
+        # A label travels in every Decision and Verdict: 1 to 64 characters, as the contract.
+        ({"labels": ("ok", "d" * 65), "defect_label": "d" * 65}, "at most 64"),
+        ({"labels": ("", "defect")}, "at least 1"),
     ]:
         with pytest.raises(ValueError, match=message):
             a.Manifest.model_validate({**base, **change})

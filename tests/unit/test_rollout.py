@@ -268,12 +268,52 @@ def test_a_late_ack_after_retry_is_accepted_once() -> None:
 
 def test_a_refused_command_rolls_back() -> None:
     state, clock = begin()
+    state = to_observing(state, clock)  # s1 holds the candidate
+    state, _ = transition(state, Tick(FLEET, good_evidence()), clock.step())
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert [s.body.name for s in sends] == ["set_mode"]
+    state, rollback = transition(
+        state, CommandAcked(sends[0].cmd_id, "s1", ok=False, error="disk full"), clock.step()
+    )
+    assert state.phase == Phase.ROLLING_BACK and "disk full" in state.reason
+    assert [(s.station, s.body.name) for s in rollback] == [("s1", "rollback")]
+
+
+def test_a_refused_deploy_sends_no_rollback_to_that_station() -> None:
+    """A rollback on a station without our candidate would undo its previous promotion."""
+    state, clock = begin(stations=["s1", "s2"])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert sorted(s.station for s in sends) == ["s1", "s2"]
+    by_station = {s.station: s for s in sends}
+    state, _ = transition(state, CommandAcked(by_station["s1"].cmd_id, "s1", ok=True), clock.step())
+    state, rollback = transition(
+        state, CommandAcked(by_station["s2"].cmd_id, "s2", ok=False, error="download failed"),
+        clock.step(),
+    )
+    assert state.phase == Phase.ROLLING_BACK
+    assert [(s.station, s.body.name) for s in rollback] == [("s1", "rollback")]
+
+
+def test_a_deploy_refused_by_the_only_station_ends_the_rollout_at_once() -> None:
+    state, clock = begin()
     state, sends = transition(state, Tick(FLEET), clock.step())
     state, rollback = transition(
         state, CommandAcked(sends[0].cmd_id, "s1", ok=False, error="digest mismatch"), clock.step()
     )
-    assert state.phase == Phase.ROLLING_BACK and "digest mismatch" in state.reason
-    assert [s.body.name for s in rollback] == ["rollback"]
+    assert rollback == []
+    assert state.phase == Phase.ROLLED_BACK and "digest mismatch" in state.reason
+
+
+def test_a_deploy_still_unanswered_is_rolled_back_too() -> None:
+    """It may have landed: the station holds the candidate until told otherwise."""
+    state, clock = begin(stations=["s1", "s2"])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    by_station = {s.station: s for s in sends}
+    state, rollback = transition(
+        state, CommandAcked(by_station["s2"].cmd_id, "s2", ok=False, error="download failed"),
+        clock.step(),
+    )
+    assert [(s.station, s.body.name) for s in rollback] == [("s1", "rollback")]
 
 
 def test_abort_rolls_back_every_touched_station_and_ends_aborted() -> None:

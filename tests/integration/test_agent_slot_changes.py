@@ -1,0 +1,95 @@
+"""What a slot change leaves behind: parts a rolled-back candidate had queued must not fault the
+station or move the agreement of the models that run now, and a store that cannot save the
+slots must not stop the inspection. Real agent, real bundles and onnxruntime; no broker."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from edge_agent.agent import Agent
+from edge_agent.slots import rolled_back, unloadable_model
+from tests.support import V1, V2, station_config
+
+STATION = "press-08"
+
+
+@contextlib.contextmanager
+def station(data_dir: Path, **overrides: Any) -> Iterator[Agent]:
+    """A station as it starts, not running: parts are judged by calling inspect()."""
+    agent = Agent(station_config(data_dir, "mqtt://127.0.0.1:1", station=STATION,
+                                 outbox__relay="thread", **overrides))
+    try:
+        yield agent
+    finally:
+        agent.writer.close()
+        agent.gate.close()
+        agent.source.close()
+        agent.store.close()
+
+
+def test_a_rolled_back_candidates_queued_parts_leave_no_trace_on_the_station(
+    tmp_path: Path,
+) -> None:
+    with station(tmp_path / "s", candidate=V2, mode="shadow") as agent:
+        frame = agent.source.read(timeout=5)
+        assert frame is not None
+        agent.inspect(frame)
+        queued = agent._jobs.get()  # the candidate's part, still waiting for the worker
+        assert queued is not None
+        # The candidate is rolled back (it kept timing out) before the worker gets to it.
+        agent.at_boundary(lambda: agent._set_slots(rolled_back(agent.slots)))
+        assert agent.slots.candidate is None
+        timing_out = unloadable_model(V2, "inference took 900 ms, timeout 250 ms")
+        agent._judge_with_other(dataclasses.replace(queued, other_model=timing_out))
+        assert "candidate_inference" not in agent.faults, "a fault about a model gone"
+        agent._publish_metrics()
+        assert math.isnan(agent.metrics.registry.get_sample_value(
+            "linesight_agreement_rate", {"station": STATION}) or 0.0)
+
+        # The same failure from a model that still runs is a fault, as before.
+        agent.at_boundary(lambda: agent._set_slots(agent.slots))  # a new generation
+        current = dataclasses.replace(queued, other_model=timing_out,
+                                      generation=agent._slot_generation)
+        agent._judge_with_other(current)
+        assert "candidate_inference" in agent.faults
+
+
+def test_a_store_that_cannot_save_the_slots_does_not_stop_the_inspection(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = {"source": "synthetic:seed=3,rate=100", "max_parts": 150, "drift_window": 50,
+              "drift_sample_every": 1, "outbox__receipt_wait_s": 0.5}
+    with station(tmp_path / "s", **config) as agent:
+        save = agent.store.save_slots
+        calls: list[int] = []
+
+        def failing_save(record: dict[str, Any]) -> None:
+            # The disk is full for the first 100 parts: at start, at every retry, and when the
+            # drift reference is taken (part 50, on the inspection loop).
+            calls.append(agent.parts_inspected)
+            if agent.parts_inspected < 100:
+                raise sqlite3.OperationalError("database or disk is full")
+            save(record)
+
+        monkeypatch.setattr(agent.store, "save_slots", failing_save)
+        assert agent.run() == 0
+        assert agent.parts_inspected == 150
+        assert 50 in calls, "the drift reference's save failed on the inspection loop"
+        events = agent.metrics.registry.get_sample_value(
+            "linesight_fault_events_total", {"station": STATION, "code": "slots_save"})
+        assert events == 1
+        assert "slots_save" not in agent.faults
+    with station(tmp_path / "s") as restarted:
+        record = restarted.store.load_slots()
+        assert record is not None and record.get("drift_reference"), "saved once it could be"
+        assert record["reference_for"] == restarted.slots.active.ref.sha256
+        assert restarted.slots.active.ref.version == "1.0.0"
+        assert V1.exists()
