@@ -4,16 +4,17 @@ stations download candidates from, and Prometheus metrics."""
 from __future__ import annotations
 
 import hmac
+import json
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import yaml
 from flask import Blueprint, Flask, Response, abort, current_app, jsonify, request, send_file
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from deploy.controller import Controller, RolloutConflict, bundle_file
-from deploy.plan import PlanError, parse_plan
+from deploy.controller import CandidateError, Controller, RolloutConflict, bundle_file
+from deploy.plan import PlanError, RolloutPlan, parse_plan
 from deploy.rollout import (
     Abort,
     Approve,
@@ -29,6 +30,11 @@ from deploy.rollout import (
 
 api = Blueprint("api", __name__, url_prefix="/api")
 bundles = Blueprint("bundles", __name__, url_prefix="/bundles")
+
+MAX_REQUEST_BYTES = 1024 * 1024
+"""A larger request body is refused (413) before it is read."""
+MAX_PLAN_YAML_CHARS = 64 * 1024
+"""A plan is a few hundred bytes; PyYAML takes quadratic time over some longer texts."""
 
 
 def controller() -> Controller:
@@ -46,12 +52,40 @@ def _require_token() -> None:
 
 
 def _body() -> dict[str, Any]:
-    document = request.get_json(silent=True)
-    if document is None:
+    """The request's JSON object; {} for an empty body. A POST must say `Content-Type:
+    application/json`: a browser sends that to another site only after a CORS preflight, which
+    this API never allows, so no web page can make an operator's browser act on a rollout."""
+    if not request.is_json:
+        abort(415, description="send the body as JSON, with Content-Type: application/json")
+    try:
+        data = request.get_data()
+    except RequestEntityTooLarge:
+        abort(413, description=f"the request body is larger than {MAX_REQUEST_BYTES} bytes")
+    if not data.strip():
         return {}
+    try:
+        document = json.loads(data)
+    except RecursionError:
+        abort(400, description="the request body is nested too deeply")
+    except ValueError as exc:  # not JSON, not UTF-8, an integer of more than 4300 digits ...
+        abort(400, description=f"the request body is not valid JSON: {exc}")
     if not isinstance(document, dict):
         abort(400, description="the request body must be a JSON object")
     return document
+
+
+def _text(body: dict[str, Any], key: str, max_length: int) -> str:
+    """body[key], a string cut to max_length; "" when absent or null."""
+    value = body.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        abort(400, description=f"{key}: a string is expected")
+    try:
+        value.encode()
+    except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): it cannot be stored
+        abort(400, description=f"{key}: not valid Unicode text")
+    return value[:max_length]
 
 
 @api.errorhandler(HTTPException)
@@ -85,9 +119,10 @@ def _station_json(record: Any, online: bool) -> dict[str, Any]:
 @api.get("/stations")
 def stations() -> Response:
     c = controller()
-    fleet = c.fleet()
+    now = datetime.now(UTC)
+    # One read of the inventory: a station may join at any moment.
     return jsonify(stations=[
-        _station_json(record, fleet[record.station].online) for record in c.store.stations()
+        _station_json(record, c.view(record, now).online) for record in c.store.stations()
     ])
 
 
@@ -167,21 +202,40 @@ def one_rollout(rollout_id: str) -> Response:
     return jsonify(rollout_json(RolloutState.model_validate_json(stored)))
 
 
+def _plan(text: str) -> RolloutPlan:
+    """The plan in the request's plan_yaml; 400 naming what is wrong with it."""
+    if len(text) > MAX_PLAN_YAML_CHARS:
+        abort(400, description=f"plan_yaml: longer than {MAX_PLAN_YAML_CHARS} characters")
+    try:
+        document = yaml.safe_load(text)
+    except RecursionError:
+        abort(400, description="plan_yaml: nested too deeply")
+    except yaml.YAMLError as exc:
+        abort(400, description=f"plan_yaml is not valid YAML: {exc}")
+    except Exception as exc:  # noqa: BLE001 - PyYAML raises more than YAMLError for some values
+        # an integer of more than 4300 digits, a date such as 2025-13-45, '!!timestamp x' ...
+        abort(400, description=f"plan_yaml: a value cannot be read: {type(exc).__name__}: {exc}")
+    try:
+        return parse_plan(document, "plan_yaml")
+    except PlanError as exc:
+        abort(400, description=str(exc))
+
+
 @api.post("/rollouts")
 def start_rollout() -> tuple[Response, int]:
     _require_token()
     body = _body()
     candidate = body.get("candidate")
-    if not isinstance(candidate, dict) or not {"name", "version"} <= set(candidate):
-        abort(400, description="candidate: give {\"name\": ..., \"version\": ...}")
+    if not (isinstance(candidate, dict) and isinstance(candidate.get("name"), str)
+            and isinstance(candidate.get("version"), str)):
+        abort(400, description="candidate: give {\"name\": \"...\", \"version\": \"...\"}")
     plan_text = body.get("plan_yaml")
     if not isinstance(plan_text, str):
         abort(400, description="plan_yaml: the plan's YAML text is required")
+    plan = _plan(plan_text)
     try:
-        plan = parse_plan(yaml.safe_load(plan_text), "plan_yaml")
-        state = controller().start_rollout(plan, str(candidate["name"]),
-                                           str(candidate["version"]))
-    except (PlanError, yaml.YAMLError) as exc:
+        state = controller().start_rollout(plan, candidate["name"], candidate["version"])
+    except CandidateError as exc:
         abort(400, description=str(exc))
     except RolloutConflict as exc:
         abort(409, description=str(exc))
@@ -209,8 +263,8 @@ def act(rollout_id: str, action: str) -> Response:
     if action not in _ACTIONS:
         abort(404, description=f"unknown action {action!r}; one of {', '.join(_ACTIONS)}")
     body = _body()
-    by = str(body.get("by") or "api")[:64]
-    reason = str(body.get("reason") or "")[:500]
+    by = _text(body, "by", 64) or "api"
+    reason = _text(body, "reason", 500)
     c = controller()
     try:
         c.apply(_request_event(action, by, reason),
@@ -258,7 +312,10 @@ def rollout_plan(rollout_id: str) -> Response:
 
 @bundles.get("/<name>/<version>/<file_name>")
 def bundle(name: str, version: str, file_name: str) -> Response:
-    path = bundle_file(controller().config.bundles, name, version, file_name)
+    try:
+        path = bundle_file(controller().config.bundles, name, version, file_name)
+    except (OSError, ValueError):  # a name longer than the file system allows, a NUL byte ...
+        path = None
     if path is None:
         abort(404)
     return send_file(path, mimetype="application/octet-stream", max_age=0)
@@ -295,6 +352,7 @@ def _metrics(c: Controller) -> bytes:
 
 def create_app(c: Controller) -> Flask:
     app = Flask(__name__)
+    app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions["linesight.controller"] = c
     app.register_blueprint(api)
     app.register_blueprint(bundles)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import queue
+import reprlib
 import threading
 import time
 import uuid
@@ -43,6 +44,8 @@ from deploy.rollout import (
 from linesight import protocol as p
 from linesight.artifacts import (
     MANIFEST_FILE,
+    NAME,
+    SEMVER,
     SIGNATURE_FILE,
     BundleError,
     load_public_key,
@@ -64,6 +67,30 @@ DEFAULT_DEFECT_LABEL = "defect"
 
 class RolloutConflict(Exception):
     """A request that cannot be honoured now (another rollout runs, unknown id, ...)."""
+
+
+class CandidateError(ValueError):
+    """A candidate name or version that no model bundle can have."""
+
+
+MAX_VERSION_LENGTH = 64
+"""A version names a folder: a long one would exceed the file system's name limit."""
+
+
+def check_candidate(name: str, version: str) -> None:
+    """Refuse a name or version that is not what a bundle's manifest may hold (the name is
+    1 to 64 lower-case letters, digits, '.', '_' or '-'; the version MAJOR.MINOR.PATCH), before
+    either becomes part of a path under `bundles`: no '/', no '..', no over-long file name."""
+    if not NAME.fullmatch(name):
+        raise CandidateError(
+            f"candidate name {reprlib.repr(name)}: 1 to 64 lower-case letters, digits, '.', "
+            "'_' or '-', starting with a letter or digit"
+        )
+    if len(version) > MAX_VERSION_LENGTH or not SEMVER.fullmatch(version):
+        raise CandidateError(
+            f"candidate version {reprlib.repr(version)}: MAJOR.MINOR.PATCH (such as 2.0.0), "
+            f"at most {MAX_VERSION_LENGTH} characters"
+        )
 
 
 @dataclass
@@ -247,17 +274,32 @@ class Controller:
     # --- rollouts ---------------------------------------------------------------------------
 
     def candidate_spec(self, name: str, version: str) -> tuple[CandidateSpec, str]:
-        """The candidate from its verified bundle, and the label its manifest calls a defect."""
+        """The candidate from its verified bundle, and the label its manifest calls a defect.
+        CandidateError for a name or version no bundle can have; RolloutConflict for a bundle
+        that is refused or cannot be read."""
+        check_candidate(name, version)
         bundle = self.config.bundles / name / version
         try:
             manifest = verify_bundle(bundle, self.key)
+            manifest_sha256 = sha256_file(bundle / MANIFEST_FILE)
+            signature = (bundle / SIGNATURE_FILE).read_text().strip()
         except BundleError as exc:
             raise RolloutConflict(f"bundle {name} {version} refused: {exc}") from exc
+        except (OSError, UnicodeDecodeError) as exc:  # missing, unreadable, not UTF-8 text ...
+            raise RolloutConflict(
+                f"bundle {name} {version} refused: it cannot be read: {exc}"
+            ) from exc
+        if (manifest.name, manifest.version) != (name, version):
+            # Stations store a bundle by its manifest's name and version, and the dashboard
+            # names the rollout by the folder: the two must agree.
+            raise RolloutConflict(
+                f"bundle {name} {version} refused: its manifest says {manifest.name} "
+                f"{manifest.version}"
+            )
         spec = CandidateSpec(
-            model=p.ModelRef(name=manifest.name, version=manifest.version,
-                             sha256=sha256_file(bundle / MANIFEST_FILE)),
+            model=p.ModelRef(name=manifest.name, version=manifest.version, sha256=manifest_sha256),
             url=f"{self.public_url}/bundles/{name}/{version}/",
-            signature=(bundle / SIGNATURE_FILE).read_text().strip(),
+            signature=signature,
         )
         return spec, manifest.defect_label
 
@@ -358,9 +400,9 @@ class Controller:
 
     def fleet(self) -> dict[str, StationView]:
         now = datetime.now(UTC)
-        return {record.station: self._view(record, now) for record in self.store.stations()}
+        return {record.station: self.view(record, now) for record in self.store.stations()}
 
-    def _view(self, record: StationRecord, now: datetime) -> StationView:
+    def view(self, record: StationRecord, now: datetime) -> StationView:
         fresh = (
             record.last_seen is not None
             and (now - record.last_seen).total_seconds() <= self.config.offline_after_s

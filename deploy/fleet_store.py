@@ -513,6 +513,7 @@ class SqliteFleetStore:
         self._seq_lock = threading.Lock()
         self._seq_next = 0
         self._seq_limit = 0  # exclusive end of the block reserved on disk
+        self._logged_unreadable: set[tuple[str, str]] = set()  # (station, document) logged
         self._db = SqliteDatabase(
             self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s,
             # The shadow table of a running stage is read every second: keep it in memory.
@@ -790,7 +791,13 @@ class SqliteFleetStore:
         )
 
     def stations(self) -> list[StationRecord]:
-        """Every station heard of (by state, stream or metrics), sorted by id."""
+        """Every station heard of (by state, stream or metrics), sorted by id.
+
+        A row stored by an older controller may no longer validate (an infinite number it
+        wrote out as null). A station whose state cannot be read is left out until it sends a
+        new one: nothing can be said of its faults. One whose latest metrics report cannot be
+        read is listed without it until the next report. Either is logged once per station.
+        """
         rows = (
             self._conn()
             .execute(
@@ -799,19 +806,38 @@ class SqliteFleetStore:
             )
             .fetchall()
         )
-        return [
-            StationRecord(
+        records: list[StationRecord] = []
+        for station, online, state_json, labels_json, last_seen_us, metrics_json in rows:
+            try:
+                state = StationState.model_validate_json(state_json) if state_json else None
+                labels = json.loads(labels_json)
+            except ValueError as exc:  # pydantic's ValidationError is one
+                self._unreadable(station, "state", "left out of the inventory", exc)
+                continue
+            try:
+                metrics = (
+                    StationMetrics.model_validate_json(metrics_json) if metrics_json else None
+                )
+            except ValueError as exc:
+                self._unreadable(station, "latest metrics", "listed without metrics", exc)
+                metrics = None
+            records.append(StationRecord(
                 station=station,
                 online=bool(online),
-                state=StationState.model_validate_json(state_json) if state_json else None,
+                state=state,
                 last_seen=None if last_seen_us is None else _dt(last_seen_us),
-                labels=json.loads(labels_json),
-                latest_metrics=(
-                    StationMetrics.model_validate_json(metrics_json) if metrics_json else None
-                ),
-            )
-            for station, online, state_json, labels_json, last_seen_us, metrics_json in rows
-        ]
+                labels=labels,
+                latest_metrics=metrics,
+            ))
+        return records
+
+    def _unreadable(self, station: str, what: str, outcome: str, exc: ValueError) -> None:
+        """Log, once per station and document, one that no longer validates."""
+        if (station, what) in self._logged_unreadable:
+            return
+        self._logged_unreadable.add((station, what))
+        log.warning("station %s: its stored %s cannot be read; it is %s until the station "
+                    "reports again: %s", station, what, outcome, exc)
 
     def metrics_history(self, station: str, since: datetime | None = None) -> list[StationMetrics]:
         """The station's kept metrics reports (at most METRICS_HISTORY), oldest first."""
@@ -824,7 +850,13 @@ class SqliteFleetStore:
             )
             .fetchall()
         )
-        return [StationMetrics.model_validate_json(payload) for (payload,) in rows]
+        history: list[StationMetrics] = []
+        for (payload,) in rows:
+            try:
+                history.append(StationMetrics.model_validate_json(payload))
+            except ValueError:  # pydantic's ValidationError: stored before a rule it breaks
+                continue
+        return history
 
     # -- evidence --
 

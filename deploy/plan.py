@@ -144,6 +144,9 @@ def load_plan(path: Path) -> RolloutPlan:
         raise PlanError(f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:
         raise PlanError(f"{path} is not valid YAML: {exc}") from exc
+    except (ValueError, RecursionError) as exc:
+        # Not UTF-8, an integer of more than 4,300 digits, an impossible date, deep nesting.
+        raise PlanError(f"{path} cannot be read as a plan: {str(exc)[:300]}") from exc
     return parse_plan(document, str(path))
 
 

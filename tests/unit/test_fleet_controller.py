@@ -18,6 +18,7 @@ import pytest
 from deploy.api import create_app
 from deploy.config import ControllerConfig
 from deploy.controller import Controller
+from deploy.fleet_store import StationRecord
 from deploy.plan import parse_plan
 from deploy.rollout import Phase, StageStep
 from linesight import protocol as p
@@ -319,6 +320,65 @@ def test_a_promotion_followed_by_a_newer_rollout_stays_as_it_is(controller: Cont
         client = create_app(again).test_client()
         answer = client.post(f"/api/rollouts/{first}/rollback", json={"by": "qe"})
         assert answer.status_code == 404, answer.get_json()
-        assert client.post(f"/api/rollouts/{newest}/rollback").status_code == 409
+        assert client.post(f"/api/rollouts/{newest}/rollback", json={}).status_code == 409
     finally:
         again.store.close()
+
+
+# --- the inventory: stations that join, rows an older controller stored ----------------------
+
+
+def test_a_station_that_joins_while_the_stations_are_listed_is_no_error(
+    controller: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Stations join at any moment: here one joins right after every read of the inventory.
+    The list is one read, so it holds the stations as they were at that read."""
+    S1().online(controller)
+    read = controller.store.stations
+    joined = itertools.count()
+
+    def read_then_one_joins() -> list[StationRecord]:
+        records = read()
+        deliver(controller, p.StationState(station=f"new-{next(joined)}", seq=0, online=True))
+        return records
+
+    monkeypatch.setattr(controller.store, "stations", read_then_one_joins)
+    answer = create_app(controller).test_client().get("/api/stations")
+    assert answer.status_code == 200, answer.get_data(as_text=True)[:300]
+    assert [(s["station"], s["online"]) for s in answer.get_json()["stations"]] == [("s1", True)]
+
+
+def test_rows_an_older_controller_stored_do_not_stop_the_tick_or_the_api(
+    controller: Controller,
+) -> None:
+    """An older controller stored infinite numbers as null: s2's state and s1's latest metrics
+    no longer validate. s2 is left out, s1 is listed without its metrics, and the rollout on
+    s1 goes on: its tick runs and s1 still counts as online."""
+    s1 = S1()
+    s1.online(controller)
+    deliver(controller, p.StationState(station="s2", seq=0, online=True),
+            p.StationMetrics(station="s1", seq=0, window_s=5.0, parts=5))
+    state = json.loads(p.StationState(station="s2", seq=0, online=True).to_json())
+    state["drift"] = {"psi_brightness": None, "psi_contrast": 0, "psi_sharpness": 0,
+                      "psi_confidence": 0, "window_parts": 100, "drifting": True}
+    metrics = json.loads(p.StationMetrics(station="s1", seq=0, window_s=5.0, parts=5).to_json())
+    metrics["latency"] = {"active": {"p50_ms": 1, "p95_ms": None, "p99_ms": 1, "count": 5}}
+    with contextlib.closing(sqlite3.connect(controller.config.data_dir / "fleet.db")) as conn:
+        conn.execute("UPDATE stations SET state_json = ? WHERE station = 's2'",
+                     (json.dumps(state),))
+        conn.execute("UPDATE stations SET metrics_json = ? WHERE station = 's1'",
+                     (json.dumps(metrics),))
+        conn.commit()
+
+    s1.start_observing(controller)  # ticks: s1 chosen, its deploy_candidate acknowledged
+    controller.tick()
+    assert controller.rollout is not None and controller.rollout.phase == Phase.RUNNING
+    assert controller.rollout.record.stations == ["s1"]
+    client = create_app(controller).test_client()
+    answer = client.get("/api/stations")
+    assert answer.status_code == 200, answer.get_data(as_text=True)[:300]
+    listed = answer.get_json()["stations"]
+    assert [(s["station"], s["online"], s["metrics"]) for s in listed] == [("s1", True, None)]
+    scraped = client.get("/metrics")
+    assert scraped.status_code == 200
+    assert 'linesight_fleet_station_online{station="s1"} 1.0' in scraped.get_data(as_text=True)

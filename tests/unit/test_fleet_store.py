@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import sqlite3
 import threading
 import uuid
 from collections.abc import Iterator
@@ -512,6 +514,60 @@ def test_latest_metrics_and_bounded_history(store: SqliteFleetStore) -> None:
     assert len(history) == METRICS_HISTORY
     assert history[-1].parts == METRICS_HISTORY + 4
     assert len(store.metrics_history("a", since=reports[-3].ts)) == 3
+
+
+def overwrite_row(
+    path: Path, station: str, *, state: dict[str, object] | None = None,
+    metrics: dict[str, object] | None = None,
+) -> None:
+    """Put documents into a station's row directly, as an older controller may have left it."""
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        if state is not None:
+            conn.execute("UPDATE stations SET state_json = ? WHERE station = ?",
+                         (json.dumps(state), station))
+        if metrics is not None:
+            conn.execute("UPDATE stations SET metrics_json = ? WHERE station = ?",
+                         (json.dumps(metrics), station))
+        conn.commit()
+
+
+def with_infinity_as_null(document: p.Envelope) -> dict[str, object]:
+    """The message as an older controller stored it with one infinite number in it."""
+    stored: dict[str, object] = json.loads(document.model_dump_json(by_alias=True))
+    if isinstance(document, p.StationState):
+        stored["drift"] = {"psi_brightness": None, "psi_contrast": 0, "psi_sharpness": 0,
+                           "psi_confidence": 0, "window_parts": 100, "drifting": True}
+    else:
+        stored["latency"] = {"active": {"p50_ms": 1, "p95_ms": None, "p99_ms": 1, "count": 5}}
+    return stored
+
+
+def test_a_stored_row_that_no_longer_validates_spares_the_rest_of_the_fleet(
+    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A station whose stored state cannot be read is left out (nothing can be said of its
+    faults); one whose latest metrics cannot be read is listed without them. Each is logged
+    once, not on every read of the inventory."""
+    for name in ("a", "b", "c"):
+        store.record_state(state(name, online=True), T0)
+    store.ingest([metrics("c", T0)])
+    overwrite_row(store.path, "a", state=with_infinity_as_null(state("a", online=True)))
+    overwrite_row(store.path, "c", metrics=with_infinity_as_null(metrics("c", T0)))
+
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        for _ in range(3):
+            records = {record.station: record for record in store.stations()}
+            assert list(records) == ["b", "c"]
+            assert records["c"].state is not None and records["c"].latest_metrics is None
+    warnings = [record.getMessage() for record in caplog.records]
+    assert len(warnings) == 2, warnings
+    assert "station a: its stored state cannot be read" in warnings[0]
+    assert "station c: its stored latest metrics cannot be read" in warnings[1]
+
+    store.record_state(state("a", online=True), T0 + timedelta(seconds=5))  # it reports again
+    store.ingest([metrics("c", T0 + timedelta(seconds=5))])
+    records = {record.station: record for record in store.stations()}
+    assert list(records) == ["a", "b", "c"] and records["c"].latest_metrics is not None
 
 
 # --- rollouts and the controller's seq -------------------------------------------------------

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import re
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
 
 from deploy.gates import PairedEvidence
-from deploy.plan import PlanError, parse_plan, select_stations
+from deploy.plan import PlanError, load_plan, parse_plan, select_stations
 from deploy.rollout import (
     Abort,
     Approve,
@@ -599,3 +600,17 @@ def test_the_longest_stage_a_plan_allows_still_gets_a_deadline() -> None:
     state, clock = begin(exit={"max_duration_s": MAX_STAGE_DURATION_S})
     state = to_observing(state, clock)
     assert state.record.deadline == clock.now + timedelta(seconds=MAX_STAGE_DURATION_S)
+
+
+@pytest.mark.parametrize(("text", "said"), [
+    ("[" * 5000 + "]" * 5000, "cannot be read as a plan"),
+    ("name: x\nstages: [{exit: {min_parts: 1" + "0" * 5000 + "}}]", "cannot be read as a plan"),
+    ("name: 2025-13-45", "cannot be read as a plan"),
+])
+def test_a_plan_file_that_cannot_be_read_is_a_plan_error(
+    tmp_path: Path, text: str, said: str
+) -> None:
+    path = tmp_path / "plan.yaml"
+    path.write_text(text)
+    with pytest.raises(PlanError, match=said):
+        load_plan(path)
