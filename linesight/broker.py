@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import pwd
+import re
 import secrets
 import shutil
 import signal
@@ -34,6 +35,8 @@ __all__ = [
 LOCALHOST = "127.0.0.1"
 _START_TIMEOUT_S = 10.0
 _STOP_TIMEOUT_S = 5.0
+# Mosquitto logs this (log_type information) only once every listener is bound and listening.
+_RUNNING = re.compile(r"mosquitto version \S+ running")
 
 
 class BrokerError(RuntimeError):
@@ -159,7 +162,11 @@ class Broker:
             return ""
 
     def start(self) -> Broker:
-        """Start mosquitto and wait (bounded) until it accepts TCP connections."""
+        """Start mosquitto and wait (bounded) until it says it is running on its port.
+
+        Raises BrokerError when it cannot: the message names the address and, for a port that
+        another program already listens on, says so.
+        """
         if self.running:
             return self
         self.data_dir.mkdir(parents=True, exist_ok=True)
@@ -169,12 +176,19 @@ class Broker:
         for attempt in range(attempts):
             if attempt:
                 self.port = free_port()
+            log_start = self._log_size()
             self._spawn()
-            if self._wait_until_listening():
+            if self._wait_until_running(log_start):
                 return self
+        log = self._log_since(log_start)
+        if "Address already in use" in log:
+            raise BrokerError(
+                f"mosquitto could not listen on {self.host}:{self.port}: the port is already in "
+                f"use by another program; log {self.log_path}"
+            )
         raise BrokerError(
             f"mosquitto did not start on {self.host}:{self.port}; log {self.log_path}:\n"
-            + self.log_text()[-2000:]
+            + log[-2000:]
         )
 
     def stop(self) -> None:
@@ -238,6 +252,7 @@ class Broker:
             "max_queued_bytes 0",
             # Inflight beyond this are queued, not dropped; larger means fewer round-trip stalls.
             "max_inflight_messages 100",
+            # start() waits for the "running" line, logged at level information.
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",
@@ -265,7 +280,24 @@ class Broker:
                 start_new_session=True,
             )
 
-    def _wait_until_listening(self) -> bool:
+    def _log_size(self) -> int:
+        try:
+            return self.log_path.stat().st_size
+        except FileNotFoundError:
+            return 0
+
+    def _log_since(self, offset: int) -> str:
+        """What this start of mosquitto logged: the log file also holds earlier runs."""
+        try:
+            with self.log_path.open("rb") as log:
+                log.seek(offset)
+                return log.read().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def _wait_until_running(self, log_start: int) -> bool:
+        # Not a TCP connect: while mosquitto is still starting, a connect to its port can reach
+        # another program listening there, just before mosquitto fails to bind and exits.
         process = self._process
         assert process is not None  # noqa: S101 - set by _spawn just before
         deadline = time.monotonic() + _START_TIMEOUT_S
@@ -273,11 +305,9 @@ class Broker:
             if process.poll() is not None:
                 self._process = None
                 return False
-            try:
-                with socket.create_connection((self.host, self.port), timeout=0.5):
-                    return True
-            except OSError:
-                time.sleep(0.02)
+            if _RUNNING.search(self._log_since(log_start)):
+                return True
+            time.sleep(0.02)
         self.kill()
         return False
 

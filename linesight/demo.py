@@ -9,13 +9,18 @@ the ground truth unless a person answers first. Then a rollout of part-classifie
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import json
+import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +30,7 @@ from deploy.fleet_store import SqliteFleetStore
 from deploy.rollout import RolloutState
 from edge_agent.store import StationStore
 from linesight.artifacts import generate_keypair
-from linesight.broker import Broker, free_port, start_broker
+from linesight.broker import Broker, free_port
 from linesight.sim import SimulatedOperator, summarise
 from station_ui.security import hash_pin
 
@@ -35,6 +40,7 @@ STATIONS = ("press-01", "press-02", "press-03")
 SCENARIOS = {"good": "2.0.0", "regressed": "2.1.0"}
 OPERATOR = ("1001", "Demo operator", "operator", "2468")
 SUPERVISOR = ("9001", "Demo supervisor", "supervisor", "1357")
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -60,6 +66,9 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def preferred_port(port: int) -> int:
     """The usual port when it is free, so URLs stay the same between runs; else any."""
     with socket.socket() as probe:
+        # Like the servers (waitress, prometheus_client): a port whose last connections linger
+        # in TIME_WAIT after the previous run is free for them, so it is for us too.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind(("127.0.0.1", port))
         except OSError:
@@ -73,6 +82,13 @@ class Line:
     broker: Broker | None = None
     processes: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
     operators: list[SimulatedOperator] = field(default_factory=list)
+
+    def start_broker(self) -> Broker:
+        # Known to the line before it starts: a Ctrl-C while mosquitto comes up still stops it.
+        self.broker = Broker(self.workdir / "broker")
+        self.broker.start()
+        self._write_pids()
+        return self.broker
 
     def spawn(self, name: str, *args: str) -> None:
         logs = self.workdir / "logs"
@@ -101,29 +117,86 @@ class Line:
                 )
 
     def stop(self) -> None:
-        for operator in self.operators:
-            operator.stop()
-        # The stations first, while the controller is there to receipt what they deliver on
-        # their way out (their outboxes end empty); then the controller and the screens.
-        agents = [name for name in self.processes if name.startswith("agent")]
-        self._stop_together(agents)
-        self._stop_together([name for name in self.processes if name not in agents])
-        if self.broker is not None:
-            self.broker.stop()
+        """Stop every piece, each one even when stopping another failed.
+
+        The pieces run in sessions of their own: one not stopped here keeps running after the
+        demo. So a Ctrl-C, SIGTERM or SIGHUP arriving meanwhile is only noted (see `_hold_signals`).
+        """
+        with _hold_signals():
+            for operator in self.operators:
+                _attempt(f"operator {operator.badge}", operator.stop)
+            # The stations first, while the controller is there to receipt what they deliver on
+            # their way out (their outboxes end empty); then the controller and the screens.
+            agents = [name for name in self.processes if name.startswith("agent")]
+            self._stop_together(agents)
+            self._stop_together([name for name in self.processes if name not in agents])
+            if self.broker is not None:
+                _attempt("mosquitto", self.broker.stop)
 
     def _stop_together(self, names: list[str]) -> None:
         for name in names:
-            process = self.processes[name]
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
+            _attempt(name, self.processes[name].terminate)
         for name in names:
-            process = self.processes[name]
-            try:
-                process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                print(f"  {name} did not stop in time; killing it", flush=True)
-                process.kill()
-                process.wait(timeout=5)
+            _attempt(name, functools.partial(self._wait_or_kill, name))
+
+    def _wait_or_kill(self, name: str) -> None:
+        process = self.processes[name]
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            print(f"  {name} did not stop in time; killing it", flush=True)
+            process.kill()
+            process.wait(timeout=5)
+
+
+def _attempt(name: str, step: Callable[[], None]) -> None:
+    try:
+        step()
+    except Exception as exc:  # noqa: BLE001 - the other pieces must be stopped all the same
+        print(f"  could not stop {name}: {exc}", flush=True)
+
+
+class _StopSignals:
+    """The demo's handler for Ctrl-C, SIGTERM and SIGHUP.
+
+    The first one ends the run (KeyboardInterrupt for Ctrl-C, else _Stopped) and the line is
+    stopped; any further one, and any while the line stops, only gets a "please wait".
+    """
+
+    def __init__(self) -> None:
+        self.stopping = False
+        self._told = False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if not self.stopping:
+            self.stopping = True
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            raise _Stopped(signum)
+        if not self._told:
+            self._told = True
+            # Not print(): the handler may run in the middle of another print to stdout.
+            with contextlib.suppress(OSError, ValueError):
+                os.write(sys.stdout.fileno(), b"\nstopping, please wait ...\n")
+
+
+@contextlib.contextmanager
+def _hold_signals() -> Iterator[None]:
+    """Within the block, stop signals are only noted (in the main thread; elsewhere Python
+    delivers none)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    # run_demo's handler when it is there, so "please wait" is said once in all.
+    current = signal.getsignal(signal.SIGINT)
+    noted = current if isinstance(current, _StopSignals) else _StopSignals()
+    noted.stopping = True
+    previous = {sig: signal.signal(sig, noted) for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def _create_operators(data_dir: Path) -> None:
@@ -145,9 +218,9 @@ def run_demo(args: argparse.Namespace) -> int:
     # Ctrl-C arrives as KeyboardInterrupt, also when this process was started with SIGINT
     # ignored (a background job of a script inherits that); `kill`, a service manager or a closed
     # terminal send SIGTERM or SIGHUP, whose default would end this process and leave the line
-    # running.
-    previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGTERM, signal.SIGHUP)}
-    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
+    # running. Only the first one counts: a second Ctrl-C must not cut the stop short.
+    signals = _StopSignals()
+    previous = {sig: signal.signal(sig, signals) for sig in STOP_SIGNALS}
     try:
         return _run(line, args, version)
     except KeyboardInterrupt:
@@ -157,20 +230,20 @@ def run_demo(args: argparse.Namespace) -> int:
         print(f"\n{signal.Signals(stopped.signum).name}: stopping the line ...", flush=True)
         return 128 + stopped.signum
     finally:
-        line.stop()
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
+        signals.stopping = True
+        try:
+            line.stop()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         print(f"stopped; data and logs are in {workdir}", flush=True)
 
 
-class _Stopped(Exception):  # noqa: N818 - a signal, not an error
+class _Stopped(BaseException):  # noqa: N818 - a signal, not an error
+    # BaseException, like KeyboardInterrupt: no `except Exception` on the way may swallow it.
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = signum
-
-
-def _raise_stop(signum: int, frame: object) -> None:
-    raise _Stopped(signum)
 
 
 def _run(line: Line, args: argparse.Namespace, version: str) -> int:
@@ -179,10 +252,10 @@ def _run(line: Line, args: argparse.Namespace, version: str) -> int:
     # Commands are signed end to end, with a key pair made for this run of the demo.
     command_key, command_pub = workdir / "keys" / "command.key", workdir / "keys" / "command.pub"
     generate_keypair(command_key, command_pub)
-    line.broker = start_broker(workdir / "broker")
+    broker = line.start_broker()
     http_port = preferred_port(8700)
     controller_url = f"http://127.0.0.1:{http_port}"
-    line.spawn("controller", "fleet", "serve", "--broker", line.broker.url,
+    line.spawn("controller", "fleet", "serve", "--broker", broker.url,
                "--data-dir", str(workdir / "fleet"), "--bundles", str(MODELS), "--key", key,
                "--command-key", str(command_key),
                "--http-port", str(http_port))
@@ -191,7 +264,7 @@ def _run(line: Line, args: argparse.Namespace, version: str) -> int:
         data_dir = workdir / station
         _create_operators(data_dir)
         line.spawn(
-            f"agent-{station}", "agent", "--station", station, "--broker", line.broker.url,
+            f"agent-{station}", "agent", "--station", station, "--broker", broker.url,
             "--source", f"synthetic:seed={101 + index},rate={args.rate:g}",
             "--active", str(MODELS / "part-classifier" / "1.0.0"), "--automation", "partial",
             "--data-dir", str(data_dir), "--key", key, "--command-key", str(command_pub),
@@ -212,7 +285,7 @@ Linesight demo: one broker, one fleet controller, {len(STATIONS)} stations.
   station screens   {'  '.join(f'{s} {u}/' for s, u in ui_urls.items())}
   sign in           operator badge {OPERATOR[0]} PIN {OPERATOR[3]}, supervisor {SUPERVISOR[0]} \
 PIN {SUPERVISOR[3]}
-  broker            {line.broker.url}
+  broker            {broker.url}
   logs              {workdir / 'logs'}
 Simulated operators answer each review queue after {args.operator_delay:g} s unless you answer
 first on a station screen. Ctrl-C stops everything.

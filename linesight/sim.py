@@ -110,9 +110,22 @@ class SimulatedOperator:
 # --- the outcome of a rollout on a simulated line --------------------------------------------
 
 
+# What a summary calls a rollout's end, by its phase; a rollout in any other phase (running,
+# rolling back) had not ended when the summary was made: "timed_out".
+OUTCOMES = {
+    Phase.PROMOTED: "promoted", Phase.ROLLED_BACK: "rolled_back", Phase.ABORTED: "rolled_back",
+    Phase.PAUSED: "paused", Phase.WAITING_APPROVAL: "waiting_approval",
+}
+# `linesight sim`'s exit status by outcome: 0 a decision (promoted or rolled back), 3 the rollout
+# waits for a person (paused, or a stage passed and waits for approval), 4 no decision in time.
+EXIT_STATUS = {"promoted": 0, "rolled_back": 0, "paused": 3, "waiting_approval": 3}
+EXIT_TIMED_OUT = 4
+
+
 @dataclass(frozen=True, slots=True)
 class LineSummary:
     outcome: str
+    phase: str | None  # the rollout's phase at the end, e.g. "running" when it timed out
     stages_passed: int
     parts: int
     parts_decided_by_candidate: int
@@ -147,17 +160,20 @@ def summarise(
         elif decision.action == Action.REJECT and actual == "ok":
             false_rejects[who] += 1
     if rollout is None:
-        return LineSummary("none", 0, len(decisions), 0, escaped, false_rejects, labels_used,
-                           None, "no rollout ran")
-    outcome = {
-        Phase.PROMOTED: "promoted", Phase.ROLLED_BACK: "rolled_back", Phase.ABORTED: "rolled_back",
-    }.get(rollout.phase, "paused")
+        return LineSummary("none", None, 0, len(decisions), 0, escaped, false_rejects,
+                           labels_used, None, "no rollout ran")
+    outcome = OUTCOMES.get(rollout.phase, "timed_out")
     seconds = (
-        (rollout.updated - rollout.started).total_seconds()
-        if rollout.phase in (Phase.PROMOTED, Phase.ROLLED_BACK, Phase.ABORTED) else None
+        (rollout.updated - rollout.started).total_seconds() if rollout.phase in TERMINAL else None
     )
+    reason = rollout.reason
+    if rollout.phase == Phase.WAITING_APPROVAL:
+        reason = f"stage {rollout.current.name!r} passed and waits for a person's approval"
+    elif outcome == "timed_out":
+        reason = f"no decision in time: the rollout was still {rollout.phase.value}"
     return LineSummary(
         outcome=outcome,
+        phase=rollout.phase.value,
         stages_passed=sum(1 for record in rollout.stages if record.outcome == "passed"),
         parts=len(decisions),
         parts_decided_by_candidate=sum(
@@ -167,7 +183,7 @@ def summarise(
         false_rejects=false_rejects,
         labels_used=labels_used,
         seconds_to_decision=round(seconds, 1) if seconds is not None else None,
-        reason=rollout.reason,
+        reason=reason,
     )
 
 
@@ -183,6 +199,8 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         help="run a rollout on a simulated line, headless, and print its outcome",
         description="A broker, the controller, N stations on the synthetic source and "
         "simulated operators, all on this machine; ends with one JSON line.",
+        epilog="Exit status: 0 the rollout was promoted or rolled back; 3 it waits for a person "
+        "(paused, or waiting for an approval); 4 it had not ended at --timeout; 2 an error.",
     )
     sim.add_argument("--stations", type=int, default=3)
     sim.add_argument("--candidate", type=Path, required=True,
@@ -219,7 +237,7 @@ def run_sim(args: argparse.Namespace) -> int:
         )
     say(f"{summary.outcome}: {summary.reason}")
     print(summary.to_json(), flush=True)
-    return 0
+    return EXIT_STATUS.get(summary.outcome, EXIT_TIMED_OUT)
 
 
 def simulate(
@@ -241,6 +259,7 @@ def simulate(
         agents: list[Agent] = []
         threads: list[threading.Thread] = []
         operators: list[SimulatedOperator] = []
+        ended: RolloutState | None = None
         try:
             for index in range(stations):
                 station = f"sim-{index + 1:02d}"
@@ -275,9 +294,13 @@ def simulate(
                     if line != last:
                         say(line)
                         last = line
-                    if state.phase in TERMINAL or state.phase == Phase.PAUSED:
+                    # Paused or waiting for approval, it waits for a person, who is not there.
+                    if state.phase in OUTCOMES:
                         break
                 time.sleep(0.5)
+            # As it was when we stopped waiting: stopping the stations below can still change it
+            # (stations going away in the middle of a stage can start a rollback).
+            ended = controller.rollout
         finally:
             for agent in agents:
                 agent.stop()
@@ -289,6 +312,6 @@ def simulate(
             server.stop()
         labels = sum(operator.answered for operator in operators)
         judge = SimulatedOperator(workdir, defect_rate=defect_rate)
-        summary = summarise(controller.store, controller.rollout, judge.truth, labels)
+        summary = summarise(controller.store, ended, judge.truth, labels)
         controller.stop()
     return summary

@@ -6,22 +6,22 @@ import json
 import subprocess
 import sys
 
-from tests.support import V2, V21
+from tests.support import REPO, V2, V21
 
 
-def sim(candidate: str, seed: int) -> dict[str, object]:
+def sim(candidate: str, seed: int, *options: str, status: int = 0) -> dict[str, object]:
     result = subprocess.run(
         [sys.executable, "-m", "linesight.cli", "--log-level", "WARNING", "sim",
-         "--stations", "3", "--candidate", candidate, "--seed", str(seed), "--json"],
+         "--stations", "3", "--candidate", candidate, "--seed", str(seed), "--json", *options],
         capture_output=True, text=True, timeout=600,
     )
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == status, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.strip().splitlines()
     assert len(lines) == 1, "--json prints exactly one line"
     summary: dict[str, object] = json.loads(lines[0])
     assert set(summary) == {
-        "outcome", "stages_passed", "parts", "parts_decided_by_candidate", "escaped_defects",
-        "false_rejects", "labels_used", "seconds_to_decision",
+        "outcome", "phase", "stages_passed", "parts", "parts_decided_by_candidate",
+        "escaped_defects", "false_rejects", "labels_used", "seconds_to_decision",
     }
     return summary
 
@@ -29,7 +29,7 @@ def sim(candidate: str, seed: int) -> dict[str, object]:
 def test_the_regressed_model_is_rolled_back_the_same_way_for_the_same_seed() -> None:
     first, second = sim(str(V21), 5), sim(str(V21), 5)
     for summary in (first, second):
-        assert summary["outcome"] == "rolled_back"
+        assert summary["outcome"] == summary["phase"] == "rolled_back"
         assert summary["parts_decided_by_candidate"] == 0
         assert summary["escaped_defects"]["candidate"] == 0  # type: ignore[index]
     assert first["stages_passed"] == second["stages_passed"] == 0
@@ -39,3 +39,20 @@ def test_the_better_model_is_promoted() -> None:
     summary = sim(str(V2), 5)
     assert summary["outcome"] == "promoted" and summary["stages_passed"] == 4
     assert isinstance(summary["labels_used"], int) and summary["labels_used"] > 0
+
+
+def test_a_rollout_waiting_for_approval_ends_the_run_without_a_decision() -> None:
+    # Nobody can approve on a simulated line: the run ends there (well before --timeout), says
+    # so, and exits 3.
+    plan = REPO / "deploy" / "plans" / "approval-gated.yaml"
+    summary = sim(str(V2), 5, "--plan", str(plan), "--timeout", "200", status=3)
+    assert summary["outcome"] == summary["phase"] == "waiting_approval"
+    assert summary["stages_passed"] == 1
+    assert summary["seconds_to_decision"] is None
+
+
+def test_a_rollout_still_running_at_the_timeout_is_reported_as_timed_out() -> None:
+    summary = sim(str(V2), 5, "--timeout", "1", status=4)
+    assert summary["outcome"] == "timed_out"
+    assert summary["phase"] == "running"
+    assert summary["seconds_to_decision"] is None
