@@ -429,7 +429,7 @@ class Agent:
             self.slots.active.ref.version, self.slots.mode.value, self.automation.value,
         )
         systemd.notify("\n".join(
-            [systemd.READY, systemd.status(f"inspecting from {self.config.source}")]
+            [systemd.READY, systemd.status(self._ready_status())]
         ))
         self._loop_running = True
         try:
@@ -438,6 +438,13 @@ class Agent:
             self._loop_running = False
             self._apply_boundary_actions()
         return self._shutdown()
+
+    def _ready_status(self) -> str:
+        """systemd's Status line at READY: what runs, and whether the active model loaded."""
+        status = f"inspecting from {self.config.source}"
+        if is_placeholder(self.slots.active):
+            status += "; ACTIVE MODEL NOT LOADED (fault active_load): every part goes to review"
+        return status
 
     def stop(self) -> None:
         """Stop at the next part boundary (signal handlers call this)."""

@@ -241,9 +241,20 @@ class MjpegCamera:
         self._thread.join(timeout=5)
 
 
-# --- headless Chromium (Debian's package; Playwright's own download does not work here) -------
+# --- headless Chromium: Debian's package, else Playwright's own build (what scripts/setup
+# --browser installs where apt has no chromium, as on Ubuntu) -------------------------------
 
 CHROMIUM = Path("/usr/bin/chromium")
+
+
+def _playwright_chromium_installed() -> bool:
+    browsers = Path(os.environ.get("PLAYWRIGHT_BROWSERS_PATH") or Path.home() / ".cache"
+                    / "ms-playwright")
+    return any(browsers.glob("chromium*/chrome-linux*/chrome"))
+
+
+HAVE_CHROMIUM = CHROMIUM.exists() or _playwright_chromium_installed()
+NO_CHROMIUM = "needs a headless Chromium (scripts/setup --browser installs one)"
 CHROMIUM_ARGS = [
     "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
     "--disable-background-networking", "--disable-component-update", "--no-first-run",
@@ -256,7 +267,8 @@ SCREENSHOTS = Path(os.environ.get("LINESIGHT_SCREENSHOTS") or REPO / ".cache" / 
 
 def launch_chromium(playwright: Any) -> Any:
     return playwright.chromium.launch(
-        executable_path=str(CHROMIUM), args=CHROMIUM_ARGS, headless=True
+        executable_path=str(CHROMIUM) if CHROMIUM.exists() else None,
+        args=CHROMIUM_ARGS, headless=True,
     )
 
 

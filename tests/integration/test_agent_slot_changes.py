@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import socket
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
@@ -93,3 +94,36 @@ def test_a_store_that_cannot_save_the_slots_does_not_stop_the_inspection(
         assert record["reference_for"] == restarted.slots.active.ref.sha256
         assert restarted.slots.active.ref.version == "1.0.0"
         assert V1.exists()
+
+
+def _received(listener: socket.socket) -> list[str]:
+    """Every datagram waiting on the socket (the run that sent them has returned)."""
+    listener.setblocking(False)
+    messages: list[str] = []
+    while True:
+        try:
+            messages.append(listener.recv(4096).decode())
+        except BlockingIOError:
+            return messages
+
+
+def test_systemd_hears_at_ready_that_the_active_model_did_not_load(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """READY means inspecting; with the fail-safe placeholder in the active slot the unit's
+    Status line says so, so `systemctl status` does not look healthy."""
+    path = tmp_path / "notify.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    listener.bind(str(path))
+    monkeypatch.setenv("NOTIFY_SOCKET", str(path))
+    for name in ("WATCHDOG_USEC", "WATCHDOG_PID"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        for active, broken in ((tmp_path / "missing-bundle", True), (V1, False)):
+            config = {"active": active, "max_parts": 3, "outbox__receipt_wait_s": 0.2}
+            with station(tmp_path / f"s-{broken}", **config) as agent:
+                assert agent.run() == 0
+            [ready] = [m for m in _received(listener) if "READY=1" in m]
+            assert ("ACTIVE MODEL NOT LOADED" in ready) is broken, ready
+    finally:
+        listener.close()

@@ -19,8 +19,9 @@ from linesight import protocol as p
 from linesight.broker import Broker, free_port
 from linesight.mqtt import LinkConfig, MqttLink
 from tests.support import (
-    CHROMIUM,
+    HAVE_CHROMIUM,
     MODELS,
+    NO_CHROMIUM,
     SCREENSHOTS,
     V2,
     AgentLine,
@@ -51,8 +52,7 @@ stages:
 """
 
 pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(scripts/setup installs it)"),
+    pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM),
     pytest.mark.skipif(not (V2 / "manifest.json").exists(),
                        reason=f"needs the shipped model bundle {V2}"),
     pytest.mark.timeout(150),

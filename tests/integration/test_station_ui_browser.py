@@ -23,7 +23,8 @@ from station_ui.app import create_app
 from station_ui.config import UiConfig
 from station_ui.security import hash_pin
 from tests.support import (
-    CHROMIUM,
+    HAVE_CHROMIUM,
+    NO_CHROMIUM,
     SCREENSHOTS,
     V1,
     Collector,
@@ -39,8 +40,7 @@ PIN = "2580"
 _NONE = SimpleNamespace(outcome=None)  # a part not (yet) in the store
 
 pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(scripts/setup installs it)"),
+    pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM),
     pytest.mark.skipif(not (V1 / "manifest.json").exists(),
                        reason=f"needs the shipped model bundle {V1}"),
     pytest.mark.timeout(120),

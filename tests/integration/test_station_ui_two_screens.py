@@ -19,7 +19,7 @@ from edge_agent.store import ReviewItem, StationStore
 from station_ui.app import create_app
 from station_ui.config import UiConfig
 from station_ui.security import hash_pin
-from tests.support import CHROMIUM, launch_chromium, wait_for
+from tests.support import HAVE_CHROMIUM, NO_CHROMIUM, launch_chromium, wait_for
 
 BADGE = "1001"  # the demo's operator, on every station
 PIN = "2468"
@@ -27,8 +27,7 @@ PART = "P-1"
 JPEG = b"\xff\xd8\xff\xe0" + b"part-image" * 10 + b"\xff\xd9"
 
 pytestmark = [
-    pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium at /usr/bin/chromium "
-                       "(scripts/setup installs it)"),
+    pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM),
     pytest.mark.timeout(120),
 ]
 
