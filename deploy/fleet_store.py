@@ -465,22 +465,24 @@ _P95_LATENCY = (
     + _CANDIDATE_ROWS
     + "ORDER BY s.candidate_latency_ms DESC LIMIT 1 OFFSET ?"
 )
-# Only disagreements (a few percent of the rows) look up a verdict. The latest verdict with a
-# label is the truth, so an escalation (label null) neither counts nor hides an earlier one.
-# MATERIALIZED: otherwise SQLite copies the lookup into each aggregate that names `truth`.
+# Only disagreements (a few percent of the rows) look up a verdict. The latest pass or reject
+# is the truth, so an escalation neither counts nor hides an earlier one (a supervisor's final
+# verdict comes after it). The truth is the verdict's outcome, not its label: the station
+# screen's words (ok/defect) need not be the model's (good/ng, ...); a reject is a defect.
+# MATERIALIZED: otherwise SQLite copies the lookup into each aggregate that names `defect`.
 _LABELLED_COUNTS = """
 WITH labelled AS MATERIALIZED (
-    SELECT s.candidate_label AS candidate, (
-        SELECT v.label FROM verdicts v INDEXED BY verdicts_station_part
-        WHERE v.station = s.station AND v.part_id = s.part_id AND v.label IS NOT NULL
+    SELECT s.candidate_label = ? AS candidate_says_defect, (
+        SELECT v.outcome = 'reject' FROM verdicts v INDEXED BY verdicts_station_part
+        WHERE v.station = s.station AND v.part_id = s.part_id AND v.outcome IN ('pass', 'reject')
         ORDER BY v.id DESC LIMIT 1
-    ) AS truth
+    ) AS defect
     FROM shadows s INDEXED BY shadows_disagreements
     WHERE s.candidate_sha256 = ? AND s.ts_us >= ?
         AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 AND s.agree = 0
 )
-SELECT count(truth), coalesce(sum(truth = candidate), 0),
-    coalesce(sum(truth = ?), 0), coalesce(sum(truth = ? AND truth = candidate), 0)
+SELECT count(defect), coalesce(sum(defect = candidate_says_defect), 0),
+    coalesce(sum(defect), 0), coalesce(sum(defect AND candidate_says_defect), 0)
 FROM labelled
 """
 _CANDIDATE_SERIES = (
@@ -869,8 +871,11 @@ class SqliteFleetStore:
     ) -> StageEvidence:
         """Paired outcomes of `candidate_sha256` against the active model on `stations`.
 
-        `escapes.disagreements` estimates the defect disagreements among all of them: the
-        labelled ones whose truth is the defect, plus the unlabelled ones in the same proportion.
+        A disagreement's truth is its latest pass (not a defect) or reject (a defect, whose
+        label is `defect_label` for the candidate). `escapes.disagreements` estimates the defect
+        disagreements among all of them: the labelled ones whose truth is the defect, plus the
+        unlabelled ones in the same proportion; `possible_escapes` counts every unlabelled one
+        as a possible defect, the bound the rare-event pass may rely on.
         """
         names = _stations_param(stations)
         rows = (candidate_sha256, _us(since), names)
@@ -880,9 +885,7 @@ class SqliteFleetStore:
             )
             labelled, candidate_right, labelled_defect, defect_right = (
                 int(value)
-                for value in conn.execute(
-                    _LABELLED_COUNTS, (*rows, defect_label, defect_label)
-                ).fetchone()
+                for value in conn.execute(_LABELLED_COUNTS, (defect_label, *rows)).fetchone()
             )
             p95: float | None = None
             if results:
@@ -907,6 +910,7 @@ class SqliteFleetStore:
                 candidate_right=defect_right,
             ),
             p95_latency_ms=p95,
+            possible_escapes=labelled_defect + unlabelled,
         )
 
     def evidence_series(

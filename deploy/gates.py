@@ -316,17 +316,22 @@ def disagreement_rate_upper(disagreements: int, parts: int, alpha: float) -> flo
     return min(1.0, (disagreements + c + math.sqrt(2.0 * disagreements * c)) / parts)
 
 
-def evaluate_rare_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
+def evaluate_rare_gate(
+    evidence: PairedEvidence, config: GateConfig, possible: int | None = None
+) -> GateDecision:
     """`evaluate_gate`, plus a pass when the models disagree too rarely to differ by delta:
-    used for escaped defects, where disagreements may be too rare ever to reach min_labels."""
+    used for escaped defects, where disagreements may be too rare ever to reach min_labels.
+    `possible` is a count of such disagreements that cannot be too low (every unlabelled one
+    counted); without it, `evidence.disagreements`."""
     decision = evaluate_gate(evidence, config)
     if decision.outcome != GateOutcome.CONTINUE:
         return decision
-    upper = disagreement_rate_upper(evidence.disagreements, evidence.parts, config.alpha)
+    count = evidence.disagreements if possible is None else possible
+    upper = disagreement_rate_upper(count, evidence.parts, config.alpha)
     if upper > config.delta:
         return decision
     reason = (
-        f"pass: the models disagree on at most {upper:.2%} of parts ({evidence.disagreements} "
+        f"pass: the models disagree on at most {upper:.2%} of parts ({count} "
         f"of {evidence.parts}), so they cannot differ by {config.delta:.2%}"
     )
     return GateDecision(GateOutcome.PASS, reason, decision.error_diff_estimate, upper,

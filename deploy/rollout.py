@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, Literal
@@ -135,6 +135,10 @@ class StageEvidence:
     escapes: PairedEvidence
     """Only labelled disagreements whose true label is the defect: who let a defect pass."""
     p95_latency_ms: float | None = None
+    possible_escapes: int | None = None
+    """Disagreements that may be defects: the labelled defects and every unlabelled one. The
+    rare-event pass counts these, never the estimate in `escapes`, which a few labels can put
+    at zero; None: `escapes.disagreements`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,9 +552,15 @@ class Verdicts:
 
 
 def judge(stage: Stage, evidence: StageEvidence) -> Verdicts:
+    """Both gates of a stage. Either one failing rolls the stage back, so each fails at beta/2:
+    a candidate as good as the active one is thrown away with at most the plan's beta."""
+    overall, escapes = (
+        replace(gate_config(stage, escapes=flag), beta=stage.gate.beta / 2)
+        for flag in (False, True)
+    )
     return Verdicts(
-        evaluate_gate(evidence.overall, gate_config(stage, escapes=False)),
-        evaluate_rare_gate(evidence.escapes, gate_config(stage, escapes=True)),
+        evaluate_gate(evidence.overall, overall),
+        evaluate_rare_gate(evidence.escapes, escapes, possible=evidence.possible_escapes),
     )
 
 

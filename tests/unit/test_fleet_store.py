@@ -93,11 +93,12 @@ def shadow(
 
 
 def verdict(
-    station: str, seq: int, part_id: str, label: str | None, *, at: datetime = T0
+    station: str, seq: int, part_id: str, label: str | None, *, at: datetime = T0,
+    outcome: p.VerdictOutcome | None = None,
 ) -> p.Verdict:
-    outcome = {None: p.VerdictOutcome.ESCALATE, "defect": p.VerdictOutcome.REJECT}.get(
-        label, p.VerdictOutcome.PASS
-    )
+    outcome = outcome or {
+        None: p.VerdictOutcome.ESCALATE, "defect": p.VerdictOutcome.REJECT
+    }.get(label, p.VerdictOutcome.PASS)
     return p.Verdict(
         station=station,
         seq=seq,
@@ -378,17 +379,40 @@ def test_paired_evidence_filters_station_since_and_candidate(store: SqliteFleetS
 
 
 def test_escapes_with_a_custom_defect_label(store: SqliteFleetStore) -> None:
+    reject = p.VerdictOutcome.REJECT
     store.ingest(
         [
             shadow("a", 0, "p0", "ok", "scratch"),
             shadow("a", 1, "p1", "scratch", "ok"),
-            verdict("a", 2, "p0", "scratch"),
-            verdict("a", 3, "p1", "scratch"),
+            verdict("a", 2, "p0", "scratch", outcome=reject),
+            verdict("a", 3, "p1", "scratch", outcome=reject),
         ]
     )
     evidence = store.paired_evidence(["a"], T0, CANDIDATE.sha256, defect_label="scratch")
     assert evidence.escapes == PairedEvidence(2, 2, 2, 1)
-    assert store.paired_evidence(["a"], T0, CANDIDATE.sha256).escapes == PairedEvidence(2, 0, 0, 0)
+    # Told the wrong defect label, the store takes the candidate's "scratch" for a pass.
+    assert store.paired_evidence(["a"], T0, CANDIDATE.sha256).escapes == PairedEvidence(2, 2, 2, 0)
+
+
+def test_the_truth_is_the_verdicts_outcome_whatever_words_the_screen_uses(
+    store: SqliteFleetStore,
+) -> None:
+    """The station screen says ok/defect; a good/ng model is judged by pass and reject."""
+    store.ingest(
+        [
+            shadow("a", 0, "p0", "good", "ng"),  # a defect: the candidate catches it
+            shadow("a", 1, "p1", "ng", "good"),  # a defect: the candidate lets it pass
+            shadow("a", 2, "p2", "ng", "good"),  # a good part: the candidate is right
+            shadow("a", 3, "p3", "good", "ng"),  # unlabelled
+            verdict("a", 4, "p0", "defect"),
+            verdict("a", 5, "p1", "defect"),
+            verdict("a", 6, "p2", "ok"),
+        ]
+    )
+    evidence = store.paired_evidence(["a"], T0, CANDIDATE.sha256, defect_label="ng")
+    assert evidence.overall == PairedEvidence(4, 4, 3, 2)
+    assert evidence.escapes == PairedEvidence(4, 3, 2, 1)  # 2 of 3 labelled were defects
+    assert evidence.possible_escapes == 3  # the 2 labelled defects and the unlabelled one
 
 
 def test_evidence_series_buckets(store: SqliteFleetStore) -> None:

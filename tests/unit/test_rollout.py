@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import re
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -614,3 +615,42 @@ def test_a_plan_file_that_cannot_be_read_is_a_plan_error(
     path.write_text(text)
     with pytest.raises(PlanError, match=said):
         load_plan(path)
+
+
+def test_the_rare_event_pass_counts_every_unlabelled_disagreement_as_a_possible_escape() -> None:
+    """With a verdict backlog a few labels can estimate zero defect disagreements; the pass
+    must not rely on that guess."""
+    from deploy.gates import GateOutcome
+    from deploy.rollout import judge
+
+    stage = plan().stages[0]
+    overall = PairedEvidence(parts=2000, disagreements=45, labelled_disagreements=5,
+                             candidate_right=5)
+    guessed = PairedEvidence(parts=2000, disagreements=0, labelled_disagreements=0,
+                             candidate_right=0)
+    backlog = StageEvidence(overall=overall, escapes=guessed, possible_escapes=40)
+    assert judge(stage, backlog).escapes.outcome == GateOutcome.CONTINUE
+    nothing_unlabelled = StageEvidence(overall=overall, escapes=guessed, possible_escapes=0)
+    assert judge(stage, nothing_unlabelled).escapes.outcome == GateOutcome.PASS
+
+
+def test_each_of_a_stages_two_gates_fails_at_half_beta() -> None:
+    """Either gate failing rolls the stage back: at beta each, an equal candidate would be
+    thrown away up to twice as often as the plan allows."""
+    from deploy.gates import GateOutcome, evaluate_gate
+    from deploy.rollout import gate_config, judge
+
+    stage = plan().stages[0]
+    full = gate_config(stage, escapes=False)
+    half = dataclasses.replace(full, beta=full.beta / 2)
+    none = PairedEvidence(parts=1000, disagreements=0, labelled_disagreements=0,
+                          candidate_right=0)
+    between = [
+        evidence for right in range(0, 60)
+        if evaluate_gate(evidence := PairedEvidence(1000, 60, 60, right), full).outcome
+        == GateOutcome.FAIL
+        and evaluate_gate(evidence, half).outcome == GateOutcome.CONTINUE
+    ]
+    assert between, "some evidence fails at beta but not at beta/2"
+    verdicts = judge(stage, StageEvidence(overall=between[0], escapes=none))
+    assert verdicts.overall.outcome == GateOutcome.CONTINUE
