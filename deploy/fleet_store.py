@@ -53,7 +53,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -204,7 +204,17 @@ _SCHEMA_V3: tuple[str, ...] = (
 # escaped-defect gate counts; NULL for rollouts saved before it was kept.
 _SCHEMA_V4: tuple[str, ...] = ("ALTER TABLE rollouts ADD COLUMN defect_label TEXT",)
 
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
+# Retention counts from when the controller received a message, not from the station's `ts`:
+# a station whose clock is behind (an RTC reset to 2000) would otherwise see its records pruned
+# within the hour, after it had deleted its own copies on their receipts.
+_SCHEMA_V5: tuple[str, ...] = (
+    "ALTER TABLE messages ADD COLUMN received_us INTEGER",
+    "UPDATE messages SET received_us = ts_us",
+    "CREATE INDEX messages_received ON messages (received_us)",
+)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (
+    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5
+)
 _PRUNE = tuple(
     f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
     for table in ("decisions", "shadows", "verdicts", "acks", "messages")
@@ -264,8 +274,11 @@ class SeriesPoint:
 class FleetStore(Protocol):
     """The controller's store. Every method is safe to call from any thread."""
 
-    def ingest(self, messages: Sequence[Envelope]) -> dict[StreamKey, int]:
-        """Store a batch in one transaction; return each seq stream's highest contiguous seq."""
+    def ingest(
+        self, messages: Sequence[Envelope], received: datetime | None = None
+    ) -> dict[StreamKey, int]:
+        """Store a batch in one transaction; return each seq stream's highest contiguous seq.
+        `received` (default now) is when retention counts the messages from."""
         ...
 
     def contiguous(self, station: str, stream: uuid.UUID | None = None) -> int: ...
@@ -364,8 +377,8 @@ def _stations_param(stations: Sequence[str]) -> str:
 # --- rows per message kind -------------------------------------------------------------------
 
 _INSERT_MESSAGE = (
-    "INSERT INTO messages (id, station, seq, stream, kind, msg_id, ts_us, payload) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "INSERT INTO messages (id, station, seq, stream, kind, msg_id, ts_us, payload, received_us) "
+    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_DECISION = (
     "INSERT INTO decisions (id, station, seq, part_id, ts_us, decided_by, action, label, "
@@ -411,12 +424,12 @@ class _Rows:
     verdicts: list[tuple[Any, ...]] = field(default_factory=list)
     acks: list[tuple[Any, ...]] = field(default_factory=list)
 
-    def add(self, row_id: int, message: Envelope) -> None:
+    def add(self, row_id: int, message: Envelope, received_us: int) -> None:
         ts_us = _us(message.ts)
         key = (row_id, message.station, message.seq)
         self.messages.append(
             (*key, _stream_text(message.stream), _STREAM_KINDS[type(message)],
-             str(message.msg_id), ts_us, message.model_dump_json(by_alias=True))
+             str(message.msg_id), ts_us, message.model_dump_json(by_alias=True), received_us)
         )  # fmt: skip
         if isinstance(message, Decision):
             model = message.model
@@ -550,7 +563,9 @@ class SqliteFleetStore:
 
     # -- ingest --
 
-    def ingest(self, messages: Sequence[Envelope]) -> dict[StreamKey, int]:
+    def ingest(
+        self, messages: Sequence[Envelope], received: datetime | None = None
+    ) -> dict[StreamKey, int]:
         """Store a batch in one transaction; return each seq stream's highest contiguous seq.
 
         Decisions, shadow results, verdicts and acks are keyed by `(station, stream, seq)`: a
@@ -558,7 +573,8 @@ class SqliteFleetStore:
         logged: that station re-used a seq). The result names every stream with one of those
         in the batch, -1 while its seq 0 is missing. Metrics are kept (latest plus a ring of
         METRICS_HISTORY) and states go to the inventory as if received now; neither is part of
-        a seq stream, so a batch of only those returns {}.
+        a seq stream, so a batch of only those returns {}. Retention counts from `received`
+        (default now), never from the station's `ts`: its clock may be behind.
         """
         batch: dict[_MessageKey, Envelope] = {}
         metrics: list[StationMetrics] = []
@@ -575,8 +591,11 @@ class SqliteFleetStore:
                     _warn_reused(key, first, message)
             else:
                 raise ValueError(f"ingest: {type(message).__name__} is not a station message")
-        with self._write() as conn:
-            contiguous = self._ingest_stream(conn, batch) if batch else {}
+        # Durable: the receipts sent after this commit let stations delete their copies, so a
+        # power cut must not take the commit back (one fsync per batch of up to 1,000).
+        with self._write(durable=True) as conn:
+            received_us = _us(received or datetime.now(UTC))
+            contiguous = self._ingest_stream(conn, batch, received_us) if batch else {}
             if metrics:
                 self._ingest_metrics(conn, metrics)
             if states:
@@ -586,7 +605,7 @@ class SqliteFleetStore:
         return {_stream_key(*key): mark for key, mark in contiguous.items()}
 
     def _ingest_stream(
-        self, conn: sqlite3.Connection, batch: dict[_MessageKey, Envelope]
+        self, conn: sqlite3.Connection, batch: dict[_MessageKey, Envelope], received_us: int
     ) -> dict[tuple[str, str], int]:
         names = sorted({(station, stream) for station, stream, _ in batch})
         marks: dict[tuple[str, str], tuple[int, int]] = {name: (-1, -1) for name in names}
@@ -624,7 +643,7 @@ class SqliteFleetStore:
         row_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
         for (station, stream, seq), message in batch.items():
             row_id += 1
-            rows.add(row_id, message)
+            rows.add(row_id, message, received_us)
             fresh.setdefault((station, stream), set()).add(seq)
         conn.executemany(_INSERT_MESSAGE, rows.messages)
         for statement, params in (
@@ -713,7 +732,7 @@ class SqliteFleetStore:
         return mark
 
     def prune(self, before: datetime, batch: int = 5000) -> int:
-        """Delete stored messages older than `before` that lie at or below their stream's
+        """Delete stored messages received before `before` that lie at or below their stream's
         watermark (so every one of them was receipted), a batch per short transaction."""
         cutoff = _us(before)
         total = 0
@@ -722,7 +741,7 @@ class SqliteFleetStore:
                 ids = [row[0] for row in conn.execute(
                     "SELECT m.id FROM messages m JOIN streams s "
                     "ON s.station = m.station AND s.stream = m.stream "
-                    "WHERE m.ts_us < ? AND m.seq <= s.watermark LIMIT ?", (cutoff, batch),
+                    "WHERE m.received_us < ? AND m.seq <= s.watermark LIMIT ?", (cutoff, batch),
                 )]
                 if not ids:
                     return total

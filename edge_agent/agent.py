@@ -325,7 +325,7 @@ class Agent:
             serving=slots.serving,
             faults=faults,
             outbox_depth=self.store.outbox_depth(),
-            receipted_upto=self.store.receipted_upto() if self.store.stream else None,
+            receipted_upto=self.store.receipted_upto(),
             review_queue_depth=self.store.review_count(),
             drift=self.drift.last,
             parts_inspected=self.parts_inspected,

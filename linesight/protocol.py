@@ -35,6 +35,7 @@ CONTROLLER_ID = "fleet"
 
 StationId = Annotated[str, Field(pattern=STATION_ID_PATTERN, description="station identifier")]
 PART_ID_MAX_LENGTH = 128
+SEQ_MAX = 2**63 - 1  # what SQLite's INTEGER holds, on stations and at the controller
 PartId = Annotated[
     str, Field(min_length=1, max_length=PART_ID_MAX_LENGTH, description="part identifier")
 ]
@@ -138,7 +139,9 @@ class Envelope(Strict):
     station: StationId = Field(
         description="the station the message is from or about ('fleet' for fleet-wide messages)"
     )
-    seq: int = Field(ge=0, description="per-sender sequence number; monotonic across restarts")
+    seq: int = Field(
+        ge=0, le=SEQ_MAX, description="per-sender sequence number; monotonic across restarts"
+    )
     stream: uuid.UUID | None = Field(
         default=None,
         exclude_if=_absent,
@@ -209,6 +212,7 @@ class StationState(Envelope):
     receipted_upto: int | None = Field(
         default=None,
         ge=-1,
+        le=SEQ_MAX,
         exclude_if=_absent,
         description="the highest seq of this station's seq stream (`stream`) that a controller "
         "receipted and the outbox deleted: nothing at or below it will be sent again; a "
@@ -398,7 +402,9 @@ class Receipt(Envelope):
     """Controller to station: everything up to `upto_seq` is stored; the outbox may drop it."""
 
     kind: ClassVar[str] = "receipt"
-    upto_seq: int = Field(ge=-1, description="highest contiguous seq stored; -1 when none")
+    upto_seq: int = Field(
+        ge=-1, le=SEQ_MAX, description="highest contiguous seq stored; -1 when none"
+    )
     upto_stream: uuid.UUID | None = Field(
         default=None,
         exclude_if=_absent,

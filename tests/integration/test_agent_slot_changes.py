@@ -127,3 +127,32 @@ def test_systemd_hears_at_ready_that_the_active_model_did_not_load(
             assert ("ACTIVE MODEL NOT LOADED" in ready) is broken, ready
     finally:
         listener.close()
+
+
+def test_a_store_from_before_seq_streams_reports_how_far_it_was_receipted(
+    tmp_path: Path,
+) -> None:
+    """Without it, a controller that lost its store waits for seqs such a station deleted long
+    ago, and the station's receipts stop for good."""
+    data = tmp_path / "s"
+    with station(data) as agent:
+        agent.store.enqueue(agent._decision_topic, 1, lambda seq: _decision(agent, seq))
+    raw = sqlite3.connect(data / "station.db")
+    raw.execute("UPDATE outbox_meta SET stream = NULL")  # numbered before streams existed
+    raw.commit()
+    raw.close()
+    with station(data) as legacy:
+        assert legacy.store.stream is None
+        state = legacy._state(online=True)
+        assert state.stream is None and state.receipted_upto == -1
+
+
+def _decision(agent: Agent, seq: int) -> Any:
+    from linesight import protocol as p
+
+    return p.Decision(
+        station=agent.station, seq=seq, stream=agent.store.stream, part_id="P-1",
+        decided_by=p.DecidedBy.ACTIVE, label="ok", confidence=0.9, action=p.Action.PASS,
+        model=agent.slots.active.ref, latency_ms=1.0, automation=p.AutomationLevel.FULL,
+        mode=p.DeploymentMode.NONE,
+    )

@@ -11,6 +11,7 @@ import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -197,7 +198,7 @@ def test_each_seq_stream_of_a_station_is_stored_with_its_own_watermark(
     # Pruning goes by each stream's own watermark.
     gap = decision("st-1", 9, stream=new)  # above a gap: not receipted, so never pruned
     store.ingest([gap])
-    assert store.prune(T0 + timedelta(days=1)) == 10
+    assert store.prune(datetime.now(UTC) + timedelta(days=1)) == 10  # all received today
     assert [(d.stream, d.seq) for d in store.decisions("st-1")] == [(new, 9)]
 
 
@@ -241,7 +242,7 @@ def test_a_store_from_before_seq_streams_keeps_its_watermarks(tmp_path: Path) ->
         )
     old.close()
     with SqliteFleetStore(path) as store:
-        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 4
+        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 5
         assert store.contiguous("st-1") == 4
         assert store.ingest([decision("st-1", 3)]) == {StreamKey("st-1"): 4}, "a copy"
         assert store.ingest([decision("st-1", 5)]) == {StreamKey("st-1"): 6}
@@ -649,7 +650,7 @@ def test_a_rollout_from_before_schema_4_has_no_defect_label(tmp_path: Path) -> N
         )
     old.close()
     with SqliteFleetStore(path) as fleet:
-        assert fleet.schema_version() == 4
+        assert fleet.schema_version() == 5
         assert fleet.active_rollout() == ("r1", "{}")
         assert fleet.rollout_defect_label("r1") is None
 
@@ -674,16 +675,44 @@ def test_the_store_refuses_use_after_close(tmp_path: Path) -> None:
 def test_retention_prunes_only_old_receipted_messages(store: SqliteFleetStore) -> None:
     old, new = T0 - timedelta(days=40), T0
     # seq 0-4 old and contiguous; seq 6 old but above a gap (5 missing); seq 7 new.
-    store.ingest([decision("a", seq, at=old) for seq in (0, 1, 2, 3, 4, 6)])
-    store.ingest([decision("a", 7, at=new)])
+    store.ingest([decision("a", seq, at=old) for seq in (0, 1, 2, 3, 4, 6)], received=old)
+    store.ingest([decision("a", 7, at=new)], received=new)
     assert store.contiguous("a") == 4
     assert store.prune(T0 - timedelta(days=30)) == 5
     left = [d.seq for d in store.decisions("a")]
     assert left == [6, 7], "a message above a gap is kept until the gap is filled"
     # A late copy of a pruned message is a duplicate, not a new message.
-    assert store.ingest([decision("a", 2, at=old)]) == {StreamKey("a"): 4}
+    assert store.ingest([decision("a", 2, at=old)], received=new) == {StreamKey("a"): 4}
     assert [d.seq for d in store.decisions("a")] == [6, 7]
     # The gap closes: contiguity still jumps over what was stored above it.
-    assert store.ingest([decision("a", 5, at=new)]) == {StreamKey("a"): 7}
+    assert store.ingest([decision("a", 5, at=new)], received=new) == {StreamKey("a"): 7}
     assert store.prune(T0 - timedelta(days=30)) == 1  # seq 6, now receipted
     assert store.prune(T0 - timedelta(days=30)) == 0
+
+
+def test_retention_counts_from_receipt_not_from_the_stations_clock(
+    store: SqliteFleetStore,
+) -> None:
+    """A station whose clock runs years behind deleted its copies on their receipts: the
+    controller's are kept for the full retention from when they arrived."""
+    store.ingest([decision("a", 0, at=datetime(2000, 1, 1, tzinfo=UTC))], received=T0)
+    assert store.prune(T0 - timedelta(days=30)) == 0
+    assert [d.seq for d in store.decisions("a")] == [0]
+    assert store.prune(T0 + timedelta(days=31)) == 1
+
+
+def test_an_ingest_commit_is_on_disk_before_its_receipts_go_out(
+    store: SqliteFleetStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After the receipt the station deletes its copy: a power cut must not take the commit
+    back, so ingest commits are fsynced (synchronous=FULL), unlike the rest."""
+    asked: list[str | None] = []
+    write = store._db.write
+
+    def recording(*, synchronous: str | None = None) -> Any:
+        asked.append(synchronous)
+        return write(synchronous=synchronous)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store._db, "write", recording)
+    store.ingest([decision("a", 0), shadow("a", 1, "p1", "ok", "ok")])
+    assert asked == ["FULL"]

@@ -294,3 +294,16 @@ def test_a_timestamp_outside_the_utc_range_is_a_protocol_error() -> None:
     document["ts"] = "9999-12-31T23:00:00-05:00"
     with pytest.raises(p.ProtocolError, match="ts"):
         p.parse(p.Receipt, json.dumps(document))
+
+
+def test_a_seq_beyond_what_sqlite_holds_is_a_protocol_error() -> None:
+    """Parsed, it would fail the controller's whole ingest batch with an OverflowError."""
+    document = json.loads(p.Receipt(station="s1", seq=0, upto_seq=3).to_json())
+    document["seq"] = 2**63
+    with pytest.raises(p.ProtocolError) as caught:
+        p.parse(p.Receipt, json.dumps(document))
+    assert caught.value.field == "seq"
+    document.update(seq=p.SEQ_MAX, upto_seq=2**63)
+    with pytest.raises(p.ProtocolError) as caught:
+        p.parse(p.Receipt, json.dumps(document))
+    assert caught.value.field == "upto_seq"
