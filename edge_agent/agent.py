@@ -987,6 +987,9 @@ class Agent:
         document = self._state(online=connected).model_dump(mode="json", by_alias=True)
         document["broker_connected"] = connected
         document["rollout_active"] = self.slots.candidate is not None
+        # The screen's Pass and Reject carry the running model's own words for the two labels.
+        manifest = self.slots.active.manifest
+        document["model_labels"] = {"ok": manifest.ok_label, "defect": manifest.defect_label}
         self.store.save_status(document)
 
     # --- shutdown ---------------------------------------------------------------------------

@@ -33,6 +33,8 @@ class UiConfig:
     """A status snapshot older than this means the agent is not running."""
     ok_label: str = "ok"
     defect_label: str = "defect"
+    """The labels a Pass and a Reject carry until the agent reports its model's own (the status
+    snapshot's `model_labels`: e.g. good and ng)."""
     poll_interval_ms: int = 1500
     queue_preview: int = 12
     """How many waiting parts after the current one the screen lists."""

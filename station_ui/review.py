@@ -19,7 +19,7 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from linesight.protocol import PART_ID_MAX_LENGTH, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, signed_in, ui, wants_json
-from station_ui.views import Banner, QueueItem, banners, queue_item
+from station_ui.views import Banner, QueueItem, banners, queue_item, verdict_labels
 
 blueprint = Blueprint("review", __name__)
 
@@ -116,10 +116,11 @@ def verdict() -> BaseResponse:
     outcome = request.form.get("outcome", "")
     if outcome not in _OUTCOME_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
         return error_response(400, "Choose Pass, Reject or Unsure for a part in the queue.")
-    label = {
-        VerdictOutcome.PASS.value: state.config.ok_label,
-        VerdictOutcome.REJECT.value: state.config.defect_label,
-    }.get(outcome)
+    loaded = state.store.load_status()
+    ok, defect = verdict_labels(
+        loaded[0] if loaded else None, state.config.ok_label, state.config.defect_label
+    )
+    label = {VerdictOutcome.PASS.value: ok, VerdictOutcome.REJECT.value: defect}.get(outcome)
     try:
         recorded = state.store.record_verdict(part_id, operator.badge, outcome, label, now_dt())
     except KeyError:

@@ -183,3 +183,16 @@ def shift_start(now: datetime, anchor_hour: int, shift_hours: int) -> datetime:
 
 def percent(value: float | None) -> str:
     return "—" if value is None else f"{value * 100:.1f} %"
+
+
+def verdict_labels(status: dict[str, Any] | None, ok: str, defect: str) -> tuple[str, str]:
+    """The labels a Pass and a Reject carry: the running model's own (`model_labels` in the
+    agent's status snapshot), else the configured ones. A malformed snapshot never wins."""
+    labels = (status or {}).get("model_labels")
+    if isinstance(labels, dict):
+        found = labels.get("ok"), labels.get("defect")
+        if all(isinstance(label, str) and 1 <= len(label) <= 64 for label in found) and (
+            found[0] != found[1]
+        ):
+            return str(found[0]), str(found[1])
+    return ok, defect

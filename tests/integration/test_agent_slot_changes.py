@@ -156,3 +156,14 @@ def _decision(agent: Agent, seq: int) -> Any:
         model=agent.slots.active.ref, latency_ms=1.0, automation=p.AutomationLevel.FULL,
         mode=p.DeploymentMode.NONE,
     )
+
+
+def test_the_status_snapshot_names_the_running_models_labels(tmp_path: Path) -> None:
+    with station(tmp_path / "s") as agent:
+        agent._save_status()
+        loaded = agent.store.load_status()
+        assert loaded is not None
+        manifest = agent.slots.active.manifest
+        assert loaded[0]["model_labels"] == {
+            "ok": manifest.ok_label, "defect": manifest.defect_label
+        }

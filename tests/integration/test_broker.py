@@ -56,3 +56,17 @@ def test_restart_fails_when_another_program_took_the_port_meanwhile(
         assert broker.port == port
     finally:
         broker.stop()
+
+
+def test_the_benchmarks_broker_with_the_shipped_tuning_starts(tmp_path: Path) -> None:
+    """bench/ runs Mosquitto with deploy/mosquitto.conf's tuning; its start must still see the
+    'running' line it waits for."""
+    from bench.common import start_shipped_broker
+
+    broker = start_shipped_broker(tmp_path / "shipped")
+    try:
+        assert broker.running
+        assert "connection_messages false" in broker.config_path.read_text()
+    finally:
+        broker.stop()
+    assert not broker.running

@@ -747,3 +747,36 @@ def test_two_station_screens_on_one_host_keep_their_own_sessions(
     finally:
         for station_store in stores:
             station_store.close()
+
+
+def test_verdicts_carry_the_running_models_own_labels(
+    client: FlaskClient, store: StationStore
+) -> None:
+    """A good/ng model's station: Reject is 'ng', not the screen's default 'defect'."""
+    store.save_status(status_doc(model_labels={"ok": "good", "defect": "ng"}))
+    add_part(store, "P-1")
+    add_part(store, "P-2")
+    token = sign_in(client)
+    judge(client, token, "P-1", "reject")
+    judge(client, token, "P-2", "pass")
+    assert [(v.part_id, v.label) for v in store.unpublished_verdicts()] == [
+        ("P-1", "ng"), ("P-2", "good"),
+    ]
+
+
+@pytest.mark.parametrize(("status", "expected"), [
+    (None, ("ok", "defect")),
+    ({}, ("ok", "defect")),
+    ({"model_labels": {"ok": "good", "defect": "ng"}}, ("good", "ng")),
+    ({"model_labels": {"ok": "good"}}, ("ok", "defect")),
+    ({"model_labels": {"ok": "x", "defect": "x"}}, ("ok", "defect")),
+    ({"model_labels": {"ok": "", "defect": "ng"}}, ("ok", "defect")),
+    ({"model_labels": {"ok": "g" * 65, "defect": "ng"}}, ("ok", "defect")),
+    ({"model_labels": ["good", "ng"]}, ("ok", "defect")),
+])
+def test_verdict_labels_come_from_a_sound_snapshot_only(
+    status: dict[str, Any] | None, expected: tuple[str, str]
+) -> None:
+    from station_ui.views import verdict_labels
+
+    assert verdict_labels(status, "ok", "defect") == expected
