@@ -434,6 +434,15 @@ _INSERT_PART_LOG = (
 )
 
 
+def _check_verdict(part_id: str, operator: str, label: str | None, decided_at: datetime) -> None:
+    """What every verdict and resolution must carry, whatever its outcome."""
+    _check_part_id(part_id)
+    if not 1 <= len(operator) <= _MAX_OPERATOR:
+        raise ValueError(f"operator: 1 to {_MAX_OPERATOR} characters required")
+    _check_label("label", label)
+    _check_aware("decided_at", decided_at)
+
+
 def _part_log_row(entry: PartLogEntry) -> tuple[object, ...]:
     return (
         entry.part_id,
@@ -948,12 +957,8 @@ class StationStore:
 
         Raises KeyError when the part was never queued for review.
         """
-        _check_part_id(part_id)
-        if not 1 <= len(operator) <= _MAX_OPERATOR:
-            raise ValueError(f"operator: 1 to {_MAX_OPERATOR} characters required")
         _check_choice("outcome", outcome, VerdictOutcome)
-        _check_label("label", label)
-        _check_aware("decided_at", decided_at)
+        _check_verdict(part_id, operator, label, decided_at)
         with self._write() as conn:
             # The primary key decides who wins a double tap; no read-then-write race.
             written = conn.execute(
@@ -979,13 +984,9 @@ class StationStore:
     ) -> bool:
         """A supervisor's final pass or reject of an escalated part, written once; False if
         it was resolved already. Raises KeyError when the part is not an escalation."""
-        _check_part_id(part_id)
-        if not 1 <= len(operator) <= _MAX_OPERATOR:
-            raise ValueError(f"operator: 1 to {_MAX_OPERATOR} characters required")
         if outcome not in (VerdictOutcome.PASS.value, VerdictOutcome.REJECT.value):
             raise ValueError(f"outcome: pass or reject required, got {outcome!r}")
-        _check_label("label", label)
-        _check_aware("decided_at", decided_at)
+        _check_verdict(part_id, operator, label, decided_at)
         with self._write() as conn:
             written = conn.execute(
                 "INSERT INTO resolutions (part_id, operator, outcome, label, decided_at_us) "

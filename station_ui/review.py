@@ -46,6 +46,15 @@ def current_banners() -> list[Banner]:
     )
 
 
+def model_labels() -> tuple[str, str]:
+    """The labels a Pass and a Reject carry on this station now (the running model's own)."""
+    state = ui()
+    loaded = state.store.load_status()
+    return verdict_labels(
+        loaded[0] if loaded else None, state.config.ok_label, state.config.defect_label
+    )
+
+
 @blueprint.get("/")
 @signed_in
 def queue() -> str:
@@ -116,10 +125,7 @@ def verdict() -> BaseResponse:
     outcome = request.form.get("outcome", "")
     if outcome not in _OUTCOME_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
         return error_response(400, "Choose Pass, Reject or Unsure for a part in the queue.")
-    loaded = state.store.load_status()
-    ok, defect = verdict_labels(
-        loaded[0] if loaded else None, state.config.ok_label, state.config.defect_label
-    )
+    ok, defect = model_labels()
     label = {VerdictOutcome.PASS.value: ok, VerdictOutcome.REJECT.value: defect}.get(outcome)
     try:
         recorded = state.store.record_verdict(part_id, operator.badge, outcome, label, now_dt())

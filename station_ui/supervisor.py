@@ -9,8 +9,8 @@ from werkzeug.wrappers import Response as BaseResponse
 from linesight.protocol import PART_ID_MAX_LENGTH, AutomationLevel, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, supervisor_only, ui
 from station_ui.config import AUTOMATION_ORDER
-from station_ui.review import current_banners
-from station_ui.views import AUTOMATION_TEXT, queue_item, verdict_labels
+from station_ui.review import current_banners, model_labels
+from station_ui.views import AUTOMATION_TEXT, queue_item
 
 blueprint = Blueprint("supervisor", __name__)
 MAX_REASON = 500  # what a SetAutomation command carries
@@ -106,10 +106,7 @@ def resolve_escalation() -> BaseResponse:
     outcome = request.form.get("outcome", "")
     if outcome not in _FINAL_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
         return _page(400, resolve_error="Choose Pass or Reject for an escalated part.")
-    loaded = state.store.load_status()
-    ok, defect = verdict_labels(
-        loaded[0] if loaded else None, state.config.ok_label, state.config.defect_label
-    )
+    ok, defect = model_labels()
     label = ok if outcome == "pass" else defect
     try:
         recorded = state.store.resolve_escalation(part_id, operator.badge, outcome, label, now_dt())

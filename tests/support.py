@@ -4,12 +4,14 @@ ingest, and station configurations on the shipped bundles."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -166,6 +168,32 @@ def queued_for_session(config: LinkConfig, topic: str, publisher: MqttLink) -> l
     finally:
         link.stop()
     return arrived[: arrived.index(b"probe")]
+
+
+@contextlib.contextmanager
+def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
+    """A real HTTP server on a free 127.0.0.1 port, in a thread; yields its base URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, name="http-server", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
+class QuietFiles(SimpleHTTPRequestHandler):
+    """Serves a folder's files (bundles) without a log line per request."""
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002 - the base's name
+        pass
+
+
+def file_server(root: Path) -> contextlib.AbstractContextManager[str]:
+    """`http_server` serving the files under `root`."""
+    return http_server(functools.partial(QuietFiles, directory=str(root)))
 
 
 def station_config(

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import shutil
 import threading
 import uuid
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
@@ -22,28 +20,27 @@ from linesight.artifacts import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, sha25
 from linesight.broker import Broker
 from linesight.command_auth import sign_command
 from linesight.mqtt import LinkConfig, MqttLink
-from tests.support import MODELS, V2, Collector, Receipter, command, station_config, wait_for
+from tests.support import (
+    MODELS,
+    V2,
+    Collector,
+    Receipter,
+    command,
+    file_server,
+    station_config,
+    wait_for,
+)
 
 STATION = "press-07"
 
-
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
 
 
 @pytest.fixture
 def bundle_server(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     root = tmp_path / "served"
     shutil.copytree(MODELS, root)
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(root))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}", root
-    server.shutdown()
-    server.server_close()
+    with file_server(root) as base:
+        yield base, root
 
 
 @contextlib.contextmanager

@@ -3,10 +3,9 @@ a bundle server that cuts the transfer, and a canary without a fraction."""
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ from linesight.artifacts import MODEL_FILE
 from linesight.broker import Broker
 from linesight.mqtt import MqttLink
 from tests.integration.test_agent_commands import STATION, deploy_body, send, station_running
-from tests.support import MODELS, Collector, wait_for
+from tests.support import MODELS, Collector, http_server, wait_for
 
 
 class BundleHandler(BaseHTTPRequestHandler):
@@ -46,12 +45,8 @@ class BundleHandler(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def bundles() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BundleHandler)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with http_server(BundleHandler) as base:
+        yield base
 
 
 @pytest.fixture

@@ -5,11 +5,8 @@ Real bundles, served over HTTP and loaded with onnxruntime; the stations are not
 from __future__ import annotations
 
 import contextlib
-import functools
 import shutil
-import threading
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -18,26 +15,16 @@ import pytest
 from edge_agent.agent import Agent
 from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, SIGNATURE_FILE, sha256_file
-from tests.support import MODELS, V1, command, station_config
+from tests.support import MODELS, V1, command, file_server, station_config
 
 STATION = "press-09"
 
 
-class QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
-        pass
-
 
 @pytest.fixture
 def bundles() -> Iterator[str]:
-    server = ThreadingHTTPServer(
-        ("127.0.0.1", 0), functools.partial(QuietHandler, directory=str(MODELS))
-    )
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with file_server(MODELS) as base:
+        yield base
 
 
 @contextlib.contextmanager

@@ -3,9 +3,8 @@ a BundleError naming the URL and the problem. The server is a real one on 127.0.
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
@@ -13,7 +12,7 @@ import pytest
 from edge_agent.bundle_fetch import download, fetch_bundle
 from linesight.artifacts import MANIFEST_FILE, SIGNATURE_FILE, BundleError, sha256_file
 from linesight.protocol import ModelRef
-from tests.support import V2
+from tests.support import V2, http_server
 
 
 class BrokenBundleServer(BaseHTTPRequestHandler):
@@ -48,12 +47,8 @@ class BrokenBundleServer(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def base() -> Iterator[str]:
-    server = ThreadingHTTPServer(("127.0.0.1", 0), BrokenBundleServer)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{server.server_port}"
-    server.shutdown()
-    server.server_close()
+    with http_server(BrokenBundleServer) as url:
+        yield url
 
 
 @pytest.mark.parametrize(("folder", "problem"), [
