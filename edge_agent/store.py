@@ -479,11 +479,13 @@ def _fsync_dir(directory: Path) -> None:
 
 # --- the store -------------------------------------------------------------------------------
 
-_SELECT_REVIEWS = (
-    "SELECT r.part_id, r.created_us, r.reason, r.automation, r.suggestion, r.confidence, "
+_REVIEW_COLUMNS = (  # what `_review_row` reads, in its order
+    "r.part_id, r.created_us, r.reason, r.automation, r.suggestion, r.confidence, "
     "r.model_label, r.candidate_label, r.active_version, r.candidate_version, "
-    "r.image_name, r.image_bytes, v.outcome "
-    "FROM reviews r LEFT JOIN verdicts v USING (part_id) "
+    "r.image_name, r.image_bytes, v.outcome"
+)
+_SELECT_REVIEWS = (
+    f"SELECT {_REVIEW_COLUMNS} FROM reviews r LEFT JOIN verdicts v USING (part_id) "  # noqa: S608 - literals
 )
 _SELECT_RESOLUTIONS = (  # the escalation's verdict `v` is joined for its published_seq
     "SELECT x.part_id, x.operator, x.outcome, x.label, x.decided_at_us, r.reason, "
@@ -491,9 +493,7 @@ _SELECT_RESOLUTIONS = (  # the escalation's verdict `v` is joined for its publis
     "FROM resolutions x JOIN reviews r USING (part_id) JOIN verdicts v USING (part_id) "
 )
 _SELECT_ESCALATIONS = (  # the review row's columns, then who escalated it and when
-    "SELECT r.part_id, r.created_us, r.reason, r.automation, r.suggestion, r.confidence, "
-    "r.model_label, r.candidate_label, r.active_version, r.candidate_version, "
-    "r.image_name, r.image_bytes, v.outcome, v.operator, v.decided_at_us "
+    f"SELECT {_REVIEW_COLUMNS}, v.operator, v.decided_at_us "  # noqa: S608 - literals
     "FROM reviews r JOIN verdicts v USING (part_id) "
     "WHERE v.outcome = 'escalate' AND r.part_id NOT IN (SELECT part_id FROM confirmed) "
 )
