@@ -93,14 +93,17 @@ class Line:
     def spawn(self, name: str, *args: str) -> None:
         logs = self.workdir / "logs"
         logs.mkdir(parents=True, exist_ok=True)
-        with (logs / f"{name}.log").open("ab") as log:
-            # A session of its own: the terminal's Ctrl-C reaches the demo only, which then
-            # stops every piece in order.
-            self.processes[name] = subprocess.Popen(  # noqa: S603 - our own command line
-                [sys.executable, "-m", "linesight.cli", *args],
-                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-            )
-        self._write_pids()
+        # A stop signal that arrived while Popen ran would raise before the new process is
+        # listed, and the stop would not know it: it waits until the process is listed.
+        with _signals_deferred():
+            with (logs / f"{name}.log").open("ab") as log:
+                # A session of its own: the terminal's Ctrl-C reaches the demo only, which then
+                # stops every piece in order.
+                self.processes[name] = subprocess.Popen(  # noqa: S603 - our own command line
+                    [sys.executable, "-m", "linesight.cli", *args],
+                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                )
+            self._write_pids()
 
     def _write_pids(self) -> None:
         pids = {name: process.pid for name, process in self.processes.items()}
@@ -197,6 +200,25 @@ def _hold_signals() -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@contextlib.contextmanager
+def _signals_deferred() -> Iterator[None]:
+    """Within the block, a stop signal is only noted; when the block ends it is raised again,
+    for the handler that was there before (in the main thread; elsewhere Python delivers none)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    arrived: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, _: arrived.append(signum))
+                for sig in STOP_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if arrived:
+            signal.raise_signal(arrived[0])
 
 
 def _create_operators(data_dir: Path) -> None:

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -272,3 +273,33 @@ def _in_time_wait(port: int) -> bool:
         if fields[1] == f"0100007F:{port:04X}" and fields[3] == "06":
             return True
     return False
+
+
+def test_a_ctrl_c_while_a_piece_starts_leaves_it_known_to_the_stop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real_popen = subprocess.Popen
+    started: list[subprocess.Popen[bytes]] = []
+
+    def popen_then_ctrl_c(*args: Any, **kwargs: Any) -> subprocess.Popen[bytes]:
+        process = real_popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             start_new_session=True)
+        started.append(process)
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C after the fork, before Popen has returned
+        return process
+
+    line = Line(tmp_path)
+    monkeypatch.setattr(subprocess, "Popen", popen_then_ctrl_c)
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            line.spawn("agent-press-01", "agent")
+        assert list(line.processes) == ["agent-press-01"], "the stop would not know the piece"
+        assert json.loads((tmp_path / "processes.json").read_text()) == {
+            "agent-press-01": line.processes["agent-press-01"].pid
+        }
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for process in started:
+            process.kill()
+            process.wait()
