@@ -179,6 +179,25 @@ def file_part_id(station: str, stem: str, captured_at: float, count: int) -> str
     return f"{station}-{stem[:room]}{tail}"
 
 
+def part_id_problem(part_id: str) -> str | None:
+    """What keeps ``part_id`` (from a PLC, say) out of the station's messages, or None.
+
+    The contract allows 1 to 128 characters of UTF-8 text; JSON can still decode to a lone
+    UTF-16 surrogate (``"\\ud800"``), which no UTF-8 message or database can hold."""
+    if not part_id:
+        return "part id is empty"
+    if len(part_id) > PART_ID_MAX_LENGTH:
+        return (
+            f"part id is {len(part_id)} characters, more than {PART_ID_MAX_LENGTH}: "
+            f"{part_id[:40]!r}..."
+        )
+    try:
+        part_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"part id is not valid Unicode text: {part_id[:40]!r}"
+    return None
+
+
 class _Pacer:
     """Keeps a finite or synthetic source to ``rate_hz``; `close` interrupts the wait."""
 
@@ -250,6 +269,29 @@ def list_images(folder: Path) -> list[Path]:
     )
 
 
+def jpeg_is_complete(data: bytes) -> bool:
+    """Whether a JPEG's last scan is followed by its end marker. A file cut short (still being
+    copied in) is not: libjpeg decodes it anyway, grey where the data is missing. The markers
+    cannot occur inside entropy-coded data, which escapes every 0xFF byte."""
+    return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
+
+
+def read_image(path: Path) -> tuple[U8 | None, str]:
+    """The image in ``path`` as OpenCV decodes it, or None and why not."""
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return None, f"cannot read: {exc.strerror or exc}"
+    if not data:
+        return None, "empty file"
+    if path.suffix.lower() in (".jpg", ".jpeg") and not jpeg_is_complete(data):
+        return None, "JPEG data ends early (file still being written, or cut short)"
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    if image is None:
+        return None, "not a readable image"
+    return to_bgr(image), ""
+
+
 class FolderSource:
     """Images of a folder in name order; the folder is listed again at each pass when looping,
     so images dropped in while the station runs are picked up. A pass that finds nothing readable
@@ -298,16 +340,16 @@ class FolderSource:
                 if not self._pending:
                     raise SourceError(f"folder:{self._folder}: all images are gone")
             path = self._pending.popleft()
-            image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+            image, problem = read_image(path)
             if image is None:
                 self.skipped += 1
-                log.warning("folder:%s: skipping %s: not a readable image", self._folder, path.name)
+                log.warning("folder:%s: skipping %s: %s", self._folder, path.name, problem)
                 continue
             self._count += 1
             captured_at = time.time()
             return Frame(
                 part_id=file_part_id(self._station, path.stem, captured_at, self._count),
-                image=to_bgr(image),
+                image=image,
                 captured_at=captured_at,
                 seq=self._count,
             )
@@ -386,6 +428,7 @@ class Capture(Protocol):
 
 
 CaptureFactory = Callable[[], Capture]
+_Captured = tuple[Any, float, float, int]  # image, wall clock, monotonic clock, seq
 
 
 class _Connection:
@@ -402,6 +445,7 @@ class _Connection:
         self.done = threading.Event()
         self.frames = 0
         self.started_at = time.monotonic()
+        self.opened_at: float | None = None
         self.last_frame_at: float | None = None
         self.thread = threading.Thread(
             target=self._run, name=f"source-{reader.name}-{number}", daemon=True
@@ -415,6 +459,7 @@ class _Connection:
             if not capture.isOpened():
                 log.warning("%s: cannot open the stream", reader.name)
                 return
+            self.opened_at = time.monotonic()
             while not self.cancelled.is_set():
                 ok, image = capture.read()
                 if self.cancelled.is_set():
@@ -453,6 +498,7 @@ class LatestFrameReader:
         reconnect_min_s: float = 0.5,
         reconnect_max_s: float = 10.0,
         first_frame_timeout_s: float | None = None,
+        open_timeout_s: float | None = None,
     ) -> None:
         self.open_capture = open_capture
         self.name = name
@@ -466,8 +512,17 @@ class LatestFrameReader:
             if first_frame_timeout_s is not None
             else max(stale_after_s, STREAM_OPEN_TIMEOUT_S)
         )
+        # Past FFmpeg's own open timeout, so that it gives up first and the thread ends cleanly;
+        # an open that hangs longer (a wedged driver) is abandoned.
+        self._open_timeout_s = (
+            open_timeout_s if open_timeout_s is not None else STREAM_OPEN_TIMEOUT_S + 1.0
+        )
         self._lock = threading.Condition()
-        self._latest: tuple[Any, float, float, int] | None = None  # image, wall, mono, seq
+        self._latest: _Captured | None = None
+        # Wall times of triggers still waiting for their frame, and their frames
+        # (see `hold_first_after`).
+        self._marks: deque[float] = deque(maxlen=_MAX_PENDING_TRIGGERS)
+        self._held: deque[_Captured] = deque(maxlen=_MAX_PENDING_TRIGGERS)
         self._captured = 0
         self._handed_seq = 0
         self._stopped = threading.Event()
@@ -509,7 +564,26 @@ class LatestFrameReader:
             connection.last_frame_at = now
             self._captured += 1
             self._latest = (image, time.time(), now, self._captured)
+            self._hold_marked(self._latest)
             self._lock.notify_all()
+
+    def hold_first_after(self, at: float) -> None:
+        """Keep the first frame captured at or after wall time ``at`` until `read` hands it on,
+        before any newer frame: the frame of a part a trigger announced, even when the station
+        reads only later (busy with the previous part)."""
+        with self._lock:
+            self._marks.append(at)
+            if self._latest is not None and self._latest[3] > self._handed_seq:
+                self._hold_marked(self._latest)
+
+    def _hold_marked(self, captured: _Captured) -> None:
+        """Under the lock: hold ``captured`` if it is the first frame after a mark."""
+        marked = False
+        while self._marks and captured[1] >= self._marks[0]:
+            self._marks.popleft()
+            marked = True
+        if marked and (not self._held or self._held[-1] is not captured):
+            self._held.append(captured)
 
     def _supervise(self) -> None:
         attempt = 0
@@ -542,11 +616,17 @@ class LatestFrameReader:
         poll = min(0.05, self._stale_after_s / 4)
         while not self._stopped.is_set():
             if connection.done.wait(poll):
-                return "stream ended" if connection.frames else "stream did not open"
+                if connection.frames:
+                    return "stream ended"
+                return "stream did not open" if connection.opened_at is None else "no first frame"
             now = time.monotonic()
             last = connection.last_frame_at
-            if last is None:
-                if now - connection.started_at > self._first_frame_timeout_s:
+            opened = connection.opened_at
+            if opened is None:
+                if now - connection.started_at > self._open_timeout_s:
+                    return f"stream did not open within {self._open_timeout_s:.1f} s"
+            elif last is None:
+                if now - opened > self._first_frame_timeout_s:
                     return f"no frame within {self._first_frame_timeout_s:.1f} s of opening"
             elif now - last > self._stale_after_s:
                 return f"no frame for {self._stale_after_s:.1f} s"
@@ -555,16 +635,22 @@ class LatestFrameReader:
     def read(self, timeout: float) -> Frame | None:
         deadline = time.monotonic() + max(0.0, timeout)
         with self._lock:
-            while self._latest is None or self._latest[3] <= self._handed_seq:
+            while True:
+                if self._held:  # a trigger's frame comes before any newer one
+                    entry = self._held.popleft()
+                    break
+                latest = self._latest
+                if latest is not None and latest[3] > self._handed_seq:
+                    entry, self._latest = latest, None
+                    break
                 remaining = deadline - time.monotonic()
                 if remaining <= 0 or self._stopped.is_set():
                     return None
                 self._lock.wait(remaining)
-            image, captured_at, captured_mono, seq = self._latest
+            image, captured_at, captured_mono, seq = entry
             # Frames overwritten in the slot before anyone read them.
             self.dropped += seq - self._handed_seq - 1
             self._handed_seq = seq
-            self._latest = None
         self.frame_age_s = max(0.0, time.monotonic() - captured_mono)
         return Frame(
             part_id=live_part_id(self._station, captured_at, seq),
@@ -654,17 +740,28 @@ class TriggeredSource:
             return len(self._triggers)
 
     def trigger(self, part_id: str | None = None) -> None:
-        """A part is in front of the camera now (thread-safe; called from the MQTT thread)."""
+        """A part is in front of the camera now (thread-safe; called from the MQTT thread).
+
+        A ``part_id`` no message can carry (see `part_id_problem`) is replaced by the camera's
+        id: the part is still inspected."""
         if self.mode != "external":
             self.ignored_triggers += 1
             log.debug("trigger ignored: trigger mode is %s", self.mode)
             return
+        problem = part_id_problem(part_id) if part_id else None
+        if problem is not None:
+            log.warning("trigger: %s; the part gets the camera's id", problem)
+            part_id = None
         with self._cond:
             if len(self._triggers) >= _MAX_PENDING_TRIGGERS:
                 self._triggers.popleft()
                 self.missed_triggers += 1
                 log.warning("too many pending triggers; dropping the oldest")
-            self._triggers.append(_Trigger(part_id, self._clock(), self._monotonic()))
+            at = self._clock()
+            self._triggers.append(_Trigger(part_id, at, self._monotonic()))
+            hold = getattr(self.inner, "hold_first_after", None)
+            if hold is not None:
+                hold(at)
             self._cond.notify_all()
 
     def read(self, timeout: float) -> Frame | None:
@@ -763,14 +860,14 @@ class SourceSpec:
 
 
 def redact_url(url: str) -> str:
-    """The URL without its password, for logs and messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
+    """The URL without its password, for logs and messages. Everything up to the last ``@`` is
+    the user part, so that a password with an unescaped ``#``, ``/`` or ``?`` is masked too."""
+    scheme, sep, rest = url.partition("://")
+    userinfo, at, host = rest.rpartition("@")
+    user, colon, _ = userinfo.partition(":")
+    if not (sep and at and colon):
         return url
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return parts._replace(netloc=f"{parts.username}:***@{host}").geturl()
+    return f"{scheme}://{user}:***@{host}"
 
 
 def _synthetic_overrides(spec: str, text: str) -> dict[str, str]:
@@ -806,7 +903,15 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
         parts = urlsplit(text)
         if not rest.startswith("//") or not parts.hostname:
             raise ValueError(f"source spec {redact_url(text)!r}: a {scheme} URL needs a host")
-        kind, target = "stream", text
+        try:
+            parts.port  # noqa: B018 - raises for what is not a port number
+        except ValueError:
+            raise ValueError(
+                f"source spec {redact_url(text)!r}: the address is not host[:port]; write "
+                "#, / and ? in a user name or password percent-encoded (%23, %2F, %3F)"
+            ) from None
+        # Schemes are case-insensitive, FFmpeg's protocol names are not: HTTP:// never opens.
+        kind, target = "stream", f"{scheme}{text[len(scheme):]}"
     elif scheme == "camera":
         if not (rest.isdigit() or rest.startswith("/dev/")):
             raise ValueError(

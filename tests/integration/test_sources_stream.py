@@ -112,3 +112,13 @@ def test_stream_drops_and_comes_back(server: list[MjpegCamera]) -> None:
         started = time.monotonic()
         source.close()
         assert time.monotonic() - started < 3.0
+
+
+def test_a_url_with_an_upper_case_scheme_is_read(server: list[MjpegCamera]) -> None:
+    """Schemes are case-insensitive (RFC 3986), FFmpeg's protocol names are not."""
+    url = server[0].url.replace("http://", "HTTP://", 1)
+    source = parse_source(url, station="st-it", options=SourceOptions(stale_after_s=1.0))
+    try:
+        assert len(read_frames(source, 2)) == 2, "no frames from an HTTP:// URL"
+    finally:
+        source.close()

@@ -64,7 +64,8 @@ def solid(value: int, shape: tuple[int, ...] = (8, 8, 3)) -> np.ndarray:
         ("camera:/dev/video2", "camera", "/dev/video2"),
         ("rtsp://user:pw@10.0.0.5:554/stream1", "stream", "rtsp://user:pw@10.0.0.5:554/stream1"),
         ("http://cam.local/video.mjpg", "stream", "http://cam.local/video.mjpg"),
-        ("HTTPS://cam.local/video.mjpg", "stream", "HTTPS://cam.local/video.mjpg"),
+        ("HTTPS://cam.local/video.mjpg", "stream", "https://cam.local/video.mjpg"),
+        ("Rtsp://u:P@Cam/Path", "stream", "rtsp://u:P@Cam/Path"),
         ("video:/data/line.avi", "video", "/data/line.avi"),
         ("folder:samples/parts", "folder", "samples/parts"),
         ("synthetic:", "synthetic", ""),
@@ -116,6 +117,27 @@ def test_bad_specs_are_rejected_with_a_clear_message(spec: str, message: str) ->
 def test_password_never_appears_in_errors_or_names() -> None:
     assert redact_url("rtsp://admin:s3cret@cam:554/s") == "rtsp://admin:***@cam:554/s"
     assert redact_url("http://cam/s") == "http://cam/s"
+    assert redact_url("http://cam:8080/s?user=a") == "http://cam:8080/s?user=a"
+    assert redact_url("rtsp://admin:p@ss@cam/s") == "rtsp://admin:***@cam/s"
+    assert redact_url("rtsp://admin:Cam#1@cam/s") == "rtsp://admin:***@cam/s"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "rtsp://admin:Cam#2024@10.0.0.5/stream",  # '#' starts a fragment
+        "rtsp://admin:pa/ss@10.0.0.5/stream",  # '/' ends the host part
+        "rtsp://admin:pa?ss@10.0.0.5/stream",  # '?' starts a query
+        "rtsp://10.0.0.5:55a/stream",  # a typo in the port
+        "rtsp://10.0.0.5:99999/stream",
+    ],
+)
+def test_a_url_that_does_not_parse_is_rejected_without_its_password(url: str) -> None:
+    """Left alone, such a URL never opens, and the password would be in every log line."""
+    with pytest.raises(ValueError, match="percent-encoded") as error:
+        parse_spec(url)
+    assert "Cam#2024" not in str(error.value) and "pa/ss" not in str(error.value)
+    assert "pa?ss" not in str(error.value)
 
 
 def test_trigger_modes_apply_only_to_live_sources() -> None:
@@ -294,7 +316,7 @@ def test_folder_problems_are_source_errors(tmp_path: Path) -> None:
         source.read(1.0)
 
 
-@pytest.mark.parametrize("gap", ["empty", "half-written"])
+@pytest.mark.parametrize("gap", ["empty", "half-written", "half-written-jpeg"])
 def test_a_looping_folder_recovers_when_readable_images_come_back(
     tmp_path: Path, gap: str
 ) -> None:
@@ -302,14 +324,38 @@ def test_a_looping_folder_recovers_when_readable_images_come_back(
     source = parse_source(f"folder:{tmp_path}", station="st-1", options=SourceOptions(loop=True))
     assert source.read(1.0) is not None
     (tmp_path / "a.png").unlink()
-    if gap == "half-written":  # a file still being copied in: not readable yet
-        (tmp_path / "b.png").write_bytes(cv2.imencode(".png", solid(20))[1].tobytes()[:20])
+    suffix = ".jpg" if gap == "half-written-jpeg" else ".png"
+    noisy = np.random.default_rng(2).integers(10, 31, (128, 128, 3), dtype=np.uint8)
+    encoded = cv2.imencode(suffix, noisy)[1].tobytes()
+    if gap.startswith("half-written"):  # a file still being copied in: not readable yet
+        (tmp_path / f"b{suffix}").write_bytes(encoded[: len(encoded) * 2 // 3])
     for _ in range(3):  # the agent shows a source fault and tries again
         with pytest.raises(SourceError, match=str(tmp_path)):
             source.read(1.0)
-    cv2.imwrite(str(tmp_path / "b.png"), solid(20))  # the copy is complete
+    (tmp_path / f"b{suffix}").write_bytes(encoded)  # the copy is complete
     frames = [source.read(1.0) for _ in range(3)]
-    assert [int(f.image[0, 0, 0]) for f in frames if f] == [20, 20, 20]
+    assert [round(float(f.image.mean())) for f in frames if f] == [20, 20, 20]
+
+
+def test_a_truncated_jpeg_is_skipped_not_judged(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """libjpeg decodes a cut-off JPEG to a full-size picture, grey where the data is missing:
+    judged, it would be a part inspected on half an image."""
+    picture = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    encoded = cv2.imencode(".jpg", picture)[1].tobytes()
+    whole = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    (tmp_path / "a.jpg").write_bytes(encoded)
+    (tmp_path / "b.jpg").write_bytes(encoded[: len(encoded) // 2])
+    (tmp_path / "c.jpeg").write_bytes(encoded + b"\x00" * 16)  # bytes after the end: fine
+    (tmp_path / "d.png").write_bytes(b"")  # just created by a copy
+    source = parse_source(f"folder:{tmp_path}", station="st-1")
+    with caplog.at_level(logging.WARNING):
+        frames = read_all(source)
+    assert [without_time(f.part_id) for f in frames] == ["st-1-a-1", "st-1-c-2"]
+    assert all(np.array_equal(f.image, whole) for f in frames)
+    assert source.skipped == 2  # type: ignore[attr-defined]
+    assert "b.jpg" in caplog.text and "d.png: empty file" in caplog.text
 
 
 # --- video file ------------------------------------------------------------------------------
@@ -609,6 +655,95 @@ def test_reader_reopens_a_stale_stream(camera: FakeCamera) -> None:
         reader.close()
 
 
+def test_the_first_frame_wait_starts_once_the_stream_is_open(camera: FakeCamera) -> None:
+    """Opening a network stream takes its own time (FFmpeg: up to 5 s); the first frame then
+    gets the full first-frame timeout instead of what the opening left of it."""
+
+    def slow_open() -> FakeCapture:
+        time.sleep(0.4)
+        return camera.open()
+
+    reader = LatestFrameReader(
+        slow_open, name="camera:slow", station="st-1", stale_after_s=5.0,
+        reconnect_min_s=0.01, reconnect_max_s=0.05, first_frame_timeout_s=0.5,
+    )
+    try:
+        assert wait_until(lambda: len(camera.captures) == 1)
+        time.sleep(0.3)  # 0.3 s after opening, 0.7 s after the open began
+        camera.push(solid(1))
+        assert reader.read(1.0) is not None
+        assert len(camera.captures) == 1, "the connection was given up while the frame came"
+        assert reader.reconnect_attempts == 0
+    finally:
+        camera.shut = True
+        reader.close()
+
+
+def test_a_stream_that_never_opens_is_retried(camera: FakeCamera) -> None:
+    opened = threading.Event()
+
+    def hung_open() -> FakeCapture:
+        if not opened.is_set():
+            opened.set()
+            while not camera.shut:  # inside OpenCV: cannot be interrupted
+                time.sleep(0.01)
+        return camera.open()
+
+    reader = LatestFrameReader(
+        hung_open, name="camera:hung", station="st-1", stale_after_s=5.0,
+        reconnect_min_s=0.01, reconnect_max_s=0.05, first_frame_timeout_s=5.0,
+        open_timeout_s=0.2,
+    )
+    try:
+        assert wait_until(lambda: len(camera.captures) == 1)
+        assert reader.abandoned == 1
+        camera.push(solid(1))
+        assert reader.read(1.0) is not None
+    finally:
+        camera.shut = True
+        reader.close()
+
+
+def test_a_busy_station_still_gets_the_first_frame_after_each_trigger(
+    camera: FakeCamera,
+) -> None:
+    """The PLC triggers while the station is still judging the previous part: the part is the
+    frame captured just after the trigger, not the newest one when the station gets to it (by
+    then the part may have left the field of view)."""
+    source = parse_source(
+        "camera:0", station="st-1", options=SourceOptions(trigger="external"),
+        capture_factory=camera.open,
+    )
+    assert isinstance(source, TriggeredSource)
+    reader = source.inner
+    assert isinstance(reader, LatestFrameReader)
+
+    def capture(*values: int) -> None:
+        expected = reader.frames_captured + len(values)
+        for value in values:
+            camera.push(solid(value))
+        assert wait_until(lambda: reader.frames_captured == expected)
+
+    try:
+        assert wait_until(lambda: len(camera.captures) == 1)
+        capture(1, 2, 3)
+        source.trigger("A")
+        capture(4, 5)
+        source.trigger("B")
+        capture(6, 7, 8)  # the station is busy all this time
+        parts = [source.read(1.0) for _ in range(2)]
+        assert [(f.part_id, f.seq) for f in parts if f] == [("A", 4), ("B", 6)]
+        assert source.read(0.05) is None  # no trigger, no part
+        source.trigger("C")
+        capture(9)
+        part = source.read(1.0)
+        assert part is not None and (part.part_id, part.seq) == ("C", 9)
+        assert reader.dropped == 6  # 1, 2, 3, 5, 7 and 8: frames of no part
+    finally:
+        camera.shut = True
+        source.close()
+
+
 def test_close_stops_the_reader_promptly(camera: FakeCamera) -> None:
     reader = make_reader(camera)
     assert wait_until(lambda: len(camera.captures) == 1)
@@ -673,3 +808,20 @@ def test_a_trigger_payload_names_the_part_or_says_what_is_wrong(
 def test_a_trigger_part_id_of_the_longest_allowed_length_is_kept_whole() -> None:
     longest = "P" * PART_ID_MAX_LENGTH
     assert trigger_part_id(json.dumps({"part_id": longest}).encode()) == (longest, None)
+
+
+@pytest.mark.parametrize(
+    "bad_id",
+    ["PLC-\ud800", "X" * (PART_ID_MAX_LENGTH + 1)],
+    ids=["lone-surrogate", "too-long"],
+)
+def test_a_trigger_id_no_message_can_carry_gives_the_camera_id(
+    bad_id: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    clocks = FakeClocks()
+    source = external([live_frame(1, 1000.5), live_frame(2, 1000.6)], clocks)
+    with caplog.at_level(logging.WARNING):
+        source.trigger(bad_id)
+    source.trigger("PLC-2")
+    assert [f.part_id for f in parts_of(source)] == ["cam-1", "PLC-2"]
+    assert "the part gets the camera's id" in caplog.text
