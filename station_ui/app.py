@@ -160,6 +160,11 @@ def _before_request() -> BaseResponse | None:
     if request.method not in _SAFE_METHODS:
         given = request.form.get(CSRF_FIELD) or request.headers.get(CSRF_HEADER)
         if not csrf_matches(session.get("csrf"), given):
+            if request.endpoint == "auth.login_submit" and current_operator() is not None:
+                # The second tap of a double tap on Sign in, sent after the first one signed
+                # in and renewed the token: nothing is done with the form; on to the page
+                # (the sign-in page sends a signed-in operator to a checked `next`).
+                return redirect(url_for("auth.login", next=request.form.get("next", "/")))
             return error_response(
                 400,
                 "This form is out of date or did not come from this screen (security token "

@@ -102,10 +102,15 @@ def load_secret(path: Path) -> bytes:
         if len(key) < 16:
             raise CommandError(f"{path}: the secret key is too short (at least 16 bytes)")
         return key
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(secrets.token_hex(_SECRET_BYTES).encode() + b"\n")
-        handle.flush()
-        os.fsync(handle.fileno())
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(secrets.token_hex(_SECRET_BYTES).encode() + b"\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except BaseException:
+        # A full disk: an empty key file left behind would fail every later start.
+        path.unlink(missing_ok=True)
+        raise
     return path.read_bytes().strip()
 
 

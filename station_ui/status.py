@@ -51,7 +51,7 @@ def _status_summary() -> dict[str, Any]:
 def status_page() -> str:
     config = ui().config
     now = now_dt()
-    since = shift_start(now.astimezone(), config.shift_anchor_hour, config.shift_hours)
+    since = shift_start(now, config.shift_anchor_hour, config.shift_hours)
     stats = ui().store.part_stats(since)
     actions = share_bar(
         [

@@ -171,14 +171,17 @@ def _age_text(seconds: float) -> str:
 
 
 def shift_start(now: datetime, anchor_hour: int, shift_hours: int) -> datetime:
-    """Start of the shift containing `now` (in now's time zone); shifts start at `anchor_hour`
-    and every `shift_hours` after it, so 6 and 8 give 06:00, 14:00 and 22:00."""
-    anchor = now.replace(hour=anchor_hour, minute=0, second=0, microsecond=0)
-    if anchor > now:
+    """Start of the shift containing `now`, in the station's local time; shifts start on the
+    wall clock at `anchor_hour` and every `shift_hours` after it, so 6 and 8 give 06:00, 14:00
+    and 22:00, also across the night the clocks change for daylight saving time."""
+    # Wall-clock arithmetic on naive local time; `astimezone()` of a naive time then applies
+    # the UTC offset in force at that moment, not the one in force now.
+    wall = now.astimezone().replace(tzinfo=None)
+    anchor = wall.replace(hour=anchor_hour, minute=0, second=0, microsecond=0)
+    if anchor > wall:
         anchor -= timedelta(days=1)
-    elapsed = now - anchor
     length = timedelta(hours=shift_hours)
-    return anchor + length * (elapsed // length)
+    return (anchor + length * ((wall - anchor) // length)).astimezone()
 
 
 def percent(value: float | None) -> str:

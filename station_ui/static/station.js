@@ -92,6 +92,9 @@
   // captured earlier (a disagreement found by the candidate) waits in the list instead of
   // replacing the card under the operator's finger.
   let judgedHere = "";
+  // A card that has just come in ignores taps and keys for a moment: the second tap of a double
+  // tap (or a bounced key) meant for the part judged a moment ago must not judge the next one.
+  const NEW_CARD_HOLD_MS = 600;
   function holdButtons(ms) {
     const buttons = document.querySelectorAll("#current form[data-verdict] button");
     buttons.forEach((b) => { b.disabled = true; });
@@ -121,6 +124,8 @@
           // Judged on another screen: say so, and let a tap meant for it not land on the next.
           toast(`Part ${shown} was judged on another screen`, true);
           holdButtons(1000);
+        } else {
+          holdButtons(NEW_CARD_HOLD_MS);
         }
       }
     } catch (error) {

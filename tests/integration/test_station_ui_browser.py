@@ -127,6 +127,8 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
                     arg=part_id,
                 )
                 second = page.inner_text("#current .part-id")
+                # A card that has just come in ignores keys for a moment (a bounced key).
+                page.wait_for_selector("#current button[value=pass]:enabled")
                 page.keyboard.press("p")
                 wait_for(
                     lambda: any(
@@ -144,6 +146,7 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
                     arg=second,
                 )
                 unsure = page.inner_text("#current .part-id")
+                page.wait_for_selector("#current button[value=escalate]:enabled")
                 page.keyboard.press("e")
                 wait_for(lambda: store.escalation_count() == 1, 20, "the escalation stored")
                 page.goto(f"{base}/supervisor")

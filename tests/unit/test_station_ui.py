@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import html
 import io
+import os
 import re
 import stat
 import time
@@ -292,6 +294,26 @@ def test_a_pin_reset_ends_open_sessions(client: FlaskClient, store: StationStore
     assert client.get("/api/queue").status_code == 401
 
 
+def test_a_second_tap_on_sign_in_lands_on_the_page_not_on_an_error(
+    client: FlaskClient, store: StationStore
+) -> None:
+    """A double tap on Sign in sends the form twice with the token of the signed-out page; the
+    first sign-in has renewed the token by the time the second arrives."""
+    token = csrf_of(client)
+    form = {"badge": "op-7", "pin": OPERATOR_PIN, "csrf_token": token, "next": "/status"}
+    assert client.post("/login", data=form).status_code == 302
+    again = client.post("/login", data=form, follow_redirects=True)
+    assert again.status_code == 200 and again.request.path == "/status"
+    assert "Ana Operator" in again.get_data(as_text=True)
+    # Nothing is done with what the stale form carries: another badge does not sign in.
+    other = {**form, "badge": "sup-1", "pin": SUPERVISOR_PIN}
+    assert client.post("/login", data=other).status_code == 302
+    assert "Ana Operator" in client.get("/status").get_data(as_text=True)
+    # Signed out, a stale token is refused as before.
+    client.post("/logout", data={"csrf_token": csrf_of(client, "/status")})
+    assert client.post("/login", data={**form, "csrf_token": "stale"}).status_code == 400
+
+
 def test_sign_out(client: FlaskClient) -> None:
     token = sign_in(client)
     assert client.post("/logout", data={"csrf_token": token}).status_code == 302
@@ -529,13 +551,16 @@ def test_status_page_shows_models_and_shift_numbers(
 
 
 def test_shift_start() -> None:
-    tz = datetime.now().astimezone().tzinfo
-    at = datetime(2024, 5, 6, 13, 59, tzinfo=tz)
-    assert shift_start(at, 6, 8) == datetime(2024, 5, 6, 6, 0, tzinfo=tz)
-    assert shift_start(at.replace(hour=14, minute=0), 6, 8) == at.replace(hour=14, minute=0)
-    early = datetime(2024, 5, 6, 3, 0, tzinfo=tz)
-    assert shift_start(early, 6, 8) == datetime(2024, 5, 5, 22, 0, tzinfo=tz)
-    assert shift_start(early, 6, 12) == datetime(2024, 5, 5, 18, 0, tzinfo=tz)
+    def local(year: int, month: int, day: int, hour: int, minute: int) -> datetime:
+        return datetime(year, month, day, hour, minute).astimezone()  # on the wall clock
+
+    at = local(2024, 5, 6, 13, 59)
+    assert shift_start(at, 6, 8) == local(2024, 5, 6, 6, 0)
+    assert shift_start(local(2024, 5, 6, 14, 0), 6, 8) == local(2024, 5, 6, 14, 0)
+    early = local(2024, 5, 6, 3, 0)
+    assert shift_start(early, 6, 8) == local(2024, 5, 5, 22, 0)
+    assert shift_start(early, 6, 12) == local(2024, 5, 5, 18, 0)
+    assert shift_start(early.astimezone(UTC), 6, 12) == local(2024, 5, 5, 18, 0)
 
 
 # --- supervisor -------------------------------------------------------------------------------
@@ -709,6 +734,33 @@ def _share_cookies(source: FlaskClient, target: FlaskClient, names: list[str]) -
         cookie = source.get_cookie(name)
         if cookie is not None:
             target.set_cookie(name, cookie.value)
+
+
+def test_a_first_start_on_a_full_disk_leaves_no_empty_key_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The key file is created, then written: when the write fails (a full disk), the empty
+    file must not stay, or every later start would refuse it as too short."""
+    path = tmp_path / "ui-secret.key"
+    real_fdopen = os.fdopen
+
+    class FullDisk(io.RawIOBase):
+        def writable(self) -> bool:
+            return True
+
+        def write(self, _data: Any) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_disk(fd: int, *args: Any, **kwargs: Any) -> Any:
+        os.close(fd)
+        return FullDisk()
+
+    monkeypatch.setattr(os, "fdopen", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        load_secret(path)
+    monkeypatch.setattr(os, "fdopen", real_fdopen)
+    assert not path.exists()
+    assert len(load_secret(path)) >= 16  # the disk has room again: the next start works
 
 
 def test_two_station_screens_on_one_host_keep_their_own_sessions(
