@@ -143,6 +143,15 @@ class OutboxRelay:
                 receipt.upto_stream, receipt.upto_seq, self.store.stream,
             )  # fmt: skip
             return
+        last_seq = self.store.last_seq()
+        if receipt.upto_seq > last_seq:
+            # No controller stores a seq that was never given out: this receipt counts
+            # something else, and the rows it would delete may never have reached anyone.
+            log.warning(
+                "ignored a receipt up to seq %d: this store has given out seqs up to %d only",
+                receipt.upto_seq, last_seq,
+            )  # fmt: skip
+            return
         if receipt.upto_seq > self._receipted_upto:
             self._receipted_upto = receipt.upto_seq
             self._receipt_progress = time.monotonic()

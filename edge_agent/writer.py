@@ -164,21 +164,26 @@ class DurableWriter:
 
     def _store_reviews(self, reviews: list[_Review]) -> None:
         items: list[ReviewItem] = []
+        errors: list[str] = []
+        unbuilt: list[Exception] = []
         for review in reviews:
             try:
                 built = review.build()
-            except Exception:  # one unencodable image must not cost the others
+            except Exception as exc:  # one unencodable image must not cost the others
                 log.exception("review item could not be built")
+                unbuilt.append(exc)
                 continue
             if built is not None:
                 items.append(built)
+        if unbuilt:
+            # Held for review, yet not in the queue: said, not only logged.
+            errors.append(f"{len(unbuilt)} parts could not be queued for review: {unbuilt[0]}")
         if items:
-            error: str | None = None
             try:
                 inserted = self.store.add_reviews(items)
             except Exception as exc:  # a full or failing disk: the parts are not reviewable
                 log.exception("review items of %d parts could not be stored", len(items))
-                error = f"{len(items)} parts could not be queued for review: {exc}"
+                errors.append(f"{len(items)} parts could not be queued for review: {exc}")
             else:
                 repeated = [item.part_id for item, new in zip(items, inserted, strict=True)
                             if not new]
@@ -188,5 +193,6 @@ class DurableWriter:
                     error = (f"{len(repeated)} parts not queued for review: part id already "
                              f"in the review queue (the source repeats ids): {repeated[0]}")
                     log.error("%s", error)
-            if self.on_reviews is not None:
-                self.on_reviews(error)
+                    errors.append(error)
+        if (items or unbuilt) and self.on_reviews is not None:
+            self.on_reviews("; ".join(errors) or None)

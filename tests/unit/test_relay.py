@@ -230,3 +230,40 @@ def test_nothing_goes_out_between_the_link_connecting_and_its_connect_listener(
     relay.run(keep_going)
     seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
     assert seqs == [0, 1, 2, 3, 4], "each row once, after the connect listener"
+
+
+def test_a_receipt_beyond_the_last_seq_given_out_deletes_nothing(store: StationStore) -> None:
+    """No controller can have stored a seq this store never gave out: such a receipt counts
+    something else (a controller's bug, a stranger on the topic), and the rows it would delete
+    may never have arrived."""
+    relay = relay_on(store, FakeLink())
+    relay.on_receipt(receipt(1000, store.stream))
+    assert store.outbox_depth() == 5
+    assert store.receipted_upto() == -1, "nothing reported as receipted"
+    relay.on_receipt(receipt(4, store.stream))
+    assert store.outbox_depth() == 0
+
+
+def test_a_receipt_from_the_future_does_not_stop_the_resend_of_unreceipted_rows(
+    store: StationStore,
+) -> None:
+    link = FakeLink()
+    relay = OutboxRelay(
+        store, link, station=STATION, topics=TOPICS,  # type: ignore[arg-type]
+        publish_batch=10, resend_after_s=0.5,
+    )
+    relay.on_connected()
+    relay.on_receipt(receipt(1000, store.stream))
+    passes = 0
+
+    def keep_going() -> bool:
+        nonlocal passes
+        passes += 1
+        if passes == 2:
+            time.sleep(0.6)  # receipts stop coming for longer than resend_after_s
+        relay.wake.set()
+        return passes <= 3
+
+    relay.run(keep_going)
+    seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
+    assert seqs == [0, 1, 2, 3, 4] * 2, "published, then again when no receipt covered them"

@@ -87,7 +87,8 @@ def test_a_failing_review_store_is_reported_and_the_writer_goes_on(
     finally:
         writer.close()
     assert reports[0] is not None and "No space left" in reports[0]
-    assert reports[1:] == [None]
+    assert reports[1] is not None and "cannot encode" in reports[1]
+    assert reports[2:] in ([], [None]), "p2 stored (in the broken one's batch or its own)"
     assert store.review("p2") is not None
     assert store.review("p1") is None
 
@@ -171,3 +172,37 @@ def test_a_failed_commit_wakes_nobody(store: StationStore) -> None:
         writer.close()
     assert len(results) == 1 and isinstance(results[0], Exception)
     assert commits == []
+
+
+def test_a_review_item_that_cannot_be_built_is_reported_not_dropped_silently(
+    store: StationStore,
+) -> None:
+    """The part was held for review: if it never reaches the queue, someone must hear of it,
+    and a good item of the same batch must not clear the report."""
+    reports: list[str | None] = []
+    writer = DurableWriter(store, on_reviews=reports.append)
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold() -> None:
+        held.set()
+        release.wait(10)
+
+    def broken() -> ReviewItem:
+        raise ValueError("cannot encode")
+
+    try:
+        writer.later(hold)
+        assert held.wait(10)
+        writer.review(broken)  # both in the batch after the held one
+        writer.review(lambda: review("p2"))
+        release.set()
+        assert writer.flush()
+        writer.review(broken)  # alone in its batch
+        assert writer.flush()
+    finally:
+        writer.close()
+    assert len(reports) == 2
+    assert all(report is not None and "1 parts could not be queued for review" in report
+               and "cannot encode" in report for report in reports), reports
+    assert store.review("p2") is not None
