@@ -333,7 +333,8 @@ class PartStats:
     """Verdicts with a label whose review row carries the active model's label."""
     operator_model_agreement: float | None
     throughput: list[tuple[datetime, int]]
-    """Parts per minute, oldest first, zero-filled between the first and last busy minute."""
+    """Parts per minute, oldest first, zero-filled between the first and last busy minute
+    (up to `until`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -1217,9 +1218,13 @@ class StationStore:
             ).fetchall()
         return [str(row[0]) for row in latest + queued]
 
-    def part_stats(self, since: datetime) -> PartStats:
+    def part_stats(self, since: datetime, until: datetime | None = None) -> PartStats:
+        """The shift's figures from `since`. The throughput chart ends at `until` (default:
+        now): a part logged ahead of it (a station clock that was ahead, since corrected) counts
+        in the totals but draws no minutes up to its time stamp."""
         _check_aware("since", since)
         since_us = _us(since)
+        until_us = _us(until or datetime.now(UTC))
         with self._snapshot() as conn:
             parts, pairs, agreed = conn.execute(
                 "SELECT COUNT(*), COUNT(agree), COALESCE(SUM(agree), 0) FROM part_log "
@@ -1247,9 +1252,9 @@ class StationStore:
                 (since_us,),
             ).fetchone()
             buckets = conn.execute(
-                "SELECT ts_us / 60000000 AS minute, COUNT(*) FROM part_log WHERE ts_us >= ? "
-                "GROUP BY minute ORDER BY minute",
-                (since_us,),
+                "SELECT ts_us / 60000000 AS minute, COUNT(*) FROM part_log "
+                "WHERE ts_us >= ? AND ts_us <= ? GROUP BY minute ORDER BY minute",
+                (since_us, until_us),
             ).fetchall()
         throughput: list[tuple[datetime, int]] = []
         if buckets:

@@ -52,7 +52,7 @@ def status_page() -> str:
     config = ui().config
     now = now_dt()
     since = shift_start(now, config.shift_anchor_hour, config.shift_hours)
-    stats = ui().store.part_stats(since)
+    stats = ui().store.part_stats(since, now)
     actions = share_bar(
         [
             ("Passed", stats.actions.get("pass", 0), "seg-pass"),

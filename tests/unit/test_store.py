@@ -648,11 +648,17 @@ def test_part_stats(store: StationStore) -> None:
         (T0 + timedelta(minutes=3), 1),
     ]
 
-    empty = store.part_stats(T0 + timedelta(days=1))
+    empty = store.part_stats(T0 + timedelta(days=1), T0 + timedelta(days=2))
     assert empty.parts == 0 and empty.agreement_rate is None and empty.throughput == []
 
+    # A part stamped ten years ahead (the station's clock was wrong) counts, but the chart
+    # still ends at `until`, not ten years of empty minutes later.
+    store.log_part(entry("ahead", T0 + timedelta(days=3650), "pass", None, None))
+    ahead = store.part_stats(T0, T0 + timedelta(minutes=5))
+    assert ahead.parts == 5 and ahead.throughput == stats.throughput
+
     assert store.prune_part_log(timedelta(minutes=30), now=T0) == 1
-    assert store.part_stats(T0 - timedelta(days=1)).parts == 4
+    assert store.part_stats(T0 - timedelta(days=1)).parts == 5
 
 
 # --- operators and UI requests --------------------------------------------------------------
