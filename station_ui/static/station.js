@@ -191,7 +191,9 @@
       return;
     }
     const key = event.key.toLowerCase();
-    const button = document.querySelector(`#current form[data-verdict] button[data-key="${key}"]`);
+    // Compared, not put in a selector: a key such as " or \ would make the selector invalid.
+    const button = [...document.querySelectorAll("#current form[data-verdict] button[data-key]")]
+      .find((candidate) => candidate.dataset.key === key);
     if (button && !button.disabled) {
       event.preventDefault();
       button.click();

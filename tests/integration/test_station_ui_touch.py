@@ -130,3 +130,25 @@ def test_a_key_pressed_twice_judges_one_part(screen: tuple[str, StationStore]) -
         finally:
             browser.close()
     assert problems == [], f"the browser reported errors: {problems}"
+
+
+def test_keys_that_are_no_shortcut_judge_nothing_and_raise_no_error(
+    screen: tuple[str, StationStore],
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    base, store = screen
+    queue_parts(store, "A-1")
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = signed_in_page(browser, base, problems)
+            page.wait_for_timeout(700)  # past the new card's hold
+            for key in ('"', "\\", "]", "x"):
+                page.keyboard.press(key)
+            page.wait_for_timeout(300)
+            assert outcome(store, "A-1") is None
+        finally:
+            browser.close()
+    assert problems == [], f"the browser reported errors: {problems}"
