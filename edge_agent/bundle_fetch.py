@@ -2,7 +2,8 @@
 
 The manifest is checked against the command's sha256 before anything else is downloaded, and
 the whole bundle is verified (digests; the signature with the station's key) in a staging
-folder, so a tampered or partial bundle never reaches its final place.
+folder, so a tampered or partial bundle never reaches its final place. Every other file is
+streamed to disk and read no further than the size the manifest gives it.
 """
 
 from __future__ import annotations
@@ -11,7 +12,9 @@ import http.client
 import shutil
 import tempfile
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
@@ -26,16 +29,30 @@ from linesight.artifacts import (
 from linesight.protocol import ModelRef
 
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
+"""The most `download` reads: the manifest, which has no size to be checked against."""
+_BLOCK = 1 << 20
+_STAGING_PREFIX = ".staging-"
 
 
-def download(url: str, timeout: float) -> bytes:
-    """The body at `url`, whole; BundleError naming the URL and the problem otherwise (no
-    connection, an HTTP error status, a malformed answer, a transfer cut short)."""
+def _transfer(
+    url: str, timeout: float, limit: int, limit_text: str, sink: Callable[[bytes], object]
+) -> None:
+    """Stream the body at `url` into `sink` block by block. BundleError naming the URL and the
+    problem otherwise: no connection, an HTTP error status, a malformed answer, a transfer cut
+    short, or more than `limit` bytes (`limit_text` says what the limit is)."""
     if not url.startswith(("http://", "https://")):
         raise BundleError("download", f"refusing to download from {url!r}")
+    received = 0
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - checked
-            data: bytes = response.read(MAX_DOWNLOAD_BYTES + 1)
+            while block := response.read(min(_BLOCK, limit + 1 - received)):
+                received += len(block)
+                if received > limit:  # read one byte past the limit, no more
+                    raise BundleError("download", f"{url} is larger than {limit_text}")
+                try:
+                    sink(block)
+                except OSError as exc:  # a full disk, ...
+                    raise BundleError("download", f"cannot store {url}: {exc}") from exc
             missing: int | None = response.length  # what Content-Length announced and never came
     except http.client.IncompleteRead as exc:  # a chunked transfer cut short
         raise BundleError(
@@ -46,14 +63,26 @@ def download(url: str, timeout: float) -> bytes:
                           ) from exc
     except OSError as exc:
         raise BundleError("download", f"cannot download {url}: {exc}") from exc
-    if len(data) > MAX_DOWNLOAD_BYTES:
-        raise BundleError("download", f"{url} is larger than {MAX_DOWNLOAD_BYTES} bytes")
     if missing:
         raise BundleError(
-            "download", f"cannot download {url}: the transfer was cut short after {len(data)} "
-            f"of {len(data) + missing} bytes"
+            "download", f"cannot download {url}: the transfer was cut short after {received} "
+            f"of {received + missing} bytes"
         )
-    return data
+
+
+def download(url: str, timeout: float) -> bytes:
+    """The body at `url`, whole (at most MAX_DOWNLOAD_BYTES); BundleError naming the URL and the
+    problem otherwise (no connection, an HTTP error status, a malformed answer, a transfer cut
+    short)."""
+    blocks: list[bytes] = []
+    _transfer(url, timeout, MAX_DOWNLOAD_BYTES, f"{MAX_DOWNLOAD_BYTES} bytes", blocks.append)
+    return b"".join(blocks)
+
+
+def download_to(url: str, path: Path, timeout: float, size: int) -> None:
+    """Stream the body at `url` into `path`, refusing it past `size` bytes (the manifest's)."""
+    with path.open("wb") as stream:
+        _transfer(url, timeout, size, f"the {size} bytes the manifest gives", stream.write)
 
 
 def fetch_bundle(
@@ -75,12 +104,18 @@ def fetch_bundle(
     if (manifest.name, manifest.version) != (model.name, model.version):
         raise BundleError("manifest", "the manifest names another model than the command")
     target = data_dir / "bundles" / manifest.name / f"{manifest.version}-{model.sha256[:12]}"
-    staging = Path(tempfile.mkdtemp(prefix=".staging-", dir=data_dir))
+    # A station fetches one bundle at a time: any staging folder here is one a crash or a
+    # power cut left behind mid-download.
+    for leftover in data_dir.glob(f"{_STAGING_PREFIX}*"):
+        shutil.rmtree(leftover, ignore_errors=True)
+    staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=data_dir))
     try:
         (staging / MANIFEST_FILE).write_bytes(manifest_data)
         (staging / SIGNATURE_FILE).write_text(signature.strip() + "\n")
-        for file_name in manifest.files:
-            (staging / file_name).write_bytes(download(base + file_name, timeout))
+        for file_name, entry in manifest.files.items():
+            # Percent-encoded: a space, '#', '?' or '%' in a file name is part of the name.
+            download_to(base + quote(file_name, safe=""), staging / file_name, timeout,
+                        entry.size)
         verify_bundle(staging, key)
         if target.exists():
             shutil.rmtree(target)

@@ -47,7 +47,9 @@ class BundleError(Exception):
 
 
 class StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every number finite: an infinite std or scale makes every frame the same tensor, a NaN
+    # makes every part a fail-safe hold; JSON itself has no such numbers.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class InputSpec(StrictModel):
@@ -329,7 +331,9 @@ def verify_bundle(bundle_dir: Path, public_key: Ed25519PublicKey | None) -> Mani
         signature_path = bundle_dir / SIGNATURE_FILE
         if not signature_path.is_file():
             raise BundleError("signature", f"{bundle_dir} has no {SIGNATURE_FILE}")
-        check_signature(data, signature_path.read_text(), public_key)
+        # Not text at all (the raw signature bytes, a damaged file): refused as bad base64.
+        signature_text = signature_path.read_bytes().decode("ascii", errors="replace")
+        check_signature(data, signature_text, public_key)
     manifest = parse_manifest(data)
     for file_name, entry in sorted(manifest.files.items()):
         path = bundle_dir / file_name

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
+import sys
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -286,6 +288,7 @@ class MqttLink:
         self._connected = False
         self._fatal_error: str | None = None
         self._connect_attempts = 0
+        self._last_failure: str | None = None  # why the last connect failed, logged once
         self._started = False
         self._stopping = False
         self._client = self._build_client()
@@ -478,12 +481,7 @@ class MqttLink:
         if config.username is not None:
             client.username_pw_set(config.username, config.password)
         if self._address.tls:
-            # No ca_file: the system trust store, like a browser.
-            client.tls_set(
-                ca_certs=str(config.ca_file) if config.ca_file else None,
-                certfile=str(config.cert_file) if config.cert_file else None,
-                keyfile=str(config.key_file) if config.key_file else None,
-            )
+            client.tls_set_context(_tls_context(config))
         if self._will is not None:
             client.will_set(
                 self._will.topic, self._will.payload, qos=self._will.qos, retain=self._will.retain
@@ -502,11 +500,20 @@ class MqttLink:
             self._connect_attempts += 1
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
-        logger.debug(
-            "mqtt link %s: broker %s:%d unreachable, retrying with backoff",
+        # paho calls this from the `except OSError` around its connect, with the error unnamed.
+        error = sys.exc_info()[1]
+        reason = (str(error) or type(error).__name__) if error is not None else "unknown error"
+        with self._lock:
+            repeated = reason == self._last_failure
+            self._last_failure = reason
+        # Once per distinct reason: a broker down for a day is one line, not thousands.
+        logger.log(
+            logging.DEBUG if repeated else logging.WARNING,
+            "mqtt link %s: cannot connect to %s:%d (%s), retrying with backoff",
             self._config.client_id,
             self._address.host,
             self._address.port,
+            reason,
         )
 
     def _on_connect(
@@ -523,6 +530,7 @@ class MqttLink:
         with self._lock:
             stopping = self._stopping
             self._connected = True
+            self._last_failure = None
             subscriptions = list(self._subscriptions)
             listeners = list(self._connect_listeners)
             stale = sorted(self._stale_filters - {sub.topic_filter for sub in subscriptions})
@@ -695,6 +703,48 @@ class MqttLink:
         except Exception:
             # A faulty consumer must not take down the network thread for everyone else.
             logger.exception("mqtt link %s: %s raised", self._config.client_id, what)
+
+
+def _encrypted_key() -> bytes:
+    raise ValueError(
+        "the key is encrypted; give the link an unencrypted key (readable by its user only)"
+    )
+
+
+def _tls_context(config: LinkConfig) -> ssl.SSLContext:
+    """The client's TLS context: the server's certificate and host name are verified, against
+    `ca_file` or else the system trust store, like a browser. ValueError naming the setting and
+    the file when one of the files cannot be used."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    for setting in ("ca_file", "cert_file", "key_file"):
+        path: Path | None = getattr(config, setting)
+        if path is None:
+            continue
+        try:
+            path.open("rb").close()
+        except OSError as exc:
+            raise ValueError(f"{setting} {path}: cannot read it: {exc.strerror or exc}") from exc
+    try:
+        if config.ca_file is None:
+            context.load_default_certs()
+        else:
+            context.load_verify_locations(cafile=config.ca_file)
+    except (OSError, ValueError) as exc:
+        raise ValueError(
+            f"ca_file {config.ca_file}: no usable CA certificate in it: {exc}"
+        ) from exc
+    if config.cert_file is not None:
+        try:
+            # A callable password: OpenSSL must not stop the agent at a passphrase prompt.
+            context.load_cert_chain(config.cert_file, config.key_file, password=_encrypted_key)
+        except (OSError, ValueError) as exc:
+            where = f"cert_file {config.cert_file}"
+            if config.key_file is not None:
+                where = f"{where} with key_file {config.key_file}"
+            raise ValueError(
+                f"{where}: cannot load them as a certificate and its private key: {exc}"
+            ) from exc
+    return context
 
 
 def _filter_is_valid(topic_filter: str) -> bool:

@@ -8,11 +8,14 @@ from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from edge_agent import bundle_fetch
 from edge_agent.bundle_fetch import download, fetch_bundle
 from linesight.artifacts import MANIFEST_FILE, SIGNATURE_FILE, BundleError, sha256_file
 from linesight.protocol import ModelRef
-from tests.support import V2, http_server
+from tests.support import V2, file_server, http_server
+from tests.unit.test_artifacts import make_bundle
 
 
 class BrokenBundleServer(BaseHTTPRequestHandler):
@@ -74,3 +77,99 @@ def test_a_bundle_whose_model_transfer_is_cut_is_refused_and_nothing_is_kept(
     with pytest.raises(BundleError, match=f"{base}/cut-model/model.onnx.*cut short"):
         fetch_bundle(f"{base}/cut-model/", model, signature, tmp_path, key=None, timeout=10.0)
     assert list(tmp_path.iterdir()) == [], "no staging folder or bundle left behind"
+
+
+def _tiny_bundle(root: Path, files: dict[str, bytes]) -> tuple[Path, ModelRef, Ed25519PrivateKey]:
+    key = Ed25519PrivateKey.generate()
+    folder = make_bundle(root / "tiny" / "1.2.3", key, files=files)
+    model = ModelRef(name="tiny", version="1.2.3", sha256=sha256_file(folder / MANIFEST_FILE))
+    return folder, model, key
+
+
+@pytest.mark.parametrize("file_name", ["notes v2.txt", "notes#2.txt", "why?.txt", "a%41.txt"])
+def test_a_file_name_that_is_not_url_safe_is_fetched_by_its_own_name(
+    tmp_path: Path, file_name: str
+) -> None:
+    folder, model, key = _tiny_bundle(tmp_path / "served", {file_name: b"the notes"})
+    (folder / "aA.txt").write_bytes(b"a decoy")  # where an unquoted a%41.txt would lead
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with file_server(tmp_path / "served") as url:
+        target = fetch_bundle(f"{url}/tiny/1.2.3/", model, (folder / SIGNATURE_FILE).read_text(),
+                              data_dir, key=key.public_key(), timeout=10.0)
+    assert (target / file_name).read_bytes() == b"the notes"
+
+
+class EndlessModel(BaseHTTPRequestHandler):
+    """Serves the bundle under /served/, except that model.onnx never ends."""
+
+    root: Path
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.close_connection = True
+        name = self.path.rpartition("/")[2]
+        self.send_response(200)
+        if name != a_model_file:
+            data = (self.root / name).read_bytes()
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+            return
+        self.end_headers()
+        try:
+            for _ in range(64 * 1024):  # 64 MiB at most, so a failing test still ends
+                self.wfile.write(b"\0" * 1024)
+        except OSError:
+            pass  # the station hung up: what it should do
+
+
+a_model_file = "model.onnx"
+
+
+def test_a_file_is_read_no_further_than_the_manifest_says(tmp_path: Path) -> None:
+    folder, model, key = _tiny_bundle(tmp_path / "served", {})
+    size = (folder / a_model_file).stat().st_size
+    handler = type("Endless", (EndlessModel,), {"root": folder})
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with http_server(handler) as url, pytest.raises(BundleError) as raised:
+        fetch_bundle(f"{url}/tiny/1.2.3/", model, (folder / SIGNATURE_FILE).read_text(),
+                     data_dir, key=key.public_key(), timeout=10.0)
+    assert raised.value.check == "download"
+    assert f"larger than the {size} bytes the manifest gives" in str(raised.value)
+    assert list(data_dir.iterdir()) == [], "no staging folder or bundle left behind"
+
+
+def test_a_model_larger_than_the_manifest_download_cap_is_fetched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cap bounds the manifest, which has no size to check against; every other file is
+    bounded by the size the (digest-checked) manifest gives it."""
+    model = ModelRef(name="part-classifier", version="2.0.0",
+                     sha256=sha256_file(V2 / MANIFEST_FILE))
+    monkeypatch.setattr(bundle_fetch, "MAX_DOWNLOAD_BYTES", (V2 / MANIFEST_FILE).stat().st_size)
+    assert (V2 / a_model_file).stat().st_size > bundle_fetch.MAX_DOWNLOAD_BYTES
+    with file_server(V2.parent) as url:
+        target = fetch_bundle(f"{url}/2.0.0/", model, (V2 / SIGNATURE_FILE).read_text(),
+                              tmp_path, key=None, timeout=10.0)
+    assert sha256_file(target / a_model_file) == sha256_file(V2 / a_model_file)
+
+
+def test_a_staging_folder_left_by_an_interrupted_fetch_is_removed_by_the_next(
+    tmp_path: Path
+) -> None:
+    """A power cut mid-download leaves a staging folder (as large as the bundle) behind; the
+    next fetch clears it, so repeated interruptions do not fill the station's disk."""
+    leftover = tmp_path / ".staging-interrupted"
+    leftover.mkdir()
+    (leftover / a_model_file).write_bytes(b"\0" * 4096)
+    model = ModelRef(name="part-classifier", version="2.0.0",
+                     sha256=sha256_file(V2 / MANIFEST_FILE))
+    with file_server(V2.parent) as url:
+        target = fetch_bundle(f"{url}/2.0.0/", model, (V2 / SIGNATURE_FILE).read_text(),
+                              tmp_path, key=None, timeout=10.0)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "bundles"]
+    assert target.is_relative_to(tmp_path / "bundles")

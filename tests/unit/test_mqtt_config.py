@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import re
 import secrets
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives import serialization
 from pydantic import ValidationError
 
-from linesight.mqtt import BrokerAddress, LinkConfig, parse_broker_url, topic_matches
+from linesight.broker import TlsFiles
+from linesight.mqtt import BrokerAddress, LinkConfig, MqttLink, parse_broker_url, topic_matches
+from tests.integration.test_mqtt_tls import make_ca_and_server
 
 
 @pytest.mark.parametrize(
@@ -123,3 +128,51 @@ def test_password_is_not_in_repr() -> None:
 )
 def test_topic_matches_uses_mqtt_wildcards(topic_filter: str, topic: str, matches: bool) -> None:
     assert topic_matches(topic_filter, topic) is matches
+
+
+def _tls_link(**files: Path) -> MqttLink:
+    return MqttLink(LinkConfig(url="mqtts://broker:8883", client_id="station-01", **files))
+
+
+@pytest.fixture
+def tls_files(tmp_path: Path) -> TlsFiles:
+    return make_ca_and_server(tmp_path)
+
+
+def test_good_tls_files_build_a_link(tls_files: TlsFiles) -> None:
+    _tls_link(ca_file=tls_files.ca_file, cert_file=tls_files.cert_file,
+              key_file=tls_files.key_file).stop()
+
+
+@pytest.mark.parametrize(("setting", "problem"), [
+    ("ca_file", "missing"), ("ca_file", "not a certificate"), ("cert_file", "missing"),
+    ("cert_file", "not a certificate"), ("key_file", "missing"), ("key_file", "not a key"),
+])
+def test_an_unusable_tls_file_is_an_error_naming_the_setting_and_the_file(
+    tls_files: TlsFiles, tmp_path: Path, setting: str, problem: str
+) -> None:
+    files = {"ca_file": tls_files.ca_file, "cert_file": tls_files.cert_file,
+             "key_file": tls_files.key_file}
+    bad = tmp_path / "bad.pem"
+    if problem != "missing":
+        # A key where a certificate belongs, or a certificate where the key belongs.
+        bad.write_bytes((tls_files.cert_file if problem == "not a key" else
+                         tls_files.key_file).read_bytes())
+    files[setting] = bad
+    with pytest.raises(ValueError, match=rf"{setting} {re.escape(str(bad))}") as raised:
+        _tls_link(**files)
+    if problem == "missing":
+        assert "No such file or directory" in str(raised.value)
+
+
+def test_an_encrypted_key_file_is_an_error_not_a_passphrase_prompt(
+    tls_files: TlsFiles, tmp_path: Path
+) -> None:
+    key = serialization.load_pem_private_key(tls_files.key_file.read_bytes(), password=None)
+    encrypted = tmp_path / "encrypted.key"
+    encrypted.write_bytes(key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(b"secret"),
+    ))
+    with pytest.raises(ValueError, match=rf"key_file {re.escape(str(encrypted))}: .*encrypted"):
+        _tls_link(ca_file=tls_files.ca_file, cert_file=tls_files.cert_file, key_file=encrypted)
