@@ -28,6 +28,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable
+from concurrent import futures
 from concurrent.futures import Future
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -66,7 +67,6 @@ from edge_agent.sources import (
     Frame,
     FrameSource,
     SourceError,
-    SourceOptions,
     open_source,
     parse_spec,
 )
@@ -80,12 +80,14 @@ from linesight.artifacts import (
     load_public_key,
 )
 from linesight.command_auth import load_verifying_key, signature_error
+from linesight.config_file import ConfigError
 from linesight.mqtt import MqttLink, ReceivedMessage, Will
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 ACK_ERROR_MAX = 4000  # CommandAck.error's bound in the contract
 CANDIDATE_DRAIN_S = 30.0  # at a stop, the longest wait for the parts queued for the candidate
+BOUNDARY_WAIT_S = 30.0  # the longest a command waits for the inspection loop to take its change
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +194,7 @@ class Agent:
         self._stop = threading.Event()
         self._loop_running = False
         self._boundary: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._boundary_lock = threading.Lock()
         self._jobs: SkippingQueue[CandidateJob] = SkippingQueue(config.inference.candidate_queue)
         self._commands: queue.Queue[ReceivedMessage | None] = queue.Queue()
         self._state_dirty = threading.Event()
@@ -256,7 +259,7 @@ class Agent:
                 slots = with_candidate(
                     slots, candidate, self.config.mode, self.config.canary_fraction
                 )
-            except (BundleError, InferenceError, SlotError) as exc:
+            except (BundleError, InferenceError, SlotError, OSError) as exc:
                 self._raise_fault("candidate_load", f"candidate not loaded: {exc}")
         return slots
 
@@ -293,8 +296,7 @@ class Agent:
         return None
 
     def _open_source(self) -> FrameSource:
-        options = SourceOptions.model_validate(self.config.source_options)
-        spec = parse_spec(self.config.source, options)
+        spec = parse_spec(self.config.source, self.config.source_options)
         start = 0
         if spec.kind == "synthetic":
             # A restarted simulation goes on down the line instead of judging its first parts
@@ -303,7 +305,10 @@ class Agent:
             start = next_index(self.store.part_ids_to_avoid(id_prefix(seed)), seed)
             if start:
                 log.info("synthetic source (seed %d) goes on at part %d", seed, start)
-        return open_source(spec, station=self.station, synthetic_start=start)
+        try:
+            return open_source(spec, station=self.station, synthetic_start=start)
+        except SourceError as exc:  # a folder or video file that is not there: a setting
+            raise ConfigError(f"source: {exc}") from exc
 
     # --- state ------------------------------------------------------------------------------
 
@@ -403,6 +408,14 @@ class Agent:
 
     def run(self) -> int:
         """Inspect until stopped (or --max-parts), then deliver what is owed and exit."""
+        port = self.config.metrics_port
+        if port is not None:  # first: a port in use is a setting to change, before anything runs
+            try:
+                self.metrics.serve(port)
+            except OSError as exc:
+                raise ConfigError(
+                    f"metrics_port: cannot serve metrics on port {port}: {exc.strerror or exc}"
+                ) from exc
         for topic, handler in (
             (self.topics.station(self.station, p.Channel.CMD), self._on_command),
             (self.topics.trigger(self.station), self._on_trigger),
@@ -411,8 +424,6 @@ class Agent:
         self.link.add_connect_listener(self._on_connected)
         self.relay.attach()
         self.link.start()
-        if self.config.metrics_port is not None:
-            self.metrics.serve(self.config.metrics_port)
         self._persist_slots()
         self.relay.start()
         for target, name in (
@@ -484,18 +495,28 @@ class Agent:
             self._last_watchdog = now
 
     def _apply_boundary_actions(self) -> None:
-        while True:
-            try:
-                action = self._boundary.get_nowait()
-            except queue.Empty:
-                return
-            action()
+        if self._boundary.empty():
+            return
+        with self._boundary_lock:  # the loop, or a caller whose change the ended loop missed
+            while True:
+                try:
+                    action = self._boundary.get_nowait()
+                except queue.Empty:
+                    return
+                action()
 
-    def at_boundary(self, change: Callable[[], T], timeout: float = 30.0) -> T:
-        """Run `change` on the inspection loop between two parts and return its result."""
+    def at_boundary(self, change: Callable[[], T], timeout: float | None = None) -> T:
+        """Run `change` on the inspection loop between two parts and return its result.
+
+        When the loop takes no part boundary within `timeout` (`BOUNDARY_WAIT_S`; a model stuck
+        on a part), the change is withdrawn and TimeoutError says so: it is never made later,
+        behind the back of a caller that was told it failed."""
+        wait_s = BOUNDARY_WAIT_S if timeout is None else timeout
         future: Future[T] = Future()
 
         def apply() -> None:
+            if not future.set_running_or_notify_cancel():
+                return  # withdrawn: the caller stopped waiting for it
             try:
                 future.set_result(change())
             except Exception as exc:  # the caller re-raises it  # noqa: BLE001
@@ -503,9 +524,34 @@ class Agent:
 
         if not self._loop_running:
             apply()
-        else:
+            return future.result()
+        self._boundary.put(apply)
+        deadline = time.monotonic() + wait_s
+        while not futures.wait([future], timeout=0.05).done:
+            if not self._loop_running:
+                # The loop ended after the check above: its last pass may have missed this.
+                self._apply_boundary_actions()
+            elif time.monotonic() >= deadline and future.cancel():
+                raise TimeoutError(
+                    f"the inspection loop took no part boundary within {wait_s:g} s (a model "
+                    "stuck on a part?); nothing was changed"
+                )
+        return future.result()
+
+    def _at_next_boundary(self, change: Callable[[], None]) -> None:
+        """Make `change` at the next part boundary without waiting for it (or now, when the
+        loop does not run)."""
+
+        def apply() -> None:
+            try:
+                change()
+            except Exception:  # a failed change must not stop the inspection  # noqa: BLE001
+                log.exception("a change at a part boundary failed")
+
+        if self._loop_running:
             self._boundary.put(apply)
-        return future.result(timeout=timeout)
+        else:
+            apply()
 
     def inspect(self, frame: Frame) -> PartDecision:
         """Judge one part. The decision is committed, acted on and published by the writer."""
@@ -593,7 +639,8 @@ class Agent:
             window.deciders[decision.decided_by] = window.deciders.get(decision.decided_by, 0) + 1
             window.latency[decider].append(output.latency_ms)
         sampled = self.parts_inspected % self.config.drift_sample_every == 0
-        if sampled and decider == "active" and self.drift.add(
+        # Only a frame the model could judge: one it could not (empty, say) has no statistics.
+        if sampled and decider == "active" and output.confidence is not None and self.drift.add(
             image_stats(frame.image), output.confidence
         ):
             if self.drift.last is not None:
@@ -616,9 +663,12 @@ class Agent:
         candidate: tuple[LoadedModel, ModelOutput] | None,
     ) -> ReviewItem | None:
         """The part's review item with its JPEG (built on the writer thread), or None."""
-        ok, jpeg = cv2.imencode(
-            ".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.config.review.jpeg_quality]
-        )
+        try:
+            ok, jpeg = cv2.imencode(
+                ".jpg", frame.image, [cv2.IMWRITE_JPEG_QUALITY, self.config.review.jpeg_quality]
+            )
+        except cv2.error:  # an empty or malformed frame
+            ok = False
         if not ok:
             self._raise_fault("review_image", f"cannot encode part {frame.part_id} as JPEG")
             return None
@@ -921,7 +971,9 @@ class Agent:
             except ValueError:
                 log.warning("ignored an automation request for unknown level %r", request.level)
                 continue
-            self.at_boundary(
+            # Not waited for: a loop stuck on a part must not hold up housekeeping, and the
+            # request is made as soon as the loop goes on.
+            self._at_next_boundary(
                 lambda level=level, request=request: self._set_automation(  # type: ignore[misc]
                     level, request.reason, request.by
                 )
@@ -1004,11 +1056,14 @@ class Agent:
         self.writer.flush()
         self._pump_verdicts()
         self.relay.wake()
-        wait = self.config.outbox.receipt_wait_s
-        if self._stop.is_set():
-            wait = min(wait, 2.0)  # a stop request: what is owed stays safely in the outbox
-        deadline = time.monotonic() + wait
+        deadline = time.monotonic() + self.config.outbox.receipt_wait_s
+        stop_requested = False
         while self.store.outbox_depth() > 0 and time.monotonic() < deadline:
+            if self._stop.is_set() and not stop_requested:
+                # A stop request, before or during the wait: what is owed stays safely in the
+                # outbox, so only a short wait more.
+                stop_requested = True
+                deadline = min(deadline, time.monotonic() + 2.0)
             self.relay.wake()
             self._watchdog()
             time.sleep(0.05)
@@ -1025,6 +1080,7 @@ class Agent:
         self._commands.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
+        self._apply_boundary_actions()  # a screen's request handed over as the loop ended
         if self._slots_unsaved:
             self._persist_slots()  # a last try: what the station runs outlives the stop
         self.relay.stop()

@@ -8,13 +8,18 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from edge_agent.sources import SourceOptions
 from linesight.config_file import load_model
 from linesight.mqtt import LinkConfig
 from linesight.protocol import STATION_ID_PATTERN, AutomationLevel, DeploymentMode
 
+# The longest period a station keeps its history: a date that far back still exists.
+MAX_DAYS = 36_500
+
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Infinity and NaN are refused everywhere: no clock, socket or pruning pass can use them.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class InferenceConfig(Strict):
@@ -63,7 +68,7 @@ class OutboxConfig(Strict):
 
 class ReviewConfig(Strict):
     quota_mb: float = Field(default=512, gt=0)
-    retention_days: float = Field(default=7, gt=0)
+    retention_days: float = Field(default=7, gt=0, le=MAX_DAYS)
     jpeg_quality: int = Field(default=90, ge=30, le=100)
 
 
@@ -86,14 +91,14 @@ class AgentConfig(Strict):
     broker: LinkConfig
     topic_prefix: str = "linesight/v1"
     source: str = Field(min_length=1, description="camera:0 | rtsp://… | video:PATH | folder:PATH")
-    source_options: dict[str, Any] = Field(default_factory=dict)
+    source_options: SourceOptions = Field(default_factory=SourceOptions)
     active: Path
     candidate: Path | None = None
     mode: DeploymentMode = DeploymentMode.NONE
     canary_fraction: float = Field(default=0.0, ge=0, le=1)
     automation: AutomationLevel = AutomationLevel.PARTIAL
     audit_fraction: float = Field(default=0.02, ge=0, le=1)
-    thresholds: dict[str, float] = Field(
+    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
         default_factory=dict, description="per-label confidence thresholds over the manifest's"
     )
     data_dir: Path
@@ -113,9 +118,10 @@ class AgentConfig(Strict):
     state_interval_s: float = Field(default=30, gt=0)
     drift_window: int = Field(default=500, ge=50, description="sampled parts per drift window")
     drift_sample_every: int = Field(default=4, ge=1, description="one part in N feeds drift")
-    download_timeout_s: float = Field(default=30, gt=0)
+    download_timeout_s: float = Field(default=30, gt=0, le=3600)
     history_days: float = Field(
-        default=30, gt=0, description="part log, command log and UI requests are kept this long"
+        default=30, gt=0, le=MAX_DAYS,
+        description="part log, command log and UI requests are kept this long",
     )
 
     @model_validator(mode="after")
@@ -124,8 +130,6 @@ class AgentConfig(Strict):
             raise ValueError(f"mode {self.mode.value!r} needs a candidate bundle")
         if self.mode == DeploymentMode.CANARY and self.canary_fraction <= 0:
             raise ValueError("mode 'canary' needs canary_fraction > 0")
-        if any(not 0 <= t <= 1 for t in self.thresholds.values()):
-            raise ValueError("thresholds must lie in [0, 1]")
         return self
 
 

@@ -157,3 +157,52 @@ def test_set_null_on_a_required_key_is_refused_naming_the_key(tmp_path: Path, ke
     with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(key)}: ") as caught:
         agent_config(args)
     assert "station configuration" in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("extra", "where"),
+    [
+        # A "keep forever" written as infinity, or as a number of days no date reaches, would
+        # make every pruning pass fail: nothing would ever be pruned.
+        ("history_days: .inf\n", "history_days"),
+        ("history_days: 1000000\n", "history_days"),
+        ("review: {retention_days: .inf}\n", "review.retention_days"),
+        ("review: {retention_days: 1.0e+7}\n", "review.retention_days"),
+        # A socket refuses an infinite time-out: every deploy_candidate would fail unanswered.
+        ("download_timeout_s: .inf\n", "download_timeout_s"),
+        ("download_timeout_s: 1.0e+12\n", "download_timeout_s"),
+        ("inference: {timeout_ms: .nan}\n", "inference.timeout_ms"),
+        ("outbox: {receipt_wait_s: .inf}\n", "outbox.receipt_wait_s"),
+        ("thresholds: {ok: 1.5}\n", "thresholds.ok"),
+        ("thresholds: {defect: .nan}\n", "thresholds.defect"),
+    ],
+)
+def test_values_no_clock_or_socket_can_use_are_refused_with_the_path(
+    tmp_path: Path, extra: str, where: str
+) -> None:
+    with pytest.raises(ConfigError, match=rf"(?m)^  {re.escape(where)}: "):
+        load_config(write(tmp_path, STATION + extra), {})
+
+
+def test_long_but_usable_periods_are_accepted(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, STATION + "history_days: 36500\n"
+                               "review: {retention_days: 3650}\ndownload_timeout_s: 600\n"), {})
+    assert config.history_days == 36500 and config.review.retention_days == 3650
+
+
+def test_a_bad_source_option_is_refused_with_its_path(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"(?m)^  source_options\.rate_hz: "):
+        load_config(write(tmp_path, STATION + "source_options: {rate_hz: -1}\n"), {})
+    with pytest.raises(ConfigError, match=r"(?m)^  source_options\.rate: "):
+        load_config(write(tmp_path, STATION + "source_options: {rate: 5}\n"), {})
+
+
+def test_a_source_folder_that_does_not_exist_stops_the_agent_with_a_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = write(tmp_path, STATION.replace("/tmp/press-01", str(tmp_path / "data")))
+    code = main(["agent", "--config", str(path), "--source", f"folder:{tmp_path / 'missing'}"])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert "source" in err and "not a directory" in err
+    assert "Traceback" not in err
