@@ -16,22 +16,43 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable
+from dataclasses import dataclass
 from email.message import Message
 from typing import IO, Protocol
 
 from edge_agent.config import LogRejectOutput, RejectOutputConfig, WebhookRejectOutput
-from linesight.protocol import Decision
+from linesight.protocol import Action, DecidedBy, Decision
 
 log = logging.getLogger(__name__)
 
 
+@dataclass(frozen=True, slots=True)
+class PartSignal:
+    """What the line is told about one part: its decision, and the decision's seq in the
+    outbox, None when the decision could not be stored (a full or failing disk): the line is
+    told all the same, for a part to reject must never go on as if it had passed."""
+
+    station: str
+    part_id: str
+    action: Action
+    decided_by: DecidedBy
+    label: str | None
+    confidence: float | None
+    seq: int | None
+
+    @classmethod
+    def of(cls, decision: Decision, *, stored: bool = True) -> PartSignal:
+        return cls(decision.station, decision.part_id, decision.action, decision.decided_by,
+                   decision.label, decision.confidence, decision.seq if stored else None)
+
+
 class RejectGate(Protocol):
-    def act(self, decision: Decision) -> None:
+    def act(self, decision: PartSignal) -> None:
         """Called once per part after its decision; raise OSError when the device fails."""
 
 
 class LoggingGate:
-    def act(self, decision: Decision) -> None:
+    def act(self, decision: PartSignal) -> None:
         log.debug("part %s: %s (%s)", decision.part_id, decision.action, decision.decided_by)
 
 
@@ -56,7 +77,7 @@ class WebhookGate:
         self.timeout_s = timeout_s
         self._opener = urllib.request.build_opener(_NoRedirect)
 
-    def act(self, decision: Decision) -> None:
+    def act(self, decision: PartSignal) -> None:
         body = json.dumps(
             {
                 "station": decision.station,
@@ -109,7 +130,7 @@ class InlineGate:
         self.on_error = on_error
         self.on_ok = on_ok
 
-    def act(self, decision: Decision) -> None:
+    def act(self, decision: PartSignal) -> None:
         try:
             self.gate.act(decision)
         except OSError as exc:
@@ -142,12 +163,12 @@ class BackgroundGate:
         self.gate = gate
         self.on_error = on_error
         self._inline = InlineGate(gate, on_error, on_ok)  # what the thread runs per decision
-        self._queue: queue.Queue[Decision | None] = queue.Queue(max_backlog)
+        self._queue: queue.Queue[PartSignal | None] = queue.Queue(max_backlog)
         self._given_up = threading.Event()
         self._thread = threading.Thread(target=self._run, name="reject-gate", daemon=True)
         self._thread.start()
 
-    def act(self, decision: Decision) -> None:
+    def act(self, decision: PartSignal) -> None:
         try:
             self._queue.put_nowait(decision)
         except queue.Full:

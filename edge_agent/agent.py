@@ -38,7 +38,7 @@ from typing import Any, TypeVar
 import cv2
 import numpy as np
 
-from edge_agent.actuator import build_gate, start_gate
+from edge_agent.actuator import PartSignal, build_gate, start_gate
 from edge_agent.bundle_fetch import fetch_bundle
 from edge_agent.config import AgentConfig
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
@@ -572,10 +572,9 @@ class Agent:
         )
         shown = part.shows_model
         stream = self.store.stream  # stamped here: the store would copy the message to add it
-        self.writer.enqueue(
-            self._decision_topic,
-            1,
-            lambda seq: p.Decision(
+
+        def decision(seq: int) -> p.Decision:
+            return p.Decision(
                 station=self.station, seq=seq, stream=stream, part_id=frame.part_id,
                 decided_by=part.decided_by,
                 label=output.label if shown else None,
@@ -584,9 +583,10 @@ class Agent:
                 model=model.ref if shown or part.decided_by == p.DecidedBy.FAILSAFE else None,
                 latency_ms=output.latency_ms, automation=automation, mode=slots.mode,
                 suggestion=part.suggestion,
-            ),
-            after=self._decision_stored,
-        )
+            )
+
+        self.writer.enqueue(self._decision_topic, 1, decision,
+                            after=lambda stored: self._decision_stored(stored, decision))
         queued = part.action == p.Action.REVIEW or part.audit
         if queued:
             reason = part.review_reason or p.ReviewReason.AUDIT
@@ -608,13 +608,17 @@ class Agent:
         self._log_part(frame, part, output if decider == "active" else None, None)
         return part
 
-    def _decision_stored(self, result: p.Envelope | Exception) -> None:
+    def _decision_stored(
+        self, result: p.Envelope | Exception, decision: Callable[[int], p.Decision]
+    ) -> None:
         if isinstance(result, Exception):
             self._raise_fault("outbox_write", f"a decision could not be stored: {result}")
+            # The line is told all the same: a part to reject must not go on for want of disk.
+            self.gate.act(PartSignal.of(decision(0), stored=False))
             return
         self._clear_faults("outbox_write")
         if isinstance(result, p.Decision):
-            self.gate.act(result)
+            self.gate.act(PartSignal.of(result))
 
     def _reviews_stored(self, error: str | None) -> None:
         if error is None:

@@ -9,21 +9,21 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from edge_agent.actuator import BackgroundGate, WebhookGate
+from edge_agent.actuator import BackgroundGate, PartSignal, WebhookGate
 from linesight import protocol as p
 from tests.support import wait_for
 
 WAIT_S = 30.0  # generous: only ever waited out when something is wrong
 
 
-def decision(seq: int) -> p.Decision:
-    return p.Decision(
+def decision(seq: int) -> PartSignal:
+    return PartSignal.of(p.Decision(
         station="press-01", seq=seq, part_id=f"part-{seq}", decided_by=p.DecidedBy.ACTIVE,
         label="defect", confidence=0.99, action=p.Action.REJECT,
         automation=p.AutomationLevel.FULL, mode=p.DeploymentMode.NONE, latency_ms=1.0,
         review_reason=None, model=p.ModelRef(name="m", version="1.0.0", sha256="0" * 64),
         suggestion="defect",
-    )
+    ))
 
 
 class Endpoint:
@@ -92,7 +92,7 @@ def test_a_gate_raising_anything_is_reported_and_the_next_part_still_goes_out() 
     signalled: list[str] = []
 
     class Buggy:
-        def act(self, decision: p.Decision) -> None:
+        def act(self, decision: PartSignal) -> None:
             if decision.seq == 0:
                 raise KeyError("a bug in an integrator's gate")
             signalled.append(decision.part_id)
@@ -112,7 +112,7 @@ def test_close_returns_with_a_hung_endpoint_and_a_full_queue() -> None:
     signalled: list[str] = []
 
     class Hung:
-        def act(self, decision: p.Decision) -> None:
+        def act(self, decision: PartSignal) -> None:
             signalled.append(decision.part_id)
             started.set()
             release.wait(WAIT_S)

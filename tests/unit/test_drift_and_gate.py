@@ -14,6 +14,7 @@ from edge_agent.actuator import (
     BackgroundGate,
     InlineGate,
     LoggingGate,
+    PartSignal,
     WebhookGate,
     build_gate,
     start_gate,
@@ -67,13 +68,13 @@ def test_image_stats_see_brightness_and_blur() -> None:
     assert sharpness_sharp > sharpness_flat == 0
 
 
-def decision(action: str = "reject") -> p.Decision:
-    return p.Decision(
+def decision(action: str = "reject") -> PartSignal:
+    return PartSignal.of(p.Decision(
         station="s1", seq=7, part_id="part-9", decided_by=p.DecidedBy.ACTIVE, label="defect",
         confidence=0.9, action=p.Action(action),
         model=p.ModelRef(name="m", version="1.0.0", sha256="a" * 64), latency_ms=2.0,
         automation=p.AutomationLevel.FULL, mode=p.DeploymentMode.NONE,
-    )
+    ))
 
 
 class Recorder(BaseHTTPRequestHandler):
