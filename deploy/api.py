@@ -168,6 +168,7 @@ def rollout_json(state: RolloutState) -> dict[str, Any]:
             {"station": c_.station, "command": c_.body.get("name"), "attempts": c_.attempts}
             for c_ in state.pending
         ],
+        "rollbacks_owed": [command.station for command in state.stranded],
         "history": state.history[-50:],
         "evidence": evidence,
         "deadline": record.deadline.isoformat() if record.deadline else None,
@@ -360,6 +361,14 @@ def create_app(c: Controller) -> Flask:
     @app.get("/metrics")
     def metrics() -> Response:
         return Response(_metrics(c), mimetype="text/plain; version=0.0.4")
+
+    @app.errorhandler(HTTPException)
+    def api_routing_error(exc: HTTPException) -> HTTPException | tuple[Response, int]:
+        """A path under /api/ that no route has, or a method it does not take (found before
+        the API's own handler could run), answers in JSON too; elsewhere Flask's page."""
+        if request.path.startswith(api.url_prefix + "/"):  # type: ignore[operator]
+            return _http_error(exc)
+        return exc
 
     from deploy.dashboard import dashboard  # the page and its assets
 

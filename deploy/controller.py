@@ -37,6 +37,7 @@ from deploy.rollout import (
     StationView,
     Tick,
     TransitionError,
+    restarted,
     start,
     to_status,
     transition,
@@ -129,7 +130,9 @@ class Controller:
         # rolled back) as before the restart.
         found = self.store.active_rollout() or self.store.latest_rollout()
         if found is not None:
-            self.rollout = RolloutState.model_validate_json(found[1])
+            # Pending commands wait anew: acks sent while no controller ran are still to come.
+            self.rollout = restarted(RolloutState.model_validate_json(found[1]),
+                                     datetime.now(UTC))
             log.info("%s rollout %s (%s, stage %d)",
                      "last" if self.rollout.phase in TERMINAL else "resuming",
                      self.rollout.rollout_id, self.rollout.phase.value, self.rollout.stage)
@@ -412,13 +415,17 @@ class Controller:
             online=record.online and fresh,
             labels=record.labels,
             faults=len(state.faults) if state else 0,
+            fault_codes=tuple(fault.code for fault in state.faults) if state else (),
+            active_sha256=state.active.sha256 if state and state.active else None,
+            candidate_sha256=state.candidate.sha256 if state and state.candidate else None,
         )
 
     def tick(self) -> None:
         with self._rollout_lock:
             state = self.rollout
-            if state is None or state.phase in TERMINAL:
-                return
+            if state is None or (state.phase in TERMINAL and not state.pending
+                                 and not state.stranded):
+                return  # a finished rollout is ticked only while a rollback is owed
             evidence = None
             record = state.record
             if record.step == StageStep.OBSERVING and record.observing_since is not None:
@@ -426,7 +433,7 @@ class Controller:
                     record.stations, record.observing_since, state.candidate.model.sha256,
                     self.defect_label(state),
                 )
-            self.apply(Tick(self.fleet(), evidence), quiet=True)
+            self.apply(Tick(self.fleet(), evidence, self.config.command_ttl_s), quiet=True)
 
     def _tick_loop(self) -> None:
         next_prune = time.monotonic()

@@ -344,7 +344,7 @@ def evaluate_guards(metrics: GuardMetrics, config: GateConfig) -> list[str]:
     if not metrics.online:
         failures.append("station offline")
     if metrics.faults > 0:
-        failures.append(f"{metrics.faults} model fault(s) reported")
+        failures.append(f"{metrics.faults} fault(s) reported")
     if (
         config.max_p95_latency_ms is not None
         and metrics.p95_latency_ms is not None

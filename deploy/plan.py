@@ -163,7 +163,7 @@ def select_stations(
         unknown = [name for name in selector.names if name not in fleet]
         if unknown:
             raise PlanError(f"stations not in the fleet: {', '.join(unknown)}")
-        return sorted(selector.names)
+        return sorted(set(selector.names))  # a station named twice is commanded once
     if isinstance(selector, ByLabel):
         chosen = [
             name for name in names

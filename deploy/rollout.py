@@ -87,6 +87,10 @@ class StageRecord(Strict):
     outcome: Literal["pending", "running", "passed", "failed"] = "pending"
 
 
+def _empty(value: Sequence[object]) -> bool:
+    return not value
+
+
 class RolloutState(Strict):
     rollout_id: str
     plan: RolloutPlan
@@ -95,8 +99,14 @@ class RolloutState(Strict):
     stage: int = 0
     stages: list[StageRecord]
     deployed: list[str] = Field(default_factory=list)
+    # Left out of the JSON while empty, so a controller built before them can still read it.
+    promoted: list[str] = Field(default_factory=list, exclude_if=_empty)
+    """Stations whose promote was acked: the candidate is their active model now."""
     touched: list[str] = Field(default_factory=list)
     pending: list[PendingCommand] = Field(default_factory=list)
+    stranded: list[PendingCommand] = Field(default_factory=list, exclude_if=_empty)
+    """Rollbacks given up on unanswered (the station was away): sent again, once every copy
+    has expired, if the station comes back still holding the candidate."""
     commands_issued: int = 0
     paused_from: Phase | None = None
     end_after_rollback: Phase | None = None
@@ -124,7 +134,11 @@ class StationView:
     online: bool
     labels: Mapping[str, str] = field(default_factory=dict)
     faults: int = 0
+    fault_codes: tuple[str, ...] = ()
     p95_latency_ms: float | None = None
+    active_sha256: str | None = None
+    candidate_sha256: str | None = None
+    """The models in its active and candidate slots, as its latest state says."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,6 +159,8 @@ class StageEvidence:
 class Tick:
     fleet: Mapping[str, StationView]
     evidence: StageEvidence | None = None
+    command_ttl_s: float = 3600.0
+    """How long after it was sent a station still carries out a command (its expires_at)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -218,6 +234,17 @@ def start(
     )
 
 
+def restarted(state: RolloutState, now: datetime) -> RolloutState:
+    """The rollout as a controller that starts at `now` takes it over. A command's timeout
+    counts only time a controller could hear its ack: what the stations acked while none ran
+    is still on its way (behind their backlog), so every pending command waits anew."""
+    pending = [
+        command.model_copy(update={"first_sent": max(command.first_sent, now)})
+        for command in state.pending
+    ]
+    return state.model_copy(update={"pending": pending})
+
+
 # --- the transition ---------------------------------------------------------------------------
 
 Result = tuple[RolloutState, list[SendCommand]]
@@ -225,7 +252,8 @@ Result = tuple[RolloutState, list[SendCommand]]
 
 def transition(state: RolloutState, event: Event, now: datetime) -> Result:
     """The next state and the commands to send. Raises TransitionError for a human request that
-    does not apply in the current phase; machine events in a finished rollout change nothing."""
+    does not apply in the current phase; machine events in a finished rollout change nothing
+    but the rollbacks it still owes (`stranded`)."""
     if isinstance(event, Tick):
         return _tick(state, event, now)
     if isinstance(event, CommandAcked):
@@ -303,6 +331,8 @@ def _stage_orders(state: RolloutState, round_: int) -> list[tuple[str, Body]]:
     spec = state.candidate
     orders: list[tuple[str, Body]] = []
     for station in state.record.stations:
+        if station in state.promoted:
+            continue  # an earlier stage promoted it: it has no candidate left to command
         deployed = station in state.deployed
         if round_ == 0:
             mode = {
@@ -411,7 +441,8 @@ def _guard_trouble(state: RolloutState, fleet: Mapping[str, StationView]) -> str
             config,
         )
         if failures:
-            return f"{station}: {'; '.join(failures)}"
+            named = f": {', '.join(view.fault_codes)}" if view.fault_codes else ""
+            return f"{station}: {'; '.join(failures)}{named}"
     return None
 
 
@@ -467,7 +498,7 @@ def _rollback(
 def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
     match = next((c for c in state.pending if c.cmd_id == event.cmd_id), None)
     if match is None:
-        return state, []  # a late or repeated ack: already handled
+        return _settle_stranded(state, event, now)  # else a late or repeated ack: handled
     if match.station != event.station:
         # Command ids are predictable: only the station a command went to may answer it.
         log.warning("ignored an ack from %s for command %s sent to %s",
@@ -480,17 +511,62 @@ def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
         if not event.ok:
             state = _note(state, now, f"{match.station} could not roll back: {event.error}")
         return _finish_rollback_if_done(state, now)
+    if state.phase in TERMINAL:  # a stranded rollback, sent again
+        verdict = "rolled back" if event.ok else f"could not roll back: {event.error}"
+        return _note(state, now, f"{match.station} {verdict} after its return"), []
     if not event.ok:
         return _rollback(state, now, f"{name} failed on {match.station}: {event.error}",
                          Phase.ROLLED_BACK)
     if name == "deploy_candidate" and match.station not in state.deployed:
         state = state.model_copy(update={"deployed": [*state.deployed, match.station]})
+    if name == "promote" and match.station not in state.promoted:
+        state = state.model_copy(update={"promoted": [*state.promoted, match.station]})
     # While paused the round stays as it is; the first tick after Resume completes it.
     if state.phase != Phase.RUNNING or state.record.step != StageStep.COMMANDING:
         return state, []
     if _round_open(state):
         return state, []
     return _round_done(state, now)
+
+
+def _settle_stranded(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
+    """The late ack of a rollback given up on: the station carried out one of its copies."""
+    match = next((c for c in state.stranded if c.cmd_id == event.cmd_id), None)
+    if match is None or match.station != event.station:
+        return state, []
+    stranded = [c for c in state.stranded if c.cmd_id != event.cmd_id]
+    verdict = "rolled back" if event.ok else f"could not roll back: {event.error}"
+    return _note(state, now, f"{match.station} {verdict} (a late ack)", stranded=stranded), []
+
+
+def _chase_stranded(state: RolloutState, event: Tick, now: datetime) -> Result:
+    """A finished rollout sends a stranded rollback again once its station is back holding
+    this candidate, and every copy sent before has expired there (a station carries out a
+    valid copy itself, and a second rollback would undo its previous promotion)."""
+    stranded: list[PendingCommand] = []
+    orders: list[tuple[str, Body]] = []
+    sha = state.candidate.model.sha256
+    for command in state.stranded:
+        view = event.fleet.get(command.station)
+        if view is None or not view.online:
+            stranded.append(command)
+            continue
+        holds = view.candidate_sha256 == sha or (
+            view.active_sha256 == sha and view.candidate_sha256 is None
+            and command.station in state.promoted
+        )
+        if not holds:
+            state = _note(state, now, f"{command.station} is back without the candidate")
+        elif (now - command.last_sent).total_seconds() <= event.command_ttl_s:
+            stranded.append(command)  # its copies may still be carried out
+        else:
+            orders.append((command.station, _body_of(command.body)))
+    state = state.model_copy(update={"stranded": stranded})
+    if not orders:
+        return state, []
+    state = _note(state, now, "back with the candidate, rolled back again: "
+                  + ", ".join(station for station, _ in orders))
+    return _issue(state, now, orders)
 
 
 def _finish_rollback_if_done(state: RolloutState, now: datetime) -> Result:
@@ -520,8 +596,11 @@ def _retry(state: RolloutState, now: datetime) -> Result:
     state = state.model_copy(update={"pending": pending})
     if expired:
         late = ", ".join(f"{c.body.get('name')} to {c.station}" for c in expired)
-        if state.phase == Phase.ROLLING_BACK:
-            state = _note(state, now, f"no ack for {late}; giving up on those stations")
+        if state.phase == Phase.ROLLING_BACK or state.phase in TERMINAL:
+            state = _note(state, now, f"no ack for {late}; giving up on those stations until "
+                          "they are back", stranded=[*state.stranded, *expired])
+            if state.phase in TERMINAL:
+                return state, sends
             finished, more = _finish_rollback_if_done(state, now)
             return finished, [*sends, *more]
         rolled, more = _rollback(state, now, f"no ack in {plan.command_timeout_s:g} s for {late}",
@@ -566,7 +645,11 @@ def judge(stage: Stage, evidence: StageEvidence) -> Verdicts:
 
 def _tick(state: RolloutState, event: Tick, now: datetime) -> Result:
     if state.phase in TERMINAL:
-        return state, []
+        if not (state.pending or state.stranded):
+            return state, []
+        state, sends = _retry(state, now)
+        state, more = _chase_stranded(state, event, now)
+        return state, [*sends, *more]
     state, sends = _retry(state, now)
     if state.phase in (Phase.WAITING_APPROVAL, Phase.PAUSED):
         # Held for a person, but a candidate that decides parts is still watched.

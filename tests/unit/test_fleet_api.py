@@ -125,7 +125,8 @@ def test_a_bundle_whose_signature_is_not_text_is_refused(
     (controller.config.bundles / NAME / VERSION / SIGNATURE_FILE).write_bytes(b"\xff\xfe\x00")
     status, error = start(client)
     assert status == 409, (status, error)
-    assert error.startswith(f"bundle {NAME} {VERSION} refused: it cannot be read: "), error
+    # Refused before anything is sent: as unreadable text, or as a signature that is no base64.
+    assert error.startswith(f"bundle {NAME} {VERSION} refused: "), error
 
 
 def test_a_bundle_filed_under_another_version_is_refused(
@@ -212,3 +213,17 @@ def test_a_bundle_file_no_file_can_have_is_not_found(client: FlaskClient, path: 
     assert client.get(f"/bundles/{path}").status_code == 404
     with client.get(f"/bundles/{NAME}/{VERSION}/model.onnx") as served:
         assert served.status_code == 200
+
+
+@pytest.mark.parametrize(("method", "path", "code"), [
+    ("get", "/api/rollouts/current/pause", 405),  # an action is a POST
+    ("post", "/api/stations", 405),
+    ("get", "/api/no-such-thing", 404),
+    ("get", "/api/rollouts/a/b/c", 404),
+])
+def test_an_api_path_or_method_that_does_not_exist_answers_in_json(
+    client: FlaskClient, method: str, path: str, code: int
+) -> None:
+    answer = getattr(client, method)(path)
+    assert answer.status_code == code
+    assert answer.is_json and answer.get_json()["error"], answer.get_data()[:100]

@@ -20,7 +20,7 @@ from deploy.config import ControllerConfig
 from deploy.controller import Controller
 from deploy.fleet_store import StationRecord
 from deploy.plan import parse_plan
-from deploy.rollout import Phase, StageStep
+from deploy.rollout import Phase, RollbackRequested, StageStep
 from linesight import protocol as p
 from linesight.artifacts import (
     MANIFEST_FILE,
@@ -382,3 +382,63 @@ def test_rows_an_older_controller_stored_do_not_stop_the_tick_or_the_api(
     scraped = client.get("/metrics")
     assert scraped.status_code == 200
     assert 'linesight_fleet_station_online{station="s1"} 1.0' in scraped.get_data(as_text=True)
+
+
+def test_a_command_sent_before_a_long_restart_is_not_timed_out_at_once(
+    controller: Controller,
+) -> None:
+    """The controller was down longer than the command timeout; the station's ack, sent
+    meanwhile, comes after the restart, behind its backlog."""
+    s1 = S1()
+    s1.online(controller)
+    controller.start_rollout(
+        parse_plan({"name": "p", "stages": [SHADOW_STAGE, PROMOTE_STAGE]}), NAME, VERSION
+    )
+    controller.tick()  # deploy_candidate sent
+    state = controller.rollout
+    assert state is not None and len(state.pending) == 1
+    down = timedelta(seconds=state.plan.command_timeout_s + 60)
+    earlier = state.model_copy(update={"pending": [
+        command.model_copy(update={"first_sent": command.first_sent - down,
+                                   "last_sent": command.last_sent - down})
+        for command in state.pending
+    ]})
+    controller.store.save_rollout(earlier.rollout_id, earlier.phase.value,
+                                  earlier.model_dump_json(), earlier.updated)
+    again = restarted(controller)
+    try:
+        s1.online(again)
+        again.tick()
+        assert again.rollout is not None
+        assert again.rollout.phase == Phase.RUNNING, again.rollout.reason
+        s1.ack_pending(again)
+        assert again.rollout.record.step == StageStep.OBSERVING
+    finally:
+        again.store.close()
+
+
+def test_a_station_away_during_its_rollback_is_rolled_back_when_it_returns(
+    controller: Controller,
+) -> None:
+    """A promotion rolled back while s1 was away: every copy of its rollback expired before it
+    came back (a station refuses an expired command), still running the candidate."""
+    s1 = S1()
+    rollout_id = s1.promote(controller)
+    controller.apply(RollbackRequested(by="qe", reason="complaints"), rollout_id=rollout_id)
+    state = controller.rollout
+    assert state is not None and [c.station for c in state.pending] == ["s1"]
+    gone = timedelta(seconds=controller.config.command_ttl_s + state.plan.command_timeout_s + 1)
+    controller.rollout = state.model_copy(update={"pending": [
+        command.model_copy(update={"first_sent": command.first_sent - gone,
+                                   "last_sent": command.last_sent - gone})
+        for command in state.pending
+    ]})
+    controller.tick()  # no ack: given up on, for now
+    assert controller.rollout.phase == Phase.ROLLED_BACK and not controller.rollout.pending
+    candidate = controller.rollout.candidate.model
+    deliver(controller, p.StationState(station="s1", seq=1, online=True, active=candidate))
+    controller.tick()
+    assert [(c.station, c.body["name"]) for c in controller.rollout.pending] == [("s1", "rollback")]
+    s1.ack_pending(controller)
+    assert controller.rollout.pending == [] and controller.rollout.stranded == []
+    assert controller.rollout.phase == Phase.ROLLED_BACK

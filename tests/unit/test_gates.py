@@ -124,7 +124,7 @@ def test_healthy_station_has_no_guard_failures() -> None:
 def test_guards_fire_for_offline_faults_latency_and_disagreement() -> None:
     config = GateConfig(max_p95_latency_ms=80.0, max_disagreement_rate=0.2)
     assert evaluate_guards(healthy(online=False), config) == ["station offline"]
-    assert evaluate_guards(healthy(faults=3), config) == ["3 model fault(s) reported"]
+    assert evaluate_guards(healthy(faults=3), config) == ["3 fault(s) reported"]
     [latency] = evaluate_guards(healthy(p95_latency_ms=95.0), config)
     assert "95.0 ms" in latency and "80.0 ms" in latency
     [disagreement] = evaluate_guards(healthy(disagreement_rate=0.35), config)

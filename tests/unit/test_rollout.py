@@ -506,7 +506,7 @@ def canary_waiting_for_approval(**stage0: Any) -> tuple[RolloutState, Clock]:
 
 
 @pytest.mark.parametrize(("fleet", "why"),
-                         [(FAULTY, "s1: 3 model fault(s)"), (OFFLINE, "s1: station offline")])
+                         [(FAULTY, "s1: 3 fault(s)"), (OFFLINE, "s1: station offline")])
 def test_a_canary_waiting_for_approval_still_rolls_back_on_a_station_fault(
     fleet: dict[str, StationView], why: str
 ) -> None:
@@ -523,14 +523,14 @@ def test_a_human_pause_does_not_switch_off_the_guards_of_a_canary() -> None:
     state = to_observing(state, clock)
     state, _ = transition(state, Pause(by="ops", reason="lunch"), clock.step())
     state, sends = transition(state, Tick(FAULTY), clock.step())
-    assert state.phase == Phase.ROLLING_BACK and "s1: 3 model fault(s)" in state.reason
+    assert state.phase == Phase.ROLLING_BACK and "s1: 3 fault(s)" in state.reason
     assert [s.body.name for s in sends] == ["rollback"]
 
 
 def test_a_fault_while_waiting_for_approval_pauses_when_the_plan_says_so() -> None:
     state, clock = canary_waiting_for_approval(on_station_fault="pause")
     state, sends = transition(state, Tick(FAULTY), clock.step())
-    assert state.phase == Phase.PAUSED and not sends and "s1: 3 model fault(s)" in state.reason
+    assert state.phase == Phase.PAUSED and not sends and "s1: 3 fault(s)" in state.reason
     with pytest.raises(TransitionError):
         transition(state, Approve(by="qa-lead"), clock.step())
     again, sends = transition(state, Tick(FAULTY), clock.step())

@@ -1,0 +1,224 @@
+"""Rollout state machine edge cases: plans with unusual stage lists, restarts, late events."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from deploy.plan import parse_plan
+from deploy.rollout import (
+    CandidateSpec,
+    CommandAcked,
+    Phase,
+    RolloutState,
+    SendCommand,
+    StationView,
+    Tick,
+    restarted,
+    start,
+    transition,
+)
+from linesight import protocol as p
+
+T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
+CANDIDATE = CandidateSpec(
+    model=p.ModelRef(name="part-classifier", version="2.0.0", sha256="b" * 64),
+    url="http://fleet:8700/bundles/part-classifier/2.0.0/", signature="c2ln",
+)
+FLEET = {name: StationView(online=True, labels={"line": "A"}) for name in ("s1", "s2", "s3")}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0
+
+    def step(self, seconds: float = 1.0) -> datetime:
+        self.now += timedelta(seconds=seconds)
+        return self.now
+
+
+def begin(stages: list[dict[str, Any]]) -> tuple[RolloutState, Clock]:
+    plan = parse_plan({"name": "p", "command_timeout_s": 30, "command_retry_s": 5,
+                       "stages": stages})
+    clock = Clock()
+    return start("r-1", plan, CANDIDATE, clock.now), clock
+
+
+class Agents:
+    """Acks as the stations would: a promote needs a candidate, which a promotion consumes."""
+
+    def __init__(self) -> None:
+        self.promoted: set[str] = set()
+
+    def answer(self, state: RolloutState, sends: list[SendCommand], clock: Clock) -> RolloutState:
+        for send in sends:
+            ok = not (send.body.name == "promote" and send.station in self.promoted)
+            if ok and send.body.name == "promote":
+                self.promoted.add(send.station)
+            ack = CommandAcked(send.cmd_id, send.station, ok=ok,
+                               error=None if ok else "nothing to promote: no candidate")
+            state, more = transition(state, ack, clock.step(0.1))
+            state = self.answer(state, more, clock)
+        return state
+
+
+def test_a_station_promoted_by_an_earlier_stage_is_not_promoted_again() -> None:
+    """Promote one station first, then the fleet: the pilot already runs the candidate as its
+    active model, and a second promote there has no candidate to promote."""
+    agents = Agents()
+    state, clock = begin([
+        {"name": "pilot", "stations": ["s1"], "mode": "promote"},
+        {"name": "everywhere", "stations": "all", "mode": "promote"},
+    ])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state = agents.answer(state, sends, clock)
+    assert state.stage == 1 and state.phase == Phase.RUNNING
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state = agents.answer(state, sends, clock)
+    assert state.phase == Phase.PROMOTED, state.reason
+    assert agents.promoted == {"s1", "s2", "s3"}
+
+
+def test_a_later_trial_stage_sends_nothing_to_a_station_already_promoted() -> None:
+    agents = Agents()
+    state, clock = begin([
+        {"name": "pilot", "stations": ["s1"], "mode": "promote"},
+        {"name": "canary", "stations": ["s1", "s2"], "mode": "canary", "fraction": 0.5},
+        {"name": "everywhere", "stations": "all", "mode": "promote"},
+    ])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state = agents.answer(state, sends, clock)
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    # s1 has no candidate any more (it is its active model): no mode to set there.
+    assert [(s.station, s.body.name) for s in sends] == [("s2", "deploy_candidate")]
+    state = agents.answer(state, sends, clock)
+    assert state.phase == Phase.RUNNING and state.record.step == "observing"
+
+
+def test_a_station_named_twice_in_a_stage_gets_each_command_once() -> None:
+    agents = Agents()
+    state, clock = begin([{"name": "all at once", "stations": ["s2", "s1", "s2"],
+                           "mode": "promote"}])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    assert sorted(s.station for s in sends) == ["s1", "s2"]
+    state = agents.answer(state, sends, clock)
+    assert state.phase == Phase.PROMOTED, state.reason
+    assert state.stages[0].stations == ["s1", "s2"]
+
+
+def test_a_controller_restart_gives_pending_commands_a_new_timeout() -> None:
+    """While the controller is down it cannot hear acks; after a restart longer than the
+    command timeout, the acks the stations sent meanwhile are still to come."""
+    state, clock = begin([{"name": "shadow", "stations": ["s1"], "mode": "shadow"},
+                          {"name": "promote", "stations": ["s1"], "mode": "promote"}])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    down_until = clock.step(120)  # the controller was down for two minutes
+    state = restarted(state, down_until)
+    state, resent = transition(state, Tick(FLEET), clock.step())
+    assert state.phase == Phase.RUNNING, state.reason
+    assert [s.cmd_id for s in resent] == [sends[0].cmd_id]  # sent again at once, as it was due
+    state, _ = transition(state, CommandAcked(sends[0].cmd_id, "s1", ok=True), clock.step())
+    assert state.record.step == "observing"
+    state, _ = transition(state, Tick(FLEET), clock.step(31))
+    assert state.phase == Phase.RUNNING
+
+
+def test_after_a_restart_an_unanswered_command_still_times_out() -> None:
+    state, clock = begin([{"name": "promote", "stations": ["s1"], "mode": "promote"}])
+    state, _ = transition(state, Tick(FLEET), clock.step())
+    state = restarted(state, clock.step(120))
+    state, _ = transition(state, Tick(FLEET), clock.step(29))
+    assert state.phase == Phase.RUNNING
+    state, sends = transition(state, Tick(FLEET), clock.step(2))
+    assert state.phase == Phase.ROLLING_BACK and "no ack in 30 s" in state.reason
+    assert [s.body.name for s in sends] == ["rollback"]
+
+
+# --- a station that was offline while its stage rolled back ----------------------------------
+
+TTL = 3600.0
+
+
+def rolled_back_while_s2_was_away() -> tuple[RolloutState, Clock, str]:
+    """A canary on s1 and s2; s2 drops off the network, which rolls the stage back. s1 acks
+    its rollback, s2 never does: the rollout ends rolled back with s2's rollback unanswered."""
+    state, clock = begin([
+        {"name": "canary", "stations": ["s1", "s2"], "mode": "canary", "fraction": 0.2},
+        {"name": "promote", "stations": "all", "mode": "promote"},
+    ])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    for send in sends:
+        state, _ = transition(state, CommandAcked(send.cmd_id, send.station, ok=True),
+                              clock.step(0.1))
+    away = {**FLEET, "s2": StationView(online=False)}
+    state, sends = transition(state, Tick(away), clock.step())
+    assert sorted(s.station for s in sends) == ["s1", "s2"]
+    by_station = {s.station: s for s in sends}
+    state, _ = transition(state, CommandAcked(by_station["s1"].cmd_id, "s1", ok=True),
+                          clock.step())
+    state, _ = transition(state, Tick(away, command_ttl_s=TTL), clock.step(31))
+    assert state.phase == Phase.ROLLED_BACK
+    return state, clock, by_station["s2"].cmd_id
+
+
+def holding(candidate: bool) -> dict[str, StationView]:
+    sha = CANDIDATE.model.sha256 if candidate else None
+    return {**FLEET, "s2": StationView(online=True, candidate_sha256=sha, active_sha256="a" * 64)}
+
+
+def test_a_station_back_after_its_rollback_expired_gets_a_new_one() -> None:
+    """Its queued rollbacks expired while it was away (a station refuses an expired command),
+    so it came back still running the rolled-back candidate in canary."""
+    state, clock, _ = rolled_back_while_s2_was_away()
+    state, sends = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(600))
+    assert sends == []  # its queued rollbacks are still valid: it carries them out itself
+    state, sends = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(TTL))
+    assert [(s.station, s.body.name) for s in sends] == [("s2", "rollback")]
+    assert state.phase == Phase.ROLLED_BACK
+    state, again = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(1))
+    assert again == []  # sent once, then retried like any command
+    state, _ = transition(state, CommandAcked(sends[0].cmd_id, "s2", ok=True), clock.step())
+    assert state.pending == [] and state.phase == Phase.ROLLED_BACK
+    state, more = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(TTL))
+    assert more == []
+
+
+def test_a_station_back_without_the_candidate_gets_no_rollback() -> None:
+    """A rollback where no candidate is would undo the station's previous promotion."""
+    state, clock, _ = rolled_back_while_s2_was_away()
+    state, sends = transition(state, Tick(holding(False), command_ttl_s=TTL),
+                              clock.step(2 * TTL))
+    assert sends == []
+    state, sends = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(TTL))
+    assert sends == []  # a deploy made since by someone else is not this rollout's to undo
+
+
+def test_the_late_ack_of_a_rollback_given_up_on_settles_it() -> None:
+    state, clock, cmd_id = rolled_back_while_s2_was_away()
+    state, _ = transition(state, CommandAcked(cmd_id, "s2", ok=True), clock.step(60))
+    state, sends = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(2 * TTL))
+    assert sends == []
+
+
+def test_a_station_fault_is_named_in_the_reason() -> None:
+    """Any fault a station reports fails its stage; the reason says which (not every fault is
+    a model's: an operator backlog over the review quota is one too)."""
+    state, clock = begin([{"name": "canary", "stations": ["s1"], "mode": "canary",
+                           "fraction": 0.2},
+                          {"name": "promote", "stations": ["s1"], "mode": "promote"}])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state, _ = transition(state, CommandAcked(sends[0].cmd_id, "s1", ok=True), clock.step())
+    faulty = {**FLEET, "s1": StationView(online=True, faults=1,
+                                         fault_codes=("review_quota_exceeded",))}
+    state, _ = transition(state, Tick(faulty), clock.step())
+    assert state.phase == Phase.ROLLING_BACK
+    assert "s1: 1 fault(s) reported: review_quota_exceeded" in state.reason, state.reason
+
+
+def test_a_state_without_promotions_or_owed_rollbacks_keeps_its_old_json_keys() -> None:
+    """A controller built before those fields forbids unknown keys in the state it reads."""
+    state, clock = begin([{"name": "promote", "stations": ["s1"], "mode": "promote"}])
+    state, _ = transition(state, Tick(FLEET), clock.step())
+    document = state.model_dump(mode="json")
+    assert "promoted" not in document and "stranded" not in document
+    assert RolloutState.model_validate_json(state.model_dump_json()) == state
