@@ -69,6 +69,7 @@ from edge_agent.sources import (
     SourceError,
     open_source,
     parse_spec,
+    redact_url,
 )
 from edge_agent.store import OutboxFull, PartLogEntry, ReviewItem, StationStore, VerdictRow
 from edge_agent.synthetic import id_prefix, next_index
@@ -436,7 +437,7 @@ class Agent:
             self._threads.append(thread)
         log.info(
             "station %s inspecting from %s with %s %s (mode %s, automation %s)",
-            self.station, self.config.source, self.slots.active.ref.name,
+            self.station, redact_url(self.config.source), self.slots.active.ref.name,
             self.slots.active.ref.version, self.slots.mode.value, self.automation.value,
         )
         systemd.notify("\n".join(
@@ -452,7 +453,7 @@ class Agent:
 
     def _ready_status(self) -> str:
         """systemd's Status line at READY: what runs, and whether the active model loaded."""
-        status = f"inspecting from {self.config.source}"
+        status = f"inspecting from {redact_url(self.config.source)}"
         if is_placeholder(self.slots.active):
             status += "; ACTIVE MODEL NOT LOADED (fault active_load): every part goes to review"
         return status
@@ -480,7 +481,7 @@ class Agent:
             if frame is None:
                 if not getattr(self.source, "connected", True):
                     self._raise_fault(
-                        "source", f"{self.config.source}: no stream, reconnecting "
+                        "source", f"{redact_url(self.config.source)}: no stream, reconnecting "
                         f"({self.source.reconnects} reconnects so far)",
                     )
                 continue
@@ -791,7 +792,7 @@ class Agent:
         trigger = getattr(self.source, "trigger", None)
         if trigger is None:
             log.warning("trigger message ignored: source %s is not externally triggered",
-                        self.config.source)
+                        redact_url(self.config.source))
             return
         part_id, problem = trigger_part_id(message.payload)
         if problem is not None:
