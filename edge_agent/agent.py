@@ -1007,6 +1007,7 @@ class Agent:
         state = self._state(online=True)
         self.metrics.outbox_depth.set(state.outbox_depth)
         self.metrics.review_depth.set(state.review_queue_depth)
+        self.metrics.shadow_dropped.set(self.store.shadow_dropped)
         self.metrics.faults.set(len(state.faults))
         self.metrics.source_reconnects.set(self.source.reconnects)
         self.link.publish(self.topics.station(self.station, p.Channel.STATE), state.to_json(),

@@ -49,6 +49,11 @@ class AgentMetrics:
             "linesight_outbox_depth", "Messages waiting for the controller's receipt",
             ["station"], registry=r,
         ).labels(**labels)
+        self.shadow_dropped = Gauge(
+            "linesight_shadow_results_dropped",
+            "Shadow results refused because the outbox was full, since the store was made",
+            ["station"], registry=r,
+        ).labels(**labels)
         self.review_depth = Gauge(
             "linesight_review_queue_depth", "Parts waiting for an operator", ["station"],
             registry=r,
