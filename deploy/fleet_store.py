@@ -15,6 +15,7 @@ the rows it covers are committed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -512,6 +513,16 @@ _SHADOW_SERIES = (
 _SELECT_DECISION_PAYLOADS = "SELECT m.payload FROM decisions d JOIN messages m USING (id) "
 
 
+def offline_state(previous: StationState | None, offline: StationState) -> StationState:
+    """What to keep when a station is reported offline. Its Last Will was composed when it
+    connected: when the state stored is from the same seq stream and at least as new (a state
+    published since, after a promote say), that one's models, mode and faults stay, marked
+    offline; else the offline report is all there is."""
+    if previous is None or previous.stream != offline.stream or previous.seq < offline.seq:
+        return offline
+    return previous.model_copy(update={"online": False})
+
+
 class SqliteFleetStore:
     """`FleetStore` on one SQLite file (WAL); safe to share between threads.
 
@@ -795,6 +806,15 @@ class SqliteFleetStore:
 
     @staticmethod
     def _record_state(conn: sqlite3.Connection, state: StationState, received_us: int) -> None:
+        if not state.online:
+            row = conn.execute(
+                "SELECT state_json FROM stations WHERE station = ?", (state.station,)
+            ).fetchone()
+            previous = None
+            if row is not None and row[0]:
+                with contextlib.suppress(ValueError):  # a row an older controller wrote
+                    previous = StationState.model_validate_json(row[0])
+            state = offline_state(previous, state)
         last_seen = received_us if state.online else None
         conn.execute(
             "INSERT INTO stations (station, online, state_json, labels_json, last_seen_us) "

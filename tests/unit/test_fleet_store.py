@@ -24,6 +24,7 @@ from deploy.fleet_store import (
     FleetStoreError,
     SqliteFleetStore,
     StreamKey,
+    offline_state,
 )
 from deploy.gates import PairedEvidence
 from linesight import protocol as p
@@ -524,6 +525,43 @@ def test_state_inventory_online_offline_and_last_seen(store: SqliteFleetStore) -
     store.record_state(state("a", online=True), T0 + timedelta(minutes=7))
     again = {record.station: record for record in store.stations()}["a"]
     assert again.online is True and again.last_seen == T0 + timedelta(minutes=7)
+
+
+S1 = uuid.UUID("00000000-0000-4000-8000-000000000001")
+
+
+def test_a_last_will_composed_before_a_promotion_keeps_the_promoted_models(
+    store: SqliteFleetStore,
+) -> None:
+    v1 = p.ModelRef(name="m", version="1.0.0", sha256="1" * 64)
+    v2 = p.ModelRef(name="m", version="2.0.0", sha256="2" * 64)
+    # The Will is composed at connect (seq 3, running 1.0.0 with 2.0.0 on trial); the station
+    # then promotes 2.0.0 and says so (seq 9), and dies: the broker publishes the Will.
+    will = p.StationState(station="a", seq=3, stream=S1, online=False, active=v1,
+                          candidate=v2, mode=p.DeploymentMode.SHADOW)
+    store.record_state(p.StationState(station="a", seq=9, stream=S1, online=True,
+                                      active=v2, previous=v1), T0)
+    store.record_state(will, T0 + timedelta(minutes=1))
+    [record] = store.stations()
+    assert record.online is False and record.state is not None
+    assert (record.state.online, record.state.active, record.state.candidate) == (False, v2, None)
+    assert record.last_seen == T0
+
+    # A Will from a new seq stream (its storage was replaced) is newer than anything stored.
+    replaced = will.model_copy(update={"stream": uuid.uuid4()})
+    store.record_state(replaced, T0 + timedelta(minutes=2))
+    [record] = store.stations()
+    assert record.state is not None and record.state.active == v1 and not record.state.online
+
+
+def test_an_offline_report_at_least_as_new_as_the_state_stored_replaces_it() -> None:
+    ref = p.ModelRef(name="m", version="1.0.0", sha256="1" * 64)
+    online = p.StationState(station="a", seq=5, stream=S1, online=True)
+    stopped = p.StationState(station="a", seq=6, stream=S1, online=False, active=ref)
+    assert offline_state(online, stopped) is stopped  # a clean stop says what it ran last
+    assert offline_state(None, stopped) is stopped
+    older = stopped.model_copy(update={"seq": 4})
+    assert offline_state(online, older) == online.model_copy(update={"online": False})
 
 
 def test_latest_metrics_and_bounded_history(store: SqliteFleetStore) -> None:
