@@ -9,18 +9,15 @@ the ground truth unless a person answers first. Then a rollout of part-classifie
 from __future__ import annotations
 
 import argparse
-import contextlib
 import functools
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +29,13 @@ from edge_agent.store import StationStore
 from linesight.artifacts import generate_keypair
 from linesight.broker import Broker, free_port
 from linesight.sim import SimulatedOperator, summarise
+from linesight.stop_signals import (
+    STOP_SIGNALS,
+    Stopped,
+    StopSignals,
+    hold_signals,
+    signals_deferred,
+)
 from station_ui.security import hash_pin
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -40,7 +44,6 @@ STATIONS = ("press-01", "press-02", "press-03")
 SCENARIOS = {"good": "2.0.0", "regressed": "2.1.0"}
 OPERATOR = ("1001", "Demo operator", "operator", "2468")
 SUPERVISOR = ("9001", "Demo supervisor", "supervisor", "1357")
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -95,7 +98,7 @@ class Line:
         logs.mkdir(parents=True, exist_ok=True)
         # A stop signal that arrived while Popen ran would raise before the new process is
         # listed, and the stop would not know it: it waits until the process is listed.
-        with _signals_deferred():
+        with signals_deferred():
             with (logs / f"{name}.log").open("ab") as log:
                 # A session of its own: the terminal's Ctrl-C reaches the demo only, which then
                 # stops every piece in order.
@@ -123,9 +126,9 @@ class Line:
         """Stop every piece, each one even when stopping another failed.
 
         The pieces run in sessions of their own: one not stopped here keeps running after the
-        demo. So a Ctrl-C, SIGTERM or SIGHUP arriving meanwhile is only noted (see `_hold_signals`).
+        demo. So a Ctrl-C, SIGTERM or SIGHUP arriving meanwhile is only noted (see `hold_signals`).
         """
-        with _hold_signals():
+        with hold_signals():
             for operator in self.operators:
                 _attempt(f"operator {operator.badge}", operator.stop)
             # The stations first, while the controller is there to receipt what they deliver on
@@ -159,68 +162,6 @@ def _attempt(name: str, step: Callable[[], None]) -> None:
         print(f"  could not stop {name}: {exc}", flush=True)
 
 
-class _StopSignals:
-    """The demo's handler for Ctrl-C, SIGTERM and SIGHUP.
-
-    The first one ends the run (KeyboardInterrupt for Ctrl-C, else _Stopped) and the line is
-    stopped; any further one, and any while the line stops, only gets a "please wait".
-    """
-
-    def __init__(self) -> None:
-        self.stopping = False
-        self._told = False
-
-    def __call__(self, signum: int, frame: object) -> None:
-        if not self.stopping:
-            self.stopping = True
-            if signum == signal.SIGINT:
-                raise KeyboardInterrupt
-            raise _Stopped(signum)
-        if not self._told:
-            self._told = True
-            # Not print(): the handler may run in the middle of another print to stdout.
-            with contextlib.suppress(OSError, ValueError):
-                os.write(sys.stdout.fileno(), b"\nstopping, please wait ...\n")
-
-
-@contextlib.contextmanager
-def _hold_signals() -> Iterator[None]:
-    """Within the block, stop signals are only noted (in the main thread; elsewhere Python
-    delivers none)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    # run_demo's handler when it is there, so "please wait" is said once in all.
-    current = signal.getsignal(signal.SIGINT)
-    noted = current if isinstance(current, _StopSignals) else _StopSignals()
-    noted.stopping = True
-    previous = {sig: signal.signal(sig, noted) for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
-@contextlib.contextmanager
-def _signals_deferred() -> Iterator[None]:
-    """Within the block, a stop signal is only noted; when the block ends it is raised again,
-    for the handler that was there before (in the main thread; elsewhere Python delivers none)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    arrived: list[int] = []
-    previous = {sig: signal.signal(sig, lambda signum, _: arrived.append(signum))
-                for sig in STOP_SIGNALS}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-        if arrived:
-            signal.raise_signal(arrived[0])
-
-
 def _create_operators(data_dir: Path) -> None:
     data_dir.mkdir(parents=True, exist_ok=True)
     with StationStore(data_dir) as store:
@@ -241,14 +182,14 @@ def run_demo(args: argparse.Namespace) -> int:
     # ignored (a background job of a script inherits that); `kill`, a service manager or a closed
     # terminal send SIGTERM or SIGHUP, whose default would end this process and leave the line
     # running. Only the first one counts: a second Ctrl-C must not cut the stop short.
-    signals = _StopSignals()
+    signals = StopSignals()
     previous = {sig: signal.signal(sig, signals) for sig in STOP_SIGNALS}
     try:
         return _run(line, args, version)
     except KeyboardInterrupt:
         print("\nstopping the line ...", flush=True)
         return 130
-    except _Stopped as stopped:
+    except Stopped as stopped:
         print(f"\n{signal.Signals(stopped.signum).name}: stopping the line ...", flush=True)
         return 128 + stopped.signum
     finally:
@@ -259,13 +200,6 @@ def run_demo(args: argparse.Namespace) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         print(f"stopped; data and logs are in {workdir}", flush=True)
-
-
-class _Stopped(BaseException):  # noqa: N818 - a signal, not an error
-    # BaseException, like KeyboardInterrupt: no `except Exception` on the way may swallow it.
-    def __init__(self, signum: int) -> None:
-        super().__init__(signum)
-        self.signum = signum
 
 
 def _run(line: Line, args: argparse.Namespace, version: str) -> int:

@@ -10,6 +10,8 @@ import argparse
 import json
 import logging
 import random
+import signal
+import sys
 import tempfile
 import threading
 import time
@@ -32,6 +34,7 @@ from linesight.artifacts import load_public_key, verify_bundle
 from linesight.broker import free_port, start_broker
 from linesight.http_server import HttpServer
 from linesight.protocol import Action, DecidedBy
+from linesight.stop_signals import STOP_SIGNALS, Stopped, StopSignals
 
 log = logging.getLogger(__name__)
 
@@ -228,13 +231,27 @@ def run_sim(args: argparse.Namespace) -> int:
         if not args.json:
             print(text, flush=True)
 
-    with tempfile.TemporaryDirectory(prefix="linesight-sim-") as workdir:
-        summary = simulate(
-            Path(workdir), plan=plan, candidate=(args.candidate.parent.parent, manifest.name,
-                                                 manifest.version),
-            active=args.active, key=args.key, stations=args.stations, seed=args.seed,
-            rate=args.rate, operator_error=args.operator_error, timeout_s=args.timeout, say=say,
-        )
+    # SIGTERM or SIGHUP would end the interpreter at once and leave the simulation's broker
+    # running (a session of its own) and its folder behind: they end the run like Ctrl-C.
+    signals = StopSignals()
+    previous = {sig: signal.signal(sig, signals) for sig in STOP_SIGNALS}
+    try:
+        with tempfile.TemporaryDirectory(prefix="linesight-sim-") as workdir:
+            summary = simulate(
+                Path(workdir), plan=plan, candidate=(args.candidate.parent.parent,
+                                                     manifest.name, manifest.version),
+                active=args.active, key=args.key, stations=args.stations, seed=args.seed,
+                rate=args.rate, operator_error=args.operator_error, timeout_s=args.timeout,
+                say=say,
+            )
+    except Stopped as stopped:
+        print(f"{signal.Signals(stopped.signum).name}: the simulation was stopped",
+              file=sys.stderr, flush=True)
+        return 128 + stopped.signum
+    finally:
+        signals.stopping = True
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     say(f"{summary.outcome}: {summary.reason}")
     print(summary.to_json(), flush=True)
     return EXIT_STATUS.get(summary.outcome, EXIT_TIMED_OUT)

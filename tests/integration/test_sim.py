@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+from pathlib import Path
 
-from tests.support import REPO, V2, V21
+from tests.support import REPO, V2, V21, wait_for
 
 
 def sim(candidate: str, seed: int, *options: str, status: int = 0) -> dict[str, object]:
@@ -56,3 +59,41 @@ def test_a_rollout_still_running_at_the_timeout_is_reported_as_timed_out() -> No
     assert summary["outcome"] == "timed_out"
     assert summary["phase"] == "running"
     assert summary["seconds_to_decision"] is None
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if text in cmdline:
+                found.append(int(entry.name))
+    return found
+
+
+def test_sigterm_stops_the_simulation_and_its_broker(tmp_path: Path) -> None:
+    # The simulation's folder (and its broker's config in it) lands in TMPDIR: here, tmp_path.
+    process = subprocess.Popen(
+        [sys.executable, "-m", "linesight.cli", "sim", "--stations", "1", "--candidate",
+         str(V2), "--seed", "4", "--timeout", "300"],
+        cwd=REPO, stdout=subprocess.PIPE, text=True, env={**os.environ, "TMPDIR": str(tmp_path)},
+    )
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:
+            if line.startswith("rollout of"):
+                break
+        assert _processes_mentioning(str(tmp_path)), "the simulation's broker is not running"
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 128 + signal.SIGTERM
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if process.stdout is not None:
+            process.stdout.close()
+    wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10, "the broker to be gone")
+    assert not list(tmp_path.glob("linesight-sim-*")), "the simulation's folder was left behind"
