@@ -286,6 +286,9 @@ class MqttLink:
         # mid -> ticket, or None when the PUBACK beat the publisher to registering its ticket.
         self._pending: dict[int, PublishTicket | None] = {}
         self._connected = False
+        # Connected and the subscriptions sent: what wait_connected waits for, so that what a
+        # caller publishes next reaches the broker after this link's SUBSCRIBE.
+        self._ready = False
         self._fatal_error: str | None = None
         self._connect_attempts = 0
         self._last_failure: str | None = None  # why the last connect failed, logged once
@@ -344,7 +347,7 @@ class MqttLink:
             self._client.disconnect()
             self._client.loop_stop()
         with self._lock:
-            self._connected = False
+            self._connected = self._ready = False
             self._pending.clear()
             self._state_changed.notify_all()
 
@@ -379,13 +382,15 @@ class MqttLink:
             return self._connect_attempts
 
     def wait_connected(self, timeout: float) -> bool:
-        """Block until connected; False on timeout, or at once after a fatal refusal."""
+        """Block until connected and subscribed (the SUBSCRIBE sent: a message published
+        after this returns reaches the broker after it); False on timeout, or at once after a
+        fatal refusal."""
         with self._state_changed:
             self._state_changed.wait_for(
-                lambda: self._connected or self._fatal_error is not None or self._stopping,
+                lambda: self._ready or self._fatal_error is not None or self._stopping,
                 timeout,
             )
-            return self._connected
+            return self._ready
 
     # -- traffic -----------------------------------------------------------------------------
 
@@ -557,6 +562,9 @@ class MqttLink:
                     stale,
                     paho.error_string(result),
                 )
+        with self._lock:
+            self._ready = self._connected  # unless the link went down meanwhile
+            self._state_changed.notify_all()
         for listener in listeners:
             self._call_safely(listener, "connect listener")
 
@@ -591,7 +599,7 @@ class MqttLink:
     ) -> None:
         with self._lock:
             was_connected = self._connected
-            self._connected = False
+            self._connected = self._ready = False
             stopping = self._stopping
             # QoS 0 packets not yet written are discarded by paho on reconnect: forget them.
             for mid, ticket in list(self._pending.items()):

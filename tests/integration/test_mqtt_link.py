@@ -113,6 +113,25 @@ def test_qos1_round_trip(broker: Broker, make_link: LinkFactory, protocol: str) 
     assert not any(m.retain for m in received)
 
 
+def test_a_message_published_once_connected_reaches_the_links_own_subscription(
+    broker: Broker, make_link: LinkFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    inbox = Inbox()
+    link = make_link(broker.url, "self-subscriber")
+    link.subscribe("linesight/v1/stations/s1/decision", inbox)
+    send_subscribe = link._send_subscribe
+
+    def slow_subscribe(*args: Any, **kwargs: Any) -> None:
+        time.sleep(0.5)  # a busy network thread between CONNACK and its SUBSCRIBE
+        send_subscribe(*args, **kwargs)
+
+    monkeypatch.setattr(link, "_send_subscribe", slow_subscribe)
+    link.start()
+    assert link.wait_connected(WAIT_S)
+    assert link.publish("linesight/v1/stations/s1/decision", b"first").wait(WAIT_S)
+    assert inbox.wait_for(1) and inbox.payloads() == [b"first"]
+
+
 def test_the_socket_sends_small_packets_at_once(broker: Broker, make_link: LinkFactory) -> None:
     """TCP_NODELAY: with Nagle on, a QoS 1 round trip could wait ~40 ms for a delayed ACK."""
     link = make_link(broker.url, "nodelay")
