@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
 import re
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
@@ -177,9 +178,15 @@ def version_tuple(version: str) -> tuple[int, int, int]:
 
 
 def generate_keypair(private_path: Path, public_path: Path) -> None:
-    """Write a new Ed25519 key pair as PEM; the private key file is readable by its owner only."""
+    """Write a new Ed25519 key pair as PEM; the private key file is readable by its owner only.
+
+    Both files are created new (never over an existing name, nor through a link); when either
+    cannot be made, neither is left behind."""
+    if private_path.absolute() == public_path.absolute():
+        raise ValueError(f"{private_path}: the private and the public key need two files, "
+                         "not the same file")
     for path in (private_path, public_path):
-        if path.exists():
+        if path.exists() or path.is_symlink():
             raise FileExistsError(f"{path} exists; refusing to overwrite a key")
     key = Ed25519PrivateKey.generate()
     private_pem = key.private_bytes(
@@ -192,9 +199,23 @@ def generate_keypair(private_path: Path, public_path: Path) -> None:
     )
     private_path.parent.mkdir(parents=True, exist_ok=True)
     public_path.parent.mkdir(parents=True, exist_ok=True)
-    private_path.touch(mode=0o600)
-    private_path.write_bytes(private_pem)
-    public_path.write_bytes(public_pem)
+    created: list[Path] = []
+    try:
+        for path, data, mode in ((private_path, private_pem, 0o600),
+                                 (public_path, public_pem, 0o644)):
+            # O_EXCL: a name taken meanwhile (or a dangling link) is refused, not written through.
+            try:
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+            except FileExistsError as exc:
+                raise FileExistsError(f"{path} exists; refusing to overwrite a key") from exc
+            created.append(path)
+            with os.fdopen(fd, "wb") as stream:
+                os.fchmod(stream.fileno(), mode)  # whatever the umask
+                stream.write(data)
+    except BaseException:
+        for path in created:
+            path.unlink(missing_ok=True)
+        raise
 
 
 def load_private_key(path: Path) -> Ed25519PrivateKey:

@@ -174,7 +174,9 @@ class SignInLimiter:
             entry.last_failure = now
             if entry.count >= policy.max_failures:
                 lock = min(policy.first_lock_s * 2**entry.lockouts, policy.max_lock_s)
-                entry.lockouts += 1
+                if lock < policy.max_lock_s:
+                    # Once at the cap, no more doubling: 2**1024 is past what a float holds.
+                    entry.lockouts += 1
                 entry.count = 0
                 entry.locked_until = now + lock
             return max(0.0, entry.locked_until - now)
