@@ -236,7 +236,7 @@ def start_rollout() -> tuple[Response, int]:
     plan = _plan(plan_text)
     try:
         state = controller().start_rollout(plan, candidate["name"], candidate["version"])
-    except CandidateError as exc:
+    except (CandidateError, PlanError) as exc:
         abort(400, description=str(exc))
     except RolloutConflict as exc:
         abort(409, description=str(exc))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from deploy.config import ControllerConfig
 from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord, StreamKey
-from deploy.plan import RolloutPlan
+from deploy.plan import PlanError, RolloutPlan
 from deploy.rollout import (
     TERMINAL,
     CandidateSpec,
@@ -333,6 +333,13 @@ class Controller:
         return DEFAULT_DEFECT_LABEL
 
     def start_rollout(self, plan: RolloutPlan, name: str, version: str) -> RolloutState:
+        if plan.command_timeout_s > self.config.command_ttl_s:
+            # A station refuses a command past its expiry: an ack could then never come in time.
+            raise PlanError(
+                f"command_timeout_s {plan.command_timeout_s:g} is longer than this controller's "
+                f"command_ttl_s {self.config.command_ttl_s:g}: a station refuses a command once "
+                "it has expired, so make the timeout shorter or the TTL longer"
+            )
         spec, defect_label = self.candidate_spec(name, version)
         with self._rollout_lock:
             if self.rollout is not None and self.rollout.phase not in TERMINAL:

@@ -818,28 +818,39 @@ class Agent:
         try:
             command = p.parse(p.Command, payload)
         except p.ProtocolError as exc:
-            return self._ack(_cmd_id_of(payload), "unknown", ok=False, error=str(exc))
+            claimed = _cmd_id_of(payload)
+            return self._ack(self._unproven(claimed), "unknown", ok=False,
+                             error=_with_claim(str(exc), claimed, self._unproven(claimed)))
         name = command.body.name
         cmd_id = str(command.cmd_id)
-        if command.station != self.station:
-            return self._ack(command.cmd_id, name, ok=False,
-                             error=f"command addressed to {command.station}, not {self.station}")
         if self.command_key is not None:
-            # Checked before the cmd_id log: a forged command must not claim a real one's id.
+            # Checked first: a forged command must neither use up a real one's cmd_id nor
+            # answer for it (an error ack under a rollout's cmd_id would roll the rollout back).
             refused = signature_error(command, self.command_key)
             if refused is not None:
                 log.warning("refused command %s (%s): %s", command.cmd_id, name, refused)
-                return self._ack(command.cmd_id, name, ok=False, error=refused)
+                return self._ack(NIL_CMD_ID, name, ok=False,
+                                 error=_with_claim(refused, command.cmd_id, NIL_CMD_ID))
+        if command.station != self.station:
+            return self._ack(command.cmd_id, name, ok=False,
+                             error=f"command addressed to {command.station}, not {self.station}")
         previous = self.store.command_result(cmd_id)
         if previous is not None:
             done = json.loads(previous)
             return self._ack(command.cmd_id, name, ok=bool(done["ok"]), error=done["error"])
         if command.expires_at is not None and command.expires_at < datetime.now(UTC):
-            error: str | None = f"command expired at {command.expires_at.isoformat()}"
-        else:
-            error = self._execute(command.body)
+            # Not recorded: a stale copy the broker kept must not use up the cmd_id of a fresh
+            # copy that follows it.
+            return self._ack(command.cmd_id, name, ok=False,
+                             error=f"command expired at {command.expires_at.isoformat()}")
+        error = self._execute(command.body)
         self.store.record_command(cmd_id, name, json.dumps({"ok": error is None, "error": error}))
         return self._ack(command.cmd_id, name, ok=error is None, error=error)
+
+    def _unproven(self, claimed: uuid.UUID) -> uuid.UUID:
+        """The cmd_id to answer a command that could not be authenticated under: with a
+        command key, never the one it claims."""
+        return NIL_CMD_ID if self.command_key is not None else claimed
 
     def _execute(self, body: p.CommandBody) -> str | None:
         """Carry out one command; the error text, or None on success."""
@@ -1129,10 +1140,18 @@ def trigger_part_id(payload: bytes) -> tuple[str | None, str | None]:
     return part_id, None
 
 
+NIL_CMD_ID = uuid.UUID(int=0)
+
+
+def _with_claim(error: str, claimed: uuid.UUID, answered: uuid.UUID) -> str:
+    """The error, naming the cmd_id the command claimed when it is answered under another."""
+    return error if claimed == answered else f"{error} (it claimed cmd_id {claimed})"
+
+
 def _cmd_id_of(payload: bytes) -> uuid.UUID:
     """The cmd_id of an unreadable command when one can be found, so the ack still correlates."""
     try:
         document = json.loads(payload)
         return uuid.UUID(str(document["cmd_id"]))
     except (ValueError, KeyError, TypeError, RecursionError):
-        return uuid.UUID(int=0)
+        return NIL_CMD_ID

@@ -8,6 +8,7 @@ import shutil
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -234,20 +235,38 @@ def test_a_station_with_a_command_key_carries_out_only_signed_commands(
             return p.Command(station=STATION, seq=1, cmd_id=cmd_id or uuid.uuid4(),
                              body=p.SetAutomation(automation=level, reason="test"))
 
+        # What cannot be authenticated is answered under the nil cmd_id, never under the one
+        # it claims: an error ack under a real command's id would roll its rollout back.
+        nil = uuid.UUID(int=0)
         unsigned = command(p.AutomationLevel.FULL)
-        ack = publish(sender, collector, unsigned.to_json(), unsigned.cmd_id)
+        ack = publish(sender, collector, unsigned.to_json(), nil)
         assert not ack.ok and ack.error and "not signed" in ack.error
+        assert str(unsigned.cmd_id) in ack.error
         foreign = sign_command(command(p.AutomationLevel.FULL), Ed25519PrivateKey.generate())
-        ack = publish(sender, collector, foreign.to_json(), foreign.cmd_id)
+        ack = publish(sender, collector, foreign.to_json(), nil)
         assert not ack.ok and ack.error and "does not match" in ack.error
         # Signed for human_only, then edited on the way to say full.
         signed = sign_command(command(p.AutomationLevel.HUMAN_ONLY), controller_key)
         edited = signed.to_json().replace(b'"human_only"', b'"full"')
-        ack = publish(sender, collector, edited, signed.cmd_id)
+        ack = publish(sender, collector, edited, nil)
         assert not ack.ok and ack.error and "does not match" in ack.error
+        # Unreadable, or addressed elsewhere, but claiming the genuine command's id.
+        unreadable = json.dumps({"cmd_id": str(signed.cmd_id), "body": 3}).encode()
+        ack = publish(sender, collector, unreadable, nil)
+        assert not ack.ok and str(signed.cmd_id) in (ack.error or "")
+        elsewhere = command(p.AutomationLevel.FULL, signed.cmd_id).model_copy(
+            update={"station": "press-99"})
+        ack = publish(sender, collector, elsewhere.to_json(), nil)
+        assert not ack.ok and "not signed" in (ack.error or "")
+        assert collector.acks(signed.cmd_id) == [], "a forgery answered for the real command"
         assert agent.automation == p.AutomationLevel.PARTIAL, "no refused command changed it"
 
-        # The genuine command, with the cmd_id a forgery already used, is still carried out.
+        # A stale copy (expired) does not use up the cmd_id: the fresh copy is carried out.
+        stale = sign_command(signed.model_copy(update={
+            "signature": None, "expires_at": datetime.now(UTC) - timedelta(minutes=1)}),
+            controller_key)
+        ack = publish(sender, collector, stale.to_json(), signed.cmd_id)
+        assert not ack.ok and "expired" in (ack.error or "")
         ack = publish(sender, collector, signed.to_json(), signed.cmd_id)
         assert ack.ok, ack.error
         assert ack.state_after and ack.state_after.automation == p.AutomationLevel.HUMAN_ONLY

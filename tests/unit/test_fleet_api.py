@@ -91,6 +91,18 @@ def test_a_plan_that_cannot_be_read_is_a_bad_request(
     assert controller.rollout is None
 
 
+def test_a_plan_whose_command_timeout_outlasts_the_command_ttl_is_a_bad_request(
+    client: FlaskClient, controller: Controller
+) -> None:
+    # A station refuses a command once it has expired: its ack could never come in time.
+    plan = f"command_timeout_s: {controller.config.command_ttl_s + 1:g}\n" + PLAN
+    status, error = start(client, plan)
+    assert status == 400 and "command_ttl_s" in error, (status, error)
+    assert controller.rollout is None
+    assert start(client, f"command_timeout_s: {controller.config.command_ttl_s:g}\n" + PLAN
+                 )[0] == 201
+
+
 # --- the candidate ----------------------------------------------------------------------------
 
 
