@@ -13,6 +13,7 @@ from flask import Blueprint, Flask, Response, abort, current_app, jsonify, reque
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
+from deploy.config import is_loopback
 from deploy.controller import CandidateError, Controller, RolloutConflict, bundle_file
 from deploy.plan import PlanError, RolloutPlan, parse_plan
 from deploy.rollout import (
@@ -42,9 +43,23 @@ def controller() -> Controller:
     return found
 
 
+def _host_name(header: str) -> str:
+    """The name or address in a Host header, without its port ("[::1]:8700" -> "::1")."""
+    if header.startswith("["):
+        return header[1:header.find("]")] if "]" in header else header
+    return header.rpartition(":")[0] if ":" in header else header
+
+
 def _require_token() -> None:
     token = controller().config.api_token
     if token is None:
+        # Only a controller on 127.0.0.1 runs without a token. A web page whose name resolves
+        # to 127.0.0.1 (DNS rebinding) would still reach it from a browser on this machine: it
+        # cannot send a Host that names this machine.
+        if not is_loopback(_host_name(request.host)):
+            abort(403, description=f"requests for host {request.host!r} are refused: without "
+                  "an api_token this controller takes them only addressed to 127.0.0.1 or "
+                  "localhost")
         return
     given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
     if not hmac.compare_digest(given.encode(), token.encode()):

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from linesight.config_file import load_model
 from linesight.mqtt import LinkConfig
@@ -39,8 +40,9 @@ class ControllerConfig(BaseModel):
         "once the station has forgotten its cmd_id)",
     )
     api_token: str | None = Field(
-        default=None, min_length=16,
-        description="when set, every request that changes something needs this bearer token",
+        default=None, min_length=16, validate_default=True,
+        description="when set, every request that changes something needs this bearer token; "
+        "required when http_host is reachable from other machines",
     )
     tick_s: float = Field(default=1.0, gt=0, le=60)
     offline_after_s: float = Field(
@@ -50,6 +52,36 @@ class ControllerConfig(BaseModel):
     retention_days: float = Field(
         default=30, gt=0, description="receipted messages older than this are pruned hourly"
     )
+
+
+    @field_validator("api_token")
+    @classmethod
+    def _token_guards_a_reachable_api(cls, token: str | None, info: ValidationInfo) -> str | None:
+        if token is not None and token.strip().lower() in EXAMPLE_TOKENS:
+            raise ValueError("is still the example's placeholder: set a random one, e.g. the "
+                             "output of `openssl rand -hex 24`")
+        host = info.data.get("http_host", "127.0.0.1")
+        if token is None and not is_loopback(host):
+            raise ValueError(
+                f"is required with http_host {host}: anyone who can reach that address could "
+                "start, approve or abort rollouts (or listen on 127.0.0.1 only)"
+            )
+        return token
+
+
+# The placeholders the shipped examples and the README show.
+EXAMPLE_TOKENS = frozenset({"replace-with-32-random-characters", "a long random string"})
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or name, without a port) is this machine only."""
+    host = host.strip("[]").lower()
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
 
 def _client_id(document: dict[str, Any]) -> None:

@@ -127,7 +127,11 @@ def test_the_shipped_example_configurations_are_valid() -> None:
     examples = Path(__file__).resolve().parents[2] / "deploy" / "systemd"
     station = load_config(examples / "station.yaml.example", {})
     assert station.command_key == Path("/etc/linesight/command.pub")
-    controller = load_controller_config(examples / "controller.yaml.example", {})
+    # Valid once its placeholder token is replaced; refused as shipped, so nobody runs with it.
+    with pytest.raises(ConfigError, match="api_token: .*placeholder"):
+        load_controller_config(examples / "controller.yaml.example", {})
+    controller = load_controller_config(examples / "controller.yaml.example",
+                                        {"api_token": "0123456789abcdef0123"})
     assert controller.command_key == Path("/etc/linesight/command.key")
 
 
