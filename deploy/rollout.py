@@ -237,12 +237,22 @@ def start(
 def restarted(state: RolloutState, now: datetime) -> RolloutState:
     """The rollout as a controller that starts at `now` takes it over. A command's timeout
     counts only time a controller could hear its ack: what the stations acked while none ran
-    is still on its way (behind their backlog), so every pending command waits anew."""
+    is still on its way (behind their backlog), so every pending command waits anew. For the
+    same reason an observing stage is not judged inconclusive before the evidence sent while
+    no controller ran has had `command_timeout_s` to come in."""
     pending = [
         command.model_copy(update={"first_sent": max(command.first_sent, now)})
         for command in state.pending
     ]
-    return state.model_copy(update={"pending": pending})
+    update: dict[str, Any] = {"pending": pending}
+    record = state.record
+    grace = now + timedelta(seconds=state.plan.command_timeout_s)
+    if (state.phase not in TERMINAL and record.step == StageStep.OBSERVING
+            and record.deadline is not None and record.deadline < grace):
+        stages = list(state.stages)
+        stages[state.stage] = record.model_copy(update={"deadline": grace})
+        update["stages"] = stages
+    return state.model_copy(update=update)
 
 
 # --- the transition ---------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+from deploy.gates import PairedEvidence
 from deploy.plan import parse_plan
 from deploy.rollout import (
     CandidateSpec,
@@ -12,6 +13,7 @@ from deploy.rollout import (
     Phase,
     RolloutState,
     SendCommand,
+    StageEvidence,
     StationView,
     Tick,
     restarted,
@@ -132,6 +134,25 @@ def test_after_a_restart_an_unanswered_command_still_times_out() -> None:
     state, sends = transition(state, Tick(FLEET), clock.step(2))
     assert state.phase == Phase.ROLLING_BACK and "no ack in 30 s" in state.reason
     assert [s.body.name for s in sends] == ["rollback"]
+
+
+def test_a_restart_past_a_stages_deadline_waits_for_the_evidence_sent_meanwhile() -> None:
+    state, clock = begin([{"name": "shadow", "stations": ["s1"], "mode": "shadow",
+                           "on_inconclusive": "rollback",
+                           "exit": {"min_parts": 100, "max_duration_s": 60}},
+                          {"name": "promote", "stations": ["s1"], "mode": "promote"}])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state, _ = transition(state, CommandAcked(sends[0].cmd_id, "s1", ok=True), clock.step())
+    assert state.record.step == "observing"
+    thin = StageEvidence(overall=PairedEvidence(parts=10, disagreements=0,
+                                                labelled_disagreements=0, candidate_right=0),
+                         escapes=PairedEvidence(parts=10, disagreements=0,
+                                                labelled_disagreements=0, candidate_right=0))
+    state = restarted(state, clock.step(600))  # down for ten minutes, past the 60 s deadline
+    state, _ = transition(state, Tick(FLEET, thin), clock.step())
+    assert state.phase == Phase.RUNNING, "judged before the stations' backlog could come in"
+    state, _ = transition(state, Tick(FLEET, thin), clock.step(30))
+    assert state.phase == Phase.ROLLING_BACK and "inconclusive" in state.reason
 
 
 # --- a station that was offline while its stage rolled back ----------------------------------
