@@ -669,16 +669,24 @@ class StationStore:
         """Delete every row with seq <= `upto_seq` (the controller's Receipt); return how many."""
         if upto_seq < -1:
             raise ValueError(f"upto_seq: must be at least -1, got {upto_seq}")
-        deleted = 0
+        deleted, rows = 0, _ACK_SLICE_ROWS
         while True:
-            with self._write() as conn:
-                oldest = conn.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]
-                if oldest is None or oldest > upto_seq:
-                    return deleted
-                bound = min(upto_seq, oldest + _ACK_SLICE_ROWS - 1)
-                count = conn.execute("DELETE FROM outbox WHERE seq <= ?", (bound,)).rowcount
-                conn.execute("UPDATE outbox_meta SET outbox_rows = outbox_rows - ?", (count,))
-                deleted += count
+            try:
+                with self._write() as conn:
+                    oldest = conn.execute("SELECT MIN(seq) FROM outbox").fetchone()[0]
+                    if oldest is None or oldest > upto_seq:
+                        return deleted
+                    bound = min(upto_seq, oldest + rows - 1)
+                    count = conn.execute("DELETE FROM outbox WHERE seq <= ?", (bound,)).rowcount
+                    conn.execute("UPDATE outbox_meta SET outbox_rows = outbox_rows - ?", (count,))
+                    deleted += count
+            except sqlite3.OperationalError as exc:
+                # A full disk: a delete needs journal space too, and a smaller one needs less.
+                # Without this, every receipt would retry the same slice and the outbox that
+                # fills the disk could never drain.
+                if exc.sqlite_errorcode != sqlite3.SQLITE_FULL or rows == 1:
+                    raise
+                rows = max(1, rows // 2)
 
     def receipted_upto(self) -> int:
         """The highest seq deleted on a receipt: every seq at or below it was receipted (rows

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import sqlite3
@@ -11,6 +12,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,6 +201,45 @@ def test_large_acknowledge_in_slices_counts_every_row(
     assert store.acknowledge(40) == 41
     assert store.outbox_depth() == 4
     assert store.pending(limit=1)[0].seq == 41
+
+
+class _FullDisk:
+    """A connection on a nearly full disk: a DELETE of more than `room` outbox rows fails as
+    SQLite does when its journal cannot grow (SQLITE_FULL)."""
+
+    def __init__(self, conn: sqlite3.Connection, room: int) -> None:
+        self.conn, self.room, self.refused = conn, room, 0
+
+    def execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        if sql.startswith("DELETE FROM outbox"):
+            rows = self.conn.execute("SELECT COUNT(*) FROM outbox WHERE seq <= ?",
+                                     params).fetchone()[0]
+            if rows > self.room:
+                self.refused += 1
+                full = sqlite3.OperationalError("database or disk is full")
+                full.sqlite_errorcode = sqlite3.SQLITE_FULL
+                raise full
+        return self.conn.execute(sql, params)
+
+
+def test_a_receipt_on_a_full_disk_still_drains_the_outbox_in_smaller_slices(
+    store: StationStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    for i in range(300):
+        store.enqueue(DECISION_TOPIC, 1, decision(f"p{i}"))
+    write = store._write
+    disk: list[_FullDisk] = []
+
+    @contextlib.contextmanager
+    def nearly_full(**kwargs: Any) -> Iterator[_FullDisk]:
+        with write(**kwargs) as conn:
+            disk.append(_FullDisk(conn, room=40))
+            yield disk[-1]
+
+    monkeypatch.setattr(store, "_write", nearly_full)
+    assert store.acknowledge(299) == 300
+    assert store.outbox_depth() == 0
+    assert any(d.refused for d in disk), "the disk never refused: nothing was tested"
 
 
 def test_failed_factory_spends_no_seq(store: StationStore) -> None:
