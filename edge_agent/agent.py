@@ -927,6 +927,7 @@ class Agent:
                 if now - last_quota > 60:
                     last_quota = now
                     self._enforce_quota()
+                self._check_broker_refusal()
                 if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
                     self._state_dirty.clear()
                     last_state = now
@@ -943,6 +944,15 @@ class Agent:
             except Exception:  # housekeeping must keep going  # noqa: BLE001
                 log.exception("housekeeping failed")
             self._stop.wait(0.25)
+
+    def _check_broker_refusal(self) -> None:
+        """A broker that refuses this station's credentials: a fault (on the station's own
+        screen and metrics, as nothing reaches the broker) until it takes them again."""
+        refused = self.link.fatal_error
+        if refused is None:
+            self._clear_faults("broker_refused")
+        else:
+            self._raise_fault("broker_refused", refused)
 
     def _supervise_relay(self, now: float) -> None:
         """Start a relay that died again (the outbox is the hand-over, so nothing is lost), with

@@ -155,6 +155,10 @@ class LinkConfig(BaseModel):
     keepalive: int = Field(default=30, ge=1, le=65535)
     backoff_min_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=30.0, gt=0)
+    # After a refusal no retry can fix by itself (bad credentials, not authorised): try again
+    # this seldom, so a corrected password file or ACL is picked up without a restart, and the
+    # broker's log is not flooded meanwhile.
+    refused_retry_s: float = Field(default=60.0, ge=0.1, le=3600)
     # False keeps the broker-side session (subscriptions + queued QoS 1 messages) across
     # disconnects, so a durable subscriber misses nothing while it is away.
     clean_start: bool = False
@@ -371,7 +375,9 @@ class MqttLink:
 
     @property
     def fatal_error(self) -> str | None:
-        """Why the link gave up for good (refused credentials, ...); None while it keeps trying."""
+        """Why the broker refused this client in a way no quick retry fixes (bad credentials,
+        not authorised, ...), until it takes the client again; the link still tries, every
+        `refused_retry_s`. None otherwise."""
         with self._lock:
             return self._fatal_error
 
@@ -536,10 +542,15 @@ class MqttLink:
             stopping = self._stopping
             self._connected = True
             self._last_failure = None
+            was_refused, self._fatal_error = self._fatal_error, None
             subscriptions = list(self._subscriptions)
             listeners = list(self._connect_listeners)
             stale = sorted(self._stale_filters - {sub.topic_filter for sub in subscriptions})
             self._state_changed.notify_all()
+        if was_refused is not None:  # back to the usual backoff for the next outage
+            config = self._config
+            client.reconnect_delay_set(config.backoff_min_s, config.backoff_max_s)  # type: ignore[arg-type]
+            logger.warning("mqtt link %s: the broker takes this client again", config.client_id)
         if stopping:
             # stop() raced with this connect: its disconnect() may have been overtaken.
             client.disconnect()
@@ -577,17 +588,20 @@ class MqttLink:
                 reason_code,
             )
             return
+        retry = self._config.refused_retry_s
         message = (
             f"broker {self._address.host}:{self._address.port} refused client "
-            f"{self._config.client_id!r}: {fatal} (reason code {reason_code.value}); "
-            "not retrying, fix the credentials or the broker's ACL"
+            f"{self._config.client_id!r}: {fatal} (reason code {reason_code.value}); fix the "
+            f"credentials or the broker's ACL (tried again every {retry:g} s)"
         )
         with self._lock:
+            known = self._fatal_error == message
             self._fatal_error = message
             self._state_changed.notify_all()
-        logger.error("mqtt link %s: %s", self._config.client_id, message)
-        # A disconnect from our side is what makes paho's loop end instead of reconnecting.
-        client.disconnect()
+        if not known:
+            logger.error("mqtt link %s: %s", self._config.client_id, message)
+        # paho's loop reconnects by itself; only seldom, until the broker takes us.
+        client.reconnect_delay_set(retry, retry)  # type: ignore[arg-type]
 
     def _on_disconnect(
         self,

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -336,7 +338,7 @@ def test_start_without_broker_connects_when_it_appears(
 
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 @pytest.mark.parametrize("use_tool", [True, False], ids=["mosquitto_passwd", "written"])
-def test_refused_credentials_stop_retrying(
+def test_refused_credentials_are_retried_seldom_and_taken_once_fixed(
     tmp_path: Path, make_link: LinkFactory, protocol: str, use_tool: bool
 ) -> None:
     if use_tool and shutil.which("mosquitto_passwd") is None:
@@ -353,6 +355,7 @@ def test_refused_credentials_stop_retrying(
             username="agent",
             password=password + "x",
             backoff_min_s=0.05,
+            refused_retry_s=2.0,
         )
         refused.start()
         started = time.monotonic()
@@ -365,6 +368,16 @@ def test_refused_credentials_stop_retrying(
         time.sleep(0.5)
         assert refused.connect_attempts == 1
         assert not refused.connected
+        # The broker's password file now takes that password (reloaded on SIGHUP): the link
+        # connects by itself at its next seldom try, with no restart.
+        write_password_file(tmp_path / "passwd", {"agent": password + "x"},
+                            use_mosquitto_passwd=use_tool)
+        assert secured.pid is not None
+        os.kill(secured.pid, signal.SIGHUP)
+        assert refused.wait_connected(WAIT_S) or wait_until(lambda: refused.connected)
+        assert refused.fatal_error is None
+        assert refused.connect_attempts <= 4, "retried at the usual backoff, not seldom"
+        password += "x"
 
         allowed = make_link(
             secured.url, "right-password", protocol=protocol, username="agent", password=password
