@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import signal
 import sys
@@ -223,8 +224,12 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 def run_sim(args: argparse.Namespace) -> int:
     if not 1 <= args.stations <= 50:
         raise ValueError("--stations must be between 1 and 50")
-    if args.rate <= 0:
-        raise ValueError("--rate must be > 0")
+    if not (math.isfinite(args.rate) and args.rate > 0):
+        raise ValueError(f"--rate must be a number > 0, got {args.rate}")
+    if not 0 <= args.operator_error <= 1:  # also refuses nan
+        raise ValueError(f"--operator-error must be between 0 and 1, got {args.operator_error}")
+    if not (math.isfinite(args.timeout) and args.timeout > 0):
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
     manifest = verify_bundle(args.candidate, load_public_key(args.key))
     plan = load_plan(args.plan)
     def say(text: str) -> None:
