@@ -173,7 +173,11 @@ class Envelope(Strict):
 
 
 class Fault(Strict):
-    code: str = Field(min_length=1, max_length=64, description="e.g. model_load, model_nan")
+    code: str = Field(
+        min_length=1, max_length=64,
+        description="e.g. active_load, candidate_inference, outbox_full, source: the table in "
+        "docs/agent.md lists them",
+    )
     message: str = Field(max_length=2000)
     model: ModelRef | None = None
     since: AwareDatetime

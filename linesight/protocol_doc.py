@@ -167,7 +167,10 @@ def render() -> str:
             f"{'yes' if delivery.retain else 'no'} | "
             f"{direction.get(name, 'station → controller')} |"
         )
+    trigger = topics.trigger("{station}")
     lines += [
+        f"| `{trigger}` | a part trigger: `{{\"part_id\": \"...\"}}` or an empty payload "
+        "([sources.md](sources.md#part-trigger)) | 0 or 1 | no | PLC gateway → station |",
         "",
         "## Every message",
         "",
