@@ -83,6 +83,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reset.set_defaults(handler=_operator_reset)
 
 
+# UiConfig's fields that `linesight ui` sets from a flag of another name.
+_FLAG_OF = {
+    "idle_timeout_s": "--idle-timeout", "shift_hours": "--shift-hours",
+    "shift_anchor_hour": "--shift-start", "outbox_warn": "--outbox-warn",
+}
+
+
 def _fail(command: str, message: str) -> int:
     print(f"linesight {command}: error: {message}", file=sys.stderr)
     return 2
@@ -134,16 +141,20 @@ def _serve_checked(args: argparse.Namespace) -> int:
         raise CommandError("--threads: at least 1")
     args.data_dir.mkdir(parents=True, exist_ok=True)
     secret = load_secret(args.secret_file or args.data_dir / SECRET_FILE)
-    config = UiConfig(
-        data_dir=args.data_dir,
-        secret_key=secret,
-        idle_timeout_s=args.idle_timeout,
-        max_automation=AutomationLevel(args.max_automation),
-        shift_hours=args.shift_hours,
-        shift_anchor_hour=args.shift_start,
-        outbox_warn=args.outbox_warn,
-        secure_cookie=args.secure_cookie,
-    )
+    try:
+        config = UiConfig(
+            data_dir=args.data_dir,
+            secret_key=secret,
+            idle_timeout_s=args.idle_timeout,
+            max_automation=AutomationLevel(args.max_automation),
+            shift_hours=args.shift_hours,
+            shift_anchor_hour=args.shift_start,
+            outbox_warn=args.outbox_warn,
+            secure_cookie=args.secure_cookie,
+        )
+    except ValueError as exc:  # named by its field: say which flag the user typed instead
+        field, _, reason = str(exc).partition(": ")
+        raise CommandError(f"{_FLAG_OF.get(field, field)}: {reason}") from exc
     try:
         store = StationStore(args.data_dir)
     except StoreError as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -49,8 +50,9 @@ class UiConfig:
     def __post_init__(self) -> None:
         if len(self.secret_key) < 16:
             raise ValueError("secret_key: at least 16 bytes required")
-        if self.idle_timeout_s <= 0:
-            raise ValueError("idle_timeout_s: must be positive")
+        if not (math.isfinite(self.idle_timeout_s) and self.idle_timeout_s > 0):
+            raise ValueError(f"idle_timeout_s: must be a number of seconds > 0, got "
+                             f"{self.idle_timeout_s}")
         if not 1 <= self.shift_hours <= 24 or 24 % self.shift_hours:
             raise ValueError("shift_hours: must divide 24 (e.g. 8 or 12)")
         if not 0 <= self.shift_anchor_hour <= 23:
