@@ -293,6 +293,27 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = Path(os.environ.get("LINESIGHT_SCREENSHOTS") or REPO / ".cache" / "screenshots")
 
 
+@contextlib.contextmanager
+def station_ui_server(store: Any, secret: bytes) -> Iterator[str]:
+    """The station UI over `store` on a free port of 127.0.0.1 (werkzeug, threaded); its
+    base URL."""
+    from werkzeug.serving import make_server
+
+    from station_ui.app import create_app as create_ui_app
+    from station_ui.config import UiConfig
+
+    config = UiConfig(data_dir=store.data_dir, secret_key=secret, poll_interval_ms=500)
+    server = make_server("127.0.0.1", 0, create_ui_app(config, store), threaded=True)
+    thread = threading.Thread(target=server.serve_forever, name="station-ui", daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)
+
+
 def launch_chromium(playwright: Any) -> Any:
     return playwright.chromium.launch(
         executable_path=str(CHROMIUM) if CHROMIUM.exists() else None,

@@ -13,14 +13,11 @@ from typing import Any
 import cv2
 import numpy as np
 import pytest
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from edge_agent.agent import Agent
 from edge_agent.store import ReviewItem, StationStore
 from linesight import protocol as p
 from linesight.broker import Broker
-from station_ui.app import create_app
-from station_ui.config import UiConfig
 from station_ui.security import hash_pin
 from tests.support import (
     HAVE_CHROMIUM,
@@ -31,6 +28,7 @@ from tests.support import (
     Receipter,
     launch_chromium,
     station_config,
+    station_ui_server,
     wait_for,
     watched_page,
 )
@@ -52,17 +50,10 @@ def ui_server(tmp_path: Path) -> Iterator[tuple[str, StationStore]]:
     """The station UI on a free port, on the store the agent will write to."""
     store = StationStore(tmp_path / "station")
     store.upsert_operator(BADGE, "Robin Line", "supervisor", hash_pin(PIN))
-    config = UiConfig(data_dir=store.data_dir, secret_key=b"browser-test-key" * 2,
-                      poll_interval_ms=500)
-    server: BaseWSGIServer = make_server("127.0.0.1", 0, create_app(config, store), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="station-ui", daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", store
+        with station_ui_server(store, b"browser-test-key" * 2) as base:
+            yield base, store
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
         store.close()
 
 

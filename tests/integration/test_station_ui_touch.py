@@ -3,20 +3,23 @@ judges the part that replaces it."""
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from edge_agent.store import ReviewItem, StationStore
-from station_ui.app import create_app
-from station_ui.config import UiConfig
 from station_ui.security import hash_pin
-from tests.support import HAVE_CHROMIUM, NO_CHROMIUM, launch_chromium, wait_for, watched_page
+from tests.support import (
+    HAVE_CHROMIUM,
+    NO_CHROMIUM,
+    launch_chromium,
+    station_ui_server,
+    wait_for,
+    watched_page,
+)
 
 BADGE = "op-31"
 PIN = "1357"
@@ -32,17 +35,10 @@ pytestmark = [
 def screen(tmp_path: Path) -> Iterator[tuple[str, StationStore]]:
     store = StationStore(tmp_path / "station")
     store.upsert_operator(BADGE, "Robin Line", "operator", hash_pin(PIN))
-    config = UiConfig(data_dir=store.data_dir, secret_key=b"touch-test-key!!" * 2,
-                      poll_interval_ms=500)
-    server: BaseWSGIServer = make_server("127.0.0.1", 0, create_app(config, store), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="station-ui", daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", store
+        with station_ui_server(store, b"touch-test-key!!" * 2) as base:
+            yield base, store
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
         store.close()
 
 

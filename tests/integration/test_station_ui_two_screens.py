@@ -6,20 +6,22 @@ judge parts on both."""
 from __future__ import annotations
 
 import contextlib
-import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
-from werkzeug.serving import BaseWSGIServer, make_server
 
 from edge_agent.store import ReviewItem, StationStore
-from station_ui.app import create_app
-from station_ui.config import UiConfig
 from station_ui.security import hash_pin
-from tests.support import HAVE_CHROMIUM, NO_CHROMIUM, launch_chromium, wait_for
+from tests.support import (
+    HAVE_CHROMIUM,
+    NO_CHROMIUM,
+    launch_chromium,
+    station_ui_server,
+    wait_for,
+)
 
 BADGE = "1001"  # the demo's operator, on every station
 PIN = "2468"
@@ -42,16 +44,10 @@ def station_screen(data_dir: Path, secret: bytes) -> Iterator[tuple[str, Station
         suggestion="defect", confidence=0.62, model_label="defect", candidate_label=None,
         active_version="1.0.0", candidate_version=None, image_jpeg=JPEG,
     ))
-    config = UiConfig(data_dir=store.data_dir, secret_key=secret, poll_interval_ms=500)
-    server: BaseWSGIServer = make_server("127.0.0.1", 0, create_app(config, store), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="station-ui", daemon=True)
-    thread.start()
     try:
-        yield f"http://127.0.0.1:{server.server_port}", store
+        with station_ui_server(store, secret) as base:
+            yield base, store
     finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
         store.close()
 
 
