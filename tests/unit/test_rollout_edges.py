@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from deploy.gates import PairedEvidence
 from deploy.plan import parse_plan
 from deploy.rollout import (
-    CandidateSpec,
     CommandAcked,
     Phase,
     RolloutState,
@@ -20,23 +18,7 @@ from deploy.rollout import (
     start,
     transition,
 )
-from linesight import protocol as p
-
-T0 = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
-CANDIDATE = CandidateSpec(
-    model=p.ModelRef(name="part-classifier", version="2.0.0", sha256="b" * 64),
-    url="http://fleet:8700/bundles/part-classifier/2.0.0/", signature="c2ln",
-)
-FLEET = {name: StationView(online=True, labels={"line": "A"}) for name in ("s1", "s2", "s3")}
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = T0
-
-    def step(self, seconds: float = 1.0) -> datetime:
-        self.now += timedelta(seconds=seconds)
-        return self.now
+from tests.unit.test_rollout import CANDIDATE, FLEET, Clock
 
 
 def begin(stages: list[dict[str, Any]]) -> tuple[RolloutState, Clock]:
