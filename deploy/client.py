@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
 
 class ControllerUnavailable(Exception):
     """Nothing answers at the controller's address."""
+
+
+class NotAController(ControllerUnavailable):
+    """Something answers at the controller's address, but not the way the controller's API does."""
 
 
 class ControllerError(Exception):
@@ -38,19 +44,47 @@ class ControllerClient:
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
-                return json.loads(response.read() or b"null")
+                raw = response.read()
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read()).get("error", exc.reason)
             except (ValueError, AttributeError):
                 message = exc.reason
             raise ControllerError(exc.code, str(message)) from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            reason = getattr(exc, "reason", exc)
+        except http.client.InvalidURL as exc:
+            raise ValueError(f"controller URL {self.url!r} is not usable: {exc}") from exc
+        except TimeoutError as exc:
+            # The request went out (urllib wraps what fails while connecting or sending in a
+            # URLError): it may still take effect, the controller is there but slow.
             raise ControllerUnavailable(
-                f"no controller is running at {self.url} ({reason}); start one with "
+                f"the controller at {self.url} did not answer within {self.timeout:g} s; "
+                "what was asked may still happen: check with 'linesight fleet rollout status'"
+            ) from exc
+        except urllib.error.URLError as exc:
+            raise ControllerUnavailable(
+                f"no controller is running at {self.url} ({exc.reason}); start one with "
                 "'linesight fleet serve' or pass --controller URL"
             ) from exc
+        except ConnectionError as exc:
+            raise ControllerUnavailable(
+                f"no controller is running at {self.url} ({exc}); start one with "
+                "'linesight fleet serve' or pass --controller URL"
+            ) from exc
+        except http.client.HTTPException as exc:
+            raise NotAController(self._not_a_controller(path, f"not HTTP: {exc!r}")) from exc
+        try:
+            return json.loads(raw or b"null")
+        except ValueError as exc:
+            raise NotAController(self._not_a_controller(path, "not JSON")) from exc
+
+    def _not_a_controller(self, path: str, what: str) -> str:
+        return (f"{self.url} does not answer like a Linesight controller ({path}: {what}); "
+                "is --controller the fleet controller's address?")
+
+    def _object(self, path: str, answer: Any, key: str) -> dict[str, Any]:
+        if not isinstance(answer, dict) or key not in answer:
+            raise NotAController(self._not_a_controller(path, f"no {key!r} in the answer"))
+        return answer
 
     def get(self, path: str) -> Any:
         return self._call("GET", path)
@@ -58,28 +92,36 @@ class ControllerClient:
     def post(self, path: str, body: dict[str, Any] | None = None) -> Any:
         return self._call("POST", path, body or {})
 
+    def stations(self) -> list[dict[str, Any]]:
+        path = "/api/stations"
+        stations = self._object(path, self.get(path), "stations")["stations"]
+        if not isinstance(stations, list) or not all(isinstance(s, dict) for s in stations):
+            raise NotAController(self._not_a_controller(path, "'stations' is not a list"))
+        return stations
+
     def start_rollout(self, plan_yaml: str, name: str, version: str) -> dict[str, Any]:
-        result: dict[str, Any] = self.post(
-            "/api/rollouts",
-            {"plan_yaml": plan_yaml, "candidate": {"name": name, "version": version}},
+        path = "/api/rollouts"
+        answer = self.post(
+            path, {"plan_yaml": plan_yaml, "candidate": {"name": name, "version": version}}
         )
-        return result
+        return self._object(path, answer, "rollout_id")
 
     def current(self) -> dict[str, Any] | None:
+        path = "/api/rollouts/current"
         try:
-            result: dict[str, Any] = self.get("/api/rollouts/current")
+            answer = self.get(path)
         except ControllerError as exc:
             if exc.status == 404:
                 return None
             raise
-        return result
+        return self._object(path, answer, "rollout_id")
 
     def act(self, action: str, rollout_id: str = "current", *, by: str = "cli",
             reason: str = "") -> dict[str, Any]:
-        result: dict[str, Any] = self.post(
-            f"/api/rollouts/{rollout_id}/{action}", {"by": by, "reason": reason}
-        )
-        return result
+        # Quoted: an id with a space or a slash is one path segment, refused by the controller.
+        path = (f"/api/rollouts/{urllib.parse.quote(rollout_id, safe='')}/"
+                f"{urllib.parse.quote(action, safe='')}")
+        return self._object(path, self.post(path, {"by": by, "reason": reason}), "rollout_id")
 
 
 def format_rollout(doc: dict[str, Any]) -> str:

@@ -347,7 +347,12 @@ def _fleet_serve(args: argparse.Namespace) -> int:
         "public_url": args.public_url, "topic_prefix": args.topic_prefix,
     }))
     controller = Controller(config)
-    server = HttpServer(create_app(controller), config.http_host, config.http_port)
+    try:
+        server = HttpServer(create_app(controller), config.http_host, config.http_port)
+    except OSError as exc:
+        controller.store.close()
+        raise UsageError(f"cannot serve the API on {config.http_host}:{config.http_port}: "
+                         f"{exc.strerror or exc}") from exc
     stopped = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:
@@ -366,7 +371,7 @@ def _fleet_serve(args: argparse.Namespace) -> int:
 
 
 def _fleet_stations(args: argparse.Namespace) -> int:
-    for station in _client(args).get("/api/stations")["stations"]:
+    for station in _client(args).stations():
         state = station["state"] or {}
         active = (state.get("active") or {}).get("version", "-")
         candidate = (state.get("candidate") or {}).get("version", "-")
@@ -381,9 +386,12 @@ def _rollout_start(args: argparse.Namespace) -> int:
     if not sep or not name or not version:
         raise UsageError("--candidate must be NAME:VERSION, e.g. part-classifier:2.0.0")
     try:
-        plan_text = args.plan.read_text()
+        plan_text = args.plan.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError(f"cannot read plan {args.plan}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise UsageError(f"plan {args.plan} is not UTF-8 text (byte {exc.start}: "
+                         f"{exc.reason})") from exc
     from deploy.client import format_rollout
 
     print(format_rollout(_client(args).start_rollout(plan_text, name, version)))

@@ -22,9 +22,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from deploy.client import ControllerClient, ControllerError, ControllerUnavailable, format_rollout
 from deploy.fleet_store import SqliteFleetStore
 from deploy.rollout import RolloutState
+from edge_agent.sources import SourceOptions
 from edge_agent.store import StationStore
 from linesight.artifacts import generate_keypair
 from linesight.broker import Broker, free_port
@@ -42,8 +45,13 @@ ROOT = Path(__file__).resolve().parents[1]
 MODELS = ROOT / "models"
 STATIONS = ("press-01", "press-02", "press-03")
 SCENARIOS = {"good": "2.0.0", "regressed": "2.1.0"}
+MARKER = ".linesight-demo"  # in every workdir a demo made: only such a folder is wiped
 OPERATOR = ("1001", "Demo operator", "operator", "2468")
 SUPERVISOR = ("9001", "Demo supervisor", "supervisor", "1357")
+
+
+class LineFailed(RuntimeError):
+    """A piece of the line died or did not come up; the message says which and where to look."""
 
 
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,7 +64,8 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     demo.add_argument("--scenario", choices=sorted(SCENARIOS), default="good",
                       help="good: roll out 2.0.0 (promoted); regressed: 2.1.0 (rolled back)")
     demo.add_argument("--workdir", type=Path, default=Path(".demo"),
-                      help="where the demo keeps its data and logs (wiped at start)")
+                      help="where the demo keeps its data and logs: a new or empty folder, or a "
+                      "previous demo's, which is removed at start (default .demo)")
     demo.add_argument("--rate", type=float, default=10.0, help="parts per second per station")
     demo.add_argument("--operator-delay", type=float, default=4.0,
                       help="seconds the simulated operators leave a part for a person")
@@ -117,7 +126,7 @@ class Line:
     def check_alive(self) -> None:
         for name, process in self.processes.items():
             if process.poll() is not None:
-                raise RuntimeError(
+                raise LineFailed(
                     f"{name} exited with status {process.returncode}; see "
                     f"{self.workdir / 'logs' / (name + '.log')}"
                 )
@@ -170,13 +179,9 @@ def _create_operators(data_dir: Path) -> None:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    if args.rate <= 0:
-        raise ValueError("--rate must be > 0")
+    _check_rate(args.rate)
     version = SCENARIOS[args.scenario]
-    workdir: Path = args.workdir.resolve()
-    if workdir.exists():
-        shutil.rmtree(workdir)
-    workdir.mkdir(parents=True)
+    workdir = _fresh_workdir(args.workdir.resolve())
     line = Line(workdir)
     # Ctrl-C arrives as KeyboardInterrupt, also when this process was started with SIGINT
     # ignored (a background job of a script inherits that); `kill`, a service manager or a closed
@@ -189,6 +194,9 @@ def run_demo(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\nstopping the line ...", flush=True)
         return 130
+    except LineFailed as exc:
+        print(f"linesight demo: error: {exc}", file=sys.stderr, flush=True)
+        return 1
     except Stopped as stopped:
         print(f"\n{signal.Signals(stopped.signum).name}: stopping the line ...", flush=True)
         return 128 + stopped.signum
@@ -200,6 +208,39 @@ def run_demo(args: argparse.Namespace) -> int:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
         print(f"stopped; data and logs are in {workdir}", flush=True)
+
+
+def _check_rate(rate: float) -> None:
+    """Refuse a --rate the stations' synthetic source would refuse, before the line starts."""
+    try:
+        SourceOptions(rate_hz=rate)
+    except ValidationError as exc:
+        raise ValueError(
+            f"--rate must be a number of parts per second a station takes, not {rate:g}: "
+            f"{exc.errors()[0]['msg']}"
+        ) from exc
+
+
+def _fresh_workdir(workdir: Path) -> Path:
+    """`workdir` emptied for a new run: new, empty, or a previous demo's (which is removed).
+    Any other folder is refused, so that a mistyped --workdir deletes nothing of the user's."""
+    if workdir.exists() or workdir.is_symlink():
+        if not workdir.is_dir() or workdir.is_symlink():
+            raise ValueError(f"--workdir {workdir} is not a folder (or is a symbolic link)")
+        # Demos before the marker left processes.json and logs/ behind.
+        made_by_demo = (workdir / MARKER).is_file() or (
+            (workdir / "processes.json").is_file() and (workdir / "logs").is_dir())
+        if made_by_demo:
+            print(f"removing the previous demo's data in {workdir}", flush=True)
+            shutil.rmtree(workdir)
+        elif any(workdir.iterdir()):
+            raise ValueError(
+                f"--workdir {workdir} holds files that no demo made; the demo empties its "
+                "workdir at start, so give it a new or empty folder"
+            )
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / MARKER).write_text("made by 'linesight demo'; emptied by the next run\n")
+    return workdir
 
 
 def _run(line: Line, args: argparse.Namespace, version: str) -> int:
@@ -271,7 +312,7 @@ def _wait_for_stations(client: ControllerClient, line: Line) -> None:
         except (ControllerUnavailable, ControllerError):
             pass
         time.sleep(0.5)
-    raise RuntimeError("the stations did not come online within 60 s; see the logs")
+    raise LineFailed("the stations did not come online within 60 s; see the logs")
 
 
 def _follow(client: ControllerClient, line: Line, timeout: float) -> dict[str, Any] | None:

@@ -1,0 +1,34 @@
+"""`linesight agent --config FILE` and `linesight fleet serve --config FILE` with a file that
+cannot be a configuration: each is refused with exit status 2 and a message naming the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from linesight.cli import main
+
+
+@pytest.mark.parametrize("command", [["agent"], ["fleet", "serve"]])
+@pytest.mark.parametrize(("content", "expected"), [
+    (b"\xff\xfe station: s1\n", "is not UTF-8 text"),
+    (b"- a\n- b\n", "must hold a mapping of keys, not list"),
+    (b"station: [\n", "is not valid YAML"),
+])
+def test_a_config_file_that_is_not_a_configuration_is_named(
+    command: list[str], content: bytes, expected: str, tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    config = tmp_path / "station.yaml"
+    config.write_bytes(content)
+    assert main([*command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {config} {expected}" in err
+
+
+def test_a_config_path_that_is_a_folder_is_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["agent", "--config", str(tmp_path)]) == 2
+    assert f"error: cannot read {tmp_path}: Is a directory" in capsys.readouterr().err
