@@ -31,6 +31,7 @@ from edge_agent.sources import SourceOptions
 from edge_agent.store import StationStore
 from linesight.artifacts import generate_keypair
 from linesight.broker import Broker, free_port
+from linesight.demo_models import models_dir, require_bundle
 from linesight.sim import SimulatedOperator, summarise
 from linesight.stop_signals import (
     STOP_SIGNALS,
@@ -42,7 +43,7 @@ from linesight.stop_signals import (
 from station_ui.security import hash_pin
 
 ROOT = Path(__file__).resolve().parents[1]
-MODELS = ROOT / "models"
+MODELS = models_dir()
 STATIONS = ("press-01", "press-02", "press-03")
 SCENARIOS = {"good": "2.0.0", "regressed": "2.1.0"}
 MARKER = ".linesight-demo"  # in every workdir a demo made: only such a folder is wiped
@@ -181,6 +182,8 @@ def _create_operators(data_dir: Path) -> None:
 def run_demo(args: argparse.Namespace) -> int:
     _check_rate(args.rate)
     version = SCENARIOS[args.scenario]
+    for bundle in ("1.0.0", version):
+        require_bundle(MODELS / "part-classifier" / bundle)
     workdir = _fresh_workdir(args.workdir.resolve())
     line = Line(workdir)
     # Ctrl-C arrives as KeyboardInterrupt, also when this process was started with SIGINT

@@ -33,6 +33,7 @@ from edge_agent.store import StationStore
 from edge_agent.synthetic import PartGenerator, parse_part_id
 from linesight.artifacts import load_public_key, verify_bundle
 from linesight.broker import free_port, start_broker
+from linesight.demo_models import models_dir, require_bundle
 from linesight.http_server import HttpServer
 from linesight.protocol import Action, DecidedBy
 from linesight.stop_signals import STOP_SIGNALS, Stopped, StopSignals
@@ -194,7 +195,7 @@ def summarise(
 # --- `linesight sim` -----------------------------------------------------------------------
 
 DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "deploy" / "plans" / "shadow-first.yaml"
-MODELS = Path(__file__).resolve().parents[1] / "models"
+MODELS = models_dir()
 
 
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -230,6 +231,7 @@ def run_sim(args: argparse.Namespace) -> int:
         raise ValueError(f"--operator-error must be between 0 and 1, got {args.operator_error}")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
         raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    require_bundle(args.active)
     manifest = verify_bundle(args.candidate, load_public_key(args.key))
     plan = load_plan(args.plan)
     def say(text: str) -> None:
