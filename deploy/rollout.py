@@ -540,13 +540,17 @@ def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
 
 
 def _settle_stranded(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
-    """The late ack of a rollback given up on: the station carried out one of its copies."""
+    """The late ack of a rollback given up on. Carried out, it settles the rollback; refused
+    (typically a copy that expired while the station was away), the rollback is still owed:
+    the next ticks send a new one if the station still holds the candidate."""
     match = next((c for c in state.stranded if c.cmd_id == event.cmd_id), None)
     if match is None or match.station != event.station:
         return state, []
+    if not event.ok:
+        return _note(state, now, f"{match.station} refused a late copy of its rollback "
+                     f"({event.error}); still owed"), []
     stranded = [c for c in state.stranded if c.cmd_id != event.cmd_id]
-    verdict = "rolled back" if event.ok else f"could not roll back: {event.error}"
-    return _note(state, now, f"{match.station} {verdict} (a late ack)", stranded=stranded), []
+    return _note(state, now, f"{match.station} rolled back (a late ack)", stranded=stranded), []
 
 
 def _chase_stranded(state: RolloutState, event: Tick, now: datetime) -> Result:

@@ -203,6 +203,17 @@ def test_the_late_ack_of_a_rollback_given_up_on_settles_it() -> None:
     assert sends == []
 
 
+def test_a_refused_late_copy_leaves_the_rollback_owed() -> None:
+    """Back after its rollback expired, the station first refuses the copy the broker kept
+    for it (expired): the rollback is still owed, and a new one goes out."""
+    state, clock, cmd_id = rolled_back_while_s2_was_away()
+    state, _ = transition(state, CommandAcked(cmd_id, "s2", ok=False,
+                                              error="command expired at ..."), clock.step(TTL))
+    assert [c.station for c in state.stranded] == ["s2"]
+    state, sends = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(60))
+    assert [(s.station, s.body.name) for s in sends] == [("s2", "rollback")]
+
+
 def test_a_station_fault_is_named_in_the_reason() -> None:
     """Any fault a station reports fails its stage; the reason says which (not every fault is
     a model's: an operator backlog over the review quota is one too)."""
