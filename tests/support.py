@@ -171,10 +171,10 @@ def queued_for_session(config: LinkConfig, topic: str, publisher: MqttLink) -> l
 
 
 @contextlib.contextmanager
-def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]:
-    """A real HTTP server on a free 127.0.0.1 port, in a thread; yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    thread = threading.Thread(target=server.serve_forever, name="http-server", daemon=True)
+def _serving(server: Any, name: str) -> Iterator[str]:
+    """Run a socketserver-style `server` (serve_forever, shutdown, server_close, server_port)
+    on a thread; yields its base URL, and stops it after."""
+    thread = threading.Thread(target=server.serve_forever, name=name, daemon=True)
     thread.start()
     try:
         yield f"http://127.0.0.1:{server.server_port}"
@@ -182,6 +182,13 @@ def http_server(handler: Callable[..., BaseHTTPRequestHandler]) -> Iterator[str]
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+def http_server(
+    handler: Callable[..., BaseHTTPRequestHandler],
+) -> contextlib.AbstractContextManager[str]:
+    """A real HTTP server on a free 127.0.0.1 port, in a thread; yields its base URL."""
+    return _serving(ThreadingHTTPServer(("127.0.0.1", 0), handler), "http-server")
 
 
 class QuietFiles(SimpleHTTPRequestHandler):
@@ -293,9 +300,8 @@ CHROMIUM_ARGS = [
 SCREENSHOTS = Path(os.environ.get("LINESIGHT_SCREENSHOTS") or REPO / ".cache" / "screenshots")
 
 
-@contextlib.contextmanager
-def station_ui_server(store: Any, secret: bytes) -> Iterator[str]:
-    """The station UI over `store` on a free port of 127.0.0.1 (werkzeug, threaded); its
+def station_ui_server(store: Any, secret: bytes) -> contextlib.AbstractContextManager[str]:
+    """The station UI over `store` on a free port of 127.0.0.1 (werkzeug, threaded); yields its
     base URL."""
     from werkzeug.serving import make_server
 
@@ -304,14 +310,7 @@ def station_ui_server(store: Any, secret: bytes) -> Iterator[str]:
 
     config = UiConfig(data_dir=store.data_dir, secret_key=secret, poll_interval_ms=500)
     server = make_server("127.0.0.1", 0, create_ui_app(config, store), threaded=True)
-    thread = threading.Thread(target=server.serve_forever, name="station-ui", daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_port}"
-    finally:
-        server.shutdown()
-        server.server_close()
-        thread.join(timeout=5)
+    return _serving(server, "station-ui")
 
 
 def launch_chromium(playwright: Any) -> Any:
