@@ -90,8 +90,9 @@
   const model = (ref) => (ref ? `${ref.name} ${ref.version}` : "—");
   const words = (value) => String(value || "").replace(/_/g, " ");
 
-  async function getJson(url) {
+  async function getJson(url, missing) {
     const response = await fetch(url, { cache: "no-store", headers: { Accept: "application/json" } });
+    if (response.status === 404 && missing !== undefined) return missing;
     if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
     return response.json();
   }
@@ -138,6 +139,9 @@
     shownRollout = rollout;
     renderPhase(rollout);
     byId("rollout-none").hidden = Boolean(rollout);
+    byId("rollout-none").textContent = pinnedRollout
+      ? `This controller has no rollout ${pinnedRollout}.`
+      : "No rollout has run on this controller since it started.";
     byId("rollout-body").hidden = !rollout;
     renderControls(rollout);
     if (!rollout) {
@@ -156,9 +160,12 @@
     reason.className = `reason reason-${rollout.phase_detail}`;
     byId("stages").replaceChildren(...rollout.stages.flatMap((s) => stageRow(s, rollout.stage, rollout)));
 
-    const pending = rollout.pending_commands || [];
-    byId("pending").replaceChildren(...(pending.length
-      ? pending.map((c) => el("li", "", `${words(c.command)} → ${c.station} (sent ${c.attempts}×)`))
+    const pending = (rollout.pending_commands || [])
+      .map((c) => el("li", "", `${words(c.command)} → ${c.station} (sent ${c.attempts}×)`));
+    // Stations that never answered their rollback: they may still run the candidate.
+    const owed = (rollout.rollbacks_owed || [])
+      .map((station) => el("li", "owed", `rollback owed → ${station} (sent again if it comes back holding the candidate)`));
+    byId("pending").replaceChildren(...(pending.length || owed.length ? [...pending, ...owed]
       : [el("li", "muted", "none waiting for an ack")]));
 
     const lines = (rollout.history || []).slice(-20).reverse();
@@ -532,9 +539,10 @@
         getJson("/api/stations"),
         getJson(`/api/series?minutes=${WINDOW_MIN}&bucket_s=${BUCKET_S}`),
         getJson("/api/rollouts"),
-        rolloutId ? getJson(`/api/rollouts/${encodeURIComponent(rolloutId)}`) : Promise.resolve(null),
+        // A rollout this controller does not have (a mistyped link) is no reason to stop.
+        rolloutId ? getJson(`/api/rollouts/${encodeURIComponent(rolloutId)}`, null) : Promise.resolve(null),
       ]);
-      if (rolloutId) await loadPlan(rolloutId);
+      if (rollout) await loadPlan(rolloutId);
       const brokerPill = byId("broker");
       brokerPill.textContent = health.broker_connected ? "broker connected" : "broker DISCONNECTED";
       brokerPill.className = `pill ${health.broker_connected ? "pill-on" : "pill-off"}`;
