@@ -26,6 +26,8 @@ CPU_PROVIDER = "CPUExecutionProvider"
 # Softmax in float32 can miss 0 and 1 and a unit row sum by a few ulps.
 _PROBABILITY_TOLERANCE = 1e-3
 _ONNX_DTYPES = {"float32": "tensor(float)", "uint8": "tensor(uint8)"}
+# An integer or boolean row is an argmax (one-hot), not probabilities: it must not decide a part.
+_PROBABILITY_TYPES = ("tensor(float)", "tensor(float16)", "tensor(double)")
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,6 +101,11 @@ def check_graph(session: ort.InferenceSession, manifest: Manifest) -> None:
     out_name = manifest.output.name
     if out_name not in outputs:
         raise InferenceError(f"model has no output {out_name!r} (outputs: {sorted(outputs)})")
+    out_type = outputs[out_name].type
+    if out_type not in _PROBABILITY_TYPES:
+        raise InferenceError(
+            f"output {out_name!r} is {out_type}, not floating-point probabilities"
+        )
     out_shape = outputs[out_name].shape
     if len(out_shape) != 2:
         raise InferenceError(f"output {out_name!r} has rank {len(out_shape)}, expected 2")
@@ -113,6 +120,8 @@ def probability_row(output: object, labels: int) -> tuple[float, ...]:
     """The one row of a batch-of-one output, checked to be a probability distribution."""
     if not isinstance(output, np.ndarray):
         raise InferenceError(f"output is {type(output).__name__}, not a tensor")
+    if output.dtype.kind != "f":
+        raise InferenceError(f"output is {output.dtype}, not floating-point probabilities")
     if output.shape != (1, labels):
         raise InferenceError(f"output shape {output.shape}, expected (1, {labels})")
     # Plain Python on a two-element row: numpy's per-call overhead dominated here.
@@ -157,9 +166,10 @@ class ModelSession:
         check_graph(self._session, manifest)
         self._input = manifest.input.name
         self._output = manifest.output.name
-        # The first run allocates and plans; pay that at load, not on the first part.
+        # The first run allocates and plans; pay that at load, not on the first part. A black
+        # frame may well be a tie, so only the form of the answer is checked here.
         spec = manifest.input
-        self.predict(np.zeros((spec.height, spec.width, 3), np.uint8))
+        self._probabilities(preprocess(np.zeros((spec.height, spec.width, 3), np.uint8), spec))
 
     @property
     def providers(self) -> list[str]:
@@ -175,14 +185,20 @@ class ModelSession:
         """Judge an already preprocessed batch of one; latency covers the run only."""
         return self._run(tensor, time.perf_counter())
 
-    def _run(self, tensor: np.ndarray, start: float) -> Prediction:
+    def _probabilities(self, tensor: np.ndarray) -> tuple[float, ...]:
         try:
             outputs = self._session.run([self._output], {self._input: tensor})
         except Exception as exc:  # onnxruntime's errors share no public base class
             raise InferenceError(f"runtime error in {self.manifest.name}: {exc}") from exc
-        probabilities = probability_row(outputs[0], len(self.manifest.labels))
+        return probability_row(outputs[0], len(self.manifest.labels))
+
+    def _run(self, tensor: np.ndarray, start: float) -> Prediction:
+        probabilities = self._probabilities(tensor)
         latency_ms = (time.perf_counter() - start) * 1000.0
         best = max(range(len(probabilities)), key=probabilities.__getitem__)
+        if probabilities.count(probabilities[best]) > 1:
+            # Taking the first listed label would decide by label order (often "ok" first).
+            raise InferenceError(f"no label wins: probabilities {list(probabilities)} tie")
         return Prediction(
             label=self.manifest.labels[best],
             confidence=probabilities[best],

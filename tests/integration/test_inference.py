@@ -86,12 +86,14 @@ def write_bundle(
 
 
 def half_and_half(tmp_path: Path) -> tuple[Path, Manifest]:
-    """A valid model that answers [0.5, 0.5] for every image."""
+    """A valid model that answers [0.25, 0.75] for every image."""
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     mean = flat_mean(nodes, inits)
     inits.append(numpy_helper.from_array(np.zeros((1, 2), np.float32), "zeros"))
-    nodes.append(helper.make_node("Mul", [mean, "zeros"], ["logits"]))
+    inits.append(numpy_helper.from_array(np.array([[0.0, np.log(3.0)]], np.float32), "odds"))
+    nodes.append(helper.make_node("Mul", [mean, "zeros"], ["nothing"]))
+    nodes.append(helper.make_node("Add", ["nothing", "odds"], ["logits"]))
     nodes.append(helper.make_node("Softmax", ["logits"], ["probabilities"], axis=1))
     return write_bundle(tmp_path / "half", nodes, inits, ["N", 2])
 
@@ -131,21 +133,25 @@ def test_unavailable_provider_falls_back_to_cpu(
     assert "NoSuchExecutionProvider" in caplog.text
     prediction = session.predict(np.zeros((16, 16, 3), np.uint8))
     assert prediction == Prediction(
-        label="ok", confidence=0.5, probabilities=(0.5, 0.5), latency_ms=prediction.latency_ms
+        label="defect", confidence=pytest.approx(0.75), probabilities=pytest.approx((0.25, 0.75)),
+        latency_ms=prediction.latency_ms,
     )
 
 
 def test_nan_output_raises(tmp_path: Path) -> None:
-    # sqrt(0.25 - mean pixel): [0.5, 0.5] on black (the warm-up passes), NaN on a bright frame.
+    # p = sqrt(0.0625 - mean pixel), answer [p, 1 - p]: [0.25, 0.75] on black (the warm-up
+    # passes), NaN on a bright frame.
     nodes: list[onnx.NodeProto] = []
     inits: list[onnx.TensorProto] = []
     mean = flat_mean(nodes, inits)
-    inits.append(numpy_helper.from_array(np.array([[0.25]], np.float32), "quarter"))
-    nodes.append(helper.make_node("Sub", ["quarter", mean], ["room"]))
-    nodes.append(helper.make_node("Sqrt", ["room"], ["half"]))
-    nodes.append(helper.make_node("Concat", ["half", "half"], ["probabilities"], axis=1))
+    inits.append(numpy_helper.from_array(np.array([[0.0625]], np.float32), "sixteenth"))
+    inits.append(numpy_helper.from_array(np.array([[1.0]], np.float32), "one"))
+    nodes.append(helper.make_node("Sub", ["sixteenth", mean], ["room"]))
+    nodes.append(helper.make_node("Sqrt", ["room"], ["low"]))
+    nodes.append(helper.make_node("Sub", ["one", "low"], ["high"]))
+    nodes.append(helper.make_node("Concat", ["low", "high"], ["probabilities"], axis=1))
     session = ModelSession(*write_bundle(tmp_path / "nan", nodes, inits, ["N", 2]))
-    assert session.predict(np.zeros((8, 8, 3), np.uint8)).probabilities == (0.5, 0.5)
+    assert session.predict(np.zeros((8, 8, 3), np.uint8)).probabilities == (0.25, 0.75)
     with pytest.raises(InferenceError, match="nan"):
         session.predict(np.full((8, 8, 3), 255, np.uint8))
 

@@ -44,3 +44,25 @@ def test_anything_else_is_refused_with_the_reason(
 ) -> None:
     with pytest.raises(InferenceError, match=message):
         probability_row(output, labels)
+
+
+@pytest.mark.parametrize(
+    "output",
+    [
+        np.array([[0, 1]], np.int64),
+        np.array([[False, True]]),
+        np.array([["0.5", "0.5"]], object),
+        np.array([[0.5 + 0j, 0.5]], np.complex64),
+    ],
+    ids=["int64", "bool", "string", "complex"],
+)
+def test_a_row_that_is_not_floating_point_is_refused(output: np.ndarray) -> None:
+    with pytest.raises(InferenceError, match="not floating-point probabilities"):
+        probability_row(output, 2)
+
+
+def test_float16_and_float64_rows_give_python_floats() -> None:
+    for dtype in (np.float16, np.float64):
+        values = probability_row(np.array([[0.25, 0.75]], dtype), 2)
+        assert values == (0.25, 0.75)
+        assert all(type(v) is float for v in values)
