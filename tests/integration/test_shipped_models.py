@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from edge_agent.evaluate import evaluate_bundle
+from edge_agent.inference import InferenceError, ModelSession
 from linesight.artifacts import EvalMetrics, Manifest, load_public_key, verify_bundle
 
 pytestmark = pytest.mark.integration
@@ -91,3 +92,16 @@ def test_gray_bundle_is_decent(manifests: dict[str, Manifest]) -> None:
     gray = manifests["part-classifier-gray/1.0.0"]
     assert (gray.input.layout, gray.input.colour, gray.input.dtype) == ("NHWC", "gray", "uint8")
     assert metrics(manifests, "part-classifier-gray/1.0.0").accuracy >= 0.9
+
+
+def test_a_part_the_model_cannot_judge_counts_as_flagged(monkeypatch: pytest.MonkeyPatch) -> None:
+    """At a station the fail-safe holds such a part for review: an evaluation never counts it
+    as passed, and one failed prediction does not abort the run."""
+    def cannot_judge(self: ModelSession, image: object) -> None:
+        raise InferenceError("no label wins: a tie")
+
+    monkeypatch.setattr(ModelSession, "predict", cannot_judge)
+    bundle = MODELS / "part-classifier/1.0.0"
+    measured = evaluate_bundle(bundle, verify_bundle(bundle, None), seed=3, size=20)
+    assert measured.size == 20
+    assert measured.defect_recall == 1.0 and measured.false_reject_rate == 1.0
