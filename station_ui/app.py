@@ -152,8 +152,8 @@ def _load_operator() -> None:
 
 
 def _before_request() -> BaseResponse | None:
-    if request.endpoint == "static":
-        return None
+    if request.endpoint == "static" or request.routing_exception is not None:
+        return None  # a path or method no route takes: Flask answers 404 or 405
     if "csrf" not in session:
         session["csrf"] = new_csrf_token()
     _load_operator()

@@ -832,3 +832,12 @@ def test_verdict_labels_come_from_a_sound_snapshot_only(
     from station_ui.views import verdict_labels
 
     assert verdict_labels(status, "ok", "defect") == expected
+
+
+def test_a_post_to_a_path_or_method_no_route_takes_is_404_or_405_not_a_token_error(
+    client: FlaskClient,
+) -> None:
+    assert client.post("/no-such-page", data={}).status_code == 404
+    assert client.post("/status", data={}).status_code == 405  # /status is GET only
+    # A real form without its token is still refused as such.
+    assert client.post("/login", data={"badge": "op-7", "pin": OPERATOR_PIN}).status_code == 400
