@@ -208,6 +208,7 @@ class Agent:
         self._watchdog_every = interval / 2 if interval else None
         self._last_watchdog = 0.0
         self.slots = self._initial_slots()
+        self._warn_of_unknown_thresholds()
         self.drift = DriftMonitor(config.drift_window, reference=self._saved_reference())
         self.source = source or self._open_source()
         self.link = MqttLink(config.broker, will=Will(
@@ -295,6 +296,18 @@ class Agent:
         if document and record.get("reference_for") == self.slots.active.ref.sha256:
             return Reference.from_dict(document)
         return None
+
+    def _warn_of_unknown_thresholds(self) -> None:
+        """A configured threshold for a label the active model does not have (a typo, say) is
+        never used: the manifest's own threshold applies to the real label. Said at start-up."""
+        active = self.slots.active
+        unknown = sorted(set(self.config.thresholds) - set(active.manifest.labels))
+        if unknown and not is_placeholder(active):
+            log.warning(
+                "thresholds for %s are not used: %s %s has no such label (its labels: %s)",
+                ", ".join(unknown), active.ref.name, active.ref.version,
+                ", ".join(active.manifest.labels),
+            )
 
     def _open_source(self) -> FrameSource:
         spec = parse_spec(self.config.source, self.config.source_options)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 from pathlib import Path
 
 import pytest
 
+from edge_agent.agent import Agent
 from linesight.cli import main
-from tests.support import V1
+from tests.support import V1, station_config
 
 
 def test_a_metrics_port_in_use_names_the_key(
@@ -41,6 +43,23 @@ def test_a_configured_candidate_that_cannot_be_read_costs_only_its_slot(tmp_path
         assert agent.slots.candidate is None
         assert agent.slots.active.ref.version == "1.0.0"
         assert "candidate_load" in agent.faults
+    finally:
+        agent.writer.close()
+        agent.gate.close()
+        agent.source.close()
+        agent.store.close()
+
+
+def test_a_threshold_for_a_label_the_model_lacks_is_named_at_start_up(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = station_config(tmp_path, "mqtt://127.0.0.1:1", outbox__relay="thread",
+                            thresholds={"okk": 0.99, "ok": 0.9})
+    with caplog.at_level(logging.WARNING):
+        agent = Agent(config)
+    try:
+        assert "thresholds for okk are not used" in caplog.text
+        assert "its labels: ok, defect" in caplog.text
     finally:
         agent.writer.close()
         agent.gate.close()
