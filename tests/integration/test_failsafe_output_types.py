@@ -5,21 +5,18 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import onnx
 import pytest
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from onnx import TensorProto, helper, numpy_helper
 
 from edge_agent.agent import run_model
 from edge_agent.inference import InferenceError, ModelSession
 from edge_agent.policy import decide
 from edge_agent.slots import UNLOADED_REF, LoadedModel
-from linesight.artifacts import MODEL_FILE, InputSpec, Manifest, OutputSpec, build_bundle
+from linesight.artifacts import Manifest
 from linesight.protocol import Action, AutomationLevel, DecidedBy
+from tests.integration.test_inference import write_bundle
 
 pytestmark = pytest.mark.integration
-
-SPEC = InputSpec(name="image", layout="NCHW", height=8, width=8, colour="rgb", dtype="float32")
 
 
 def constant_bundle(folder: Path, values: np.ndarray, elem_type: int) -> tuple[Path, Manifest]:
@@ -29,24 +26,8 @@ def constant_bundle(folder: Path, values: np.ndarray, elem_type: int) -> tuple[P
         if elem_type == TensorProto.STRING
         else numpy_helper.from_array(values)
     )
-    graph = helper.make_graph(
-        [helper.make_node("Constant", [], ["probabilities"], value=constant)],
-        "constant",
-        [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, 8, 8])],
-        [helper.make_tensor_value_info("probabilities", elem_type, [1, 2])],
-    )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    model.ir_version = 8
-    onnx.checker.check_model(model)
-    folder.mkdir(parents=True)
-    onnx.save(model, str(folder / MODEL_FILE))
-    manifest = build_bundle(
-        folder, name="constant", version="0.0.1", description="test graph", input=SPEC,
-        output=OutputSpec(name="probabilities", kind="probabilities"), labels=("ok", "defect"),
-        defect_label="defect", thresholds={"ok": 0.8, "defect": 0.6}, metrics=None,
-        private_key=Ed25519PrivateKey.generate(),
-    )
-    return folder, manifest
+    node = helper.make_node("Constant", [], ["probabilities"], value=constant)
+    return write_bundle(folder, [node], [], [1, 2], output_type=elem_type)
 
 
 @pytest.mark.parametrize(

@@ -55,13 +55,14 @@ def write_bundle(
     inits: list[onnx.TensorProto],
     output_dims: list[int | str],
     output_name: str = "probabilities",
+    output_type: int = TensorProto.FLOAT,
 ) -> tuple[Path, Manifest]:
     """A signed bundle around a hand-built graph taking `image` [N, 3, 8, 8]."""
     graph = helper.make_graph(
         nodes,
         "broken",
         [helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, SIDE, SIDE])],
-        [helper.make_tensor_value_info(output_name, TensorProto.FLOAT, output_dims)],
+        [helper.make_tensor_value_info(output_name, output_type, output_dims)],
         initializer=inits,
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
