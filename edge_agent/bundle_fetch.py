@@ -104,6 +104,8 @@ def fetch_bundle(
     if (manifest.name, manifest.version) != (model.name, model.version):
         raise BundleError("manifest", "the manifest names another model than the command")
     target = data_dir / "bundles" / manifest.name / f"{manifest.version}-{model.sha256[:12]}"
+    if _holds_verified(target, manifest_data, key):
+        return target  # fetched before (a repeated deploy): nothing to download or replace
     # A station fetches one bundle at a time: any staging folder here is one a crash or a
     # power cut left behind mid-download.
     for leftover in data_dir.glob(f"{_STAGING_PREFIX}*"):
@@ -117,10 +119,32 @@ def fetch_bundle(
             download_to(base + quote(file_name, safe=""), staging / file_name, timeout,
                         entry.size)
         verify_bundle(staging, key)
-        if target.exists():
-            shutil.rmtree(target)
         target.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(target)
+        if target.exists():
+            # A damaged copy: moved aside, not deleted, until the verified one is in its place
+            # (a power cut in between leaves it as a staging folder that the next fetch clears).
+            damaged = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=data_dir)) / "damaged"
+            target.rename(damaged)
+            staging.rename(target)
+            shutil.rmtree(damaged.parent, ignore_errors=True)
+        else:
+            staging.rename(target)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _holds_verified(
+    folder: Path, manifest_data: bytes, key: Ed25519PublicKey | None
+) -> bool:
+    """Whether `folder` already holds this very bundle, every file intact (and signed, with a
+    key): then fetching it again would only cost the line a download."""
+    if not folder.is_dir():
+        return False
+    try:
+        if (folder / MANIFEST_FILE).read_bytes() != manifest_data:
+            return False
+        verify_bundle(folder, key)
+    except (OSError, BundleError):
+        return False
+    return True

@@ -173,3 +173,58 @@ def test_a_staging_folder_left_by_an_interrupted_fetch_is_removed_by_the_next(
                               tmp_path, key=None, timeout=10.0)
     assert sorted(tmp_path.iterdir()) == [tmp_path / "bundles"]
     assert target.is_relative_to(tmp_path / "bundles")
+
+
+class CountingServer(BaseHTTPRequestHandler):
+    """Serves the shipped 2.0.0 bundle and counts the files asked for."""
+
+    asked: list[str] = []
+
+    def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802
+        self.close_connection = True
+        name = self.path.rpartition("/")[2]
+        type(self).asked.append(name)
+        data = (V2 / name).read_bytes()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+def _fetch_v2(url: str, data_dir: Path) -> Path:
+    model = ModelRef(name="part-classifier", version="2.0.0",
+                     sha256=sha256_file(V2 / MANIFEST_FILE))
+    return fetch_bundle(f"{url}/2.0.0/", model, (V2 / SIGNATURE_FILE).read_text(), data_dir,
+                        key=None, timeout=10.0)
+
+
+def test_a_bundle_already_on_disk_intact_is_neither_downloaded_nor_replaced(
+    tmp_path: Path,
+) -> None:
+    """A repeated deploy of a bundle the station holds (it may be the active model's own
+    folder) keeps that folder in place: a power cut can never leave the station without it."""
+    handler = type("Counting", (CountingServer,), {"asked": []})
+    with http_server(handler) as url:
+        first = _fetch_v2(url, tmp_path)
+        inode = first.stat().st_ino
+        handler.asked.clear()
+        again = _fetch_v2(url, tmp_path)
+    assert again == first and again.stat().st_ino == inode, "the same folder, not a new copy"
+    assert handler.asked == [MANIFEST_FILE], "only the manifest, to learn which bundle it is"
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "bundles"]
+
+
+def test_a_damaged_bundle_on_disk_is_fetched_again_and_replaced(tmp_path: Path) -> None:
+    handler = type("Counting", (CountingServer,), {"asked": []})
+    with http_server(handler) as url:
+        first = _fetch_v2(url, tmp_path)
+        (first / a_model_file).write_bytes(b"bit rot")
+        handler.asked.clear()
+        again = _fetch_v2(url, tmp_path)
+    assert again == first
+    assert a_model_file in handler.asked
+    assert sha256_file(again / a_model_file) == sha256_file(V2 / a_model_file)
+    assert sorted(tmp_path.iterdir()) == [tmp_path / "bundles"], "no copy left behind"
