@@ -80,11 +80,12 @@ def decide(
     A failed model never passes a part: the part is held for review with decided_by=failsafe.
     """
     model_decider = DecidedBy.ACTIVE if decider == "active" else DecidedBy.CANDIDATE
-    if automation == AutomationLevel.HUMAN_ONLY:
-        return PartDecision(Action.REVIEW, DecidedBy.OPERATOR, ReviewReason.HUMAN_ONLY, None, False)
     label, confidence = output.label, output.confidence
     if output.error is not None or label is None or confidence is None:
+        # At every level, human_only included: the record says the model failed on this part.
         return PartDecision(Action.REVIEW, DecidedBy.FAILSAFE, ReviewReason.FAILSAFE, None, False)
+    if automation == AutomationLevel.HUMAN_ONLY:
+        return PartDecision(Action.REVIEW, DecidedBy.OPERATOR, ReviewReason.HUMAN_ONLY, None, False)
     if automation == AutomationLevel.SHADOW:
         return PartDecision(
             Action.REVIEW, DecidedBy.OPERATOR, ReviewReason.OPERATOR_DECIDES, None, True
