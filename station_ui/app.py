@@ -36,6 +36,7 @@ from station_ui.security import (
     hash_fingerprint,
     new_csrf_token,
 )
+from station_ui.sessions import SESSIONS_FILE, LiveSessions
 
 F = TypeVar("F", bound=Callable[..., Any])
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -53,6 +54,8 @@ class UiState:
     config: UiConfig
     store: StationStore
     limiter: SignInLimiter
+    sessions: LiveSessions
+    """The sessions signed in on this screen: a cookie whose id is not here is refused."""
 
 
 def ui() -> UiState:
@@ -109,10 +112,13 @@ def supervisor_only(view: F) -> F:
 
 
 def start_session(operator: OperatorRow) -> None:
-    now = ui().config.clock()
+    state = ui()
+    now = state.config.clock()
+    state.sessions.end(session.get("sid"))  # a sign-in over a live session replaces it
     session.clear()
     # A fresh CSRF token at sign-in: a token seen before sign-in is worth nothing after it.
     session.update(
+        sid=state.sessions.start(),
         badge=operator.badge,
         fp=hash_fingerprint(operator.pin_hash),
         started=now,
@@ -122,6 +128,8 @@ def start_session(operator: OperatorRow) -> None:
 
 
 def end_session() -> None:
+    """Sign out: the server forgets the session, so a copy of the cookie is refused too."""
+    ui().sessions.end(session.get("sid"))
     token = session.get("csrf")
     session.clear()
     # Keep the CSRF token so a form already on screen gets "signed out", not "bad token".
@@ -133,6 +141,9 @@ def _load_operator() -> None:
     g.operator = None
     badge = session.get("badge")
     if not isinstance(badge, str):
+        return
+    if not state.sessions.is_live(session.get("sid")):
+        end_session()  # signed out elsewhere (or a cookie from before sign-ins had an id)
         return
     now = state.config.clock()
     seen = float(session.get("seen", 0.0))
@@ -214,6 +225,9 @@ def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
         config=config,
         store=store if store is not None else StationStore(config.data_dir),
         limiter=SignInLimiter(config.clock),
+        sessions=LiveSessions(
+            config.data_dir / SESSIONS_FILE, config.clock, config.max_session_s
+        ),
     )
 
     from station_ui import auth, review, status, supervisor
