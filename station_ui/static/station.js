@@ -180,23 +180,49 @@
     if (button && button.value) sendVerdict(form, button);
   });
 
+  // A barcode scanner that acts as a keyboard types a whole code ("PR4471" and Enter) as
+  // keystrokes a few milliseconds apart; its P or R must not judge the part. So a shortcut acts
+  // only for a key pressed on its own: it waits SHORTCUT_WAIT_MS, and a key that comes less than
+  // BURST_GAP_MS after the one before makes both of them a burst, which does nothing.
+  const BURST_GAP_MS = 50;
+  const SHORTCUT_WAIT_MS = 60;
+  const MODIFIERS = new Set(["Shift", "Control", "Alt", "Meta", "CapsLock", "AltGraph"]);
+  let lastKeyAt = -Infinity;
+  let pendingShortcut = null; // the timer of a shortcut waiting to see that no key follows
+
+  function zoomOpen() {
+    const zoom = document.getElementById("zoom");
+    return Boolean(zoom && !zoom.hidden);
+  }
+
   document.addEventListener("keydown", (event) => {
     if (event.ctrlKey || event.altKey || event.metaKey || event.repeat) return;
     const target = event.target;
     if (target instanceof HTMLInputElement || target instanceof HTMLTextAreaElement) return;
-    const zoom = document.getElementById("zoom");
-    if (zoom && !zoom.hidden) {
+    if (zoomOpen()) {
       // A verdict is given on the card, with the enlarged image closed.
       if (event.key === "Escape") closeZoom();
       return;
     }
+    // Shift held for a capital letter is part of the key press, not a key of its own.
+    if (MODIFIERS.has(event.key)) return;
+    // The event's own time: when the key was pressed, even if the page was busy meanwhile.
+    const burst = event.timeStamp - lastKeyAt < BURST_GAP_MS;
+    lastKeyAt = event.timeStamp;
+    clearTimeout(pendingShortcut); // any key after a waiting shortcut cancels it
+    pendingShortcut = null;
+    if (burst) return;
     const key = event.key.toLowerCase();
     // Compared, not put in a selector: a key such as " or \ would make the selector invalid.
     const button = [...document.querySelectorAll("#current form[data-verdict] button[data-key]")]
       .find((candidate) => candidate.dataset.key === key);
     if (button && !button.disabled) {
       event.preventDefault();
-      button.click();
+      pendingShortcut = setTimeout(() => {
+        pendingShortcut = null;
+        // The card may have changed, or the image been enlarged, while the key waited.
+        if (button.isConnected && !button.disabled && !zoomOpen()) button.click();
+      }, SHORTCUT_WAIT_MS);
     }
   });
 

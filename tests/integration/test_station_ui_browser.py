@@ -255,3 +255,47 @@ def test_the_card_on_screen_stays_until_its_part_is_judged(
         finally:
             browser.close()
     assert problems == [], f"the browser reported errors: {problems}"
+
+
+def test_a_barcode_scanner_typing_on_the_screen_judges_nothing(
+    ui_server: tuple[str, StationStore],
+) -> None:
+    """A keyboard-wedge scanner types a whole code as keystrokes a few ms apart: the P and R in
+    "PR4471" must not judge the part on screen. A P pressed on its own still passes it."""
+    from playwright.sync_api import sync_playwright
+
+    base, store = ui_server
+    _queue_part(store, "S-1", age_s=0)
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = watched_page(browser, problems)
+            _sign_in(page, base)
+            page.wait_for_selector("#current button[value=pass]:enabled")
+            assert _shown(page) == "S-1"
+
+            # The burst is dispatched within one task of the page, keys microseconds apart as
+            # from a fast scanner: a test machine's scheduler cannot spread it out.
+            for code in ("pr4471", "PR4471\n"):
+                page.evaluate(
+                    """(code) => { for (const ch of code) {
+                        const key = ch === "\\n" ? "Enter" : ch;
+                        document.body.dispatchEvent(
+                            new KeyboardEvent("keydown", {key, bubbles: true}));
+                    } }""",
+                    code,
+                )
+                page.wait_for_timeout(400)  # time for a wrongly sent verdict to be stored
+                assert (store.review("S-1") or _NONE).outcome is None, f"{code!r} judged the part"
+            assert _shown(page) == "S-1"
+            assert page.is_hidden("#toast")
+
+            page.keyboard.press("p")
+            wait_for(lambda: (store.review("S-1") or _NONE).outcome is not None, 10,
+                     "the verdict of a single key press")
+            assert (store.review("S-1") or _NONE).outcome == "pass"
+            page.wait_for_selector("#current .empty")
+        finally:
+            browser.close()
+    assert problems == [], f"the browser reported errors: {problems}"
