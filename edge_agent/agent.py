@@ -941,6 +941,7 @@ class Agent:
                     last_quota = now
                     self._enforce_quota()
                 self._check_broker_refusal()
+                self._check_client_id_conflict()
                 if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
                     self._state_dirty.clear()
                     last_state = now
@@ -966,6 +967,15 @@ class Agent:
             self._clear_faults("broker_refused")
         else:
             self._raise_fault("broker_refused", refused)
+
+    def _check_client_id_conflict(self) -> None:
+        """Another client with this station's client id (a second station configured with the
+        same name): a fault until this station's connection has lasted with nobody taking it."""
+        conflict = self.link.conflict_error
+        if conflict is None:
+            self._clear_faults("client_id_conflict")
+        else:
+            self._raise_fault("client_id_conflict", conflict)
 
     def _supervise_relay(self, now: float) -> None:
         """Start a relay that died again (the outbox is the hand-over, so nothing is lost), with

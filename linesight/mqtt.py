@@ -2,8 +2,9 @@
 
 Every process (station agent, fleet controller, demo) talks to the broker through `MqttLink`:
 it connects in the background, reconnects with exponential backoff, re-subscribes on every
-connect and stops retrying when the broker refuses the credentials. Delivery guarantees beyond
-"QoS 1 while the process lives" belong to the caller's outbox, not to this link.
+connect, retries only seldom when the broker refuses the credentials, and backs off when another
+client keeps taking its client id's session over. Delivery guarantees beyond "QoS 1 while the
+process lives" belong to the caller's outbox, not to this link.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import socket
 import ssl
 import sys
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -34,6 +36,7 @@ __all__ = [
     "MqttLink",
     "PublishTicket",
     "ReceivedMessage",
+    "TakeoverWatch",
     "Will",
     "parse_broker_url",
     "topic_matches",
@@ -52,6 +55,19 @@ FATAL_CONNACK_REASONS: dict[int, str] = {
     138: "client banned",
     140: "bad authentication method",
 }
+
+
+# MQTT 5 DISCONNECT reason: another connection with our client id took the session over.
+SESSION_TAKEN_OVER = 142
+# Brokers that close the old connection without saying why (mosquitto before 2.0.15, any broker
+# under MQTT 3.1.1): this many connections in a row closed this soon after the broker accepted
+# them are the same sign. The twins' own reconnect delays (backoff_min_s) keep each other's
+# connections far shorter; a broker restart closes one connection, not several in a row.
+SHORT_SESSION_S = 10.0
+SHORT_SESSIONS_IN_A_ROW = 3
+
+LostHow = Literal["taken_over", "closed", "other"]
+ConflictKind = Literal["taken_over", "closed_soon"]
 
 
 class _DropPahoNoise(logging.Filter):
@@ -165,6 +181,10 @@ class LinkConfig(BaseModel):
     # MQTT 5 only: how long the broker keeps the session after we go away (3.1.1 sessions
     # live until the broker's own persistent_client_expiration).
     session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    # After another client with our client id took the session over (two stations configured
+    # with the same name): reconnect only this seldom, so the two do not take it from each other
+    # many times a second.
+    takeover_retry_s: float = Field(default=30.0, ge=0.1, le=3600)
     # QoS 1 messages on the wire before their PUBACK. paho's default of 20 makes a busy
     # publisher (the controller's receipts, a station's outbox replay) wait a round trip per 20.
     max_inflight: int = Field(default=1000, ge=1, le=65535)
@@ -242,6 +262,57 @@ class PublishTicket:
             event.set()
 
 
+class TakeoverWatch:
+    """Whether another client keeps taking this client id's session over.
+
+    A conflict begins with an MQTT 5 DISCONNECT "Session taken over" (reason 142), or with
+    `SHORT_SESSIONS_IN_A_ROW` connections in a row that the broker closed, without a word, less
+    than `SHORT_SESSION_S` after accepting them. It is over once a connection has lasted
+    `stable_s`: the link uses twice its `takeover_retry_s`, by when a twin backing off the same
+    way would have taken the session again. Times are `time.monotonic()` seconds; not
+    thread-safe (the link holds its lock).
+    """
+
+    def __init__(self, stable_s: float) -> None:
+        if stable_s <= 0:
+            raise ValueError(f"stable_s must be positive, not {stable_s}")
+        self.stable_s = stable_s
+        self.conflict: ConflictKind | None = None
+        self._connected_at: float | None = None
+        self._short_in_a_row = 0
+
+    def connected(self, now: float) -> None:
+        self._connected_at = now
+
+    def lost(self, now: float, how: LostHow) -> bool:
+        """The connection ended (`how`: "taken_over" for reason 142, "closed" when the broker
+        closed it without a DISCONNECT, "other" for anything else); True if a conflict begins."""
+        connected_at, self._connected_at = self._connected_at, None
+        kind: ConflictKind | None = None
+        if how == "taken_over":
+            kind = "taken_over"
+        elif how == "closed" and connected_at is not None and now - connected_at < SHORT_SESSION_S:
+            self._short_in_a_row += 1
+            if self._short_in_a_row >= SHORT_SESSIONS_IN_A_ROW:
+                kind = "closed_soon"
+        else:
+            self._short_in_a_row = 0
+        if kind is None or self.conflict is not None:
+            return False
+        self.conflict = kind
+        return True
+
+    def settle(self, now: float) -> bool:
+        """True if the conflict has just ended: the current connection has lasted `stable_s`."""
+        if self.conflict is None or self._connected_at is None:
+            return False
+        if now - self._connected_at < self.stable_s:
+            return False
+        self.conflict = None
+        self._short_in_a_row = 0
+        return True
+
+
 @dataclass(frozen=True, slots=True)
 class _Subscription:
     topic_filter: str
@@ -294,6 +365,7 @@ class MqttLink:
         # caller publishes next reaches the broker after this link's SUBSCRIBE.
         self._ready = False
         self._fatal_error: str | None = None
+        self._takeovers = TakeoverWatch(2 * config.takeover_retry_s)
         self._connect_attempts = 0
         self._last_failure: str | None = None  # why the last connect failed, logged once
         self._started = False
@@ -380,6 +452,18 @@ class MqttLink:
         `refused_retry_s`. None otherwise."""
         with self._lock:
             return self._fatal_error
+
+    @property
+    def conflict_error(self) -> str | None:
+        """Why another client seems to share this link's client id (the broker keeps handing
+        the session from one to the other), while it does: the link then reconnects only every
+        `takeover_retry_s`. None once a connection has lasted twice that long untaken."""
+        with self._lock:
+            ended = self._takeovers.settle(time.monotonic())
+            kind = self._takeovers.conflict
+        if ended:
+            self._log_conflict_over()
+        return None if kind is None else self._conflict_message(kind)
 
     @property
     def connect_attempts(self) -> int:
@@ -541,6 +625,7 @@ class MqttLink:
         with self._lock:
             stopping = self._stopping
             self._connected = True
+            self._takeovers.connected(time.monotonic())
             self._last_failure = None
             was_refused, self._fatal_error = self._fatal_error, None
             subscriptions = list(self._subscriptions)
@@ -611,6 +696,8 @@ class MqttLink:
         reason_code: ReasonCode,
         properties: Properties | None,
     ) -> None:
+        now = time.monotonic()
+        how = self._how_lost(flags, reason_code)
         with self._lock:
             was_connected = self._connected
             self._connected = self._ready = False
@@ -620,19 +707,77 @@ class MqttLink:
                 if ticket is not None and ticket.qos == 0:
                     del self._pending[mid]
             listeners = list(self._disconnect_listeners)
+            ended = began = False
+            if was_connected and not stopping:
+                ended = self._takeovers.settle(now)
+                began = self._takeovers.lost(now, how)
+            conflict = self._takeovers.conflict
             self._state_changed.notify_all()
         if not was_connected:
             return
+        config = self._config
         if stopping:
-            logger.info("mqtt link %s disconnected", self._config.client_id)
+            logger.info("mqtt link %s disconnected", config.client_id)
         else:
-            logger.warning(
-                "mqtt link %s lost the broker (%s), reconnecting",
-                self._config.client_id,
+            if ended:
+                self._log_conflict_over()
+            if began and conflict is not None:
+                logger.error("mqtt link %s: %s", config.client_id, self._conflict_message(conflict))
+            # A conflict is said once, at ERROR: not again each time the twin takes over.
+            logger.log(
+                logging.WARNING if conflict is None else logging.DEBUG,
+                "mqtt link %s lost the broker (%s), reconnecting%s",
+                config.client_id,
                 reason_code,
+                f" in {config.takeover_retry_s:g} s" if conflict is not None else "",
             )
+            # paho's loop reads the delay right after this callback.
+            if conflict is not None:
+                retry = config.takeover_retry_s
+                client.reconnect_delay_set(retry, retry)  # type: ignore[arg-type]
+            else:
+                client.reconnect_delay_set(config.backoff_min_s, config.backoff_max_s)  # type: ignore[arg-type]
         for listener in listeners:
             self._call_safely(listener, "disconnect listener")
+
+    def _how_lost(self, flags: paho.DisconnectFlags, reason_code: ReasonCode) -> LostHow:
+        if flags.is_disconnect_packet_from_server:
+            # Only MQTT 5 has reason codes on the broker's DISCONNECT.
+            v5 = self._config.protocol == "5"
+            return "taken_over" if v5 and reason_code.value == SESSION_TAKEN_OVER else "other"
+        # What paho reports for a connection closed or reset under it (MQTT_ERR_CONN_LOST),
+        # as opposed to its own keepalive timeout or a protocol error.
+        return "closed" if reason_code == "Unspecified error" else "other"
+
+    def _log_conflict_over(self) -> None:
+        logger.info(
+            "mqtt link %s: connected for %g s without being taken over: no longer in conflict",
+            self._config.client_id,
+            self._takeovers.stable_s,
+        )
+
+    def _conflict_message(self, kind: ConflictKind) -> str:
+        config = self._config
+        broker = f"{self._address.host}:{self._address.port}"
+        if kind == "taken_over":
+            seen = (
+                f"broker {broker} disconnected client id {config.client_id!r} because another "
+                f"connection with that id took its session over (MQTT 5 reason code "
+                f"{SESSION_TAKEN_OVER}, Session taken over)"
+            )
+        else:
+            seen = (
+                f"broker {broker} accepted client id {config.client_id!r} and closed the "
+                f"connection again, without a reason, within {SHORT_SESSION_S:g} s, "
+                f"{SHORT_SESSIONS_IN_A_ROW} times in a row (a broker log line 'Client "
+                f"{config.client_id} already connected, closing old connection' confirms it)"
+            )
+        return (
+            f"{seen}: another client uses client id {config.client_id!r}; two stations "
+            "configured with the same name (or two controllers, or two copies of one program)? "
+            "Give each its own station name or broker.client_id. Until then this link "
+            f"reconnects only every {config.takeover_retry_s:g} s"
+        )
 
     def _on_message(self, client: paho.Client, userdata: Any, message: paho.MQTTMessage) -> None:
         try:
