@@ -11,7 +11,8 @@ Threads, and why each exists:
   every commit and restarts it if it dies.
 - the command worker: parses, downloads and loads off the critical path, then asks the loop to
   apply the change at a part boundary and acks the result.
-- housekeeping: verdicts from the UI, state, metrics, quota, the UI's status snapshot.
+- housekeeping: verdicts from the UI, state, metrics, quota, free disk space, the UI's status
+  snapshot.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import logging
 import math
 import os
 import queue
+import shutil
 import sys
 import threading
 import time
@@ -41,6 +43,7 @@ import numpy as np
 from edge_agent.actuator import PartSignal, build_gate, start_gate
 from edge_agent.bundle_fetch import fetch_bundle
 from edge_agent.config import AgentConfig
+from edge_agent.disk_space import CHECK_EVERY_S, DiskSpace, floor_bytes, low_message
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.handoff import SkippingQueue
 from edge_agent.inference import InferenceError
@@ -82,6 +85,7 @@ from linesight.artifacts import (
 )
 from linesight.command_auth import load_verifying_key, signature_error
 from linesight.config_file import ConfigError
+from linesight.disk_space import is_low
 from linesight.mqtt import MqttLink, ReceivedMessage, Will
 
 log = logging.getLogger(__name__)
@@ -203,6 +207,7 @@ class Agent:
         self._recent_agreement: deque[bool] = deque(maxlen=500)
         self._slot_generation = 0  # +1 at every slot change, under self._lock
         self._slots_unsaved = False  # a save failed: housekeeping tries again
+        self._disk_unmeasured = False  # the free space could not be measured (logged once)
         self._threads: list[threading.Thread] = []
         interval = systemd.watchdog_interval()
         self._watchdog_every = interval / 2 if interval else None
@@ -355,9 +360,11 @@ class Agent:
 
     def _raise_fault(
         self, code: str, message: str, model: p.ModelRef | None = None,
-        generation: int | None = None,
+        generation: int | None = None, *, update: bool = False,
     ) -> None:
-        """Raise a fault once; with `generation`, only if the slots have not changed since."""
+        """Raise a fault once; with `generation`, only if the slots have not changed since. With
+        `update`, a fault already raised takes the new message (and keeps its `since`): for a
+        message that describes a measure going on changing, the free space say."""
         with self._lock:
             if generation is not None and generation != self._slot_generation:
                 return  # about a model that has left its slot
@@ -365,6 +372,10 @@ class Agent:
             if not known:
                 self.faults[code] = p.Fault(
                     code=code, message=message[:2000], model=model, since=datetime.now(UTC)
+                )
+            elif update:
+                self.faults[code] = self.faults[code].model_copy(
+                    update={"message": message[:2000]}
                 )
         if not known:
             log.error("fault %s: %s", code, message)
@@ -931,7 +942,7 @@ class Agent:
     # --- housekeeping -----------------------------------------------------------------------
 
     def _housekeeping(self) -> None:
-        last_state = last_metrics = last_quota = last_status = 0.0
+        last_state = last_metrics = last_quota = last_status = last_disk = 0.0
         while not self._stop.is_set() or self._loop_running:
             now = time.monotonic()
             try:
@@ -940,6 +951,9 @@ class Agent:
                 if now - last_quota > 60:
                     last_quota = now
                     self._enforce_quota()
+                if now - last_disk > CHECK_EVERY_S:
+                    last_disk = now
+                    self._check_disk_space()
                 self._check_broker_refusal()
                 self._check_client_id_conflict()
                 if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
@@ -958,6 +972,31 @@ class Agent:
             except Exception:  # housekeeping must keep going  # noqa: BLE001
                 log.exception("housekeeping failed")
             self._stop.wait(0.25)
+
+    def _check_disk_space(self) -> None:
+        """Warn while there is still room: the disk_low fault while the data dir's file system
+        has less free space than `storage.min_free_mb`, before a write fails for want of it."""
+        data_dir = self.config.data_dir.absolute()
+        try:
+            usage = shutil.disk_usage(data_dir)
+        except OSError as exc:  # the data dir gone (lost storage), a file system that fails
+            self.metrics.disk_free.set(math.nan)
+            if not self._disk_unmeasured:
+                self._disk_unmeasured = True
+                log.warning("cannot measure the free space of %s: %s", data_dir, exc)
+            return
+        if self._disk_unmeasured:
+            self._disk_unmeasured = False
+            log.info("the free space of %s can be measured again", data_dir)
+        space = DiskSpace(free=usage.free, total=usage.total)
+        self.metrics.disk_free.set(space.free)
+        min_free_mb = self.config.storage.min_free_mb
+        with self._lock:
+            was_low = "disk_low" in self.faults
+        if is_low(space.free, floor_bytes(min_free_mb), was_low=was_low):
+            self._raise_fault("disk_low", low_message(data_dir, space, min_free_mb), update=True)
+        else:
+            self._clear_faults("disk_low")
 
     def _check_broker_refusal(self) -> None:
         """A broker that refuses this station's credentials: a fault (on the station's own

@@ -15,6 +15,8 @@ from linesight.protocol import STATION_ID_PATTERN, AutomationLevel, DeploymentMo
 
 # The longest period a station keeps its history: a date that far back still exists.
 MAX_DAYS = 36_500
+# The highest free-space floor (about 954 TB): far above any station's disk, still a number.
+MAX_MIN_FREE_MB = 10**9
 
 
 class Strict(BaseModel):
@@ -72,6 +74,14 @@ class ReviewConfig(Strict):
     jpeg_quality: int = Field(default=90, ge=30, le=100)
 
 
+class StorageConfig(Strict):
+    min_free_mb: float = Field(
+        default=1024, ge=0, le=MAX_MIN_FREE_MB,
+        description="free space to keep on the data dir's file system: below it, the disk_low "
+        "fault warns while there is still room (0: no fault; the free space is still measured)",
+    )
+
+
 class LogRejectOutput(Strict):
     type: Literal["log"] = "log"
 
@@ -113,6 +123,7 @@ class AgentConfig(Strict):
     inference: InferenceConfig = Field(default_factory=InferenceConfig)
     outbox: OutboxConfig = Field(default_factory=OutboxConfig)
     review: ReviewConfig = Field(default_factory=ReviewConfig)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
     reject_output: RejectOutputConfig = Field(default_factory=LogRejectOutput)
     metrics_interval_s: float = Field(default=10, gt=0)
     state_interval_s: float = Field(default=30, gt=0)

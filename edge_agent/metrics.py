@@ -3,6 +3,7 @@ process in tests and simulations)."""
 
 from __future__ import annotations
 
+import math
 from functools import lru_cache
 from typing import Any
 
@@ -72,6 +73,12 @@ class AgentMetrics:
             "linesight_source_reconnects", "Times the live source reconnected", ["station"],
             registry=r,
         ).labels(**labels)
+        self.disk_free = Gauge(
+            "linesight_disk_free_bytes",
+            "Free space on the data dir's file system (NaN until measured, or when it cannot be)",
+            ["station"], registry=r,
+        ).labels(**labels)
+        self.disk_free.set(math.nan)
         self.drift = Gauge(
             "linesight_drift_psi", "Population stability index against the reference",
             ["station", "feature"], registry=r,
