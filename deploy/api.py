@@ -28,6 +28,7 @@ from deploy.rollout import (
     judge,
     to_status,
 )
+from linesight.disk_space import MB
 
 api = Blueprint("api", __name__, url_prefix="/api")
 bundles = Blueprint("bundles", __name__, url_prefix="/bundles")
@@ -110,11 +111,18 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
 
 @api.get("/health")
 def health() -> Response:
+    """Always 200 while the controller answers: a lost broker or a low disk is reported in the
+    body (a warning to act on), not as an outage."""
     c = controller()
+    disk = c.disk
     return jsonify(
         broker_connected=c.link.connected,
         ingest=vars(c.counters),
         rollout=c.rollout.rollout_id if c.rollout else None,
+        disk={
+            "free_bytes": disk.free_bytes, "total_bytes": disk.total_bytes,
+            "min_free_bytes": c.config.min_free_mb * MB, "low": disk.low, "error": disk.error,
+        },
     )
 
 
@@ -354,6 +362,12 @@ def _metrics(c: Controller) -> bytes:
           registry=registry).set(c.counters.failed_receipt_flushes)
     Gauge("linesight_fleet_receipts_owed", "Seq streams whose receipt waits to be sent",
           registry=registry).set(c.counters.receipts_owed)
+    disk = c.disk
+    if disk.free_bytes is not None:  # measured (the check is on)
+        Gauge("linesight_fleet_disk_free_bytes", "Free bytes on the disk holding data_dir",
+              registry=registry).set(disk.free_bytes)
+        Gauge("linesight_fleet_disk_low", "1 while free space is below min_free_mb",
+              registry=registry).set(1 if disk.low else 0)
     online = Gauge("linesight_fleet_station_online", "Station online", ["station"],
                    registry=registry)
     for name, view in c.fleet().items():

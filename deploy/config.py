@@ -11,9 +11,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from linesight.config_file import load_model
 from linesight.mqtt import LinkConfig
 
+MAX_MIN_FREE_MB = 1_000_000_000
+"""The highest low-disk floor: 10^9 MB (about 954 TB), more than any controller's disk."""
+
 
 class ControllerConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # No key takes .inf or .nan: "for ever" is not a retention, nor a silence before offline.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     broker: LinkConfig
     topic_prefix: str = "linesight/v1"
@@ -52,7 +56,11 @@ class ControllerConfig(BaseModel):
     retention_days: float = Field(
         default=30, gt=0, description="receipted messages older than this are pruned hourly"
     )
-
+    min_free_mb: int = Field(
+        default=2048, ge=0, le=MAX_MIN_FREE_MB,
+        description="free space (MB of 1 048 576 bytes) under data_dir below which the "
+        "controller warns (log, /api/health, /metrics, dashboard); 0 turns the check off",
+    )
 
     @field_validator("api_token")
     @classmethod

@@ -7,7 +7,9 @@
   receipts that cannot be sent stay owed: the ingest thread outlives every such failure;
 - tick: once a second the active rollout gets a Tick with the fleet as it is and the evidence
   of its current stage; the returned state is persisted BEFORE its commands are sent;
-- requests from the HTTP API (start, approve, pause, resume, abort, rollback) are events too.
+- requests from the HTTP API (start, approve, pause, resume, abort, rollback) are events too;
+- disk: every 30 s the free space under data_dir is measured against `min_free_mb`; below it the
+  controller warns (log, /api/health, /metrics, dashboard) while there is still room.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import queue
 import reprlib
+import shutil
 import threading
 import time
 import uuid
@@ -56,6 +59,7 @@ from linesight.artifacts import (
     verify_bundle,
 )
 from linesight.command_auth import load_signing_key, sign_command
+from linesight.disk_space import MB, is_low, size_text
 from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
@@ -63,6 +67,8 @@ RECEIPT_INTERVAL_S = 0.1
 RECEIPT_RETRY_S = 1.0
 """After a failed receipt flush, the owed receipts are tried again this much later."""
 PRUNE_INTERVAL_S = 3600.0
+DISK_CHECK_INTERVAL_S = 30.0
+"""How often the free space under data_dir is measured against `min_free_mb`."""
 DEFAULT_DEFECT_LABEL = "defect"
 
 
@@ -108,6 +114,29 @@ class IngestCounters:
     """Seq streams whose receipt waits to be sent (after a failed flush, until it succeeds)."""
 
 
+@dataclass(frozen=True)
+class DiskStatus:
+    """The free space under data_dir as last measured (None before the first measurement, and
+    with a floor of 0, which turns the check off), whether it counts as low, and why the latest
+    measurement failed (it then keeps the last one that worked)."""
+
+    free_bytes: int | None = None
+    total_bytes: int | None = None
+    low: bool = False
+    error: str | None = None
+
+
+def next_disk_status(
+    previous: DiskStatus, measured: tuple[int, int] | OSError, floor_bytes: int
+) -> DiskStatus:
+    """The status after one measurement, (free, total) bytes, or the error it raised."""
+    if isinstance(measured, OSError):
+        return DiskStatus(previous.free_bytes, previous.total_bytes, previous.low,
+                          error=str(measured) or type(measured).__name__)
+    free, total = measured
+    return DiskStatus(free, total, is_low(free, floor_bytes, was_low=previous.low))
+
+
 class Controller:
     def __init__(self, config: ControllerConfig, store: FleetStore | None = None) -> None:
         self.config = config
@@ -118,6 +147,7 @@ class Controller:
         self.key = load_public_key(config.key) if config.key else None
         self.command_key = load_signing_key(config.command_key) if config.command_key else None
         self.counters = IngestCounters()
+        self.disk = DiskStatus()
         self.link = MqttLink(config.broker)
         self._inbox: queue.Queue[ReceivedMessage | None] = queue.Queue()
         self._rollout_lock = threading.RLock()
@@ -150,6 +180,7 @@ class Controller:
             if channel in (p.Channel.CMD, p.Channel.RECEIPT):
                 continue
             self.link.subscribe(self.topics.every_station(channel), self._inbox.put, qos=1)
+        self.check_disk()  # /api/health tells the truth from the first request
         self.link.start()
         for target, name in ((self._ingest_loop, "ingest"), (self._tick_loop, "tick")):
             thread = threading.Thread(target=target, name=name, daemon=True)
@@ -444,7 +475,11 @@ class Controller:
 
     def _tick_loop(self) -> None:
         next_prune = time.monotonic()
+        next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
         while not self._stop.wait(self.config.tick_s):
+            if time.monotonic() >= next_disk_check:
+                next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
+                self.check_disk()
             try:
                 self.tick()
                 if time.monotonic() >= next_prune:
@@ -459,6 +494,43 @@ class Controller:
         if pruned:
             log.info("pruned %d receipted messages older than %s", pruned, before.isoformat())
         return pruned
+
+    # --- the disk -------------------------------------------------------------------------
+
+    def check_disk(self) -> DiskStatus:
+        """Measure the free space under data_dir against `min_free_mb` (nothing with 0) and log
+        what changed: a WARNING when it becomes low or cannot be measured, an INFO when that
+        ends. Never raises."""
+        floor = self.config.min_free_mb * MB
+        if floor == 0:
+            self.disk = DiskStatus()
+            return self.disk
+        data_dir = self.config.data_dir
+        measured: tuple[int, int] | OSError
+        try:
+            usage = shutil.disk_usage(data_dir)
+            measured = (usage.free, usage.total)
+        except OSError as exc:
+            measured = exc
+        previous = self.disk
+        self.disk = current = next_disk_status(previous, measured, floor)
+        if current.error is not None and previous.error is None:
+            log.warning("cannot measure the free space under %s (%s): the low-disk check "
+                        "waits until it can", data_dir, current.error)
+        elif current.error is None and previous.error is not None:
+            log.info("the free space under %s can be measured again", data_dir)
+        if current.free_bytes is None or current.total_bytes is None or current.error:
+            return current
+        free, total = size_text(current.free_bytes), size_text(current.total_bytes)
+        if current.low and not previous.low:
+            log.warning("controller disk low: %s free of %s under %s, below the %s floor "
+                        "(min_free_mb): lower retention_days or add space; once it is full "
+                        "nothing more is stored or receipted", free, total, data_dir,
+                        size_text(floor))
+        elif previous.low and not current.low:
+            log.info("controller disk no longer low: %s free of %s under %s", free, total,
+                     data_dir)
+        return current
 
 
 def bundle_file(bundles: Path, name: str, version: str, file_name: str) -> Path | None:

@@ -127,6 +127,12 @@ class RolloutState(Strict):
 # --- events -----------------------------------------------------------------------------------
 
 
+ADVISORY_FAULTS = frozenset({"disk_low"})
+"""Faults that warn while all is still well (a station's disk filling, with room left): shown
+wherever faults are, but they stop no rollout. Once a write fails, the fault that says so
+(outbox_write, ...) does."""
+
+
 @dataclass(frozen=True, slots=True)
 class StationView:
     """What the controller knows of one station right now."""
@@ -441,17 +447,20 @@ def _station_trouble(state: RolloutState, now: datetime, why: str) -> Result:
 
 
 def _guard_trouble(state: RolloutState, fleet: Mapping[str, StationView]) -> str | None:
-    """The first station of the current stage that is offline or reports a fault, and why."""
+    """The first station of the current stage that is offline or reports a fault (other than
+    an advisory one), and why."""
     config = gate_config(state.current, escapes=False)
     for station in state.record.stations:
         view = fleet.get(station, StationView(online=False))
+        codes = tuple(code for code in view.fault_codes if code not in ADVISORY_FAULTS)
+        faults = view.faults - (len(view.fault_codes) - len(codes))
         failures = evaluate_guards(
-            GuardMetrics(online=view.online, faults=view.faults,
+            GuardMetrics(online=view.online, faults=faults,
                          p95_latency_ms=None, disagreement_rate=None),
             config,
         )
         if failures:
-            named = f": {', '.join(view.fault_codes)}" if view.fault_codes else ""
+            named = f": {', '.join(codes)}" if codes else ""
             return f"{station}: {'; '.join(failures)}{named}"
     return None
 

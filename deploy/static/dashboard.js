@@ -521,6 +521,35 @@
     box.textContent = text || "";
   }
 
+  // A size as `df -h` shows it, in units of 1024 (linesight/disk_space.py size_text).
+  function size(bytes) {
+    let value = bytes / (1024 * 1024);
+    let unit = "MB";
+    for (const larger of ["GB", "TB"]) {
+      if (value < 1024) break;
+      value /= 1024;
+      unit = larger;
+    }
+    const text = value < 10 ? value.toFixed(1) : value.toFixed(0);
+    return `${text.replace(/\.0$/, "")} ${unit}`;
+  }
+
+  // The controller's own disk: a warning while it is low, before writes start to fail. It
+  // stays as last seen while the controller does not answer.
+  function renderDisk(disk) {
+    const box = byId("disk-banner");
+    const low = Boolean(disk && disk.low && isNumber(disk.free_bytes) && isNumber(disk.total_bytes));
+    let text = "";
+    if (low) {
+      // Once low, the warning lasts until free space is a tenth above the floor again.
+      const where = disk.free_bytes < disk.min_free_bytes ? "below" : "only just above";
+      text = `Controller disk: ${size(disk.free_bytes)} free of ${size(disk.total_bytes)}, ${where} `
+        + `the ${size(disk.min_free_bytes)} floor: lower retention_days or add space.`;
+    }
+    box.hidden = !low;
+    if (box.textContent !== text) box.textContent = text;
+  }
+
   async function loadPlan(rolloutId) {
     if (plans.has(rolloutId)) return;
     try {
@@ -546,6 +575,7 @@
       const brokerPill = byId("broker");
       brokerPill.textContent = health.broker_connected ? "broker connected" : "broker DISCONNECTED";
       brokerPill.className = `pill ${health.broker_connected ? "pill-on" : "pill-off"}`;
+      renderDisk(health.disk);
       renderStations(stations.stations);
       renderRollout(rollout);
       renderPlots(series.points);

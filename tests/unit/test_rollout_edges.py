@@ -229,6 +229,24 @@ def test_a_station_fault_is_named_in_the_reason() -> None:
     assert "s1: 1 fault(s) reported: review_quota_exceeded" in state.reason, state.reason
 
 
+def test_a_low_disk_warning_stops_no_rollout_but_a_failed_write_does() -> None:
+    """disk_low warns while the station's disk still has room: it says nothing of the model on
+    trial, so a canary goes on; the fault of a write that failed for want of space stops it."""
+    state, clock = begin([{"name": "canary", "stations": ["s1"], "mode": "canary",
+                           "fraction": 0.2},
+                          {"name": "promote", "stations": ["s1"], "mode": "promote"}])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    state, _ = transition(state, CommandAcked(sends[0].cmd_id, "s1", ok=True), clock.step())
+    low = {**FLEET, "s1": StationView(online=True, faults=1, fault_codes=("disk_low",))}
+    state, _ = transition(state, Tick(low), clock.step())
+    assert state.phase == Phase.RUNNING, state.reason
+    full = {**FLEET, "s1": StationView(online=True, faults=2,
+                                       fault_codes=("disk_low", "outbox_write"))}
+    state, _ = transition(state, Tick(full), clock.step())
+    assert state.phase == Phase.ROLLING_BACK
+    assert state.reason.endswith("s1: 1 fault(s) reported: outbox_write"), state.reason
+
+
 def test_a_state_without_promotions_or_owed_rollbacks_keeps_its_old_json_keys() -> None:
     """A controller built before those fields forbids unknown keys in the state it reads."""
     state, clock = begin([{"name": "promote", "stations": ["s1"], "mode": "promote"}])
