@@ -9,10 +9,12 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from linesight.config_file import load_model
+from linesight.disk_space import MAX_FLOOR_MB
 from linesight.mqtt import LinkConfig
 
-MAX_MIN_FREE_MB = 1_000_000_000
-"""The highest low-disk floor: 10^9 MB (about 954 TB), more than any controller's disk."""
+MAX_MIN_FREE_MB = MAX_FLOOR_MB
+MAX_RETENTION_DAYS = 36_500
+"""A hundred years: a date that far back still exists (a longer one made the prune fail)."""
 
 
 class ControllerConfig(BaseModel):
@@ -54,7 +56,8 @@ class ControllerConfig(BaseModel):
     )
     ingest_batch: int = Field(default=1000, ge=1, le=100_000)
     retention_days: float = Field(
-        default=30, gt=0, description="receipted messages older than this are pruned hourly"
+        default=30, gt=0, le=MAX_RETENTION_DAYS,
+        description="receipted messages older than this are pruned hourly",
     )
     min_free_mb: int = Field(
         default=2048, ge=0, le=MAX_MIN_FREE_MB,

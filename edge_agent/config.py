@@ -10,13 +10,13 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from edge_agent.sources import SourceOptions
 from linesight.config_file import load_model
+from linesight.disk_space import MAX_FLOOR_MB
 from linesight.mqtt import LinkConfig
 from linesight.protocol import STATION_ID_PATTERN, AutomationLevel, DeploymentMode
 
 # The longest period a station keeps its history: a date that far back still exists.
 MAX_DAYS = 36_500
-# The highest free-space floor (about 954 TB): far above any station's disk, still a number.
-MAX_MIN_FREE_MB = 10**9
+MAX_MIN_FREE_MB = MAX_FLOOR_MB
 
 
 class Strict(BaseModel):

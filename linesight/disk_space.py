@@ -8,6 +8,9 @@ import math
 MB = 1024 * 1024  # binary megabytes, as review.quota_mb and min_free_mb count them
 GB = 1024 * MB
 TB = 1024 * GB
+MAX_FLOOR_MB = 10**9
+"""The highest free-space floor a configuration takes (about 954 TB): above any disk, still a
+number (a test sets it to see the warning on any machine)."""
 HYSTERESIS = 0.10  # a low disk clears only with this fraction of the floor more than the floor
 
 

@@ -86,6 +86,20 @@ def test_no_key_of_the_controller_takes_infinity_or_nan(
         load_controller_config(None, _config(tmp_path, **{key: value}))
 
 
+def test_a_retention_past_a_hundred_years_is_refused_and_one_of_a_hundred_prunes(
+    tmp_path: Path,
+) -> None:
+    """10^8 days made the hourly prune fail (a date before year 1); 36,500 days is the bound,
+    as for the station's history."""
+    with pytest.raises(ConfigError, match=r"retention_days: .*less than or equal to 36500"):
+        load_controller_config(None, _config(tmp_path, retention_days=1e8))
+    built = Controller(load_controller_config(None, _config(tmp_path, retention_days=36_500)))
+    try:
+        assert built.prune() == 0
+    finally:
+        built.store.close()
+
+
 # --- the controller on the real disk -------------------------------------------------------------
 
 
