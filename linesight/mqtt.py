@@ -284,6 +284,12 @@ class TakeoverWatch:
     def connected(self, now: float) -> None:
         self._connected_at = now
 
+    def connect_failed(self) -> None:
+        """A connect the broker did not take (down, refusing): a broker that keeps restarting,
+        not a twin, which never keeps this link from connecting; the run of short sessions
+        starts again."""
+        self._short_in_a_row = 0
+
     def lost(self, now: float, how: LostHow) -> bool:
         """The connection ended (`how`: "taken_over" for reason 142, "closed" when the broker
         closed it without a DISCONNECT, "other" for anything else); True if a conflict begins."""
@@ -599,6 +605,7 @@ class MqttLink:
         error = sys.exc_info()[1]
         reason = (str(error) or type(error).__name__) if error is not None else "unknown error"
         with self._lock:
+            self._takeovers.connect_failed()
             repeated = reason == self._last_failure
             self._last_failure = reason
         # Once per distinct reason: a broker down for a day is one line, not thousands.
@@ -665,6 +672,8 @@ class MqttLink:
             self._call_safely(listener, "connect listener")
 
     def _on_refused(self, client: paho.Client, reason_code: ReasonCode) -> None:
+        with self._lock:
+            self._takeovers.connect_failed()
         fatal = FATAL_CONNACK_REASONS.get(reason_code.value)
         if fatal is None:
             logger.warning(
@@ -775,7 +784,8 @@ class MqttLink:
         return (
             f"{seen}: another client uses client id {config.client_id!r}; two stations "
             "configured with the same name (or two controllers, or two copies of one program)? "
-            "Give each its own station name or broker.client_id. Until then this link "
+            "Give each its own station name or broker.client_id. (If no other client uses it, "
+            "the broker may be restarting over and over: see its log.) Until then this link "
             f"reconnects only every {config.takeover_retry_s:g} s"
         )
 

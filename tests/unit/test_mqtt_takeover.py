@@ -134,3 +134,17 @@ def test_takeover_retry_out_of_range_is_refused_with_its_name(value: float) -> N
 
 def test_takeover_retry_has_a_default() -> None:
     assert LinkConfig(url="mqtt://127.0.0.1", client_id="s1").takeover_retry_s == 30.0
+
+
+def test_a_connect_the_broker_does_not_take_starts_the_run_of_short_sessions_again() -> None:
+    """A broker that keeps crashing is down between its short sessions, so connects fail; a
+    twin never stops this link from connecting. Only a run with no failed connect counts."""
+    watch = TakeoverWatch(STABLE_S)
+    now = 0.0
+    for _ in range(3 * SHORT_SESSIONS_IN_A_ROW):
+        for _ in range(SHORT_SESSIONS_IN_A_ROW - 1):
+            assert not _session(watch, now, 0.5, "closed")
+            now += 1.0
+        watch.connect_failed()  # the broker restarting: connection refused
+        now += 1.0
+    assert watch.conflict is None
