@@ -62,6 +62,8 @@ _TEMP_NAMES = itertools.count()  # shared by every store of the process: names n
 _MAX_PART_ID = PART_ID_MAX_LENGTH
 _MAX_LABEL = 64
 _MAX_OPERATOR = 64
+MAX_UI_SESSIONS = 1000
+"""At most this many live UI sign-ins; past it, a sign-in ends the oldest one."""
 
 _SCHEMA_V1: tuple[str, ...] = (
     # One row: the seq counter and the counters kept beside it in the same transaction.
@@ -179,8 +181,15 @@ _SCHEMA_V3: tuple[str, ...] = (
         SELECT part_id FROM verdicts WHERE published_seq IS NULL
         UNION ALL SELECT part_id FROM resolutions WHERE published_seq IS NULL""",
 )
+# The station UI's live sign-ins (a random id per sign-in, carried by the signed cookie): here
+# rather than in each UI process, so a sign-out on one screen is seen by every screen of the
+# station at once, and survives their restarts.
+_SCHEMA_V4: tuple[str, ...] = (
+    "CREATE TABLE ui_sessions (id TEXT PRIMARY KEY, started_us INTEGER NOT NULL)",
+    "CREATE INDEX ui_sessions_started ON ui_sessions (started_us)",
+)
 # Index i holds the statements that take the schema from version i to i + 1.
-_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3)
+_MIGRATIONS: tuple[tuple[str, ...], ...] = (_SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4)
 SCHEMA_VERSION = len(_MIGRATIONS)
 
 
@@ -399,6 +408,20 @@ def _check_limit(limit: int) -> None:
 def _check_age(older_than: timedelta) -> None:
     if older_than < timedelta(0):
         raise ValueError(f"older_than: must not be negative, got {older_than}")
+
+
+def _check_session_id(session_id: str) -> None:
+    if not isinstance(session_id, str) or not session_id:
+        raise ValueError(f"session_id: a non-empty string is required, got {session_id!r}")
+
+
+def _check_max_age(max_age: timedelta) -> None:
+    if not isinstance(max_age, timedelta) or max_age <= timedelta(0):
+        raise ValueError(f"max_age: a positive timedelta is required, got {max_age!r}")
+
+
+def _span_us(span: timedelta) -> int:
+    return span // timedelta(microseconds=1)
 
 
 def _us(moment: datetime) -> int:
@@ -1362,3 +1385,59 @@ class StationStore:
         requests = [UiRequest(r[0], r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
         # RETURNING gives no order guarantee; the agent applies requests in the order made.
         return sorted(requests, key=lambda request: request.id)
+
+    # -- the UI's live sign-ins --
+
+    def start_ui_session(
+        self,
+        session_id: str,
+        now: datetime,
+        max_age: timedelta,
+        max_sessions: int = MAX_UI_SESSIONS,
+    ) -> None:
+        """Record a sign-in as live from `now`; in the same transaction, forget sign-ins older
+        than `max_age` and, past `max_sessions`, the oldest ones."""
+        _check_session_id(session_id)
+        _check_aware("now", now)
+        _check_max_age(max_age)
+        if max_sessions < 1:
+            raise ValueError(f"max_sessions: must be at least 1, got {max_sessions}")
+        now_us = _us(now)
+        with self._write() as conn:
+            conn.execute(
+                "DELETE FROM ui_sessions WHERE started_us < ?", (now_us - _span_us(max_age),)
+            )
+            conn.execute(
+                "INSERT INTO ui_sessions (id, started_us) VALUES (?, ?)", (session_id, now_us)
+            )
+            # The newest `max_sessions` stay; the rowid orders sign-ins of the same microsecond.
+            conn.execute(
+                "DELETE FROM ui_sessions WHERE rowid IN (SELECT rowid FROM ui_sessions "
+                "ORDER BY started_us DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                (max_sessions,),
+            )
+
+    def ui_session_live(self, session_id: str, now: datetime, max_age: timedelta) -> bool:
+        """Whether the sign-in is recorded and no older than `max_age` at `now`."""
+        _check_aware("now", now)
+        _check_max_age(max_age)
+        row = (
+            self._conn()
+            .execute(
+                "SELECT 1 FROM ui_sessions WHERE id = ? AND started_us >= ?",
+                (session_id, _us(now) - _span_us(max_age)),
+            )
+            .fetchone()
+        )
+        return row is not None
+
+    def end_ui_session(self, session_id: str) -> bool:
+        """Forget a sign-in; False if it was not recorded (already ended, expired or evicted)."""
+        with self._write() as conn:
+            return bool(
+                conn.execute("DELETE FROM ui_sessions WHERE id = ?", (session_id,)).rowcount
+            )
+
+    def ui_session_count(self) -> int:
+        """Sign-ins recorded, expired ones included until the next sign-in forgets them."""
+        return int(self._conn().execute("SELECT COUNT(*) FROM ui_sessions").fetchone()[0])

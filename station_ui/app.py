@@ -36,7 +36,7 @@ from station_ui.security import (
     hash_fingerprint,
     new_csrf_token,
 )
-from station_ui.sessions import SESSIONS_FILE, LiveSessions
+from station_ui.sessions import LiveSessions, remove_old_record
 
 F = TypeVar("F", bound=Callable[..., Any])
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -55,7 +55,8 @@ class UiState:
     store: StationStore
     limiter: SignInLimiter
     sessions: LiveSessions
-    """The sessions signed in on this screen: a cookie whose id is not here is refused."""
+    """The sessions signed in on the station's screens: a cookie whose id is not live is
+    refused."""
 
 
 def ui() -> UiState:
@@ -221,13 +222,13 @@ def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
         SEND_FILE_MAX_AGE_DEFAULT=timedelta(hours=1),
         TEMPLATES_AUTO_RELOAD=False,
     )
+    store = store if store is not None else StationStore(config.data_dir)
+    remove_old_record(config.data_dir)
     app.extensions["station_ui"] = UiState(
         config=config,
-        store=store if store is not None else StationStore(config.data_dir),
+        store=store,
         limiter=SignInLimiter(config.clock),
-        sessions=LiveSessions(
-            config.data_dir / SESSIONS_FILE, config.clock, config.max_session_s
-        ),
+        sessions=LiveSessions(store, config.clock, config.max_session_s),
     )
 
     from station_ui import auth, review, status, supervisor

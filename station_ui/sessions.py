@@ -1,122 +1,97 @@
-"""The sessions signed in on this screen, kept by the server so that a sign-out revokes them.
+"""The sessions signed in on the station's screens, kept by the server so that a sign-out revokes
+them.
 
 The session cookie is signed, not stored: on its own it would stay valid until it expires,
 whoever holds a copy. So each sign-in gets a fresh random id that the cookie carries and the
-server records; a cookie whose id is not recorded is refused. Sign-out, idle sign-out, the end
-of the maximum session length and a PIN change forget the id.
+station store records (table `ui_sessions` of station.db); a cookie whose id is not recorded is
+refused. Sign-out, idle sign-out, the end of the maximum session length and a PIN change forget
+the id.
 
-The record is kept in memory and saved to a small file in the data dir (mode 0600) at each
-sign-in and sign-out, so that a restart of the screen signs no one out. A record that cannot be
-read signs everyone out; one that cannot be saved is removed, so that a restart never brings
-back a session that was ended.
+The store is the one record every UI process of the station reads and writes (two screens on one
+data dir accept each other's cookies, so they must also see each other's sign-outs), and it
+survives restarts. When the store fails, the screen fails closed: a cookie that cannot be checked
+is refused, and a sign-out that cannot be recorded still clears the browser's cookie.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
-import os
 import secrets
-import threading
+import sqlite3
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+
+from edge_agent.store import MAX_UI_SESSIONS, StationStore, StoreError
 
 log = logging.getLogger(__name__)
 
-SESSIONS_FILE = "ui-sessions.json"
-MAX_SESSIONS = 1000
+MAX_SESSIONS = MAX_UI_SESSIONS
 """At most this many live sessions; past it, a sign-in ends the oldest one."""
-
-
-def _unreadable(path: Path, why: str) -> dict[str, float]:
-    log.warning("%s %s: everyone signs in again", path, why)
-    return {}
+_OLD_FILES = ("ui-sessions.json", ".ui-sessions.json.tmp")
+"""Where builds before the store's `ui_sessions` kept the record: removed at start-up."""
 
 
 class LiveSessions:
-    """Session id -> sign-in time (clock seconds) of every live session of one screen."""
+    """The live sessions of the station's screens, as recorded in its store."""
 
     def __init__(
         self,
-        path: Path | None,
+        store: StationStore,
         clock: Callable[[], float],
         max_age_s: float,
         max_sessions: int = MAX_SESSIONS,
     ) -> None:
-        self._path = path
+        if max_age_s <= 0:
+            raise ValueError(f"max_age_s: must be positive, got {max_age_s}")
+        self._store = store
         self._clock = clock
-        self._max_age_s = max_age_s
+        self._max_age = timedelta(seconds=max_age_s)
         self._max_sessions = max_sessions
-        self._lock = threading.Lock()
-        self._started: dict[str, float] = self._load(path) if path is not None else {}
-
-    def __len__(self) -> int:
-        with self._lock:
-            return len(self._started)
 
     def start(self) -> str:
-        """A new session: its fresh id, recorded as live from now."""
+        """A new session: its fresh id, recorded as live from now. A store error propagates:
+        the sign-in fails rather than hand out a cookie that no screen would accept."""
         session_id = secrets.token_urlsafe(32)
-        now = self._clock()
-        with self._lock:
-            self._purge(now)
-            while len(self._started) >= self._max_sessions:
-                oldest = min(self._started, key=self._started.__getitem__)
-                del self._started[oldest]
-            self._started[session_id] = now
-            self._save()
+        self._store.start_ui_session(session_id, self._now(), self._max_age, self._max_sessions)
         return session_id
 
     def is_live(self, session_id: object) -> bool:
-        if not isinstance(session_id, str):
+        """Whether the cookie's id is a live session; False when the store cannot tell."""
+        if not isinstance(session_id, str) or not session_id:
             return False
-        with self._lock:
-            started = self._started.get(session_id)
-        return started is not None and self._clock() - started <= self._max_age_s
+        try:
+            return self._store.ui_session_live(session_id, self._now(), self._max_age)
+        except (sqlite3.Error, StoreError) as exc:
+            log.warning("cannot check a session in %s (%s): the cookie is refused",
+                        self._store.path, exc)
+            return False
 
     def end(self, session_id: object) -> None:
-        """Forget `session_id`; an id that is not live (or no id at all) is nothing to do."""
-        with self._lock:
-            if isinstance(session_id, str) and self._started.pop(session_id, None) is not None:
-                self._save()
+        """Forget `session_id`; an id that is not live (or no id at all) is nothing to do.
 
-    def _purge(self, now: float) -> None:
-        for session_id in [s for s, t in self._started.items() if now - t > self._max_age_s]:
-            del self._started[session_id]
-
-    @staticmethod
-    def _load(path: Path) -> dict[str, float]:
-        try:
-            doc = json.loads(path.read_text(encoding="utf-8"))
-        except FileNotFoundError:
-            return {}
-        except (OSError, ValueError) as exc:
-            return _unreadable(path, f"cannot be read ({exc})")
-        sessions = doc.get("sessions") if isinstance(doc, dict) else None
-        if not isinstance(sessions, dict) or not all(
-            isinstance(s, str) and type(t) in (int, float) and math.isfinite(t)
-            for s, t in sessions.items()
-        ):
-            return _unreadable(
-                path, 'is not {"sessions": {session id: sign-in time in seconds, ...}}'
-            )
-        return {s: float(t) for s, t in sessions.items()}
-
-    def _save(self) -> None:
-        """Write the record whole (a temporary file renamed over the old one); called locked."""
-        if self._path is None:
+        A store error is logged, not raised: the browser's cookie is cleared all the same, and
+        the session still ends at the maximum session length."""
+        if not isinstance(session_id, str) or not session_id:
             return
-        temporary = self._path.with_name(f".{self._path.name}.tmp")
         try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump({"sessions": self._started}, handle)
-            os.replace(temporary, self._path)
+            self._store.end_ui_session(session_id)
+        except (sqlite3.Error, StoreError) as exc:
+            log.warning(
+                "cannot end a session in %s (%s): the cookie was cleared, but a copy of it stays "
+                "valid until the session's maximum length at most", self._store.path, exc,
+            )
+
+    def _now(self) -> datetime:
+        return datetime.fromtimestamp(self._clock(), UTC)
+
+
+def remove_old_record(data_dir: Path) -> None:
+    """Delete the session file an earlier build kept in the data dir; its sessions are not
+    carried over (those operators sign in again). A failure is logged: nothing reads it."""
+    for name in _OLD_FILES:
+        path = data_dir / name
+        try:
+            path.unlink(missing_ok=True)
         except OSError as exc:
-            # A full disk: without the file a restart signs everyone out, which is safe; an
-            # outdated file could bring back a session that was ended.
-            log.warning("%s cannot be saved (%s): a restart of the screen will sign everyone "
-                        "out", self._path, exc)
-            temporary.unlink(missing_ok=True)
-            self._path.unlink(missing_ok=True)
+            log.warning("cannot remove %s, no longer used (%s)", path, exc)

@@ -2,21 +2,17 @@
 
 from __future__ import annotations
 
-import errno
-import json
 import logging
-import os
-import stat
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from edge_agent.store import StationStore
-from station_ui.sessions import SESSIONS_FILE, LiveSessions
+from edge_agent.store import DEFAULT_BUSY_TIMEOUT_S, StationStore
+from station_ui.sessions import LiveSessions
 from tests.unit.test_station_ui import (
     _HASHES,
     OPERATOR_PIN,
@@ -33,10 +29,15 @@ def clock() -> FakeClock:
     return FakeClock()
 
 
+def open_store(data_dir: Path, busy_timeout_s: float = DEFAULT_BUSY_TIMEOUT_S) -> StationStore:
+    opened = StationStore(data_dir, busy_timeout_s=busy_timeout_s)
+    opened.upsert_operator("op-7", "Ana Operator", "operator", _HASHES[OPERATOR_PIN])
+    return opened
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Iterator[StationStore]:
-    opened = StationStore(tmp_path / "data")
-    opened.upsert_operator("op-7", "Ana Operator", "operator", _HASHES[OPERATOR_PIN])
+    opened = open_store(tmp_path / "data")
     yield opened
     opened.close()
 
@@ -132,82 +133,125 @@ def test_a_restart_keeps_live_sessions_and_revoked_ones_stay_revoked(
     assert not signed_in(copy_of(ana_copy, restarted))
 
 
-def test_the_record_is_private_to_the_station(app: Flask, store: StationStore) -> None:
-    sign_in(app.test_client())
-    path = store.data_dir / SESSIONS_FILE
-    assert stat.S_IMODE(path.stat().st_mode) == 0o600
-
-
-@pytest.mark.parametrize("content", [
-    b"{not json", b"[1, 2]", b'{"sessions": {"abc": "yesterday"}}', b'{"sessions": [1]}',
-    b'{"sessions": {"abc": NaN}}', b'{"sessions": {"abc": true}}', b"\xff\xfe",
-])
-def test_a_damaged_record_signs_everyone_out_and_says_so(
-    store: StationStore, clock: FakeClock, content: bytes, caplog: pytest.LogCaptureFixture
+def test_two_screens_on_one_data_dir_see_each_others_sign_outs(
+    tmp_path: Path, clock: FakeClock
 ) -> None:
+    """Two UI processes on one data dir (each with its own store connection, as two processes
+    have) accept each other's cookies, so they must share sign-outs, and keep them across a
+    restart of either."""
+    data_dir = tmp_path / "data"
+    with open_store(data_dir) as store_a, StationStore(data_dir) as store_b:
+        screen_a, screen_b = make_app(store_a, clock), make_app(store_b, clock)
+        browser = screen_a.test_client()
+        token = sign_in(browser)
+        on_b = copy_of(browser, screen_b)
+        assert signed_in(on_b)
+
+        sign_out(browser, token)
+        assert not signed_in(copy_of(on_b, screen_b))
+        sign_in(screen_b.test_client())  # someone else signs in on B
+        with StationStore(data_dir) as store_a2:
+            restarted_a = make_app(store_a2, clock)
+            assert not signed_in(copy_of(on_b, restarted_a))
+
+
+def test_a_restart_keeps_a_live_session_on_either_screen(tmp_path: Path, clock: FakeClock) -> None:
+    data_dir = tmp_path / "data"
+    with open_store(data_dir) as store_a, StationStore(data_dir) as store_b:
+        browser = make_app(store_a, clock).test_client()
+        sign_in(browser)
+        assert signed_in(copy_of(browser, make_app(store_b, clock)))
+
+
+def test_the_previous_builds_session_file_is_removed_at_start(
+    store: StationStore, clock: FakeClock
+) -> None:
+    old = store.data_dir / "ui-sessions.json"
+    old.write_text('{"sessions": {"an-old-id": 0}}')
+    client = make_app(store, clock).test_client()
+    assert not old.exists()
+    sign_in(client)
+    assert signed_in(client)
+
+
+def test_a_sign_out_the_store_cannot_record_still_signs_this_browser_out(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The store stays locked past its busy timeout (another writer, a stalled disk): the
+    sign-out answers as usual and clears the cookie, and says what went wrong."""
+    with open_store(tmp_path / "data", busy_timeout_s=0.1) as store:
+        app = make_app(store, clock)
+        client = app.test_client()
+        token = sign_in(client)
+        writer = sqlite3.connect(store.path, isolation_level=None)
+        writer.execute("BEGIN IMMEDIATE")
+        try:
+            with caplog.at_level(logging.WARNING, logger="station_ui.sessions"):
+                sign_out(client, token)
+            assert not signed_in(client)
+        finally:
+            writer.execute("ROLLBACK")
+            writer.close()
+    assert "cannot end a session" in caplog.text and "database is locked" in caplog.text
+
+
+@pytest.mark.parametrize("breakage", ["closed", "table gone"])
+def test_a_cookie_the_store_cannot_check_is_refused(
+    tmp_path: Path, clock: FakeClock, caplog: pytest.LogCaptureFixture, breakage: str
+) -> None:
+    store = open_store(tmp_path / "data")
     app = make_app(store, clock)
     client = app.test_client()
     sign_in(client)
-    path = store.data_dir / SESSIONS_FILE
-    path.write_bytes(content)
+    if breakage == "closed":
+        store.close()
+    else:
+        raw = sqlite3.connect(store.path)
+        raw.execute("DROP TABLE ui_sessions")
+        raw.commit()
+        raw.close()
     with caplog.at_level(logging.WARNING, logger="station_ui.sessions"):
-        restarted = make_app(store, clock)
-    assert not signed_in(copy_of(client, restarted))
-    assert str(path) in caplog.text and "everyone signs in again" in caplog.text
-    again = restarted.test_client()
-    sign_in(again)  # and the screen works on
-    assert signed_in(again)
+        assert client.get("/api/queue", headers=JSON).status_code == 401
+    assert "cannot check a session" in caplog.text and "the cookie is refused" in caplog.text
+    store.close()
 
 
 # --- the record itself ------------------------------------------------------------------------
 
 
-def test_sessions_past_the_maximum_length_are_refused_and_purged(clock: FakeClock) -> None:
-    sessions = LiveSessions(None, clock, max_age_s=100)
+def test_sessions_past_the_maximum_length_are_refused_and_purged(
+    store: StationStore, clock: FakeClock
+) -> None:
+    sessions = LiveSessions(store, clock, max_age_s=100)
     first = sessions.start()
     clock.advance(60)
     second = sessions.start()
     clock.advance(41)
     assert not sessions.is_live(first) and sessions.is_live(second)
     sessions.start()
-    assert len(sessions) == 2  # the expired one is gone
+    assert store.ui_session_count() == 2  # the expired one is gone
 
 
-def test_the_record_is_bounded(clock: FakeClock) -> None:
-    sessions = LiveSessions(None, clock, max_age_s=3600, max_sessions=3)
+def test_the_record_is_bounded(store: StationStore, clock: FakeClock) -> None:
+    sessions = LiveSessions(store, clock, max_age_s=3600, max_sessions=3)
     started = []
     for _ in range(4):
         started.append(sessions.start())
         clock.advance(1)
-    assert len(sessions) == 3
+    assert store.ui_session_count() == 3
     assert [sessions.is_live(s) for s in started] == [False, True, True, True]
 
 
-def test_ids_are_fresh_and_only_strings_are_live(clock: FakeClock) -> None:
-    sessions = LiveSessions(None, clock, max_age_s=3600)
+def test_ids_are_fresh_and_only_strings_are_live(store: StationStore, clock: FakeClock) -> None:
+    sessions = LiveSessions(store, clock, max_age_s=3600)
     ids = {sessions.start() for _ in range(50)}
     assert len(ids) == 50 and all(len(i) >= 32 for i in ids)
-    assert not any(sessions.is_live(bad) for bad in (None, 1, "", ["x"]))
+    assert not any(sessions.is_live(bad) for bad in (None, 1, "", ["x"], "not-an-id"))
     sessions.end(None)  # a cookie without an id: nothing to forget, no error
+    sessions.end("not-an-id")
+    assert store.ui_session_count() == 50
 
 
-def test_a_failed_save_removes_the_record_so_a_restart_revives_nothing(
-    tmp_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch,
-    caplog: pytest.LogCaptureFixture,
-) -> None:
-    path = tmp_path / SESSIONS_FILE
-    sessions = LiveSessions(path, clock, max_age_s=3600)
-    kept = sessions.start()
-    assert json.loads(path.read_text())["sessions"].keys() == {kept}
-
-    def full_disk(*_args: Any) -> None:
-        raise OSError(errno.ENOSPC, "No space left on device")
-
-    monkeypatch.setattr(os, "replace", full_disk)
-    with caplog.at_level(logging.WARNING, logger="station_ui.sessions"):
-        sessions.end(kept)
-    assert not sessions.is_live(kept)
-    assert not path.exists()
-    assert not list(tmp_path.iterdir()), "a temporary file was left behind"
-    assert "No space left" in caplog.text and str(path) in caplog.text
-    assert not LiveSessions(path, clock, max_age_s=3600).is_live(kept)
+def test_a_session_length_must_be_positive(store: StationStore, clock: FakeClock) -> None:
+    with pytest.raises(ValueError, match="max_age_s: must be positive, got 0"):
+        LiveSessions(store, clock, max_age_s=0)

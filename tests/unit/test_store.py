@@ -591,11 +591,11 @@ def test_a_store_of_schema_2_gains_resolutions(tmp_data_dir: Path) -> None:
     raw = sqlite3.connect(tmp_data_dir / DB_FILE)
     raw.executescript(
         "DROP VIEW confirmed; DROP VIEW unpublished; DROP TABLE resolutions; "
-        "PRAGMA user_version=2;"
+        "DROP TABLE ui_sessions; PRAGMA user_version=2;"
     )
     raw.close()
     with StationStore(tmp_data_dir) as store:
-        assert store.schema_version() == 3
+        assert store.schema_version() == SCHEMA_VERSION
         assert [e.review.part_id for e in store.escalations()] == ["e1"]
         assert store.resolve_escalation("e1", "sup-9", "pass", "good", T0)
 
@@ -772,7 +772,7 @@ def test_arguments_are_validated_by_name(store: StationStore) -> None:
 
 def test_schema_version_and_newer_schema_refused(tmp_data_dir: Path) -> None:
     with StationStore(tmp_data_dir) as store:
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION == 4
     raw = sqlite3.connect(tmp_data_dir / DB_FILE)
     raw.execute("PRAGMA user_version=99")
     raw.close()
@@ -827,3 +827,76 @@ def test_the_orphan_sweep_passes_over_a_file_that_vanishes_while_it_looks(
     report = store.enforce_quota(10**9)
     assert report.over_quota_bytes == 0
     assert not (store.images_dir / "orphan.jpg").exists(), "a real orphan is still swept"
+
+
+# --- the UI's live sign-ins ---------------------------------------------------------------------
+
+HOUR = timedelta(hours=1)
+
+
+def test_a_ui_session_is_live_until_ended_or_too_old(store: StationStore) -> None:
+    store.start_ui_session("s1", T0, HOUR)
+    assert store.ui_session_live("s1", T0 + HOUR, HOUR)
+    assert not store.ui_session_live("s1", T0 + HOUR + timedelta(microseconds=1), HOUR)
+    assert not store.ui_session_live("s2", T0, HOUR)
+    assert store.end_ui_session("s1")
+    assert not store.ui_session_live("s1", T0, HOUR)
+    assert not store.end_ui_session("s1"), "ending it twice is nothing to do"
+
+
+def test_a_ui_sign_in_forgets_expired_sessions_and_the_oldest_past_the_cap(
+    store: StationStore,
+) -> None:
+    store.start_ui_session("expired", T0, HOUR)
+    for n in range(4):
+        store.start_ui_session(f"s{n}", T0 + HOUR + timedelta(seconds=n), HOUR, max_sessions=3)
+    assert store.ui_session_count() == 3
+    live = [
+        s for s in ("expired", "s0", "s1", "s2", "s3")
+        if store.ui_session_live(s, T0 + HOUR + timedelta(seconds=4), HOUR)
+    ]
+    assert live == ["s1", "s2", "s3"]
+
+
+def test_the_ui_session_cap_keeps_the_newest_of_one_microsecond(store: StationStore) -> None:
+    """A clock that stands still (or steps back) still evicts the earlier sign-in."""
+    for n in range(3):
+        store.start_ui_session(f"s{n}", T0, HOUR, max_sessions=2)
+    assert [store.ui_session_live(f"s{n}", T0, HOUR) for n in range(3)] == [False, True, True]
+
+
+def test_ui_sessions_are_shared_by_two_stores_on_one_data_dir(tmp_data_dir: Path) -> None:
+    with StationStore(tmp_data_dir) as first, StationStore(tmp_data_dir) as second:
+        first.start_ui_session("s1", T0, HOUR)
+        assert second.ui_session_live("s1", T0, HOUR)
+        assert second.end_ui_session("s1")
+        assert not first.ui_session_live("s1", T0, HOUR)
+
+
+def test_ui_session_arguments_are_checked(store: StationStore) -> None:
+    with pytest.raises(ValueError, match="session_id: a non-empty string is required"):
+        store.start_ui_session("", T0, HOUR)
+    with pytest.raises(ValueError, match="now: a timezone-aware datetime is required"):
+        store.start_ui_session("s1", datetime(2025, 3, 4), HOUR)
+    with pytest.raises(ValueError, match="max_age: a positive timedelta is required"):
+        store.ui_session_live("s1", T0, timedelta(0))
+    with pytest.raises(ValueError, match="max_sessions: must be at least 1, got 0"):
+        store.start_ui_session("s1", T0, HOUR, max_sessions=0)
+    assert store.ui_session_count() == 0
+
+
+def test_a_store_of_schema_3_gains_ui_sessions_in_place(tmp_data_dir: Path) -> None:
+    old = SqliteDatabase(tmp_data_dir / DB_FILE, synchronous="FULL", busy_timeout_s=5.0)
+    tmp_data_dir.mkdir(parents=True, exist_ok=True)
+    old.migrate(store_module._MIGRATIONS[:3])
+    with old.write() as conn:
+        conn.execute(
+            "INSERT INTO operators (badge, name, role, pin_hash, created_us, updated_us) "
+            "VALUES ('op-7', 'Ana', 'operator', 'h', 0, 0)"
+        )
+    old.close()
+    with StationStore(tmp_data_dir) as store:
+        assert store.schema_version() == SCHEMA_VERSION == 4
+        assert store.operator("op-7") is not None, "the data of schema 3 is kept"
+        store.start_ui_session("s1", T0, HOUR)
+        assert store.ui_session_live("s1", T0, HOUR)
