@@ -954,8 +954,10 @@ class Agent:
                 if now - last_disk > CHECK_EVERY_S:
                     last_disk = now
                     self._check_disk_space()
-                self._check_broker_refusal()
-                self._check_client_id_conflict()
+                # Shown on the station's own screen and metrics: nothing reaches the broker.
+                self._fault_while("broker_refused", self.link.fatal_error)
+                # Another client with this station's client id (a station of the same name).
+                self._fault_while("client_id_conflict", self.link.conflict_error)
                 if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
                     self._state_dirty.clear()
                     last_state = now
@@ -993,28 +995,16 @@ class Agent:
         min_free_mb = self.config.storage.min_free_mb
         with self._lock:
             was_low = "disk_low" in self.faults
-        if is_low(space.free, floor_bytes(min_free_mb), was_low=was_low):
-            self._raise_fault("disk_low", low_message(data_dir, space, min_free_mb), update=True)
-        else:
-            self._clear_faults("disk_low")
+        low = is_low(space.free, floor_bytes(min_free_mb), was_low=was_low)
+        message = low_message(data_dir, space, min_free_mb) if low else None
+        self._fault_while("disk_low", message, update=True)
 
-    def _check_broker_refusal(self) -> None:
-        """A broker that refuses this station's credentials: a fault (on the station's own
-        screen and metrics, as nothing reaches the broker) until it takes them again."""
-        refused = self.link.fatal_error
-        if refused is None:
-            self._clear_faults("broker_refused")
+    def _fault_while(self, code: str, message: str | None, *, update: bool = False) -> None:
+        """Raise `code` while a condition gives a message for it; clear it once there is none."""
+        if message is None:
+            self._clear_faults(code)
         else:
-            self._raise_fault("broker_refused", refused)
-
-    def _check_client_id_conflict(self) -> None:
-        """Another client with this station's client id (a second station configured with the
-        same name): a fault until this station's connection has lasted with nobody taking it."""
-        conflict = self.link.conflict_error
-        if conflict is None:
-            self._clear_faults("client_id_conflict")
-        else:
-            self._raise_fault("client_id_conflict", conflict)
+            self._raise_fault(code, message, update=update)
 
     def _supervise_relay(self, now: float) -> None:
         """Start a relay that died again (the outbox is the hand-over, so nothing is lost), with

@@ -190,6 +190,16 @@ def station_process(root: Path, broker: Broker, station: str) -> subprocess.Pope
         )
 
 
+def stop_station(station: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, as systemd stops it; killed if it has not stopped within 30 s."""
+    station.send_signal(signal.SIGTERM)
+    try:
+        station.wait(30)
+    except subprocess.TimeoutExpired:
+        station.kill()
+        station.wait(10)
+
+
 @pytest.mark.parametrize("when", ["deploying", "observing"])
 def test_a_station_killed_during_a_rollout_comes_back_consistent(
     tmp_path: Path, broker: Broker, when: str
@@ -223,12 +233,7 @@ def test_a_station_killed_during_a_rollout_comes_back_consistent(
             else:
                 pytest.fail(f"a regressed candidate ended {doc['phase']}: {doc}")
     finally:
-        station.send_signal(signal.SIGTERM)
-        try:
-            station.wait(30)
-        except subprocess.TimeoutExpired:
-            station.kill()
-            station.wait(10)
+        stop_station(station)
 
 
 def test_a_rollback_owed_to_a_dead_station_survives_a_controller_restart(
@@ -266,9 +271,4 @@ def test_a_rollback_owed_to_a_dead_station_survives_a_controller_restart(
             wait_for(lambda: not (client.current() or {}).get("rollbacks_owed"), 30,
                      "the owed rollback settled")
     finally:
-        station.send_signal(signal.SIGTERM)
-        try:
-            station.wait(30)
-        except subprocess.TimeoutExpired:
-            station.kill()
-            station.wait(10)
+        stop_station(station)
