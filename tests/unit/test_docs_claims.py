@@ -151,7 +151,7 @@ def test_the_gate_settings_shown_are_the_defaults() -> None:
 
 def test_the_fault_table_lists_exactly_the_faults_the_agent_raises() -> None:
     source = (REPO / "edge_agent" / "agent.py").read_text()
-    raised = set(re.findall(r'_raise_fault\(\s*"([a-z_]+)"', source))
+    raised = set(re.findall(r'(?:_raise_fault|_fault_while)\(\s*"([a-z_]+)"', source))
     for suffix in re.findall(r'_raise_fault\(\s*f"\{\w+\}_([a-z_]+)"', source):
         raised |= {f"active_{suffix}", f"candidate_{suffix}"}
     table = _section("docs/agent.md", "Faults")
