@@ -10,7 +10,9 @@ and keep them in their outbox until a Receipt covers them. A station's seq count
 station id. The store keys those messages by `(station, stream, seq)`, so a redelivered message
 collapses onto the first copy, and keeps a watermark per stream: the highest seq below which
 nothing is missing. That watermark is what the controller receipts, so it is advanced only after
-the rows it covers are committed.
+the rows it covers are committed. A station whose store was restored from a backup numbers new
+messages with seqs it had already used: a message under a taken seq with another msg_id is
+stored beside the first, never dropped, since the station deletes it on the next receipt.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import logging
 import math
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -54,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -213,8 +216,15 @@ _SCHEMA_V5: tuple[str, ...] = (
     "UPDATE messages SET received_us = ts_us",
     "CREATE INDEX messages_received ON messages (received_us)",
 )
+# A seq may hold more than one message: a station whose store was restored from a backup gives
+# out seqs again, for other messages, and a receipt deletes them on the station. Each msg_id is
+# stored once under its key.
+_SCHEMA_V6: tuple[str, ...] = (
+    "DROP INDEX messages_key",
+    "CREATE UNIQUE INDEX messages_key ON messages (station, stream, seq, msg_id)",
+)
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5
+    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6
 )
 _PRUNE = tuple(
     f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
@@ -229,8 +239,8 @@ class StreamKey(NamedTuple):
     stream: uuid.UUID | None = None
 
 
-_MessageKey = tuple[str, str, int]
-"""(station, stream as stored, seq): one durable message."""
+_MessageKey = tuple[str, str, int, str]
+"""(station, stream as stored, seq, msg_id): one durable message."""
 
 
 def _stream_text(stream: uuid.UUID | None) -> str:
@@ -540,6 +550,7 @@ class SqliteFleetStore:
         self._seq_next = 0
         self._seq_limit = 0  # exclusive end of the block reserved on disk
         self._logged_unreadable: set[tuple[str, str]] = set()  # (station, document) logged
+        self._reused = _ReuseLog()
         self._db = SqliteDatabase(
             self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s,
             # The shadow table of a running stage is read every second: keep it in memory.
@@ -580,12 +591,14 @@ class SqliteFleetStore:
         """Store a batch in one transaction; return each seq stream's highest contiguous seq.
 
         Decisions, shadow results, verdicts and acks are keyed by `(station, stream, seq)`: a
-        duplicate collapses onto the first copy (a different msg_id under the same key is
-        logged: that station re-used a seq). The result names every stream with one of those
-        in the batch, -1 while its seq 0 is missing. Metrics are kept (latest plus a ring of
-        METRICS_HISTORY) and states go to the inventory as if received now; neither is part of
-        a seq stream, so a batch of only those returns {}. Retention counts from `received`
-        (default now), never from the station's `ts`: its clock may be behind.
+        duplicate (the same msg_id) collapses onto the first copy. A message under a seq that
+        holds another msg_id is stored beside it and logged: that station gave out the seq
+        again (its store was restored from a backup), and its next receipt deletes it there.
+        The result names every stream with one of those in the batch, -1 while its seq 0 is
+        missing. Metrics are kept (latest plus a ring of METRICS_HISTORY) and states go to the
+        inventory as if received now; neither is part of a seq stream, so a batch of only those
+        returns {}. Retention counts from `received` (default now), never from the station's
+        `ts`: its clock may be behind.
         """
         batch: dict[_MessageKey, Envelope] = {}
         metrics: list[StationMetrics] = []
@@ -596,10 +609,9 @@ class SqliteFleetStore:
             elif isinstance(message, StationState):
                 states.append(message)
             elif type(message) in _STREAM_KINDS:
-                key = (message.station, _stream_text(message.stream), message.seq)
-                first = batch.setdefault(key, message)
-                if first.msg_id != message.msg_id:
-                    _warn_reused(key, first, message)
+                key = (message.station, _stream_text(message.stream), message.seq,
+                       str(message.msg_id))  # fmt: skip
+                batch.setdefault(key, message)
             else:
                 raise ValueError(f"ingest: {type(message).__name__} is not a station message")
         # Durable: the receipts sent after this commit let stations delete their copies, so a
@@ -618,7 +630,7 @@ class SqliteFleetStore:
     def _ingest_stream(
         self, conn: sqlite3.Connection, batch: dict[_MessageKey, Envelope], received_us: int
     ) -> dict[tuple[str, str], int]:
-        names = sorted({(station, stream) for station, stream, _ in batch})
+        names = sorted({(station, stream) for station, stream, _, _ in batch})
         marks: dict[tuple[str, str], tuple[int, int]] = {name: (-1, -1) for name in names}
         for station, stream, watermark, max_seq in conn.execute(
             "SELECT s.station, s.stream, s.watermark, s.max_seq FROM json_each(?) AS j "
@@ -630,7 +642,8 @@ class SqliteFleetStore:
             _note_new_stream(conn, station, stream)
         # At or below the watermark a seq is stored; above max_seq it is not; only the gaps in
         # between need a look at the table. In the steady state nothing does.
-        maybe_stored = [key for key in batch if key[2] <= marks[key[:2]][1]]
+        taken: set[tuple[str, str, int]] = set()  # seqs that already hold a message
+        maybe_stored = sorted({key[:3] for key in batch if key[2] <= marks[key[:2]][1]})
         if maybe_stored:
             for station, stream, seq, msg_id in conn.execute(
                 "SELECT m.station, m.stream, m.seq, m.msg_id FROM json_each(?) AS j "
@@ -638,21 +651,18 @@ class SqliteFleetStore:
                 "AND m.seq = j.value ->> 2",
                 (json.dumps(maybe_stored),),
             ):
-                first = batch.pop((station, stream, seq))
-                if str(first.msg_id) != msg_id:
-                    log.warning(
-                        "station %s re-used seq %d of stream %r: stored msg_id %s, dropped %s",
-                        station, seq, stream, msg_id, first.msg_id,
-                    )  # fmt: skip
+                taken.add((station, stream, seq))
+                batch.pop((station, stream, seq, msg_id), None)  # a copy of a stored one
         # At or below the watermark a seq was stored, even if it has since been pruned by age:
         # a late copy of it is a duplicate, never stored again.
-        for key in [key for key in batch if key[2] <= marks[key[:2]][0]]:
+        for key in [k for k in batch if k[2] <= marks[k[:2]][0] and k[:3] not in taken]:
             del batch[key]
+        self._note_reused(batch, taken)
         rows = _Rows()
         fresh: dict[tuple[str, str], set[int]] = {}
         # Ids are handed out here, under the write lock, so each kind's row shares its message's.
         row_id = int(conn.execute("SELECT coalesce(max(id), 0) FROM messages").fetchone()[0])
-        for (station, stream, seq), message in batch.items():
+        for (station, stream, seq, _), message in batch.items():
             row_id += 1
             rows.add(row_id, message, received_us)
             fresh.setdefault((station, stream), set()).add(seq)
@@ -675,6 +685,20 @@ class SqliteFleetStore:
         conn.executemany(_SET_STREAM_MARKS, updates)
         conn.executemany(_ADD_STATION, [(station,) for station in {s for s, _ in fresh}])
         return {name: marks[name][0] for name in names}
+
+    def _note_reused(
+        self, batch: dict[_MessageKey, Envelope], taken: set[tuple[str, str, int]]
+    ) -> None:
+        """Log the seqs of `batch` (all new messages) that another message holds, in this
+        store or earlier in the batch."""
+        reused: dict[tuple[str, str], list[int]] = {}
+        seen: set[tuple[str, str, int]] = set()
+        for key in sorted(batch, key=lambda k: k[:3]):
+            if key[:3] in taken or key[:3] in seen:
+                reused.setdefault(key[:2], []).append(key[2])
+            seen.add(key[:3])
+        for (station, stream), seqs in reused.items():
+            self._reused.add(station, stream, seqs, time.monotonic())
 
     @staticmethod
     def _advance(
@@ -1175,8 +1199,32 @@ def _note_new_stream(conn: sqlite3.Connection, station: str, stream: str) -> Non
         )  # fmt: skip
 
 
-def _warn_reused(key: _MessageKey, first: Envelope, other: Envelope) -> None:
-    log.warning(
-        "station %s re-used seq %d of stream %r in one batch: kept msg_id %s, dropped %s",
-        key[0], key[2], key[1], first.msg_id, other.msg_id,
-    )  # fmt: skip
+class _ReuseLog:
+    """Warns of seqs a station gave out again (its store restored from a backup), at most once
+    a minute per station, with how many since the last warning: a restored station re-uses a
+    seq on every message until it is past the seqs it had used."""
+
+    EVERY_S = 60.0
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[tuple[str, str], list[int]] = {}  # -> [count, lowest, highest]
+        self._logged_at: dict[str, float] = {}
+
+    def add(self, station: str, stream: str, seqs: Sequence[int], now: float) -> None:
+        with self._lock:
+            entry = self._pending.setdefault((station, stream), [0, min(seqs), max(seqs)])
+            entry[0] += len(seqs)
+            entry[1], entry[2] = min(entry[1], *seqs), max(entry[2], *seqs)
+            if now - self._logged_at.get(station, -math.inf) < self.EVERY_S:
+                return
+            self._logged_at[station] = now
+            due = [(key, self._pending.pop(key)) for key in list(self._pending)
+                   if key[0] == station]  # fmt: skip
+        for (_, text), (count, lowest, highest) in due:
+            log.warning(
+                "station %s gave out %d seq(s) of stream %r again, between %d and %d, for other "
+                "messages: was its station.db restored from a backup? They are stored beside the "
+                "earlier ones; nothing is lost",
+                station, count, text, lowest, highest,
+            )  # fmt: skip

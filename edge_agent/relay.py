@@ -1,9 +1,12 @@
 """The outbox relay: outbox rows to MQTT, the controller's receipts back into the outbox.
 
 The relay owns the station's delivery guarantee: it publishes every row from the oldest not yet
-receipted, deletes rows only when a Receipt for the store's seq stream covers their seq, and
-publishes everything not yet receipted again after a reconnect, or when receipts stop advancing
-for `resend_after_s` (a broker restart can drop the controller's session).
+receipted, deletes rows only when a Receipt for the store's seq stream covers their seq and only
+rows it has sent, and publishes everything not yet receipted again after a reconnect, or when
+receipts stop advancing for `resend_after_s` (a broker restart can drop the controller's
+session). A receipt counts what the controller holds under a seq; it says nothing of a row this
+relay has not sent yet, which may hold another message under the same seq (a store restored
+from a backup gives out seqs again).
 
 By default it runs in its own process (`outbox.relay: process`), with its own MQTT connection
 and its own connection to the station's SQLite file: paho's per-message work (publish, PUBACK,
@@ -75,6 +78,11 @@ class OutboxRelay:
         self._online = threading.Event()
         self._receipted_upto = -1
         self._receipt_progress = time.monotonic()
+        # The highest seq this relay has handed to the link (set before the hand-over, which a
+        # receipt cannot overtake): it walks the rows in seq order from the oldest, and new rows
+        # only get higher seqs, so every row at or below it has been sent.
+        self._sent_upto = -1
+        self._warned_ahead = False
 
     def attach(self) -> None:
         """Subscribe to the receipts and hear of reconnects; call before `link.start()`."""
@@ -120,6 +128,7 @@ class OutboxRelay:
             rows = self.store.pending(limit=self.publish_batch, after_seq=cursor)
             if not rows:
                 return cursor
+            self._sent_upto = max(self._sent_upto, rows[-1].seq)
             tickets = [self.link.publish(row.topic, row.payload, qos=row.qos) for row in rows]
             if not tickets[-1].wait(ACK_WAIT_S):
                 return cursor  # not acknowledged: try again from here
@@ -144,19 +153,21 @@ class OutboxRelay:
             )  # fmt: skip
             return
         last_seq = self.store.last_seq()
-        if receipt.upto_seq > last_seq:
-            # No controller stores a seq that was never given out: this receipt counts
-            # something else, and the rows it would delete may never have reached anyone.
+        if receipt.upto_seq > last_seq and not self._warned_ahead:
+            # The controller holds seqs this store has not given out (yet): it was restored from
+            # a backup, and gives out seqs again. The controller keeps both messages of a seq.
+            self._warned_ahead = True
             log.warning(
-                "ignored a receipt up to seq %d: this store has given out seqs up to %d only",
-                receipt.upto_seq, last_seq,
+                "a receipt covers seq %d, but this store has given out seqs up to %d only: was "
+                "station.db restored from a backup? Nothing is lost: rows are deleted only once "
+                "sent", receipt.upto_seq, last_seq,
             )  # fmt: skip
-            return
-        if receipt.upto_seq > self._receipted_upto:
-            self._receipted_upto = receipt.upto_seq
+        upto = min(receipt.upto_seq, self._sent_upto)
+        if upto > self._receipted_upto:
+            self._receipted_upto = upto
             self._receipt_progress = time.monotonic()
-        if self.store.acknowledge(receipt.upto_seq) and self._on_acknowledged is not None:
-            self._on_acknowledged(receipt.upto_seq)
+        if self.store.acknowledge(upto) and self._on_acknowledged is not None:
+            self._on_acknowledged(upto)
 
 
 @dataclass

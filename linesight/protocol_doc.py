@@ -123,8 +123,10 @@ _PURPOSE: dict[str, str] = {
     "CommandAck": "The station's answer to a command: `ok`, or the error that stopped it.",
     "Receipt": "From the controller: every message of this station's seq stream "
     "`upto_stream` up to `upto_seq` is stored. Only then does the station delete those "
-    "messages from its outbox; a receipt for another stream (one that the broker kept for "
-    "this station id before its storage was replaced) deletes nothing.",
+    "messages from its outbox, and only those it has sent since it started: a row not sent "
+    "yet may hold another message under a seq the controller holds (a station whose store "
+    "was restored from a backup gives out seqs again). A receipt for another stream (one that "
+    "the broker kept for this station id before its storage was replaced) deletes nothing.",
     "RolloutStatus": "The current (or last) rollout: phase, stage by stage, and why it "
     "ended. Retained on the fleet topic.",
 }
@@ -192,8 +194,11 @@ def render() -> str:
         "before the field still parse the message |",
         "",
         "Delivery is at least once: after a reconnect a station publishes again what the "
-        "controller has not yet receipted, with the same `msg_id` and `seq`. Store by "
-        "`(station, stream, seq)` or by `msg_id` and duplicates collapse.",
+        "controller has not yet receipted, with the same `msg_id` and `seq`. A copy has the "
+        "same `msg_id`: dedupe by `(station, stream, seq, msg_id)` or by `msg_id`. A station "
+        "whose store was restored from a backup gives out seqs it had used again, in the same "
+        "stream, for other messages; keyed by `(station, stream, seq)` alone, those would be "
+        "taken for copies and lost.",
         "",
     ]
     for message in examples():

@@ -23,11 +23,17 @@ from typing import cast
 
 from hypothesis import settings
 from hypothesis import strategies as st
-from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
+from hypothesis.stateful import (
+    RuleBasedStateMachine,
+    initialize,
+    invariant,
+    precondition,
+    rule,
+)
 
 from deploy.fleet_store import SqliteFleetStore, StreamKey
 from edge_agent.relay import OutboxRelay
-from edge_agent.store import OutboxRow, StationStore
+from edge_agent.store import DB_FILE, StationStore
 from linesight import protocol as p
 from linesight.mqtt import MqttLink, ReceivedMessage
 
@@ -76,19 +82,22 @@ class Station:
 
 @dataclass
 class Controller:
-    """What the controller's store must hold: every key stored and the msg_id kept for it,
-    those pruned since, the floor a station's `receipted_upto` set per stream, and the
-    highest receipt given per stream (which must never go back)."""
+    """What the controller's store must hold: every key stored and the msg_id of its first
+    message, the other messages stored beside it under the same key (a station that gave out
+    the seq again), the keys pruned since, the floor a station's `receipted_upto` set per
+    stream, and the highest receipt given per stream (which must never go back)."""
 
     stored: dict[Key, str] = field(default_factory=dict)
+    beside: set[tuple[str, uuid.UUID | None, int, str]] = field(default_factory=set)
     pruned: set[Key] = field(default_factory=set)
     floor: dict[Stream, int] = field(default_factory=dict)
     receipts: dict[Stream, int] = field(default_factory=dict)
 
     def copy(self) -> Controller:
         return Controller(
-            dict(self.stored), set(self.pruned), dict(self.floor), dict(self.receipts)
-        )
+            dict(self.stored), set(self.beside), set(self.pruned), dict(self.floor),
+            dict(self.receipts),
+        )  # fmt: skip
 
     def watermark(self, stream: Stream) -> int:
         """The end of the run of stored seqs from the stream's floor (-1 when none)."""
@@ -172,9 +181,13 @@ class FleetIngestModel(RuleBasedStateMachine):
         durable = [message for message in batch if not isinstance(message, p.StationMetrics)]
         for message in durable:
             key = (message.station, message.stream, message.seq)
+            msg_id = str(message.msg_id)
             at_or_below = message.seq <= before.get(key[:2], -1)
-            if key not in self.model.stored and not at_or_below:
-                self.model.stored[key] = str(message.msg_id)
+            if key in self.model.stored and key not in self.model.pruned:
+                if self.model.stored[key] != msg_id:
+                    self.model.beside.add((*key, msg_id))
+            elif key not in self.model.stored and not at_or_below:
+                self.model.stored[key] = msg_id
         receipts = self.store.ingest(batch)
         touched = {(message.station, message.stream) for message in durable}
         assert set(receipts) == {StreamKey(*stream) for stream in touched}
@@ -195,7 +208,8 @@ class FleetIngestModel(RuleBasedStateMachine):
         self, data: st.DataObject, receipts_arrive: bool, reused: bool, with_metrics: bool
     ) -> None:
         """Any of the messages ever sent, old streams too, in any order, repeated; sometimes
-        with a copy under another msg_id (a broken station) or a metrics report beside them,
+        with another message under one's seq (a station restored from a backup gives out seqs
+        again), which is stored beside it, or a metrics report beside them,
         which earns no receipt (an empty or metrics-only batch earns none at all)."""
         keys = data.draw(
             st.lists(st.sampled_from(sorted(self.sent, key=repr)), max_size=8)
@@ -258,8 +272,10 @@ class FleetIngestModel(RuleBasedStateMachine):
             key for key in self.model.stored.keys() - self.model.pruned
             if key[2] <= self.model.watermark(key[:2])
         }  # fmt: skip
-        assert self.store.prune(datetime.now(UTC) + timedelta(days=1)) == len(due)
+        beside = {other for other in self.model.beside if other[:3] in due}
+        assert self.store.prune(datetime.now(UTC) + timedelta(days=1)) == len(due) + len(beside)
         self.model.pruned |= due
+        self.model.beside -= beside
 
     @rule()
     def controller_store_is_backed_up(self) -> None:
@@ -299,13 +315,14 @@ class FleetIngestModel(RuleBasedStateMachine):
             reader.close()
         assert len({msg_id for *_, msg_id in rows}) == len(rows), "a msg_id stored twice"
         expected = {
-            (station, _stream_text(stream), seq): msg_id
+            (station, _stream_text(stream), seq, msg_id)
             for (station, stream, seq), msg_id in self.model.stored.items()
             if (station, stream, seq) not in self.model.pruned
+        } | {
+            (station, _stream_text(stream), seq, msg_id)
+            for station, stream, seq, msg_id in self.model.beside
         }
-        assert {(station, stream, seq): msg_id for station, stream, seq, msg_id in rows} == (
-            expected
-        )
+        assert set(rows) == expected
 
     @invariant()
     def receipts_cover_only_what_is_held_and_reach_the_end_of_each_run(self) -> None:
@@ -322,21 +339,43 @@ class FleetIngestModel(RuleBasedStateMachine):
 
 
 
+class Ticket:
+    def wait(self, timeout: float) -> bool:
+        return True
+
+
+@dataclass
+class Broker:
+    """What a station's relay published and the controller has not been handed yet: the
+    broker's queue towards the controller's persistent session (QoS 1: it keeps them)."""
+
+    queue: list[bytes] = field(default_factory=list)
+    connected: bool = True
+
+    def publish(self, topic: str, payload: bytes, qos: int = 0) -> Ticket:
+        self.queue.append(payload)
+        return Ticket()
+
+
 @dataclass
 class Line:
-    """A station on the line: its store (real, on its own data dir) and the relay's receipt
-    handling on it."""
+    """A station on the line: its store (real, on its own data dir), the relay's publishing and
+    receipt handling on it, and a backup of its data dir if one was taken."""
 
     name: str
     data_dir: Path
     store: StationStore
     relay: OutboxRelay
+    backup: Path | None = None
+    cursor: int = -1  # the relay's: published up to here since it started or replayed
 
 
 class StationsToControllerModel(RuleBasedStateMachine):
     """The real station outboxes and the real controller store together, with the relay's own
-    receipt handling in between: a message given a seq is in its station's outbox or in the
-    controller's store, unless the disk that held it was lost."""
+    publishing and receipt handling in between and a broker that keeps what was published: a
+    message given a seq is in its station's outbox, in the broker or in the controller's store,
+    unless the disk that held it was lost. Also when a station's store is restored from a
+    backup and gives out seqs again for other messages."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -344,10 +383,13 @@ class StationsToControllerModel(RuleBasedStateMachine):
         self.path = self.folder / "fleet.db"
         self.fleet: SqliteFleetStore | None = None
         self.line: dict[str, Line] = {}
-        self.given: dict[tuple[str, str, int], str] = {}  # (station, stream, seq) -> msg_id
-        self.lost: set[tuple[str, str, int]] = set()  # with a disk, not by the protocol
+        self.broker: dict[str, Broker] = {name: Broker() for name in STATIONS}
+        self.given: dict[str, tuple[str, str, int]] = {}  # msg_id -> (station, stream, seq)
+        self.lost: set[str] = set()  # msg_ids lost with a disk, not by the protocol
         self.receipts: list[p.Receipt] = []  # every receipt sent: the broker may keep any
         self.disks = 0
+        self.restored = False
+        self.controller_replaced = False
 
     def teardown(self) -> None:
         for at in self.line.values():
@@ -361,13 +403,13 @@ class StationsToControllerModel(RuleBasedStateMachine):
         assert self.fleet is not None
         return self.fleet
 
-    def _open(self, name: str, data_dir: Path) -> None:
+    def _open(self, name: str, data_dir: Path, backup: Path | None = None) -> None:
         store = StationStore(data_dir)
         relay = OutboxRelay(
-            store, cast(MqttLink, None), station=name, topics=TOPICS, publish_batch=100,
-            resend_after_s=1.0,
+            store, cast(MqttLink, self.broker[name]), station=name, topics=TOPICS,
+            publish_batch=3, resend_after_s=1.0,
         )  # fmt: skip
-        self.line[name] = Line(name, data_dir, store, relay)
+        self.line[name] = Line(name, data_dir, store, relay, backup)
 
     def _new_disk(self, name: str) -> None:
         self.disks += 1
@@ -392,11 +434,14 @@ class StationsToControllerModel(RuleBasedStateMachine):
                             retain=False)
         )  # fmt: skip
 
-    def _ingest(self, rows: list[OutboxRow], receipts_arrive: bool) -> None:
-        receipts = self.store.ingest([p.parse(p.Decision, row.payload) for row in rows])
+    def _ingest(self, payloads: list[bytes], receipts_arrive: bool) -> None:
+        receipts = self.store.ingest([p.parse(p.Decision, payload) for payload in payloads])
         if receipts_arrive:
             for key, upto in receipts.items():
                 self._receipt(key.station, key, upto)
+
+    def _pending(self, at: Line) -> set[str]:
+        return {row.msg_id for row in at.store.pending(limit=10_000)}
 
     @rule(station=st.sampled_from(STATIONS), parts=st.integers(1, 4))
     def station_decides(self, station: str, parts: int) -> None:
@@ -406,17 +451,36 @@ class StationsToControllerModel(RuleBasedStateMachine):
                 TOPICS.station(station, p.Channel.DECISION), 1,
                 lambda seq: build("decision", station, at.store.stream, seq),
             )  # fmt: skip
-            self.given[(station, _stream_text(message.stream), message.seq)] = str(message.msg_id)
+            self.given[str(message.msg_id)] = (
+                station, _stream_text(message.stream), message.seq
+            )
 
-    @rule(station=st.sampled_from(STATIONS), data=st.data(), receipts_arrive=st.booleans())
-    def some_pending_messages_arrive(
-        self, station: str, data: st.DataObject, receipts_arrive: bool
+    @rule(station=st.sampled_from(STATIONS), replay=st.booleans())
+    def relay_publishes(self, station: str, replay: bool) -> None:
+        """What is pending after the relay's cursor, or everything again (a reconnect)."""
+        at = self.line[station]
+        at.cursor = at.relay.publish_pending(-1 if replay else at.cursor)
+
+    @rule(
+        station=st.sampled_from(STATIONS), data=st.data(), receipts_arrive=st.booleans(),
+        delivered=st.booleans(),
+    )  # fmt: skip
+    def the_broker_hands_messages_to_the_controller(
+        self, station: str, data: st.DataObject, receipts_arrive: bool, delivered: bool
     ) -> None:
-        """Any of the outbox's rows, in any order, repeated or not at all."""
-        rows = self.line[station].store.pending(limit=10_000)
-        if rows:
-            arrival = data.draw(st.lists(st.sampled_from(rows), max_size=8), label="arrival")
-            self._ingest(arrival, receipts_arrive)
+        """Any of what the broker holds, in any order; handed over for good, or kept to come
+        again (the controller's session resumed before its PUBACKs)."""
+        queue = self.broker[station].queue
+        if not queue:
+            return
+        picked = data.draw(
+            st.lists(st.integers(0, len(queue) - 1), max_size=8), label="arrival"
+        )
+        payloads = [queue[index] for index in picked]
+        if delivered:
+            for index in sorted(set(picked), reverse=True):
+                del queue[index]
+        self._ingest(payloads, receipts_arrive)
 
     @rule(station=st.sampled_from(STATIONS), data=st.data())
     def the_broker_redelivers_old_receipts(self, station: str, data: st.DataObject) -> None:
@@ -438,7 +502,7 @@ class StationsToControllerModel(RuleBasedStateMachine):
     def station_restarts(self, station: str) -> None:
         at = self.line[station]
         at.store.close()
-        self._open(station, at.data_dir)
+        self._open(station, at.data_dir, at.backup)
 
     @rule(station=st.sampled_from(STATIONS), parts=st.integers(0, 4))
     def station_storage_is_replaced(self, station: str, parts: int) -> None:
@@ -446,11 +510,44 @@ class StationsToControllerModel(RuleBasedStateMachine):
         new disk decides `parts` before the link is up, then the broker's session hands it
         the receipts it kept for the old one (decision 0009)."""
         at = self.line[station]
-        stream = _stream_text(at.store.stream)
-        self.lost |= {(station, stream, row.seq) for row in at.store.pending(limit=10_000)}
+        self.lost |= self._pending(at)
         at.store.close()
         shutil.rmtree(at.data_dir)
         self._new_disk(station)
+        self.station_decides(station, parts)
+        for receipt in [receipt for receipt in self.receipts if receipt.station == station]:
+            self._deliver_receipt(station, receipt)
+
+    @rule(station=st.sampled_from(STATIONS))
+    def station_store_is_backed_up(self, station: str) -> None:
+        at = self.line[station]
+        at.backup = self.folder / f"{station}-backup-{self.disks}.db"
+        at.backup.unlink(missing_ok=True)
+        target = sqlite3.connect(at.backup)
+        source = sqlite3.connect(at.data_dir / DB_FILE)
+        try:
+            source.backup(target)
+        finally:
+            source.close()
+            target.close()
+
+    @precondition(lambda self: not self.controller_replaced)
+    @rule(station=st.sampled_from(STATIONS), parts=st.integers(0, 4))
+    def station_store_is_restored_from_its_backup(self, station: str, parts: int) -> None:
+        """Its outbox goes back to the backup's (what was added since is lost with the restore,
+        unless it was sent), it gives out the seqs it gave out since again for new messages,
+        decides `parts` before the link is up, and the broker hands it the kept receipts."""
+        at = self.line[station]
+        if at.backup is None:
+            return
+        self.restored = True
+        before = self._pending(at)
+        at.store.close()
+        shutil.rmtree(at.data_dir)
+        at.data_dir.mkdir()
+        shutil.copyfile(at.backup, at.data_dir / DB_FILE)
+        self._open(station, at.data_dir, at.backup)
+        self.lost |= before - self._pending(self.line[station])
         self.station_decides(station, parts)
         for receipt in [receipt for receipt in self.receipts if receipt.station == station]:
             self._deliver_receipt(station, receipt)
@@ -460,9 +557,14 @@ class StationsToControllerModel(RuleBasedStateMachine):
         self.store.close()
         self.fleet = SqliteFleetStore(self.path)
 
+    @precondition(lambda self: not self.restored)
     @rule()
     def controller_store_is_replaced(self) -> None:
-        """Lost with the controller's disk: what it held and had receipted."""
+        """Lost with the controller's disk: what it held and had receipted. (Not combined with
+        a station restored from a backup: the receipts of the lost store that deleted a
+        restored station's sent rows before they arrived would have come from the messages
+        it lost under the same seqs: two failures at once.)"""
+        self.controller_replaced = True
         self.lost |= self._held()
         self.store.close()
         for suffix in ("", "-wal", "-shm"):
@@ -471,15 +573,16 @@ class StationsToControllerModel(RuleBasedStateMachine):
 
     @rule(station=st.sampled_from(STATIONS))
     def station_delivers_everything_it_owes(self, station: str) -> None:
-        """Its state, then its whole outbox with every receipt arriving: the outbox empties."""
+        """Its state, then its whole outbox through the broker, in order, with every receipt
+        arriving: the outbox empties."""
         self.station_reports_its_state(station, receipts_arrive=True)
-        at = self.line[station]
-        rows = at.store.pending(limit=10_000)
-        if rows:
-            self._ingest(rows, receipts_arrive=True)
+        at, broker = self.line[station], self.broker[station]
+        at.cursor = at.relay.publish_pending(-1)
+        payloads, broker.queue[:] = list(broker.queue), []
+        self._ingest(payloads, receipts_arrive=True)
         assert at.store.outbox_depth() == 0, "the controller receipted all it was sent"
 
-    def _held(self) -> set[tuple[str, str, int]]:
+    def _held(self) -> set[str]:
         reader = sqlite3.connect(self.path)
         try:
             rows = reader.execute("SELECT station, stream, seq, msg_id FROM messages").fetchall()
@@ -487,19 +590,20 @@ class StationsToControllerModel(RuleBasedStateMachine):
             reader.close()
         assert len({msg_id for *_, msg_id in rows}) == len(rows), "a msg_id stored twice"
         for station, stream, seq, msg_id in rows:
-            assert self.given[(station, stream, seq)] == msg_id
-        return {(station, stream, seq) for station, stream, seq, _ in rows}
+            assert self.given[msg_id] == (station, stream, seq)
+        return {msg_id for *_, msg_id in rows}
 
     @invariant()
     def no_message_is_lost(self) -> None:
         if self.fleet is None:
             return
-        pending = {
-            (at.name, _stream_text(at.store.stream), row.seq)
-            for at in self.line.values()
-            for row in at.store.pending(limit=10_000)
+        pending = set().union(*(self._pending(at) for at in self.line.values()))
+        in_broker = {
+            str(p.parse(p.Decision, payload).msg_id)
+            for broker in self.broker.values()
+            for payload in broker.queue
         }
-        missing = self.given.keys() - pending - self._held() - self.lost
+        missing = self.given.keys() - pending - in_broker - self._held() - self.lost
         assert not missing, f"deleted by a station, never stored by the controller: {missing}"
 
 
@@ -510,7 +614,7 @@ test_ingest_stores_each_message_once_and_receipts_only_what_it_holds = FleetInge
 
 
 StationsToControllerModel.TestCase.settings = settings(
-    max_examples=60, stateful_step_count=40, deadline=None
+    max_examples=120, stateful_step_count=40, deadline=None
 )
 test_no_message_is_lost_between_the_outboxes_and_the_controller = (
     StationsToControllerModel.TestCase

@@ -130,30 +130,46 @@ def test_the_store_satisfies_the_interface(store: SqliteFleetStore) -> None:
     assert interface.contiguous("st-1") == -1
 
 
-def test_duplicates_collapse_and_the_first_copy_wins(
-    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_duplicates_collapse_onto_the_first_copy(store: SqliteFleetStore) -> None:
     first = decision("st-1", 0, action=p.Action.PASS)
     assert store.ingest([first, decision("st-1", 1)]) == {StreamKey("st-1"): 1}
-
-    redelivered = first.model_copy()
-    reused = decision("st-1", 1, action=p.Action.REJECT)
-    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
-        assert store.ingest([redelivered, reused]) == {StreamKey("st-1"): 1}
-
+    assert store.ingest([first.model_copy(), first.model_copy()]) == {StreamKey("st-1"): 1}
     stored = store.decisions("st-1")
-    assert [d.seq for d in stored] == [0, 1]
-    assert stored[0].msg_id == first.msg_id
-    assert stored[1].action == p.Action.PASS  # the re-used seq did not overwrite
+    assert [(d.seq, d.msg_id) for d in stored][:1] == [(0, first.msg_id)] and len(stored) == 2
     assert store.decision_counts(T0) == {"st-1": {"pass": 2}}
+
+
+def test_a_seq_given_out_again_for_another_message_is_stored_beside_the_first(
+    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A station whose store was restored from a backup numbers new messages with seqs it had
+    used: its next receipt covers them and it deletes them, so dropping them would lose them."""
+    old = [decision("st-1", seq) for seq in range(4)]
+    assert store.ingest(old) == {StreamKey("st-1"): 3}
+    again = [decision("st-1", seq, action=p.Action.REJECT, label="defect") for seq in (1, 2)]
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        assert store.ingest([again[0], old[3], again[1]]) == {StreamKey("st-1"): 3}
+        assert store.ingest(again) == {StreamKey("st-1"): 3}, "a copy of one stored beside"
+        twice = [decision("st-1", 4), decision("st-1", 4, action=p.Action.REVIEW)]
+        assert store.ingest(twice) == {StreamKey("st-1"): 4}, "two for one new seq, one batch"
+    stored = sorted((d.seq, str(d.msg_id)) for d in store.decisions("st-1"))
+    expected = sorted((m.seq, str(m.msg_id)) for m in [*old, *again, *twice])
+    assert stored == expected, "every message once, none dropped"
+    assert store.decision_counts(T0) == {"st-1": {"pass": 5, "reject": 2, "review": 1}}
     warnings = [r.getMessage() for r in caplog.records]
-    assert len(warnings) == 1 and "re-used seq 1" in warnings[0]
+    assert len(warnings) == 1, "at most one warning a minute per station"
+    assert "gave out 2 seq(s) of stream '' again, between 1 and 2" in warnings[0]
+    assert "restored from a backup" in warnings[0]
 
 
-def test_a_duplicate_inside_one_batch_keeps_the_first(store: SqliteFleetStore) -> None:
-    kept = decision("st-1", 0, action=p.Action.REJECT, label="defect")
-    assert store.ingest([kept, decision("st-1", 0), kept]) == {StreamKey("st-1"): 0}
-    assert [d.msg_id for d in store.decisions()] == [kept.msg_id]
+def test_a_late_copy_of_a_seq_pruned_by_age_is_not_stored_again(
+    store: SqliteFleetStore,
+) -> None:
+    first = decision("st-1", 0)
+    assert store.ingest([first], received=T0) == {StreamKey("st-1"): 0}
+    assert store.prune(T0 + timedelta(seconds=1)) == 1
+    assert store.ingest([first.model_copy()]) == {StreamKey("st-1"): 0}
+    assert store.decisions("st-1") == []
 
 
 def test_contiguity_waits_for_the_gap_then_jumps_over_stored_seqs(
@@ -243,7 +259,7 @@ def test_a_store_from_before_seq_streams_keeps_its_watermarks(tmp_path: Path) ->
         )
     old.close()
     with SqliteFleetStore(path) as store:
-        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 5
+        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 6
         assert store.contiguous("st-1") == 4
         assert store.ingest([decision("st-1", 3)]) == {StreamKey("st-1"): 4}, "a copy"
         assert store.ingest([decision("st-1", 5)]) == {StreamKey("st-1"): 6}
@@ -688,7 +704,7 @@ def test_a_rollout_from_before_schema_4_has_no_defect_label(tmp_path: Path) -> N
         )
     old.close()
     with SqliteFleetStore(path) as fleet:
-        assert fleet.schema_version() == 5
+        assert fleet.schema_version() == fleet_store.SCHEMA_VERSION
         assert fleet.active_rollout() == ("r1", "{}")
         assert fleet.rollout_defect_label("r1") is None
 
@@ -754,3 +770,26 @@ def test_an_ingest_commit_is_on_disk_before_its_receipts_go_out(
     monkeypatch.setattr(store._db, "write", recording)
     store.ingest([decision("a", 0), shadow("a", 1, "p1", "ok", "ok")])
     assert asked == ["FULL"]
+
+
+def test_a_store_from_schema_5_keeps_its_messages_and_stores_a_reused_seq_beside(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "fleet.db"
+    old = SqliteDatabase(path, synchronous="NORMAL", busy_timeout_s=5.0)
+    old.migrate(fleet_store._MIGRATIONS[:5])
+    first = decision("st-1", 0)
+    with old.write() as conn:
+        conn.execute(
+            "INSERT INTO messages (station, seq, kind, msg_id, ts_us, payload, received_us) "
+            "VALUES ('st-1', 0, 'decision', ?, 0, '{}', 0)", (str(first.msg_id),),
+        )  # fmt: skip
+        conn.execute("INSERT INTO streams (station, stream, watermark, max_seq) "
+                     "VALUES ('st-1', '', 0, 0)")  # fmt: skip
+    old.close()
+    with SqliteFleetStore(path) as fleet:
+        assert fleet.schema_version() == 6
+        assert fleet.ingest([first.model_copy(), decision("st-1", 0)]) == {StreamKey("st-1"): 0}
+        assert fleet.ingest([decision("st-1", 1)]) == {StreamKey("st-1"): 1}
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        assert conn.execute("SELECT count(*) FROM messages WHERE seq = 0").fetchone()[0] == 2

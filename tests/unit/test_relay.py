@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 import uuid
@@ -125,6 +126,7 @@ def test_a_receipt_deletes_up_to_its_seq_and_others_change_nothing(
         publish_batch=2, resend_after_s=10.0, on_acknowledged=acknowledged.append,
     )
     assert store.stream is not None, "a new store numbers its messages in a stream of its own"
+    relay.publish_pending(-1)
     relay.on_receipt(receipt(2, store.stream))
     assert store.outbox_depth() == 2 and acknowledged == [2]
     relay.on_receipt(receipt(4, store.stream, station="other-station"))
@@ -137,6 +139,7 @@ def test_a_receipt_for_another_seq_stream_deletes_nothing(store: StationStore) -
     """What the broker kept for this station id before its storage was replaced (a stream of
     its own, or none at all) counts seqs that are not this store's."""
     relay = relay_on(store, FakeLink())
+    relay.publish_pending(-1)
     relay.on_receipt(receipt(4, uuid.uuid4()))
     relay.on_receipt(receipt(4, None))
     assert store.outbox_depth() == 5
@@ -156,6 +159,7 @@ def test_a_store_from_before_streams_takes_receipts_that_name_none(tmp_path: Pat
         for n in range(3):
             store.enqueue(TOPICS.station(STATION, p.Channel.DECISION), 1, decision(f"p{n}"))
         relay = relay_on(store, FakeLink())
+        relay.publish_pending(-1)
         relay.on_receipt(receipt(8, uuid.uuid4()))
         assert store.outbox_depth() == 3
         relay.on_receipt(receipt(8, None))
@@ -232,16 +236,39 @@ def test_nothing_goes_out_between_the_link_connecting_and_its_connect_listener(
     assert seqs == [0, 1, 2, 3, 4], "each row once, after the connect listener"
 
 
-def test_a_receipt_beyond_the_last_seq_given_out_deletes_nothing(store: StationStore) -> None:
-    """No controller can have stored a seq this store never gave out: such a receipt counts
-    something else (a controller's bug, a stranger on the topic), and the rows it would delete
-    may never have arrived."""
+def test_a_receipt_deletes_only_rows_this_relay_has_sent(store: StationStore) -> None:
+    """A receipt says what the controller holds under each seq. A row not sent yet may hold
+    another message under a seq the controller holds (a store restored from a backup gives out
+    seqs again), and a receipt the broker kept from before this relay started covers rows it
+    has not sent again yet: either way the controller may not have that row's message."""
     relay = relay_on(store, FakeLink())
-    relay.on_receipt(receipt(1000, store.stream))
-    assert store.outbox_depth() == 5
+    relay.on_receipt(receipt(4, store.stream))
+    assert store.outbox_depth() == 5, "nothing sent yet: nothing deleted"
     assert store.receipted_upto() == -1, "nothing reported as receipted"
+    relay.publish_pending(-1)
     relay.on_receipt(receipt(4, store.stream))
     assert store.outbox_depth() == 0
+
+
+def test_a_receipt_beyond_the_last_seq_given_out_deletes_what_was_sent_and_warns(
+    store: StationStore, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The controller holds seqs this store never gave out: the store was restored from a
+    backup. The controller stores a message under a taken seq beside the first, so what was
+    sent is safe to delete; rows given out since are not sent yet and stay."""
+    link = FakeLink()
+    relay = relay_on(store, link, batch=10)
+    relay.publish_pending(-1)
+    store.enqueue(TOPICS.station(STATION, p.Channel.DECISION), 1, decision("part-5"))
+    with caplog.at_level(logging.WARNING, logger="edge_agent.relay"):
+        relay.on_receipt(receipt(1000, store.stream))
+        relay.on_receipt(receipt(1000, store.stream))
+    assert [row.seq for row in store.pending()] == [5]
+    assert store.receipted_upto() == 4
+    warnings = [r.getMessage() for r in caplog.records]
+    assert len(warnings) == 1, "warned once, not on every receipt"
+    assert "covers seq 1000" in warnings[0] and "given out seqs up to 5 only" in warnings[0]
+    assert "restored from a backup" in warnings[0]
 
 
 def test_a_receipt_from_the_future_does_not_stop_the_resend_of_unreceipted_rows(
