@@ -30,6 +30,8 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from linesight import tls_failure
+
 __all__ = [
     "BrokerAddress",
     "LinkConfig",
@@ -371,6 +373,7 @@ class MqttLink:
         # caller publishes next reaches the broker after this link's SUBSCRIBE.
         self._ready = False
         self._fatal_error: str | None = None
+        self._tls_error: str | None = None  # why the last connect's TLS handshake failed
         self._takeovers = TakeoverWatch(2 * config.takeover_retry_s)
         self._connect_attempts = 0
         self._last_failure: str | None = None  # why the last connect failed, logged once
@@ -458,6 +461,16 @@ class MqttLink:
         `refused_retry_s`. None otherwise."""
         with self._lock:
             return self._fatal_error
+
+    @property
+    def tls_error(self) -> str | None:
+        """Why the TLS handshake with the broker failed on the last attempt (its certificate
+        expired, not valid yet by this device's clock, issued for another host name, or not
+        signed by a trusted CA; or the broker ended the handshake), until a connection succeeds
+        or an attempt fails for another reason; the link keeps retrying with its backoff. None
+        otherwise."""
+        with self._lock:
+            return self._tls_error
 
     @property
     def conflict_error(self) -> str | None:
@@ -604,7 +617,15 @@ class MqttLink:
         # paho calls this from the `except OSError` around its connect, with the error unnamed.
         error = sys.exc_info()[1]
         reason = (str(error) or type(error).__name__) if error is not None else "unknown error"
+        tls_error = None
+        if isinstance(error, ssl.SSLError):
+            config = self._config
+            tls_error = tls_failure.describe(
+                error, self._address.host, self._address.port, config.ca_file, config.cert_file
+            )
+            reason = tls_error
         with self._lock:
+            self._tls_error = tls_error  # a later failure of another kind ends it
             self._takeovers.connect_failed()
             repeated = reason == self._last_failure
             self._last_failure = reason
@@ -634,6 +655,7 @@ class MqttLink:
             self._connected = True
             self._takeovers.connected(time.monotonic())
             self._last_failure = None
+            self._tls_error = None
             was_refused, self._fatal_error = self._fatal_error, None
             subscriptions = list(self._subscriptions)
             listeners = list(self._connect_listeners)

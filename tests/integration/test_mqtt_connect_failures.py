@@ -69,3 +69,4 @@ def test_a_server_certificate_from_an_unknown_ca_is_a_warning_naming_the_problem
     warnings = _warnings(caplog)
     assert len(warnings) == 1, warnings
     assert "certificate verify failed" in warnings[0], warnings
+    assert "not signed by a CA in broker.ca_file" in warnings[0], warnings

@@ -7,6 +7,7 @@ import ipaddress
 import threading
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -18,44 +19,81 @@ from edge_agent.agent import Agent
 from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
 from linesight import protocol as p
-from linesight.broker import TlsFiles, start_broker
+from linesight.broker import TlsFiles, free_port, start_broker
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
-from tests.support import Receipter, station_config
+from tests.support import Receipter, station_config, wait_for
 
 
 def _name(common: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common)])
 
 
-def make_ca_and_server(folder: Path) -> TlsFiles:
+def _san(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def make_ca_and_server(
+    folder: Path,
+    *,
+    valid_from: timedelta = timedelta(minutes=-1),
+    valid_until: timedelta = timedelta(days=1),
+    names: tuple[str, ...] = ("127.0.0.1", "localhost"),
+) -> TlsFiles:
+    """A CA (ca.pem, its key beside it) and a server certificate it signs for `names`, valid
+    from now + `valid_from` to now + `valid_until`."""
     now = datetime.now(UTC)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = (
         x509.CertificateBuilder().subject_name(_name("linesight test CA"))
         .issuer_name(_name("linesight test CA")).public_key(ca_key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=1))
+        .not_valid_before(now - timedelta(days=60)).not_valid_after(now + timedelta(days=60))
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(ca_key, hashes.SHA256())
     )
+    (folder / "ca.pem").write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    (folder / "ca.key").write_bytes(_pem_key(ca_key))
+    return issue_server(
+        folder, folder / "ca.pem", valid_from=valid_from, valid_until=valid_until, names=names
+    )
+
+
+def issue_server(
+    folder: Path,
+    ca_file: Path,
+    *,
+    valid_from: timedelta = timedelta(minutes=-1),
+    valid_until: timedelta = timedelta(days=1),
+    names: tuple[str, ...] = ("127.0.0.1", "localhost"),
+) -> TlsFiles:
+    """A server certificate signed by the CA in `ca_file` (its key beside it, as ca.key)."""
+    now = datetime.now(UTC)
+    ca = x509.load_pem_x509_certificate(ca_file.read_bytes())
+    ca_key = serialization.load_pem_private_key(ca_file.with_name("ca.key").read_bytes(), None)
+    assert isinstance(ca_key, ec.EllipticCurvePrivateKey)
     key = ec.generate_private_key(ec.SECP256R1())
     server = (
-        x509.CertificateBuilder().subject_name(_name("127.0.0.1")).issuer_name(ca.subject)
+        x509.CertificateBuilder().subject_name(_name(names[0])).issuer_name(ca.subject)
         .public_key(key.public_key()).serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=1)).not_valid_after(now + timedelta(days=1))
-        .add_extension(x509.SubjectAlternativeName(
-            [x509.IPAddress(ipaddress.ip_address("127.0.0.1")), x509.DNSName("localhost")]
-        ), critical=False)
+        .not_valid_before(now + valid_from).not_valid_after(now + valid_until)
+        .add_extension(x509.SubjectAlternativeName([_san(name) for name in names]),
+                       critical=False)
         .sign(ca_key, hashes.SHA256())
     )
-    files = TlsFiles(folder / "ca.pem", folder / "server.pem", folder / "server.key")
-    files.ca_file.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
+    files = TlsFiles(ca_file, folder / "server.pem", folder / "server.key")
     files.cert_file.write_bytes(server.public_bytes(serialization.Encoding.PEM))
-    files.key_file.write_bytes(key.private_bytes(
+    files.key_file.write_bytes(_pem_key(key))
+    return files
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
-    ))
-    return files
+    )
 
 
 # paho-mqtt leaves the socket of a failed TLS handshake for the garbage collector.
@@ -88,6 +126,10 @@ def test_a_station_talks_over_tls_and_refuses_an_unknown_ca(tmp_path: Path) -> N
         untrusting.start()
         try:
             assert not untrusting.wait_connected(3), "a server from an unknown CA was trusted"
+            wait_for(lambda: untrusting.tls_error is not None, 10, "the TLS failure")
+            assert untrusting.tls_error is not None
+            assert "not signed by a CA in broker.ca_file" in untrusting.tls_error
+            assert str(stranger.ca_file) in untrusting.tls_error
         finally:
             untrusting.stop()
             gc.collect()  # collect paho's leaked socket here, under this test's filter
@@ -117,3 +159,52 @@ def test_a_station_and_its_outbox_relay_deliver_over_tls(tmp_path: Path) -> None
             receipter.close()
         with StationStore(tmp_path / "station") as store:
             assert store.outbox_depth() == 0, "the relay got every receipt over TLS"
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(
+    ("certificate", "said"),
+    [
+        ({"valid_from": timedelta(days=-30), "valid_until": timedelta(days=-1)},
+         "its certificate has expired, or this device's clock is ahead"),
+        ({"valid_from": timedelta(days=1), "valid_until": timedelta(days=30)},
+         "not valid yet: this device's clock is probably behind"),
+        ({"names": ("line-server.example",)},
+         "its certificate is not issued for '127.0.0.1'"),
+    ],
+    ids=["expired", "not-yet-valid", "another-host"],
+)
+def test_a_certificate_the_station_cannot_accept_is_a_fault_that_says_why(
+    tmp_path: Path, certificate: dict[str, Any], said: str
+) -> None:
+    """The station keeps inspecting; its screen and metrics say what to fix, and the fault
+    clears once the broker's certificate is fixed (here: the broker restarted with a good
+    one), without restarting the station."""
+    bad = make_ca_and_server(_fresh(tmp_path / "bad"), **certificate)
+    port = free_port()
+    with start_broker(tmp_path / "broker", tls=bad, port=port):
+        config = station_config(
+            tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=bad.ca_file,
+            broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
+        )
+        agent = Agent(config)
+        finished = threading.Event()
+        threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
+        try:
+            wait_for(lambda: "broker_tls" in agent.faults, 30, "the broker_tls fault")
+            message = agent.faults["broker_tls"].message
+            assert said in message and f"127.0.0.1:{port}" in message, message
+            inspected = agent.parts_inspected
+            wait_for(lambda: agent.parts_inspected > inspected + 5, 30, "inspection going on")
+        except BaseException:
+            agent.stop()
+            raise
+    try:
+        renewed = issue_server(_fresh(tmp_path / "renewed"), bad.ca_file)
+        with start_broker(tmp_path / "broker-fixed", tls=renewed, port=port):
+            wait_for(lambda: "broker_tls" not in agent.faults, 30, "the fault to clear")
+            wait_for(lambda: agent.link.connected, 10, "the station connected")
+    finally:
+        agent.stop()
+        assert finished.wait(30)
+        gc.collect()  # collect paho's leaked sockets here, under this test's filter
