@@ -112,11 +112,15 @@ def _http_error(exc: HTTPException) -> tuple[Response, int]:
 @api.get("/health")
 def health() -> Response:
     """Always 200 while the controller answers: a lost broker or a low disk is reported in the
-    body (a warning to act on), not as an outage."""
+    body (a warning to act on), not as an outage. `broker_error` says why the broker is out of
+    reach when the link knows: credentials refused, a TLS handshake failed (with what to fix),
+    or another client with the controller's client id."""
     c = controller()
     disk = c.disk
+    link = c.link
     return jsonify(
-        broker_connected=c.link.connected,
+        broker_connected=link.connected,
+        broker_error=link.fatal_error or link.tls_error or link.conflict_error,
         ingest=vars(c.counters),
         rollout=c.rollout.rollout_id if c.rollout else None,
         disk={

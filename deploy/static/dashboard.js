@@ -534,6 +534,19 @@
     return `${text.replace(/\.0$/, "")} ${unit}`;
   }
 
+  // The controller's link to the broker: a pill, and why it is down when the link knows (bad
+  // credentials, a certificate to renew, a twin with the same client id).
+  function renderBroker(health) {
+    const pill = byId("broker");
+    pill.textContent = health.broker_connected ? "broker connected" : "broker DISCONNECTED";
+    pill.className = `pill ${health.broker_connected ? "pill-on" : "pill-off"}`;
+    const error = typeof health.broker_error === "string" ? health.broker_error : "";
+    const text = error ? `Controller and broker: ${error}` : "";
+    const box = byId("broker-banner");
+    box.hidden = !text;
+    if (box.textContent !== text) box.textContent = text;
+  }
+
   // The controller's own disk: a warning while it is low, before writes start to fail. It
   // stays as last seen while the controller does not answer.
   function renderDisk(disk) {
@@ -572,9 +585,7 @@
         rolloutId ? getJson(`/api/rollouts/${encodeURIComponent(rolloutId)}`, null) : Promise.resolve(null),
       ]);
       if (rollout) await loadPlan(rolloutId);
-      const brokerPill = byId("broker");
-      brokerPill.textContent = health.broker_connected ? "broker connected" : "broker DISCONNECTED";
-      brokerPill.className = `pill ${health.broker_connected ? "pill-on" : "pill-off"}`;
+      renderBroker(health);
       renderDisk(health.disk);
       renderStations(stations.stations);
       renderRollout(rollout);
