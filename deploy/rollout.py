@@ -127,10 +127,11 @@ class RolloutState(Strict):
 # --- events -----------------------------------------------------------------------------------
 
 
-ADVISORY_FAULTS = frozenset({"disk_low"})
-"""Faults that warn while all is still well (a station's disk filling, with room left): shown
-wherever faults are, but they stop no rollout. Once a write fails, the fault that says so
-(outbox_write, ...) does."""
+ADVISORY_FAULTS = frozenset({"disk_low", "broker_cert_expiring"})
+"""Faults that warn while all is still well (a station's disk filling, with room left; a TLS
+certificate to renew soon): shown wherever faults are, but they stop no rollout. Once a write
+fails, or the certificate has expired, the fault that says so (outbox_write, broker_tls, ...)
+does, or the station is offline."""
 
 
 @dataclass(frozen=True, slots=True)

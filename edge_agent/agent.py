@@ -958,6 +958,8 @@ class Agent:
                 self._fault_while("broker_refused", self.link.fatal_error)
                 # A certificate expired, not valid yet by this clock, or for another host.
                 self._fault_while("broker_tls", self.link.tls_error)
+                # Advisory: a certificate to renew within broker.cert_warn_days.
+                self._fault_while("broker_cert_expiring", self.link.cert_warning)
                 # Another client with this station's client id (a station of the same name).
                 self._fault_while("client_id_conflict", self.link.conflict_error)
                 if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:

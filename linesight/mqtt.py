@@ -17,6 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
@@ -30,7 +31,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from linesight import tls_failure
+from linesight import cert_expiry, tls_failure
 
 __all__ = [
     "BrokerAddress",
@@ -190,6 +191,9 @@ class LinkConfig(BaseModel):
     # QoS 1 messages on the wire before their PUBACK. paho's default of 20 makes a busy
     # publisher (the controller's receipts, a station's outbox replay) wait a round trip per 20.
     max_inflight: int = Field(default=1000, ge=1, le=65535)
+    # Warn this many days before the broker's certificate (read at every TLS connect) or this
+    # client's own `cert_file` expires; 0: never.
+    cert_warn_days: float = Field(default=cert_expiry.DEFAULT_WARN_DAYS, ge=0, le=3650)
 
     @field_validator("url")
     @classmethod
@@ -379,7 +383,11 @@ class MqttLink:
         self._last_failure: str | None = None  # why the last connect failed, logged once
         self._started = False
         self._stopping = False
-        self._client = self._build_client()
+        self._client = self._build_client()  # checks the TLS files: readable, what they say
+        self._broker_cert_expires: datetime | None = None  # read at every TLS connect
+        self._own_cert_expires = (
+            cert_expiry.not_after_of(config.cert_file) if config.cert_file else None
+        )
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -471,6 +479,25 @@ class MqttLink:
         otherwise."""
         with self._lock:
             return self._tls_error
+
+    @property
+    def cert_warning(self) -> str | None:
+        """Which certificate expires within `cert_warn_days`, and when: the broker's (as last
+        seen in a TLS handshake) or this client's own `cert_file`. None otherwise."""
+        with self._lock:
+            broker_expires = self._broker_cert_expires
+        now = datetime.now(UTC)
+        days = self._config.cert_warn_days
+        address = f"{self._address.host}:{self._address.port}"
+        warnings = [
+            cert_expiry.warning(what, expires, now, days)
+            for what, expires in (
+                (f"the broker's certificate ({address})", broker_expires),
+                (f"this client's certificate ({self._config.cert_file})", self._own_cert_expires),
+            )
+            if expires is not None
+        ]
+        return "; ".join(w for w in warnings if w) or None
 
     @property
     def conflict_error(self) -> str | None:
@@ -650,7 +677,9 @@ class MqttLink:
         if reason_code.is_failure:
             self._on_refused(client, reason_code)
             return
+        broker_expires = _peer_not_after(client)
         with self._lock:
+            self._broker_cert_expires = broker_expires
             stopping = self._stopping
             self._connected = True
             self._takeovers.connected(time.monotonic())
@@ -676,6 +705,9 @@ class MqttLink:
             self._address.port,
             flags.session_present,
         )
+        expiring = self.cert_warning
+        if expiring is not None:
+            logger.warning("mqtt link %s: %s", self._config.client_id, expiring)
         if subscriptions:
             self._send_subscribe(subscriptions, session_present=flags.session_present)
         if stale and flags.session_present:
@@ -908,6 +940,19 @@ def _encrypted_key() -> bytes:
     raise ValueError(
         "the key is encrypted; give the link an unencrypted key (readable by its user only)"
     )
+
+
+def _peer_not_after(client: paho.Client) -> datetime | None:
+    """When the broker's certificate expires, from this connection's TLS handshake; None
+    without TLS."""
+    sock = client.socket()
+    if not isinstance(sock, ssl.SSLSocket):
+        return None
+    certificate = sock.getpeercert()
+    not_after = certificate.get("notAfter") if certificate else None
+    if not isinstance(not_after, str):
+        return None
+    return datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), UTC)
 
 
 def _tls_context(config: LinkConfig) -> ssl.SSLContext:

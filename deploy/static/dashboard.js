@@ -535,13 +535,15 @@
   }
 
   // The controller's link to the broker: a pill, and why it is down when the link knows (bad
-  // credentials, a certificate to renew, a twin with the same client id).
+  // credentials, a certificate to renew, a twin with the same client id), or else which of its
+  // certificates expires soon.
   function renderBroker(health) {
     const pill = byId("broker");
     pill.textContent = health.broker_connected ? "broker connected" : "broker DISCONNECTED";
     pill.className = `pill ${health.broker_connected ? "pill-on" : "pill-off"}`;
     const error = typeof health.broker_error === "string" ? health.broker_error : "";
-    const text = error ? `Controller and broker: ${error}` : "";
+    const expiring = typeof health.broker_cert_warning === "string" ? health.broker_cert_warning : "";
+    const text = error || expiring ? `Controller and broker: ${error || expiring}` : "";
     const box = byId("broker-banner");
     box.hidden = !text;
     if (box.textContent !== text) box.textContent = text;

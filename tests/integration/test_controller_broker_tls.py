@@ -66,14 +66,48 @@ def test_an_expired_broker_certificate_is_named_until_it_is_renewed(tmp_path: Pa
                 assert banner.inner_text().strip() == f"Controller and broker: {error}"
                 assert page.locator("#broker").inner_text() == "broker DISCONNECTED"
 
-            renewed = issue_server(_fresh(tmp_path / "renewed"), expired.ca_file)
+            renewed = issue_server(
+                _fresh(tmp_path / "renewed"), expired.ca_file, valid_until=timedelta(days=365)
+            )
             with start_broker(tmp_path / "broker-renewed", port=port, tls=renewed):
                 wait_for(lambda: _health(client.url)["broker_connected"] is True, 30,
                          "the controller connected")
                 assert _health(client.url)["broker_error"] is None
+                assert _health(client.url)["broker_cert_warning"] is None
                 page.wait_for_function("() => document.getElementById('broker-banner').hidden")
                 assert page.locator("#broker").inner_text() == "broker connected"
         finally:
             browser.close()
             gc.collect()  # collect paho's leaked sockets here, under this test's filter
+    assert problems == [], f"the browser reported errors: {problems}"
+
+
+@pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM)
+def test_a_broker_certificate_that_expires_soon_is_a_warning_while_connected(
+    tmp_path: Path,
+) -> None:
+    from playwright.sync_api import sync_playwright
+
+    soon = make_ca_and_server(_fresh(tmp_path / "tls"), valid_until=timedelta(days=5))
+    problems: list[str] = []
+    with start_broker(tmp_path / "broker", tls=soon) as broker, served_controller(
+        tmp_path, broker.url, **{"broker.ca_file": soon.ca_file}
+    ) as (_, client), sync_playwright() as playwright:
+        wait_for(lambda: _health(client.url)["broker_connected"] is True, 30, "connected")
+        health = _health(client.url)
+        assert health["broker_error"] is None
+        warning = str(health["broker_cert_warning"])
+        assert warning.startswith(f"the broker's certificate (127.0.0.1:{broker.port}) expires")
+        assert warning.endswith("in 5 days: renew it before then"), warning
+        browser = launch_chromium(playwright)
+        try:
+            page = watched_page(browser, problems)
+            page.goto(client.url + "/")
+            page.wait_for_function("() => document.body.dataset.refreshed")
+            assert page.locator("#broker-banner").inner_text().strip() == (
+                f"Controller and broker: {warning}"
+            )
+            assert page.locator("#broker").inner_text() == "broker connected"
+        finally:
+            browser.close()
     assert problems == [], f"the browser reported errors: {problems}"

@@ -15,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from deploy.rollout import ADVISORY_FAULTS
 from edge_agent.agent import Agent
 from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
@@ -208,3 +209,37 @@ def test_a_certificate_the_station_cannot_accept_is_a_fault_that_says_why(
         agent.stop()
         assert finished.wait(30)
         gc.collect()  # collect paho's leaked sockets here, under this test's filter
+
+
+def test_a_broker_certificate_that_expires_soon_is_an_advisory_fault(tmp_path: Path) -> None:
+    """Read at every TLS connect: a fault that stops no rollout (deploy.rollout's advisory
+    faults), shown until the certificate is renewed, while the station works as usual."""
+    soon = make_ca_and_server(tmp_path, valid_until=timedelta(days=5))
+    port = free_port()
+    with start_broker(tmp_path / "broker", tls=soon, port=port):
+        config = station_config(
+            tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=soon.ca_file,
+            broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
+        )
+        agent = Agent(config)
+        finished = threading.Event()
+        threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
+        try:
+            wait_for(lambda: "broker_cert_expiring" in agent.faults, 30, "the advisory fault")
+            message = agent.faults["broker_cert_expiring"].message
+            assert message.startswith(f"the broker's certificate (127.0.0.1:{port}) expires on ")
+            assert message.endswith("in 5 days: renew it before then"), message
+            assert agent.link.connected, "nothing is wrong yet"
+            assert "broker_cert_expiring" in ADVISORY_FAULTS
+        except BaseException:
+            agent.stop()
+            raise
+    try:
+        renewed = issue_server(
+            _fresh(tmp_path / "renewed"), soon.ca_file, valid_until=timedelta(days=365)
+        )
+        with start_broker(tmp_path / "broker-renewed", tls=renewed, port=port):
+            wait_for(lambda: "broker_cert_expiring" not in agent.faults, 30, "the fault to clear")
+    finally:
+        agent.stop()
+        assert finished.wait(30)
