@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -132,13 +133,16 @@ def health() -> Response:
     )
 
 
-def _station_json(record: Any, online: bool) -> dict[str, Any]:
+def _station_json(record: Any, online: bool, clock_behind_s: float | None) -> dict[str, Any]:
     state = record.state
     metrics = record.latest_metrics
     return {
         "station": record.station,
         "online": online,
         "last_seen": record.last_seen.isoformat() if record.last_seen else None,
+        # How far its clock is behind the controller's (negative: ahead), from the arrival of
+        # its last minute or two of messages; None when none arrived.
+        "clock_behind_s": None if clock_behind_s is None else round(clock_behind_s, 1),
         "labels": record.labels,
         "state": state.model_dump(mode="json", by_alias=True) if state else None,
         "metrics": metrics.model_dump(mode="json", by_alias=True) if metrics else None,
@@ -150,8 +154,11 @@ def stations() -> Response:
     c = controller()
     now = datetime.now(UTC)
     # One read of the inventory: a station may join at any moment.
+    clock = time.monotonic()
     return jsonify(stations=[
-        _station_json(record, c.view(record, now).online) for record in c.store.stations()
+        _station_json(record, c.view(record, now).online,
+                      c.clock_offsets.behind_s(record.station, clock))
+        for record in c.store.stations()
     ])
 
 
@@ -376,8 +383,15 @@ def _metrics(c: Controller) -> bytes:
               registry=registry).set(1 if disk.low else 0)
     online = Gauge("linesight_fleet_station_online", "Station online", ["station"],
                    registry=registry)
+    behind = Gauge("linesight_fleet_station_clock_behind_seconds",
+                   "How far the station's clock is behind the controller's (negative: ahead)",
+                   ["station"], registry=registry)
+    clock = time.monotonic()
     for name, view in c.fleet().items():
         online.labels(name).set(1 if view.online else 0)
+        offset = c.clock_offsets.behind_s(name, clock)
+        if offset is not None:
+            behind.labels(name).set(offset)
     phase = Gauge("linesight_fleet_rollout_stage", "Current rollout stage index", ["rollout",
                                                                                   "phase"],
                   registry=registry)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from deploy.clock_offset import ClockOffsets
 from deploy.config import ControllerConfig
 from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord, StreamKey
 from deploy.plan import PlanError, RolloutPlan
@@ -147,6 +148,7 @@ class Controller:
         self.key = load_public_key(config.key) if config.key else None
         self.command_key = load_signing_key(config.command_key) if config.command_key else None
         self.counters = IngestCounters()
+        self.clock_offsets = ClockOffsets()  # each station's clock against this one's
         self.disk = DiskStatus()
         self.link = MqttLink(config.broker)
         self._inbox: queue.Queue[ReceivedMessage | None] = queue.Queue()
@@ -284,10 +286,14 @@ class Controller:
                             type(exc).__name__, exc)
                 continue
             if isinstance(parsed, p.StationState):
+                # Not a clock sample: a retained state can be any age when it arrives.
                 self.store.record_state(parsed, now)
                 if parsed.receipted_upto is not None:
                     receipted[StreamKey(parsed.station, parsed.stream)] = parsed.receipted_upto
                 continue
+            self.clock_offsets.observe(
+                parsed.station, (now - parsed.ts).total_seconds(), time.monotonic()
+            )
             durable.append(parsed)  # metrics too: the store keeps them beside the seq stream
             if isinstance(parsed, p.CommandAck):
                 acks.append(parsed)

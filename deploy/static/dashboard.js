@@ -78,6 +78,19 @@
     return `${Math.round(seconds / 3600)} h ago`;
   }
 
+  // A station's clock this far off (deploy/clock_offset.py WARN_S) is more than any delivery.
+  const CLOCK_WARN_S = 60;
+
+  function clockNote(behind) {
+    if (!isNumber(behind) || Math.abs(behind) < CLOCK_WARN_S) return "";
+    const seconds = Math.abs(behind);
+    let span;
+    if (seconds < 3600) span = `${Math.round(seconds / 60)} min`;
+    else if (seconds < 48 * 3600) span = `${Math.floor(seconds / 3600)} h ${Math.floor((seconds % 3600) / 60)} min`;
+    else span = `${Math.round(seconds / 86400)} days`;
+    return `clock ${span} ${behind > 0 ? "behind" : "ahead"}`;
+  }
+
   function until(iso) {
     if (!iso) return "—";
     const seconds = Math.round((new Date(iso).getTime() - Date.now()) / 1000);
@@ -341,6 +354,13 @@
     const status = el("td", "status-cell");
     status.append(el("span", `pill ${entry.online ? "pill-on" : "pill-off"}`, entry.online ? "online" : "offline"),
       el("small", "", `seen ${ago(entry.last_seen)}`));
+    const clockOff = clockNote(entry.clock_behind_s);
+    if (clockOff) {
+      const note = el("small", "clock-off warn", clockOff);
+      note.title = "Its messages are stamped with its own clock, and its TLS certificates are "
+        + "checked against it: set the station's clock, or give it a time source (NTP).";
+      status.append(note);
+    }
     row.append(status);
 
     row.append(modelCell(state.active, ""), modelCell(state.candidate, "has-candidate"));

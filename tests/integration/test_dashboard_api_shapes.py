@@ -51,9 +51,11 @@ def _rollout(phase: str = "running", phase_detail: str | None = None,
     return document
 
 
-def _station(name: str, online: bool = True) -> dict[str, Any]:
+def _station(
+    name: str, online: bool = True, clock_behind_s: float | None = 0.2
+) -> dict[str, Any]:
     return {"station": name, "online": online, "last_seen": NOW.isoformat(), "labels": {},
-            "state": None, "metrics": None}
+            "clock_behind_s": clock_behind_s, "state": None, "metrics": None}
 
 
 class FakeApi:
@@ -65,6 +67,7 @@ class FakeApi:
         self.posted: list[tuple[str, dict[str, Any]]] = []
         self.post_answer: tuple[int, dict[str, Any]] = (200, rollout or {})
         self.missing: set[str] = set()
+        self.stations = [_station("st-1"), _station("st-2", online=False)]
 
     def answer(self, path: str, method: str, body: str | None) -> tuple[int, Any]:
         if method == "POST":
@@ -76,7 +79,7 @@ class FakeApi:
             rid = self.rollout["rollout_id"] if self.rollout else None
             return 200, {"broker_connected": True, "ingest": {}, "rollout": rid}
         if path == "/api/stations":
-            return 200, {"stations": [_station("st-1"), _station("st-2", online=False)]}
+            return 200, {"stations": self.stations}
         if path == "/api/series":
             return 200, {"points": []}
         if path == "/api/rollouts":
@@ -149,6 +152,30 @@ def test_a_rolled_back_rollout_names_the_stations_that_still_owe_their_rollback(
     assert page.inner_text("#phase").strip().lower() == "rolled back"
     owed = page.inner_text("#pending")
     assert "st-2" in owed and "rollback" in owed.lower(), owed
+
+
+def test_a_station_clock_off_by_more_than_a_minute_is_shown_either_way(
+    browse: Callable[[FakeApi, str], Any],
+) -> None:
+    api = FakeApi(None)
+    api.stations = [
+        _station("behind", clock_behind_s=3 * 3600 + 12 * 60 + 5),
+        _station("ahead", clock_behind_s=-5 * 60 - 10),
+        _station("years", clock_behind_s=400 * 86400),
+        _station("close", clock_behind_s=59.0),
+        _station("unknown", clock_behind_s=None),
+    ]
+    page = browse(api, "/")
+    notes = {
+        station: page.locator(f"tr[data-station={station}] .clock-off").all_inner_texts()
+        for station in ("behind", "ahead", "years", "close", "unknown")
+    }
+    assert notes == {
+        "behind": ["clock 3 h 12 min behind"], "ahead": ["clock 5 min ahead"],
+        "years": ["clock 400 days behind"], "close": [], "unknown": [],
+    }
+    title = page.get_attribute("tr[data-station=behind] .clock-off", "title") or ""
+    assert "time source (NTP)" in title
 
 
 def test_a_refused_button_says_why(browse: Callable[[FakeApi, str], Any]) -> None:
