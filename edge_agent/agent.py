@@ -93,6 +93,7 @@ T = TypeVar("T")
 ACK_ERROR_MAX = 4000  # CommandAck.error's bound in the contract
 CANDIDATE_DRAIN_S = 30.0  # at a stop, the longest wait for the parts queued for the candidate
 BOUNDARY_WAIT_S = 30.0  # the longest a command waits for the inspection loop to take its change
+COMMAND_DRAIN_S = 20.0  # at a stop, the longest wait for the command in hand (a deploy's download)
 
 
 @dataclass(frozen=True, slots=True)
@@ -202,6 +203,7 @@ class Agent:
         self._boundary_lock = threading.Lock()
         self._jobs: SkippingQueue[CandidateJob] = SkippingQueue(config.inference.candidate_queue)
         self._commands: queue.Queue[ReceivedMessage | None] = queue.Queue()
+        self._commands_closed = threading.Event()  # at a stop: no command is taken any more
         self._state_dirty = threading.Event()
         self._window = Window(time.monotonic())
         self._recent_agreement: deque[bool] = deque(maxlen=500)
@@ -209,6 +211,7 @@ class Agent:
         self._slots_unsaved = False  # a save failed: housekeeping tries again
         self._disk_unmeasured = False  # the free space could not be measured (logged once)
         self._threads: list[threading.Thread] = []
+        self._command_thread: threading.Thread | None = None
         interval = systemd.watchdog_interval()
         self._watchdog_every = interval / 2 if interval else None
         self._last_watchdog = 0.0
@@ -459,6 +462,8 @@ class Agent:
             thread = threading.Thread(target=target, name=f"{name}-{self.station}", daemon=True)
             thread.start()
             self._threads.append(thread)
+            if name == "commands":
+                self._command_thread = thread
         log.info(
             "station %s inspecting from %s with %s %s (mode %s, automation %s)",
             self.station, redact_url(self.config.source), self.slots.active.ref.name,
@@ -826,6 +831,10 @@ class Agent:
     # --- commands ---------------------------------------------------------------------------
 
     def _on_command(self, message: ReceivedMessage) -> None:
+        if self._commands_closed.is_set():
+            # Stopping: the controller sends a command again until it is acked.
+            log.info("a command arrived while the station stops: left for its next start")
+            return
         self._commands.put(message)
 
     def _command_worker(self) -> None:
@@ -1131,6 +1140,15 @@ class Agent:
 
     def _shutdown(self) -> int:
         systemd.notify("\n".join([systemd.STOPPING, systemd.status("delivering what is owed")]))
+        # The commands taken so far finish first, so their acks are among what is delivered
+        # below (not left for the next start); one that comes later is not taken.
+        self._commands_closed.set()
+        self._commands.put(None)
+        if self._command_thread is not None:
+            self._command_thread.join(timeout=COMMAND_DRAIN_S)
+            if self._command_thread.is_alive():
+                log.warning("the command in hand did not finish within %.0f s; the station "
+                            "stops without its ack", COMMAND_DRAIN_S)
         # Every queued part gets its shadow result, unless the candidate hangs (a model call
         # cannot be interrupted): the stop must not wait for it forever.
         if not self._jobs.join(timeout=CANDIDATE_DRAIN_S):
@@ -1160,7 +1178,6 @@ class Agent:
             log.info("every message delivered and receipted")
         self._stop.set()
         self._jobs.close()
-        self._commands.put(None)
         for thread in self._threads:
             thread.join(timeout=5)
         self._apply_boundary_actions()  # a screen's request handed over as the loop ended

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import shutil
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -16,6 +18,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from edge_agent.agent import Agent
+from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, sha256_file
 from linesight.broker import Broker
@@ -25,9 +28,11 @@ from tests.support import (
     MODELS,
     V2,
     Collector,
+    QuietFiles,
     Receipter,
     command,
     file_server,
+    http_server,
     station_config,
     wait_for,
 )
@@ -271,3 +276,36 @@ def test_a_station_with_a_command_key_carries_out_only_signed_commands(
         assert ack.ok, ack.error
         assert ack.state_after and ack.state_after.automation == p.AutomationLevel.HUMAN_ONLY
         assert agent.automation == p.AutomationLevel.HUMAN_ONLY
+
+
+class SlowFiles(QuietFiles):
+    """Bundle files, each after a second: a deploy that is still downloading at a stop."""
+
+    asked = threading.Event()
+
+    def do_GET(self) -> None:
+        SlowFiles.asked.set()
+        time.sleep(1.0)
+        super().do_GET()
+
+
+def test_a_stop_finishes_the_command_in_hand_and_delivers_its_ack(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """The ack of a command still running at a stop (a deploy downloading its bundle) is among
+    what the station delivers on its way out, not left in its outbox for the next start."""
+    root = tmp_path / "served"
+    shutil.copytree(MODELS, root)
+    SlowFiles.asked.clear()
+    with http_server(functools.partial(SlowFiles, directory=str(root))) as base:
+        with station_running(tmp_path, broker) as (agent, collector, sender):
+            body = deploy_body(base, root, "2.0.0")
+            order = command(STATION, body)
+            sender.publish(p.Topics().station(STATION, p.Channel.CMD), order.to_json(), qos=1)
+            assert SlowFiles.asked.wait(20), "the deploy did not start its download"
+            agent.stop()  # what SIGTERM does; station_running then waits for the agent
+        acks = collector.acks(order.cmd_id)
+    assert [ack.ok for ack in acks] == [True], [ack.error for ack in acks]
+    assert acks[0].state_after and acks[0].state_after.candidate
+    with StationStore(tmp_path / "station") as store:
+        assert store.outbox_depth() == 0, "everything, the ack too, was delivered"
