@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import ipaddress
 import threading
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -183,32 +185,17 @@ def test_a_certificate_the_station_cannot_accept_is_a_fault_that_says_why(
     one), without restarting the station."""
     bad = make_ca_and_server(_fresh(tmp_path / "bad"), **certificate)
     port = free_port()
-    with start_broker(tmp_path / "broker", tls=bad, port=port):
-        config = station_config(
-            tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=bad.ca_file,
-            broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
-        )
-        agent = Agent(config)
-        finished = threading.Event()
-        threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
-        try:
+    with tls_station(tmp_path, port, bad.ca_file) as agent:
+        with start_broker(tmp_path / "broker", tls=bad, port=port):
             wait_for(lambda: "broker_tls" in agent.faults, 30, "the broker_tls fault")
             message = agent.faults["broker_tls"].message
             assert said in message and f"127.0.0.1:{port}" in message, message
             inspected = agent.parts_inspected
             wait_for(lambda: agent.parts_inspected > inspected + 5, 30, "inspection going on")
-        except BaseException:
-            agent.stop()
-            raise
-    try:
         renewed = issue_server(_fresh(tmp_path / "renewed"), bad.ca_file)
         with start_broker(tmp_path / "broker-fixed", tls=renewed, port=port):
             wait_for(lambda: "broker_tls" not in agent.faults, 30, "the fault to clear")
             wait_for(lambda: agent.link.connected, 10, "the station connected")
-    finally:
-        agent.stop()
-        assert finished.wait(30)
-        gc.collect()  # collect paho's leaked sockets here, under this test's filter
 
 
 def test_a_broker_certificate_that_expires_soon_is_an_advisory_fault(tmp_path: Path) -> None:
@@ -216,30 +203,35 @@ def test_a_broker_certificate_that_expires_soon_is_an_advisory_fault(tmp_path: P
     faults), shown until the certificate is renewed, while the station works as usual."""
     soon = make_ca_and_server(tmp_path, valid_until=timedelta(days=5))
     port = free_port()
-    with start_broker(tmp_path / "broker", tls=soon, port=port):
-        config = station_config(
-            tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=soon.ca_file,
-            broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
-        )
-        agent = Agent(config)
-        finished = threading.Event()
-        threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
-        try:
+    with tls_station(tmp_path, port, soon.ca_file) as agent:
+        with start_broker(tmp_path / "broker", tls=soon, port=port):
             wait_for(lambda: "broker_cert_expiring" in agent.faults, 30, "the advisory fault")
             message = agent.faults["broker_cert_expiring"].message
             assert message.startswith(f"the broker's certificate (127.0.0.1:{port}) expires on ")
             assert message.endswith("in 5 days: renew it before then"), message
             assert agent.link.connected, "nothing is wrong yet"
             assert "broker_cert_expiring" in ADVISORY_FAULTS
-        except BaseException:
-            agent.stop()
-            raise
-    try:
         renewed = issue_server(
             _fresh(tmp_path / "renewed"), soon.ca_file, valid_until=timedelta(days=365)
         )
         with start_broker(tmp_path / "broker-renewed", tls=renewed, port=port):
             wait_for(lambda: "broker_cert_expiring" not in agent.faults, 30, "the fault to clear")
+
+
+@contextlib.contextmanager
+def tls_station(tmp_path: Path, port: int, ca_file: Path) -> Iterator[Agent]:
+    """A station inspecting, its broker at mqtts://127.0.0.1:`port` trusted through `ca_file`
+    (a broker may come and go there meanwhile); stopped at the end."""
+    config = station_config(
+        tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=ca_file,
+        broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
+    )
+    agent = Agent(config)
+    finished = threading.Event()
+    threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
+    try:
+        yield agent
     finally:
         agent.stop()
         assert finished.wait(30)
+        gc.collect()  # collect paho's leaked sockets here, under the test's filter
