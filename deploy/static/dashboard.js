@@ -465,7 +465,9 @@
     const peak = Math.max(1, ...visible.map((p) => p.parts));
     decisions.replaceChildren();
     yLabel(decisions, PLOT.top, String(peak));
-    yLabel(decisions, PLOT.top + inner / 2, String(Math.round(peak / 2)));
+    // A whole number of decisions about halfway, where it is (a peak of 1 has none).
+    const half = Math.floor(peak / 2);
+    if (half > 0) yLabel(decisions, PLOT.top + inner * (1 - half / peak), String(half));
     for (const point of visible) {
       let base = PLOT.height - PLOT.bottom;
       const x = Math.max(PLOT.left, xOf(point.start));
