@@ -385,9 +385,20 @@ class MqttLink:
         self._stopping = False
         self._client = self._build_client()  # checks the TLS files: readable, what they say
         self._broker_cert_expires: datetime | None = None  # read at every TLS connect
-        self._own_cert_expires = (
-            cert_expiry.not_after_of(config.cert_file) if config.cert_file else None
-        )
+        self._own_cert_expires = self._read_own_expiry(config)
+
+    @staticmethod
+    def _read_own_expiry(config: LinkConfig) -> datetime | None:
+        """When `cert_file` expires. The TLS context has loaded it already; a form it takes that
+        this cannot read costs only the warning before expiry, never the link."""
+        if config.cert_file is None:
+            return None
+        try:
+            return cert_expiry.not_after_of(config.cert_file)
+        except ValueError as exc:
+            logger.warning("mqtt link %s: no warning before cert_file expires: %s",
+                           config.client_id, exc)
+            return None
 
     # -- lifecycle ---------------------------------------------------------------------------
 

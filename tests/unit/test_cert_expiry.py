@@ -60,3 +60,21 @@ def test_a_link_warns_of_its_own_client_certificate(tmp_path: Path) -> None:
         assert MqttLink(config.model_copy(update={"cert_warn_days": 5})).cert_warning is None
     finally:
         link.stop()
+
+
+def test_a_cert_file_whose_expiry_cannot_be_read_costs_only_the_warning(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    files = make_ca_and_server(tmp_path, valid_until=timedelta(days=3))
+    config = LinkConfig(url="mqtts://broker:8883", client_id="station-01",
+                        ca_file=files.ca_file, cert_file=files.cert_file, key_file=files.key_file)
+
+    def unreadable(path: Path) -> datetime:
+        raise ValueError(f"{path}: no readable certificate: (a form only OpenSSL reads)")
+
+    monkeypatch.setattr("linesight.cert_expiry.not_after_of", unreadable)
+    link = MqttLink(config)
+    try:
+        assert link.cert_warning is None
+    finally:
+        link.stop()
