@@ -223,6 +223,19 @@ def station_config(
     return load_config(None, values)
 
 
+@contextlib.contextmanager
+def agent_running(config: AgentConfig) -> Iterator[Agent]:
+    """The agent inspecting in a thread; stopped (and its stop waited for) at the end."""
+    agent = Agent(config)
+    finished = threading.Event()
+    threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
+    try:
+        yield agent
+    finally:
+        agent.stop()
+        assert finished.wait(30), "the agent did not stop"
+
+
 def command(station: str, body: Any, seq: int = 1) -> p.Command:
     return p.Command(station=station, seq=seq, cmd_id=uuid.uuid4(), body=body)
 

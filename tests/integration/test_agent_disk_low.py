@@ -9,7 +9,6 @@ import logging
 import math
 import re
 import shutil
-import threading
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -23,7 +22,7 @@ from edge_agent.config import MAX_MIN_FREE_MB
 from linesight import protocol as p
 from linesight.broker import Broker, free_port
 from linesight.disk_space import MB, size_text
-from tests.support import Collector, station_config, wait_for
+from tests.support import Collector, agent_running, station_config, wait_for
 
 
 @pytest.fixture
@@ -40,14 +39,8 @@ def running(tmp_path: Path, broker: Broker, min_free_mb: float, port: int) -> It
         storage__min_free_mb=min_free_mb, state_interval_s=0.5,
         outbox__relay="thread", outbox__receipt_wait_s=0.2,
     )
-    agent = Agent(config)
-    finished = threading.Event()
-    threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
-    try:
+    with agent_running(config) as agent:
         yield agent
-    finally:
-        agent.stop()
-        assert finished.wait(30), "the agent did not stop"
 
 
 def scrape(port: int) -> dict[str, float]:

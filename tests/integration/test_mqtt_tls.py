@@ -24,7 +24,7 @@ from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.broker import TlsFiles, free_port, start_broker
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
-from tests.support import Receipter, station_config, wait_for
+from tests.support import Receipter, agent_running, station_config, wait_for
 
 
 def _name(common: str) -> x509.Name:
@@ -226,12 +226,8 @@ def tls_station(tmp_path: Path, port: int, ca_file: Path) -> Iterator[Agent]:
         tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=ca_file,
         broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
     )
-    agent = Agent(config)
-    finished = threading.Event()
-    threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
     try:
-        yield agent
+        with agent_running(config) as agent:
+            yield agent
     finally:
-        agent.stop()
-        assert finished.wait(30)
         gc.collect()  # collect paho's leaked sockets here, under the test's filter
