@@ -15,7 +15,13 @@ from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from deploy.config import is_loopback
-from deploy.controller import CandidateError, Controller, RolloutConflict, bundle_file
+from deploy.controller import (
+    CandidateError,
+    Controller,
+    RolloutConflict,
+    UnknownStation,
+    bundle_file,
+)
 from deploy.plan import PlanError, RolloutPlan, parse_plan
 from deploy.rollout import (
     Abort,
@@ -136,6 +142,7 @@ def health() -> Response:
 def _station_json(record: Any, online: bool, clock_behind_s: float | None) -> dict[str, Any]:
     state = record.state
     metrics = record.latest_metrics
+    expected, out_of_step = controller().alignment(record)
     return {
         "station": record.station,
         "online": online,
@@ -143,6 +150,10 @@ def _station_json(record: Any, online: bool, clock_behind_s: float | None) -> di
         # How far its clock is behind the controller's (negative: ahead), from the arrival of
         # its last minute or two of messages; None when none arrived.
         "clock_behind_s": None if clock_behind_s is None else round(clock_behind_s, 1),
+        # The model its latest promoted rollout made active (None: none did), and whether its
+        # latest state names another active model (deploy/alignment.py).
+        "expected_active": expected.model.model_dump(mode="json") if expected else None,
+        "out_of_step": out_of_step,
         "labels": record.labels,
         "state": state.model_dump(mode="json", by_alias=True) if state else None,
         "metrics": metrics.model_dump(mode="json", by_alias=True) if metrics else None,
@@ -160,6 +171,23 @@ def stations() -> Response:
                       c.clock_offsets.behind_s(record.station, clock))
         for record in c.store.stations()
     ])
+
+
+@api.post("/stations/<station>/realign")
+def realign(station: str) -> tuple[Response, int]:
+    """Deploy and promote again, on this station alone, the model its latest promoted rollout
+    made active there (deploy/alignment.py). Optional body: {"by": "..."}, logged."""
+    _require_token()
+    by = _text(_body(), "by", 64) or "api"
+    try:
+        state = controller().realign(station, by)
+    except UnknownStation as exc:
+        abort(404, description=str(exc))
+    except PlanError as exc:
+        abort(400, description=str(exc))
+    except RolloutConflict as exc:
+        abort(409, description=str(exc))
+    return jsonify(rollout_json(state)), 201
 
 
 def rollout_json(state: RolloutState) -> dict[str, Any]:
@@ -386,12 +414,18 @@ def _metrics(c: Controller) -> bytes:
     behind = Gauge("linesight_fleet_station_clock_behind_seconds",
                    "How far the station's clock is behind the controller's (negative: ahead)",
                    ["station"], registry=registry)
+    out_of_step = Gauge("linesight_fleet_station_out_of_step",
+                        "1 while the station runs another model than its latest promoted "
+                        "rollout made active", ["station"], registry=registry)
     clock = time.monotonic()
-    for name, view in c.fleet().items():
-        online.labels(name).set(1 if view.online else 0)
+    now = datetime.now(UTC)
+    for record in c.store.stations():
+        name = record.station
+        online.labels(name).set(1 if c.view(record, now).online else 0)
         offset = c.clock_offsets.behind_s(name, clock)
         if offset is not None:
             behind.labels(name).set(offset)
+        out_of_step.labels(name).set(1 if c.alignment(record)[1] else 0)
     phase = Gauge("linesight_fleet_rollout_stage", "Current rollout stage index", ["rollout",
                                                                                   "phase"],
                   registry=registry)

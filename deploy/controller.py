@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+from deploy.alignment import Expected, expected_models, out_of_step, realign_plan
 from deploy.clock_offset import ClockOffsets
 from deploy.config import ControllerConfig
 from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord, StreamKey
@@ -35,6 +36,7 @@ from deploy.rollout import (
     CandidateSpec,
     CommandAcked,
     Event,
+    Phase,
     RolloutState,
     SendCommand,
     StageStep,
@@ -69,12 +71,17 @@ RECEIPT_RETRY_S = 1.0
 """After a failed receipt flush, the owed receipts are tried again this much later."""
 PRUNE_INTERVAL_S = 3600.0
 DISK_CHECK_INTERVAL_S = 30.0
+ALIGNMENT_CHECK_INTERVAL_S = 10.0
 """How often the free space under data_dir is measured against `min_free_mb`."""
 DEFAULT_DEFECT_LABEL = "defect"
 
 
 class RolloutConflict(Exception):
     """A request that cannot be honoured now (another rollout runs, unknown id, ...)."""
+
+
+class UnknownStation(LookupError):
+    """No station of that id has reported to this controller."""
 
 
 class CandidateError(ValueError):
@@ -158,6 +165,8 @@ class Controller:
         self.rollout: RolloutState | None = None
         self._listeners: list[Callable[[RolloutState], None]] = []
         self._defect_labels: dict[str, str] = {}  # rollout_id -> its candidate's defect label
+        self._expected: dict[str, Expected] | None = None  # read from the store when needed
+        self._out_of_step: set[str] = set()  # stations logged as out of step
         # The running rollout, else the last one, which can still be shown (and a promotion
         # rolled back) as before the restart.
         found = self.store.active_rollout() or self.store.latest_rollout()
@@ -369,7 +378,11 @@ class Controller:
                     "counts %r", model.name, model.version, problem, DEFAULT_DEFECT_LABEL)
         return DEFAULT_DEFECT_LABEL
 
-    def start_rollout(self, plan: RolloutPlan, name: str, version: str) -> RolloutState:
+    def start_rollout(
+        self, plan: RolloutPlan, name: str, version: str, *, expect_sha256: str | None = None
+    ) -> RolloutState:
+        """Start `plan` for bundle `name` `version`; with `expect_sha256`, only if the bundle's
+        manifest still has that sha256 (RolloutConflict if not)."""
         if plan.command_timeout_s > self.config.command_ttl_s:
             # A station refuses a command past its expiry: an ack could then never come in time.
             raise PlanError(
@@ -378,6 +391,11 @@ class Controller:
                 "it has expired, so make the timeout shorter or the TTL longer"
             )
         spec, defect_label = self.candidate_spec(name, version)
+        if expect_sha256 is not None and spec.model.sha256 != expect_sha256:
+            raise RolloutConflict(
+                f"bundle {name} {version} holds another manifest now (sha256 "
+                f"{spec.model.sha256[:12]}..., not {expect_sha256[:12]}...)"
+            )
         with self._rollout_lock:
             if self.rollout is not None and self.rollout.phase not in TERMINAL:
                 raise RolloutConflict(
@@ -420,6 +438,9 @@ class Controller:
                                 state.updated, defect_label)
         previous = self.rollout
         self.rollout = state
+        if Phase.PROMOTED in (state.phase, previous.phase if previous else None):
+            # A promotion, or one being rolled back, sets what its stations should run.
+            self._expected = None
         for send in sends:
             sent = datetime.now(UTC)
             command = p.Command(
@@ -442,6 +463,81 @@ class Controller:
 
     def add_listener(self, listener: Callable[[RolloutState], None]) -> None:
         self._listeners.append(listener)
+
+    # --- which model each station should run (deploy/alignment.py) --------------------------
+
+    def expected_models(self) -> dict[str, Expected]:
+        """Station -> the model its latest promoted rollout made active."""
+        found = self._expected
+        if found is not None:
+            return found
+        with self._rollout_lock:  # a rollout being committed may change it
+            if self._expected is None:
+                states: list[RolloutState] = []
+                for state_json in self.store.promoted_rollouts():
+                    try:
+                        states.append(RolloutState.model_validate_json(state_json))
+                    except ValueError as exc:  # pydantic's ValidationError is one
+                        log.warning("a promoted rollout cannot be read, so the stations it "
+                                    "promoted are not checked against it: %s", exc)
+                self._expected = expected_models(states)
+            return self._expected
+
+    def alignment(self, record: StationRecord) -> tuple[Expected | None, bool]:
+        """The model `record`'s station should run, and whether its latest state names another
+        active model (out of step)."""
+        expected = self.expected_models().get(record.station)
+        rollout = self.rollout
+        in_rollout = (rollout is not None and rollout.phase not in TERMINAL
+                      and record.station in rollout.touched)
+        active = record.state.active if record.state is not None else None
+        return expected, out_of_step(expected, active, record.last_seen, in_rollout)
+
+    def check_alignment(self) -> set[str]:
+        """The stations out of step now; logs a WARNING when one becomes so, INFO when it is
+        back in step."""
+        now_out: set[str] = set()
+        for record in self.store.stations():
+            expected, out = self.alignment(record)
+            if not out or expected is None:
+                continue
+            now_out.add(record.station)
+            if record.station not in self._out_of_step:
+                active = record.state.active if record.state is not None else None
+                runs = f"{active.name} {active.version}" if active else "no model"
+                log.warning(
+                    "station %s runs %s, but rollout %s promoted %s %s there (restored from a "
+                    "backup? replaced?): bring it back with 'linesight fleet realign %s' or "
+                    "the dashboard", record.station, runs, expected.rollout_id,
+                    expected.model.name, expected.model.version, record.station)
+        for station in sorted(self._out_of_step - now_out):
+            log.info("station %s is back in step with its promoted model", station)
+        self._out_of_step = now_out
+        return now_out
+
+    def realign(self, station: str, by: str) -> RolloutState:
+        """Start a rollout that deploys and promotes, on `station` alone and without gates, the
+        model its latest promoted rollout made active there. UnknownStation, or
+        RolloutConflict when there is nothing to bring back, the station is offline or runs
+        that model already, a rollout is running, or the bundle changed since."""
+        record = next((r for r in self.store.stations() if r.station == station), None)
+        if record is None:
+            raise UnknownStation(f"no station {station!r} has reported to this controller")
+        expected = self.expected_models().get(station)
+        if expected is None:
+            raise RolloutConflict(f"no promoted rollout made a model active on {station}: "
+                                  "there is nothing to bring it back to")
+        model = expected.model
+        active = record.state.active if record.state is not None else None
+        if active is not None and active.sha256 == model.sha256:
+            raise RolloutConflict(f"{station} runs {model.name} {model.version} already")
+        if not self.view(record, datetime.now(UTC)).online:
+            raise RolloutConflict(f"{station} is offline: it can take the model once it is "
+                                  "back")
+        plan = realign_plan(station, model, min(60.0, self.config.command_ttl_s))
+        log.info("realigning %s to %s %s (promoted by rollout %s), asked by %s", station,
+                 model.name, model.version, expected.rollout_id, by)
+        return self.start_rollout(plan, model.name, model.version, expect_sha256=model.sha256)
 
     # --- the tick ---------------------------------------------------------------------------
 
@@ -482,12 +578,16 @@ class Controller:
     def _tick_loop(self) -> None:
         next_prune = time.monotonic()
         next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
+        next_alignment_check = time.monotonic()
         while not self._stop.wait(self.config.tick_s):
             if time.monotonic() >= next_disk_check:
                 next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
                 self.check_disk()
             try:
                 self.tick()
+                if time.monotonic() >= next_alignment_check:
+                    next_alignment_check = time.monotonic() + ALIGNMENT_CHECK_INTERVAL_S
+                    self.check_alignment()
                 if time.monotonic() >= next_prune:
                     next_prune = time.monotonic() + PRUNE_INTERVAL_S
                     self.prune()

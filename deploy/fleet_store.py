@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 from deploy.gates import PairedEvidence
-from deploy.rollout import TERMINAL, StageEvidence
+from deploy.rollout import TERMINAL, Phase, StageEvidence
 from linesight.protocol import (
     CommandAck,
     Decision,
@@ -348,6 +348,8 @@ class FleetStore(Protocol):
     def latest_rollout(self) -> tuple[str, str] | None: ...
 
     def rollouts(self, limit: int = 20) -> list[tuple[str, str, datetime]]: ...
+
+    def promoted_rollouts(self) -> list[str]: ...
 
     def next_seq(self) -> int: ...
 
@@ -1163,6 +1165,17 @@ class SqliteFleetStore:
                 "SELECT rollout_id, phase, updated_us FROM rollouts "
                 "ORDER BY updated_us DESC, rollout_id LIMIT ?",
                 (limit,),
+            )
+        ]
+
+    def promoted_rollouts(self) -> list[str]:
+        """The state_json of every promoted rollout, the one changed first first."""
+        return [
+            str(state_json)
+            for (state_json,) in self._conn().execute(
+                "SELECT state_json FROM rollouts WHERE phase = ? "
+                "ORDER BY updated_us, rollout_id",
+                (Phase.PROMOTED.value,),
             )
         ]
 

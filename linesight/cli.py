@@ -301,6 +301,18 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     client_options(stations)
     stations.set_defaults(handler=_fleet_stations)
 
+    realign = verbs.add_parser(
+        "realign", help="put a station back on the model its last promoted rollout gave it",
+        description="Start a rollout that deploys and promotes, on this station alone and "
+        "without gates, the model that the latest promoted rollout made its active model: for "
+        "a station that came back from a backup, or was replaced, running another one "
+        "('linesight fleet stations' marks it OUT OF STEP).",
+    )
+    realign.add_argument("station", help="the station's id")
+    realign.add_argument("--by", default=os.environ.get("USER", "cli"))
+    client_options(realign)
+    realign.set_defaults(handler=_fleet_realign)
+
     rollout = verbs.add_parser("rollout", help="start, watch and steer rollouts")
     steps = rollout.add_subparsers(dest="step", metavar="STEP", required=True)
     begin = steps.add_parser("start", help="start a rollout of a bundle with a plan")
@@ -377,7 +389,23 @@ def _fleet_stations(args: argparse.Namespace) -> int:
         candidate = (state.get("candidate") or {}).get("version", "-")
         print(f"{station['station']:<16} {'online ' if station['online'] else 'OFFLINE'} "
               f"active {active:<8} candidate {candidate:<8} mode {state.get('mode', '-'):<10} "
-              f"automation {state.get('automation', '-')}")
+              f"automation {state.get('automation', '-')}{_out_of_step_note(station)}")
+    return 0
+
+
+def _out_of_step_note(station: dict[str, Any]) -> str:
+    """'  OUT OF STEP: ...' for a station running another model than its promoted one."""
+    expected = station.get("expected_active")
+    if not station.get("out_of_step") or not isinstance(expected, dict):
+        return ""
+    return (f"  OUT OF STEP: promoted {expected.get('name')} {expected.get('version')} "
+            f"(linesight fleet realign {station['station']})")
+
+
+def _fleet_realign(args: argparse.Namespace) -> int:
+    from deploy.client import format_rollout
+
+    print(format_rollout(_client(args).realign(args.station, by=args.by)))
     return 0
 
 

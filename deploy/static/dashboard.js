@@ -300,6 +300,14 @@
     box.hidden = false;
   }
 
+  // A POST to the API with the token of the field, if there is one.
+  function post(path, body) {
+    const headers = { "Content-Type": "application/json", Accept: "application/json" };
+    const tokenInput = byId("token-input");
+    if (tokenInput && tokenInput.value) headers.Authorization = `Bearer ${tokenInput.value}`;
+    return fetch(path, { method: "POST", headers, cache: "no-store", body: JSON.stringify(body) });
+  }
+
   async function act(button) {
     const rollout = shownRollout;
     const action = button.dataset.action;
@@ -309,16 +317,11 @@
     if (action === "abort" && !window.confirm(`Abort rollout ${rollout.rollout_id} and roll back every touched station?`)) {
       return;
     }
-    const headers = { "Content-Type": "application/json", Accept: "application/json" };
-    const tokenInput = byId("token-input");
-    if (tokenInput && tokenInput.value) headers.Authorization = `Bearer ${tokenInput.value}`;
     button.dataset.busy = "1";
     button.disabled = true;
     try {
-      const response = await fetch(`/api/rollouts/${encodeURIComponent(rollout.rollout_id)}/${action}`, {
-        method: "POST", headers, cache: "no-store",
-        body: JSON.stringify({ by: "dashboard", reason }),
-      });
+      const response = await post(`/api/rollouts/${encodeURIComponent(rollout.rollout_id)}/${action}`,
+        { by: "dashboard", reason });
       const answer = await response.json().catch(() => ({}));
       if (response.ok) {
         showResult(`${action}: done, the rollout is ${words(answer.phase_detail || answer.phase)}`, false);
@@ -334,6 +337,31 @@
     } finally {
       delete button.dataset.busy;
       renderControls(shownRollout);
+    }
+  }
+
+  // A station out of step: a rollout that deploys and promotes its promoted model again.
+  async function realign(button, station, expected) {
+    const model = `${expected.name} ${expected.version}`;
+    if (!window.confirm(`Deploy ${model} to ${station} again and make it the active model there, without gates? A promoted rollout put it there before.`)) {
+      return;
+    }
+    button.disabled = true;
+    try {
+      const response = await post(`/api/stations/${encodeURIComponent(station)}/realign`, { by: "dashboard" });
+      const answer = await response.json().catch(() => ({}));
+      if (response.ok) {
+        showResult(`${station}: rollout ${answer.rollout_id} puts ${model} back`, false);
+        renderRollout(answer);
+      } else if (response.status === 401) {
+        showResult(`${station}: refused, the controller needs its API token`, true);
+      } else {
+        showResult(`${station}: refused, ${answer.error || `HTTP ${response.status}`}`, true);
+      }
+    } catch (error) {
+      showResult(`${station}: the controller did not answer (${error.message})`, true);
+    } finally {
+      button.disabled = false;
     }
   }
 
@@ -363,7 +391,18 @@
     }
     row.append(status);
 
-    row.append(modelCell(state.active, ""), modelCell(state.candidate, "has-candidate"));
+    const active = modelCell(state.active, "");
+    const expected = entry.expected_active;
+    if (entry.out_of_step && expected) {
+      const note = el("small", "out-of-step warn", `promoted: ${expected.name} ${expected.version}`);
+      note.title = "A promoted rollout made this model the station's active one; the station now "
+        + "runs another (restored from a backup? replaced?).";
+      const button = el("button", "btn btn-realign", `Deploy ${expected.version} again`);
+      button.type = "button";
+      button.addEventListener("click", () => realign(button, entry.station, expected));
+      active.append(note, button);
+    }
+    row.append(active, modelCell(state.candidate, "has-candidate"));
 
     let mode = words(state.mode || "none");
     if (state.mode === "canary") mode += ` ${percent(state.canary_fraction, 0)}`;

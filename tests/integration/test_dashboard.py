@@ -5,7 +5,7 @@ work from the page, and the page raises no console error (a CSP violation would)
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -14,8 +14,11 @@ from deploy.api import create_app
 from deploy.client import ControllerClient
 from deploy.config import load_controller_config
 from deploy.controller import Controller
-from deploy.rollout import Phase
+from deploy.fleet_store import SqliteFleetStore
+from deploy.plan import parse_plan
+from deploy.rollout import CandidateSpec, Phase, start
 from linesight import protocol as p
+from linesight.artifacts import MANIFEST_FILE, sha256_file
 from linesight.broker import Broker, free_port
 from linesight.mqtt import LinkConfig, MqttLink
 from tests.support import (
@@ -75,20 +78,11 @@ def served(fleet: AgentLine) -> Iterator[tuple[Controller, ControllerClient]]:
 
 def _publish_hostile_station(broker_url: str) -> None:
     """A station whose label and fault message are markup; the page must show them as text."""
-    topics = p.Topics(p.DEFAULT_PREFIX)
     state = p.StationState(
         station="st-x", seq=1, online=True, labels={"line": HOSTILE_LABEL},
         faults=[p.Fault(code="model_nan", message=HOSTILE_FAULT, since=datetime.now(UTC))],
     )
-    link = MqttLink(LinkConfig(url=broker_url, client_id="dashboard-test-hostile"))
-    link.start()
-    try:
-        assert link.wait_connected(10), "could not reach the broker"
-        ticket = link.publish(topics.station("st-x", p.Channel.STATE), state.to_json(), qos=1,
-                              retain=True)
-        ticket.wait(10)
-    finally:
-        link.stop()
+    _publish_state(broker_url, state)
 
 
 def _phase(ctl: Controller) -> Phase | None:
@@ -198,3 +192,61 @@ def test_the_page_asks_for_the_token_but_never_holds_it(tmp_path: Path) -> None:
         assert "default-src 'self'" in page.headers["Content-Security-Policy"]
     finally:
         controller.stop()
+
+
+def test_a_station_out_of_step_is_shown_and_realigned_from_the_page(
+    tmp_path: Path, broker: Broker
+) -> None:
+    """A rollout promoted 2.0.0 on st-r an hour ago; st-r now reports 1.0.0 active (restored
+    from a backup). The row says so, and its button starts the realign rollout."""
+    from playwright.sync_api import sync_playwright
+
+    v2 = p.ModelRef(name="part-classifier", version="2.0.0",
+                    sha256=sha256_file(V2 / MANIFEST_FILE))
+    v1 = p.ModelRef(name="part-classifier", version="1.0.0", sha256="1" * 64)
+    plan = parse_plan({"name": "earlier", "stages": [
+        {"name": "all", "stations": "all", "mode": "promote"}]})
+    earlier = datetime.now(UTC) - timedelta(hours=1)
+    promoted = start("r-earlier", plan, CandidateSpec(model=v2, url="http://x/", signature="s"),
+                     earlier).model_copy(update={"phase": Phase.PROMOTED,
+                                                 "promoted": ["st-r"], "touched": ["st-r"]})
+    (tmp_path / "fleet").mkdir()
+    with SqliteFleetStore(tmp_path / "fleet" / "fleet.db") as store:
+        store.save_rollout(promoted.rollout_id, promoted.phase.value,
+                           promoted.model_dump_json(), promoted.updated)
+    problems: list[str] = []
+    with served_controller(tmp_path, broker.url) as (ctl, client), sync_playwright() as pw:
+        _publish_state(broker.url, p.StationState(station="st-r", seq=1, online=True, active=v1))
+        wait_for(lambda: [s["out_of_step"] for s in client.stations()] == [True], 20,
+                 "st-r out of step")
+        browser = launch_chromium(pw)
+        try:
+            page = watched_page(browser, problems, timeout_ms=20_000)
+            page.on("dialog", lambda dialog: dialog.accept())
+            page.goto(client.url + "/")
+            row = page.locator("#stations tr[data-station='st-r']")
+            row.locator(".out-of-step").wait_for()
+            assert row.locator(".out-of-step").inner_text() == "promoted: part-classifier 2.0.0"
+            page.screenshot(path=str(SCREENSHOTS / "dashboard-out-of-step.png"))
+            row.locator("button.btn-realign").click()
+            page.wait_for_function(
+                "() => document.getElementById('action-result').textContent"
+                ".includes('puts part-classifier 2.0.0 back')")
+            assert ctl.rollout is not None and ctl.rollout.plan.name == "realign st-r"
+            assert ctl.rollout.phase == Phase.RUNNING
+            page.wait_for_function(
+                "() => document.getElementById('plan').textContent.includes('realign st-r')")
+        finally:
+            browser.close()
+    assert problems == [], f"the browser reported errors: {problems}"
+
+
+def _publish_state(broker_url: str, state: p.StationState) -> None:
+    link = MqttLink(LinkConfig(url=broker_url, client_id="dashboard-test-state"))
+    link.start()
+    try:
+        assert link.wait_connected(10), "could not reach the broker"
+        topic = p.Topics(p.DEFAULT_PREFIX).station(state.station, p.Channel.STATE)
+        link.publish(topic, state.to_json(), qos=1, retain=True).wait(10)
+    finally:
+        link.stop()
