@@ -602,6 +602,7 @@ class SqliteFleetStore:
         returns {}. Retention counts from `received` (default now), never from the station's
         `ts`: its clock may be behind.
         """
+        self._reused.flush(time.monotonic())  # what the last warning's minute still holds
         batch: dict[_MessageKey, Envelope] = {}
         metrics: list[StationMetrics] = []
         states: list[StationState] = []
@@ -1215,7 +1216,8 @@ def _note_new_stream(conn: sqlite3.Connection, station: str, stream: str) -> Non
 class _ReuseLog:
     """Warns of seqs a station gave out again (its store restored from a backup), at most once
     a minute per station, with how many since the last warning: a restored station re-uses a
-    seq on every message until it is past the seqs it had used."""
+    seq on every message until it is past the seqs it had used. What came in the minute after
+    a warning is logged by the first `flush` a minute after it (every ingest calls it)."""
 
     EVERY_S = 60.0
 
@@ -1229,12 +1231,18 @@ class _ReuseLog:
             entry = self._pending.setdefault((station, stream), [0, min(seqs), max(seqs)])
             entry[0] += len(seqs)
             entry[1], entry[2] = min(entry[1], *seqs), max(entry[2], *seqs)
-            if now - self._logged_at.get(station, -math.inf) < self.EVERY_S:
-                return
-            self._logged_at[station] = now
+        self.flush(now)
+
+    def flush(self, now: float) -> None:
+        """Log what is pending for every station not warned of in the last minute."""
+        if not self._pending:
+            return
+        with self._lock:
             due = [(key, self._pending.pop(key)) for key in list(self._pending)
-                   if key[0] == station]  # fmt: skip
-        for (_, text), (count, lowest, highest) in due:
+                   if now - self._logged_at.get(key[0], -math.inf) >= self.EVERY_S]  # fmt: skip
+            for (station, _), _ in due:
+                self._logged_at[station] = now
+        for (station, text), (count, lowest, highest) in due:
             log.warning(
                 "station %s gave out %d seq(s) of stream %r again, between %d and %d, for other "
                 "messages: was its station.db restored from a backup? They are stored beside the "

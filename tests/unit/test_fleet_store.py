@@ -7,6 +7,7 @@ import json
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,6 +25,7 @@ from deploy.fleet_store import (
     FleetStoreError,
     SqliteFleetStore,
     StreamKey,
+    _ReuseLog,
     offline_state,
 )
 from deploy.gates import PairedEvidence
@@ -160,6 +162,45 @@ def test_a_seq_given_out_again_for_another_message_is_stored_beside_the_first(
     assert len(warnings) == 1, "at most one warning a minute per station"
     assert "gave out 2 seq(s) of stream '' again, between 1 and 2" in warnings[0]
     assert "restored from a backup" in warnings[0]
+
+
+def test_seqs_given_out_again_after_a_warning_are_logged_a_minute_later(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    reused = _ReuseLog()
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        reused.add("st-1", "a", [5, 6], now=100.0)  # the first: at once
+        reused.add("st-1", "a", [7], now=110.0)
+        reused.add("st-1", "b", [2], now=111.0)
+        reused.add("st-2", "a", [9], now=112.0)  # another station has its own minute
+        reused.flush(now=159.0)
+        logged = [r.getMessage() for r in caplog.records]
+        reused.flush(now=160.0)  # the minute after st-1's warning is over
+        reused.flush(now=200.0)  # nothing left
+    assert [m.split(" again")[0] for m in logged] == [
+        "station st-1 gave out 2 seq(s) of stream 'a'",
+        "station st-2 gave out 1 seq(s) of stream 'a'",
+    ]
+    assert [r.getMessage().split(" for other")[0] for r in caplog.records[2:]] == [
+        "station st-1 gave out 1 seq(s) of stream 'a' again, between 7 and 7,",
+        "station st-1 gave out 1 seq(s) of stream 'b' again, between 2 and 2,",
+    ]
+
+
+def test_every_ingest_logs_what_the_last_warnings_minute_held(
+    store: SqliteFleetStore, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_ReuseLog, "EVERY_S", 0.2)
+    assert store.ingest([decision("st-1", seq) for seq in range(4)]) == {StreamKey("st-1"): 3}
+    with caplog.at_level(logging.WARNING, logger="deploy.fleet_store"):
+        store.ingest([decision("st-1", 1)])  # warned at once
+        store.ingest([decision("st-1", 2)])  # within the minute: held
+        assert len(caplog.records) == 1
+        time.sleep(0.25)
+        store.ingest([decision("st-2", 0)])  # another station's message, no seq re-used
+    assert len(caplog.records) == 2
+    assert "station st-1 gave out 1 seq(s) of stream '' again, between 2 and 2" in (
+        caplog.records[1].getMessage())
 
 
 def test_a_late_copy_of_a_seq_pruned_by_age_is_not_stored_again(
