@@ -105,11 +105,13 @@ def write_password_file(
 
 @dataclass(frozen=True, slots=True)
 class TlsFiles:
-    """PEM files for a TLS listener: the CA that signed the server certificate, and its key."""
+    """PEM files for a TLS listener: the CA that signed the server certificate, and its key.
+    With `require_client_cert`, clients must present a certificate that CA signed."""
 
     ca_file: Path
     cert_file: Path
     key_file: Path
+    require_client_cert: bool = False
 
 
 class Broker:
@@ -266,6 +268,8 @@ class Broker:
         if self.tls is not None:
             lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.cert_file}",
                       f"keyfile {self.tls.key_file}"]
+            if self.tls.require_client_cert:
+                lines.append("require_certificate true")
         self.config_path.write_text("\n".join(lines) + "\n")
 
     def _spawn(self) -> None:

@@ -74,10 +74,44 @@ ConflictKind = Literal["taken_over", "closed_soon"]
 
 
 class _DropPahoNoise(logging.Filter):
-    """paho 2.2 logs an ERROR each time its loop runs once more after a clean disconnect."""
+    """paho 2.2 logs an ERROR each time its loop runs once more after a clean disconnect, and
+    one for each TLS error on a read or write, which the link reports itself (once, as
+    `tls_error`): the latter go down to DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("Client is not connected")
+        if str(record.msg).startswith("Client is not connected"):
+            return False
+        if record.args and isinstance(record.args, tuple) and isinstance(
+            record.args[0], ssl.SSLError
+        ):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+class _Client(paho.Client):
+    """paho's client, keeping the first error a connection's socket raised, which paho only
+    logs. A broker that refuses this device's client certificate under TLS 1.3 says so on the
+    first read after the handshake (or closes the connection first): this is where it shows."""
+
+    socket_error: OSError | None = None
+
+    def _sock_recv(self, bufsize: int) -> bytes:
+        try:
+            return super()._sock_recv(bufsize)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self.socket_error = self.socket_error or exc
+            raise
+
+    def _sock_send(self, buf: bytes | bytearray) -> int:
+        try:
+            return super()._sock_send(buf)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self.socket_error = self.socket_error or exc
+            raise
 
 
 # paho's own debug trail (packets in and out), under ours so one logging config covers both.
@@ -378,6 +412,7 @@ class MqttLink:
         self._ready = False
         self._fatal_error: str | None = None
         self._tls_error: str | None = None  # why the last connect's TLS handshake failed
+        self._closed_alert: str | None = None  # the broker's alert after the handshake, if read
         self._takeovers = TakeoverWatch(2 * config.takeover_retry_s)
         self._connect_attempts = 0
         self._last_failure: str | None = None  # why the last connect failed, logged once
@@ -619,7 +654,7 @@ class MqttLink:
     def _build_client(self) -> paho.Client:
         config = self._config
         v5 = config.protocol == "5"
-        client = paho.Client(
+        client = _Client(
             CallbackAPIVersion.VERSION2,
             client_id=config.client_id,
             # paho refuses clean_session for MQTT 5; there clean_start goes to connect_async.
@@ -648,6 +683,8 @@ class MqttLink:
         return client
 
     def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
+        if isinstance(client, _Client):
+            client.socket_error = None
         with self._lock:
             self._connect_attempts += 1
 
@@ -662,8 +699,13 @@ class MqttLink:
                 error, self._address.host, self._address.port, config.ca_file, config.cert_file
             )
             reason = tls_error
+        self._connect_failed(reason, tls_error)
+
+    def _connect_failed(self, reason: str, tls_error: str | None) -> None:
+        """A connect that did not get as far as the broker's CONNACK; `tls_error` replaces the
+        last one (None: a failure of another kind ends it)."""
         with self._lock:
-            self._tls_error = tls_error  # a later failure of another kind ends it
+            self._tls_error = tls_error
             self._takeovers.connect_failed()
             repeated = reason == self._last_failure
             self._last_failure = reason
@@ -695,7 +737,7 @@ class MqttLink:
             self._connected = True
             self._takeovers.connected(time.monotonic())
             self._last_failure = None
-            self._tls_error = None
+            self._tls_error = self._closed_alert = None
             was_refused, self._fatal_error = self._fatal_error, None
             subscriptions = list(self._subscriptions)
             listeners = list(self._connect_listeners)
@@ -788,6 +830,21 @@ class MqttLink:
             conflict = self._takeovers.conflict
             self._state_changed.notify_all()
         if not was_connected:
+            if self._address.tls and not stopping:
+                # paho finished the TLS handshake in connect (else on_connect_fail): the broker
+                # ended the connection after it, before its CONNACK.
+                error = client.socket_error if isinstance(client, _Client) else None
+                tls_error = tls_failure.describe_closed(
+                    error, self._address.host, self._address.port, self._config.cert_file
+                )
+                with self._lock:
+                    if tls_failure.is_alert(error):
+                        self._closed_alert = tls_error
+                    elif self._closed_alert is not None:
+                        # The broker's alert is not always read before it closes the socket:
+                        # what an earlier attempt read stands.
+                        tls_error = self._closed_alert
+                self._connect_failed(tls_error, tls_error)
             return
         config = self._config
         if stopping:

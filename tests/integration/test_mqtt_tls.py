@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import ipaddress
+import logging
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -231,3 +233,81 @@ def tls_station(tmp_path: Path, port: int, ca_file: Path) -> Iterator[Agent]:
             yield agent
     finally:
         gc.collect()  # collect paho's leaked sockets here, under the test's filter
+
+
+def issue_client(folder: Path, ca_file: Path, **validity: timedelta) -> TlsFiles:
+    """A client certificate (for the name "station") that the CA in `ca_file` signs."""
+    return issue_server(_fresh(folder), ca_file, names=("station",), **validity)
+
+
+# paho-mqtt leaves the socket of a failed TLS handshake for the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+@pytest.mark.parametrize(("client", "said"), [
+    # The broker's alert names the cause (read after the handshake under TLS 1.3) ...
+    ("expired", "the broker refuses this device's client certificate ({cert}): it has expired, "
+     "or the broker's clock is ahead: renew it (SSLV3_ALERT_CERTIFICATE_EXPIRED)"),
+    # ... or the broker closes the connection before the client reads one.
+    ("other_ca", "({cert})"),
+    ("none", "set broker.cert_file and broker.key_file"),
+])
+def test_a_client_certificate_the_broker_refuses_is_a_tls_error_that_says_which(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, client: str, said: str
+) -> None:
+    """A broker that requires client certificates refuses one under TLS 1.3 only after the
+    handshake: the link still says so, names the certificate, and logs it once, not at every
+    retry."""
+    tls = dataclasses.replace(make_ca_and_server(tmp_path), require_client_cert=True)
+    mine: TlsFiles | None = None
+    if client == "expired":
+        mine = issue_client(tmp_path / "client", tls.ca_file, valid_from=timedelta(days=-30),
+                            valid_until=timedelta(days=-1))
+    elif client == "other_ca":
+        other = make_ca_and_server(_fresh(tmp_path / "other"))
+        mine = issue_client(tmp_path / "client", other.ca_file)
+    with start_broker(tmp_path / "broker", tls=tls) as broker:
+        link = MqttLink(LinkConfig(
+            url=broker.url, client_id="tls-client-cert", ca_file=tls.ca_file,
+            cert_file=mine.cert_file if mine else None, key_file=mine.key_file if mine else None,
+            backoff_min_s=0.2, backoff_max_s=0.5,
+        ))
+        with caplog.at_level(logging.DEBUG, logger="linesight.mqtt"):
+            link.start()
+            try:
+                expected = said.format(cert=mine.cert_file if mine else "")
+                wait_for(lambda: expected in (link.tls_error or ""), 20, f"{expected!r}")
+                attempts = link.connect_attempts
+                wait_for(lambda: link.connect_attempts >= attempts + 3, 20, "more attempts")
+                assert not link.connected
+                assert expected in (link.tls_error or "")
+                assert (link.tls_error or "").startswith(
+                    f"TLS with the broker 127.0.0.1:{broker.port} failed: ")
+            finally:
+                link.stop()
+                gc.collect()
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert [r.name for r in loud] == ["linesight.mqtt"], [r.getMessage() for r in loud]
+    assert "cannot connect" in loud[0].getMessage()
+
+
+# paho-mqtt leaves the socket of a failed TLS handshake for the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_station_whose_client_certificate_expired_has_a_fault_that_says_so(
+    tmp_path: Path,
+) -> None:
+    tls = dataclasses.replace(make_ca_and_server(tmp_path), require_client_cert=True)
+    mine = issue_client(tmp_path / "client", tls.ca_file, valid_from=timedelta(days=-30),
+                        valid_until=timedelta(days=-1))
+    port = free_port()
+    config = station_config(
+        tmp_path / "station", f"mqtts://127.0.0.1:{port}", broker__ca_file=tls.ca_file,
+        broker__cert_file=mine.cert_file, broker__key_file=mine.key_file,
+        broker__backoff_max_s=1.0, outbox__relay="thread", outbox__receipt_wait_s=0.2,
+    )
+    with start_broker(tmp_path / "broker", tls=tls, port=port), agent_running(config) as agent:
+        wait_for(lambda: "broker_tls" in agent.faults
+                 and "it has expired" in agent.faults["broker_tls"].message, 30,
+                 "the broker_tls fault naming the expired client certificate")
+        assert str(mine.cert_file) in agent.faults["broker_tls"].message
+        inspected = agent.parts_inspected
+        wait_for(lambda: agent.parts_inspected > inspected + 5, 30, "inspection going on")
+    gc.collect()

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from linesight.tls_failure import describe
+from linesight.tls_failure import describe, describe_closed, is_alert
 
 pytestmark = pytest.mark.unit
 
@@ -48,12 +48,58 @@ def test_without_a_ca_file_the_system_trust_store_is_named() -> None:
     assert "not signed by a CA in the system's trust store" in text
 
 
-def test_an_alert_from_the_broker_points_at_the_station_s_own_certificate() -> None:
-    error = ssl.SSLError(1, "[SSL: SSLV3_ALERT_CERTIFICATE_EXPIRED] sslv3 alert cert expired")
-    error.reason = "SSLV3_ALERT_CERTIFICATE_EXPIRED"
-    text = describe(error, "h", 8883, CA, Path("/etc/linesight/station.pem"))
-    assert "the broker ended the handshake (SSLV3_ALERT_CERTIFICATE_EXPIRED)" in text
-    assert "client certificate (/etc/linesight/station.pem)" in text
+def alert(reason: str) -> ssl.SSLError:
+    error = ssl.SSLError(1, f"[SSL: {reason}] {reason.lower()}")
+    error.reason = reason
+    return error
+
+
+MINE = Path("/etc/linesight/station.pem")
+
+
+@pytest.mark.parametrize(("reason", "said"), [
+    ("SSLV3_ALERT_CERTIFICATE_EXPIRED", f"the broker refuses this device's client certificate "
+     f"({MINE}): it has expired, or the broker's clock is ahead: renew it"),
+    ("SSLV3_ALERT_CERTIFICATE_REVOKED", f"the broker refuses this device's client certificate "
+     f"({MINE}): it was revoked: issue a new one"),
+    ("TLSV1_ALERT_UNKNOWN_CA", f"the broker does not trust the CA that signed this device's "
+     f"client certificate ({MINE})"),
+    ("SSLV3_ALERT_BAD_CERTIFICATE", f"the broker refuses this device's client certificate "
+     f"({MINE}): check that it is valid now by the broker's clock and signed by the CA the "
+     "broker trusts"),
+    ("TLSV13_ALERT_CERTIFICATE_REQUIRED", f"the broker requires a client certificate and took "
+     f"none from {MINE}"),
+    ("SSLV3_ALERT_HANDSHAKE_FAILURE", f"the broker ended the handshake; check this device's "
+     f"client certificate ({MINE}) and the broker's TLS settings"),
+])
+def test_an_alert_from_the_broker_points_at_the_station_s_own_certificate(
+    reason: str, said: str
+) -> None:
+    for text in (describe(alert(reason), "h", 8883, CA, MINE),  # in the handshake (TLS 1.2)
+                 describe_closed(alert(reason), "h", 8883, MINE)):  # after it (TLS 1.3)
+        assert text == f"TLS with the broker h:8883 failed: {said} ({reason})"
+    assert is_alert(alert(reason))
+
+
+def test_without_a_client_certificate_the_keys_to_set_are_named() -> None:
+    required = describe_closed(alert("TLSV13_ALERT_CERTIFICATE_REQUIRED"), "h", 8883, None)
+    assert required.endswith("the broker requires a client certificate: set broker.cert_file "
+                             "and broker.key_file (TLSV13_ALERT_CERTIFICATE_REQUIRED)")
+    closed = describe_closed(None, "h", 8883, None)
+    assert "closed the connection right after the handshake" in closed
+    assert closed.endswith("none is configured here: set broker.cert_file and broker.key_file")
+
+
+def test_a_connection_closed_without_an_alert_names_the_certificate_it_may_be() -> None:
+    error = ssl.SSLEOFError(8, "EOF occurred in violation of protocol")
+    text = describe_closed(error, "h", 8883, MINE)
+    assert text == (
+        "TLS with the broker h:8883 failed: the broker closed the connection right after the "
+        "handshake, before answering CONNECT; a broker that requires client certificates does "
+        f"so when it refuses one: this device's ({MINE}) ({error})"
+    )
+    assert not is_alert(error) and not is_alert(None)
+    assert not is_alert(ConnectionResetError(104, "Connection reset by peer"))
 
 
 def test_any_other_tls_error_is_passed_on_as_it_is() -> None:
