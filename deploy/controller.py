@@ -71,8 +71,9 @@ RECEIPT_RETRY_S = 1.0
 """After a failed receipt flush, the owed receipts are tried again this much later."""
 PRUNE_INTERVAL_S = 3600.0
 DISK_CHECK_INTERVAL_S = 30.0
-ALIGNMENT_CHECK_INTERVAL_S = 10.0
 """How often the free space under data_dir is measured against `min_free_mb`."""
+ALIGNMENT_CHECK_INTERVAL_S = 10.0
+"""How often the stations are checked against their promoted models, for the log."""
 DEFAULT_DEFECT_LABEL = "defect"
 
 
