@@ -95,6 +95,10 @@ class _Client(paho.Client):
 
     socket_error: OSError | None = None
 
+    def replace_tls_context(self, context: ssl.SSLContext) -> None:
+        """Use `context` from the next connect on (paho's `tls_set_context` works only once)."""
+        self._ssl_context = context
+
     def _sock_recv(self, bufsize: int) -> bytes:
         try:
             return super()._sock_recv(bufsize)
@@ -418,6 +422,7 @@ class MqttLink:
         self._last_failure: str | None = None  # why the last connect failed, logged once
         self._started = False
         self._stopping = False
+        self._tls_files = _tls_files_stamp(config)  # to load them again once replaced
         self._client = self._build_client()  # checks the TLS files: readable, what they say
         self._broker_cert_expires: datetime | None = None  # read at every TLS connect
         self._own_cert_expires = self._read_own_expiry(config)
@@ -529,7 +534,10 @@ class MqttLink:
     @property
     def cert_warning(self) -> str | None:
         """Which certificate expires within `cert_warn_days`, and when: the broker's (as last
-        seen in a TLS handshake) or this client's own `cert_file`. None otherwise."""
+        seen in a TLS handshake) or this client's own `cert_file` (loaded again first if it was
+        replaced: a renewed certificate ends the warning). None otherwise."""
+        if self._address.tls and isinstance(self._client, _Client):
+            self._reload_tls_files(self._client)
         with self._lock:
             broker_expires = self._broker_cert_expires
         now = datetime.now(UTC)
@@ -685,8 +693,33 @@ class MqttLink:
     def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
         if isinstance(client, _Client):
             client.socket_error = None
+            if self._address.tls:
+                self._reload_tls_files(client)
         with self._lock:
             self._connect_attempts += 1
+
+    def _reload_tls_files(self, client: _Client) -> None:
+        """Load `ca_file`, `cert_file` and `key_file` again when one was replaced since they were
+        loaded (a renewed client certificate), so the next connect uses them without a restart;
+        an established connection goes on with the ones it was made with. Files that cannot be
+        used are logged once, and the ones loaded before stay in use."""
+        config = self._config
+        stamp = _tls_files_stamp(config)
+        with self._lock:  # the network thread and a reader of cert_warning may both look
+            if stamp == self._tls_files:
+                return
+            self._tls_files = stamp
+        try:
+            context = _tls_context(config)
+        except ValueError as exc:
+            logger.warning("mqtt link %s: the TLS files changed, but cannot be used, so the ones "
+                           "loaded before stay in use: %s", config.client_id, exc)
+            return
+        client.replace_tls_context(context)
+        expires = self._read_own_expiry(config)
+        with self._lock:
+            self._own_cert_expires = expires
+        logger.info("mqtt link %s: the TLS files changed; loaded them again", config.client_id)
 
     def _on_connect_fail(self, client: paho.Client, userdata: Any) -> None:
         # paho calls this from the `except OSError` around its connect, with the error unnamed.
@@ -1021,6 +1054,19 @@ def _peer_not_after(client: paho.Client) -> datetime | None:
     if not isinstance(not_after, str):
         return None
     return datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), UTC)
+
+
+def _tls_files_stamp(config: LinkConfig) -> tuple[tuple[int, int] | None, ...]:
+    """(modification time, size) of each TLS file that is set; None for one that cannot be
+    read now."""
+    stamps: list[tuple[int, int] | None] = []
+    for path in (config.ca_file, config.cert_file, config.key_file):
+        try:
+            stat = path.stat() if path is not None else None
+        except OSError:
+            stat = None
+        stamps.append((stat.st_mtime_ns, stat.st_size) if stat is not None else None)
+    return tuple(stamps)
 
 
 def _tls_context(config: LinkConfig) -> ssl.SSLContext:

@@ -311,3 +311,67 @@ def test_a_station_whose_client_certificate_expired_has_a_fault_that_says_so(
         inspected = agent.parts_inspected
         wait_for(lambda: agent.parts_inspected > inspected + 5, 30, "inspection going on")
     gc.collect()
+
+
+# paho-mqtt leaves the socket of a failed TLS handshake for the garbage collector.
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+def test_a_renewed_client_certificate_is_used_at_the_next_connect_without_a_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The station's certificate expired, so the broker refuses it; a technician copies the
+    renewed one over it (first a broken copy). The link connects by itself."""
+    tls = dataclasses.replace(make_ca_and_server(tmp_path), require_client_cert=True)
+    mine = issue_client(tmp_path / "client", tls.ca_file, valid_from=timedelta(days=-30),
+                        valid_until=timedelta(days=-1))
+    with start_broker(tmp_path / "broker", tls=tls) as broker:
+        link = MqttLink(LinkConfig(
+            url=broker.url, client_id="tls-renewal", ca_file=tls.ca_file,
+            cert_file=mine.cert_file, key_file=mine.key_file, backoff_min_s=0.2,
+            backoff_max_s=0.5,
+        ))
+        with caplog.at_level(logging.INFO, logger="linesight.mqtt"):
+            link.start()
+            try:
+                wait_for(lambda: "it has expired" in (link.tls_error or ""), 20, "the refusal")
+                mine.cert_file.write_text("not a certificate\n")  # a copy gone wrong
+                wait_for(lambda: any("cannot be used" in r.getMessage() for r in caplog.records),
+                         20, "the broken files logged")
+                assert not link.connected and "it has expired" in (link.tls_error or "")
+                renewed = issue_client(tmp_path / "renewed", tls.ca_file,
+                                       valid_until=timedelta(days=365))
+                mine.key_file.write_bytes(renewed.key_file.read_bytes())
+                mine.cert_file.write_bytes(renewed.cert_file.read_bytes())
+                assert link.wait_connected(20), link.tls_error
+                assert link.tls_error is None
+                # The renewed certificate's expiry is read: a year away, no warning.
+                assert "this client's certificate" not in (link.cert_warning or "")
+            finally:
+                link.stop()
+                gc.collect()
+    said = [r.getMessage() for r in caplog.records if "TLS files changed" in r.getMessage()]
+    assert said[0].startswith("mqtt link tls-renewal: the TLS files changed, but cannot be "
+                              f"used, so the ones loaded before stay in use: cert_file "
+                              f"{mine.cert_file}")
+    assert said[-1] == "mqtt link tls-renewal: the TLS files changed; loaded them again"
+
+
+def test_a_client_certificate_renewed_before_it_expires_ends_the_warning(tmp_path: Path) -> None:
+    tls = dataclasses.replace(make_ca_and_server(tmp_path, valid_until=timedelta(days=365)),
+                              require_client_cert=True)
+    mine = issue_client(tmp_path / "client", tls.ca_file, valid_until=timedelta(days=5))
+    with start_broker(tmp_path / "broker", tls=tls) as broker:
+        link = MqttLink(LinkConfig(url=broker.url, client_id="tls-warned", ca_file=tls.ca_file,
+                                   cert_file=mine.cert_file, key_file=mine.key_file))
+        link.start()
+        try:
+            assert link.wait_connected(10), link.tls_error
+            assert (link.cert_warning or "").startswith(
+                f"this client's certificate ({mine.cert_file}) expires on ")
+            renewed = issue_client(tmp_path / "renewed", tls.ca_file,
+                                   valid_until=timedelta(days=365))
+            mine.key_file.write_bytes(renewed.key_file.read_bytes())
+            mine.cert_file.write_bytes(renewed.cert_file.read_bytes())
+            assert link.cert_warning is None
+            assert link.connected, "the connection goes on"
+        finally:
+            link.stop()
