@@ -403,8 +403,14 @@ def _out_of_step_note(station: dict[str, Any]) -> str:
 
 
 def _fleet_realign(args: argparse.Namespace) -> int:
-    from deploy.client import format_rollout
+    import re
 
+    from deploy.client import format_rollout
+    from linesight.protocol import STATION_ID_PATTERN
+
+    if not re.fullmatch(STATION_ID_PATTERN, args.station):
+        raise UsageError(f"{args.station!r} is not a station id: 1 to 64 letters, digits, '.', "
+                         "'_' or '-', starting with a letter or digit")
     print(format_rollout(_client(args).realign(args.station, by=args.by)))
     return 0
 

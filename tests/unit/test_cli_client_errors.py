@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from linesight.broker import free_port
 from linesight.cli import main
 
 Handler = Callable[[socket.socket], None]
@@ -156,3 +157,14 @@ def test_a_controller_that_does_not_answer_in_time_is_not_called_absent(
     assert "no controller is running" not in err
     assert f"the controller at {url} did not answer within 0.5 s" in err
     assert "linesight fleet rollout status" in err
+
+
+@pytest.mark.parametrize("station", ["a/b", "", ".x", "s" * 65, "st 1"])
+def test_realign_refuses_what_cannot_be_a_station_id_before_asking(
+    capsys: pytest.CaptureFixture[str], station: str
+) -> None:
+    # No controller runs at this address: the id is refused before anything is asked.
+    status, err = run(capsys, "fleet", "realign", station, "--controller",
+                      f"http://127.0.0.1:{free_port()}")
+    assert status == 2
+    assert f"linesight fleet: error: {station!r} is not a station id" in err
