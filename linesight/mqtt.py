@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, Literal, NamedTuple
+from typing import Any, Literal, NamedTuple, TypeVar
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -88,6 +88,10 @@ class _DropPahoNoise(logging.Filter):
         return True
 
 
+_A = TypeVar("_A")
+_R = TypeVar("_R")
+
+
 class _Client(paho.Client):
     """paho's client, keeping the first error a connection's socket raised, which paho only
     logs. A broker that refuses this device's client certificate under TLS 1.3 says so on the
@@ -100,18 +104,15 @@ class _Client(paho.Client):
         self._ssl_context = context
 
     def _sock_recv(self, bufsize: int) -> bytes:
-        try:
-            return super()._sock_recv(bufsize)
-        except BlockingIOError:
-            raise
-        except OSError as exc:
-            self.socket_error = self.socket_error or exc
-            raise
+        return self._keeping_error(super()._sock_recv, bufsize)
 
     def _sock_send(self, buf: bytes | bytearray) -> int:
+        return self._keeping_error(super()._sock_send, buf)
+
+    def _keeping_error(self, call: Callable[[_A], _R], argument: _A) -> _R:
         try:
-            return super()._sock_send(buf)
-        except BlockingIOError:
+            return call(argument)
+        except BlockingIOError:  # no data yet, or the send buffer is full: not an error
             raise
         except OSError as exc:
             self.socket_error = self.socket_error or exc

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shutil
 import threading
 import time
 import uuid
@@ -17,7 +18,7 @@ from typing import Any
 
 from deploy.api import create_app
 from deploy.client import ControllerClient
-from deploy.config import load_controller_config
+from deploy.config import ControllerConfig, load_controller_config
 from deploy.controller import Controller
 from edge_agent.agent import Agent
 from edge_agent.config import AgentConfig, load_config
@@ -385,6 +386,18 @@ class AgentLine:
             thread.join(30)
         for operator in self.operators:
             operator.stop()
+
+
+def unstarted_controller(tmp_path: Path, *, signed: bool = True, **settings: Any) -> Controller:
+    """A controller over a copy of the shipped 2.0.0 bundle (checked with the demo key when
+    signed), built but never started: no broker, no threads. Close its store when done."""
+    bundles = tmp_path / "bundles"
+    shutil.copytree(V2, bundles / "part-classifier" / "2.0.0")
+    return Controller(ControllerConfig(
+        broker=LinkConfig(url="mqtt://127.0.0.1:1", client_id="unit-controller"),
+        data_dir=tmp_path / "fleet", bundles=bundles, key=DEMO_PUB if signed else None,
+        **settings,
+    ))
 
 
 @contextlib.contextmanager

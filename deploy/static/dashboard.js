@@ -300,12 +300,25 @@
     box.hidden = false;
   }
 
-  // A POST to the API with the token of the field, if there is one.
-  function post(path, body) {
+  // POST to the API, with the token of the field if there is one, and say in the result line
+  // how it went; `done(answer)` on success.
+  async function request(what, path, body, done) {
     const headers = { "Content-Type": "application/json", Accept: "application/json" };
     const tokenInput = byId("token-input");
     if (tokenInput && tokenInput.value) headers.Authorization = `Bearer ${tokenInput.value}`;
-    return fetch(path, { method: "POST", headers, cache: "no-store", body: JSON.stringify(body) });
+    try {
+      const response = await fetch(path, { method: "POST", headers, cache: "no-store", body: JSON.stringify(body) });
+      const answer = await response.json().catch(() => ({}));
+      if (response.ok) {
+        done(answer);
+      } else if (response.status === 401) {
+        showResult(`${what}: refused, the controller needs its API token`, true);
+      } else {
+        showResult(`${what}: refused, ${answer.error || `HTTP ${response.status}`}`, true);
+      }
+    } catch (error) {
+      showResult(`${what}: the controller did not answer (${error.message})`, true);
+    }
   }
 
   async function act(button) {
@@ -320,20 +333,12 @@
     button.dataset.busy = "1";
     button.disabled = true;
     try {
-      const response = await post(`/api/rollouts/${encodeURIComponent(rollout.rollout_id)}/${action}`,
-        { by: "dashboard", reason });
-      const answer = await response.json().catch(() => ({}));
-      if (response.ok) {
-        showResult(`${action}: done, the rollout is ${words(answer.phase_detail || answer.phase)}`, false);
-        if (reasonInput) reasonInput.value = "";
-        renderRollout(answer);
-      } else if (response.status === 401) {
-        showResult(`${action}: refused, the controller needs its API token`, true);
-      } else {
-        showResult(`${action}: refused, ${answer.error || `HTTP ${response.status}`}`, true);
-      }
-    } catch (error) {
-      showResult(`${action}: the controller did not answer (${error.message})`, true);
+      await request(action, `/api/rollouts/${encodeURIComponent(rollout.rollout_id)}/${action}`,
+        { by: "dashboard", reason }, (answer) => {
+          showResult(`${action}: done, the rollout is ${words(answer.phase_detail || answer.phase)}`, false);
+          if (reasonInput) reasonInput.value = "";
+          renderRollout(answer);
+        });
     } finally {
       delete button.dataset.busy;
       renderControls(shownRollout);
@@ -348,18 +353,11 @@
     }
     button.disabled = true;
     try {
-      const response = await post(`/api/stations/${encodeURIComponent(station)}/realign`, { by: "dashboard" });
-      const answer = await response.json().catch(() => ({}));
-      if (response.ok) {
-        showResult(`${station}: rollout ${answer.rollout_id} puts ${model} back`, false);
-        renderRollout(answer);
-      } else if (response.status === 401) {
-        showResult(`${station}: refused, the controller needs its API token`, true);
-      } else {
-        showResult(`${station}: refused, ${answer.error || `HTTP ${response.status}`}`, true);
-      }
-    } catch (error) {
-      showResult(`${station}: the controller did not answer (${error.message})`, true);
+      await request(station, `/api/stations/${encodeURIComponent(station)}/realign`, { by: "dashboard" },
+        (answer) => {
+          showResult(`${station}: rollout ${answer.rollout_id} puts ${model} back`, false);
+          renderRollout(answer);
+        });
     } finally {
       button.disabled = false;
     }

@@ -3,7 +3,6 @@ request: pure functions, then the API of a controller that is built but never st
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -13,14 +12,12 @@ from flask.testing import FlaskClient
 
 from deploy.alignment import Expected, expected_models, out_of_step, realign_plan
 from deploy.api import create_app
-from deploy.config import ControllerConfig
 from deploy.controller import Controller
 from deploy.plan import parse_plan
 from deploy.rollout import CandidateSpec, Phase, RolloutState, start
 from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, sha256_file
-from linesight.mqtt import LinkConfig
-from tests.support import DEMO_PUB, V1, V2
+from tests.support import V1, V2, unstarted_controller
 
 T0 = datetime(2026, 11, 27, 8, 0, tzinfo=UTC)
 NAME = "part-classifier"
@@ -105,12 +102,7 @@ def test_the_realign_plan_promotes_on_the_station_alone() -> None:
 
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Controller]:
-    bundles = tmp_path / "bundles"
-    shutil.copytree(V2, bundles / NAME / "2.0.0")
-    built = Controller(ControllerConfig(
-        broker=LinkConfig(url="mqtt://127.0.0.1:1", client_id="unit-realign"),
-        data_dir=tmp_path / "fleet", bundles=bundles, key=DEMO_PUB,
-    ))
+    built = unstarted_controller(tmp_path)
     try:
         yield built
     finally:
@@ -207,12 +199,7 @@ def test_realign_refuses_what_it_cannot_do_and_says_why(
 
 
 def test_realign_needs_the_token_and_a_json_body(tmp_path: Path) -> None:
-    shutil.copytree(V2, tmp_path / "bundles" / NAME / "2.0.0")
-    guarded = Controller(ControllerConfig(
-        broker=LinkConfig(url="mqtt://127.0.0.1:1", client_id="unit-realign-token"),
-        data_dir=tmp_path / "fleet", bundles=tmp_path / "bundles", key=DEMO_PUB,
-        api_token="t" * 32,
-    ))
+    guarded = unstarted_controller(tmp_path, api_token="t" * 32)
     try:
         promote_earlier(guarded, ["s1"])
         report(guarded, "s1", V1_REF)

@@ -14,11 +14,9 @@ import pytest
 from flask.testing import FlaskClient
 
 from deploy.api import create_app
-from deploy.config import ControllerConfig
 from deploy.controller import Controller
 from linesight.artifacts import SIGNATURE_FILE
-from linesight.mqtt import LinkConfig
-from tests.support import DEMO_PUB, V2
+from tests.support import V2, unstarted_controller
 
 pytestmark = pytest.mark.skipif(not (V2 / "manifest.json").exists(),
                                 reason=f"needs the shipped model bundle {V2}")
@@ -39,19 +37,9 @@ stages:
 """
 
 
-def build(tmp_path: Path, *, signed: bool = True) -> Controller:
-    """A controller over a copy of the 2.0.0 bundle (checked with the demo key when signed)."""
-    bundles = tmp_path / "bundles"
-    shutil.copytree(V2, bundles / NAME / VERSION)
-    return Controller(ControllerConfig(
-        broker=LinkConfig(url="mqtt://127.0.0.1:1", client_id="unit-api"),
-        data_dir=tmp_path / "fleet", bundles=bundles, key=DEMO_PUB if signed else None,
-    ))
-
-
 @pytest.fixture
 def controller(tmp_path: Path) -> Iterator[Controller]:
-    built = build(tmp_path)
+    built = unstarted_controller(tmp_path)
     try:
         yield built
     finally:
@@ -154,7 +142,7 @@ def test_a_bundle_filed_under_another_version_is_refused(
 
 def test_a_bundle_without_its_signature_is_refused_when_no_key_checks_it(tmp_path: Path) -> None:
     """Without `key` the controller does not verify the signature, but stations need it."""
-    unsigned = build(tmp_path, signed=False)
+    unsigned = unstarted_controller(tmp_path, signed=False)
     try:
         (unsigned.config.bundles / NAME / VERSION / SIGNATURE_FILE).unlink()
         status, error = start(create_app(unsigned).test_client())
