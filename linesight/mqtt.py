@@ -889,11 +889,13 @@ class MqttLink:
             if began and conflict is not None:
                 logger.error("mqtt link %s: %s", config.client_id, self._conflict_message(conflict))
             # A conflict is said once, at ERROR: not again each time the twin takes over.
+            socket_error = client.socket_error if isinstance(client, _Client) else None
             logger.log(
                 logging.WARNING if conflict is None else logging.DEBUG,
-                "mqtt link %s lost the broker (%s), reconnecting%s",
+                "mqtt link %s lost the broker (%s%s), reconnecting%s",
                 config.client_id,
                 reason_code,
+                f": {socket_error}" if socket_error is not None else "",
                 f" in {config.takeover_retry_s:g} s" if conflict is not None else "",
             )
             # paho's loop reads the delay right after this callback.
