@@ -13,7 +13,7 @@ Pure functions over rollout states and what stations report; the controller keep
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
@@ -64,14 +64,22 @@ def out_of_step(
     return active is None or active.sha256 != expected.model.sha256
 
 
-def realign_plan(station: str, model: p.ModelRef, command_timeout_s: float) -> RolloutPlan:
-    """A one-stage plan that deploys `model` to `station` and promotes it there, without
-    gates: the model earned its promotion on this station in the rollout that put it there."""
+def realign_plan(
+    stations: Sequence[str], model: p.ModelRef, command_timeout_s: float
+) -> RolloutPlan:
+    """A one-stage plan that deploys `model` to `stations` and promotes it there, without
+    gates: the model earned its promotion on each of them in the rollout that put it there."""
+    named = ", ".join(stations)
+    if len(named) > _NAME_ROOM:
+        named = f"{len(stations)} stations"
     return RolloutPlan(
-        name=f"realign {station}",
-        description=f"bring {station} back to {model.name} {model.version}, which a promoted "
-        "rollout made its active model",
-        stages=[Stage(name=f"promote on {station}", stations=ByName(names=[station]),
+        name=f"realign {named}",
+        description=f"bring {', '.join(stations)} back to {model.name} {model.version}, which a "
+        "promoted rollout made their active model",
+        stages=[Stage(name=f"promote on {named}", stations=ByName(names=list(stations)),
                       mode="promote")],
         command_timeout_s=command_timeout_s,
     )
+
+
+_NAME_ROOM = 64  # a plan's and a stage's name hold at most 80 characters

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import re
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -35,6 +36,7 @@ from deploy.rollout import (
     judge,
     to_status,
 )
+from linesight import protocol as p
 from linesight.disk_space import MB
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -173,14 +175,26 @@ def stations() -> Response:
     ])
 
 
-@api.post("/stations/<station>/realign")
-def realign(station: str) -> tuple[Response, int]:
-    """Deploy and promote again, on this station alone, the model its latest promoted rollout
-    made active there (deploy/alignment.py). Optional body: {"by": "..."}, logged."""
+MAX_REALIGN_STATIONS = 1000
+
+
+@api.post("/realign")
+def realign() -> tuple[Response, int]:
+    """Deploy and promote again, on the stations named, the model their latest promoted
+    rollouts made active there (deploy/alignment.py). Body: {"stations": [...], "by": "..."}."""
     _require_token()
-    by = _text(_body(), "by", 64) or "api"
+    body = _body()
+    stations = body.get("stations")
+    if not (isinstance(stations, list) and 0 < len(stations) <= MAX_REALIGN_STATIONS
+            and all(isinstance(name, str) for name in stations)):
+        abort(400, description="stations: give a list of 1 to "
+              f"{MAX_REALIGN_STATIONS} station ids")
+    for name in stations:
+        if not re.fullmatch(p.STATION_ID_PATTERN, name):
+            abort(400, description=f"stations: {name[:80]!r} is not a station id")
+    by = _text(body, "by", 64) or "api"
     try:
-        state = controller().realign(station, by)
+        state = controller().realign(stations, by)
     except UnknownStation as exc:
         abort(404, description=str(exc))
     except PlanError as exc:

@@ -123,9 +123,10 @@ class ControllerClient:
                 f"{urllib.parse.quote(action, safe='')}")
         return self._object(path, self.post(path, {"by": by, "reason": reason}), "rollout_id")
 
-    def realign(self, station: str, *, by: str = "cli") -> dict[str, Any]:
-        path = f"/api/stations/{urllib.parse.quote(station, safe='')}/realign"
-        return self._object(path, self.post(path, {"by": by}), "rollout_id")
+    def realign(self, stations: list[str], *, by: str = "cli") -> dict[str, Any]:
+        path = "/api/realign"
+        return self._object(path, self.post(path, {"stations": stations, "by": by}),
+                            "rollout_id")
 
 
 def format_rollout(doc: dict[str, Any]) -> str:

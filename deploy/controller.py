@@ -21,7 +21,7 @@ import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -516,28 +516,48 @@ class Controller:
         self._out_of_step = now_out
         return now_out
 
-    def realign(self, station: str, by: str) -> RolloutState:
-        """Start a rollout that deploys and promotes, on `station` alone and without gates, the
-        model its latest promoted rollout made active there. UnknownStation, or
-        RolloutConflict when there is nothing to bring back, the station is offline or runs
-        that model already, a rollout is running, or the bundle changed since."""
-        record = next((r for r in self.store.stations() if r.station == station), None)
-        if record is None:
-            raise UnknownStation(f"no station {station!r} has reported to this controller")
-        expected = self.expected_models().get(station)
-        if expected is None:
-            raise RolloutConflict(f"no promoted rollout made a model active on {station}: "
-                                  "there is nothing to bring it back to")
-        model = expected.model
-        active = record.state.active if record.state is not None else None
-        if active is not None and active.sha256 == model.sha256:
-            raise RolloutConflict(f"{station} runs {model.name} {model.version} already")
-        if not self.view(record, datetime.now(UTC)).online:
-            raise RolloutConflict(f"{station} is offline: it can take the model once it is "
-                                  "back")
-        plan = realign_plan(station, model, min(60.0, self.config.command_ttl_s))
-        log.info("realigning %s to %s %s (promoted by rollout %s), asked by %s", station,
-                 model.name, model.version, expected.rollout_id, by)
+    def realign(self, stations: Sequence[str], by: str) -> RolloutState:
+        """Start a rollout that deploys and promotes, on `stations` alone and without gates,
+        the model their latest promoted rollouts made active there (one model for all of
+        them). ValueError for an empty list; UnknownStation; RolloutConflict when a station has
+        nothing to be brought back to, is offline or runs that model already, when they were
+        promoted to different models, a rollout is running, or the bundle changed since."""
+        names = list(dict.fromkeys(stations))
+        if not names:
+            raise ValueError("name at least one station to realign")
+        records = {record.station: record for record in self.store.stations()}
+        unknown = [name for name in names if name not in records]
+        if unknown:
+            raise UnknownStation(f"no station {', '.join(map(repr, unknown))} has reported to "
+                                 "this controller")
+        expected = self.expected_models()
+        now = datetime.now(UTC)
+        models: dict[str, list[str]] = {}  # sha256 -> stations
+        for name in names:
+            found = expected.get(name)
+            if found is None:
+                raise RolloutConflict(f"no promoted rollout made a model active on {name}: "
+                                      "there is nothing to bring it back to")
+            state = records[name].state
+            active = state.active if state is not None else None
+            if active is not None and active.sha256 == found.model.sha256:
+                raise RolloutConflict(
+                    f"{name} runs {found.model.name} {found.model.version} already")
+            if not self.view(records[name], now).online:
+                raise RolloutConflict(f"{name} is offline: it can take the model once it is "
+                                      "back")
+            models.setdefault(found.model.sha256, []).append(name)
+        if len(models) > 1:
+            groups = "; ".join(
+                f"{', '.join(group)}: {expected[group[0]].model.name} "
+                f"{expected[group[0]].model.version}" for group in models.values()
+            )
+            raise RolloutConflict(f"these stations were promoted to different models ({groups}): "
+                                  "realign them one model at a time")
+        model = expected[names[0]].model
+        plan = realign_plan(names, model, min(60.0, self.config.command_ttl_s))
+        log.info("realigning %s to %s %s, asked by %s", ", ".join(names), model.name,
+                 model.version, by)
         return self.start_rollout(plan, model.name, model.version, expect_sha256=model.sha256)
 
     # --- the tick ---------------------------------------------------------------------------

@@ -302,13 +302,15 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     stations.set_defaults(handler=_fleet_stations)
 
     realign = verbs.add_parser(
-        "realign", help="put a station back on the model its last promoted rollout gave it",
-        description="Start a rollout that deploys and promotes, on this station alone and "
-        "without gates, the model that the latest promoted rollout made its active model: for "
-        "a station that came back from a backup, or was replaced, running another one "
-        "('linesight fleet stations' marks it OUT OF STEP).",
+        "realign", help="put stations back on the model their last promoted rollout gave them",
+        description="Start a rollout that deploys and promotes, on these stations alone and "
+        "without gates, the model that their latest promoted rollout made their active model: "
+        "for stations that came back from a backup, or were replaced, running another one "
+        "('linesight fleet stations' marks them OUT OF STEP).",
     )
-    realign.add_argument("station", help="the station's id")
+    realign.add_argument("stations", nargs="*", metavar="STATION", help="station ids")
+    realign.add_argument("--all", action="store_true",
+                         help="every station the controller shows out of step")
     realign.add_argument("--by", default=os.environ.get("USER", "cli"))
     client_options(realign)
     realign.set_defaults(handler=_fleet_realign)
@@ -408,10 +410,18 @@ def _fleet_realign(args: argparse.Namespace) -> int:
     from deploy.client import format_rollout
     from linesight.protocol import STATION_ID_PATTERN
 
-    if not re.fullmatch(STATION_ID_PATTERN, args.station):
-        raise UsageError(f"{args.station!r} is not a station id: 1 to 64 letters, digits, '.', "
-                         "'_' or '-', starting with a letter or digit")
-    print(format_rollout(_client(args).realign(args.station, by=args.by)))
+    if bool(args.stations) == args.all:
+        raise UsageError("name the stations to realign, or give --all")
+    for station in args.stations:
+        if not re.fullmatch(STATION_ID_PATTERN, station):
+            raise UsageError(f"{station!r} is not a station id: 1 to 64 letters, digits, '.', "
+                             "'_' or '-', starting with a letter or digit")
+    client = _client(args)
+    stations = args.stations or [s["station"] for s in client.stations() if s.get("out_of_step")]
+    if not stations:
+        print("no station is out of step")
+        return 0
+    print(format_rollout(client.realign(stations, by=args.by)))
     return 0
 
 

@@ -353,7 +353,7 @@
     }
     button.disabled = true;
     try {
-      await request(station, `/api/stations/${encodeURIComponent(station)}/realign`, { by: "dashboard" },
+      await request(station, "/api/realign", { stations: [station], by: "dashboard" },
         (answer) => {
           showResult(`${station}: rollout ${answer.rollout_id} puts ${model} back`, false);
           renderRollout(answer);

@@ -87,22 +87,23 @@ def test_a_station_restored_to_an_older_model_is_shown_and_realigned(
             assert (f"OUT OF STEP: promoted part-classifier 2.0.0 (linesight fleet realign "
                     f"{STATION})") in listed.stdout
 
-            realigned = cli("realign", client, STATION)
+            realigned = cli("realign", client, "--all")  # the stations out of step
             assert realigned.returncode == 0, realigned.stderr
             assert f"plan realign {STATION}" in realigned.stdout
             realign = client.current()
             assert realign is not None and realign["rollout_id"] != first["rollout_id"]
             assert [s["mode"] for s in realign["stages"]] == ["promote"]
             with pytest.raises(ControllerError, match="409.*is still running"):
-                client.realign(STATION)
+                client.realign([STATION])
             wait_for(lambda: promoted(client), 60, "the realign rollout to promote 2.0.0")
             wait_for(lambda: runs(client, "2.0.0"), 30, "the station back on 2.0.0")
             assert station(client)["out_of_step"] is False
             assert controller.check_alignment() == set()
             assert gauge(client) == 0.0
             with pytest.raises(ControllerError, match="409.*runs part-classifier 2.0.0 already"):
-                client.realign(STATION)
+                client.realign([STATION])
             assert "OUT OF STEP" not in cli("stations", client).stdout
+            assert cli("realign", client, "--all").stdout == "no station is out of step\n"
 
 
 def cli(verb: str, client: ControllerClient, *args: str) -> subprocess.CompletedProcess[str]:

@@ -85,16 +85,21 @@ def test_a_station_is_out_of_step_only_on_a_state_newer_than_its_promotion(
     assert out_of_step(expected, active, last_seen, in_rollout) is out
 
 
-def test_the_realign_plan_promotes_on_the_station_alone() -> None:
-    plan = realign_plan("press-07", model("2.0.0"), 45.0)
-    assert plan.name == "realign press-07"
+def test_the_realign_plan_promotes_on_the_stations_alone() -> None:
+    plan = realign_plan(["press-07", "press-09"], model("2.0.0"), 45.0)
+    assert plan.name == "realign press-07, press-09"
     assert len(plan.stages) == 1
     stage = plan.stages[0]
     assert (stage.mode, stage.approval, plan.command_timeout_s) == ("promote", False, 45.0)
-    assert stage.stations.model_dump() == {"names": ["press-07"]}
-    longest = "s" * 64  # the longest station id still makes a valid plan
-    assert realign_plan(longest, model("2.0.0"), 60.0).stages[0].stations.model_dump() == {
-        "names": [longest]}
+    assert stage.stations.model_dump() == {"names": ["press-07", "press-09"]}
+    # Names that do not fit a plan's name are counted instead; the stage still names them all.
+    longest = ["s" * 64]
+    assert realign_plan(longest, model("2.0.0"), 60.0).name == "realign " + "s" * 64
+    many = [f"station-{n:03d}" for n in range(40)]
+    crowded = realign_plan(many, model("2.0.0"), 60.0)
+    assert (crowded.name, crowded.stages[0].name) == ("realign 40 stations",
+                                                      "promote on 40 stations")
+    assert crowded.stages[0].stations.model_dump() == {"names": many}
 
 
 # --- the controller's realign, through the API --------------------------------------------------
@@ -134,8 +139,9 @@ def promote_earlier(controller: Controller, stations: list[str], ref: p.ModelRef
     return state.rollout_id
 
 
-def realign(client: FlaskClient, station: str, **kwargs: object) -> tuple[int, dict[str, object]]:
-    answer = client.post(f"/api/stations/{station}/realign", json={"by": "unit"}, **kwargs)
+def realign(client: FlaskClient, *stations: str, **kwargs: object) -> tuple[int, dict[str, object]]:
+    answer = client.post("/api/realign", json={"stations": list(stations), "by": "unit"},
+                         **kwargs)
     return answer.status_code, answer.get_json()
 
 
@@ -174,8 +180,56 @@ def test_realign_starts_a_promote_only_rollout_of_the_promoted_bundle(
                                                "still running")
 
 
+def test_realign_takes_several_stations_promoted_to_one_model(
+    controller: Controller, client: FlaskClient
+) -> None:
+    promote_earlier(controller, ["s1", "s2", "s3"])
+    for station in ("s1", "s2", "s3"):
+        report(controller, station, V1_REF)
+    status, answer = realign(client, "s3", "s1", "s3")
+    assert status == 201, answer
+    assert answer["plan"] == "realign s3, s1", "each station once, in the order given"
+    assert controller.rollout is not None
+    assert controller.rollout.plan.stages[0].stations.model_dump() == {"names": ["s3", "s1"]}
+
+
+def test_stations_promoted_to_different_models_are_realigned_one_model_at_a_time(
+    controller: Controller, client: FlaskClient
+) -> None:
+    promote_earlier(controller, ["s1", "s2"])
+    later = rollout("r-later", model("3.0.0"), Phase.PROMOTED, ["s2"], datetime.now(UTC)
+                    - timedelta(minutes=30))
+    controller.store.save_rollout(later.rollout_id, later.phase.value, later.model_dump_json(),
+                                  later.updated)
+    report(controller, "s1", V1_REF)
+    report(controller, "s2", V1_REF)
+    status, answer = realign(client, "s1", "s2")
+    assert (status, answer["error"]) == (
+        409, "these stations were promoted to different models (s1: part-classifier 2.0.0; "
+        "s2: part-classifier 3.0.0): realign them one model at a time")
+    assert controller.rollout is None
+
+
+@pytest.mark.parametrize(("body", "said"), [
+    ({}, "stations: give a list of 1 to 1000 station ids"),
+    ({"stations": []}, "stations: give a list of 1 to 1000 station ids"),
+    ({"stations": "s1"}, "stations: give a list of 1 to 1000 station ids"),
+    ({"stations": [1]}, "stations: give a list of 1 to 1000 station ids"),
+    ({"stations": ["s"] * 1001}, "stations: give a list of 1 to 1000 station ids"),
+    ({"stations": ["a/b"]}, "stations: 'a/b' is not a station id"),
+    ({"stations": ["s1"], "by": 5}, "by: a string is expected"),
+])
+def test_a_realign_request_that_cannot_be_read_is_a_bad_request(
+    controller: Controller, client: FlaskClient, body: dict[str, object], said: str
+) -> None:
+    answer = client.post("/api/realign", json=body)
+    assert (answer.status_code, answer.get_json()["error"]) == (400, said)
+    assert controller.rollout is None
+
+
 @pytest.mark.parametrize(("setup", "station", "status", "error"), [
     ("none", "s9", 404, "no station 's9' has reported to this controller"),
+    ("in_step", "s9", 404, "no station 's9' has reported to this controller"),
     ("unpromoted", "s1", 409, "no promoted rollout made a model active on s1: there is "
      "nothing to bring it back to"),
     ("in_step", "s1", 409, "s1 runs part-classifier 2.0.0 already"),
@@ -206,7 +260,7 @@ def test_realign_needs_the_token_and_a_json_body(tmp_path: Path) -> None:
         client = create_app(guarded).test_client()
         assert realign(client, "s1")[0] == 401
         token = {"Authorization": "Bearer " + "t" * 32}
-        form = client.post("/api/stations/s1/realign", data={"by": "x"}, headers=token)
+        form = client.post("/api/realign", data={"stations": "s1"}, headers=token)
         assert form.status_code == 415, "a form post (what a web page can send) is refused"
         assert guarded.rollout is None
         assert realign(client, "s1", headers=token)[0] == 201

@@ -168,3 +168,13 @@ def test_realign_refuses_what_cannot_be_a_station_id_before_asking(
                       f"http://127.0.0.1:{free_port()}")
     assert status == 2
     assert f"linesight fleet: error: {station!r} is not a station id" in err
+
+
+@pytest.mark.parametrize("argv", [(), ("st-1", "--all")])
+def test_realign_wants_either_station_ids_or_all(
+    capsys: pytest.CaptureFixture[str], argv: tuple[str, ...]
+) -> None:
+    status, err = run(capsys, "fleet", "realign", *argv, "--controller",
+                      f"http://127.0.0.1:{free_port()}")
+    assert status == 2
+    assert "linesight fleet: error: name the stations to realign, or give --all" in err
