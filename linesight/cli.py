@@ -289,6 +289,22 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     _add_set_flag(serve, "controller", "--set offline_after_s=60")
     serve.set_defaults(handler=_fleet_serve)
 
+    backup = verbs.add_parser(
+        "backup", help="copy the controller's fleet store (fleet.db) while it runs",
+        description="A consistent copy of data_dir/fleet.db, taken while the controller runs "
+        "(it goes on storing meanwhile), checked and synced before it gets its name. To "
+        "restore: stop the controller, put the copy in place of data_dir/fleet.db, delete "
+        "fleet.db-wal and fleet.db-shm beside it, start the controller.",
+    )
+    backup.add_argument("dest", type=Path, help="a new file, or a folder: there the copy is "
+                        "named fleet-YYYYmmdd-HHMMSS.db")
+    source = backup.add_mutually_exclusive_group(required=True)
+    source.add_argument("--config", type=Path, help="the controller's YAML file (its data_dir)")
+    source.add_argument("--data-dir", type=Path, help="the controller's data_dir")
+    backup.add_argument("--keep", type=int, metavar="N",
+                        help="with a folder: keep only the newest N backups in it")
+    backup.set_defaults(handler=_fleet_backup)
+
     def client_options(parser: argparse.ArgumentParser) -> None:
         parser.add_argument(
             "--controller", default=os.environ.get("LINESIGHT_CONTROLLER", "http://127.0.0.1:8700"),
@@ -381,6 +397,24 @@ def _fleet_serve(args: argparse.Namespace) -> int:
     stopped.wait()
     server.stop()
     controller.stop()
+    return 0
+
+
+def _fleet_backup(args: argparse.Namespace) -> int:
+    from datetime import UTC, datetime
+
+    from deploy.backup import BackupError, back_up
+    from deploy.config import load_controller_config
+
+    data_dir = args.data_dir or load_controller_config(args.config, {}).data_dir
+    try:
+        done = back_up(data_dir, args.dest, datetime.now(UTC), args.keep)
+    except BackupError as exc:
+        raise UsageError(str(exc)) from exc
+    print(f"backed up {data_dir / 'fleet.db'} to {done.path} ({done.size_bytes / 1e6:.1f} MB, "
+          f"schema {done.schema_version}, {done.seconds:.1f} s)")
+    for old in done.removed:
+        print(f"removed the older backup {old}")
     return 0
 
 
