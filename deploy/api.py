@@ -313,7 +313,8 @@ def start_rollout() -> tuple[Response, int]:
         abort(400, description="plan_yaml: the plan's YAML text is required")
     plan = _plan(plan_text)
     try:
-        state = controller().start_rollout(plan, candidate["name"], candidate["version"])
+        state = controller().start_rollout(plan, candidate["name"], candidate["version"],
+                                           by=_text(body, "by", 64) or "api")
     except (CandidateError, PlanError) as exc:
         abort(400, description=str(exc))
     except RolloutConflict as exc:

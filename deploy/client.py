@@ -99,11 +99,13 @@ class ControllerClient:
             raise NotAController(self._not_a_controller(path, "'stations' is not a list"))
         return stations
 
-    def start_rollout(self, plan_yaml: str, name: str, version: str) -> dict[str, Any]:
+    def start_rollout(
+        self, plan_yaml: str, name: str, version: str, *, by: str = "cli"
+    ) -> dict[str, Any]:
         path = "/api/rollouts"
-        answer = self.post(
-            path, {"plan_yaml": plan_yaml, "candidate": {"name": name, "version": version}}
-        )
+        answer = self.post(path, {
+            "plan_yaml": plan_yaml, "candidate": {"name": name, "version": version}, "by": by,
+        })
         return self._object(path, answer, "rollout_id")
 
     def current(self) -> dict[str, Any] | None:

@@ -380,10 +380,12 @@ class Controller:
         return DEFAULT_DEFECT_LABEL
 
     def start_rollout(
-        self, plan: RolloutPlan, name: str, version: str, *, expect_sha256: str | None = None
+        self, plan: RolloutPlan, name: str, version: str, *, expect_sha256: str | None = None,
+        by: str | None = None,
     ) -> RolloutState:
-        """Start `plan` for bundle `name` `version`; with `expect_sha256`, only if the bundle's
-        manifest still has that sha256 (RolloutConflict if not)."""
+        """Start `plan` for bundle `name` `version`, written in its history as started `by`;
+        with `expect_sha256`, only if the bundle's manifest still has that sha256
+        (RolloutConflict if not)."""
         if plan.command_timeout_s > self.config.command_ttl_s:
             # A station refuses a command past its expiry: an ack could then never come in time.
             raise PlanError(
@@ -404,11 +406,11 @@ class Controller:
                 )
             now = datetime.now(UTC)
             rollout_id = f"r-{now:%Y%m%d-%H%M%S}-{uuid.uuid4().hex[:6]}"
-            state = start(rollout_id, plan, spec, now)
+            state = start(rollout_id, plan, spec, now, by)
             self._defect_labels[rollout_id] = defect_label
             self._commit(state, [], defect_label=defect_label)
-            log.info("rollout %s started: %s %s with plan %s", rollout_id, name, version,
-                     plan.name)
+            log.info("rollout %s started: %s %s with plan %s%s", rollout_id, name, version,
+                     plan.name, f", by {by}" if by else "")
             return state
 
     def apply(self, event: Event, *, quiet: bool = False, rollout_id: str | None = None) -> None:
@@ -556,9 +558,8 @@ class Controller:
                                   "realign them one model at a time")
         model = expected[names[0]].model
         plan = realign_plan(names, model, min(60.0, self.config.command_ttl_s))
-        log.info("realigning %s to %s %s, asked by %s", ", ".join(names), model.name,
-                 model.version, by)
-        return self.start_rollout(plan, model.name, model.version, expect_sha256=model.sha256)
+        return self.start_rollout(plan, model.name, model.version, expect_sha256=model.sha256,
+                                  by=by)
 
     # --- the tick ---------------------------------------------------------------------------
 

@@ -231,13 +231,16 @@ class TransitionError(ValueError):
 
 
 def start(
-    rollout_id: str, plan: RolloutPlan, candidate: CandidateSpec, now: datetime
+    rollout_id: str, plan: RolloutPlan, candidate: CandidateSpec, now: datetime,
+    by: str | None = None,
 ) -> RolloutState:
+    """A new rollout; `by` (who started it) goes into its history."""
+    who = f" by {by}" if by else ""
     return RolloutState(
         rollout_id=rollout_id, plan=plan, candidate=candidate,
         stages=[StageRecord() for _ in plan.stages], started=now, updated=now,
         history=[f"{now.isoformat()} started {plan.name} for {candidate.model.name} "
-                 f"{candidate.model.version}"],
+                 f"{candidate.model.version}{who}"],
     )
 
 

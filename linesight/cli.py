@@ -336,6 +336,8 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     begin = steps.add_parser("start", help="start a rollout of a bundle with a plan")
     begin.add_argument("plan", type=Path, help="plan YAML (see deploy/plans/)")
     begin.add_argument("--candidate", required=True, help="NAME:VERSION of a served bundle")
+    begin.add_argument("--by", default=os.environ.get("USER", "cli"),
+                       help="who starts it, for the rollout's history (default $USER)")
     client_options(begin)
     begin.set_defaults(handler=_rollout_start)
     status = steps.add_parser("status", help="show the current rollout")
@@ -472,7 +474,7 @@ def _rollout_start(args: argparse.Namespace) -> int:
                          f"{exc.reason})") from exc
     from deploy.client import format_rollout
 
-    print(format_rollout(_client(args).start_rollout(plan_text, name, version)))
+    print(format_rollout(_client(args).start_rollout(plan_text, name, version, by=args.by)))
     return 0
 
 

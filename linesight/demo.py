@@ -291,7 +291,7 @@ Simulated operators answer each review queue after {args.operator_delay:g} s unl
 first on a station screen. Ctrl-C stops everything.
 """, flush=True)
     plan = (ROOT / "deploy" / "plans" / "demo.yaml").read_text()
-    started = client.start_rollout(plan, "part-classifier", version)
+    started = client.start_rollout(plan, "part-classifier", version, by="demo")
     print(f"rollout {started['rollout_id']}: part-classifier {version} over "
           f"{', '.join(STATIONS)}\n", flush=True)
     doc = _follow(client, line, args.timeout)

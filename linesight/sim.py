@@ -307,7 +307,7 @@ def simulate(
             deadline = time.monotonic() + 30
             while len(controller.fleet()) < stations and time.monotonic() < deadline:
                 time.sleep(0.1)
-            controller.start_rollout(plan, name, version)
+            controller.start_rollout(plan, name, version, by="sim")
             say(f"rollout of {name} {version} with plan {plan.name} on {stations} stations")
             deadline = time.monotonic() + timeout_s
             last = ""

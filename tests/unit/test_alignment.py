@@ -175,6 +175,8 @@ def test_realign_starts_a_promote_only_rollout_of_the_promoted_bundle(
         "sha256": V2_REF.sha256}
     assert controller.rollout is not None and controller.rollout.phase == Phase.RUNNING
     assert controller.rollout.plan.stages[0].stations.model_dump() == {"names": ["s1"]}
+    assert controller.rollout.history[0].endswith("started realign s1 for part-classifier "
+                                                  "2.0.0 by unit")
     status, answer = realign(client, "s1")  # a second request meets the running rollout
     assert (status, answer["error"]) == (409, f"rollout {controller.rollout.rollout_id} is "
                                                "still running")

@@ -227,3 +227,16 @@ def test_an_api_path_or_method_that_does_not_exist_answers_in_json(
     answer = getattr(client, method)(path)
     assert answer.status_code == code
     assert answer.is_json and answer.get_json()["error"], answer.get_data()[:100]
+
+
+@pytest.mark.parametrize(("by", "said"), [("alice", " by alice"), (None, " by api")])
+def test_who_started_a_rollout_is_in_its_history(
+    controller: Controller, client: FlaskClient, by: str | None, said: str
+) -> None:
+    body: dict[str, Any] = {"plan_yaml": PLAN, "candidate": CANDIDATE}
+    if by is not None:
+        body["by"] = by
+    answer = client.post("/api/rollouts", json=body)
+    assert answer.status_code == 201, answer.get_json()
+    first = answer.get_json()["history"][0]
+    assert first.endswith(f"started api-test for {NAME} {VERSION}{said}"), first
