@@ -64,6 +64,9 @@ def out_of_step(
     return active is None or active.sha256 != expected.model.sha256
 
 
+_NAME_ROOM = 64  # a plan's and a stage's name hold at most 80 characters
+
+
 def realign_plan(
     stations: Sequence[str], model: p.ModelRef, command_timeout_s: float
 ) -> RolloutPlan:
@@ -81,5 +84,3 @@ def realign_plan(
         command_timeout_s=command_timeout_s,
     )
 
-
-_NAME_ROOM = 64  # a plan's and a stage's name hold at most 80 characters
