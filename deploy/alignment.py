@@ -83,4 +83,3 @@ def realign_plan(
                       mode="promote")],
         command_timeout_s=command_timeout_s,
     )
-
