@@ -168,6 +168,7 @@ class Controller:
         self._defect_labels: dict[str, str] = {}  # rollout_id -> its candidate's defect label
         self._expected: dict[str, Expected] | None = None  # read from the store when needed
         self._out_of_step: set[str] = set()  # stations logged as out of step
+        self._alignment_lock = threading.Lock()  # one check_alignment at a time
         # The running rollout, else the last one, which can still be shown (and a promotion
         # rolled back) as before the restart.
         found = self.store.active_rollout() or self.store.latest_rollout()
@@ -499,6 +500,10 @@ class Controller:
     def check_alignment(self) -> set[str]:
         """The stations out of step now; logs a WARNING when one becomes so, INFO when it is
         back in step."""
+        with self._alignment_lock:
+            return self._check_alignment()
+
+    def _check_alignment(self) -> set[str]:
         now_out: set[str] = set()
         for record in self.store.stations():
             expected, out = self.alignment(record)
