@@ -284,9 +284,12 @@ def test_a_client_certificate_the_broker_refuses_is_a_tls_error_that_says_which(
             finally:
                 link.stop()
                 gc.collect()
+    # Logged when the reason changes, not at every retry: once, or twice where an attempt that
+    # read the broker's alert follows one that did not (which attempt reads it is a race).
     loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
-    assert [r.name for r in loud] == ["linesight.mqtt"], [r.getMessage() for r in loud]
-    assert "cannot connect" in loud[0].getMessage()
+    assert all(r.name == "linesight.mqtt" and "cannot connect" in r.getMessage()
+               for r in loud), [r.getMessage() for r in loud]
+    assert 1 <= len(loud) <= 2 < link.connect_attempts - 1
 
 
 # paho-mqtt leaves the socket of a failed TLS handshake for the garbage collector.
