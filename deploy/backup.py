@@ -11,13 +11,14 @@ cut short never looks like a backup.
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import sqlite3
 import time
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+
+from linesight.fsync import fsync_path
 
 FLEET_DB = "fleet.db"
 _BACKUP_NAME = re.compile(r"fleet-\d{8}-\d{6}\.db")
@@ -62,9 +63,9 @@ def back_up(data_dir: Path, dest: Path, now: datetime, keep: int | None = None) 
     started = time.monotonic()
     try:
         version = _copy(source, partial)
-        _sync(partial)
+        fsync_path(partial)
         partial.rename(target)
-        _sync(target.parent)
+        fsync_path(target.parent)
     except BaseException:
         with contextlib.suppress(OSError):
             partial.unlink()
@@ -93,14 +94,6 @@ def _copy(source: Path, target: Path) -> int:
         raise BackupError(f"{source} is not a Linesight fleet store (no rollouts or stations "
                           "table)")
     return version
-
-
-def _sync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _prune(folder: Path, keep: int) -> tuple[Path, ...]:

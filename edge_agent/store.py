@@ -29,6 +29,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
+from linesight.fsync import fsync_path
 from linesight.protocol import (
     CHANNEL_OF,
     DELIVERY,
@@ -493,14 +494,6 @@ def image_name_for(part_id: str) -> str:
     return hashlib.sha256(part_id.encode()).hexdigest() + _IMAGE_SUFFIX
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 # --- the store -------------------------------------------------------------------------------
 
 _REVIEW_COLUMNS = (  # what `_review_row` reads, in its order
@@ -784,7 +777,7 @@ class StationStore:
                         os.replace(temp, self.images_dir / name)
                     inserted.append(bool(added))
                 if any(inserted):
-                    _fsync_dir(self.images_dir)
+                    fsync_path(self.images_dir)
             return inserted
         finally:
             for temp in temps:
