@@ -60,6 +60,9 @@ def back_up(data_dir: Path, dest: Path, now: datetime, keep: int | None = None) 
     if not target.parent.is_dir():
         raise BackupError(f"{target.parent}: no such folder")
     partial = target.with_name(target.name + ".part")
+    for stale in (partial, partial.with_name(partial.name + "-journal")):  # a copy cut short
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     started = time.monotonic()
     try:
         version = _copy(source, partial)

@@ -93,6 +93,16 @@ def test_a_restored_copy_is_what_the_controller_continues_from(
         assert store.ingest([decision("st-1", 100)]) == {StreamKey("st-1"): 100}
 
 
+def test_a_copy_cut_short_earlier_is_replaced(data_dir: Path, tmp_path: Path) -> None:
+    """A backup killed mid-copy (a power cut) left its .part file and journal behind."""
+    (tmp_path / "copy.db.part").write_bytes(b"SQLite format 3\x00" + b"\x00" * 100)
+    (tmp_path / "copy.db.part-journal").write_bytes(b"\x00" * 512)
+    done = back_up(data_dir, tmp_path / "copy.db", NOW)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("copy")) == ["copy.db"]
+    with SqliteFleetStore(done.path) as copy:
+        assert copy.contiguous("st-1") == 99
+
+
 def test_a_folder_gets_dated_copies_and_keeps_the_newest(data_dir: Path, tmp_path: Path) -> None:
     folder = tmp_path / "backups"
     folder.mkdir()
