@@ -197,8 +197,6 @@ def realign() -> tuple[Response, int]:
         state = controller().realign(stations, by)
     except UnknownStation as exc:
         abort(404, description=str(exc))
-    except PlanError as exc:
-        abort(400, description=str(exc))
     except RolloutConflict as exc:
         abort(409, description=str(exc))
     return jsonify(rollout_json(state)), 201

@@ -537,8 +537,8 @@ class MqttLink:
         """Which certificate expires within `cert_warn_days`, and when: the broker's (as last
         seen in a TLS handshake) or this client's own `cert_file` (loaded again first if it was
         replaced: a renewed certificate ends the warning). None otherwise."""
-        if self._address.tls and isinstance(self._client, _Client):
-            self._reload_tls_files(self._client)
+        if self._address.tls:
+            self._reload_tls_files()
         with self._lock:
             broker_expires = self._broker_cert_expires
         now = datetime.now(UTC)
@@ -660,7 +660,7 @@ class MqttLink:
 
     # -- paho plumbing (network thread) ------------------------------------------------------
 
-    def _build_client(self) -> paho.Client:
+    def _build_client(self) -> _Client:
         config = self._config
         v5 = config.protocol == "5"
         client = _Client(
@@ -692,14 +692,13 @@ class MqttLink:
         return client
 
     def _on_pre_connect(self, client: paho.Client, userdata: Any) -> None:
-        if isinstance(client, _Client):
-            client.socket_error = None
-            if self._address.tls:
-                self._reload_tls_files(client)
+        self._client.socket_error = None
+        if self._address.tls:
+            self._reload_tls_files()
         with self._lock:
             self._connect_attempts += 1
 
-    def _reload_tls_files(self, client: _Client) -> None:
+    def _reload_tls_files(self) -> None:
         """Load `ca_file`, `cert_file` and `key_file` again when one was replaced since they were
         loaded (a renewed client certificate), so the next connect uses them without a restart;
         an established connection goes on with the ones it was made with. Files that cannot be
@@ -716,7 +715,7 @@ class MqttLink:
             logger.warning("mqtt link %s: the TLS files changed, but cannot be used, so the ones "
                            "loaded before stay in use: %s", config.client_id, exc)
             return
-        client.replace_tls_context(context)
+        self._client.replace_tls_context(context)
         expires = self._read_own_expiry(config)
         with self._lock:
             self._own_cert_expires = expires
@@ -867,7 +866,7 @@ class MqttLink:
             if self._address.tls and not stopping:
                 # paho finished the TLS handshake in connect (else on_connect_fail): the broker
                 # ended the connection after it, before its CONNACK.
-                error = client.socket_error if isinstance(client, _Client) else None
+                error = self._client.socket_error
                 tls_error = tls_failure.describe_closed(
                     error, self._address.host, self._address.port, self._config.cert_file
                 )
@@ -889,7 +888,7 @@ class MqttLink:
             if began and conflict is not None:
                 logger.error("mqtt link %s: %s", config.client_id, self._conflict_message(conflict))
             # A conflict is said once, at ERROR: not again each time the twin takes over.
-            socket_error = client.socket_error if isinstance(client, _Client) else None
+            socket_error = self._client.socket_error
             logger.log(
                 logging.WARNING if conflict is None else logging.DEBUG,
                 "mqtt link %s lost the broker (%s%s), reconnecting%s",
