@@ -11,6 +11,7 @@ from __future__ import annotations
 import http.client
 import shutil
 import tempfile
+import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
@@ -39,13 +40,22 @@ def _transfer(
 ) -> None:
     """Stream the body at `url` into `sink` block by block. BundleError naming the URL and the
     problem otherwise: no connection, an HTTP error status, a malformed answer, a transfer cut
-    short, or more than `limit` bytes (`limit_text` says what the limit is)."""
+    short, more than `limit` bytes (`limit_text` says what the limit is), or a transfer still
+    going after `timeout` seconds."""
     if not url.startswith(("http://", "https://")):
         raise BundleError("download", f"refusing to download from {url!r}")
     received = 0
+    # The socket time-out only bounds each read: a server trickling bytes would never hit it.
+    deadline = time.monotonic() + timeout
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - checked
-            while block := response.read(min(_BLOCK, limit + 1 - received)):
+            # read1: whatever has arrived, so the deadline is checked between small reads.
+            while block := response.read1(min(_BLOCK, limit + 1 - received)):
+                if time.monotonic() > deadline:
+                    raise BundleError(
+                        "download", f"cannot download {url}: not done within {timeout:g} s "
+                        f"(download_timeout_s), {received + len(block)} bytes received"
+                    )
                 received += len(block)
                 if received > limit:  # read one byte past the limit, no more
                     raise BundleError("download", f"{url} is larger than {limit_text}")

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_agent.sources import SourceOptions
 from linesight.config_file import load_model
@@ -90,6 +91,26 @@ class WebhookRejectOutput(Strict):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://")
     timeout_s: float = Field(default=2.0, gt=0, le=30)
+
+    @field_validator("url")
+    @classmethod
+    def _usable(cls, value: str) -> str:
+        # Said at start-up: at the first part it would only be a failed signal per part.
+        if any(c.isspace() or not c.isprintable() or not c.isascii() for c in value):
+            raise ValueError("a space, control or non-ASCII character in the URL: write it "
+                             "percent-encoded")
+        parts = urlsplit(value)
+        if "@" in parts.netloc:
+            raise ValueError("a user name or password in the URL is not sent: the POST needs "
+                             "an address the gateway takes without one")
+        if not parts.hostname:
+            raise ValueError("the URL needs a host: http://HOST[:PORT]/PATH")
+        try:
+            parts.port  # noqa: B018 - raises for what is not a port number
+        except ValueError:
+            raise ValueError("the address is not HOST[:PORT] (a port is a number up to 65535)"
+                             ) from None
+        return value
 
 
 RejectOutputConfig = Annotated[LogRejectOutput | WebhookRejectOutput, Field(discriminator="type")]

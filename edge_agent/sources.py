@@ -96,7 +96,8 @@ class SourceOptions(BaseModel):
     rate_hz: float | None = Field(
         default=None, gt=0, le=10_000, description="pace synthetic/folder/video; None = flat out"
     )
-    seed: int = Field(default=0, ge=0, description="synthetic: generator seed")
+    # Bounded so that the part ids (syn-{seed}-{index}) keep to the contract's 128 characters.
+    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="synthetic: generator seed")
     defect_rate: float = Field(default=0.3, ge=0, le=1, description="synthetic: defect share")
     size: int = Field(default=128, ge=32, le=2048, description="synthetic: image side in px")
     width: int | None = Field(default=None, gt=0, le=16_384, description="camera: frame width")
@@ -155,6 +156,9 @@ def to_bgr(image: Any) -> U8:
         array = (array >> 8).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise SourceError(f"unsupported frame dtype {array.dtype}")
+    if array.size == 0 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 4))):
+        # cvtColor asserts on an empty image; the model refuses it and the part is held.
+        return np.zeros((*array.shape[:2], 3), np.uint8)
     if array.ndim == 2 or (array.ndim == 3 and array.shape[2] == 1):
         return np.ascontiguousarray(cv2.cvtColor(array, cv2.COLOR_GRAY2BGR), dtype=np.uint8)
     if array.ndim == 3 and array.shape[2] == 4:
@@ -576,6 +580,18 @@ class LatestFrameReader:
             if self._latest is not None and self._latest[3] > self._handed_seq:
                 self._hold_marked(self._latest)
 
+    def first_after(self, at: float) -> float | None:
+        """Wall time of the first frame captured at or after ``at`` that is still to be handed
+        on (held for a trigger, or the newest), or None."""
+        with self._lock:
+            for entry in self._held:
+                if entry[1] >= at:
+                    return entry[1]
+            latest = self._latest
+            if latest is not None and latest[3] > self._handed_seq and latest[1] >= at:
+                return latest[1]
+        return None
+
     def _hold_marked(self, captured: _Captured) -> None:
         """Under the lock: hold ``captured`` if it is the first frame after a mark."""
         marked = False
@@ -787,7 +803,14 @@ class TriggeredSource:
 
     def _expire_triggers(self) -> None:
         now = self._monotonic()
+        first_after = getattr(self.inner, "first_after", None)
         while self._triggers and now - self._triggers[0].at_mono > self._trigger_timeout_s:
+            oldest = self._triggers[0]
+            if first_after is not None:
+                # Its frame came in time and waits in the reader: the station was only busy.
+                captured = first_after(oldest.at)
+                if captured is not None and captured - oldest.at <= self._trigger_timeout_s:
+                    return
             expired = self._triggers.popleft()
             self.missed_triggers += 1
             log.warning(
@@ -898,7 +921,8 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
     if not sep or not scheme:
         raise ValueError(f"source spec {spec!r}: expected one of {SPEC_FORMS}")
     kind: SourceKind
-    target = rest
+    # "folder: /data" (a space after the colon, as YAML writes a key) names /data, not " /data".
+    target = rest.strip()
     if scheme in ("rtsp", "http", "https"):
         parts = urlsplit(text)
         if not rest.startswith("//") or not parts.hostname:
@@ -913,14 +937,14 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
         # Schemes are case-insensitive, FFmpeg's protocol names are not: HTTP:// never opens.
         kind, target = "stream", f"{scheme}{text[len(scheme):]}"
     elif scheme == "camera":
-        if not (rest.isdigit() or rest.startswith("/dev/")):
+        if not (target.isdigit() or target.startswith("/dev/")):
             raise ValueError(
                 f"source spec {spec!r}: camera needs an index (camera:0) or a device path "
                 "(camera:/dev/video0)"
             )
         kind = "camera"
     elif scheme in ("video", "folder"):
-        if not rest.strip():
+        if not target:
             raise ValueError(f"source spec {spec!r}: {scheme} needs a path ({scheme}:PATH)")
         kind = "video" if scheme == "video" else "folder"
     elif scheme == "synthetic":
