@@ -18,6 +18,7 @@ Threads, and why each exists:
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import math
@@ -94,6 +95,10 @@ ACK_ERROR_MAX = 4000  # CommandAck.error's bound in the contract
 CANDIDATE_DRAIN_S = 30.0  # at a stop, the longest wait for the parts queued for the candidate
 BOUNDARY_WAIT_S = 30.0  # the longest a command waits for the inspection loop to take its change
 COMMAND_DRAIN_S = 20.0  # at a stop, the longest wait for the command in hand (a deploy's download)
+
+
+CommandRecord = tuple[str, str, str]
+"""A command's cmd_id, name and result (ack JSON), as the command log keeps it."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +214,10 @@ class Agent:
         self._recent_agreement: deque[bool] = deque(maxlen=500)
         self._slot_generation = 0  # +1 at every slot change, under self._lock
         self._slots_unsaved = False  # a save failed: housekeeping tries again
+        # Results of commands carried out whose record the store could not take (cmd_id ->
+        # ack JSON): a copy the controller sends again is answered, not carried out again.
+        self._unrecorded: dict[str, str] = {}
+        self._step_failed_at: dict[str, float] = {}  # housekeeping step -> its last failure logged
         self._disk_unmeasured = False  # the free space could not be measured (logged once)
         self._threads: list[threading.Thread] = []
         self._command_thread: threading.Thread | None = None
@@ -392,19 +401,20 @@ class Agent:
             log.info("faults cleared: %s", ", ".join(cleared))
             self._state_dirty.set()
 
-    def _save_slots(self) -> None:
+    def _save_slots(self, command: CommandRecord | None = None) -> None:
         record = self.slots.to_record()
         record["automation"] = self.automation.value
         if self.drift.reference is not None:
             record["drift_reference"] = self.drift.reference.to_dict()
             record["reference_for"] = self.slots.active.ref.sha256
-        self.store.save_slots(record)
+        self.store.save_slots(record, command)
 
-    def _persist_slots(self) -> None:
-        """Save the slots; a store that cannot write now (disk full, locked) raises a fault and
-        housekeeping tries again: neither the inspection loop nor a command dies of it."""
+    def _persist_slots(self, command: CommandRecord | None = None) -> None:
+        """Save the slots (and, in the same commit, `command`, whose change this is); a store
+        that cannot write now (disk full, locked) raises a fault and housekeeping tries again:
+        neither the inspection loop nor a command dies of it."""
         try:
-            self._save_slots()
+            self._save_slots(command)
         except Exception as exc:  # noqa: BLE001 - any store failure
             self._slots_unsaved = True
             self._raise_fault("slots_save", f"the model slots could not be saved: {exc}")
@@ -412,7 +422,7 @@ class Agent:
         self._slots_unsaved = False
         self._clear_faults("slots_save")
 
-    def _set_slots(self, slots: Slots) -> None:
+    def _set_slots(self, slots: Slots, command: CommandRecord | None = None) -> None:
         """Only the inspection loop (or, when it has ended, the command worker) calls this."""
         old = self.slots
         active_changed = slots.active is not old.active
@@ -429,7 +439,7 @@ class Agent:
             if not is_placeholder(slots.active):
                 self._clear_faults("active_load")  # a loaded model took the placeholder's place
         self._clear_faults("active_inference", "candidate_inference", "candidate_load")
-        self._persist_slots()
+        self._persist_slots(command)
         self._state_dirty.set()
 
     # --- the inspection loop ----------------------------------------------------------------
@@ -867,7 +877,11 @@ class Agent:
         if command.station != self.station:
             return self._ack(command.cmd_id, name, ok=False,
                              error=f"command addressed to {command.station}, not {self.station}")
-        previous = self.store.command_result(cmd_id)
+        previous = self._unrecorded.get(cmd_id)
+        if previous is not None:
+            self._record_command(cmd_id, name, previous)
+        else:
+            previous = self.store.command_result(cmd_id)
         if previous is not None:
             done = json.loads(previous)
             return self._ack(command.cmd_id, name, ok=bool(done["ok"]), error=done["error"])
@@ -876,47 +890,67 @@ class Agent:
             # copy that follows it.
             return self._ack(command.cmd_id, name, ok=False,
                              error=f"command expired at {command.expires_at.isoformat()}")
-        error = self._execute(command.body)
-        self.store.record_command(cmd_id, name, json.dumps({"ok": error is None, "error": error}))
+        error = self._execute(command.body, cmd_id)
+        result = _ack_json(error)
+        # In memory first: the command is done, whether or not the store takes its record.
+        self._unrecorded[cmd_id] = result
+        self._record_command(cmd_id, name, result)
         return self._ack(command.cmd_id, name, ok=error is None, error=error)
+
+    def _record_command(self, cmd_id: str, name: str, result: str) -> None:
+        """Store a command's result; one the store cannot take now stays in memory, answers
+        the copies the controller sends, and is stored at the next copy."""
+        try:
+            self.store.record_command(cmd_id, name, result)
+        except Exception as exc:  # noqa: BLE001 - a full or failing disk, a lock held too long
+            log.error("the result of command %s (%s) could not be stored: %s; it is kept in "
+                      "memory, so a copy of the command is answered, not carried out again",
+                      cmd_id, name, exc)
+            return
+        self._unrecorded.pop(cmd_id, None)
 
     def _unproven(self, claimed: uuid.UUID) -> uuid.UUID:
         """The cmd_id to answer a command that could not be authenticated under: with a
         command key, never the one it claims."""
         return NIL_CMD_ID if self.command_key is not None else claimed
 
-    def _execute(self, body: p.CommandBody) -> str | None:
-        """Carry out one command; the error text, or None on success."""
+    def _execute(self, body: p.CommandBody, cmd_id: str) -> str | None:
+        """Carry out one command; the error text, or None on success. A change is saved with
+        the command's record in one commit, so a crash cannot keep one without the other."""
+        done: CommandRecord = (cmd_id, body.name, _ack_json(None))
         try:
             if isinstance(body, p.DeployCandidate):
                 check_fraction(body.mode, body.canary_fraction)  # before any download
                 candidate = self._fetch_candidate(body)
                 self.at_boundary(lambda: self._set_slots(
-                    with_candidate(self.slots, candidate, body.mode, body.canary_fraction)
+                    with_candidate(self.slots, candidate, body.mode, body.canary_fraction), done
                 ))
             elif isinstance(body, p.SetMode):
                 self.at_boundary(lambda: self._set_slots(
-                    with_mode(self.slots, body.mode, body.canary_fraction)
+                    with_mode(self.slots, body.mode, body.canary_fraction), done
                 ))
             elif isinstance(body, p.SetAutomation):
                 self.at_boundary(lambda: self._set_automation(body.automation, body.reason,
-                                                              "controller"))
+                                                              "controller", done))
             elif isinstance(body, p.Promote):
-                self.at_boundary(lambda: self._set_slots(promoted(self.slots, body.expect)))
+                self.at_boundary(lambda: self._set_slots(promoted(self.slots, body.expect), done))
             elif isinstance(body, p.Rollback):
-                self.at_boundary(lambda: self._set_slots(rolled_back(self.slots)))
+                self.at_boundary(lambda: self._set_slots(rolled_back(self.slots), done))
             elif isinstance(body, p.Switch):
-                self.at_boundary(lambda: self._set_slots(switched(self.slots, body.to)))
+                self.at_boundary(lambda: self._set_slots(switched(self.slots, body.to), done))
         except (SlotError, BundleError, InferenceError, OSError, ValueError) as exc:
             log.warning("command %s refused: %s", body.name, exc)
             return str(exc)
         log.info("command %s done", body.name)
         return None
 
-    def _set_automation(self, level: p.AutomationLevel, reason: str, by: str) -> None:
+    def _set_automation(
+        self, level: p.AutomationLevel, reason: str, by: str,
+        command: CommandRecord | None = None,
+    ) -> None:
         self.automation = level
         self.automation_note = f"{level.value} by {by}: {reason}".strip(": ")
-        self._persist_slots()
+        self._persist_slots(command)
         self._state_dirty.set()
         log.info("automation set to %s by %s (%s)", level.value, by, reason or "no reason given")
 
@@ -952,41 +986,55 @@ class Agent:
 
     def _housekeeping(self) -> None:
         last_state = last_metrics = last_quota = last_status = last_disk = 0.0
+        step = self._housekeeping_step
         while not self._stop.is_set() or self._loop_running:
             now = time.monotonic()
-            try:
-                self._pump_verdicts()
-                self._take_ui_requests()
-                if now - last_quota > 60:
-                    last_quota = now
-                    self._enforce_quota()
-                if now - last_disk > CHECK_EVERY_S:
-                    last_disk = now
-                    self._check_disk_space()
-                # Shown on the station's own screen and metrics: nothing reaches the broker.
-                self._fault_while("broker_refused", self.link.fatal_error)
-                # A certificate expired, not valid yet by this clock, or for another host.
-                self._fault_while("broker_tls", self.link.tls_error)
-                # Advisory: a certificate to renew within broker.cert_warn_days.
-                self._fault_while("broker_cert_expiring", self.link.cert_warning)
-                # Another client with this station's client id (a station of the same name).
-                self._fault_while("client_id_conflict", self.link.conflict_error)
-                if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
-                    self._state_dirty.clear()
-                    last_state = now
-                    self._publish_state()
-                if now - last_metrics > self.config.metrics_interval_s:
-                    last_metrics = now
-                    self._publish_metrics()
-                if now - last_status > 1.0:
-                    last_status = now
-                    if self._slots_unsaved:
-                        self._persist_slots()
-                    self._supervise_relay(now)
-                    self._save_status()
-            except Exception:  # housekeeping must keep going  # noqa: BLE001
-                log.exception("housekeeping failed")
+            # Each step on its own: one that fails (a full disk refuses the verdicts) must not
+            # stop the others (the state, the relay's supervision).
+            step("publishing verdicts", self._pump_verdicts)
+            step("taking requests from the screen", self._take_ui_requests)
+            if now - last_quota > 60:
+                last_quota = now
+                step("review quota and retention", self._enforce_quota)
+            if now - last_disk > CHECK_EVERY_S:
+                last_disk = now
+                step("measuring free disk space", self._check_disk_space)
+            step("connection faults", self._connection_faults)
+            if self._state_dirty.is_set() or now - last_state > self.config.state_interval_s:
+                self._state_dirty.clear()
+                last_state = now
+                step("publishing the state", self._publish_state)
+            if now - last_metrics > self.config.metrics_interval_s:
+                last_metrics = now
+                step("publishing metrics", self._publish_metrics)
+            if now - last_status > 1.0:
+                last_status = now
+                if self._slots_unsaved:
+                    self._persist_slots()
+                step("supervising the outbox relay", functools.partial(self._supervise_relay, now))
+                step("saving the status for the screen", self._save_status)
             self._stop.wait(0.25)
+
+    def _housekeeping_step(self, what: str, step: Callable[[], None]) -> None:
+        """Run one housekeeping step; a failure is logged, at most once a minute per step (a
+        full disk fails the same step four times a second, and the log may share that disk)."""
+        try:
+            step()
+        except Exception:  # housekeeping must keep going  # noqa: BLE001
+            now = time.monotonic()
+            if now - self._step_failed_at.get(what, -math.inf) >= 60:
+                self._step_failed_at[what] = now
+                log.exception("housekeeping: %s failed (logged at most once a minute)", what)
+
+    def _connection_faults(self) -> None:
+        # Shown on the station's own screen and metrics: nothing reaches the broker.
+        self._fault_while("broker_refused", self.link.fatal_error)
+        # A certificate expired, not valid yet by this clock, or for another host.
+        self._fault_while("broker_tls", self.link.tls_error)
+        # Advisory: a certificate to renew within broker.cert_warn_days.
+        self._fault_while("broker_cert_expiring", self.link.cert_warning)
+        # Another client with this station's client id (a station of the same name).
+        self._fault_while("client_id_conflict", self.link.conflict_error)
 
     def _check_disk_space(self) -> None:
         """Warn while there is still room: the disk_low fault while the data dir's file system
@@ -1155,7 +1203,8 @@ class Agent:
             log.warning("the candidate worker did not finish %d parts within %.0f s; their "
                         "shadow results are not stored", self._jobs.unfinished, CANDIDATE_DRAIN_S)
         self.writer.flush()
-        self._pump_verdicts()
+        # A full disk may refuse the verdicts: they wait in the store for the next start.
+        self._housekeeping_step("publishing verdicts", self._pump_verdicts)
         self.relay.wake()
         deadline = time.monotonic() + self.config.outbox.receipt_wait_s
         stop_requested = False
@@ -1224,6 +1273,11 @@ def trigger_part_id(payload: bytes) -> tuple[str | None, str | None]:
 
 
 NIL_CMD_ID = uuid.UUID(int=0)
+
+
+def _ack_json(error: str | None) -> str:
+    """A command's result as the command log keeps it."""
+    return json.dumps({"ok": error is None, "error": error})
 
 
 def _with_claim(error: str, claimed: uuid.UUID, answered: uuid.UUID) -> str:

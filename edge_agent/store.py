@@ -1153,17 +1153,26 @@ class StationStore:
         if not cmd_id:
             raise ValueError("cmd_id: must not be empty")
         with self._write() as conn:
-            conn.execute(
-                "INSERT INTO commands (cmd_id, name, ack_json, created_us) VALUES (?, ?, ?, ?) "
-                "ON CONFLICT DO NOTHING",
-                (cmd_id, name, ack_json, _now_us()),
-            )
+            self._record_command_in(conn, cmd_id, name, ack_json)
+
+    @staticmethod
+    def _record_command_in(conn: sqlite3.Connection, cmd_id: str, name: str, ack_json: str) -> None:
+        conn.execute(
+            "INSERT INTO commands (cmd_id, name, ack_json, created_us) VALUES (?, ?, ?, ?) "
+            "ON CONFLICT DO NOTHING",
+            (cmd_id, name, ack_json, _now_us()),
+        )
 
     # -- documents: model slots and the status snapshot --
 
-    def _save_doc(self, name: str, doc: dict[str, Any], *, durable: bool) -> None:
+    def _save_doc(
+        self, name: str, doc: dict[str, Any], *, durable: bool,
+        command: tuple[str, str, str] | None = None,
+    ) -> None:
         if not isinstance(doc, dict):
             raise ValueError(f"doc: a JSON object is required, got {type(doc).__name__}")
+        if command is not None and not command[0]:
+            raise ValueError("cmd_id: must not be empty")
         try:
             text = json.dumps(doc, separators=(",", ":"), allow_nan=False)
         except (TypeError, ValueError) as exc:
@@ -1175,6 +1184,8 @@ class StationStore:
                 "updated_us = excluded.updated_us",
                 (name, text, _now_us()),
             )
+            if command is not None:
+                self._record_command_in(conn, *command)
 
     def _load_doc(self, name: str) -> tuple[dict[str, Any], datetime] | None:
         row = (
@@ -1187,9 +1198,15 @@ class StationStore:
         doc: dict[str, Any] = json.loads(row[0])
         return doc, _dt(row[1])
 
-    def save_slots(self, doc: dict[str, Any]) -> None:
-        """What the station runs (active, candidate, previous); must survive a power cut."""
-        self._save_doc(_SLOTS_DOC, doc, durable=True)
+    def save_slots(
+        self, doc: dict[str, Any], command: tuple[str, str, str] | None = None
+    ) -> None:
+        """What the station runs (active, candidate, previous); must survive a power cut.
+
+        `command` (cmd_id, name, ack JSON) is the command whose change this is, recorded in the
+        same commit: a crash can never keep the change and forget that the command was done.
+        """
+        self._save_doc(_SLOTS_DOC, doc, durable=True, command=command)
 
     def load_slots(self) -> dict[str, Any] | None:
         loaded = self._load_doc(_SLOTS_DOC)
