@@ -7,6 +7,8 @@ store, so a fault here can never stop inspection.
 from __future__ import annotations
 
 import functools
+import logging
+import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -27,7 +29,7 @@ from flask import (
 from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
-from edge_agent.store import OperatorRow, StationStore
+from edge_agent.store import OperatorRow, StationStore, StoreError
 from station_ui.config import UiConfig
 from station_ui.security import (
     SignInLimiter,
@@ -38,6 +40,7 @@ from station_ui.security import (
 )
 from station_ui.sessions import LiveSessions, remove_old_record
 
+log = logging.getLogger(__name__)
 F = TypeVar("F", bound=Callable[..., Any])
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 CSRF_FIELD = "csrf_token"
@@ -91,8 +94,13 @@ def signed_in(view: F) -> F:
     @functools.wraps(view)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if current_operator() is None:
-            reason = "idle" if g.get("idle_signed_out") else "required"
-            if wants_json() or request.method not in _SAFE_METHODS:
+            reason = g.get("signed_out_reason") or "required"
+            if wants_json():
+                # The page's script sends the operator to the sign-in page with this reason.
+                response = jsonify({"error": "Signed out. Please sign in again.", "reason": reason})
+                response.status_code = 401
+                return response
+            if request.method not in _SAFE_METHODS:
                 return error_response(401, "Signed out. Please sign in again.")
             return redirect(url_for("auth.login", reason=reason, next=request.path))
         return view(*args, **kwargs)
@@ -143,24 +151,28 @@ def _load_operator() -> None:
     badge = session.get("badge")
     if not isinstance(badge, str):
         return
-    if not state.sessions.is_live(session.get("sid")):
-        end_session()  # signed out elsewhere (or a cookie from before sign-ins had an id)
-        return
     now = state.config.clock()
     seen = float(session.get("seen", 0.0))
     started = float(session.get("started", 0.0))
-    if now - seen > state.config.idle_timeout_s or now - started > state.config.max_session_s:
-        end_session()
-        g.idle_signed_out = True
-        return
-    operator = state.store.operator(badge)
-    # A deleted operator, a PIN reset or a role change ends the sessions of that badge.
-    if operator is None or hash_fingerprint(operator.pin_hash) != session.get("fp"):
-        end_session()
-        return
-    g.operator = operator
-    if request.endpoint not in _PASSIVE_ENDPOINTS:
-        session["seen"] = now
+    # Timed out first: the store forgets a sign-in at its time limit too, and the operator is
+    # told which limit it was, not that they were signed out elsewhere.
+    if now - seen > state.config.idle_timeout_s:
+        reason = "idle"
+    elif now - started > state.config.max_session_s:
+        reason = "expired"
+    elif not state.sessions.is_live(session.get("sid")):
+        reason = "signed_out"  # signed out elsewhere (or a cookie from before sign-ins had an id)
+    else:
+        operator = state.store.operator(badge)
+        # A deleted operator, a PIN reset or a role change ends the sessions of that badge.
+        if operator is not None and hash_fingerprint(operator.pin_hash) == session.get("fp"):
+            g.operator = operator
+            if request.endpoint not in _PASSIVE_ENDPOINTS:
+                session["seen"] = now
+            return
+        reason = "signed_out"
+    end_session()
+    g.signed_out_reason = reason
 
 
 def _before_request() -> BaseResponse | None:
@@ -193,13 +205,34 @@ def _after_request(response: Response) -> Response:
     return response
 
 
+def _store_failed(exc: Exception) -> BaseResponse:
+    """The store is locked past its busy timeout or failing: say so, and that nothing was
+    saved, instead of a bare 500 (the operator must know a verdict did not count)."""
+    log.warning("the station store failed on %s %s: %s", request.method, request.path, exc)
+    if request.method in _SAFE_METHODS:
+        message = f"The station's store cannot be read just now ({exc})."
+    else:
+        done = "Not signed in" if request.endpoint == "auth.login_submit" else "Not recorded"
+        message = f"{done}: the station's store is busy or failing ({exc}). Nothing was saved."
+    return error_response(
+        503, f"{message} Try again in a moment; call maintenance if this keeps happening."
+    )
+
+
+def _count(read: Callable[[], int]) -> int:
+    try:
+        return read()
+    except (sqlite3.Error, StoreError):
+        return 0  # only the top bar's badge: the page that failed on the store says so itself
+
+
 def _template_globals() -> dict[str, Any]:
     operator = current_operator()
     supervisor = operator is not None and operator.role == "supervisor"
     return {
         "operator": operator,
-        "queue_count": ui().store.review_count() if operator is not None else 0,
-        "escalated_count": ui().store.escalation_count() if supervisor else 0,
+        "queue_count": _count(ui().store.review_count) if operator is not None else 0,
+        "escalated_count": _count(ui().store.escalation_count) if supervisor else 0,
         "csrf_token": session.get("csrf", ""),
         "poll_interval_ms": ui().config.poll_interval_ms,
     }
@@ -240,6 +273,9 @@ def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
     app.before_request(_before_request)
     app.after_request(_after_request)
     app.context_processor(_template_globals)
+
+    app.register_error_handler(sqlite3.Error, _store_failed)
+    app.register_error_handler(StoreError, _store_failed)
 
     @app.errorhandler(HTTPException)
     def _http_error(exc: HTTPException) -> BaseResponse:

@@ -28,7 +28,12 @@ def _next_target() -> str:
 
 
 def _render(status: int = 200, *, error: str | None = None, badge: str = "") -> BaseResponse:
-    notice = _REASONS.get(request.args.get("reason", ""))
+    reason = request.args.get("reason", "")
+    if reason == "expired":
+        hours = ui().config.max_session_s / 3600
+        notice: str | None = f"Your sign-in reached its {hours:g}-hour limit. Please sign in again."
+    else:
+        notice = _REASONS.get(reason)
     page = render_template(
         "login.html", error=error, notice=notice, badge=badge, next=_next_target()
     )

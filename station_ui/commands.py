@@ -7,6 +7,7 @@ import getpass
 import logging
 import os
 import secrets
+import sqlite3
 import stat
 import sys
 from pathlib import Path
@@ -131,7 +132,7 @@ def _serve(args: argparse.Namespace) -> int:
 def _serve_checked(args: argparse.Namespace) -> int:
     import waitress
 
-    from edge_agent.store import StationStore, StoreError
+    from edge_agent.store import DB_FILE, StationStore, StoreError
     from station_ui.app import create_app
     from station_ui.config import UiConfig
 
@@ -159,6 +160,8 @@ def _serve_checked(args: argparse.Namespace) -> int:
         store = StationStore(args.data_dir)
     except StoreError as exc:
         raise CommandError(str(exc)) from exc
+    except sqlite3.Error as exc:  # damaged, or locked past the busy timeout
+        raise CommandError(f"{args.data_dir / DB_FILE}: {exc}") from exc
     try:
         app = create_app(config, store)
         log.info("station UI on http://%s:%d/ for %s", args.host, args.port, args.data_dir)
@@ -195,7 +198,7 @@ def _operator_reset(args: argparse.Namespace) -> int:
 
 
 def _save_operator(args: argparse.Namespace, *, create: bool) -> int:
-    from edge_agent.store import StationStore, StoreError
+    from edge_agent.store import DB_FILE, StationStore, StoreError
     from station_ui.security import check_badge, hash_pin
 
     try:
@@ -215,6 +218,8 @@ def _save_operator(args: argparse.Namespace, *, create: bool) -> int:
             store.upsert_operator(args.badge, name.strip(), role, hash_pin(read_pin()))
     except (CommandError, StoreError, ValueError, OSError) as exc:
         return _fail(f"ui-operator {args.verb}", str(exc))
+    except sqlite3.Error as exc:  # damaged, or locked past the busy timeout
+        return _fail(f"ui-operator {args.verb}", f"{args.data_dir / DB_FILE}: {exc}")
     verb = "created" if create else "updated; their open sessions end"
     print(f"operator {args.badge} ({role}) {verb}")
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from flask import (
 )
 from werkzeug.wrappers import Response as BaseResponse
 
+from edge_agent.store import ReviewRow
 from linesight.protocol import PART_ID_MAX_LENGTH, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, signed_in, ui, wants_json
 from station_ui.views import Banner, QueueItem, banners, queue_item, verdict_labels
@@ -30,10 +32,19 @@ _OUTCOME_TEXT = {
 }
 
 
+def shown_item(row: ReviewRow) -> QueueItem:
+    """The part as a screen shows it; an image the store names but the disk no longer holds
+    (removed by hand, a store restored without its images) shows as no image, not a broken one."""
+    item = queue_item(row)
+    if row.image_path is not None and not row.image_path.is_file():
+        return replace(item, has_image=False)
+    return item
+
+
 def _queue() -> tuple[list[QueueItem], int]:
     state = ui()
     rows = state.store.pending_reviews(limit=1 + state.config.queue_preview, oldest_first=True)
-    return [queue_item(row) for row in rows], state.store.review_count()
+    return [shown_item(row) for row in rows], state.store.review_count()
 
 
 def current_banners() -> list[Banner]:

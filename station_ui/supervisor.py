@@ -9,8 +9,8 @@ from werkzeug.wrappers import Response as BaseResponse
 from linesight.protocol import PART_ID_MAX_LENGTH, AutomationLevel, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, supervisor_only, ui
 from station_ui.config import AUTOMATION_ORDER
-from station_ui.review import current_banners, model_labels
-from station_ui.views import AUTOMATION_TEXT, queue_item
+from station_ui.review import current_banners, model_labels, shown_item
+from station_ui.views import AUTOMATION_TEXT
 
 blueprint = Blueprint("supervisor", __name__)
 MAX_REASON = 500  # what a SetAutomation command carries
@@ -37,7 +37,7 @@ def _page(
         for level in AUTOMATION_ORDER
     ]
     escalations = [
-        (queue_item(escalation.review), escalation)
+        (shown_item(escalation.review), escalation)
         for escalation in state.store.escalations(limit=ESCALATIONS_SHOWN)
     ]
     page = render_template(

@@ -25,8 +25,13 @@
     toastTimer = setTimeout(() => { box.hidden = true; }, 2500);
   }
 
-  function signedOut() {
-    window.location.assign("/login?reason=idle");
+  // The server says why (idle, the sign-in's time limit, signed out elsewhere); the sign-in
+  // page tells the operator.
+  async function signedOut(response) {
+    const answer = response ? await response.json().catch(() => ({})) : {};
+    const known = ["idle", "expired", "signed_out"];
+    const reason = known.includes(answer.reason) ? answer.reason : "signed_out";
+    window.location.assign(`/login?reason=${reason}`);
   }
 
   // --- live status: queue count, banners, the waiting list ---------------------------------
@@ -74,7 +79,7 @@
     swapping = true;
     try {
       const response = await fetch("/partial/current", { headers: { Accept: "text/html" } });
-      if (response.status === 401) return signedOut();
+      if (response.status === 401) return signedOut(response);
       if (!response.ok) return;
       const html = await response.text();
       const current = document.getElementById("current");
@@ -110,7 +115,7 @@
       const shown = current ? current.dataset.partId || "" : "";
       const response = await fetch(`/api/queue?showing=${encodeURIComponent(shown)}`,
                                    { headers: { Accept: "application/json" } });
-      if (response.status === 401) return signedOut();
+      if (response.status === 401) return signedOut(response);
       if (!response.ok) return;
       const queue = await response.json();
       setText("queue-count", String(queue.count));
@@ -152,7 +157,7 @@
         headers: { Accept: "application/json", "X-CSRF-Token": csrfToken },
         body,
       });
-      if (response.status === 401) return signedOut();
+      if (response.status === 401) return signedOut(response);
       const answer = await response.json().catch(() => ({}));
       if (!response.ok) {
         toast(answer.error || `Not recorded (error ${response.status})`, true);
