@@ -95,7 +95,10 @@ def decide(
             Action.REVIEW, DecidedBy.OPERATOR, ReviewReason.OPERATOR_DECIDES, label, True
         )
     if automation == AutomationLevel.PARTIAL:
-        if confidence < thresholds.get(label, 1.0):
+        # A label with no threshold is never the model's to decide: a saturated softmax gives
+        # exactly 1.0, which a default of 1.0 would let through.
+        threshold = thresholds.get(label)
+        if threshold is None or confidence < threshold:
             return PartDecision(
                 Action.REVIEW, DecidedBy.OPERATOR, ReviewReason.LOW_CONFIDENCE, label, True
             )

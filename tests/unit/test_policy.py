@@ -49,6 +49,17 @@ def test_partial_decides_only_above_the_class_threshold() -> None:
     assert defect.action == Action.REJECT  # 0.65 clears the defect threshold of 0.6
 
 
+def test_partial_never_decides_a_label_that_has_no_threshold() -> None:
+    # A saturated softmax gives exactly 1.0: without a threshold the part is the operator's.
+    certain_ok = ModelOutput("ok", 1.0, 1.0)
+    only_defect = {"defect": 0.6}
+    decision = decide("p", AutomationLevel.PARTIAL, "active", certain_ok, only_defect, "defect", 0)
+    assert decision.action == Action.REVIEW
+    assert decision.review_reason == ReviewReason.LOW_CONFIDENCE
+    at_one = decide("p", AutomationLevel.PARTIAL, "active", certain_ok, {"ok": 1.0}, "defect", 0)
+    assert at_one.action == Action.PASS  # an explicit 1.0 is cleared by 1.0
+
+
 def test_full_decides_everything() -> None:
     for output, action in ((UNSURE_OK, Action.PASS), (SURE_DEFECT, Action.REJECT)):
         decision = decide("p", AutomationLevel.FULL, "candidate", output, THRESHOLDS, "defect", 0)
