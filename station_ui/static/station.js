@@ -106,6 +106,13 @@
     setTimeout(() => buttons.forEach((b) => { b.disabled = false; }), ms);
   }
 
+  // Said on the screen, not only in the console: an operator judging from a queue that no
+  // longer updates must know it. The next good answer replaces it with the server's banners.
+  function notUpToDate(why) {
+    renderBanners([{ kind: "screen_stale", severity: "alarm",
+                     text: `This screen is not up to date: ${why.replace(/\.$/, "")}.` }]);
+  }
+
   let polling = false;
   async function poll() {
     if (polling) return;
@@ -116,7 +123,10 @@
       const response = await fetch(`/api/queue?showing=${encodeURIComponent(shown)}`,
                                    { headers: { Accept: "application/json" } });
       if (response.status === 401) return signedOut(response);
-      if (!response.ok) return;
+      if (!response.ok) {
+        const answer = await response.json().catch(() => ({}));
+        return notUpToDate(answer.error || `the screen's server answered ${response.status}`);
+      }
       const queue = await response.json();
       setText("queue-count", String(queue.count));
       setText("queue-total", String(queue.count));
@@ -135,6 +145,7 @@
       }
     } catch (error) {
       // The UI server restarting or the network blinking: the next poll tries again.
+      notUpToDate("no answer from the station's screen server");
     } finally {
       polling = false;
     }
