@@ -348,6 +348,12 @@ def act(rollout_id: str, action: str) -> Response:
         c.apply(_request_event(action, by, reason),
                 rollout_id=None if rollout_id == "current" else rollout_id)
     except RolloutConflict as exc:
+        current = c.rollout
+        if current is not None and rollout_id != "current" and c.store.rollout(rollout_id):
+            # It exists, but a later rollout started since: only that one can be acted on.
+            abort(404, description=f"rollout {rollout_id} is not the current one: "
+                  f"{current.rollout_id} started after it, and only the current rollout can "
+                  f"be acted on")
         abort(404, description=str(exc))
     except TransitionError as exc:
         abort(409, description=str(exc))

@@ -159,6 +159,11 @@ class Controller:
         self.clock_offsets = ClockOffsets()  # each station's clock against this one's
         self.disk = DiskStatus()
         self.link = MqttLink(config.broker)
+        # (since, until) of the link's latest connection, until None while it lasts; None before
+        # the first. A station's silence counts only while this controller could hear it.
+        self._listening: tuple[datetime, datetime | None] | None = None
+        self.link.add_connect_listener(self.link_up)
+        self.link.add_disconnect_listener(self.link_down)
         self._inbox: queue.Queue[ReceivedMessage | None] = queue.Queue()
         self._rollout_lock = threading.RLock()
         self._stop = threading.Event()
@@ -572,10 +577,30 @@ class Controller:
         now = datetime.now(UTC)
         return {record.station: self.view(record, now) for record in self.store.stations()}
 
+    def link_up(self, at: datetime | None = None) -> None:
+        """The link connected (at `at`, default now): silence counts again from then."""
+        self._listening = (at or datetime.now(UTC), None)
+
+    def link_down(self, at: datetime | None = None) -> None:
+        """The link was lost (at `at`, default now): silence stops counting until it is back."""
+        listening = self._listening
+        if listening is not None and listening[1] is None:
+            self._listening = (listening[0], at or datetime.now(UTC))
+
+    def silent_s(self, last_seen: datetime, now: datetime) -> float:
+        """How long a station last heard from at `last_seen` has been silent while this
+        controller could hear it: not while it was stopped (a restart), nor while its link was
+        down, when no station could have reached it."""
+        listening = self._listening
+        if listening is None:
+            return 0.0
+        since, until = listening
+        return ((until or now) - max(last_seen, since)).total_seconds()
+
     def view(self, record: StationRecord, now: datetime) -> StationView:
         fresh = (
             record.last_seen is not None
-            and (now - record.last_seen).total_seconds() <= self.config.offline_after_s
+            and self.silent_s(record.last_seen, now) <= self.config.offline_after_s
         )
         state = record.state
         return StationView(

@@ -11,12 +11,14 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import PydanticCustomError
 
 from linesight.protocol import STATION_ID_PATTERN
 
@@ -25,6 +27,17 @@ from linesight.protocol import STATION_ID_PATTERN
 MAX_STAGE_DURATION_S = 30 * 24 * 3600  # 30 days; Resume gives a stage a fresh window
 MAX_COMMAND_TIMEOUT_S = 24 * 3600
 MAX_COMMAND_RETRY_S = 3600
+
+
+def _not_a_boolean(value: Any) -> Any:
+    # YAML reads yes, on and true as booleans: where a number belongs they are a typo, not 1.
+    if isinstance(value, bool):
+        raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_a_boolean)]
+Number = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class PlanError(ValueError):
@@ -45,11 +58,11 @@ class ByLabel(Strict):
 
 
 class ByCount(Strict):
-    count: int = Field(ge=1)
+    count: Count = Field(ge=1)
 
 
 class ByPercent(Strict):
-    percent: float = Field(gt=0, le=100)
+    percent: Number = Field(gt=0, le=100)
 
 
 class AllStations(Strict):
@@ -60,31 +73,31 @@ Selector = ByName | ByLabel | ByCount | ByPercent | AllStations
 
 
 class ExitConditions(Strict):
-    min_parts: int = Field(default=100, ge=0, description="parts both models judged")
-    min_labelled_disagreements: int = Field(default=10, ge=0)
-    max_duration_s: float = Field(default=3600, gt=0, le=MAX_STAGE_DURATION_S)
+    min_parts: Count = Field(default=100, ge=0, description="parts both models judged")
+    min_labelled_disagreements: Count = Field(default=10, ge=0)
+    max_duration_s: Number = Field(default=3600, gt=0, le=MAX_STAGE_DURATION_S)
 
 
 class GateSettings(Strict):
     """Passed to deploy.gates.GateConfig; see docs/gates.md for how to choose them."""
 
-    delta: float = Field(default=0.02, gt=0, lt=1)
-    alpha: float = Field(default=0.05, gt=0, lt=0.5)
-    beta: float = Field(default=0.2, gt=0, lt=0.5)
-    min_labels: int = Field(default=10, ge=1)
-    escape_delta: float = Field(
+    delta: Number = Field(default=0.02, gt=0, lt=1)
+    alpha: Number = Field(default=0.05, gt=0, lt=0.5)
+    beta: Number = Field(default=0.2, gt=0, lt=0.5)
+    min_labels: Count = Field(default=10, ge=1)
+    escape_delta: Number = Field(
         default=0.01, gt=0, lt=1,
         description="tolerated increase in the share of parts that are defects the model passes",
     )
-    max_disagreement_rate: float | None = Field(default=0.3, gt=0, le=1)
-    max_p95_latency_ms: float | None = Field(default=None, gt=0)
+    max_disagreement_rate: Number | None = Field(default=0.3, gt=0, le=1)
+    max_p95_latency_ms: Number | None = Field(default=None, gt=0)
 
 
 class Stage(Strict):
     name: str = Field(min_length=1, max_length=80)
     stations: Selector
     mode: Literal["shadow", "canary", "blue_green", "promote"]
-    fraction: float | None = Field(default=None, gt=0, le=1, description="canary only")
+    fraction: Number | None = Field(default=None, gt=0, le=1, description="canary only")
     exit: ExitConditions = Field(default_factory=ExitConditions)
     gate: GateSettings = Field(default_factory=GateSettings)
     on_inconclusive: Literal["pause", "rollback"] = "pause"
@@ -114,8 +127,8 @@ class RolloutPlan(Strict):
     name: str = Field(min_length=1, max_length=80)
     description: str = ""
     stages: list[Stage] = Field(min_length=1)
-    command_timeout_s: float = Field(default=60, gt=0, le=MAX_COMMAND_TIMEOUT_S)
-    command_retry_s: float = Field(default=5, gt=0, le=MAX_COMMAND_RETRY_S)
+    command_timeout_s: Number = Field(default=60, gt=0, le=MAX_COMMAND_TIMEOUT_S)
+    command_retry_s: Number = Field(default=5, gt=0, le=MAX_COMMAND_RETRY_S)
 
     @model_validator(mode="after")
     def _ends_in_promotion(self) -> RolloutPlan:
@@ -124,9 +137,43 @@ class RolloutPlan(Strict):
         return self
 
 
+def _not_text(document: Any) -> str | None:
+    """The key path of the first string (key or value) in `document` that is not valid Unicode
+    text, such as a lone surrogate from a `\\ud800` escape, which the stored rollout cannot hold;
+    else None."""
+    def bad(text: str) -> bool:
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return True
+        return False
+
+    stack: list[tuple[str, Any]] = [("", document)]
+    seen: set[int] = set()  # YAML aliases share (or nest) a node: each is looked at once
+    while stack:  # no recursion: a document PyYAML could build may already be deep
+        path, value = stack.pop()
+        if isinstance(value, str):
+            if bad(value):
+                return path or "(root)"
+            continue
+        if not isinstance(value, Mapping | list) or id(value) in seen:
+            continue
+        seen.add(id(value))
+        items = value.items() if isinstance(value, Mapping) else enumerate(value)
+        for key, item in items:
+            if isinstance(key, str) and bad(key):
+                return path or "(root)"
+            stack.append((f"{path}.{key}" if path else str(key), item))
+    return None
+
+
 def parse_plan(document: Any, source: str = "plan") -> RolloutPlan:
     if not isinstance(document, Mapping):
         raise PlanError(f"{source}: a plan is a mapping with 'name' and 'stages'")
+    bad_text = _not_text(document)
+    if bad_text is not None:
+        raise PlanError(f"invalid rollout plan ({source}):\n  {bad_text}: not valid Unicode "
+                        "text (a lone surrogate such as \\ud800)")
     try:
         return RolloutPlan.model_validate(document)
     except ValidationError as exc:

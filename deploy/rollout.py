@@ -298,8 +298,9 @@ def transition(state: RolloutState, event: Event, now: datetime) -> Result:
                 update={"deadline": now + timedelta(seconds=state.current.exit.max_duration_s)}
             )
         state = _with_record(state, record)
+        # Why it paused stays in the history; the status no longer gives it as the rollout's.
         return _note(state, now, f"resumed by {event.by}",
-                     phase=state.paused_from or Phase.RUNNING, paused_from=None), []
+                     phase=state.paused_from or Phase.RUNNING, paused_from=None, reason=""), []
     if isinstance(event, Abort | RollbackRequested):
         if state.phase in (Phase.ROLLED_BACK, Phase.ABORTED, Phase.ROLLING_BACK):
             raise TransitionError(f"the rollout is already {state.phase.value}")

@@ -240,3 +240,45 @@ def test_who_started_a_rollout_is_in_its_history(
     assert answer.status_code == 201, answer.get_json()
     first = answer.get_json()["history"][0]
     assert first.endswith(f"started api-test for {NAME} {VERSION}{said}"), first
+
+
+# --- text no JSON document can hold -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan_yaml", [
+    PLAN.replace("name: api-test", 'name: api-test\ndescription: "\\udc00"'),
+    PLAN.replace("stations: [s1]\n    mode: shadow",
+                 'stations: {labels: {line: "\\ud800"}}\n    mode: shadow'),
+], ids=["description", "label"])
+def test_a_plan_with_a_lone_surrogate_is_a_bad_request(
+    client: FlaskClient, controller: Controller, plan_yaml: str
+) -> None:
+    """A `\\ud800` escape in the plan's YAML cannot be stored with the rollout: a 400 naming
+    the key, not a 500 once the rollout is saved."""
+    status, error = start(client, plan_yaml)
+    assert status == 400 and "not valid Unicode text" in error, (status, error)
+    assert controller.rollout is None
+
+
+# --- an action on a rollout that is not the current one ----------------------------------------
+
+
+def test_an_action_on_an_earlier_rollout_says_which_one_is_current(
+    client: FlaskClient, controller: Controller
+) -> None:
+    """Only the latest rollout can be acted on. An earlier one exists (its GET answers), so
+    "no rollout" would be wrong: the 404 names the rollout that can be."""
+    assert start(client)[0] == 201
+    assert controller.rollout is not None
+    first = controller.rollout.rollout_id
+    assert client.post(f"/api/rollouts/{first}/abort", json={}).status_code == 200
+    assert start(client)[0] == 201
+    second = controller.rollout.rollout_id
+    assert client.get(f"/api/rollouts/{first}").status_code == 200
+    answer = client.post(f"/api/rollouts/{first}/rollback", json={})
+    error = answer.get_json()["error"]
+    assert answer.status_code == 404, (answer.status_code, error)
+    assert first in error and second in error and "no rollout" not in error, error
+    assert controller.rollout.rollout_id == second and controller.rollout.phase.value == "running"
+    unknown = client.post("/api/rollouts/r-none/rollback", json={})
+    assert unknown.status_code == 404 and "no rollout r-none" in unknown.get_json()["error"]

@@ -442,3 +442,53 @@ def test_a_station_away_during_its_rollback_is_rolled_back_when_it_returns(
     s1.ack_pending(controller)
     assert controller.rollout.pending == [] and controller.rollout.stranded == []
     assert controller.rollout.phase == Phase.ROLLED_BACK
+
+
+# --- silence counts only while the controller could hear --------------------------------------
+
+
+def _last_heard(controller: Controller, station: str, when: datetime) -> None:
+    """As if the station's latest state had come in at `when`."""
+    with contextlib.closing(sqlite3.connect(controller.config.data_dir / "fleet.db")) as conn:
+        conn.execute("UPDATE stations SET last_seen_us = ? WHERE station = ?",
+                     (round(when.timestamp() * 1_000_000), station))
+        conn.commit()
+
+
+def test_a_restart_after_a_long_stop_does_not_take_the_stations_for_silent(
+    controller: Controller,
+) -> None:
+    """The controller was stopped ten minutes (a reboot of the line server, its broker not up
+    yet): its stations said nothing it could hear, so they are not offline for that, and the
+    running rollout is not rolled back before their states come in."""
+    s1 = S1()
+    s1.start_observing(controller)
+    gone = timedelta(seconds=controller.config.offline_after_s * 5)
+    _last_heard(controller, "s1", datetime.now(UTC) - gone)
+    again = restarted(controller)
+    try:
+        again.tick()
+        assert again.rollout is not None
+        assert again.rollout.phase == Phase.RUNNING, again.rollout.reason
+        assert again.fleet()["s1"].online
+    finally:
+        again.store.close()
+
+
+def test_a_station_silent_while_the_controller_listens_goes_offline(
+    controller: Controller,
+) -> None:
+    """Silence counts from when the link connected (or the station was last heard, if later),
+    and stops counting while the link is down."""
+    S1().online(controller)
+    silence = controller.config.offline_after_s
+    connected = datetime.now(UTC)
+    _last_heard(controller, "s1", connected - timedelta(seconds=3 * silence))
+    controller.link_up(connected)
+    [record] = controller.store.stations()
+    assert controller.view(record, connected + timedelta(seconds=silence / 2)).online
+    assert not controller.view(record, connected + timedelta(seconds=silence + 1)).online
+    controller.link_down(connected + timedelta(seconds=silence / 2))
+    assert controller.view(record, connected + timedelta(seconds=silence * 10)).online
+    controller.link_up(connected + timedelta(seconds=silence * 10))
+    assert not controller.view(record, connected + timedelta(seconds=silence * 11 + 1)).online

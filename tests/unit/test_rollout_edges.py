@@ -254,3 +254,21 @@ def test_a_state_without_promotions_or_owed_rollbacks_keeps_its_old_json_keys() 
     document = state.model_dump(mode="json")
     assert "promoted" not in document and "stranded" not in document
     assert RolloutState.model_validate_json(state.model_dump_json()) == state
+
+
+def test_a_resumed_rollout_no_longer_gives_the_reason_it_was_paused_for() -> None:
+    """A stage that ran out of time pauses with the reason; once resumed, the rollout runs
+    again and its status (API, CLI, retained rollout topic) must not still say it is stuck."""
+    from deploy.rollout import Resume, to_status
+    from tests.unit.test_rollout import begin as begin_shadow
+    from tests.unit.test_rollout import to_observing
+
+    state, clock = begin_shadow(on_inconclusive="pause")
+    state = to_observing(state, clock)
+    nothing = StageEvidence(overall=PairedEvidence(0, 0, 0, 0), escapes=PairedEvidence(0, 0, 0, 0))
+    state, _ = transition(state, Tick(FLEET, nothing), clock.step(601))
+    assert state.phase == Phase.PAUSED and "inconclusive" in state.reason
+    state, _ = transition(state, Resume(by="ops"), clock.step())
+    assert state.phase == Phase.RUNNING
+    assert state.reason == "" and to_status(state, 0).reason == ""
+    assert any("inconclusive" in line for line in state.history), "the history keeps it"
