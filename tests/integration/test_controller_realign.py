@@ -93,8 +93,8 @@ def test_a_station_restored_to_an_older_model_is_shown_and_realigned(
             realign = client.current()
             assert realign is not None and realign["rollout_id"] != first["rollout_id"]
             assert [s["mode"] for s in realign["stages"]] == ["promote"]
-            with pytest.raises(ControllerError, match="409.*is still running"):
-                client.realign([STATION])
+            # (A second request while it runs is refused: tests/unit/test_alignment.py. Here the
+            # real station may promote before such a request arrives.)
             wait_for(lambda: promoted(client), 60, "the realign rollout to promote 2.0.0")
             wait_for(lambda: runs(client, "2.0.0"), 30, "the station back on 2.0.0")
             assert station(client)["out_of_step"] is False
