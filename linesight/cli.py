@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -255,8 +256,13 @@ def _run_agent(args: argparse.Namespace) -> int:
     import signal
 
     from edge_agent.agent import Agent
+    from edge_agent.store import DB_FILE
 
-    agent = Agent(agent_config(args))
+    config = agent_config(args)
+    try:
+        agent = Agent(config)
+    except sqlite3.Error as exc:  # the station's store damaged, or locked past the busy timeout
+        raise UsageError(f"{config.data_dir / DB_FILE}: {exc}") from exc
 
     def stop(signum: int, _frame: object) -> None:
         agent.stop()
@@ -378,7 +384,10 @@ def _fleet_serve(args: argparse.Namespace) -> int:
         "command_key": args.command_key,
         "public_url": args.public_url, "topic_prefix": args.topic_prefix,
     }))
-    controller = Controller(config)
+    try:
+        controller = Controller(config)
+    except sqlite3.Error as exc:  # the fleet store damaged, or locked past the busy timeout
+        raise UsageError(f"{config.data_dir / 'fleet.db'}: {exc}") from exc
     try:
         server = HttpServer(create_app(controller), config.http_host, config.http_port)
     except OSError as exc:

@@ -44,7 +44,9 @@ def set_path(document: dict[str, Any], dotted: str, value: Any) -> None:
     node = document
     *parents, leaf = dotted.split(".")
     for parent in parents:
-        child = node.setdefault(parent, {})
+        child = node.get(parent)
+        if child is None:  # absent, or a section whose keys are all commented out (null)
+            child = node[parent] = {}
         if not isinstance(child, dict):
             raise ConfigError(f"{dotted}: {parent} is not a mapping in the configuration")
         node = child

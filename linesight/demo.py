@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import shutil
 import signal
 import socket
@@ -181,6 +182,12 @@ def _create_operators(data_dir: Path) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     _check_rate(args.rate)
+    if not args.timeout > 0:  # also refuses nan
+        raise ValueError(f"--timeout must be a number of seconds > 0, got {args.timeout}")
+    if not (math.isfinite(args.operator_delay) and args.operator_delay >= 0):
+        raise ValueError(
+            f"--operator-delay must be a number of seconds >= 0, got {args.operator_delay}"
+        )
     version = SCENARIOS[args.scenario]
     for bundle in ("1.0.0", version):
         require_bundle(MODELS / "part-classifier" / bundle)

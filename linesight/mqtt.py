@@ -158,6 +158,14 @@ def parse_broker_url(url: str) -> BrokerAddress:
     if not host:
         raise ValueError(f"broker URL {url!r}: host is missing")
     try:
+        # What the resolver does first; its UnicodeError would end paho's network thread.
+        host.encode("idna")
+    except UnicodeError:
+        raise ValueError(
+            f"broker URL {url!r}: {host!r} is not a valid host name (dot-separated parts of "
+            "1 to 63 characters each)"
+        ) from None
+    try:
         port = parts.port
     except ValueError:
         raw_port = parts.netloc.rpartition(":")[2]
@@ -200,7 +208,9 @@ class Will:
 
 
 class LinkConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No infinite delays: the backoff would double for ever, and JSON (the relay's spec) has
+    # no such number.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     url: str
     client_id: str = Field(min_length=1, max_length=128)
@@ -418,6 +428,7 @@ class MqttLink:
         self._fatal_error: str | None = None
         self._tls_error: str | None = None  # why the last connect's TLS handshake failed
         self._closed_alert: str | None = None  # the broker's alert after the handshake, if read
+        self._answered = False  # the broker answered this attempt's CONNECT (CONNACK read)
         self._takeovers = TakeoverWatch(2 * config.takeover_retry_s)
         self._connect_attempts = 0
         self._last_failure: str | None = None  # why the last connect failed, logged once
@@ -697,6 +708,7 @@ class MqttLink:
             self._reload_tls_files()
         with self._lock:
             self._connect_attempts += 1
+            self._answered = False
 
     def _reload_tls_files(self) -> None:
         """Load `ca_file`, `cert_file` and `key_file` again when one was replaced since they were
@@ -814,6 +826,9 @@ class MqttLink:
     def _on_refused(self, client: paho.Client, reason_code: ReasonCode) -> None:
         with self._lock:
             self._takeovers.connect_failed()
+            # The handshake went well: whatever TLS trouble an earlier attempt had is over.
+            self._answered = True
+            self._tls_error = self._closed_alert = None
         fatal = FATAL_CONNACK_REASONS.get(reason_code.value)
         if fatal is None:
             logger.warning(
@@ -861,9 +876,11 @@ class MqttLink:
                 ended = self._takeovers.settle(now)
                 began = self._takeovers.lost(now, how)
             conflict = self._takeovers.conflict
+            answered = self._answered
             self._state_changed.notify_all()
         if not was_connected:
-            if self._address.tls and not stopping:
+            # After a refusing CONNACK paho closes the connection itself: no TLS failure.
+            if self._address.tls and not stopping and not answered:
                 # paho finished the TLS handshake in connect (else on_connect_fail): the broker
                 # ended the connection after it, before its CONNACK.
                 error = self._client.socket_error

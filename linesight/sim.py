@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import signal
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from edge_agent.agent import Agent
 from edge_agent.config import load_config as load_agent_config
 from edge_agent.store import StationStore
 from edge_agent.synthetic import PartGenerator, parse_part_id
-from linesight.artifacts import load_public_key, verify_bundle
+from linesight.artifacts import Manifest, load_public_key, verify_bundle
 from linesight.broker import free_port, start_broker
 from linesight.demo_models import models_dir, require_bundle
 from linesight.http_server import HttpServer
@@ -196,6 +197,10 @@ def summarise(
 
 DEFAULT_PLAN = Path(__file__).resolve().parents[1] / "deploy" / "plans" / "shadow-first.yaml"
 MODELS = models_dir()
+MAX_STATIONS = 50
+MAX_RATE = 10_000.0  # what a synthetic source takes (its rate_hz)
+# Station i's source seed is seed * 100 + i, which a synthetic source takes up to 2**63 - 1.
+MAX_SEED = (2**63 - 1 - (MAX_STATIONS - 1)) // 100
 
 
 def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -223,10 +228,12 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
 
 
 def run_sim(args: argparse.Namespace) -> int:
-    if not 1 <= args.stations <= 50:
-        raise ValueError("--stations must be between 1 and 50")
-    if not (math.isfinite(args.rate) and args.rate > 0):
-        raise ValueError(f"--rate must be a number > 0, got {args.rate}")
+    if not 1 <= args.stations <= MAX_STATIONS:
+        raise ValueError(f"--stations must be between 1 and {MAX_STATIONS}")
+    if not (math.isfinite(args.rate) and 0 < args.rate <= MAX_RATE):
+        raise ValueError(f"--rate must be a number > 0 and at most {MAX_RATE:g}, got {args.rate}")
+    if not 0 <= args.seed <= MAX_SEED:
+        raise ValueError(f"--seed must be between 0 and {MAX_SEED}, got {args.seed}")
     if not 0 <= args.operator_error <= 1:  # also refuses nan
         raise ValueError(f"--operator-error must be between 0 and 1, got {args.operator_error}")
     if not (math.isfinite(args.timeout) and args.timeout > 0):
@@ -244,9 +251,9 @@ def run_sim(args: argparse.Namespace) -> int:
     previous = {sig: signal.signal(sig, signals) for sig in STOP_SIGNALS}
     try:
         with tempfile.TemporaryDirectory(prefix="linesight-sim-") as workdir:
+            bundles = served_bundles(args.candidate, manifest, Path(workdir))
             summary = simulate(
-                Path(workdir), plan=plan, candidate=(args.candidate.parent.parent,
-                                                     manifest.name, manifest.version),
+                Path(workdir), plan=plan, candidate=(bundles, manifest.name, manifest.version),
                 active=args.active, key=args.key, stations=args.stations, seed=args.seed,
                 rate=args.rate, operator_error=args.operator_error, timeout_s=args.timeout,
                 say=say,
@@ -262,6 +269,18 @@ def run_sim(args: argparse.Namespace) -> int:
     say(f"{summary.outcome}: {summary.reason}")
     print(summary.to_json(), flush=True)
     return EXIT_STATUS.get(summary.outcome, EXIT_TIMED_OUT)
+
+
+def served_bundles(candidate: Path, manifest: Manifest, workdir: Path) -> Path:
+    """The folder the controller serves `candidate` from, as <folder>/<name>/<version>: its
+    own grandparent when it sits there, else a copy in `workdir` (never another bundle that
+    has the same name and version)."""
+    root = candidate.parent.parent
+    if (root / manifest.name / manifest.version).resolve() == candidate.resolve():
+        return root
+    copy = workdir / "bundles" / manifest.name / manifest.version
+    shutil.copytree(candidate, copy)
+    return copy.parent.parent
 
 
 def simulate(

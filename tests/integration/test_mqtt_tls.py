@@ -7,6 +7,7 @@ import dataclasses
 import gc
 import ipaddress
 import logging
+import secrets
 import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
@@ -24,7 +25,7 @@ from edge_agent.agent import Agent
 from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
 from linesight import protocol as p
-from linesight.broker import TlsFiles, free_port, start_broker
+from linesight.broker import TlsFiles, free_port, start_broker, write_password_file
 from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
 from tests.support import Receipter, agent_running, station_config, wait_for
 
@@ -378,3 +379,30 @@ def test_a_client_certificate_renewed_before_it_expires_ends_the_warning(tmp_pat
             assert link.connected, "the connection goes on"
         finally:
             link.stop()
+
+
+@pytest.mark.parametrize("protocol", ["5", "3.1.1"])
+def test_a_password_the_broker_refuses_over_tls_is_no_tls_error(
+    tmp_path: Path, protocol: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The handshake went well and the broker answered CONNECT with a refusal: the link says
+    the credentials were refused, and does not send the technician after client certificates."""
+    tls = make_ca_and_server(tmp_path)
+    right = secrets.token_urlsafe(16)
+    passwords = write_password_file(tmp_path / "passwd", {"agent": right})
+    with start_broker(tmp_path / "broker", tls=tls, password_file=passwords) as broker:
+        link = MqttLink(LinkConfig(
+            url=broker.url, client_id="tls-wrong-password", ca_file=tls.ca_file,
+            username="agent", password=right + "x", protocol=protocol,
+            backoff_min_s=0.1, backoff_max_s=0.2, refused_retry_s=0.5,
+        ))
+        with caplog.at_level(logging.DEBUG, logger="linesight.mqtt"):
+            link.start()
+            try:
+                wait_for(lambda: link.connect_attempts >= 3, 20, "three refused attempts")
+                assert "refused client 'tls-wrong-password'" in (link.fatal_error or "")
+                assert link.tls_error is None
+            finally:
+                link.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "linesight.mqtt"]
+    assert not [m for m in said if "TLS with the broker" in m], said

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -97,3 +98,18 @@ def test_sigterm_stops_the_simulation_and_its_broker(tmp_path: Path) -> None:
             process.stdout.close()
     wait_for(lambda: not _processes_mentioning(str(tmp_path)), 10, "the broker to be gone")
     assert not list(tmp_path.glob("linesight-sim-*")), "the simulation's folder was left behind"
+
+
+def test_a_candidate_outside_a_name_version_folder_is_the_one_rolled_out(tmp_path: Path) -> None:
+    # The controller serves bundles as <root>/<name>/<version>: a candidate kept elsewhere (a
+    # retrained model in its own folder) must be rolled out itself, not whatever bundle of that
+    # name and version sits two folders up. Here that one is damaged.
+    candidate = tmp_path / "work" / "retrained"
+    shutil.copytree(V21, candidate)
+    decoy = tmp_path / "part-classifier" / "2.1.0"
+    shutil.copytree(V21, decoy)
+    (decoy / "model.onnx").write_bytes(b"not the model")
+    summary = sim(str(candidate), 5)
+    assert summary["outcome"] == summary["phase"] == "rolled_back"
+    assert summary["parts_decided_by_candidate"] == 0
+    assert summary["stages_passed"] == 0

@@ -32,3 +32,24 @@ def test_a_config_path_that_is_a_folder_is_named(
 ) -> None:
     assert main(["agent", "--config", str(tmp_path)]) == 2
     assert f"error: cannot read {tmp_path}: Is a directory" in capsys.readouterr().err
+
+
+def test_a_flag_fills_a_section_whose_keys_are_all_commented_out(tmp_path: Path) -> None:
+    # `broker:` with every key under it commented out is null in YAML: `--broker` still sets
+    # broker.url, as it would with no `broker:` line at all.
+    from edge_agent.config import load_config
+
+    config = tmp_path / "station.yaml"
+    config.write_text("station: s1\nsource: synthetic:seed=1\nactive: models/part-classifier/"
+                      "1.0.0\nbroker:\n  # url: mqtt://line-server:1883\n")
+    loaded = load_config(config, {"broker.url": "mqtt://127.0.0.1:1884",
+                                  "data_dir": tmp_path / "data"})
+    assert loaded.broker.url == "mqtt://127.0.0.1:1884"
+    assert loaded.broker.client_id == "linesight-agent-s1"
+
+
+def test_a_flag_below_a_key_that_holds_a_value_is_refused_naming_it(tmp_path: Path) -> None:
+    from linesight.config_file import ConfigError, set_path
+
+    with pytest.raises(ConfigError, match="broker.url: broker is not a mapping"):
+        set_path({"broker": "mqtt://x"}, "broker.url", "mqtt://y")

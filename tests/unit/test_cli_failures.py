@@ -75,3 +75,33 @@ def test_fleet_serve_on_a_port_in_use_names_the_address(
     assert status == 2
     assert (f"linesight fleet: error: cannot serve the API on 127.0.0.1:{port}: "
             "Address already in use") in capsys.readouterr().err
+
+
+DAMAGED = b"not a database: what a power cut can leave of one " * 20
+
+
+def test_an_agent_whose_store_is_damaged_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "station"
+    data_dir.mkdir()
+    (data_dir / "station.db").write_bytes(DAMAGED)
+    status = main(["agent", "--station", "s1", "--broker", "mqtt://127.0.0.1:1",
+                   "--source", "synthetic:seed=1", "--active", "models/part-classifier/1.0.0",
+                   "--data-dir", str(data_dir)])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"linesight agent: error: {data_dir / 'station.db'}: file is not a database" in err
+
+
+def test_a_controller_whose_store_is_damaged_names_the_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    data_dir = tmp_path / "fleet"
+    data_dir.mkdir()
+    (data_dir / "fleet.db").write_bytes(DAMAGED)
+    status = main(["fleet", "serve", "--broker", "mqtt://127.0.0.1:1", "--data-dir",
+                   str(data_dir), "--bundles", "models", "--http-port", "0"])
+    assert status == 2
+    err = capsys.readouterr().err
+    assert f"linesight fleet: error: {data_dir / 'fleet.db'}: file is not a database" in err

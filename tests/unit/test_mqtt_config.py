@@ -176,3 +176,23 @@ def test_an_encrypted_key_file_is_an_error_not_a_passphrase_prompt(
     ))
     with pytest.raises(ValueError, match=rf"key_file {re.escape(str(encrypted))}: .*encrypted"):
         _tls_link(ca_file=tls_files.ca_file, cert_file=tls_files.cert_file, key_file=encrypted)
+
+
+@pytest.mark.parametrize("host", ["broker..plant", ".broker", "x" * 64, "ü" * 70])
+def test_a_host_name_no_resolver_takes_is_refused_at_start_up(host: str) -> None:
+    # Such a name makes the resolver raise UnicodeError, which would end the link's network
+    # thread on its first connect: the link would never connect nor say why.
+    with pytest.raises(ValueError, match="broker URL") as raised:
+        LinkConfig(url=f"mqtt://{host}:1883", client_id="station-01")
+    assert "not a valid host name" in str(raised.value)
+
+
+@pytest.mark.parametrize("field", ["backoff_min_s", "backoff_max_s"])
+def test_an_infinite_backoff_is_refused_naming_it(field: str) -> None:
+    # With no upper bound the reconnect delay doubles for ever: after a long outage the link
+    # would in effect stop trying. JSON (the relay's spec) has no infinity either.
+    values = {"backoff_min_s": 0.5, "backoff_max_s": float("inf")}
+    if field == "backoff_min_s":
+        values = {"backoff_min_s": float("inf"), "backoff_max_s": float("inf")}
+    with pytest.raises(ValidationError, match=field):
+        LinkConfig(url="mqtt://127.0.0.1:1883", client_id="station-01", **values)

@@ -25,3 +25,17 @@ def test_a_bad_argument_exits_2_naming_it(
 ) -> None:
     assert main(["sim", "--candidate", str(V21), *argument]) == 2
     assert said in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argument", "said"), [
+    (["--seed", "-1"], "--seed must be between 0 and"),
+    (["--seed", str(2**62)], "--seed must be between 0 and"),
+    (["--rate", "20000"], "--rate must be a number > 0 and at most 10000"),
+])
+def test_a_seed_or_rate_no_station_takes_exits_2_naming_the_argument(
+    argument: list[str], said: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["sim", "--candidate", str(V21), *argument]) == 2
+    err = capsys.readouterr().err
+    assert said in err
+    assert "source spec" not in err  # said before any station starts
