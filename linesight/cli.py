@@ -462,10 +462,20 @@ def _fleet_realign(args: argparse.Namespace) -> int:
             raise UsageError(f"{station!r} is not a station id: 1 to 64 letters, digits, '.', "
                              "'_' or '-', starting with a letter or digit")
     client = _client(args)
-    stations = args.stations or [s["station"] for s in client.stations() if s.get("out_of_step")]
-    if not stations:
-        print("no station is out of step")
-        return 0
+    stations = list(args.stations)
+    if args.all:
+        behind = [s for s in client.stations() if s.get("out_of_step")]
+        if not behind:
+            print("no station is out of step")
+            return 0
+        # An offline station cannot take the model now: the others are not held back by it.
+        offline = [s["station"] for s in behind if not s.get("online")]
+        stations = [s["station"] for s in behind if s.get("online")]
+        if offline:
+            print(f"offline, realign once back: {' '.join(offline)}", file=sys.stderr)
+        if not stations:
+            raise UsageError("every station out of step is offline: realign them once they "
+                             "are back")
     print(format_rollout(client.realign(stations, by=args.by)))
     return 0
 

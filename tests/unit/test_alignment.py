@@ -268,3 +268,35 @@ def test_realign_needs_the_token_and_a_json_body(tmp_path: Path) -> None:
         assert realign(client, "s1", headers=token)[0] == 201
     finally:
         guarded.store.close()
+
+
+def test_realign_all_leaves_the_offline_stations_out_and_says_so(
+    controller: Controller, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from linesight.cli import main
+    from linesight.http_server import HttpServer
+
+    promote_earlier(controller, ["s1", "s2", "s3"])
+    for station in ("s1", "s2"):  # restored, seen, and off the network again
+        report(controller, station, V1_REF)
+        report(controller, station, V1_REF, online=False)
+    report(controller, "s3", V2_REF)
+    server = HttpServer(create_app(controller), "127.0.0.1", 0).start()
+    realign_all = ["fleet", "realign", "--all", "--by", "unit", "--controller", server.url]
+    try:
+        assert main(realign_all) == 2
+        _, err = capsys.readouterr()
+        assert "offline, realign once back: s1 s2" in err
+        assert "every station out of step is offline: realign them once they are back" in err
+        assert controller.rollout is None
+
+        report(controller, "s1", V1_REF)  # back online
+        status = main(realign_all)
+        out, err = capsys.readouterr()
+        assert status == 0, err
+        assert "plan realign s1" in out
+        assert "offline, realign once back: s2" in err
+        assert controller.rollout is not None
+        assert controller.rollout.plan.stages[0].stations.model_dump() == {"names": ["s1"]}
+    finally:
+        server.stop()
