@@ -4,15 +4,19 @@ configuration examples load, and its fault and metric tables match what the code
 from __future__ import annotations
 
 import argparse
+import copy
+import math
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import pytest
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from deploy.config import ControllerConfig
-from deploy.plan import GateSettings
+from deploy.plan import GateSettings, load_plan
 from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
 from linesight.cli import build_parser
@@ -132,6 +136,19 @@ def test_the_readme_configuration_examples_load() -> None:
     ControllerConfig.model_validate(fleet)
 
 
+def test_the_readme_examples_show_the_defaults_where_they_tune() -> None:
+    """The README's station.yaml and fleet.yaml give the default of every tuning key they show."""
+    (station,) = _yaml_blocks("README.md", "# station.yaml")
+    defaults = AgentConfig.model_fields
+    for section in ("inference", "outbox", "review", "storage"):
+        default = defaults[section].default_factory().model_dump()  # type: ignore[misc,call-arg]
+        assert {key: default[key] for key in station[section]} == station[section], section
+    assert station["audit_fraction"] == defaults["audit_fraction"].default
+    (fleet,) = _yaml_blocks("README.md", "# fleet.yaml")
+    for key in ("http_port", "retention_days", "min_free_mb", "command_ttl_s"):
+        assert fleet[key] == ControllerConfig.model_fields[key].default, key
+
+
 def test_the_deploy_guide_station_snippets_load() -> None:
     base: dict[str, Any] = {"station": "press-01", "source": "synthetic:", "active": "/opt/m",
             "data_dir": "/var/lib/linesight",
@@ -142,6 +159,67 @@ def test_the_deploy_guide_station_snippets_load() -> None:
         document = {**base, **block}
         document["broker"] = {**base["broker"], **block.get("broker", {})}
         AgentConfig.model_validate(document)
+
+
+def test_the_shipped_plans_load() -> None:
+    plans = sorted((REPO / "deploy" / "plans").glob("*.yaml"))
+    assert plans
+    for plan in plans:
+        assert load_plan(plan).stages, plan.name
+
+
+def _float_settings(model: type[BaseModel], prefix: str = "") -> Iterator[str]:
+    """Dotted paths of every float key of a configuration model, nested models included."""
+    for name, field in model.model_fields.items():
+        for kind in (field.annotation, *get_args(field.annotation)):
+            if isinstance(kind, type) and issubclass(kind, BaseModel):
+                yield from _float_settings(kind, f"{prefix}{name}.")
+            elif kind is float:
+                yield prefix + name
+
+
+def _with(document: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    document = copy.deepcopy(document)
+    *parents, leaf = path.split(".")
+    inner = document
+    for parent in parents:
+        inner = inner.setdefault(parent, {})
+    if parents == ["reject_output"]:
+        inner.update(type="webhook", url="http://plc-gateway/reject")
+    inner[leaf] = value
+    return document
+
+
+_STATION = {"station": "press-01", "source": "synthetic:", "active": "/opt/m",
+            "data_dir": "/var/lib/linesight",
+            "broker": {"url": "mqtt://line-server:1883", "client_id": "c"}}
+_CONTROLLER = {"data_dir": "/var/lib/c", "bundles": "/opt/b",
+               "broker": {"url": "mqtt://line-server:1883", "client_id": "c"}}
+_FLOAT_CASES = [
+    pytest.param(config, document, path, id=f"{config.__name__}.{path}")
+    for config, document in ((AgentConfig, _STATION), (ControllerConfig, _CONTROLLER))
+    for path in _float_settings(config)
+]
+
+
+@pytest.mark.parametrize(("config", "document", "path"), _FLOAT_CASES)
+def test_no_setting_takes_infinity_or_nan(
+    config: type[BaseModel], document: dict[str, Any], path: str
+) -> None:
+    """docs/agent.md: `.inf` and `.nan` are refused with the key's path."""
+    config.model_validate(document)
+    for value in (math.inf, math.nan):
+        with pytest.raises(ValidationError, match=re.escape(path.split(".")[-1])):
+            config.model_validate(_with(document, path, value))
+
+
+def test_the_broker_snippet_repeats_nothing_debians_mosquitto_conf_sets() -> None:
+    """Debian's /etc/mosquitto/mosquitto.conf sets these, and mosquitto refuses a second one
+    ("Duplicate persistence_location value in configuration")."""
+    (snippet,) = [block for kind, block in FENCE.findall((REPO / "docs" / "deploy.md").read_text())
+                  if kind == "conf" and block.startswith("# /etc/mosquitto/conf.d/")]
+    options = {line.split()[0] for line in snippet.splitlines() if line and line[0] != "#"}
+    assert options & {"persistence_location", "persistence_file", "pid_file"} == set()
 
 
 def test_the_gate_settings_shown_are_the_defaults() -> None:
