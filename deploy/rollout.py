@@ -32,6 +32,7 @@ from deploy.plan import PlanError, RolloutPlan, Stage, select_stations
 from linesight import protocol as p
 
 log = logging.getLogger(__name__)
+_NIL_CMD_ID = str(p.NIL_CMD_ID)
 
 ROLLOUT_NAMESPACE = uuid.UUID("5f0c2f7e-6a43-4d55-9d8e-8b8f6b1c2a10")
 
@@ -75,6 +76,8 @@ class PendingCommand(Strict):
     first_sent: datetime
     last_sent: datetime
     attempts: int = 1
+    # The station answered a command it could not authenticate (under the nil cmd_id): why.
+    refusal: str | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class StageRecord(Strict):
@@ -522,6 +525,8 @@ def _rollback(
 def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
     match = next((c for c in state.pending if c.cmd_id == event.cmd_id), None)
     if match is None:
+        if event.cmd_id == _NIL_CMD_ID and not event.ok:
+            return _refused_unproven(state, event, now)
         return _settle_stranded(state, event, now)  # else a late or repeated ack: handled
     if match.station != event.station:
         # Command ids are predictable: only the station a command went to may answer it.
@@ -551,6 +556,33 @@ def _acked(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
     if _round_open(state):
         return state, []
     return _round_done(state, now)
+
+
+def _refused_unproven(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
+    """The station refused a command it could not authenticate (a controller that does not
+    sign, or signs with another key than the station's command_key). Such an ack cannot be tied
+    to our command, so it fails nothing; it is kept on the station's pending commands so that
+    their time-out gives the reason, and noted once."""
+    if not any(c.station == event.station for c in state.pending):
+        return state, []
+    refusal = (event.error or "no reason given")[:500]
+    noted = all(c.refusal == refusal for c in state.pending if c.station == event.station)
+    pending = [
+        c.model_copy(update={"refusal": refusal}) if c.station == event.station else c
+        for c in state.pending
+    ]
+    state = state.model_copy(update={"pending": pending, "updated": now})
+    if noted:
+        return state, []
+    return _note(state, now, f"{event.station} refused a command it could not authenticate: "
+                 f"{refusal}"), []
+
+
+def _unanswered(command: PendingCommand) -> str:
+    text = f"{command.body.get('name')} to {command.station}"
+    if command.refusal is not None:
+        text += f" (it refused a command it could not authenticate: {command.refusal})"
+    return text
 
 
 def _settle_stranded(state: RolloutState, event: CommandAcked, now: datetime) -> Result:
@@ -623,7 +655,7 @@ def _retry(state: RolloutState, now: datetime) -> Result:
         pending.append(command)
     state = state.model_copy(update={"pending": pending})
     if expired:
-        late = ", ".join(f"{c.body.get('name')} to {c.station}" for c in expired)
+        late = ", ".join(_unanswered(c) for c in expired)
         if state.phase == Phase.ROLLING_BACK or state.phase in TERMINAL:
             state = _note(state, now, f"no ack for {late}; giving up on those stations until "
                           "they are back", stranded=[*state.stranded, *expired])

@@ -1272,7 +1272,7 @@ def trigger_part_id(payload: bytes) -> tuple[str | None, str | None]:
     return part_id, None
 
 
-NIL_CMD_ID = uuid.UUID(int=0)
+NIL_CMD_ID = p.NIL_CMD_ID
 
 
 def _ack_json(error: str | None) -> str:

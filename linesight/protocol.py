@@ -329,9 +329,17 @@ class StationMetrics(Envelope):
     drift: DriftSignal | None = None
 
 
+NIL_CMD_ID = uuid.UUID(int=0)
+"""The cmd_id of an ack for a command the station could not authenticate (or read): a forged
+command must not answer for a real one. Its error names the cmd_id the command claimed."""
+
+
 class CommandAck(Envelope):
     kind: ClassVar[str] = "ack"
-    cmd_id: uuid.UUID
+    cmd_id: uuid.UUID = Field(
+        description="the command's cmd_id; the nil UUID for a command the station could not "
+        "authenticate or read (the error names the cmd_id it claimed)"
+    )
     command: str = Field(description="the command's name, or 'unknown' when unreadable")
     ok: bool
     error: str | None = Field(default=None, max_length=4000)

@@ -125,6 +125,37 @@ def test_a_regressed_model_is_rolled_back_before_it_decides_a_part(
     collector.close()
 
 
+UNSIGNED_PLAN = """
+name: promote at once
+command_timeout_s: 4
+command_retry_s: 1
+stages:
+  - name: promote st-1
+    stations: [st-1]
+    mode: promote
+"""
+
+
+def test_a_controller_that_does_not_sign_is_told_why_its_commands_go_unanswered(
+    line: AgentLine,
+) -> None:
+    """Stations that take only signed commands refuse this controller's under the nil cmd_id:
+    that fails nothing by itself, but the rollout's history and its reason say why."""
+    with served_controller(line.root, line.broker_url) as (ctl, client):  # no command key
+        line.start()
+        wait_for(lambda: len(ctl.fleet()) == 3, 30, "three stations")
+        client.start_rollout(UNSIGNED_PLAN, "part-classifier", "2.0.0")
+        wait_for(lambda: finished(client), 60, "the rollout to end")
+        doc = client.current()
+    assert doc is not None and doc["phase"] == "rolled_back", doc
+    refused = ("refused a command it could not authenticate: command is not signed; this "
+               "station accepts only signed commands")
+    assert doc["reason"].startswith("no ack in 4 s for deploy_candidate to st-1 (it " + refused)
+    assert any(f"st-1 {refused}" in entry for entry in doc["history"]), doc["history"]
+    assert all(a.slots.candidate is None for a in line.agents.values())
+    assert all(a.slots.active.ref.version == "1.0.0" for a in line.agents.values())
+
+
 def test_the_cli_says_when_no_controller_runs() -> None:
     client = ControllerClient(f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ControllerUnavailable, match="no controller is running"):

@@ -18,7 +18,10 @@ from deploy.rollout import (
     start,
     transition,
 )
+from linesight.protocol import NIL_CMD_ID
 from tests.unit.test_rollout import CANDIDATE, FLEET, Clock
+
+NIL = str(NIL_CMD_ID)
 
 
 def begin(stages: list[dict[str, Any]]) -> tuple[RolloutState, Clock]:
@@ -272,3 +275,32 @@ def test_a_resumed_rollout_no_longer_gives_the_reason_it_was_paused_for() -> Non
     assert state.phase == Phase.RUNNING
     assert state.reason == "" and to_status(state, 0).reason == ""
     assert any("inconclusive" in line for line in state.history), "the history keeps it"
+
+
+def test_a_refusal_under_the_nil_cmd_id_fails_nothing_but_names_the_cause_at_the_timeout() -> None:
+    """A station with a command key answers a command it cannot authenticate under the nil
+    cmd_id: such an ack cannot be tied to ours (a forged one must not fail a rollout), but when
+    the command then times out, the reason says what the station said."""
+    state, clock = begin([{"name": "promote", "stations": ["s1", "s2"], "mode": "promote"}])
+    state, sends = transition(state, Tick(FLEET), clock.step())
+    to_s1 = next(send for send in sends if send.station == "s1")
+    refusal = ("command is not signed; this station accepts only signed commands "
+               f"(it claimed cmd_id {to_s1.cmd_id})")
+    for _ in range(3):  # each copy the controller sends is refused the same way
+        state, more = transition(state, CommandAcked(NIL, "s1", ok=False, error=refusal),
+                                 clock.step(1))
+        assert more == [] and state.phase == Phase.RUNNING
+    noted = [line for line in state.history if "could not authenticate" in line]
+    assert len(noted) == 1 and noted[0].endswith(f"s1 refused a command it could not "
+                                                 f"authenticate: {refusal}")
+    # An ack under the nil cmd_id from a station with nothing pending changes nothing.
+    state, _ = transition(state, CommandAcked(NIL, "s3", ok=False, error="x"), clock.step(1))
+    assert not [line for line in state.history if line.endswith("authenticate: x")]
+    state, _ = transition(state, CommandAcked(
+        next(send for send in sends if send.station == "s2").cmd_id, "s2", ok=True),
+        clock.step(1))
+    state, _ = transition(state, Tick(FLEET), clock.step(30))
+    assert state.phase == Phase.ROLLING_BACK
+    assert state.reason == (f"no ack in 30 s for deploy_candidate to s1 (it refused a command "
+                            f"it could not authenticate: {refusal})")
+    assert RolloutState.model_validate_json(state.model_dump_json()) == state
