@@ -123,14 +123,16 @@ def health() -> Response:
     """Always 200 while the controller answers: a lost broker or a low disk is reported in the
     body (a warning to act on), not as an outage. `broker_error` says why the broker is out of
     reach when the link knows: credentials refused, a TLS handshake failed (with what to fix),
-    or another client with the controller's client id. `broker_cert_warning` says which TLS
-    certificate expires within `broker.cert_warn_days`, and when."""
+    another client with the controller's client id, or messages its ACL refuses.
+    `broker_cert_warning` says which TLS certificate expires within `broker.cert_warn_days`,
+    and when."""
     c = controller()
     disk = c.disk
     link = c.link
     return jsonify(
         broker_connected=link.connected,
-        broker_error=link.fatal_error or link.tls_error or link.conflict_error,
+        broker_error=(link.fatal_error or link.tls_error or link.conflict_error
+                      or link.denied_error),
         broker_cert_warning=link.cert_warning,
         ingest=vars(c.counters),
         rollout=c.rollout.rollout_id if c.rollout else None,

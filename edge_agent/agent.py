@@ -1035,6 +1035,8 @@ class Agent:
         self._fault_while("broker_cert_expiring", self.link.cert_warning)
         # Another client with this station's client id (a station of the same name).
         self._fault_while("client_id_conflict", self.link.conflict_error)
+        # The broker takes the connection but not the messages (an ACL for another user name).
+        self._fault_while("broker_denied", self.link.denied_error)
 
     def _check_disk_space(self) -> None:
         """Warn while there is still room: the disk_low fault while the data dir's file system

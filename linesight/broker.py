@@ -125,10 +125,12 @@ class Broker:
         port: int | None = None,
         *,
         password_file: Path | None = None,
+        acl_file: Path | None = None,
         autosave_interval_s: int = 1,
         tls: TlsFiles | None = None,
     ) -> None:
         self.data_dir = data_dir
+        self.acl_file = acl_file
         self.tls = tls
         self._fixed_port = port is not None
         self.port = port if port is not None else free_port()
@@ -265,6 +267,8 @@ class Broker:
         ]
         if self.password_file is not None:
             lines.append(f"password_file {self.password_file}")
+        if self.acl_file is not None:
+            lines.append(f"acl_file {self.acl_file}")
         if self.tls is not None:
             lines += [f"cafile {self.tls.ca_file}", f"certfile {self.tls.cert_file}",
                       f"keyfile {self.tls.key_file}"]
@@ -321,11 +325,12 @@ def start_broker(
     port: int | None = None,
     *,
     password_file: Path | None = None,
+    acl_file: Path | None = None,
     autosave_interval_s: int = 1,
     tls: TlsFiles | None = None,
 ) -> Broker:
     """Start a mosquitto on 127.0.0.1 (a free port unless `port` is given) and return it."""
     return Broker(
-        data_dir, port, password_file=password_file, autosave_interval_s=autosave_interval_s,
-        tls=tls,
+        data_dir, port, password_file=password_file, acl_file=acl_file,
+        autosave_interval_s=autosave_interval_s, tls=tls,
     ).start()

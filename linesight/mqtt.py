@@ -280,12 +280,13 @@ class PublishTicket:
 
     # The Event is made only when someone waits before the PUBACK: a publisher sending a batch
     # waits on its last ticket only, and an Event per message was measurable at line rates.
-    __slots__ = ("_done", "_event", "_reason", "mid", "qos")
+    __slots__ = ("_done", "_event", "_reason", "mid", "qos", "topic")
     _lock = threading.Lock()
 
-    def __init__(self, mid: int, qos: int) -> None:
+    def __init__(self, mid: int, qos: int, topic: str = "") -> None:
         self.mid = mid
         self.qos = qos
+        self.topic = topic
         self._done = False
         self._event: threading.Event | None = None
         self._reason: int | None = None
@@ -420,7 +421,10 @@ class MqttLink:
         self._connect_listeners: list[Listener] = []
         self._disconnect_listeners: list[Listener] = []
         # mid -> ticket, or None when the PUBACK beat the publisher to registering its ticket.
-        self._pending: dict[int, PublishTicket | None] = {}
+        # A PUBACK that came before publish() registered its ticket leaves its reason code.
+        self._pending: dict[int, PublishTicket | int] = {}
+        self._denied: dict[str, str] = {}  # topic -> why the broker refused a publish there
+        self._denied_now = False  # the broker refused a publish on this connection
         self._connected = False
         # Connected and the subscriptions sent: what wait_connected waits for, so that what a
         # caller publishes next reaches the broker after this link's SUBSCRIBE.
@@ -605,16 +609,18 @@ class MqttLink:
         messages are dropped. Neither survives this process: durability is the caller's outbox.
         """
         info = self._client.publish(topic, payload, qos=qos, retain=retain)
-        ticket = PublishTicket(info.mid, qos)
+        ticket = PublishTicket(info.mid, qos, topic)
         if qos == 0 and info.rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
             # Dropped by paho while disconnected: no PUBACK will ever come.
             return ticket
         with self._lock:
-            if info.mid in self._pending and self._pending[info.mid] is None:
+            early = self._pending.get(info.mid)
+            if isinstance(early, int):
                 del self._pending[info.mid]
-                ticket._complete(0)
             else:
                 self._pending[info.mid] = ticket
+        if isinstance(early, int):
+            self._acknowledged(ticket, early)
         return ticket
 
     def subscribe(self, topic_filter: str, callback: MessageCallback, qos: int = 1) -> None:
@@ -780,6 +786,7 @@ class MqttLink:
             self._broker_cert_expires = broker_expires
             stopping = self._stopping
             self._connected = True
+            self._denied_now = False
             self._takeovers.connected(time.monotonic())
             self._last_failure = None
             self._tls_error = self._closed_alert = None
@@ -866,9 +873,14 @@ class MqttLink:
             was_connected = self._connected
             self._connected = self._ready = False
             stopping = self._stopping
+            # Mosquitto closes an MQTT 5 connection after a publish its ACL refuses: that is
+            # no other client taking the session over.
+            denied, self._denied_now = self._denied_now, False
+            if denied:
+                how = "other"
             # QoS 0 packets not yet written are discarded by paho on reconnect: forget them.
             for mid, ticket in list(self._pending.items()):
-                if ticket is not None and ticket.qos == 0:
+                if isinstance(ticket, PublishTicket) and ticket.qos == 0:
                     del self._pending[mid]
             listeners = list(self._disconnect_listeners)
             ended = began = False
@@ -907,16 +919,22 @@ class MqttLink:
             # A conflict is said once, at ERROR: not again each time the twin takes over.
             socket_error = self._client.socket_error
             logger.log(
-                logging.WARNING if conflict is None else logging.DEBUG,
-                "mqtt link %s lost the broker (%s%s), reconnecting%s",
+                logging.WARNING if conflict is None and not denied else logging.DEBUG,
+                "mqtt link %s lost the broker (%s%s%s), reconnecting%s",
                 config.client_id,
                 reason_code,
                 f": {socket_error}" if socket_error is not None else "",
-                f" in {config.takeover_retry_s:g} s" if conflict is not None else "",
+                ", after it refused a message" if denied else "",
+                f" in {config.takeover_retry_s:g} s" if conflict is not None else
+                f" in {config.refused_retry_s:g} s" if denied else "",
             )
             # paho's loop reads the delay right after this callback.
             if conflict is not None:
                 retry = config.takeover_retry_s
+                client.reconnect_delay_set(retry, retry)  # type: ignore[arg-type]
+            elif denied:
+                # An ACL is not fixed in a second: try again as for refused credentials.
+                retry = config.refused_retry_s
                 client.reconnect_delay_set(retry, retry)  # type: ignore[arg-type]
             else:
                 client.reconnect_delay_set(config.backoff_min_s, config.backoff_max_s)  # type: ignore[arg-type]
@@ -997,20 +1015,49 @@ class MqttLink:
         reason_code: ReasonCode,
         properties: Properties,
     ) -> None:
-        if reason_code.is_failure:
-            logger.warning(
-                "mqtt link %s: broker refused publish mid %d (%s)",
-                self._config.client_id,
-                mid,
-                reason_code,
-            )
         with self._lock:
             ticket = self._pending.pop(mid, None)
-            if ticket is None:
+            if not isinstance(ticket, PublishTicket):
                 # publish() has not registered its ticket yet; it completes it on arrival.
-                self._pending[mid] = None
+                self._pending[mid] = reason_code.value
                 return
-        ticket._complete(reason_code.value)
+        self._acknowledged(ticket, reason_code.value)
+
+    def _acknowledged(self, ticket: PublishTicket, reason: int) -> None:
+        """Complete `ticket`; a refusal (MQTT 5 only: a 3.1.1 broker drops what it refuses
+        without saying so) is kept per topic and logged when it starts and when it ends, not
+        for every message: a station's backlog goes again and again."""
+        ticket._complete(reason)
+        topic = ticket.topic
+        if reason >= 0x80:
+            why = str(ReasonCode(PacketTypes.PUBACK, identifier=reason))
+            with self._lock:
+                known = self._denied.get(topic)
+                self._denied[topic] = why
+                self._denied_now = True
+            if known != why:
+                logger.warning("mqtt link %s: the broker refuses to take messages on %s (%s; "
+                               "reason code %d): check its ACL for this client's user name",
+                               self._config.client_id, topic, why, reason)
+        elif self._denied:
+            with self._lock:
+                ended = self._denied.pop(topic, None)
+            if ended is not None:
+                logger.info("mqtt link %s: the broker takes messages on %s again",
+                            self._config.client_id, topic)
+
+    @property
+    def denied_error(self) -> str | None:
+        """Why the broker refuses this client's messages on a topic (its latest refusal there,
+        MQTT 5), until a message on that topic is taken again; None otherwise."""
+        with self._lock:
+            if not self._denied:
+                return None
+            topic, why = next(iter(self._denied.items()))
+            others = len(self._denied) - 1
+        more = f" (and {others} more topic{'s' if others > 1 else ''})" if others else ""
+        return (f"the broker refuses to take messages on {topic}{more}: {why}; check the "
+                f"broker's ACL for the user name this client connects with")
 
     def _send_subscribe(self, subscriptions: list[_Subscription], *, session_present: bool) -> None:
         # One SUBSCRIBE per filter, at the highest QoS any callback asked for.
