@@ -104,6 +104,18 @@ class Banner:
         return {"kind": self.kind, "severity": self.severity, "text": self.text}
 
 
+_MODEL_FAULTS = ("active_", "candidate_")  # a model that failed to load or to judge a part
+_ADVISORY_FAULTS = frozenset({"disk_low", "broker_cert_expiring"})  # a warning, not a failure
+
+
+def _codes(faults: list[dict[str, Any]]) -> str:
+    return ", ".join(str(f.get("code", "?")) for f in faults)
+
+
+def _said(fault: dict[str, Any]) -> str:
+    return str(fault.get("message", "")).rstrip(". ")
+
+
 def _model_name(ref: Any) -> str:
     if isinstance(ref, dict):
         return f"{ref.get('name', '?')} {ref.get('version', '?')}"
@@ -137,13 +149,23 @@ def banners(
             "station and sent when it is back.",
         ))
     faults = document.get("faults") or []
-    if isinstance(faults, list) and faults:
-        codes = ", ".join(str(f.get("code", "?")) for f in faults if isinstance(f, dict))
-        first = faults[0].get("message", "") if isinstance(faults[0], dict) else ""
-        shown.append(Banner(
-            "fault", "alarm",
-            f"Model fault ({codes}): {first} Held parts come to this queue.",
-        ))
+    if isinstance(faults, list):
+        listed = [f for f in faults if isinstance(f, dict)]
+        model = [f for f in listed if str(f.get("code", "")).startswith(_MODEL_FAULTS)]
+        station = [f for f in listed if f not in model]
+        if model:
+            shown.append(Banner(
+                "fault", "alarm",
+                f"Model fault ({_codes(model)}): {_said(model[0])}. Held parts come to this "
+                "queue.",
+            ))
+        if station:
+            # A full disk or a refused broker is no model fault, and no reason to hold parts.
+            advisory = all(f.get("code") in _ADVISORY_FAULTS for f in station)
+            shown.append(Banner(
+                "station_fault", "warn" if advisory else "alarm",
+                f"Station fault ({_codes(station)}): {_said(station[0])}. Tell maintenance.",
+            ))
     depth = document.get("outbox_depth", 0)
     if isinstance(depth, int) and depth > outbox_warn:
         shown.append(Banner(

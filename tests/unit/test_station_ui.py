@@ -512,7 +512,7 @@ def test_banners_follow_the_agent_status(
     assert banner_kinds(client) == ["broker_offline"]
     store.save_status(status_doc(outbox_depth=501))
     assert banner_kinds(client) == ["outbox"]
-    fault = {"code": "model_nan", "message": "active model returned NaN", "since": "x"}
+    fault = {"code": "active_inference", "message": "active model returned NaN", "since": "x"}
     store.save_status(status_doc(faults=[fault]))
     assert banner_kinds(client) == ["fault"]
     candidate = {"name": "part-classifier", "version": "2.0.0", "sha256": "0" * 64}
@@ -521,6 +521,34 @@ def test_banners_follow_the_agent_status(
     assert "part-classifier 2.0.0" in client.get("/").get_data(as_text=True)
     clock.advance(6)
     assert banner_kinds(client)[0] == "agent_down"
+
+
+def test_a_station_fault_is_not_called_a_model_fault(
+    client: FlaskClient, store: StationStore
+) -> None:
+    sign_in(client)
+
+    def fault(code: str, message: str) -> dict[str, str]:
+        return {"code": code, "message": message, "since": "x"}
+
+    def shown() -> list[tuple[str, str, str]]:
+        answer = client.get("/api/queue", headers={"Accept": "application/json"}).get_json()
+        return [(b["kind"], b["severity"], b["text"]) for b in answer["banners"]]
+
+    store.save_status(status_doc(faults=[fault("disk_low", "only 0.5 GB free")]))
+    assert shown() == [("station_fault", "warn",
+                        "Station fault (disk_low): only 0.5 GB free. Tell maintenance.")]
+    store.save_status(status_doc(faults=[
+        fault("candidate_inference", "candidate model timed out"),
+        fault("disk_low", "only 0.5 GB free"),
+        fault("broker_denied", "the broker refuses to take messages on x"),
+    ]))
+    assert shown() == [
+        ("fault", "alarm", "Model fault (candidate_inference): candidate model timed out. "
+                           "Held parts come to this queue."),
+        ("station_fault", "alarm", "Station fault (disk_low, broker_denied): only 0.5 GB free. "
+                                   "Tell maintenance."),
+    ]
 
 
 # --- status page ------------------------------------------------------------------------------
