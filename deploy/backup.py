@@ -45,12 +45,15 @@ def backup_name(now: datetime) -> str:
 def back_up(data_dir: Path, dest: Path, now: datetime, keep: int | None = None) -> Backup:
     """Copy `data_dir`/fleet.db to `dest`: a file that must not exist yet, or a folder, where
     the copy is named fleet-YYYYmmdd-HHMMSS.db and, with `keep`, only the newest `keep` such
-    copies stay."""
+    copies stay (with `keep`, `dest` is a folder, made when missing)."""
     if keep is not None and keep < 1:
         raise BackupError(f"--keep: keep at least 1 backup, got {keep}")
     source = data_dir / FLEET_DB
     if not source.is_file():
         raise BackupError(f"{source}: no fleet store there (give the controller's data_dir)")
+    if keep is not None and not dest.exists() and dest.parent.is_dir():
+        # --keep names a folder: the first backup by hand (before the timer's) makes it.
+        dest.mkdir(mode=0o750)
     folder = dest.is_dir()
     if keep is not None and not folder:
         raise BackupError(f"--keep: {dest} is not a folder; --keep counts the backups in one")

@@ -116,6 +116,14 @@ def test_a_folder_gets_dated_copies_and_keeps_the_newest(data_dir: Path, tmp_pat
         "fleet-20261129-023000.db", "fleet-20261130-023000.db", "fleet-notes.db"]
 
 
+def test_keep_makes_its_folder_the_first_time(data_dir: Path, tmp_path: Path) -> None:
+    """The documented command run by hand before the nightly timer ever made the folder."""
+    folder = tmp_path / "linesight-backups"
+    made = back_up(data_dir, folder, NOW, keep=14)
+    assert made.path == folder / "fleet-20261127-023000.db"
+    assert folder.is_dir() and made.path.is_file()
+
+
 @pytest.mark.parametrize(("case", "said"), [
     ("no_store", "no fleet store there (give the controller's data_dir)"),
     ("exists", "exists already: give another name, or a folder"),
@@ -135,6 +143,7 @@ def test_what_cannot_be_backed_up_is_refused_and_leaves_nothing(
     elif case == "no_folder":
         dest = tmp_path / "missing" / "copy.db"
     elif case == "keep_file":
+        dest.write_text("a file where the folder should be")
         keep = 3
     elif case == "keep_zero":
         dest, keep = tmp_path, 0
