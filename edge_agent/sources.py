@@ -35,6 +35,7 @@ U8 = npt.NDArray[np.uint8]
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 # FFmpeg's defaults wait up to 30 s on a dead stream; a station must notice a drop quickly.
 STREAM_OPEN_TIMEOUT_S = 5.0
+MAX_HUNG_CONNECTIONS = 3  # abandoned connections a live source waits for before opening more
 STREAM_READ_TIMEOUT_S = 5.0
 # Triggers the PLC sent but no frame could serve (camera down) are kept at most this many.
 _MAX_PENDING_TRIGGERS = 64
@@ -604,7 +605,17 @@ class LatestFrameReader:
     def _supervise(self) -> None:
         attempt = 0
         number = 0
+        hung: list[_Connection] = []  # abandoned connections still inside OpenCV
         while not self._stopped.is_set():
+            hung = [c for c in hung if c.thread.is_alive()]
+            if len(hung) >= MAX_HUNG_CONNECTIONS:
+                # A wedged driver: a thread per attempt would pile up without end. No new
+                # connection until one of these returns.
+                log.warning("%s: %d connections hang inside the camera driver; no new one "
+                            "until one of them returns", self.name, len(hung))
+                while not self._stopped.is_set() and all(c.thread.is_alive() for c in hung):
+                    self._stopped.wait(1.0)
+                continue
             number += 1
             if number > 1:
                 self.reconnect_attempts += 1
@@ -620,6 +631,7 @@ class LatestFrameReader:
             connection.thread.join(timeout=0.2)
             if connection.thread.is_alive():
                 self.abandoned += 1
+                hung.append(connection)
                 log.warning("%s: abandoning a hung connection", self.name)
             delay = backoff_delay(attempt, self._reconnect_min_s, self._reconnect_max_s)
             attempt += 1

@@ -17,6 +17,7 @@ import pytest
 
 from edge_agent.agent import trigger_part_id
 from edge_agent.sources import (
+    MAX_HUNG_CONNECTIONS,
     EndOfSource,
     Frame,
     FrameSource,
@@ -699,6 +700,34 @@ def test_a_stream_that_never_opens_is_retried(camera: FakeCamera) -> None:
         assert reader.abandoned == 1
         camera.push(solid(1))
         assert reader.read(1.0) is not None
+    finally:
+        camera.shut = True
+        reader.close()
+
+
+def test_a_driver_that_hangs_every_open_does_not_pile_up_threads(camera: FakeCamera) -> None:
+    """Every open hangs inside the driver: after MAX_HUNG_CONNECTIONS abandoned ones the reader
+    waits for one of them to return before it opens another."""
+    released = threading.Semaphore(0)
+    opens: list[int] = []
+
+    def wedged_open() -> FakeCapture:
+        opens.append(1)
+        while not camera.shut and not released.acquire(timeout=0.01):
+            pass  # inside OpenCV: cannot be interrupted
+        return camera.open()
+
+    reader = LatestFrameReader(
+        wedged_open, name="camera:wedged", station="st-1", stale_after_s=5.0,
+        reconnect_min_s=0.01, reconnect_max_s=0.02, first_frame_timeout_s=5.0,
+        open_timeout_s=0.05,
+    )
+    try:
+        assert wait_until(lambda: reader.abandoned == MAX_HUNG_CONNECTIONS)
+        time.sleep(0.5)  # dozens of attempts' worth of backoff
+        assert len(opens) == MAX_HUNG_CONNECTIONS  # no fourth while all three hang
+        released.release()  # one hung open returns
+        assert wait_until(lambda: len(opens) > MAX_HUNG_CONNECTIONS, timeout=5.0)
     finally:
         camera.shut = True
         reader.close()
