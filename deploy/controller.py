@@ -67,6 +67,9 @@ from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
 RECEIPT_INTERVAL_S = 0.1
+MAX_MESSAGE_BYTES = 1024 * 1024
+"""A station message larger than this is dropped unparsed: the largest a station sends is tens
+of KB, and JSON of nested empty lists takes about 20 times its size in memory once parsed."""
 RECEIPT_RETRY_S = 1.0
 """After a failed receipt flush, the owed receipts are tried again this much later."""
 PRUNE_INTERVAL_S = 3600.0
@@ -291,6 +294,9 @@ class Controller:
             self.counters.received += 1
             try:
                 where = self.topics.parse_station_topic(message.topic)
+                if len(message.payload) > MAX_MESSAGE_BYTES:
+                    raise ValueError(f"{len(message.payload)} bytes, more than the "
+                                     f"{MAX_MESSAGE_BYTES} a station message may have; not read")
                 parsed = p.parse_station_message(where.channel, message.payload)
                 if parsed.station != where.station:
                     raise p.ProtocolError(type(parsed).__name__, "station",

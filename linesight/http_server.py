@@ -8,13 +8,25 @@ from typing import Any
 import waitress
 from waitress import wasyncore
 
+BODY_SLACK = 64 * 1024
+"""Room above the app's own limit for chunked framing: the app refuses an over-long body that
+the server let through in its own words (a JSON 413 from the API)."""
+
+
+def max_request_body_size(app: Any) -> int:
+    """The body waitress takes in at most for `app`: a little over what a Flask app reads
+    (MAX_CONTENT_LENGTH), so an announced or chunked body past it is refused before the server
+    spools it to memory or a temporary file (waitress's own default is 1 GiB per request)."""
+    limit = getattr(app, "config", {}).get("MAX_CONTENT_LENGTH")
+    return 1024 * 1024 + BODY_SLACK if limit is None else int(limit) + BODY_SLACK
+
 
 class HttpServer:
     def __init__(self, app: Any, host: str, port: int, *, threads: int = 4) -> None:
         # Binding happens here, so a taken port is an error at start-up, not in a thread.
         self._server = waitress.create_server(
             app, host=host, port=port, threads=threads, ident="linesight",
-            clear_untrusted_proxy_headers=True,
+            clear_untrusted_proxy_headers=True, max_request_body_size=max_request_body_size(app),
         )
         self.host = host
         self.port: int = int(self._server.effective_port)

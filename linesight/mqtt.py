@@ -134,35 +134,47 @@ class BrokerAddress(NamedTuple):
     tls: bool
 
 
+def _without_credentials(url: str) -> str:
+    """`url` with whatever stands before an '@' (a user name, a password) replaced by ***."""
+    if "@" not in url:
+        return url
+    scheme, separator, _ = url.partition("://")
+    head = f"{scheme}://" if separator and "@" not in scheme else ""
+    return f"{head}***@{url.rpartition('@')[2]}"
+
+
 def parse_broker_url(url: str) -> BrokerAddress:
     """Split `mqtt://host:port` or `mqtts://host:port` into (host, port, tls).
 
     The port may be left out (1883 / 8883). Credentials, paths and queries are refused so a
     password never ends up in a URL that gets logged.
     """
+    safe_url = _without_credentials(url.strip())  # what the errors below show: they are logged
     parts = urlsplit(url.strip())
     scheme = parts.scheme.lower()
     if scheme not in DEFAULT_PORTS:
         shown = f"'{parts.scheme}'" if parts.scheme else "none"
         raise ValueError(
-            f"broker URL {url!r}: scheme {shown} is not supported; use mqtt:// or mqtts://"
+            f"broker URL {safe_url!r}: scheme {shown} is not supported; use mqtt:// or mqtts://"
         )
     if parts.username is not None or parts.password is not None:
         raise ValueError(
-            f"broker URL {url!r}: credentials do not belong in the URL; "
+            f"broker URL {safe_url!r}: credentials do not belong in the URL; "
             "set username/password in the link config"
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
-        raise ValueError(f"broker URL {url!r}: unexpected path, query or fragment after host:port")
+        raise ValueError(
+            f"broker URL {safe_url!r}: unexpected path, query or fragment after host:port"
+        )
     host = parts.hostname
     if not host:
-        raise ValueError(f"broker URL {url!r}: host is missing")
+        raise ValueError(f"broker URL {safe_url!r}: host is missing")
     try:
         # What the resolver does first; its UnicodeError would end paho's network thread.
         host.encode("idna")
     except UnicodeError:
         raise ValueError(
-            f"broker URL {url!r}: {host!r} is not a valid host name (dot-separated parts of "
+            f"broker URL {safe_url!r}: {host!r} is not a valid host name (dot-separated parts of "
             "1 to 63 characters each)"
         ) from None
     try:
@@ -170,12 +182,12 @@ def parse_broker_url(url: str) -> BrokerAddress:
     except ValueError:
         raw_port = parts.netloc.rpartition(":")[2]
         raise ValueError(
-            f"broker URL {url!r}: port {raw_port!r} is not a number between 1 and 65535"
+            f"broker URL {safe_url!r}: port {raw_port!r} is not a number between 1 and 65535"
         ) from None
     if port is None:
         port = DEFAULT_PORTS[scheme]
     elif port == 0:
-        raise ValueError(f"broker URL {url!r}: port 0 is not a number between 1 and 65535")
+        raise ValueError(f"broker URL {safe_url!r}: port 0 is not a number between 1 and 65535")
     return BrokerAddress(host=host, port=port, tls=scheme == "mqtts")
 
 
