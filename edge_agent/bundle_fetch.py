@@ -23,6 +23,7 @@ from linesight.artifacts import (
     MANIFEST_FILE,
     SIGNATURE_FILE,
     BundleError,
+    check_signature,
     parse_manifest,
     sha256_bytes,
     verify_bundle,
@@ -110,6 +111,10 @@ def fetch_bundle(
     manifest_data = download(base + MANIFEST_FILE, timeout)
     if sha256_bytes(manifest_data) != model.sha256:
         raise BundleError("digest", "the downloaded manifest differs from the command's sha256")
+    if key is not None:
+        # Before any model file: a forged command must not make the station download the
+        # gigabytes a manifest of its own choosing announces.
+        check_signature(manifest_data, signature, key)
     manifest = parse_manifest(manifest_data)
     if (manifest.name, manifest.version) != (model.name, model.version):
         raise BundleError("manifest", "the manifest names another model than the command")

@@ -228,3 +228,20 @@ def test_a_damaged_bundle_on_disk_is_fetched_again_and_replaced(tmp_path: Path) 
     assert a_model_file in handler.asked
     assert sha256_file(again / a_model_file) == sha256_file(V2 / a_model_file)
     assert sorted(tmp_path.iterdir()) == [tmp_path / "bundles"], "no copy left behind"
+
+
+def test_a_manifest_signed_with_another_key_is_refused_before_any_model_file(
+    tmp_path: Path,
+) -> None:
+    """A forged command (a station with `key:` but no `command_key:`) must not make the station
+    download what the manifest announces before the signature is checked."""
+    handler = type("Counting", (CountingServer,), {"asked": []})
+    model = ModelRef(name="part-classifier", version="2.0.0",
+                     sha256=sha256_file(V2 / MANIFEST_FILE))
+    other_key = Ed25519PrivateKey.generate().public_key()
+    with http_server(handler) as url, pytest.raises(BundleError) as refused:
+        fetch_bundle(f"{url}/2.0.0/", model, (V2 / SIGNATURE_FILE).read_text(), tmp_path,
+                     key=other_key, timeout=10.0)
+    assert refused.value.check == "signature"
+    assert handler.asked == [MANIFEST_FILE], "no model file was downloaded"
+    assert not (tmp_path / "bundles").exists()
