@@ -48,6 +48,7 @@ _BROKER_TUNING_KEYS = (
     "autosave_on_changes",
     "set_tcp_nodelay",
     "max_keepalive",
+    "max_packet_size",
 )
 
 
