@@ -26,10 +26,23 @@ def read_yaml_mapping(path: Path) -> dict[str, Any]:
     except UnicodeDecodeError as exc:
         raise ConfigError(f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason})") from exc
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        raise ConfigError(f"{path} is not valid YAML: {yaml_problem(exc)}") from exc
     if loaded is not None and not isinstance(loaded, dict):
         raise ConfigError(f"{path} must hold a mapping of keys, not {type(loaded).__name__}")
     return loaded or {}
+
+
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """Where and what the YAML error is, without PyYAML's copy of the line: the line may hold
+    a password, and the message goes to the journal."""
+    if not isinstance(exc, yaml.MarkedYAMLError):
+        return str(exc)
+    said = []
+    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+        if text:
+            where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+            said.append(f"{where}{text}")
+    return "; ".join(said) or "not valid YAML"
 
 
 def describe(exc: ValidationError, what: str, source: str) -> str:

@@ -27,6 +27,21 @@ def test_a_config_file_that_is_not_a_configuration_is_named(
     assert f"error: {config} {expected}" in err
 
 
+@pytest.mark.parametrize("command", [["agent"], ["fleet", "serve"]])
+def test_a_yaml_error_names_the_line_but_does_not_repeat_it(
+    command: list[str], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The line of a YAML mistake may hold the broker's password; the message goes to the
+    journal, so it says where the mistake is, not what the line says."""
+    config = tmp_path / "station.yaml"
+    config.write_text('broker:\n  url: mqtt://line-server:1883\n  password: "s3cret-pw\n')
+    assert main([*command, "--config", str(config)]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {config} is not valid YAML: line 3, column 13: while scanning a quoted " \
+           "scalar" in err
+    assert "s3cret" not in err
+
+
 def test_a_config_path_that_is_a_folder_is_named(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
