@@ -11,8 +11,10 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import logging
 import os
 import re
+import stat
 from collections.abc import Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -31,6 +33,7 @@ from linesight.protocol import Label
 if TYPE_CHECKING:
     import onnx
 
+log = logging.getLogger(__name__)
 MODEL_FILE = "model.onnx"
 MANIFEST_FILE = "manifest.json"
 SIGNATURE_FILE = "manifest.sig"
@@ -225,6 +228,10 @@ def load_private_key(path: Path) -> Ed25519PrivateKey:
         raise BundleError("key", f"cannot read private key {path}: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise BundleError("key", f"{path} is not an Ed25519 private key")
+    mode = stat.S_IMODE(path.stat().st_mode)
+    if mode & 0o077:
+        # Whoever reads it can sign bundles (or commands) as this site.
+        log.warning("private key %s is readable by others (mode %o); chmod 600 it", path, mode)
     return key
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -185,6 +186,20 @@ def test_manifest_rules() -> None:
             dtype="float32",
             mean=(0.1, 0.2),
         )
+
+
+def test_a_private_key_others_can_read_is_warned_of(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    private, public = tmp_path / "site.key", tmp_path / "site.pub"
+    a.generate_keypair(private, public)
+    with caplog.at_level(logging.WARNING, logger="linesight.artifacts"):
+        a.load_private_key(private)
+        assert caplog.records == []  # 0600, as keygen writes it
+        private.chmod(0o644)
+        a.load_private_key(private)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"private key {private} is readable by others (mode 644); chmod 600 it"]
 
 
 def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
