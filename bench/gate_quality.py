@@ -126,8 +126,11 @@ def sequential_gate(streams: Streams, config: GateConfig) -> RuleResult:
     llr = k * np.log(0.5 / p0) + (n - k) * np.log(0.5 / (1.0 - p0))
     # deploy.gates.disagreement_noise_ratio; every disagreement is labelled, so n = disagreements.
     d_hat = n / streams.parts
-    d_up = d_hat + np.sqrt(d_hat * (1.0 - d_hat) / streams.parts)
-    shift = np.maximum(0.5 - config.delta / (2.0 * d_up), P0_FLOOR) - p0
+    se = np.sqrt(d_hat * (1.0 - d_hat) / streams.parts)
+    shift = np.zeros_like(p0)
+    for z in (1.0, max(1.0, NormalDist().inv_cdf(1.0 - config.alpha))):
+        moved = np.maximum(0.5 - config.delta / (2.0 * (d_hat + z * se)), P0_FLOOR)
+        shift = np.maximum(shift, (moved - p0) / z)
     noise_ratio = shift**2 * n / (p0 * (1.0 - p0))
     eligible = n >= config.min_labels
     return _first_hit(

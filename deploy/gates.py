@@ -15,8 +15,9 @@ which kept the false-promotion rate within alpha in bench/gate_quality.py even w
 had been seen (the guarantee is exact only for a known disagreement rate).
 See docs/gates.md and docs/decisions/0002-sequential-gate.md.
 
-Everything here is pure: counts in, decision out. The controller calls `evaluate_gate` after
-every verdict and `evaluate_guards` on every metrics report.
+Everything here is pure: counts in, decision out. The controller calls `evaluate_gate` on every
+tick (after every verdict and every part in between) and `evaluate_guards` on every metrics
+report.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from enum import StrEnum
+from statistics import NormalDist
 from typing import Any
 
 __all__ = [
@@ -196,21 +198,26 @@ def log_likelihood_ratio(candidate_right: int, labelled: int, p0: float) -> floa
     return candidate_right * math.log(0.5 / p0) + wrong * math.log(0.5 / (1.0 - p0))
 
 
-def disagreement_noise_ratio(evidence: PairedEvidence, delta: float) -> float:
+def disagreement_noise_ratio(evidence: PairedEvidence, delta: float, alpha: float) -> float:
     """Variance of p0 from the estimated disagreement rate, relative to that of the labels.
 
     p0 = 1/2 - delta / (2d) is computed from d = disagreements / parts, itself an estimate with
-    standard error sqrt(d (1 - d) / parts). We move d up by one standard error (the direction
-    that would hide a worse candidate) and compare the shift in p0, squared, with the variance
+    standard error sqrt(d (1 - d) / parts). We move d up (the direction that would hide a worse
+    candidate) and compare the shift in p0 per standard error, squared, with the variance
     p0 (1 - p0) / n of the labelled share. A finite difference rather than a derivative, so the
-    1% floor on p0 (d near or below delta) is respected. Near 0 when parts are plentiful.
+    1% floor on p0 (d near or below delta) is respected. One standard error alone sees no shift
+    when d and d + 1 SE both sit on the floor, though a true d above delta is then well within
+    the noise; so d is also moved by z_alpha standard errors and the larger shift per standard
+    error is taken. Near 0 when parts are plentiful.
     """
     n, parts = evidence.labelled_disagreements, evidence.parts
     if n == 0 or parts == 0:
         return 0.0
     d = evidence.disagreements / parts
     p0 = worse_by_delta_p(d, delta)
-    shift = worse_by_delta_p(d + math.sqrt(d * (1.0 - d) / parts), delta) - p0
+    se = math.sqrt(d * (1.0 - d) / parts)
+    steps = (1.0, max(1.0, NormalDist().inv_cdf(1.0 - alpha)))
+    shift = max((worse_by_delta_p(d + z * se, delta) - p0) / z for z in steps)
     return shift**2 * n / (p0 * (1.0 - p0))
 
 
@@ -242,7 +249,8 @@ def error_diff_upper_bound(evidence: PairedEvidence, config: GateConfig) -> floa
     d = evidence.disagreements / evidence.parts
     if k == 0:
         return d  # no p' is excluded: the candidate may be wrong on every disagreement
-    bound = pass_threshold(config.alpha, disagreement_noise_ratio(evidence, config.delta))
+    noise_ratio = disagreement_noise_ratio(evidence, config.delta, config.alpha)
+    bound = pass_threshold(config.alpha, noise_ratio)
     # log L(1/2)/L(p') falls as p' rises towards min(k/n, 1/2); find where it meets the bound.
     low, high = 0.0, min(k / n, 0.5)
     for _ in range(_BISECTION_STEPS):
@@ -274,7 +282,7 @@ def evaluate_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
     llr = log_likelihood_ratio(k, n, p0)
     estimate = d * (1.0 - 2.0 * k / n)
     upper = error_diff_upper_bound(evidence, config)
-    noise_ratio = disagreement_noise_ratio(evidence, config.delta)
+    noise_ratio = disagreement_noise_ratio(evidence, config.delta, config.alpha)
     summary = (
         f"candidate right on {k} of {n} labelled disagreements; disagreement rate {d:.2%}; "
         f"error difference {estimate:+.2%} (upper bound {upper:+.2%})"
