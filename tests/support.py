@@ -237,6 +237,21 @@ def agent_running(config: AgentConfig) -> Iterator[Agent]:
         assert finished.wait(30), "the agent did not stop"
 
 
+@contextlib.contextmanager
+def unstarted_agent(data_dir: Path, station: str, **overrides: Any) -> Iterator[Agent]:
+    """A station as it starts (slots restored), not running and without a broker: parts are
+    judged by calling inspect(), commands go to handle_command."""
+    agent = Agent(station_config(data_dir, "mqtt://127.0.0.1:1", station=station,
+                                 outbox__relay="thread", **overrides))
+    try:
+        yield agent
+    finally:
+        agent.writer.close()
+        agent.gate.close()
+        agent.source.close()
+        agent.store.close()
+
+
 def command(station: str, body: Any, seq: int = 1) -> p.Command:
     return p.Command(station=station, seq=seq, cmd_id=uuid.uuid4(), body=body)
 

@@ -21,7 +21,15 @@ from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, SIGNATURE_FILE, sha256_file
-from tests.support import MODELS, V2, command, file_server, station_config, wait_for
+from tests.support import (
+    MODELS,
+    V2,
+    command,
+    file_server,
+    station_config,
+    unstarted_agent,
+    wait_for,
+)
 
 STATION = "press-11"
 
@@ -32,18 +40,8 @@ def bundles() -> Iterator[str]:
         yield base
 
 
-@contextlib.contextmanager
-def station(data_dir: Path, **overrides: Any) -> Iterator[Agent]:
-    config = station_config(data_dir, "mqtt://127.0.0.1:1", station=STATION,
-                            outbox__relay="thread", **overrides)
-    agent = Agent(config)
-    try:
-        yield agent
-    finally:
-        agent.writer.close()
-        agent.gate.close()
-        agent.source.close()
-        agent.store.close()
+def station(data_dir: Path, **overrides: Any) -> contextlib.AbstractContextManager[Agent]:
+    return unstarted_agent(data_dir, STATION, **overrides)
 
 
 def deploy(base: str, version: str) -> p.DeployCandidate:

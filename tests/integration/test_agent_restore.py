@@ -15,7 +15,7 @@ import pytest
 from edge_agent.agent import Agent
 from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, SIGNATURE_FILE, sha256_file
-from tests.support import MODELS, V1, command, file_server, station_config
+from tests.support import MODELS, V1, command, file_server, unstarted_agent
 
 STATION = "press-09"
 
@@ -27,19 +27,8 @@ def bundles() -> Iterator[str]:
         yield base
 
 
-@contextlib.contextmanager
-def station(data_dir: Path, **overrides: Any) -> Iterator[Agent]:
-    """A station as it starts (slots restored), without a broker: commands go to handle_command."""
-    config = station_config(data_dir, "mqtt://127.0.0.1:1", station=STATION,
-                            outbox__relay="thread", **overrides)
-    agent = Agent(config)
-    try:
-        yield agent
-    finally:
-        agent.writer.close()
-        agent.gate.close()
-        agent.source.close()
-        agent.store.close()
+def station(data_dir: Path, **overrides: Any) -> contextlib.AbstractContextManager[Agent]:
+    return unstarted_agent(data_dir, STATION, **overrides)
 
 
 def order(agent: Agent, body: p.CommandBody) -> p.CommandAck:

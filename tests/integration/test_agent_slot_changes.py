@@ -9,7 +9,6 @@ import dataclasses
 import math
 import socket
 import sqlite3
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -17,23 +16,13 @@ import pytest
 
 from edge_agent.agent import Agent
 from edge_agent.slots import rolled_back, unloadable_model
-from tests.support import V1, V2, station_config
+from tests.support import V1, V2, unstarted_agent
 
 STATION = "press-08"
 
 
-@contextlib.contextmanager
-def station(data_dir: Path, **overrides: Any) -> Iterator[Agent]:
-    """A station as it starts, not running: parts are judged by calling inspect()."""
-    agent = Agent(station_config(data_dir, "mqtt://127.0.0.1:1", station=STATION,
-                                 outbox__relay="thread", **overrides))
-    try:
-        yield agent
-    finally:
-        agent.writer.close()
-        agent.gate.close()
-        agent.source.close()
-        agent.store.close()
+def station(data_dir: Path, **overrides: Any) -> contextlib.AbstractContextManager[Agent]:
+    return unstarted_agent(data_dir, STATION, **overrides)
 
 
 def test_a_rolled_back_candidates_queued_parts_leave_no_trace_on_the_station(
