@@ -360,6 +360,14 @@ def watched_page(browser: Any, problems: list[str], *, width: int = 1280, height
     return page
 
 
+def sign_in(page: Any, base: str, badge: str, pin: str) -> None:
+    """Sign in on the station screen at `base` with the on-screen keypad's form."""
+    page.goto(f"{base}/")
+    page.fill("#badge", badge)
+    page.fill("#pin", pin)
+    page.click(".keypad-go")
+
+
 # --- a line of real agents in this process, and a controller serving its API -----------------
 
 

@@ -52,7 +52,9 @@ def test_messages_the_broker_refuses_are_a_fault_until_it_takes_them(
                 # Mosquitto closes the connection after a refused publish: that is no other
                 # client with this client id, and the station keeps inspecting meanwhile.
                 inspected = agent.parts_inspected
-                wait_for(lambda: agent.parts_inspected > inspected + 20, 30, "more parts")
+                wait_for(lambda: broker.log_path.read_text().count("New client connected") >= 4,
+                         30, "the station to connect again after three refusals")
+                assert agent.parts_inspected > inspected
                 assert agent.store.outbox_depth() > 0
                 assert "client_id_conflict" not in agent.faults
                 assert "broker_refused" not in agent.faults

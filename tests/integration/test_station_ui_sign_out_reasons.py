@@ -9,7 +9,14 @@ import pytest
 
 from edge_agent.store import StationStore
 from station_ui.security import hash_pin
-from tests.support import HAVE_CHROMIUM, NO_CHROMIUM, _serving, launch_chromium, watched_page
+from tests.support import (
+    HAVE_CHROMIUM,
+    NO_CHROMIUM,
+    _serving,
+    launch_chromium,
+    sign_in,
+    watched_page,
+)
 
 BADGE = "op-41"
 PIN = "2468"
@@ -51,10 +58,7 @@ def test_a_busy_operator_past_the_sign_in_limit_is_not_told_they_were_idle(
             browser = launch_chromium(playwright)
             try:
                 page = watched_page(browser, problems)
-                page.goto(f"{base}/")
-                page.fill("#badge", BADGE)
-                page.fill("#pin", PIN)
-                page.click(".keypad-go")
+                sign_in(page, base, BADGE, PIN)
                 page.wait_for_selector("[data-queue]")
                 clock.now += 2000
                 page.goto(f"{base}/")  # the operator is busy at the screen

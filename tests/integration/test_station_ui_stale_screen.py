@@ -11,7 +11,14 @@ import pytest
 
 from edge_agent.store import StationStore
 from station_ui.security import hash_pin
-from tests.support import HAVE_CHROMIUM, NO_CHROMIUM, _serving, launch_chromium, watched_page
+from tests.support import (
+    HAVE_CHROMIUM,
+    NO_CHROMIUM,
+    _serving,
+    launch_chromium,
+    sign_in,
+    watched_page,
+)
 
 BADGE = "op-52"
 PIN = "2468"
@@ -48,10 +55,7 @@ def test_a_queue_that_cannot_be_read_is_shown_as_not_up_to_date(
             browser = launch_chromium(playwright)
             try:
                 page = watched_page(browser, problems)
-                page.goto(f"{base}/")
-                page.fill("#badge", BADGE)
-                page.fill("#pin", PIN)
-                page.click(".keypad-go")
+                sign_in(page, base, BADGE, PIN)
                 page.wait_for_selector("[data-queue]")
                 assert page.query_selector(STALE) is None
                 monkeypatch.setattr(store, "pending_reviews", locked)
