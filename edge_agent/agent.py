@@ -10,9 +10,9 @@ Threads, and why each exists:
   outbox rows to MQTT from the oldest not yet receipted, receipts back; the agent wakes it after
   every commit and restarts it if it dies.
 - the command worker: parses, downloads and loads off the critical path, then asks the loop to
-  apply the change at a part boundary and acks the result.
+  apply the change at a part boundary and acks the result once the change is saved.
 - housekeeping: verdicts from the UI, state, metrics, quota, free disk space, the UI's status
-  snapshot.
+  snapshot, and the save of slots the store refused (which acks the commands waiting for it).
 """
 
 from __future__ import annotations
@@ -99,6 +99,20 @@ COMMAND_DRAIN_S = 20.0  # at a stop, the longest wait for the command in hand (a
 
 CommandRecord = tuple[str, str, str]
 """A command's cmd_id, name and result (ack JSON), as the command log keeps it."""
+
+
+@dataclass(frozen=True, slots=True)
+class UnsavedCommand:
+    """A command carried out whose change the store has not saved yet. It is acknowledged
+    only once the change is saved, with its record in the same commit: until then a restart
+    undoes the change, and the controller, told nothing, sends the command again."""
+
+    cmd_id: uuid.UUID
+    name: str
+
+    @property
+    def record(self) -> CommandRecord:
+        return (str(self.cmd_id), self.name, _ack_json(None))
 
 
 @dataclass(frozen=True, slots=True)
@@ -214,8 +228,13 @@ class Agent:
         self._recent_agreement: deque[bool] = deque(maxlen=500)
         self._slot_generation = 0  # +1 at every slot change, under self._lock
         self._slots_unsaved = False  # a save failed: housekeeping tries again
-        # Results of commands carried out whose record the store could not take (cmd_id ->
-        # ack JSON): a copy the controller sends again is answered, not carried out again.
+        self._save_lock = threading.Lock()  # one save at a time, each of the newest slots
+        # Commands carried out whose change is not saved yet (cmd_id -> command), unanswered
+        # until it is: a copy the controller sends again tries the save, and is not carried out
+        # again. Only changed under the save lock.
+        self._unsaved_commands: dict[str, UnsavedCommand] = {}
+        # Results of commands refused whose record the store could not take (cmd_id -> ack
+        # JSON): a copy the controller sends again gets the same answer.
         self._unrecorded: dict[str, str] = {}
         self._step_failed_at: dict[str, float] = {}  # housekeeping step -> its last failure logged
         self._disk_unmeasured = False  # the free space could not be measured (logged once)
@@ -409,21 +428,54 @@ class Agent:
             record["reference_for"] = self.slots.active.ref.sha256
         self.store.save_slots(record, command)
 
-    def _persist_slots(self, command: CommandRecord | None = None) -> None:
-        """Save the slots (and, in the same commit, `command`, whose change this is); a store
-        that cannot write now (disk full, locked) raises a fault and housekeeping tries again:
-        neither the inspection loop nor a command dies of it."""
-        try:
-            self._save_slots(command)
-        except Exception as exc:  # noqa: BLE001 - any store failure
-            self._slots_unsaved = True
-            self._raise_fault("slots_save", f"the model slots could not be saved: {exc}")
-            return
-        self._slots_unsaved = False
-        self._clear_faults("slots_save")
+    def _save_with_commands(self, command: UnsavedCommand | None) -> list[UnsavedCommand]:
+        """Save the slots with the record of every command whose change waits for it (each
+        record in a commit of its own with the slots); the commands now saved, to acknowledge.
+        A store that cannot write now (disk full, locked) raises the `slots_save` fault, whose
+        message names the commands still unsaved, and housekeeping tries again: neither the
+        inspection loop nor a command dies of it."""
+        with self._save_lock:
+            if command is not None:
+                self._unsaved_commands[str(command.cmd_id)] = command
+            waiting = list(self._unsaved_commands.values())
+            saved: list[UnsavedCommand] = []
+            problem: str | None = None
+            try:
+                if not waiting:
+                    self._save_slots()
+                for each in waiting:
+                    self._save_slots(each.record)
+                    del self._unsaved_commands[str(each.cmd_id)]
+                    saved.append(each)
+            except Exception as exc:  # noqa: BLE001 - any store failure
+                problem = unsaved_message(exc, list(self._unsaved_commands.values()))
+            self._slots_unsaved = problem is not None
+        self._fault_while("slots_save", problem, update=True)
+        return saved
 
-    def _set_slots(self, slots: Slots, command: CommandRecord | None = None) -> None:
-        """Only the inspection loop (or, when it has ended, the command worker) calls this."""
+    def _persist_slots(self) -> None:
+        """Save the slots (a change without a command, or a retry) and acknowledge the
+        commands whose change this made durable."""
+        self._ack_saved(self._save_with_commands(None))
+
+    def _ack_saved(self, saved: list[UnsavedCommand]) -> dict[str, p.CommandAck]:
+        """The ok acks of commands whose change is saved, by cmd_id. One the outbox cannot take
+        now is answered from the command log when the controller sends the command again."""
+        acks: dict[str, p.CommandAck] = {}
+        for command in saved:
+            try:
+                acks[str(command.cmd_id)] = self._ack(command.cmd_id, command.name, ok=True,
+                                                      error=None)
+            except Exception:  # noqa: BLE001 - a full disk: the command log answers the copy
+                log.exception("the ack of command %s (%s), saved, could not be queued; the "
+                              "next copy of it is answered", command.cmd_id, command.name)
+        return acks
+
+    def _set_slots(
+        self, slots: Slots, command: UnsavedCommand | None = None
+    ) -> list[UnsavedCommand]:
+        """Only the inspection loop (or, when it has ended, the command worker) calls this.
+        The commands whose change this saved are returned, for the caller to acknowledge."""
         old = self.slots
         active_changed = slots.active is not old.active
         with self._lock:
@@ -439,8 +491,9 @@ class Agent:
             if not is_placeholder(slots.active):
                 self._clear_faults("active_load")  # a loaded model took the placeholder's place
         self._clear_faults("active_inference", "candidate_inference", "candidate_load")
-        self._persist_slots(command)
+        saved = self._save_with_commands(command)
         self._state_dirty.set()
+        return saved
 
     # --- the inspection loop ----------------------------------------------------------------
 
@@ -857,7 +910,9 @@ class Agent:
             except Exception:  # a command must never take the station down  # noqa: BLE001
                 log.exception("command handling failed")
 
-    def handle_command(self, payload: bytes) -> p.CommandAck:
+    def handle_command(self, payload: bytes) -> p.CommandAck | None:
+        """Carry out a command and acknowledge it; None when it is not answered yet (carried
+        out, but its change is not saved: see `_answer_once_saved`)."""
         try:
             command = p.parse(p.Command, payload)
         except p.ProtocolError as exc:
@@ -877,6 +932,9 @@ class Agent:
         if command.station != self.station:
             return self._ack(command.cmd_id, name, ok=False,
                              error=f"command addressed to {command.station}, not {self.station}")
+        if cmd_id in self._unsaved_commands:
+            # Carried out, its change not saved yet: this copy tries the save again.
+            return self._answer_once_saved(command.cmd_id, name, self._save_with_commands(None))
         previous = self._unrecorded.get(cmd_id)
         if previous is not None:
             self._record_command(cmd_id, name, previous)
@@ -890,12 +948,28 @@ class Agent:
             # copy that follows it.
             return self._ack(command.cmd_id, name, ok=False,
                              error=f"command expired at {command.expires_at.isoformat()}")
-        error = self._execute(command.body, cmd_id)
+        error, saved = self._execute(command.body, UnsavedCommand(command.cmd_id, name))
+        if error is None:
+            return self._answer_once_saved(command.cmd_id, name, saved)
+        # Nothing was changed. In memory first: the answer stays the same for every copy,
+        # whether or not the store takes its record.
         result = _ack_json(error)
-        # In memory first: the command is done, whether or not the store takes its record.
         self._unrecorded[cmd_id] = result
         self._record_command(cmd_id, name, result)
-        return self._ack(command.cmd_id, name, ok=error is None, error=error)
+        return self._ack(command.cmd_id, name, ok=False, error=error)
+
+    def _answer_once_saved(
+        self, cmd_id: uuid.UUID, name: str, saved: list[UnsavedCommand]
+    ) -> p.CommandAck | None:
+        """Acknowledge the commands `saved` made durable; the ack of `cmd_id` among them, or
+        None while its change is not saved (or when housekeeping's retry saved and acked it
+        meanwhile). Unanswered, the controller sends the command again; a restart before the
+        save undoes the change, and the copy that follows carries the command out afresh."""
+        ack = self._ack_saved(saved).get(str(cmd_id))
+        if ack is None and str(cmd_id) in self._unsaved_commands:
+            log.warning("command %s (%s) is carried out but its change is not saved yet (fault "
+                        "slots_save): it is acknowledged once it is", cmd_id, name)
+        return ack
 
     def _record_command(self, cmd_id: str, name: str, result: str) -> None:
         """Store a command's result; one the store cannot take now stays in memory, answers
@@ -914,45 +988,56 @@ class Agent:
         command key, never the one it claims."""
         return NIL_CMD_ID if self.command_key is not None else claimed
 
-    def _execute(self, body: p.CommandBody, cmd_id: str) -> str | None:
-        """Carry out one command; the error text, or None on success. A change is saved with
-        the command's record in one commit, so a crash cannot keep one without the other."""
-        done: CommandRecord = (cmd_id, body.name, _ack_json(None))
+    def _execute(
+        self, body: p.CommandBody, done: UnsavedCommand
+    ) -> tuple[str | None, list[UnsavedCommand]]:
+        """Carry out one command: the error text (None on success), and the commands whose
+        change its save made durable (itself among them unless the store refused the save). A
+        change is saved with the command's record in one commit, so a crash cannot keep one
+        without the other."""
+        saved: list[UnsavedCommand] = []
         try:
             if isinstance(body, p.DeployCandidate):
                 check_fraction(body.mode, body.canary_fraction)  # before any download
                 candidate = self._fetch_candidate(body)
-                self.at_boundary(lambda: self._set_slots(
+                saved = self.at_boundary(lambda: self._set_slots(
                     with_candidate(self.slots, candidate, body.mode, body.canary_fraction), done
                 ))
             elif isinstance(body, p.SetMode):
-                self.at_boundary(lambda: self._set_slots(
+                saved = self.at_boundary(lambda: self._set_slots(
                     with_mode(self.slots, body.mode, body.canary_fraction), done
                 ))
             elif isinstance(body, p.SetAutomation):
-                self.at_boundary(lambda: self._set_automation(body.automation, body.reason,
-                                                              "controller", done))
+                saved = self.at_boundary(lambda: self._set_automation(
+                    body.automation, body.reason, "controller", done
+                ))
             elif isinstance(body, p.Promote):
-                self.at_boundary(lambda: self._set_slots(promoted(self.slots, body.expect), done))
+                saved = self.at_boundary(
+                    lambda: self._set_slots(promoted(self.slots, body.expect), done)
+                )
             elif isinstance(body, p.Rollback):
-                self.at_boundary(lambda: self._set_slots(rolled_back(self.slots), done))
+                saved = self.at_boundary(lambda: self._set_slots(rolled_back(self.slots), done))
             elif isinstance(body, p.Switch):
-                self.at_boundary(lambda: self._set_slots(switched(self.slots, body.to), done))
+                saved = self.at_boundary(lambda: self._set_slots(switched(self.slots, body.to),
+                                                                 done))
         except (SlotError, BundleError, InferenceError, OSError, ValueError) as exc:
             log.warning("command %s refused: %s", body.name, exc)
-            return str(exc)
+            return str(exc), []
         log.info("command %s done", body.name)
-        return None
+        return None, saved
 
     def _set_automation(
         self, level: p.AutomationLevel, reason: str, by: str,
-        command: CommandRecord | None = None,
-    ) -> None:
+        command: UnsavedCommand | None = None,
+    ) -> list[UnsavedCommand]:
+        """The commands whose change this saved are returned, for the caller to acknowledge
+        (a request from the screen has no command: it acknowledges them itself)."""
         self.automation = level
         self.automation_note = f"{level.value} by {by}: {reason}".strip(": ")
-        self._persist_slots(command)
+        saved = self._save_with_commands(command)
         self._state_dirty.set()
         log.info("automation set to %s by %s (%s)", level.value, by, reason or "no reason given")
+        return saved
 
     def _fetch_candidate(self, body: p.DeployCandidate) -> LoadedModel:
         """Download and verify the bundle (unless it is the candidate already), load, warm up."""
@@ -1115,10 +1200,14 @@ class Agent:
             # Not waited for: a loop stuck on a part must not hold up housekeeping, and the
             # request is made as soon as the loop goes on.
             self._at_next_boundary(
-                lambda level=level, request=request: self._set_automation(  # type: ignore[misc]
+                lambda level=level, request=request: self._automation_requested(  # type: ignore[misc]
                     level, request.reason, request.by
                 )
             )
+
+    def _automation_requested(self, level: p.AutomationLevel, reason: str, by: str) -> None:
+        """A level asked for on the screen; its save also acknowledges the commands it saved."""
+        self._ack_saved(self._set_automation(level, reason, by))
 
     def _enforce_quota(self) -> None:
         quota = int(self.config.review.quota_mb * 1024 * 1024)
@@ -1234,6 +1323,11 @@ class Agent:
         self._apply_boundary_actions()  # a screen's request handed over as the loop ended
         if self._slots_unsaved:
             self._persist_slots()  # a last try: what the station runs outlives the stop
+        if self._unsaved_commands:
+            log.warning("stopping with commands carried out whose change could not be saved "
+                        "(%s): they were not acknowledged, the next start undoes them, and the "
+                        "controller sends them again", ", ".join(
+                            c.name for c in self._unsaved_commands.values()))
         self.relay.stop()
         self.writer.close()
         self.gate.close()
@@ -1280,6 +1374,16 @@ NIL_CMD_ID = p.NIL_CMD_ID
 def _ack_json(error: str | None) -> str:
     """A command's result as the command log keeps it."""
     return json.dumps({"ok": error is None, "error": error})
+
+
+def unsaved_message(error: Exception, unsaved: list[UnsavedCommand]) -> str:
+    """The `slots_save` fault's message: what failed, and the commands it keeps unanswered."""
+    message = f"the model slots could not be saved: {error}"
+    if unsaved:
+        names = ", ".join(f"{command.name} ({command.cmd_id})" for command in unsaved)
+        message += (f"; carried out but not acknowledged until saved (a restart before that "
+                    f"undoes them): {names}")
+    return message
 
 
 def _with_claim(error: str, claimed: uuid.UUID, answered: uuid.UUID) -> str:

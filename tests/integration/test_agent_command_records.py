@@ -1,7 +1,8 @@
 """A command carried out once is never carried out again for the same cmd_id, even when its
 result could not be written to the store (a full disk, a lock held too long): the controller
 sends a command again until it is acked, and a rollback done twice undoes the promotion before
-it. Real agent and bundles; no broker."""
+it. A change is recorded with its command in the slots' commit, and acked only after it (see
+test_agent_unsaved_changes.py). Real agent and bundles; no broker."""
 
 from __future__ import annotations
 
@@ -54,6 +55,11 @@ def deploy(base: str, version: str) -> p.DeployCandidate:
     )
 
 
+def ok(agent: Agent, body: p.CommandBody) -> bool:
+    ack = agent.handle_command(command(STATION, body).to_json())
+    return ack is not None and ack.ok
+
+
 def versions(agent: Agent) -> tuple[str, str | None, str | None]:
     slots = agent.slots
     return (
@@ -63,33 +69,33 @@ def versions(agent: Agent) -> tuple[str, str | None, str | None]:
     )
 
 
-def record_fails_once(monkeypatch: pytest.MonkeyPatch, store: StationStore) -> None:
-    real = store.record_command
+def fails_once(monkeypatch: pytest.MonkeyPatch, store: StationStore, method: str) -> None:
+    """The store's `method` (save_slots, record_command) fails the first time it is called."""
+    real = getattr(store, method)
     calls = {"n": 0}
 
-    def record(*args: Any, **kwargs: Any) -> None:
+    def once(*args: Any, **kwargs: Any) -> None:
         calls["n"] += 1
         if calls["n"] == 1:
             raise sqlite3.OperationalError("database or disk is full")
         real(*args, **kwargs)
 
-    monkeypatch.setattr(store, "record_command", record)
+    monkeypatch.setattr(store, method, once)
 
 
 def test_a_rollback_whose_result_was_not_stored_is_not_done_again(
     tmp_path: Path, bundles: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with station(tmp_path / "s", candidate=V2, mode="shadow") as agent:
-        assert agent.handle_command(command(STATION, p.Promote()).to_json()).ok
-        assert agent.handle_command(command(STATION, deploy(bundles, "2.1.0")).to_json()).ok
+        assert ok(agent, p.Promote())
+        assert ok(agent, deploy(bundles, "2.1.0"))
         assert versions(agent) == ("2.0.0", "2.1.0", "1.0.0")
-        record_fails_once(monkeypatch, agent.store)
+        fails_once(monkeypatch, agent.store, "save_slots")
         rollback = command(STATION, p.Rollback(reason="gate failed")).to_json()
-        with contextlib.suppress(sqlite3.OperationalError):
-            agent.handle_command(rollback)
+        assert agent.handle_command(rollback) is None, "acked before its change was saved"
         assert versions(agent) == ("2.0.0", None, "1.0.0"), "the candidate is dropped"
         again = agent.handle_command(rollback)  # the controller sends it again: no ack came
-        assert again.ok, again.error
+        assert again is not None and again.ok, again
         assert versions(agent) == ("2.0.0", None, "1.0.0"), "the promotion before was undone"
         assert again.state_after and again.state_after.active
         assert again.state_after.active.version == "2.0.0"
@@ -99,35 +105,48 @@ def test_a_promote_whose_result_was_not_stored_is_acked_ok_when_sent_again(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with station(tmp_path / "s", candidate=V2, mode="shadow") as agent:
-        record_fails_once(monkeypatch, agent.store)
+        fails_once(monkeypatch, agent.store, "save_slots")
         promote = command(STATION, p.Promote()).to_json()
-        with contextlib.suppress(sqlite3.OperationalError):
-            agent.handle_command(promote)
+        assert agent.handle_command(promote) is None, "acked before its change was saved"
         assert versions(agent) == ("2.0.0", None, "1.0.0")
         again = agent.handle_command(promote)
-        assert again.ok, again.error
+        assert again is not None and again.ok, again
         assert versions(agent) == ("2.0.0", None, "1.0.0")
 
 
-def test_a_rollback_cut_short_before_its_record_is_not_done_again_after_a_restart(
+def test_a_refusal_whose_record_was_not_stored_is_given_again_for_a_copy(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with station(tmp_path / "s", candidate=V2, mode="shadow") as agent:
+        fails_once(monkeypatch, agent.store, "record_command")
+        switch = command(STATION, p.Switch(to="candidate")).to_json()
+        refused = agent.handle_command(switch)
+        assert refused is not None and not refused.ok and refused.error
+        again = agent.handle_command(switch)
+        assert again is not None and not again.ok and again.error == refused.error
+        assert versions(agent) == ("1.0.0", "2.0.0", None)
+
+
+def test_a_rollback_cut_short_before_its_ack_is_not_done_again_after_a_restart(
     tmp_path: Path, bundles: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     data = tmp_path / "s"
     rollback = command(STATION, p.Rollback(reason="gate failed")).to_json()
     with station(data, candidate=V2, mode="shadow") as agent:
-        assert agent.handle_command(command(STATION, p.Promote()).to_json()).ok
-        assert agent.handle_command(command(STATION, deploy(bundles, "2.1.0")).to_json()).ok
+        assert ok(agent, p.Promote())
+        assert ok(agent, deploy(bundles, "2.1.0"))
 
         def power_cut(*args: Any, **kwargs: Any) -> None:  # the station dies right here
             raise SystemExit("power cut")
 
-        monkeypatch.setattr(agent.store, "record_command", power_cut)
+        # The change and its record are saved in one commit; the ack is queued after it.
+        monkeypatch.setattr(agent.store, "enqueue", power_cut)
         with contextlib.suppress(SystemExit):
             agent.handle_command(rollback)
     with station(data, candidate=V2, mode="shadow") as agent:
         assert versions(agent) == ("2.0.0", None, "1.0.0"), "the rollback's change was saved"
         again = agent.handle_command(rollback)
-        assert again.ok, again.error
+        assert again is not None and again.ok, again
         assert versions(agent) == ("2.0.0", None, "1.0.0"), "the promotion before was undone"
 
 
