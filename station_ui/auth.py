@@ -8,6 +8,7 @@ import re
 from flask import Blueprint, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
+from edge_agent.store import OperatorRow
 from station_ui.app import current_operator, end_session, start_session, ui
 from station_ui.security import verify_decoy, verify_pin
 
@@ -52,6 +53,21 @@ def login() -> BaseResponse:
     return _render()
 
 
+def _too_many(seconds: float, badge: str) -> BaseResponse:
+    return _render(
+        429, error=f"Too many wrong sign-ins. Try again in {_wait_text(seconds)}.", badge=badge
+    )
+
+
+def _checked_operator(badge: str, pin: str) -> OperatorRow | None:
+    """The operator whose badge and PIN these are, or None (as slow for an unknown badge)."""
+    operator = ui().store.operator(badge)
+    if operator is None:
+        verify_decoy(pin)
+        return None
+    return operator if verify_pin(pin, operator.pin_hash) else None
+
+
 @blueprint.post("/login")
 def login_submit() -> BaseResponse:
     state = ui()
@@ -59,28 +75,28 @@ def login_submit() -> BaseResponse:
     pin = request.form.get("pin", "")[:_MAX_FIELD]
     if not badge or not pin:
         return _render(400, error="Enter your badge id and your PIN.", badge=badge)
-    badge_key = f"badge:{badge}"
-    address_key = f"addr:{request.remote_addr or '?'}"
-    waiting = max(state.limiter.locked_for(badge_key), state.limiter.locked_for(address_key))
+    limits = {
+        f"badge:{badge}": state.config.badge_lock,
+        f"addr:{request.remote_addr or '?'}": state.config.address_lock,
+    }
+    # The try is reserved before the PIN is checked, in one step with the check of the limit:
+    # sign-ins sent side by side cannot all pass the check before the first failure counts.
+    waiting = state.limiter.begin(limits)
     if waiting > 0:
-        return _render(
-            429,
-            error=f"Too many wrong sign-ins. Try again in {_wait_text(waiting)}.",
-            badge=badge,
-        )
-    operator = state.store.operator(badge)
-    good = verify_pin(pin, operator.pin_hash) if operator is not None else verify_decoy(pin)
-    if operator is None or not good:
-        locked = max(
-            state.limiter.fail(badge_key, state.config.badge_lock),
-            state.limiter.fail(address_key, state.config.address_lock),
-        )
+        return _too_many(waiting, badge)
+    try:
+        operator = _checked_operator(badge, pin)
+    except BaseException:
+        for key in limits:  # the store failed: the PIN was not checked, the try is given back
+            state.limiter.release(key)
+        raise
+    if operator is None:
+        locked = max(state.limiter.fail(key, policy) for key, policy in limits.items())
         if locked > 0:
-            message = f"Too many wrong sign-ins. Try again in {_wait_text(locked)}."
-            return _render(429, error=message, badge=badge)
+            return _too_many(locked, badge)
         return _render(401, error="Badge id or PIN not recognised.", badge=badge)
-    state.limiter.succeed(badge_key)
-    state.limiter.succeed(address_key)
+    for key in limits:
+        state.limiter.succeed(key)
     start_session(operator)
     return redirect(_next_target())
 

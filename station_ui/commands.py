@@ -130,10 +130,8 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _serve_checked(args: argparse.Namespace) -> int:
-    import waitress
-
     from edge_agent.store import DB_FILE, StationStore, StoreError
-    from linesight.http_server import max_request_body_size
+    from linesight.http_server import serve
     from station_ui.app import create_app
     from station_ui.config import UiConfig
 
@@ -166,8 +164,7 @@ def _serve_checked(args: argparse.Namespace) -> int:
     try:
         app = create_app(config, store)
         log.info("station UI on http://%s:%d/ for %s", args.host, args.port, args.data_dir)
-        waitress.serve(app, host=args.host, port=args.port, threads=args.threads, ident="",
-                       max_request_body_size=max_request_body_size(app))
+        serve(app, args.host, args.port, threads=args.threads, ident="")
     finally:
         store.close()
     return 0

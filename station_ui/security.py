@@ -11,7 +11,7 @@ import hmac
 import re
 import secrets
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 from flask import Response
@@ -125,6 +125,9 @@ class _Failures:
     lockouts: int = 0
     locked_until: float = 0.0
     last_failure: float = 0.0
+    pending: int = 0
+    """Sign-ins let through whose PIN is still being checked: each counts against the limit
+    until it is settled (`fail`, `succeed` or `release`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,9 +140,28 @@ class LockPolicy:
     forget_after_s: float = 900.0
     """A key quiet this long starts again from the first lock duration."""
 
+    def lock_s(self, lockouts: int) -> float:
+        """The length of the next lock of a key locked `lockouts` times before."""
+        return min(self.first_lock_s * float(2**lockouts), self.max_lock_s)
+
+
+def _wait(entry: _Failures, policy: LockPolicy, now: float) -> float:
+    """Seconds before `entry` may start another sign-in; 0 when it may start one now."""
+    if entry.locked_until > now:
+        return entry.locked_until - now
+    if entry.count + entry.pending >= policy.max_failures:
+        # The sign-ins in progress take every try left: if they fail, this lock begins.
+        return policy.lock_s(entry.lockouts)
+    return 0.0
+
 
 class SignInLimiter:
     """Counts failed sign-ins per key ("badge:..." or "addr:...") and locks a key for a while.
+
+    A sign-in first reserves a try on each of its keys (`begin`), under the limiter's lock,
+    and only then has its PIN checked, outside it: so sign-ins answered side by side on the
+    server's threads get no more PIN checks between two locks than `max_failures`, and a slow
+    PIN hash does not hold up the sign-ins of other keys.
 
     The cap on the lock duration is what keeps a shared kiosk usable: at worst a few minutes.
     The table is bounded, so a flood of invented badge ids cannot exhaust memory.
@@ -160,20 +182,31 @@ class SignInLimiter:
             entry = self._entries.get(key)
             return 0.0 if entry is None else max(0.0, entry.locked_until - now)
 
-    def fail(self, key: str, policy: LockPolicy) -> float:
-        """Record a failure; returns the lock now in force for `key` (0 when not locked)."""
+    def begin(self, keys: Mapping[str, LockPolicy]) -> float:
+        """Reserve one try on every key at once: 0 when reserved, else the seconds to wait
+        (nothing reserved). Settle each key of a reserved try with `fail`, `succeed` or
+        `release`."""
         now = self._clock()
         with self._lock:
-            entry = self._entries.get(key)
-            if entry is not None and now - entry.last_failure > policy.forget_after_s:
-                entry = None
-            if entry is None:
-                self._make_room(now, policy)
-                entry = self._entries[key] = _Failures()
+            entries = [(self._entry(key, policy, now), policy) for key, policy in keys.items()]
+            wait = max((_wait(entry, policy, now) for entry, policy in entries), default=0.0)
+            if wait > 0:
+                return wait
+            for entry, _ in entries:
+                entry.pending += 1
+            return 0.0
+
+    def fail(self, key: str, policy: LockPolicy) -> float:
+        """Record a failure (settling a try `begin` reserved, if any); returns the lock now in
+        force for `key` (0 when not locked)."""
+        now = self._clock()
+        with self._lock:
+            entry = self._entry(key, policy, now)
+            entry.pending = max(0, entry.pending - 1)
             entry.count += 1
             entry.last_failure = now
             if entry.count >= policy.max_failures:
-                lock = min(policy.first_lock_s * 2**entry.lockouts, policy.max_lock_s)
+                lock = policy.lock_s(entry.lockouts)
                 if lock < policy.max_lock_s:
                     # Once at the cap, no more doubling: 2**1024 is past what a float holds.
                     entry.lockouts += 1
@@ -182,8 +215,32 @@ class SignInLimiter:
             return max(0.0, entry.locked_until - now)
 
     def succeed(self, key: str) -> None:
+        """A right PIN: the key's failures and locks are forgotten (its other tries in
+        progress stay reserved)."""
         with self._lock:
-            self._entries.pop(key, None)
+            entry = self._entries.get(key)
+            if entry is None or entry.pending <= 1:
+                self._entries.pop(key, None)
+            else:
+                self._entries[key] = _Failures(pending=entry.pending - 1)
+
+    def release(self, key: str) -> None:
+        """Give back a reserved try whose PIN could not be checked (the store failed): it
+        counts neither as a failure nor as a success."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is not None:
+                entry.pending = max(0, entry.pending - 1)
+
+    def _entry(self, key: str, policy: LockPolicy, now: float) -> _Failures:
+        entry = self._entries.get(key)
+        if entry is None:
+            self._make_room(now, policy)
+            entry = self._entries[key] = _Failures()
+        elif now - entry.last_failure > policy.forget_after_s:
+            # Quiet long enough: start again from the first lock (tries in progress stay).
+            entry.count = entry.lockouts = 0
+        return entry
 
     def _make_room(self, now: float, policy: LockPolicy) -> None:
         if len(self._entries) < self._max_keys:
@@ -191,16 +248,18 @@ class SignInLimiter:
         stale = [
             key
             for key, entry in self._entries.items()
-            if entry.locked_until <= now and now - entry.last_failure > policy.forget_after_s
+            if entry.pending == 0 and entry.locked_until <= now
+            and now - entry.last_failure > policy.forget_after_s
         ]
         for key in stale:
             del self._entries[key]
         if len(self._entries) >= self._max_keys:
-            # Still full: drop the oldest unlocked entries rather than grow without bound.
+            # Still full: drop the oldest unlocked entries rather than grow without bound
+            # (never one with a try in progress: its count would be lost).
             unlocked = sorted(
                 (entry.last_failure, key)
                 for key, entry in self._entries.items()
-                if entry.locked_until <= now
+                if entry.pending == 0 and entry.locked_until <= now
             )
             for _, key in unlocked[: max(1, len(unlocked) // 2)]:
                 del self._entries[key]
