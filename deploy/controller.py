@@ -9,18 +9,21 @@
   of its current stage; the returned state is persisted BEFORE its commands are sent;
 - requests from the HTTP API (start, approve, pause, resume, abort, rollback) are events too;
 - disk: every 30 s the free space under data_dir is measured against `min_free_mb`; below it the
-  controller warns (log, /api/health, /metrics, dashboard) while there is still room.
+  controller warns (log, /api/health, /metrics, dashboard) while there is still room;
+- inbox: paho's network thread hands messages to the ingest thread through a bounded `Inbox`;
+  when the store falls behind, the network thread waits for room, so a backlog waits in the
+  broker's queue for this session and in the stations' outboxes, not in this process's memory.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import reprlib
 import shutil
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -78,6 +81,13 @@ DISK_CHECK_INTERVAL_S = 30.0
 ALIGNMENT_CHECK_INTERVAL_S = 10.0
 """How often the stations are checked against their promoted models, for the log."""
 DEFAULT_DEFECT_LABEL = "defect"
+INBOX_MAX_BYTES = 8 * MB
+"""The most the inbox holds, counting each message as its payload, its topic and
+INBOX_MESSAGE_OVERHEAD bytes: 7,000 to 11,000 station messages of 0.5 to 1 kB, six or more
+batches of the default ingest_batch. A message larger than this alone is taken into an empty
+inbox."""
+INBOX_MESSAGE_OVERHEAD = 200
+"""What a queued message costs in memory besides its payload and topic (its Python objects)."""
 
 
 class RolloutConflict(Exception):
@@ -112,6 +122,99 @@ def check_candidate(name: str, version: str) -> None:
         )
 
 
+class Inbox:
+    """The messages paho's network thread hands the ingest thread, at most `max_bytes` of them
+    (see INBOX_MAX_BYTES). `put` waits while the inbox is full: the network thread then reads
+    no more from the broker, which keeps what follows queued for this session, and the stations
+    keep every message in their outboxes until a receipt covers it. `close` ends the waiting:
+    every waiting and later `put` drops its message (it earns no receipt, so its station sends
+    it again), while `get` hands out what is still inside."""
+
+    def __init__(self, max_bytes: int) -> None:
+        self.max_bytes = max_bytes
+        self._items: deque[tuple[ReceivedMessage, int]] = deque()
+        self._held = 0
+        self._putting = 0  # puts waiting for room
+        self._closed = False
+        self.waits = 0
+        """Puts that had to wait for room (each one held the network thread back)."""
+        self.dropped = 0
+        """Messages refused because the inbox was closed."""
+        self._lock = threading.Lock()
+        self._room = threading.Condition(self._lock)
+        self._items_in = threading.Condition(self._lock)
+
+    @staticmethod
+    def cost(message: ReceivedMessage) -> int:
+        return len(message.payload) + len(message.topic) + INBOX_MESSAGE_OVERHEAD
+
+    def _fits(self, cost: int) -> bool:
+        return not self._items or self._held + cost <= self.max_bytes
+
+    def put(self, message: ReceivedMessage) -> bool:
+        """Add `message`, waiting for room if the inbox is full; False (the message dropped)
+        once the inbox is closed."""
+        cost = self.cost(message)
+        with self._lock:
+            if not self._closed and not self._fits(cost):
+                self.waits += 1
+                self._putting += 1
+                try:
+                    self._room.wait_for(lambda: self._closed or self._fits(cost))
+                finally:
+                    self._putting -= 1
+            if self._closed:
+                self.dropped += 1
+                return False
+            self._items.append((message, cost))
+            self._held += cost
+            self._items_in.notify()
+            return True
+
+    def get(self, timeout: float) -> ReceivedMessage | None:
+        """The oldest message, waiting up to `timeout` for one; None if none came (at once
+        when the inbox is closed and empty)."""
+        with self._lock:
+            self._items_in.wait_for(lambda: self._items or self._closed, timeout)
+            return self._take()
+
+    def get_nowait(self) -> ReceivedMessage | None:
+        with self._lock:
+            return self._take()
+
+    def _take(self) -> ReceivedMessage | None:
+        if not self._items:
+            return None
+        message, cost = self._items.popleft()
+        self._held -= cost
+        if self._putting:
+            self._room.notify_all()
+        return message
+
+    def close(self) -> None:
+        """Take no more: a waiting put and every later one return at once, dropping theirs."""
+        with self._lock:
+            self._closed = True
+            self._room.notify_all()
+            self._items_in.notify_all()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    @property
+    def held_bytes(self) -> int:
+        return self._held
+
+    def full(self) -> bool:
+        """Whether a put is waiting for room now."""
+        return self._putting > 0
+
+    def qsize(self) -> int:
+        """How many messages wait to be taken (as queue.Queue names it)."""
+        return len(self._items)
+
+
 @dataclass
 class IngestCounters:
     received: int = 0
@@ -124,6 +227,10 @@ class IngestCounters:
     failed_receipt_flushes: int = 0
     receipts_owed: int = 0
     """Seq streams whose receipt waits to be sent (after a failed flush, until it succeeds)."""
+    inbox_bytes: int = 0
+    """What waits in the inbox to be stored (as Inbox counts it), at the latest batch."""
+    inbox_waits: int = 0
+    """Times the network thread waited for room in a full inbox: the store fell behind."""
 
 
 @dataclass(frozen=True)
@@ -167,7 +274,7 @@ class Controller:
         self._listening: tuple[datetime, datetime | None] | None = None
         self.link.add_connect_listener(self.link_up)
         self.link.add_disconnect_listener(self.link_down)
-        self._inbox: queue.Queue[ReceivedMessage | None] = queue.Queue()
+        self._inbox = Inbox(INBOX_MAX_BYTES)
         self._rollout_lock = threading.RLock()
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -200,7 +307,7 @@ class Controller:
         for channel in p.Channel:
             if channel in (p.Channel.CMD, p.Channel.RECEIPT):
                 continue
-            self.link.subscribe(self.topics.every_station(channel), self._inbox.put, qos=1)
+            self.link.subscribe(self.topics.every_station(channel), self._receive, qos=1)
         self.check_disk()  # /api/health tells the truth from the first request
         self.link.start()
         for target, name in ((self._ingest_loop, "ingest"), (self._tick_loop, "tick")):
@@ -209,12 +316,21 @@ class Controller:
             self._threads.append(thread)
 
     def stop(self) -> None:
+        """Store what the inbox holds, send the receipts it earns, then disconnect. Closing the
+        inbox first lets a network thread waiting for room go, so the link can stop."""
         self._stop.set()
-        self._inbox.put(None)
+        self._inbox.close()
         for thread in self._threads:
             thread.join(timeout=10)
         self.link.stop()
         self.store.close()
+        if self._inbox.dropped:
+            log.info("%d messages that came in while stopping were not stored; their stations "
+                     "send them again", self._inbox.dropped)
+
+    def _receive(self, message: ReceivedMessage) -> None:
+        """paho's network thread: into the inbox, waiting for room while it is full."""
+        self._inbox.put(message)
 
     # --- ingest -----------------------------------------------------------------------------
 
@@ -247,26 +363,22 @@ class Controller:
                     log.exception("sending receipts failed; %d stay owed and are tried again",
                                   len(owed))
             self.counters.receipts_owed = len(owed)
+            self.counters.inbox_bytes = self._inbox.held_bytes
+            self.counters.inbox_waits = self._inbox.waits
             if stopping:
                 return
 
     def _next_batch(self) -> tuple[list[ReceivedMessage], bool]:
         """Up to ingest_batch messages (waiting at most a receipt interval for the first), and
-        whether the controller is stopping."""
-        try:
-            first = self._inbox.get(timeout=RECEIPT_INTERVAL_S)
-        except queue.Empty:
-            return [], self._stop.is_set()
+        whether the controller is stopping (its inbox closed, and all of it taken)."""
+        first = self._inbox.get(timeout=RECEIPT_INTERVAL_S)
         if first is None:
-            return [], True
+            return [], self._inbox.closed
         batch = [first]
         while len(batch) < self.config.ingest_batch:
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
+            item = self._inbox.get_nowait()
             if item is None:
-                return batch, True
+                break
             batch.append(item)
         return batch, False
 

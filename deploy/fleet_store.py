@@ -57,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
@@ -223,8 +223,25 @@ _SCHEMA_V6: tuple[str, ...] = (
     "DROP INDEX messages_key",
     "CREATE UNIQUE INDEX messages_key ON messages (station, stream, seq, msg_id)",
 )
+# A stage's evidence is what this controller received since the stage began, whatever the
+# station's clock says: one running ahead dated results from before the stage after its start,
+# one running behind dated the stage's own before it. Shadow results keep their message's time
+# of receipt (rows from before schema 5 have their ts there), and the gate's two indexes are
+# keyed by it instead of ts. The dashboard's series stay dated by the station (shadows_ts).
+_SCHEMA_V7: tuple[str, ...] = (
+    "ALTER TABLE shadows ADD COLUMN received_us INTEGER",
+    "UPDATE shadows SET received_us = coalesce("
+    "(SELECT m.received_us FROM messages m WHERE m.id = shadows.id), ts_us)",
+    "DROP INDEX shadows_candidate_ts",
+    "DROP INDEX shadows_disagreements",
+    """CREATE INDEX shadows_candidate_received ON shadows
+        (candidate_sha256, received_us, station, paired, agree, candidate_latency_ms)""",
+    """CREATE INDEX shadows_disagreements ON shadows
+        (candidate_sha256, received_us, station, part_id, candidate_label, paired, agree)
+        WHERE paired = 1 AND agree = 0""",
+)
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
-    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6
+    _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7
 )
 _PRUNE = tuple(
     f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
@@ -401,8 +418,8 @@ _INSERT_DECISION = (
 _INSERT_SHADOW = (
     "INSERT INTO shadows (id, station, seq, part_id, ts_us, paired, agree, active_label, "
     "candidate_label, active_confidence, candidate_confidence, active_latency_ms, "
-    "candidate_latency_ms, active_version, active_sha256, candidate_version, candidate_sha256) "
-    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    "candidate_latency_ms, active_version, active_sha256, candidate_version, candidate_sha256, "
+    "received_us) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 _INSERT_VERDICT = (
     "INSERT INTO verdicts (id, station, seq, part_id, ts_us, operator, outcome, label) "
@@ -460,7 +477,7 @@ class _Rows:
                 (*key, message.part_id, ts_us, int(paired), int(message.agree), active.label,
                  candidate.label, active.confidence, candidate.confidence, active.latency_ms,
                  candidate.latency_ms, active.model.version, active.model.sha256,
-                 candidate.model.version, candidate.model.sha256)
+                 candidate.model.version, candidate.model.sha256, received_us)
             )  # fmt: skip
         elif isinstance(message, Verdict):
             self.verdicts.append(
@@ -476,10 +493,12 @@ class _Rows:
 
 # --- queries ---------------------------------------------------------------------------------
 
-# All three read only the shadows_candidate_ts index.
+# A stage's rows: the candidate's results on its stations that this controller received
+# since the stage began (received_us, never the station's ts). Both read only the
+# shadows_candidate_received index.
 _CANDIDATE_ROWS = """
-FROM shadows s INDEXED BY shadows_candidate_ts
-WHERE s.candidate_sha256 = ? AND s.ts_us >= ?
+FROM shadows s INDEXED BY shadows_candidate_received
+WHERE s.candidate_sha256 = ? AND s.received_us >= ?
     AND s.station IN (SELECT value FROM json_each(?))
 """
 _PAIRED_COUNTS = (
@@ -504,23 +523,22 @@ WITH labelled AS MATERIALIZED (
         ORDER BY v.id DESC LIMIT 1
     ) AS defect
     FROM shadows s INDEXED BY shadows_disagreements
-    WHERE s.candidate_sha256 = ? AND s.ts_us >= ?
+    WHERE s.candidate_sha256 = ? AND s.received_us >= ?
         AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 AND s.agree = 0
 )
 SELECT count(defect), coalesce(sum(defect = candidate_says_defect), 0),
     coalesce(sum(defect), 0), coalesce(sum(defect AND candidate_says_defect), 0)
 FROM labelled
 """
-_CANDIDATE_SERIES = (
-    "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
-    + _CANDIDATE_ROWS
-    + "AND s.ts_us < ? AND s.paired = 1 GROUP BY bucket"
-)
+# The plots' series are dated by the stations' clocks.
 _SHADOW_SERIES = (
     "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
     "FROM shadows s INDEXED BY shadows_ts "
     "WHERE s.ts_us >= ? AND s.ts_us < ? AND s.station IN (SELECT value FROM json_each(?)) "
     "AND s.paired = 1 GROUP BY bucket"
+)
+_CANDIDATE_SERIES = _SHADOW_SERIES.replace(
+    "GROUP BY bucket", "AND s.candidate_sha256 = ? GROUP BY bucket"
 )
 _SELECT_DECISION_PAYLOADS = "SELECT m.payload FROM decisions d JOIN messages m USING (id) "
 
@@ -935,7 +953,9 @@ class SqliteFleetStore:
         candidate_sha256: str,
         defect_label: str = "defect",
     ) -> StageEvidence:
-        """Paired outcomes of `candidate_sha256` against the active model on `stations`.
+        """Paired outcomes of `candidate_sha256` against the active model on `stations`, of
+        the results this controller received at or after `since` (the stage's start, on this
+        controller's clock); the station's own `ts` plays no part, as its clock may be off.
 
         A disagreement's truth is its latest pass (not a defect) or reject (a defect, whose
         label is `defect_label` for the candidate). `escapes.disagreements` estimates the defect
@@ -1016,7 +1036,7 @@ class SqliteFleetStore:
                 shadow_rows = conn.execute(_SHADOW_SERIES, (width_us, since_us, until_us, names))
             else:
                 shadow_rows = conn.execute(
-                    _CANDIDATE_SERIES, (width_us, candidate_sha256, since_us, names, until_us)
+                    _CANDIDATE_SERIES, (width_us, since_us, until_us, names, candidate_sha256)
                 )
             for bucket, count, agreed in shadow_rows:
                 pairs[int(bucket)] = (int(count), int(agreed))

@@ -300,7 +300,7 @@ def test_a_store_from_before_seq_streams_keeps_its_watermarks(tmp_path: Path) ->
         )
     old.close()
     with SqliteFleetStore(path) as store:
-        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 6
+        assert store.schema_version() == fleet_store.SCHEMA_VERSION == 7
         assert store.contiguous("st-1") == 4
         assert store.ingest([decision("st-1", 3)]) == {StreamKey("st-1"): 4}, "a copy"
         assert store.ingest([decision("st-1", 5)]) == {StreamKey("st-1"): 6}
@@ -394,9 +394,10 @@ def paired_fixture(store: SqliteFleetStore) -> None:
         verdict("a", 13, "p7", "ok"),
         verdict("a", 14, "p0", "ok"),  # an audit of an agreement: not a disagreement
         shadow("a", 15, "p10", "ok", "defect", model=OTHER),  # another candidate
-        shadow("a", 16, "p11", "ok", "defect", at=T0 - timedelta(seconds=1)),  # before since
         verdict("a", 17, "p11", "ok"),
     ]
+    # Received before `since` (whatever its ts says): not the stage's.
+    store.ingest([shadow("a", 16, "p11", "ok", "defect")], received=T0 - timedelta(seconds=1))
     b = [
         shadow("b", 0, "q0", "defect", "ok", latency_ms=10.0),
         verdict("b", 1, "q0", "defect"),
@@ -405,7 +406,7 @@ def paired_fixture(store: SqliteFleetStore) -> None:
         verdict("b", 4, "p4", "ok"),  # same part id on another station: not a's verdict
     ]
     c = [shadow("c", 0, "r0", "ok", "defect"), verdict("c", 1, "r0", "defect")]  # not asked
-    store.ingest([*a, *b, *c])
+    store.ingest([*a, *b, *c], received=T0)
 
 
 def test_paired_evidence_counts(store: SqliteFleetStore) -> None:
@@ -829,7 +830,7 @@ def test_a_store_from_schema_5_keeps_its_messages_and_stores_a_reused_seq_beside
                      "VALUES ('st-1', '', 0, 0)")  # fmt: skip
     old.close()
     with SqliteFleetStore(path) as fleet:
-        assert fleet.schema_version() == 6
+        assert fleet.schema_version() == fleet_store.SCHEMA_VERSION
         assert fleet.ingest([first.model_copy(), decision("st-1", 0)]) == {StreamKey("st-1"): 0}
         assert fleet.ingest([decision("st-1", 1)]) == {StreamKey("st-1"): 1}
     with contextlib.closing(sqlite3.connect(path)) as conn:
