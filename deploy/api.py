@@ -424,6 +424,11 @@ def _metrics(c: Controller) -> bytes:
           registry=registry).set(c.counters.failed_receipt_flushes)
     Gauge("linesight_fleet_receipts_owed", "Seq streams whose receipt waits to be sent",
           registry=registry).set(c.counters.receipts_owed)
+    Gauge("linesight_fleet_inbox_bytes", "What waits in the inbox to be stored, in bytes",
+          registry=registry).set(c.counters.inbox_bytes)
+    Gauge("linesight_fleet_inbox_waits",
+          "Times the network thread waited for room in a full inbox (the store fell behind)",
+          registry=registry).set(c.counters.inbox_waits)
     disk = c.disk
     if disk.free_bytes is not None:  # measured (the check is on)
         Gauge("linesight_fleet_disk_free_bytes", "Free bytes on the disk holding data_dir",

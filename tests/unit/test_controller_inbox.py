@@ -13,8 +13,10 @@ from datetime import datetime
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from deploy import controller as controller_module
+from deploy.api import _metrics
 from deploy.config import ControllerConfig
 from deploy.controller import Controller
 from deploy.fleet_store import SqliteFleetStore, StreamKey
@@ -114,6 +116,15 @@ def test_a_backlog_faster_than_the_store_waits_outside_the_controller(
     wait_for(lambda: store.contiguous("s1") == MESSAGES - 1, 120, "every message stored")
     network.thread.join(30)
     assert not network.thread.is_alive() and network.handed == MESSAGES
+    # The waits show on /metrics once the ingest thread counted them after a batch.
+    wait_for(lambda: controller.counters.inbox_waits >= 1, 30, "the waits counted")
+    gauges = {
+        family.name: family.samples[0].value
+        for family in text_string_to_metric_families(_metrics(controller).decode())
+        if family.samples  # the per-station families: no station has reported
+    }
+    assert gauges["linesight_fleet_inbox_waits"] >= 1
+    assert gauges["linesight_fleet_inbox_bytes"] == controller.counters.inbox_bytes
 
 
 def test_stopping_with_the_network_thread_waiting_for_room_does_not_hang(
