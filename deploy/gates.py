@@ -12,7 +12,13 @@ labelled disagreements, with Ville's thresholds 1/alpha and 1/beta instead of Wa
 approximations, so both error rates hold however often it is evaluated. p0 is computed from the
 observed disagreement rate; the pass threshold is raised by the share of noise that estimate adds,
 which kept the false-promotion rate within alpha in bench/gate_quality.py even when few parts
-had been seen (the guarantee is exact only for a known disagreement rate).
+had been seen (the guarantee is exact only for a known disagreement rate). The escaped-defect
+gate's disagreement count is itself scaled up from the labelled defect share when not every
+disagreement is labelled (`estimated_from`); the noise of that share is added to it.
+
+`evaluate_rare_gate` also passes when the models disagree too rarely to differ by delta, on a
+time-uniform upper bound on that rate (a mixture of likelihood ratios, with Ville's threshold),
+so that pass too holds however often it is looked at.
 See docs/gates.md and docs/decisions/0002-sequential-gate.md.
 
 Everything here is pure: counts in, decision out. The controller calls `evaluate_gate` on every
@@ -31,18 +37,24 @@ from typing import Any
 
 __all__ = [
     "P0_FLOOR",
+    "RARE_ALTERNATIVES",
     "GateConfig",
     "GateDecision",
     "GateOutcome",
     "GuardMetrics",
     "PairedEvidence",
     "disagreement_noise_ratio",
+    "disagreement_rate_upper",
+    "disagreement_rate_variance",
     "error_diff_upper_bound",
     "evaluate_gate",
     "evaluate_guards",
+    "evaluate_rare_gate",
     "fail_threshold",
     "log_likelihood_ratio",
     "pass_threshold",
+    "rare_pass",
+    "rate_log_evidence",
     "worse_by_delta_p",
 ]
 
@@ -52,6 +64,12 @@ P0_FLOOR = 0.01
 
 # Bisection on the confidence bound: 60 halvings of (0, 1/2] is below double precision.
 _BISECTION_STEPS = 60
+
+# The rare-event pass tests "the disagreement rate is at least q" against these fractions of q,
+# mixed with equal weights: from no disagreement to a rate of q / 2 it needs at most about a
+# quarter more parts than the fixed-sample bound it replaced (bench/gate_quality.py,
+# docs/gates.md).
+RARE_ALTERNATIVES = (1 / 2, 1 / 4, 1 / 8, 1 / 16)
 
 
 def _require_number(name: str, value: object) -> float:
@@ -198,24 +216,61 @@ def log_likelihood_ratio(candidate_right: int, labelled: int, p0: float) -> floa
     return candidate_right * math.log(0.5 / p0) + wrong * math.log(0.5 / (1.0 - p0))
 
 
-def disagreement_noise_ratio(evidence: PairedEvidence, delta: float, alpha: float) -> float:
+def disagreement_rate_variance(
+    evidence: PairedEvidence, estimated_from: PairedEvidence | None = None
+) -> float:
+    """Variance of the measured disagreement rate d = disagreements / parts (parts > 0).
+
+    Counted on every part, it is binomial: d (1 - d) / parts. With `estimated_from`, the count
+    was not counted but estimated: the labelled share s = labelled / L among the L labelled of
+    all D disagreements in `estimated_from`, scaled up to all D (what the escaped-defect gate
+    gets when verdicts lag behind). Those L are a sample of the D, so the estimate adds the
+    sampling variance of s, scaled by the rate of all disagreements D / parts:
+    (D / parts)^2 s (1 - s) (1/L - 1/D) -- nothing once every disagreement is labelled.
+    """
+    d = evidence.disagreements / evidence.parts
+    variance = d * (1.0 - d) / evidence.parts
+    if estimated_from is None:
+        return variance
+    labelled, drawn_from = evidence.labelled_disagreements, estimated_from.labelled_disagreements
+    if labelled > drawn_from:
+        raise ValueError(
+            f"estimated_from: {labelled} labelled disagreements cannot be a share of "
+            f"{drawn_from} labelled ones"
+        )
+    if drawn_from == 0:
+        return variance
+    share = labelled / drawn_from
+    rate = estimated_from.disagreements / estimated_from.parts
+    sampling = 1.0 / drawn_from - 1.0 / estimated_from.disagreements
+    return variance + rate**2 * share * (1.0 - share) * sampling
+
+
+def disagreement_noise_ratio(
+    evidence: PairedEvidence,
+    delta: float,
+    alpha: float,
+    estimated_from: PairedEvidence | None = None,
+) -> float:
     """Variance of p0 from the estimated disagreement rate, relative to that of the labels.
 
     p0 = 1/2 - delta / (2d) is computed from d = disagreements / parts, itself an estimate with
-    standard error sqrt(d (1 - d) / parts). We move d up (the direction that would hide a worse
-    candidate) and compare the shift in p0 per standard error, squared, with the variance
-    p0 (1 - p0) / n of the labelled share. A finite difference rather than a derivative, so the
-    1% floor on p0 (d near or below delta) is respected. One standard error alone sees no shift
-    when d and d + 1 SE both sit on the floor, though a true d above delta is then well within
-    the noise; so d is also moved by z_alpha standard errors and the larger shift per standard
-    error is taken. Near 0 when parts are plentiful.
+    standard error sqrt(d (1 - d) / parts), or more when the count of disagreements was scaled
+    up from a labelled share (`disagreement_rate_variance`). We move d up (the direction that
+    would hide a worse candidate) and compare the shift in p0 per standard error, squared, with
+    the variance p0 (1 - p0) / n of the labelled share. A finite difference rather than a
+    derivative, so the 1% floor on p0 (d near or below delta) is respected. One standard error
+    alone sees no shift when d and d + 1 SE both sit on the floor, though a true d above delta
+    is then well within the noise; so d is also moved by z_alpha standard errors and the larger
+    shift per standard error is taken. Near 0 when parts are plentiful and every disagreement
+    is counted; with an estimated count it stays as large as the labelled share is uncertain.
     """
     n, parts = evidence.labelled_disagreements, evidence.parts
     if n == 0 or parts == 0:
         return 0.0
     d = evidence.disagreements / parts
     p0 = worse_by_delta_p(d, delta)
-    se = math.sqrt(d * (1.0 - d) / parts)
+    se = math.sqrt(disagreement_rate_variance(evidence, estimated_from))
     steps = (1.0, max(1.0, NormalDist().inv_cdf(1.0 - alpha)))
     shift = max((worse_by_delta_p(d + z * se, delta) - p0) / z for z in steps)
     return shift**2 * n / (p0 * (1.0 - p0))
@@ -234,9 +289,15 @@ def fail_threshold(beta: float) -> float:
     return -math.log(1.0 / beta)
 
 
-def error_diff_upper_bound(evidence: PairedEvidence, config: GateConfig) -> float | None:
+def error_diff_upper_bound(
+    evidence: PairedEvidence,
+    config: GateConfig,
+    *,
+    estimated_from: PairedEvidence | None = None,
+) -> float | None:
     """Upper bound on err(candidate) - err(active) at 1 - alpha, valid at every look at once
-    (exactly for a known disagreement rate; with the noise correction otherwise).
+    (exactly for a known disagreement rate; with the noise correction otherwise;
+    `estimated_from` as in `disagreement_rate_variance`).
 
     It inverts the pass rule: the confidence set for p is every p' for which the ratio
     L(1/2) / L(p') has not reached the pass threshold. So the gate passes exactly when this
@@ -249,7 +310,9 @@ def error_diff_upper_bound(evidence: PairedEvidence, config: GateConfig) -> floa
     d = evidence.disagreements / evidence.parts
     if k == 0:
         return d  # no p' is excluded: the candidate may be wrong on every disagreement
-    noise_ratio = disagreement_noise_ratio(evidence, config.delta, config.alpha)
+    noise_ratio = disagreement_noise_ratio(
+        evidence, config.delta, config.alpha, estimated_from
+    )
     bound = pass_threshold(config.alpha, noise_ratio)
     # log L(1/2)/L(p') falls as p' rises towards min(k/n, 1/2); find where it meets the bound.
     low, high = 0.0, min(k / n, 0.5)
@@ -262,8 +325,16 @@ def error_diff_upper_bound(evidence: PairedEvidence, config: GateConfig) -> floa
     return d * (1.0 - 2.0 * high)
 
 
-def evaluate_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
+def evaluate_gate(
+    evidence: PairedEvidence,
+    config: GateConfig,
+    *,
+    estimated_from: PairedEvidence | None = None,
+) -> GateDecision:
     """Pass, fail or keep collecting; safe to call after every verdict.
+
+    `estimated_from`: the disagreements `evidence.disagreements` was scaled up from, when it is
+    a labelled share of them rather than a count (see `disagreement_rate_variance`).
 
     The disagreement-rate and latency ceilings are guards (`evaluate_guards`), not part of this
     test, so a rollout reports each failure once and for the reason it happened.
@@ -281,8 +352,10 @@ def evaluate_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
     p0 = worse_by_delta_p(d, config.delta)
     llr = log_likelihood_ratio(k, n, p0)
     estimate = d * (1.0 - 2.0 * k / n)
-    upper = error_diff_upper_bound(evidence, config)
-    noise_ratio = disagreement_noise_ratio(evidence, config.delta, config.alpha)
+    upper = error_diff_upper_bound(evidence, config, estimated_from=estimated_from)
+    noise_ratio = disagreement_noise_ratio(
+        evidence, config.delta, config.alpha, estimated_from
+    )
     summary = (
         f"candidate right on {k} of {n} labelled disagreements; disagreement rate {d:.2%}; "
         f"error difference {estimate:+.2%} (upper bound {upper:+.2%})"
@@ -312,32 +385,86 @@ def evaluate_gate(evidence: PairedEvidence, config: GateConfig) -> GateDecision:
     )
 
 
+def rate_log_evidence(count: int, parts: int, rate: float) -> float:
+    """log of the evidence, from `count` events in `parts` trials, that the event rate is below
+    `rate` (0 < rate <= 1): the mean over the alternatives r * rate (`RARE_ALTERNATIVES`) of the
+    Bernoulli likelihood ratio L(r * rate) / L(rate).
+
+    Under any rate at or above `rate` each ratio, and so their mean, is a nonnegative
+    supermartingale starting at 1 (one event multiplies it by r, one non-event by
+    (1 - r * rate) / (1 - rate), and their expectation is at most 1). By Ville's inequality it
+    ever reaches 1/alpha with probability at most alpha, however many parts it is watched over.
+    More events lower it, more parts raise it, and it grows with `rate`.
+    """
+    quiet = parts - count
+    if quiet == 0:
+        terms = [count * math.log(r) for r in RARE_ALTERNATIVES]
+    elif rate >= 1.0:
+        return math.inf  # a part without the event rules out a rate of 1
+    else:
+        terms = [
+            count * math.log(r) + quiet * math.log((1.0 - r * rate) / (1.0 - rate))
+            for r in RARE_ALTERNATIVES
+        ]
+    top = max(terms)
+    return top + math.log(sum(math.exp(t - top) for t in terms) / len(terms))
+
+
 def disagreement_rate_upper(disagreements: int, parts: int, alpha: float) -> float:
-    """A Bernstein-style upper confidence bound on a (rare) disagreement rate.
+    """A time-uniform upper confidence bound on a (rare) disagreement rate at 1 - alpha.
+
+    The smallest rate whose `rate_log_evidence` has reached log(1/alpha): every rate from there
+    up is rejected, so the true rate is above the bound, at any look of a stream however often
+    it is looked at, with probability at most alpha. It is conservative when `disagreements`
+    counts more than there are (more events only lower the evidence).
 
     |err(candidate) - err(active)| can never exceed the disagreement rate, so when this bound is
-    below delta the candidate cannot be worse by delta, however the disagreements are labelled.
+    at or below delta the candidate cannot be worse by delta, however the disagreements are
+    labelled.
     """
-    if parts <= 0:
+    if parts <= 0 or disagreements >= parts:
         return 1.0
-    c = math.log(1.0 / alpha)
-    return min(1.0, (disagreements + c + math.sqrt(2.0 * disagreements * c)) / parts)
+    threshold = math.log(1.0 / alpha)
+    # The evidence grows with the rate: near 0 it is at most 1, towards 1 it is unbounded.
+    low, high = 0.0, 1.0
+    for _ in range(_BISECTION_STEPS):
+        mid = 0.5 * (low + high)
+        if rate_log_evidence(disagreements, parts, mid) >= threshold:
+            high = mid
+        else:
+            low = mid
+    return high
+
+
+def rare_pass(count: int, parts: int, config: GateConfig) -> bool:
+    """Whether `count` disagreements in `parts` show a rate below delta, at any look: exactly
+    when `disagreement_rate_upper` is at or below delta."""
+    if parts <= 0 or count >= parts:
+        return False
+    return rate_log_evidence(count, parts, config.delta) >= math.log(1.0 / config.alpha)
 
 
 def evaluate_rare_gate(
-    evidence: PairedEvidence, config: GateConfig, possible: int | None = None
+    evidence: PairedEvidence,
+    config: GateConfig,
+    possible: int | None = None,
+    *,
+    estimated_from: PairedEvidence | None = None,
 ) -> GateDecision:
     """`evaluate_gate`, plus a pass when the models disagree too rarely to differ by delta:
     used for escaped defects, where disagreements may be too rare ever to reach min_labels.
     `possible` is a count of such disagreements that cannot be too low (every unlabelled one
-    counted); without it, `evidence.disagreements`."""
-    decision = evaluate_gate(evidence, config)
+    counted); without it, `evidence.disagreements`. `estimated_from` as in `evaluate_gate`.
+    The rare-event pass uses a time-uniform bound (`disagreement_rate_upper`), so it holds
+    however often it is evaluated; the bound shown with it is that bound on the rate."""
+    decision = evaluate_gate(evidence, config, estimated_from=estimated_from)
     if decision.outcome != GateOutcome.CONTINUE:
         return decision
     count = evidence.disagreements if possible is None else possible
-    upper = disagreement_rate_upper(count, evidence.parts, config.alpha)
-    if upper > config.delta:
+    if not rare_pass(count, evidence.parts, config):
         return decision
+    # delta's own evidence has reached the threshold, so delta is an upper bound too.
+    upper = min(disagreement_rate_upper(count, evidence.parts, config.alpha), config.delta)
     reason = (
         f"pass: the models disagree on at most {upper:.2%} of parts ({count} "
         f"of {evidence.parts}), so they cannot differ by {config.delta:.2%}"

@@ -78,6 +78,8 @@ class PendingCommand(Strict):
     attempts: int = 1
     # The station answered a command it could not authenticate (under the nil cmd_id): why.
     refusal: str | None = Field(default=None, exclude_if=lambda value: value is None)
+    # When a restarted controller took the command over and gave it a fresh timeout (once).
+    taken_over: datetime | None = Field(default=None, exclude_if=lambda value: value is None)
 
 
 class StageRecord(Strict):
@@ -86,6 +88,10 @@ class StageRecord(Strict):
     command_round: int = 0
     observing_since: datetime | None = None
     deadline: datetime | None = None
+    # When a restarted controller gave the observing stage's deadline its grace (once).
+    deadline_taken_over: datetime | None = Field(
+        default=None, exclude_if=lambda value: value is None
+    )
     gate: str = ""
     outcome: Literal["pending", "running", "passed", "failed"] = "pending"
 
@@ -248,24 +254,43 @@ def start(
 
 
 def restarted(state: RolloutState, now: datetime) -> RolloutState:
-    """The rollout as a controller that starts at `now` takes it over. A command's timeout
-    counts only time a controller could hear its ack: what the stations acked while none ran
-    is still on its way (behind their backlog), so every pending command waits anew. For the
-    same reason an observing stage is not judged inconclusive before the evidence sent while
-    no controller ran has had `command_timeout_s` to come in."""
-    pending = [
-        command.model_copy(update={"first_sent": max(command.first_sent, now)})
-        for command in state.pending
-    ]
-    update: dict[str, Any] = {"pending": pending}
-    record = state.record
-    grace = now + timedelta(seconds=state.plan.command_timeout_s)
-    if (state.phase not in TERMINAL and record.step == StageStep.OBSERVING
-            and record.deadline is not None and record.deadline < grace):
-        stages = list(state.stages)
-        stages[state.stage] = record.model_copy(update={"deadline": grace})
-        update["stages"] = stages
+    """The rollout as a controller that starts at `now` takes it over. What the stations acked
+    while no controller ran is still on its way (behind their backlog), so a pending command
+    gets a fresh `command_timeout_s` from the take-over; for the same reason an observing stage
+    is not judged inconclusive before the evidence sent meanwhile has had `command_timeout_s`
+    to come in. Each gets that grace once (`taken_over`, `deadline_taken_over`): a controller
+    restarting more often than the timeout (a crash loop) would otherwise wait for ever for a
+    station that never answers. A command thus times out at most `command_timeout_s` after the
+    first controller that took it over started."""
+    update: dict[str, Any] = {"pending": [_taken_over(command, now) for command in state.pending]}
+    if state.phase not in TERMINAL:
+        record = _deadline_taken_over(state.record, now, state.plan.command_timeout_s)
+        if record is not state.record:
+            stages = list(state.stages)
+            stages[state.stage] = record
+            update["stages"] = stages
     return state.model_copy(update=update)
+
+
+def _taken_over(command: PendingCommand, now: datetime) -> PendingCommand:
+    """The command with its one take-over grace: its timeout counts from `now`."""
+    if command.taken_over is not None:
+        return command
+    return command.model_copy(
+        update={"first_sent": max(command.first_sent, now), "taken_over": now}
+    )
+
+
+def _deadline_taken_over(record: StageRecord, now: datetime, timeout_s: float) -> StageRecord:
+    """An observing stage's record with its one take-over grace: its deadline no sooner than
+    `timeout_s` after `now`."""
+    if (record.step != StageStep.OBSERVING or record.deadline is None
+            or record.deadline_taken_over is not None):
+        return record
+    grace = now + timedelta(seconds=timeout_s)
+    return record.model_copy(
+        update={"deadline": max(record.deadline, grace), "deadline_taken_over": now}
+    )
 
 
 # --- the transition ---------------------------------------------------------------------------
@@ -296,10 +321,12 @@ def transition(state: RolloutState, event: Event, now: datetime) -> Result:
             raise TransitionError(f"cannot resume a rollout that is {state.phase.value}")
         record = state.record
         if record.step == StageStep.OBSERVING:
-            # A fresh maximum duration: a pause for an inconclusive stage buys a new window.
-            record = record.model_copy(
-                update={"deadline": now + timedelta(seconds=state.current.exit.max_duration_s)}
-            )
+            # A fresh maximum duration: a pause for an inconclusive stage buys a new window,
+            # with its own take-over grace.
+            record = record.model_copy(update={
+                "deadline": now + timedelta(seconds=state.current.exit.max_duration_s),
+                "deadline_taken_over": None,
+            })
         state = _with_record(state, record)
         # Why it paused stays in the history; the status no longer gives it as the rollout's.
         return _note(state, now, f"resumed by {event.by}",
@@ -602,7 +629,8 @@ def _settle_stranded(state: RolloutState, event: CommandAcked, now: datetime) ->
 def _chase_stranded(state: RolloutState, event: Tick, now: datetime) -> Result:
     """A finished rollout sends a stranded rollback again once its station is back holding
     this candidate, and every copy sent before has expired there (a station carries out a
-    valid copy itself, and a second rollback would undo its previous promotion)."""
+    valid copy itself, and a second rollback would undo its previous promotion). It is settled
+    once the station is back without the candidate, and has saved that (no `slots_save`)."""
     stranded: list[PendingCommand] = []
     orders: list[tuple[str, Body]] = []
     sha = state.candidate.model.sha256
@@ -615,7 +643,11 @@ def _chase_stranded(state: RolloutState, event: Tick, now: datetime) -> Result:
             view.active_sha256 == sha and view.candidate_sha256 is None
             and command.station in state.promoted
         )
-        if not holds:
+        if not holds and "slots_save" in view.fault_codes:
+            # A copy carried out whose change the station could not save (it acks once it
+            # has): a restart before the save brings the candidate back.
+            stranded.append(command)
+        elif not holds:
             state = _note(state, now, f"{command.station} is back without the candidate")
         elif (now - command.last_sent).total_seconds() <= event.command_ttl_s:
             stranded.append(command)  # its copies may still be carried out
@@ -692,14 +724,17 @@ class Verdicts:
 
 def judge(stage: Stage, evidence: StageEvidence) -> Verdicts:
     """Both gates of a stage. Either one failing rolls the stage back, so each fails at beta/2:
-    a candidate as good as the active one is thrown away with at most the plan's beta."""
+    a candidate as good as the active one is thrown away with at most the plan's beta.
+    The defect disagreements are the labelled defect share of all disagreements scaled up, so
+    the escape gate is told what they were estimated from."""
     overall, escapes = (
         replace(gate_config(stage, escapes=flag), beta=stage.gate.beta / 2)
         for flag in (False, True)
     )
     return Verdicts(
         evaluate_gate(evidence.overall, overall),
-        evaluate_rare_gate(evidence.escapes, escapes, possible=evidence.possible_escapes),
+        evaluate_rare_gate(evidence.escapes, escapes, possible=evidence.possible_escapes,
+                           estimated_from=evidence.overall),
     )
 
 

@@ -199,6 +199,28 @@ def test_a_station_back_without_the_candidate_gets_no_rollback() -> None:
     assert sends == []  # a deploy made since by someone else is not this rollout's to undo
 
 
+def test_a_station_back_without_the_candidate_but_unsaved_still_owes_its_rollback() -> None:
+    """It carried out a copy but could not save the change (slots_save): a restart would bring
+    the candidate back, so the rollback is not settled until the state says it is saved."""
+    state, clock, _ = rolled_back_while_s2_was_away()
+    unsaved = {**FLEET, "s2": StationView(online=True, active_sha256="a" * 64, faults=1,
+                                          fault_codes=("slots_save",))}
+    state, sends = transition(state, Tick(unsaved, command_ttl_s=TTL), clock.step(2 * TTL))
+    assert sends == [] and [c.station for c in state.stranded] == ["s2"]
+    # It restarted before the save: back holding the candidate, every copy long expired.
+    state, sends = transition(state, Tick(holding(True), command_ttl_s=TTL), clock.step(TTL))
+    assert [(s.station, s.body.name) for s in sends] == [("s2", "rollback")]
+
+
+def test_a_station_whose_rollback_was_saved_is_settled() -> None:
+    state, clock, _ = rolled_back_while_s2_was_away()
+    unsaved = {**FLEET, "s2": StationView(online=True, active_sha256="a" * 64, faults=1,
+                                          fault_codes=("slots_save",))}
+    state, _ = transition(state, Tick(unsaved, command_ttl_s=TTL), clock.step(2 * TTL))
+    state, sends = transition(state, Tick(holding(False), command_ttl_s=TTL), clock.step(1))
+    assert sends == [] and state.stranded == []
+
+
 def test_the_late_ack_of_a_rollback_given_up_on_settles_it() -> None:
     state, clock, cmd_id = rolled_back_while_s2_was_away()
     state, _ = transition(state, CommandAcked(cmd_id, "s2", ok=True), clock.step(60))
