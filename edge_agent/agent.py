@@ -11,8 +11,9 @@ Threads, and why each exists:
   every commit and restarts it if it dies.
 - the command worker: parses, downloads and loads off the critical path, then asks the loop to
   apply the change at a part boundary and acks the result once the change is saved.
-- housekeeping: verdicts from the UI, state, metrics, quota, free disk space, the UI's status
-  snapshot, and the save of slots the store refused (which acks the commands waiting for it).
+- housekeeping: verdicts from the UI, requests from the screen (made by the loop), state,
+  metrics, quota, free disk space, the UI's status snapshot, and the save of slots the store
+  refused (which acks the commands and takes the screen's requests waiting for it).
 """
 
 from __future__ import annotations
@@ -75,7 +76,14 @@ from edge_agent.sources import (
     parse_spec,
     redact_url,
 )
-from edge_agent.store import OutboxFull, PartLogEntry, ReviewItem, StationStore, VerdictRow
+from edge_agent.store import (
+    OutboxFull,
+    PartLogEntry,
+    ReviewItem,
+    StationStore,
+    UiRequest,
+    VerdictRow,
+)
 from edge_agent.synthetic import id_prefix, next_index
 from edge_agent.writer import DurableWriter
 from linesight import __version__, systemd
@@ -233,6 +241,11 @@ class Agent:
         # until it is: a copy the controller sends again tries the save, and is not carried out
         # again. Only changed under the save lock.
         self._unsaved_commands: dict[str, UnsavedCommand] = {}
+        # Requests from the screen made whose change is not saved yet: the store keeps them open
+        # until a save of the slots takes them, so a restart before it makes them again. Only
+        # changed under the save lock.
+        self._unsaved_requests: list[UiRequest] = []
+        self._requests_in_hand = 0  # the id of the last screen request handed to the loop
         # Results of commands refused whose record the store could not take (cmd_id -> ack
         # JSON): a copy the controller sends again gets the same answer.
         self._unrecorded: dict[str, str] = {}
@@ -421,22 +434,30 @@ class Agent:
             self._state_dirty.set()
 
     def _save_slots(self, command: CommandRecord | None = None) -> None:
+        """One commit: the slots, `command`'s record, and the screen's requests whose change
+        the slots carry, taken. Only under the save lock."""
         record = self.slots.to_record()
         record["automation"] = self.automation.value
         if self.drift.reference is not None:
             record["drift_reference"] = self.drift.reference.to_dict()
             record["reference_for"] = self.slots.active.ref.sha256
-        self.store.save_slots(record, command)
+        self.store.save_slots(record, command, [r.id for r in self._unsaved_requests])
+        self._unsaved_requests.clear()
 
-    def _save_with_commands(self, command: UnsavedCommand | None) -> list[UnsavedCommand]:
+    def _save_with_commands(
+        self, command: UnsavedCommand | None, request: UiRequest | None = None
+    ) -> list[UnsavedCommand]:
         """Save the slots with the record of every command whose change waits for it (each
-        record in a commit of its own with the slots); the commands now saved, to acknowledge.
-        A store that cannot write now (disk full, locked) raises the `slots_save` fault, whose
-        message names the commands still unsaved, and housekeeping tries again: neither the
-        inspection loop nor a command dies of it."""
+        record in a commit of its own with the slots), and take the screen's requests whose
+        change waits for it in the first of those commits; the commands now saved, to
+        acknowledge. A store that cannot write now (disk full, locked) raises the `slots_save`
+        fault, whose message names the commands and requests still unsaved, and housekeeping
+        tries again: neither the inspection loop nor a command dies of it."""
         with self._save_lock:
             if command is not None:
                 self._unsaved_commands[str(command.cmd_id)] = command
+            if request is not None:
+                self._unsaved_requests.append(request)
             waiting = list(self._unsaved_commands.values())
             saved: list[UnsavedCommand] = []
             problem: str | None = None
@@ -448,14 +469,16 @@ class Agent:
                     del self._unsaved_commands[str(each.cmd_id)]
                     saved.append(each)
             except Exception as exc:  # noqa: BLE001 - any store failure
-                problem = unsaved_message(exc, list(self._unsaved_commands.values()))
+                problem = unsaved_message(
+                    exc, list(self._unsaved_commands.values()), self._unsaved_requests
+                )
             self._slots_unsaved = problem is not None
         self._fault_while("slots_save", problem, update=True)
         return saved
 
     def _persist_slots(self) -> None:
         """Save the slots (a change without a command, or a retry) and acknowledge the
-        commands whose change this made durable."""
+        commands (and take the screen's requests) whose change this made durable."""
         self._ack_saved(self._save_with_commands(None))
 
     def _ack_saved(self, saved: list[UnsavedCommand]) -> dict[str, p.CommandAck]:
@@ -1028,13 +1051,16 @@ class Agent:
 
     def _set_automation(
         self, level: p.AutomationLevel, reason: str, by: str,
-        command: UnsavedCommand | None = None,
+        command: UnsavedCommand | None = None, request: UiRequest | None = None,
     ) -> list[UnsavedCommand]:
-        """The commands whose change this saved are returned, for the caller to acknowledge
-        (a request from the screen has no command: it acknowledges them itself)."""
+        """Set the level asked for by a command, or by a `request` from the screen (taken by
+        the save that carries it). The commands whose change this saved are returned, for the
+        caller to acknowledge (a request from the screen has no command: it acknowledges them
+        itself). The level is set before the save lock is taken: a retry that saves it first
+        leaves the request open, never takes it without its level."""
         self.automation = level
         self.automation_note = f"{level.value} by {by}: {reason}".strip(": ")
-        saved = self._save_with_commands(command)
+        saved = self._save_with_commands(command, request)
         self._state_dirty.set()
         log.info("automation set to %s by %s (%s)", level.value, by, reason or "no reason given")
         return saved
@@ -1191,23 +1217,27 @@ class Agent:
             self.relay.wake()
 
     def _take_ui_requests(self) -> None:
-        for request in self.store.take_requests():
-            try:
-                level = p.AutomationLevel(request.level)
-            except ValueError:
-                log.warning("ignored an automation request for unknown level %r", request.level)
-                continue
+        """Hand the screen's new requests to the loop, oldest first, each once: one stays open
+        in the store until the save of its change takes it, so only the id of the last one in
+        hand tells it apart from one still waiting for its save."""
+        for request in self.store.open_requests(after=self._requests_in_hand):
+            self._requests_in_hand = request.id
             # Not waited for: a loop stuck on a part must not hold up housekeeping, and the
             # request is made as soon as the loop goes on.
-            self._at_next_boundary(
-                lambda level=level, request=request: self._automation_requested(  # type: ignore[misc]
-                    level, request.reason, request.by
-                )
-            )
+            self._at_next_boundary(functools.partial(self._automation_requested, request))
 
-    def _automation_requested(self, level: p.AutomationLevel, reason: str, by: str) -> None:
-        """A level asked for on the screen; its save also acknowledges the commands it saved."""
-        self._ack_saved(self._set_automation(level, reason, by))
+    def _automation_requested(self, request: UiRequest) -> None:
+        """A level asked for on the screen, taken by the save that carries it; that save also
+        acknowledges the commands it saved. One for a level this agent does not know is taken
+        with a save that changes nothing."""
+        try:
+            level = p.AutomationLevel(request.level)
+        except ValueError:
+            log.warning("ignored request %d from the screen for unknown automation level %r",
+                        request.id, request.level)
+            self._ack_saved(self._save_with_commands(None, request))
+            return
+        self._ack_saved(self._set_automation(level, request.reason, request.by, request=request))
 
     def _enforce_quota(self) -> None:
         quota = int(self.config.review.quota_mb * 1024 * 1024)
@@ -1328,6 +1358,10 @@ class Agent:
                         "(%s): they were not acknowledged, the next start undoes them, and the "
                         "controller sends them again", ", ".join(
                             c.name for c in self._unsaved_commands.values()))
+        if self._unsaved_requests:
+            log.warning("stopping with requests from the screen made whose change could not be "
+                        "saved (%s): they stay open, and the next start makes them again",
+                        ", ".join(request_text(r) for r in self._unsaved_requests))
         self.relay.stop()
         self.writer.close()
         self.gate.close()
@@ -1376,14 +1410,26 @@ def _ack_json(error: str | None) -> str:
     return json.dumps({"ok": error is None, "error": error})
 
 
-def unsaved_message(error: Exception, unsaved: list[UnsavedCommand]) -> str:
-    """The `slots_save` fault's message: what failed, and the commands it keeps unanswered."""
+def unsaved_message(
+    error: Exception, unsaved: list[UnsavedCommand], requests: list[UiRequest] | None = None
+) -> str:
+    """The `slots_save` fault's message: what failed, the commands it keeps unanswered and the
+    screen's requests it keeps open."""
     message = f"the model slots could not be saved: {error}"
     if unsaved:
         names = ", ".join(f"{command.name} ({command.cmd_id})" for command in unsaved)
         message += (f"; carried out but not acknowledged until saved (a restart before that "
                     f"undoes them): {names}")
+    if requests:
+        asked = ", ".join(request_text(request) for request in requests)
+        message += (f"; asked on the screen, made but kept open until saved (a restart before "
+                    f"that makes them again): {asked}")
     return message
+
+
+def request_text(request: UiRequest) -> str:
+    """A screen's request as a fault message or the log names it."""
+    return f"automation {request.level} by {request.by} (request {request.id})"
 
 
 def _with_claim(error: str, claimed: uuid.UUID, answered: uuid.UUID) -> str:

@@ -1167,7 +1167,7 @@ class StationStore:
 
     def _save_doc(
         self, name: str, doc: dict[str, Any], *, durable: bool,
-        command: tuple[str, str, str] | None = None,
+        command: tuple[str, str, str] | None = None, requests: Sequence[int] = (),
     ) -> None:
         if not isinstance(doc, dict):
             raise ValueError(f"doc: a JSON object is required, got {type(doc).__name__}")
@@ -1186,6 +1186,7 @@ class StationStore:
             )
             if command is not None:
                 self._record_command_in(conn, *command)
+            self._take_requests_in(conn, requests)
 
     def _load_doc(self, name: str) -> tuple[dict[str, Any], datetime] | None:
         row = (
@@ -1199,14 +1200,17 @@ class StationStore:
         return doc, _dt(row[1])
 
     def save_slots(
-        self, doc: dict[str, Any], command: tuple[str, str, str] | None = None
+        self, doc: dict[str, Any], command: tuple[str, str, str] | None = None,
+        requests: Sequence[int] = (),
     ) -> None:
         """What the station runs (active, candidate, previous); must survive a power cut.
 
         `command` (cmd_id, name, ack JSON) is the command whose change this is, recorded in the
         same commit: a crash can never keep the change and forget that the command was done.
+        `requests` are the ids of the screen's requests whose change `doc` carries, taken in
+        the same commit: a request counts as taken only once its change is saved.
         """
-        self._save_doc(_SLOTS_DOC, doc, durable=True, command=command)
+        self._save_doc(_SLOTS_DOC, doc, durable=True, command=command, requests=requests)
 
     def load_slots(self) -> dict[str, Any] | None:
         loaded = self._load_doc(_SLOTS_DOC)
@@ -1384,17 +1388,30 @@ class StationStore:
             )
             return int(cursor.lastrowid or 0)
 
-    def take_requests(self) -> list[UiRequest]:
-        """The requests not yet taken, oldest first; each is handed out exactly once."""
-        with self._write() as conn:
-            rows = conn.execute(
-                "UPDATE ui_requests SET taken_us = ? WHERE taken_us IS NULL "
-                "RETURNING id, kind, level, reason, requested_by, created_us",
-                (_now_us(),),
-            ).fetchall()
-        requests = [UiRequest(r[0], r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
-        # RETURNING gives no order guarantee; the agent applies requests in the order made.
-        return sorted(requests, key=lambda request: request.id)
+    def open_requests(self, after: int = 0) -> list[UiRequest]:
+        """The requests not taken yet, oldest first, from the one after request id `after`.
+
+        Reading takes nothing: a request is taken only by the save of the slots that carries
+        its change (`save_slots(..., requests=...)`), so one whose save never happened (a full
+        disk, then a restart) is still here for the agent to make after its restart. Ids only
+        grow (each request is one write, and writes take turns), so an agent that remembers
+        the last id it took in hand never hands out one twice.
+        """
+        if after < 0:
+            raise ValueError(f"after: must be 0 or more, got {after}")
+        rows = self._conn().execute(
+            "SELECT id, kind, level, reason, requested_by, created_us FROM ui_requests "
+            "WHERE taken_us IS NULL AND id > ? ORDER BY id",
+            (after,),
+        ).fetchall()
+        return [UiRequest(r[0], r[1], r[2], r[3], r[4], _dt(r[5])) for r in rows]
+
+    @staticmethod
+    def _take_requests_in(conn: sqlite3.Connection, requests: Sequence[int]) -> None:
+        conn.executemany(
+            "UPDATE ui_requests SET taken_us = ? WHERE id = ? AND taken_us IS NULL",
+            [(_now_us(), request) for request in requests],
+        )
 
     # -- the UI's live sign-ins --
 

@@ -40,6 +40,9 @@ def _page(
         (shown_item(escalation.review), escalation)
         for escalation in state.store.escalations(limit=ESCALATIONS_SHOWN)
     ]
+    # Open until the station has made the change and saved it (a stopped station, or one whose
+    # disk refuses the save, leaves them open: it makes them when it can).
+    waiting = state.store.open_requests()
     page = render_template(
         "supervisor.html",
         escalations=escalations,
@@ -48,6 +51,7 @@ def _page(
         levels=levels,
         current=current,
         note=note,
+        waiting=waiting,
         max_automation=state.config.max_automation.value,
         error=error,
         reason=reason,
@@ -89,7 +93,7 @@ def change_automation() -> BaseResponse:
     state.store.request_automation(level.value, reason, by=operator.badge)
     flash(
         f"Asked the station to switch to '{level.value}'. It applies the change between two "
-        "parts and reports it to the fleet.",
+        "parts, saves it and reports it to the fleet; until then it is listed as waiting.",
         "ok",
     )
     return redirect(url_for("supervisor.supervisor_page"))

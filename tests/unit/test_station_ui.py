@@ -604,7 +604,7 @@ def test_operators_cannot_use_the_supervisor_page(
         data={"level": "full", "reason": "because", "csrf_token": token},
     )
     assert response.status_code == 403
-    assert store.take_requests() == []
+    assert store.open_requests() == []
     assert "Supervisor" not in client.get("/status").get_data(as_text=True).split("<main>")[0]
 
 
@@ -618,14 +618,14 @@ def test_a_supervisor_changes_the_automation_level(
         "/supervisor/automation", data={"level": "partial", "reason": " ", "csrf_token": token}
     )
     assert missing.status_code == 400 and "Give a reason" in missing.get_data(as_text=True)
-    assert store.take_requests() == []
+    assert store.open_requests() == []
     done = client.post(
         "/supervisor/automation",
         data={"level": "partial", "reason": "model 1.0.0 audited for a week", "csrf_token": token},
         follow_redirects=True,
     )
     assert done.status_code == 200 and "switch to" in done.get_data(as_text=True)
-    [request] = store.take_requests()
+    [request] = store.open_requests()
     assert (request.level, request.reason, request.by) == (
         "partial", "model 1.0.0 audited for a week", "sup-1",
     )
@@ -643,11 +643,11 @@ def test_levels_above_the_fleet_maximum_are_refused(
     )
     assert refused.status_code == 403
     assert "at most 'assist'" in html.unescape(refused.get_data(as_text=True))
-    assert store.take_requests() == []
+    assert store.open_requests() == []
     client.post(
         "/supervisor/automation", data={"level": "assist", "reason": "x", "csrf_token": token}
     )
-    assert [r.level for r in store.take_requests()] == ["assist"]
+    assert [r.level for r in store.open_requests()] == ["assist"]
 
 
 def test_an_escalated_part_reaches_the_supervisor_who_gives_the_final_verdict(

@@ -717,37 +717,67 @@ def test_operators(store: StationStore) -> None:
         store.upsert_operator("b2", "Bo", "admin", "h")
 
 
-def test_ui_requests_are_taken_once(tmp_data_dir: Path) -> None:
+def test_ui_requests_stay_open_until_the_slots_save_that_carries_them_takes_them(
+    tmp_data_dir: Path,
+) -> None:
     with StationStore(tmp_data_dir) as agent, StationStore(tmp_data_dir) as ui:
         first = ui.request_automation("partial", "line is stable", "b1")
         second = ui.request_automation("human_only", "new batch", "b1")
-        taken = agent.take_requests()
-        assert [(r.id, r.level, r.by) for r in taken] == [
-            (first, "partial", "b1"),
-            (second, "human_only", "b1"),
-        ]
-        assert agent.take_requests() == []
+        asked = [(first, "partial", "b1"), (second, "human_only", "b1")]
+        assert [(r.id, r.level, r.by) for r in agent.open_requests()] == asked
+        assert [(r.id, r.level, r.by) for r in agent.open_requests()] == asked, "read, not taken"
+        assert [r.id for r in agent.open_requests(after=first)] == [second]
+        agent.save_slots({"automation": "partial"}, requests=[first])
+        assert [r.id for r in ui.open_requests()] == [second]
+        agent.save_slots({"automation": "human_only"}, requests=[first, second])
+        assert ui.open_requests() == []
         with pytest.raises(ValueError, match="level"):
             ui.request_automation("auto", "", "b1")
+        with pytest.raises(ValueError, match="after"):
+            agent.open_requests(after=-1)
 
 
-def test_concurrent_takers_share_requests_without_overlap(store: StationStore) -> None:
-    ids = {store.request_automation("full", "", "b1") for _ in range(50)}
-    taken: list[int] = []
+def test_a_slots_save_that_fails_takes_no_request(store: StationStore) -> None:
+    request = store.request_automation("full", "stable", "b1")
+    raw = sqlite3.connect(store.path)
+    raw.execute("CREATE TRIGGER refuse_slots BEFORE INSERT ON documents WHEN NEW.name = 'slots' "
+                "BEGIN SELECT RAISE(ABORT, 'database or disk is full'); END")
+    raw.commit()
+    with pytest.raises(sqlite3.Error, match="disk is full"):
+        store.save_slots({"automation": "full"}, requests=[request])
+    assert [r.id for r in store.open_requests()] == [request]
+    raw.execute("DROP TRIGGER refuse_slots")
+    raw.commit()
+    raw.close()
+    store.save_slots({"automation": "full"}, requests=[request])
+    assert store.open_requests() == []
+    assert store.load_slots() == {"automation": "full"}
+
+
+def test_a_reader_after_the_last_id_it_saw_misses_no_request_of_concurrent_screens(
+    tmp_data_dir: Path,
+) -> None:
+    """The agent remembers only the last request id it took in hand."""
+    asked: list[int] = []
     lock = threading.Lock()
 
-    def take() -> None:
-        for _ in range(10):
-            got = [r.id for r in store.take_requests()]
-            with lock:
-                taken.extend(got)
+    def screen() -> None:
+        with StationStore(tmp_data_dir) as ui:
+            for _ in range(20):
+                request = ui.request_automation("full", "", "b1")
+                with lock:
+                    asked.append(request)
 
-    threads = [threading.Thread(target=take) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join(timeout=30)
-    assert sorted(taken) == sorted(ids)
+    seen: list[int] = []
+    with StationStore(tmp_data_dir) as agent:
+        threads = [threading.Thread(target=screen) for _ in range(3)]
+        for thread in threads:
+            thread.start()
+        while any(thread.is_alive() for thread in threads) or len(seen) < len(asked):
+            seen.extend(r.id for r in agent.open_requests(after=seen[-1] if seen else 0))
+        for thread in threads:
+            thread.join(timeout=30)
+    assert seen == sorted(asked) and len(seen) == 60
 
 
 # --- boundaries and lifecycle ---------------------------------------------------------------
@@ -789,15 +819,14 @@ def test_closed_store_refuses_use(tmp_data_dir: Path) -> None:
 
 def test_history_is_pruned_but_open_requests_are_kept(store: StationStore) -> None:
     store.record_command("c-1", "promote", '{"ok": true, "error": null}')
-    store.request_automation("full", "night shift", by="9001")
-    taken = store.take_requests()
+    taken = store.request_automation("full", "night shift", by="9001")
+    store.save_slots({"automation": "full"}, requests=[taken])
     store.request_automation("partial", "day shift", by="9001")  # still open
     later = datetime.now(UTC) + timedelta(days=40)
-    assert len(taken) == 1
     assert store.prune_history(timedelta(days=30)) == 0
     assert store.prune_history(timedelta(days=30), now=later) == 2
     assert store.command_result("c-1") is None
-    assert [r.level for r in store.take_requests()] == ["partial"]
+    assert [r.level for r in store.open_requests()] == ["partial"]
 
 
 def test_the_orphan_sweep_passes_over_a_file_that_vanishes_while_it_looks(
@@ -823,7 +852,7 @@ def test_the_orphan_sweep_passes_over_a_file_that_vanishes_while_it_looks(
         def __exit__(self, *exc: object) -> None:
             return None
 
-    monkeypatch.setattr(store_module.os, "scandir", lambda path: Listed())
+    monkeypatch.setattr(os, "scandir", lambda path: Listed())  # the store's own os module
     report = store.enforce_quota(10**9)
     assert report.over_quota_bytes == 0
     assert not (store.images_dir / "orphan.jpg").exists(), "a real orphan is still swept"
