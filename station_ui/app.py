@@ -30,6 +30,7 @@ from werkzeug.exceptions import HTTPException
 from werkzeug.wrappers import Response as BaseResponse
 
 from edge_agent.store import OperatorRow, StationStore, StoreError
+from station_ui.clock import Moment, SnapshotAge, from_cookie, seconds_since
 from station_ui.config import UiConfig
 from station_ui.security import (
     SignInLimiter,
@@ -60,6 +61,8 @@ class UiState:
     sessions: LiveSessions
     """The sessions signed in on the station's screens: a cookie whose id is not live is
     refused."""
+    snapshot_age: SnapshotAge
+    """How old the agent's status snapshot is, whatever the wall clock does."""
 
 
 def ui() -> UiState:
@@ -68,6 +71,12 @@ def ui() -> UiState:
 
 def now_dt() -> datetime:
     return datetime.fromtimestamp(ui().config.clock(), UTC)
+
+
+def now_moment(config: UiConfig) -> Moment:
+    """Now, as the cookie records it: idle time and the sign-in's limit are measured on the
+    monotonic clock, so a step of the wall clock neither ends a session nor lengthens it."""
+    return Moment(config.clock(), config.monotonic(), config.boot_id)
 
 
 def current_operator() -> OperatorRow | None:
@@ -122,7 +131,7 @@ def supervisor_only(view: F) -> F:
 
 def start_session(operator: OperatorRow) -> None:
     state = ui()
-    now = state.config.clock()
+    now = now_moment(state.config).to_cookie()
     state.sessions.end(session.get("sid"))  # a sign-in over a live session replaces it
     session.clear()
     # A fresh CSRF token at sign-in: a token seen before sign-in is worth nothing after it.
@@ -151,14 +160,12 @@ def _load_operator() -> None:
     badge = session.get("badge")
     if not isinstance(badge, str):
         return
-    now = state.config.clock()
-    seen = float(session.get("seen", 0.0))
-    started = float(session.get("started", 0.0))
+    now = now_moment(state.config)
     # Timed out first: the store forgets a sign-in at its time limit too, and the operator is
     # told which limit it was, not that they were signed out elsewhere.
-    if now - seen > state.config.idle_timeout_s:
+    if seconds_since(from_cookie(session.get("seen")), now) > state.config.idle_timeout_s:
         reason = "idle"
-    elif now - started > state.config.max_session_s:
+    elif seconds_since(from_cookie(session.get("started")), now) > state.config.max_session_s:
         reason = "expired"
     elif not state.sessions.is_live(session.get("sid")):
         reason = "signed_out"  # signed out elsewhere (or a cookie from before sign-ins had an id)
@@ -168,7 +175,7 @@ def _load_operator() -> None:
         if operator is not None and hash_fingerprint(operator.pin_hash) == session.get("fp"):
             g.operator = operator
             if request.endpoint not in _PASSIVE_ENDPOINTS:
-                session["seen"] = now
+                session["seen"] = now.to_cookie()
             return
         reason = "signed_out"
     end_session()
@@ -260,8 +267,9 @@ def create_app(config: UiConfig, store: StationStore | None = None) -> Flask:
     app.extensions["station_ui"] = UiState(
         config=config,
         store=store,
-        limiter=SignInLimiter(config.clock),
+        limiter=SignInLimiter(config.monotonic),
         sessions=LiveSessions(store, config.clock, config.max_session_s),
+        snapshot_age=SnapshotAge(),
     )
 
     from station_ui import auth, review, status, supervisor

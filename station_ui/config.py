@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from linesight.protocol import AutomationLevel
+from station_ui.clock import current_boot_id
 from station_ui.security import LockPolicy
 
 AUTOMATION_ORDER: tuple[AutomationLevel, ...] = tuple(AutomationLevel)
@@ -45,7 +46,12 @@ class UiConfig:
     address_lock: LockPolicy = LockPolicy(max_failures=20)
     """Looser than per badge: every operator of a kiosk signs in from the same address."""
     clock: Callable[[], float] = time.time
-    """Seconds since the epoch; tests pass a fake to step idle time and locks."""
+    """Seconds since the epoch: the time verdicts and shifts are dated by."""
+    monotonic: Callable[[], float] = time.monotonic
+    """What measures durations (idle time, the sign-in's limit, sign-in locks): no step of the
+    wall clock moves it. Tests pass fakes of both to step time."""
+    boot_id: str = field(default_factory=current_boot_id)
+    """The boot `monotonic` counts from (see station_ui.clock)."""
 
     def __post_init__(self) -> None:
         if len(self.secret_key) < 16:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,15 @@ from werkzeug.wrappers import Response as BaseResponse
 
 from edge_agent.store import ReviewRow
 from linesight.protocol import PART_ID_MAX_LENGTH, VerdictOutcome
-from station_ui.app import current_operator, error_response, now_dt, signed_in, ui, wants_json
+from station_ui.app import (
+    current_operator,
+    error_response,
+    now_dt,
+    now_moment,
+    signed_in,
+    ui,
+    wants_json,
+)
 from station_ui.views import Banner, QueueItem, banners, queue_item, verdict_labels
 
 blueprint = Blueprint("review", __name__)
@@ -49,11 +58,15 @@ def _queue() -> tuple[list[QueueItem], int]:
 
 def current_banners() -> list[Banner]:
     state = ui()
+    status = state.store.load_status()
+    now = now_moment(state.config)
+    age = None if status is None else state.snapshot_age.age_s(status[1].timestamp(), now)
     return banners(
-        state.store.load_status(),
-        now_dt(),
+        status,
+        datetime.fromtimestamp(now.wall, UTC),
         stale_after_s=state.config.stale_after_s,
         outbox_warn=state.config.outbox_warn,
+        age_s=age,
     )
 
 

@@ -128,14 +128,16 @@ def banners(
     *,
     stale_after_s: float,
     outbox_warn: int,
+    age_s: float | None = None,
 ) -> list[Banner]:
-    """The warnings the operator must see, most serious first."""
+    """The warnings the operator must see, most serious first. `age_s` is the snapshot's age
+    as measured by the screen (station_ui.clock.SnapshotAge); without it, by `now`."""
     if status is None:
         return [Banner("agent_down", "alarm", "Inspection agent has not started: no parts are "
                        "being inspected on this station.")]
     document, written = status
     shown: list[Banner] = []
-    age = (now - written).total_seconds()
+    age = (now - written).total_seconds() if age_s is None else age_s
     if age > stale_after_s:
         shown.append(Banner(
             "agent_down", "alarm",

@@ -49,7 +49,7 @@ def test_a_busy_operator_past_the_sign_in_limit_is_not_told_they_were_idle(
     store.upsert_operator(BADGE, "Kim Line", "operator", hash_pin(PIN))
     config = UiConfig(
         data_dir=store.data_dir, secret_key=b"reason-test-key!" * 2, idle_timeout_s=3000,
-        max_session_s=3600, poll_interval_ms=300, clock=clock,
+        max_session_s=3600, poll_interval_ms=300, clock=clock, monotonic=clock,
     )
     server = make_server("127.0.0.1", 0, create_app(config, store), threaded=True)
     problems: list[str] = []

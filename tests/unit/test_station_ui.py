@@ -61,6 +61,10 @@ def store(tmp_path: Path) -> Iterator[StationStore]:
 
 
 def make_app(store: StationStore, clock: FakeClock, **settings: Any) -> Flask:
+    """The UI on `store`; `clock` is its wall clock and, unless `monotonic` is given (None: the
+    real one), also the clock that measures its durations (idle time, sign-in locks)."""
+    if settings.setdefault("monotonic", clock) is None:
+        del settings["monotonic"]
     config = UiConfig(
         data_dir=store.data_dir, secret_key=b"k" * 32, clock=clock, **settings
     )
