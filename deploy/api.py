@@ -20,6 +20,7 @@ from deploy.controller import (
     CandidateError,
     Controller,
     RolloutConflict,
+    RolloutNotSaved,
     UnknownStation,
     bundle_file,
 )
@@ -71,9 +72,19 @@ def _require_token() -> None:
                   "an api_token this controller takes them only addressed to 127.0.0.1 or "
                   "localhost")
         return
-    given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+    given = _bearer_token(request.headers.get("Authorization", ""))
+    if not given:
+        abort(401, description="no API token was given: send this controller's api_token as "
+              "Authorization: Bearer <token>")
     if not hmac.compare_digest(given.encode(), token.encode()):
-        abort(401, description="a valid API token is required (Authorization: Bearer ...)")
+        abort(401, description="the API token given is not this controller's api_token")
+
+
+def _bearer_token(header: str) -> str:
+    """The token of an `Authorization: Bearer <token>` header ("" without one); the scheme's
+    case does not matter (RFC 9110, 11.1)."""
+    scheme, _, token = header.strip().partition(" ")
+    return token.strip() if scheme.lower() == "bearer" else ""
 
 
 def _body() -> dict[str, Any]:
@@ -116,6 +127,13 @@ def _text(body: dict[str, Any], key: str, max_length: int) -> str:
 @api.errorhandler(HTTPException)
 def _http_error(exc: HTTPException) -> tuple[Response, int]:
     return jsonify(error=exc.description), exc.code or 500
+
+
+@api.errorhandler(RolloutNotSaved)
+def _not_saved(exc: RolloutNotSaved) -> tuple[Response, int]:
+    """The store refused the write (locked past its busy timeout, the disk full): nothing
+    changed, and the same request may be sent again."""
+    return jsonify(error=f"{exc}; try again"), 503
 
 
 @api.get("/health")
@@ -322,9 +340,23 @@ def start_rollout() -> tuple[Response, int]:
     return jsonify(rollout_json(state)), 201
 
 
-def _request_event(action: str, by: str, reason: str) -> Event:
+def _stage(body: dict[str, Any]) -> int | None:
+    """body["stage"]: the index of the stage an approval is meant for (as the rollout's
+    `stage` gives it, 0 for the first); None when absent or null."""
+    value = body.get("stage")
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 1000:
+        abort(400, description="stage: the index of the stage to approve is expected, as the "
+              "rollout's `stage` gives it (0 for the first)")
+    return value
+
+
+def _request_event(action: str, body: dict[str, Any]) -> Event:
+    by = _text(body, "by", 64) or "api"
+    reason = _text(body, "reason", 500)
     if action == "approve":
-        return Approve(by=by)
+        return Approve(by=by, stage=_stage(body))
     if action == "pause":
         return Pause(by=by, reason=reason)
     if action == "resume":
@@ -342,13 +374,10 @@ def act(rollout_id: str, action: str) -> Response:
     _require_token()
     if action not in _ACTIONS:
         abort(404, description=f"unknown action {action!r}; one of {', '.join(_ACTIONS)}")
-    body = _body()
-    by = _text(body, "by", 64) or "api"
-    reason = _text(body, "reason", 500)
+    event = _request_event(action, _body())
     c = controller()
     try:
-        c.apply(_request_event(action, by, reason),
-                rollout_id=None if rollout_id == "current" else rollout_id)
+        c.apply(event, rollout_id=None if rollout_id == "current" else rollout_id)
     except RolloutConflict as exc:
         current = c.rollout
         if current is not None and rollout_id != "current" and c.store.rollout(rollout_id):

@@ -50,6 +50,8 @@ class ControllerClient:
                 message = json.loads(exc.read()).get("error", exc.reason)
             except (ValueError, AttributeError):
                 message = exc.reason
+            if exc.code == 401:
+                message = f"{message} (the CLI gives it with --token or $LINESIGHT_API_TOKEN)"
             raise ControllerError(exc.code, str(message)) from exc
         except http.client.InvalidURL as exc:
             raise ValueError(f"controller URL {self.url!r} is not usable: {exc}") from exc
@@ -66,16 +68,22 @@ class ControllerClient:
                 "'linesight fleet serve' or pass --controller URL"
             ) from exc
         except ConnectionError as exc:
-            raise ControllerUnavailable(
-                f"no controller is running at {self.url} ({exc}); start one with "
-                "'linesight fleet serve' or pass --controller URL"
-            ) from exc
+            # Connecting and sending fail inside a URLError: this came while waiting for the
+            # answer, after the controller got the request (killed or restarted meanwhile).
+            raise ControllerUnavailable(self._cut_off(method, exc)) from exc
         except http.client.HTTPException as exc:
             raise NotAController(self._not_a_controller(path, f"not HTTP: {exc!r}")) from exc
         try:
             return json.loads(raw or b"null")
         except ValueError as exc:
             raise NotAController(self._not_a_controller(path, "not JSON")) from exc
+
+    def _cut_off(self, method: str, exc: ConnectionError) -> str:
+        said = f"the controller at {self.url} closed the connection without answering ({exc})"
+        if method == "GET":
+            return f"{said}; it may be restarting: try again"
+        return (f"{said}; what was asked may still happen: check with 'linesight fleet "
+                "rollout status' before asking again")
 
     def _not_a_controller(self, path: str, what: str) -> str:
         return (f"{self.url} does not answer like a Linesight controller ({path}: {what}); "
@@ -119,11 +127,16 @@ class ControllerClient:
         return self._object(path, answer, "rollout_id")
 
     def act(self, action: str, rollout_id: str = "current", *, by: str = "cli",
-            reason: str = "") -> dict[str, Any]:
+            reason: str = "", stage: int | None = None) -> dict[str, Any]:
+        """`stage` (an approval's): the index of the stage it is meant for; the controller
+        refuses it unless that stage is the one waiting."""
         # Quoted: an id with a space or a slash is one path segment, refused by the controller.
         path = (f"/api/rollouts/{urllib.parse.quote(rollout_id, safe='')}/"
                 f"{urllib.parse.quote(action, safe='')}")
-        return self._object(path, self.post(path, {"by": by, "reason": reason}), "rollout_id")
+        body: dict[str, Any] = {"by": by, "reason": reason}
+        if stage is not None:
+            body["stage"] = stage
+        return self._object(path, self.post(path, body), "rollout_id")
 
     def realign(self, stations: list[str], *, by: str = "cli") -> dict[str, Any]:
         path = "/api/realign"

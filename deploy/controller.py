@@ -20,6 +20,7 @@ from __future__ import annotations
 import logging
 import reprlib
 import shutil
+import sqlite3
 import threading
 import time
 import uuid
@@ -32,7 +33,13 @@ from pathlib import Path
 from deploy.alignment import Expected, expected_models, out_of_step, realign_plan
 from deploy.clock_offset import ClockOffsets
 from deploy.config import ControllerConfig
-from deploy.fleet_store import FleetStore, SqliteFleetStore, StationRecord, StreamKey
+from deploy.fleet_store import (
+    FleetStore,
+    FleetStoreError,
+    SqliteFleetStore,
+    StationRecord,
+    StreamKey,
+)
 from deploy.plan import PlanError, RolloutPlan
 from deploy.rollout import (
     TERMINAL,
@@ -92,6 +99,11 @@ INBOX_MESSAGE_OVERHEAD = 200
 
 class RolloutConflict(Exception):
     """A request that cannot be honoured now (another rollout runs, unknown id, ...)."""
+
+
+class RolloutNotSaved(Exception):
+    """A rollout's new state could not be written to the store: nothing changed (the state is
+    saved before anything else happens), so the request can be sent again."""
 
 
 class UnknownStation(LookupError):
@@ -560,9 +572,15 @@ class Controller:
     def _commit(
         self, state: RolloutState, sends: list[SendCommand], *, defect_label: str | None = None
     ) -> None:
-        """Persist first, then act: a crash in between only repeats idempotent commands."""
-        self.store.save_rollout(state.rollout_id, state.phase.value, state.model_dump_json(),
-                                state.updated, defect_label)
+        """Persist first, then act: a crash in between only repeats idempotent commands.
+        RolloutNotSaved when the store cannot save it: then nothing changed."""
+        try:
+            self.store.save_rollout(state.rollout_id, state.phase.value,
+                                    state.model_dump_json(), state.updated, defect_label)
+        except (sqlite3.Error, FleetStoreError) as exc:
+            raise RolloutNotSaved(
+                f"the rollout's new state could not be saved, so nothing changed: {exc}"
+            ) from exc
         previous = self.rollout
         self.rollout = state
         if Phase.PROMOTED in (state.phase, previous.phase if previous else None):

@@ -193,6 +193,9 @@ class CommandAcked:
 @dataclass(frozen=True, slots=True)
 class Approve:
     by: str
+    stage: int | None = None
+    """The index of the stage the approval is meant for: refused unless that stage is the
+    one waiting (a repeated or late request cannot approve a later stage); None: any."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -307,8 +310,13 @@ def transition(state: RolloutState, event: Event, now: datetime) -> Result:
     if isinstance(event, CommandAcked):
         return _acked(state, event, now)
     if isinstance(event, Approve):
+        if event.stage is not None and event.stage != state.stage:
+            raise TransitionError(f"{stage_text(state, event.stage)} is not waiting for "
+                                  f"approval: the rollout is {state.phase.value} at "
+                                  f"{stage_text(state, state.stage)}")
         if state.phase != Phase.WAITING_APPROVAL:
-            raise TransitionError(f"nothing to approve: the rollout is {state.phase.value}")
+            raise TransitionError(f"nothing to approve: the rollout is {state.phase.value} at "
+                                  f"{stage_text(state, state.stage)}")
         state = _note(state, now, f"approved by {event.by}", phase=Phase.RUNNING)
         return _advance(state, now)
     if isinstance(event, Pause):
@@ -334,10 +342,21 @@ def transition(state: RolloutState, event: Event, now: datetime) -> Result:
     if isinstance(event, Abort | RollbackRequested):
         if state.phase in (Phase.ROLLED_BACK, Phase.ABORTED, Phase.ROLLING_BACK):
             raise TransitionError(f"the rollout is already {state.phase.value}")
+        if isinstance(event, Abort) and state.phase == Phase.PROMOTED:
+            # A late Abort, meant for the rollout while it ran, must not undo the promotion.
+            raise TransitionError("nothing to abort: the rollout is promoted already; to undo "
+                                  "its promotion on every station it promoted, use rollback")
         verb = "aborted" if isinstance(event, Abort) else "rollback requested"
         end = Phase.ABORTED if isinstance(event, Abort) else Phase.ROLLED_BACK
         return _rollback(state, now, f"{verb} by {event.by}: {event.reason}".rstrip(": "), end)
     raise TypeError(f"unknown event {event!r}")
+
+
+def stage_text(state: RolloutState, index: int) -> str:
+    """A stage as people see it: "stage 2 'canary on press-01'" (numbered from 1)."""
+    if 0 <= index < len(state.plan.stages):
+        return f"stage {index + 1} {state.plan.stages[index].name!r}"
+    return f"stage {index + 1} (the plan has {len(state.plan.stages)})"
 
 
 def _note(state: RolloutState, now: datetime, line: str, **update: Any) -> RolloutState:

@@ -353,10 +353,16 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     status.set_defaults(handler=_rollout_status)
     for action, text in (("approve", "approve the stage waiting for a human"),
                          ("pause", "pause the rollout"), ("resume", "resume a paused rollout"),
-                         ("abort", "abort: roll back every touched station"),
+                         ("abort", "abort a rollout that has not ended: roll back every "
+                          "touched station"),
                          ("rollback", "roll back every touched station (also after promotion)")):
         step = steps.add_parser(action, help=text)
         step.add_argument("--id", default="current", help="rollout id (default: the current)")
+        if action == "approve":
+            step.add_argument(
+                "--stage", type=int, metavar="N",
+                help="the number of the stage to approve, as 'status' shows it: refused unless "
+                "that stage is the one waiting, so a repeated command cannot approve the next")
         step.add_argument("--reason", default="")
         step.add_argument("--by", default=os.environ.get("USER", "cli"))
         client_options(step)
@@ -518,7 +524,12 @@ def _rollout_status(args: argparse.Namespace) -> int:
 def _rollout_act(args: argparse.Namespace) -> int:
     from deploy.client import format_rollout
 
-    doc = _client(args).act(args.action, args.id, by=args.by, reason=args.reason)
+    stage: int | None = getattr(args, "stage", None)
+    if stage is not None and stage < 1:
+        raise UsageError("--stage: the stage's number as 'linesight fleet rollout status' "
+                         "shows it, from 1")
+    doc = _client(args).act(args.action, args.id, by=args.by, reason=args.reason,
+                            stage=None if stage is None else stage - 1)
     print(format_rollout(doc))
     return 0
 

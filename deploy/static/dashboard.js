@@ -330,11 +330,15 @@
     if (action === "abort" && !window.confirm(`Abort rollout ${rollout.rollout_id} and roll back every touched station?`)) {
       return;
     }
+    // Approve names the stage shown: a double click or a retry must not approve a later stage
+    // that came to wait meanwhile (the controller refuses an approve for another stage).
+    const body = { by: "dashboard", reason };
+    if (action === "approve" && Number.isInteger(rollout.stage)) body.stage = rollout.stage;
     button.dataset.busy = "1";
     button.disabled = true;
     try {
       await request(action, `/api/rollouts/${encodeURIComponent(rollout.rollout_id)}/${action}`,
-        { by: "dashboard", reason }, (answer) => {
+        body, (answer) => {
           showResult(`${action}: done, the rollout is ${words(answer.phase_detail || answer.phase)}`, false);
           if (reasonInput) reasonInput.value = "";
           renderRollout(answer);

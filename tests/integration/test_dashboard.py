@@ -250,3 +250,47 @@ def _publish_state(broker_url: str, state: p.StationState) -> None:
         link.publish(topic, state.to_json(), qos=1, retain=True).wait(10)
     finally:
         link.stop()
+
+
+APPROVE_FIRST = """
+name: approve first
+command_timeout_s: 30
+command_retry_s: 3
+stages:
+  - name: promote st-1
+    stations: [st-1]
+    mode: promote
+    approval: true
+"""
+
+
+def test_approve_from_the_page_names_the_stage_it_shows(
+    fleet: AgentLine, served: tuple[Controller, ControllerClient]
+) -> None:
+    """The page's Approve says which stage it approves, so a double click or a retry cannot
+    approve a later stage that came to wait meanwhile (the controller refuses a stale one)."""
+    from playwright.sync_api import sync_playwright
+
+    ctl, client = served
+    fleet.start()
+    wait_for(lambda: len(ctl.fleet()) == 2 and all(v.online for v in ctl.fleet().values()),
+             30, "two stations online")
+    rollout_id = client.start_rollout(APPROVE_FIRST, "part-classifier", "2.0.0")["rollout_id"]
+    wait_for(lambda: _phase(ctl) == Phase.WAITING_APPROVAL, 60, "the stage waiting for approval")
+    problems: list[str] = []
+    with sync_playwright() as playwright:
+        browser = launch_chromium(playwright)
+        try:
+            page = watched_page(browser, problems, timeout_ms=20_000)
+            page.goto(client.url + "/")
+            page.wait_for_function(
+                "() => !document.querySelector('#controls [data-action=approve]').disabled")
+            with page.expect_request(f"**/api/rollouts/{rollout_id}/approve") as sent:
+                page.click("#controls [data-action=approve]")
+            assert sent.value.post_data_json == {"by": "dashboard", "reason": "", "stage": 0}
+            page.wait_for_function(
+                "() => document.getElementById('phase').dataset.phase === 'promoted'")
+        finally:
+            browser.close()
+    assert _phase(ctl) == Phase.PROMOTED
+    assert problems == [], f"the browser reported errors: {problems}"
