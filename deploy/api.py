@@ -7,6 +7,7 @@ import hmac
 import json
 import re
 import time
+import unicodedata
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -110,6 +111,10 @@ def _body() -> dict[str, Any]:
     return document
 
 
+_LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
+"""Unicode categories refused in free text: control characters, line and paragraph separators."""
+
+
 def _text(body: dict[str, Any], key: str, max_length: int) -> str:
     """body[key], a string cut to max_length; "" when absent or null."""
     value = body.get(key)
@@ -121,6 +126,13 @@ def _text(body: dict[str, Any], key: str, max_length: int) -> str:
         value.encode()
     except UnicodeEncodeError:  # a lone surrogate (from a \ud800 escape): it cannot be stored
         abort(400, description=f"{key}: not valid Unicode text")
+    # Who acted and why go into the rollout's history and the log: a line break or a terminal
+    # escape there could forge an entry. A tab is harmless.
+    control = next((c for c in value if c != "\t" and unicodedata.category(c) in _LINE_BREAKING),
+                   None)
+    if control is not None:
+        abort(400, description=f"{key}: control characters (such as a line break) are not "
+              f"allowed; found U+{ord(control):04X}")
     return value[:max_length]
 
 

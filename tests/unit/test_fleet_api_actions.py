@@ -101,6 +101,29 @@ def test_a_stage_that_is_not_an_index_is_a_bad_request(
     assert status == 400 and answer["error"].startswith("stage: "), (status, answer)
 
 
+@pytest.mark.parametrize("key", ["by", "reason"])
+@pytest.mark.parametrize("text", ["alice\n2026-11-28 INFO approved by bob", "a\rb", "a\x1b[2Jb",
+                                  "a\x00b", "a\u0085b"])
+def test_control_characters_in_who_or_why_are_refused(
+    client: FlaskClient, controller: Controller, key: str, text: str
+) -> None:
+    """`by` and `reason` go into the rollout's history and the log: a line break or a terminal
+    escape there could forge an entry, so they are refused, and nothing happens."""
+    started(client)
+    status, answer = act(client, "pause", {"by": "alice", "reason": "", key: text})
+    assert status == 400, answer
+    assert answer["error"].startswith(f"{key}: "), answer
+    assert "control character" in answer["error"], answer
+    assert controller.rollout is not None and controller.rollout.phase == Phase.RUNNING
+
+
+def test_ordinary_text_in_who_and_why_is_taken(client: FlaskClient, controller: Controller) -> None:
+    started(client)
+    status, answer = act(client, "pause", {"by": "Zoë Müller (QA)", "reason": "check the lens\t2"})
+    assert status == 200, answer
+    assert any("paused by Zoë Müller (QA)" in line for line in answer["history"]), answer
+
+
 # --- a late abort -----------------------------------------------------------------------------
 
 
