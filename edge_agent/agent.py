@@ -43,7 +43,7 @@ import cv2
 import numpy as np
 
 from edge_agent.actuator import PartSignal, build_gate, start_gate
-from edge_agent.bundle_fetch import fetch_bundle
+from edge_agent.bundle_fetch import fetch_bundle, tidy_bundles
 from edge_agent.config import AgentConfig
 from edge_agent.disk_space import CHECK_EVERY_S, DiskSpace, floor_bytes, low_message
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
@@ -257,6 +257,7 @@ class Agent:
         self._watchdog_every = interval / 2 if interval else None
         self._last_watchdog = 0.0
         self.slots = self._initial_slots()
+        self._tidy_bundles()  # what a crash left: a half download, a bundle no slot took
         self._warn_of_unknown_thresholds()
         self.drift = DriftMonitor(config.drift_window, reference=self._saved_reference())
         self.source = source or self._open_source()
@@ -972,6 +973,8 @@ class Agent:
             return self._ack(command.cmd_id, name, ok=False,
                              error=f"command expired at {command.expires_at.isoformat()}")
         error, saved = self._execute(command.body, UnsavedCommand(command.cmd_id, name))
+        if isinstance(command.body, p.DeployCandidate | p.Promote | p.Rollback):
+            self._tidy_bundles()
         if error is None:
             return self._answer_once_saved(command.cmd_id, name, saved)
         # Nothing was changed. In memory first: the answer stays the same for every copy,
@@ -1074,6 +1077,26 @@ class Agent:
             timeout=self.config.download_timeout_s,
         )
         return self._load(bundle, "candidate")
+
+    def _tidy_bundles(self) -> None:
+        """Remove the bundle folders under `data_dir/bundles/` that neither the slots run now,
+        nor the saved slots (which a restart restores), nor the configuration names. Called
+        where no fetch can run: at start-up and by the command worker between commands."""
+        try:
+            saved = self.store.load_slots() or {}
+        except Exception as exc:  # noqa: BLE001 - a locked or failing store: remove nothing
+            log.warning("bundle folders not tidied: the saved slots cannot be read: %s", exc)
+            return
+        slots = self.slots
+        running = [model.bundle for model in (slots.active, slots.candidate, slots.previous)
+                   if model is not None]
+        named = [Path(str(saved[slot])) for slot in ("active", "candidate", "previous")
+                 if saved.get(slot)]
+        configured = [path for path in (self.config.active, self.config.candidate) if path]
+        try:
+            tidy_bundles(self.config.data_dir, [*running, *named, *configured])
+        except OSError as exc:  # an unreadable folder: never worth failing a command or a start
+            log.error("bundle folders not tidied: %s", exc)
 
     def _ack(
         self, cmd_id: uuid.UUID, name: str, *, ok: bool, error: str | None

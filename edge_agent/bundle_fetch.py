@@ -4,16 +4,23 @@ The manifest is checked against the command's sha256 before anything else is dow
 the whole bundle is verified (digests; the signature with the station's key) in a staging
 folder, so a tampered or partial bundle never reaches its final place. Every other file is
 streamed to disk and read no further than the size the manifest gives it.
+
+The folders under `data_dir/bundles/` are the station's to keep or remove: `tidy_bundles`
+removes the ones no slot needs any more (and the staging folders a crash left behind), so a
+station that takes a new model every week does not fill its disk with the old ones.
 """
 
 from __future__ import annotations
 
 import http.client
+import logging
+import os
+import re
 import shutil
 import tempfile
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote
 
@@ -28,12 +35,19 @@ from linesight.artifacts import (
     sha256_bytes,
     verify_bundle,
 )
+from linesight.fsync import fsync_path
 from linesight.protocol import ModelRef
 
+log = logging.getLogger(__name__)
+
+BUNDLES_DIR = "bundles"
+"""The folder of `data_dir` that fetched bundles go to, one `<name>/<version>-<sha>` each."""
 MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
 """The most `download` reads: the manifest, which has no size to be checked against."""
 _BLOCK = 1 << 20
 _STAGING_PREFIX = ".staging-"
+_FETCHED_NAME = re.compile(r"^\d+\.\d+\.\d+-[0-9a-f]{12}$")
+"""How `fetch_bundle` names the folders it makes; only those are the station's to remove."""
 
 
 def _transfer(
@@ -91,9 +105,19 @@ def download(url: str, timeout: float) -> bytes:
 
 
 def download_to(url: str, path: Path, timeout: float, size: int) -> None:
-    """Stream the body at `url` into `path`, refusing it past `size` bytes (the manifest's)."""
+    """Stream the body at `url` into `path`, refusing it past `size` bytes (the manifest's);
+    on the disk (fsynced) when it returns."""
     with path.open("wb") as stream:
         _transfer(url, timeout, size, f"the {size} bytes the manifest gives", stream.write)
+        stream.flush()
+        os.fsync(stream.fileno())
+
+
+def _write_synced(path: Path, data: bytes) -> None:
+    with path.open("wb") as stream:
+        stream.write(data)
+        stream.flush()
+        os.fsync(stream.fileno())
 
 
 def fetch_bundle(
@@ -105,8 +129,9 @@ def fetch_bundle(
     key: Ed25519PublicKey | None,
     timeout: float,
 ) -> Path:
-    """Download the bundle at `url` into `data_dir/bundles/<name>/<version>-<sha>/`, verified;
-    BundleError naming the check that failed otherwise."""
+    """Download the bundle at `url` into `data_dir/bundles/<name>/<version>-<sha>/`, verified
+    and on the disk for good (files and folder names fsynced: the caller saves a slot naming
+    it next); BundleError naming the check that failed otherwise."""
     base = url if url.endswith("/") else url + "/"
     manifest_data = download(base + MANIFEST_FILE, timeout)
     if sha256_bytes(manifest_data) != model.sha256:
@@ -118,22 +143,22 @@ def fetch_bundle(
     manifest = parse_manifest(manifest_data)
     if (manifest.name, manifest.version) != (model.name, model.version):
         raise BundleError("manifest", "the manifest names another model than the command")
-    target = data_dir / "bundles" / manifest.name / f"{manifest.version}-{model.sha256[:12]}"
+    target = data_dir / BUNDLES_DIR / manifest.name / f"{manifest.version}-{model.sha256[:12]}"
     if _holds_verified(target, manifest_data, key):
         return target  # fetched before (a repeated deploy): nothing to download or replace
     # A station fetches one bundle at a time: any staging folder here is one a crash or a
     # power cut left behind mid-download.
-    for leftover in data_dir.glob(f"{_STAGING_PREFIX}*"):
-        shutil.rmtree(leftover, ignore_errors=True)
+    clear_staging(data_dir)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=data_dir))
     try:
-        (staging / MANIFEST_FILE).write_bytes(manifest_data)
-        (staging / SIGNATURE_FILE).write_text(signature.strip() + "\n")
+        _write_synced(staging / MANIFEST_FILE, manifest_data)
+        _write_synced(staging / SIGNATURE_FILE, (signature.strip() + "\n").encode())
         for file_name, entry in manifest.files.items():
             # Percent-encoded: a space, '#', '?' or '%' in a file name is part of the name.
             download_to(base + quote(file_name, safe=""), staging / file_name, timeout,
                         entry.size)
         verify_bundle(staging, key)
+        fsync_path(staging)
         target.parent.mkdir(parents=True, exist_ok=True)
         if target.exists():
             # A damaged copy: moved aside, not deleted, until the verified one is in its place
@@ -144,6 +169,8 @@ def fetch_bundle(
             shutil.rmtree(damaged.parent, ignore_errors=True)
         else:
             staging.rename(target)
+        for folder in (target.parent, target.parent.parent, data_dir):
+            fsync_path(folder)  # the bundle's new name, and the folders made for it
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
@@ -163,3 +190,55 @@ def _holds_verified(
     except (OSError, BundleError):
         return False
     return True
+
+
+def clear_staging(data_dir: Path) -> list[Path]:
+    """Remove the staging folders in `data_dir`: what a crash or a power cut left of a download
+    (or of a bundle folder being removed). Only while no fetch runs. The ones removed."""
+    removed = []
+    for leftover in sorted(data_dir.glob(f"{_STAGING_PREFIX}*")):
+        shutil.rmtree(leftover, ignore_errors=True)
+        if not leftover.exists():
+            removed.append(leftover)
+    return removed
+
+
+def unneeded_bundles(folders: Iterable[Path], needed: Iterable[Path]) -> list[Path]:
+    """The `folders` that no path in `needed` is, lies in or contains (paths resolved)."""
+    keep = [path.resolve() for path in needed]
+    return [
+        folder for folder in folders
+        if not any(k == folder.resolve() or folder.resolve() in k.parents
+                   or k in folder.resolve().parents for k in keep)
+    ]
+
+
+def tidy_bundles(data_dir: Path, needed: Iterable[Path]) -> list[Path]:
+    """Remove the staging folders a crash left and every bundle folder `fetch_bundle` made
+    under `data_dir/bundles/` that no path in `needed` (the folders the slots run and the saved
+    slots name, the configured ones) is, lies in or contains; a folder of another name (a bundle
+    put there by hand) is never touched. Only while no fetch runs. Each folder is first renamed
+    to a staging name, so a crash part-way leaves a staging folder for the next tidy, never a
+    half-removed bundle under its own name. A folder that cannot be removed is logged and left.
+    The bundle folders removed."""
+    clear_staging(data_dir)
+    root = data_dir / BUNDLES_DIR
+    folders = sorted(path for path in root.glob("*/*")
+                     if _FETCHED_NAME.match(path.name) and path.is_dir() and not path.is_symlink())
+    removed = []
+    for folder in unneeded_bundles(folders, needed):
+        try:
+            doomed = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=data_dir)) / "removed"
+            folder.rename(doomed)
+        except OSError as exc:
+            log.error("bundle folder %s no slot needs could not be removed: %s", folder, exc)
+            continue
+        shutil.rmtree(doomed.parent, ignore_errors=True)
+        log.info("removed bundle folder %s: no slot needs it any more", folder)
+        removed.append(folder)
+    for name in {folder.parent for folder in removed}:
+        try:
+            name.rmdir()  # the model's own folder, once its last bundle is gone
+        except OSError:
+            pass  # another version of it is kept
+    return removed

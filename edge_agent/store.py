@@ -863,55 +863,55 @@ class StationStore:
     def enforce_quota(self, max_bytes: int) -> QuotaReport:
         """Delete images of verdicted parts, oldest first, until images fit in `max_bytes`.
 
-        Unconfirmed images are never deleted; if they alone exceed the quota, the report says
-        by how much and how many, and the agent raises a fault.
+        Each image counts for the size of its file on disk, not the size its row recorded: an
+        image deleted by hand (or lost with a damaged disk) counts for nothing, so it cannot
+        hold the station over its quota. Unconfirmed images are never deleted; if they alone
+        exceed the quota, the report says by how much and how many, and the agent raises a
+        fault.
         """
         if max_bytes < 0:
             raise ValueError(f"max_bytes: must not be negative, got {max_bytes}")
-        orphans = self._sweep_orphans()
-        conn = self._conn()
-        used = int(conn.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM reviews").fetchone()[0])
-        pruned = 0
-        if used > max_bytes:
-            # An escalated part waits for a supervisor's look: unconfirmed until resolved.
-            candidates = conn.execute(
-                "SELECT r.part_id, r.image_name, r.image_bytes FROM reviews r "
-                "WHERE r.image_name IS NOT NULL AND r.part_id IN (SELECT part_id FROM confirmed) "
-                "ORDER BY r.created_us"
-            ).fetchall()
-            chosen: list[tuple[str, str]] = []
-            for part_id, image_name, size in candidates:
-                if used <= max_bytes:
-                    break
-                chosen.append((part_id, image_name))
-                used -= size
-            pruned = self._drop_images(chosen)
-            used = int(
-                conn.execute("SELECT COALESCE(SUM(image_bytes), 0) FROM reviews").fetchone()[0]
+        # An escalated part waits for a supervisor's look: unconfirmed until resolved.
+        images = [
+            (str(part_id), str(name), bool(confirmed))
+            for part_id, name, confirmed in self._conn().execute(
+                "SELECT r.part_id, r.image_name, r.part_id IN (SELECT part_id FROM confirmed) "
+                "FROM reviews r WHERE r.image_name IS NOT NULL ORDER BY r.created_us"
             )
+        ]
+        orphans, sizes = self._scan_images({name for _, name, _ in images})
+        used = sum(sizes.get(name, 0) for _, name, _ in images)
+        chosen: list[tuple[str, str]] = []
+        left = used
+        for part_id, name, confirmed in images:
+            if left <= max_bytes:
+                break
+            if confirmed:
+                chosen.append((part_id, name))
+                left -= sizes.get(name, 0)
+        dropped = self._drop_images(chosen)
+        used -= sum(sizes.get(name, 0) for name in dropped)
         over_bytes = max(0, used - max_bytes)
         over_items = 0
-        if over_bytes:
-            remaining = over_bytes
-            sizes = conn.execute(
-                "SELECT r.image_bytes FROM reviews r WHERE r.image_name IS NOT NULL AND "
-                "r.part_id NOT IN (SELECT part_id FROM confirmed) ORDER BY r.created_us"
-            )
-            for (size,) in sizes:
-                if remaining <= 0:
-                    break
-                remaining -= size
+        remaining = over_bytes
+        for _, name, confirmed in images:
+            if remaining <= 0:
+                break
+            if not confirmed:
+                remaining -= sizes.get(name, 0)
                 over_items += 1
-        return QuotaReport(used, pruned, over_items, over_bytes, orphans)
+        return QuotaReport(used, len(dropped), over_items, over_bytes, orphans)
 
-    def _drop_images(self, chosen: list[tuple[str, str]]) -> int:
+    def _drop_images(self, chosen: list[tuple[str, str]]) -> list[str]:
+        """Forget the images of `chosen` (part id, image name) still confirmed, then delete
+        their files; the names of those dropped."""
         if not chosen:
-            return 0
+            return []
         with self._write() as conn:
             # The row forgets the image before the file goes: a crash leaves an orphan file
             # for the sweep, never a row naming a missing file. Only confirmed rows qualify.
             dropped = [
-                (part_id, name)
+                name
                 for part_id, name in chosen
                 if conn.execute(
                     "UPDATE reviews SET image_name = NULL, image_bytes = 0 WHERE part_id = ? "
@@ -919,34 +919,33 @@ class StationStore:
                     (part_id,),
                 ).rowcount
             ]
-        for _, name in dropped:
+        for name in dropped:
             (self.images_dir / name).unlink(missing_ok=True)
-        return len(dropped)
+        return dropped
 
-    def _sweep_orphans(self) -> int:
-        """Delete image files no row names (crash leftovers) once they are old enough."""
-        referenced = {
-            str(name)
-            for (name,) in self._conn().execute(
-                "SELECT image_name FROM reviews WHERE image_name IS NOT NULL"
-            )
-        }
+    def _scan_images(self, referenced: set[str]) -> tuple[int, dict[str, int]]:
+        """Look at every file in the image folder: delete those no row names (crash leftovers)
+        once they are old enough, and measure the others. How many were deleted, and the size
+        on disk of each `referenced` image found (one missing is not in it)."""
         cutoff = time.time() - _ORPHAN_GRACE_S
         removed = 0
+        sizes: dict[str, int] = {}
         with os.scandir(self.images_dir) as entries:
             for entry in entries:
-                if entry.name in referenced:
-                    continue
                 try:
-                    if not entry.is_file() or entry.stat().st_mtime >= cutoff:
+                    if not entry.is_file():
                         continue
+                    stat = entry.stat()
                 except FileNotFoundError:
                     # The writer renamed its temporary file into place (or a prune deleted
-                    # it) between the listing and the look: nothing to sweep.
+                    # it) between the listing and the look: nothing to sweep or count.
                     continue
-                Path(entry.path).unlink(missing_ok=True)
-                removed += 1
-        return removed
+                if entry.name in referenced:
+                    sizes[entry.name] = stat.st_size
+                elif stat.st_mtime < cutoff:
+                    Path(entry.path).unlink(missing_ok=True)
+                    removed += 1
+        return removed, sizes
 
     def prune_confirmed(self, older_than: timedelta, now: datetime | None = None) -> int:
         """Forget confirmed parts created before `now - older_than`, images included.
@@ -1437,10 +1436,11 @@ class StationStore:
             conn.execute(
                 "INSERT INTO ui_sessions (id, started_us) VALUES (?, ?)", (session_id, now_us)
             )
-            # The newest `max_sessions` stay; the rowid orders sign-ins of the same microsecond.
+            # The newest `max_sessions` stay, in the order they were made (the rowid): after
+            # the wall clock was set back, the sign-in just made reads older than earlier ones.
             conn.execute(
                 "DELETE FROM ui_sessions WHERE rowid IN (SELECT rowid FROM ui_sessions "
-                "ORDER BY started_us DESC, rowid DESC LIMIT -1 OFFSET ?)",
+                "ORDER BY rowid DESC LIMIT -1 OFFSET ?)",
                 (max_sessions,),
             )
 

@@ -61,13 +61,14 @@ def test_a_store_that_cannot_save_the_slots_does_not_stop_the_inspection(
         save = agent.store.save_slots
         calls: list[int] = []
 
-        def failing_save(record: dict[str, Any], command: Any = None) -> None:
+        def failing_save(record: dict[str, Any], command: Any = None,
+                         requests: Any = ()) -> None:
             # The disk is full for the first 100 parts: at start, at every retry, and when the
             # drift reference is taken (part 50, on the inspection loop).
             calls.append(agent.parts_inspected)
             if agent.parts_inspected < 100:
                 raise sqlite3.OperationalError("database or disk is full")
-            save(record, command)
+            save(record, command, requests)
 
         monkeypatch.setattr(agent.store, "save_slots", failing_save)
         assert agent.run() == 0
