@@ -156,8 +156,11 @@ class Manifest(StrictModel):
         if MODEL_FILE not in self.files:
             raise ValueError(f"files must list {MODEL_FILE}")
         for file_name in self.files:
-            if "/" in file_name or "\\" in file_name or file_name.startswith("."):
-                raise ValueError(f"file {file_name!r} must be a plain name inside the bundle")
+            if not is_plain_file_name(file_name):
+                raise ValueError(
+                    f"file {file_name!r} must be a plain name inside the bundle (1 to 255 "
+                    "bytes, no slash, no control character, not starting with '.')"
+                )
         return self
 
     @property
@@ -167,6 +170,15 @@ class Manifest(StrictModel):
     @property
     def ok_label(self) -> str:
         return next(label for label in self.labels if label != self.defect_label)
+
+
+def is_plain_file_name(name: str) -> bool:
+    """A name every station's file system takes for a file inside the bundle folder."""
+    return (
+        0 < len(name.encode("utf-8", "surrogatepass")) <= 255
+        and not any(c in "/\\" or ord(c) < 32 or ord(c) == 127 for c in name)
+        and not name.startswith(".")
+    )
 
 
 def version_tuple(version: str) -> tuple[int, int, int]:

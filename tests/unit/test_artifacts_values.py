@@ -54,3 +54,15 @@ def test_a_metric_that_is_not_finite_is_refused(raw: str) -> None:
 
 def test_the_shipped_manifest_still_parses() -> None:
     assert a.parse_manifest((V2 / a.MANIFEST_FILE).read_bytes()).name == "part-classifier"
+
+
+@pytest.mark.parametrize("name", ["model\x00.onnx", "x" * 300, "", "con\nfig.json", ".", ".."])
+def test_a_file_name_no_file_system_takes_is_refused_naming_it(name: str) -> None:
+    """A signed manifest can still list a name the disk cannot hold: refused at the manifest
+    with the name, before any download (not "embedded null byte" from the file system)."""
+    document = json.loads((V2 / a.MANIFEST_FILE).read_text())
+    document["files"][name] = next(iter(document["files"].values()))
+    with pytest.raises(a.BundleError) as raised:
+        a.parse_manifest(json.dumps(document).encode())
+    assert raised.value.check == "manifest-schema"
+    assert repr(name) in raised.value.detail, raised.value.detail
