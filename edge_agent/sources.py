@@ -15,7 +15,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 from urllib.parse import urlsplit
@@ -47,6 +47,9 @@ class Frame:
 
     ``seq`` numbers the frames a source produced (live: every captured frame, also the dropped
     ones), so the every-nth trigger counts camera frames, not frames the station had time to see.
+    ``captured_at`` (wall clock, seconds since the epoch) dates the part and its messages;
+    ``captured_mono`` (``time.monotonic``) is the same moment on a clock NTP never steps, and is
+    what orders a frame against a trigger. A frame made without it is dated when it is made.
     """
 
     part_id: str
@@ -54,6 +57,7 @@ class Frame:
     captured_at: float
     truth: str | None = None
     seq: int = 0
+    captured_mono: float = field(default_factory=time.monotonic)
 
 
 class SourceError(Exception):
@@ -260,6 +264,7 @@ class SyntheticSource:
             captured_at=time.time(),
             truth=part.defect or "ok",
             seq=part.index,
+            captured_mono=time.monotonic(),
         )
 
     def close(self) -> None:
@@ -357,6 +362,7 @@ class FolderSource:
                 image=image,
                 captured_at=captured_at,
                 seq=self._count,
+                captured_mono=time.monotonic(),
             )
 
     def close(self) -> None:
@@ -411,6 +417,7 @@ class VideoFileSource:
             image=to_bgr(image),
             captured_at=captured_at,
             seq=self._count,
+            captured_mono=time.monotonic(),
         )
 
     def close(self) -> None:
@@ -524,7 +531,7 @@ class LatestFrameReader:
         )
         self._lock = threading.Condition()
         self._latest: _Captured | None = None
-        # Wall times of triggers still waiting for their frame, and their frames
+        # Monotonic times of triggers still waiting for their frame, and their frames
         # (see `hold_first_after`).
         self._marks: deque[float] = deque(maxlen=_MAX_PENDING_TRIGGERS)
         self._held: deque[_Captured] = deque(maxlen=_MAX_PENDING_TRIGGERS)
@@ -573,30 +580,32 @@ class LatestFrameReader:
             self._lock.notify_all()
 
     def hold_first_after(self, at: float) -> None:
-        """Keep the first frame captured at or after wall time ``at`` until `read` hands it on,
-        before any newer frame: the frame of a part a trigger announced, even when the station
-        reads only later (busy with the previous part)."""
+        """Keep the first frame captured at or after ``at`` (``time.monotonic``) until `read`
+        hands it on, before any newer frame: the frame of a part a trigger announced, even when
+        the station reads only later (busy with the previous part). Monotonic, so that a wall
+        clock stepped by NTP neither skips the trigger's frame nor picks an older one."""
         with self._lock:
             self._marks.append(at)
             if self._latest is not None and self._latest[3] > self._handed_seq:
                 self._hold_marked(self._latest)
 
     def first_after(self, at: float) -> float | None:
-        """Wall time of the first frame captured at or after ``at`` that is still to be handed
-        on (held for a trigger, or the newest), or None."""
+        """Monotonic capture time of the first frame captured at or after ``at``
+        (``time.monotonic``) that is still to be handed on (held for a trigger, or the newest),
+        or None."""
         with self._lock:
             for entry in self._held:
-                if entry[1] >= at:
-                    return entry[1]
+                if entry[2] >= at:
+                    return entry[2]
             latest = self._latest
-            if latest is not None and latest[3] > self._handed_seq and latest[1] >= at:
-                return latest[1]
+            if latest is not None and latest[3] > self._handed_seq and latest[2] >= at:
+                return latest[2]
         return None
 
     def _hold_marked(self, captured: _Captured) -> None:
         """Under the lock: hold ``captured`` if it is the first frame after a mark."""
         marked = False
-        while self._marks and captured[1] >= self._marks[0]:
+        while self._marks and captured[2] >= self._marks[0]:
             self._marks.popleft()
             marked = True
         if marked and (not self._held or self._held[-1] is not captured):
@@ -685,6 +694,7 @@ class LatestFrameReader:
             image=to_bgr(image),
             captured_at=captured_at,
             seq=seq,
+            captured_mono=captured_mono,
         )
 
     def close(self, join_timeout: float = 1.0) -> None:
@@ -710,8 +720,7 @@ TriggerMode = Literal["every_frame", "every_nth", "external"]
 @dataclass(frozen=True, slots=True)
 class _Trigger:
     part_id: str | None
-    at: float  # wall clock, comparable with Frame.captured_at
-    at_mono: float
+    at_mono: float  # time.monotonic, comparable with Frame.captured_mono
 
 
 class TriggeredSource:
@@ -721,6 +730,8 @@ class TriggeredSource:
     ``external``: the first frame captured after each `trigger` call (the PLC saw a part).
     A trigger no frame could serve within ``trigger_timeout_s`` (camera down) is counted in
     ``missed_triggers`` and forgotten, so a late frame is never judged as the wrong part.
+    Triggers and frames are matched on the monotonic clock: a wall clock stepped by NTP changes
+    neither which frame serves a trigger nor whether it came in time.
     """
 
     def __init__(
@@ -730,7 +741,6 @@ class TriggeredSource:
         mode: TriggerMode = "every_frame",
         every_nth: int = 1,
         trigger_timeout_s: float = 2.0,
-        clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         if every_nth < 1:
@@ -739,7 +749,6 @@ class TriggeredSource:
         self.mode: TriggerMode = mode
         self._every_nth = every_nth
         self._trigger_timeout_s = trigger_timeout_s
-        self._clock = clock
         self._monotonic = monotonic
         self._last_seq = 0
         self._next_part_seq: int | None = None
@@ -785,8 +794,8 @@ class TriggeredSource:
                 self._triggers.popleft()
                 self.missed_triggers += 1
                 log.warning("too many pending triggers; dropping the oldest")
-            at = self._clock()
-            self._triggers.append(_Trigger(part_id, at, self._monotonic()))
+            at = self._monotonic()
+            self._triggers.append(_Trigger(part_id, at))
             hold = getattr(self.inner, "hold_first_after", None)
             if hold is not None:
                 hold(at)
@@ -820,8 +829,8 @@ class TriggeredSource:
             oldest = self._triggers[0]
             if first_after is not None:
                 # Its frame came in time and waits in the reader: the station was only busy.
-                captured = first_after(oldest.at)
-                if captured is not None and captured - oldest.at <= self._trigger_timeout_s:
+                captured = first_after(oldest.at_mono)
+                if captured is not None and captured - oldest.at_mono <= self._trigger_timeout_s:
                     return
             expired = self._triggers.popleft()
             self.missed_triggers += 1
@@ -845,15 +854,12 @@ class TriggeredSource:
             frame = self.inner.read(max(0.0, deadline - self._monotonic()))
             if frame is None:
                 return None
-            if frame.captured_at >= pending.at:
+            if frame.captured_mono >= pending.at_mono:
                 with self._cond:
                     # The trigger may have expired meanwhile; serve it only if still first.
                     if self._triggers and self._triggers[0] is pending:
                         self._triggers.popleft()
-                        part_id = pending.part_id or frame.part_id
-                        return Frame(
-                            part_id, frame.image, frame.captured_at, frame.truth, frame.seq
-                        )
+                        return replace(frame, part_id=pending.part_id or frame.part_id)
             # A frame older than the trigger is skipped; the inner read bounds the wait.
 
     def close(self) -> None:

@@ -346,6 +346,7 @@ def test_a_truncated_jpeg_is_skipped_not_judged(
     picture = np.random.default_rng(1).integers(0, 256, (128, 128, 3), dtype=np.uint8)
     encoded = cv2.imencode(".jpg", picture)[1].tobytes()
     whole = cv2.imdecode(np.frombuffer(encoded, np.uint8), cv2.IMREAD_COLOR)
+    assert whole is not None
     (tmp_path / "a.jpg").write_bytes(encoded)
     (tmp_path / "b.jpg").write_bytes(encoded[: len(encoded) // 2])
     (tmp_path / "c.jpeg").write_bytes(encoded + b"\x00" * 16)  # bytes after the end: fine
@@ -419,7 +420,9 @@ class FakeLiveSource:
 
 
 def live_frame(seq: int, captured_at: float = 0.0) -> Frame:
-    return Frame(f"cam-{seq}", solid(seq), captured_at, seq=seq)
+    """A frame captured when the wall clock of `FakeClocks` read ``captured_at``."""
+    mono = captured_at - FakeClocks.WALL_AHEAD_OF_MONO
+    return Frame(f"cam-{seq}", solid(seq), captured_at, seq=seq, captured_mono=mono)
 
 
 def parts_of(source: TriggeredSource, reads: int = 20) -> list[Frame]:
@@ -456,9 +459,11 @@ def test_every_nth_without_capture_counter_counts_frames() -> None:
 
 
 class FakeClocks:
+    WALL_AHEAD_OF_MONO = 950.0
+
     def __init__(self) -> None:
         self.wall = 1000.0
-        self.mono = 50.0
+        self.mono = self.wall - self.WALL_AHEAD_OF_MONO
 
     def advance(self, seconds: float) -> None:
         self.wall += seconds
@@ -470,7 +475,6 @@ def external(frames: list[Frame], clocks: FakeClocks, timeout_s: float = 2.0) ->
         FakeLiveSource(frames),
         mode="external",
         trigger_timeout_s=timeout_s,
-        clock=lambda: clocks.wall,
         monotonic=lambda: clocks.mono,
     )
 
@@ -517,7 +521,8 @@ def test_triggers_are_ignored_outside_external_mode() -> None:
 
 
 def test_external_read_waits_for_a_trigger_from_another_thread() -> None:
-    inner = FakeLiveSource([live_frame(1, time.time() + 60)])
+    later = Frame("cam-1", solid(1), time.time() + 60, seq=1, captured_mono=time.monotonic() + 60)
+    inner = FakeLiveSource([later])
     source = TriggeredSource(inner, mode="external")
     threading.Timer(0.05, source.trigger, args=("late",)).start()
     part = source.read(WAIT_S)
