@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -61,6 +61,7 @@ SCHEMA_VERSION = 7
 METRICS_HISTORY = 720
 """Metrics reports kept per station for plots (an hour at one report every five seconds)."""
 DEFAULT_BUSY_TIMEOUT_S = 10.0
+_WAL_LIMIT_BYTES = 32 * 1024 * 1024
 # The controller's seq is reserved on disk a block at a time, so handing one out costs no commit
 # and a restart (or a power cut) continues above everything that may have been sent.
 _SEQ_BLOCK = 1024
@@ -242,6 +243,22 @@ _SCHEMA_V7: tuple[str, ...] = (
 )
 _MIGRATIONS: tuple[tuple[str, ...], ...] = (
     _SCHEMA_V1, _SCHEMA_V2, _SCHEMA_V3, _SCHEMA_V4, _SCHEMA_V5, _SCHEMA_V6, _SCHEMA_V7
+)
+# The next rows received before the cutoff, in the index's order (received_us, id), after the
+# last one read: first the rest of its received_us (one ingest batch shares it), then later ones;
+# whether each was receipted. Two statements: SQLite ranges over the index's implicit rowid
+# only under an equality on received_us.
+_PRUNE_RECEIPTED = (
+    "SELECT m.id, m.received_us, coalesce(m.seq <= s.watermark, 0) "
+    "FROM messages m INDEXED BY messages_received "
+    "LEFT JOIN streams s ON s.station = m.station AND s.stream = m.stream "
+)
+_PRUNE_SAME_ARRIVAL = (
+    _PRUNE_RECEIPTED + "WHERE m.received_us = ? AND m.id > ? ORDER BY m.id LIMIT ?"
+)
+_PRUNE_LATER_ARRIVAL = (
+    _PRUNE_RECEIPTED + "WHERE m.received_us > ? AND m.received_us < ? "
+    "ORDER BY m.received_us, m.id LIMIT ?"
 )
 _PRUNE = tuple(
     f"DELETE FROM {table} WHERE id IN (SELECT value FROM json_each(?))"  # noqa: S608 - literals
@@ -571,10 +588,16 @@ class SqliteFleetStore:
         self._seq_limit = 0  # exclusive end of the block reserved on disk
         self._logged_unreadable: set[tuple[str, str]] = set()  # (station, document) logged
         self._reused = _ReuseLog()
+        self._busy_timeout_s = busy_timeout_s
+        self._waiting = _WaitingWriters()
         self._db = SqliteDatabase(
             self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s,
             # The shadow table of a running stage is read every second: keep it in memory.
-            pragmas=("cache_size=-65536", "temp_store=MEMORY", "wal_autocheckpoint=4000"),
+            # A backup's read holds checkpoints back, so the WAL grows by what is stored
+            # during the copy (GBs at a plant's rate); the limit shrinks it back once the
+            # checkpoints catch up, to twice the 16 MB between checkpoints.
+            pragmas=("cache_size=-65536", "temp_store=MEMORY", "wal_autocheckpoint=4000",
+                     f"journal_size_limit={_WAL_LIMIT_BYTES}"),
             error=FleetStoreError,
         )
         self._db.migrate(_MIGRATIONS)
@@ -584,9 +607,16 @@ class SqliteFleetStore:
     def _conn(self) -> sqlite3.Connection:
         return self._db.connection()
 
-    def _write(self, *, durable: bool = False) -> Transaction:
-        """One write transaction; `durable=True` fsyncs it (for what no station can resend)."""
-        return self._db.write(synchronous="FULL" if durable else None)
+    @contextlib.contextmanager
+    def _write(self, *, durable: bool = False) -> Iterator[sqlite3.Connection]:
+        """One write transaction; `durable=True` fsyncs it (for what no station can resend).
+        While it waits for the write lock it counts as waiting (see `prune`)."""
+        with contextlib.ExitStack() as stack:
+            with self._waiting:
+                conn = stack.enter_context(
+                    self._db.write(synchronous="FULL" if durable else None)
+                )
+            yield conn
 
     def _snapshot(self) -> Transaction:
         return self._db.snapshot()
@@ -789,22 +819,31 @@ class SqliteFleetStore:
 
     def prune(self, before: datetime, batch: int = 5000) -> int:
         """Delete stored messages received before `before` that lie at or below their stream's
-        watermark (so every one of them was receipted), a batch per short transaction."""
+        watermark (so every one of them was receipted), a batch per short transaction.
+
+        An hour of a plant's messages is a million rows: between two batches, writers of this
+        process waiting for the write lock (the ingest, a rollout's save) go first, or the
+        prune would take it back each time before their next try and hold them past their busy
+        timeout. Each batch reads on from where the last stopped, in order of arrival, so the
+        old rows that stay (above a gap in their stream) are read once, not by every batch."""
+        if batch < 1:
+            raise ValueError(f"batch: must be at least 1, got {batch}")
         cutoff = _us(before)
+        after = (-(2**63), -(2**63))  # (received_us, id) of the last row read
         total = 0
         while True:
             with self._write() as conn:
-                ids = [row[0] for row in conn.execute(
-                    "SELECT m.id FROM messages m JOIN streams s "
-                    "ON s.station = m.station AND s.stream = m.stream "
-                    "WHERE m.received_us < ? AND m.seq <= s.watermark LIMIT ?", (cutoff, batch),
-                )]
-                if not ids:
-                    return total
-                chosen = json.dumps(ids)
-                for statement in _PRUNE:
-                    conn.execute(statement, (chosen,))
+                rows = _prune_batch(conn, cutoff, after, batch)
+                ids = [row_id for row_id, _, receipted in rows if receipted]
+                if ids:
+                    chosen = json.dumps(ids)
+                    for statement in _PRUNE:
+                        conn.execute(statement, (chosen,))
             total += len(ids)
+            if len(rows) < batch:
+                return total
+            after = (rows[-1][1], rows[-1][0])
+            self._waiting.wait_for_none(self._busy_timeout_s)
 
     def _ingest_metrics(self, conn: sqlite3.Connection, reports: list[StationMetrics]) -> None:
         for report in reports:
@@ -1062,9 +1101,12 @@ class SqliteFleetStore:
     def decision_counts(self, since: datetime) -> dict[str, dict[str, int]]:
         """station -> action -> decisions since `since`."""
         counts: dict[str, dict[str, int]] = {}
+        # A range of decisions_station_ts per station: left to itself, SQLite reads the whole
+        # index (every decision kept, however few are recent) to spare a sort.
         for station, action, count in self._conn().execute(
-            "SELECT station, action, count(*) FROM decisions WHERE ts_us >= ? "
-            "GROUP BY station, action",
+            "SELECT s.station, d.action, count(*) FROM stations s "
+            "JOIN decisions d INDEXED BY decisions_station_ts "
+            "ON d.station = s.station AND d.ts_us >= ? GROUP BY s.station, d.action",
             (_us(since),),
         ):
             counts.setdefault(str(station), {})[str(action)] = int(count)
@@ -1220,6 +1262,17 @@ class SqliteFleetStore:
             return seq
 
 
+def _prune_batch(
+    conn: sqlite3.Connection, cutoff: int, after: tuple[int, int], batch: int
+) -> list[tuple[int, int, int]]:
+    """(id, received_us, receipted) of the next `batch` messages received before `cutoff`,
+    in order of arrival, after the (received_us, id) `after`."""
+    rows = conn.execute(_PRUNE_SAME_ARRIVAL, (*after, batch)).fetchall()
+    if len(rows) < batch:
+        rows += conn.execute(_PRUNE_LATER_ARRIVAL, (after[0], cutoff, batch - len(rows)))
+    return rows
+
+
 def _note_new_stream(conn: sqlite3.Connection, station: str, stream: str) -> None:
     """A station's first stream is its start; a later one means its storage was replaced."""
     earlier = conn.execute(
@@ -1231,6 +1284,32 @@ def _note_new_stream(conn: sqlite3.Connection, station: str, stream: str) -> Non
             "(a new disk or an emptied data_dir); its earlier messages are kept",
             station, stream, earlier,
         )  # fmt: skip
+
+
+class _WaitingWriters:
+    """How many threads of this process wait for the write lock; a long series of writes (the
+    prune) lets them go first between two of its transactions. SQLite's own wait for the lock
+    polls, at most every 100 ms, so a writer that takes the lock back at once would keep
+    them waiting until it is done."""
+
+    def __init__(self) -> None:
+        self._changed = threading.Condition()
+        self._count = 0
+
+    def __enter__(self) -> None:
+        with self._changed:
+            self._count += 1
+
+    def __exit__(self, *_exc: object) -> None:
+        with self._changed:
+            self._count -= 1
+            self._changed.notify_all()
+
+    def wait_for_none(self, timeout_s: float) -> bool:
+        """Wait until no thread waits for the write lock (at most `timeout_s`: writers that
+        come back to back would hold off the caller for ever); whether none does."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._count == 0, timeout_s)
 
 
 class _ReuseLog:
