@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from deploy.config import is_loopback
 from deploy.controller import (
+    EVIDENCE_REUSE_S,
     CandidateError,
     Controller,
     RolloutConflict,
@@ -242,8 +243,7 @@ def rollout_json(state: RolloutState) -> dict[str, Any]:
     record = state.record
     if record.observing_since is not None and record.stations:
         defect_label = c.defect_label(state)
-        found = c.store.paired_evidence(record.stations, record.observing_since,
-                                        state.candidate.model.sha256, defect_label)
+        found = c.stage_evidence(state, max_age_s=EVIDENCE_REUSE_S)
         verdicts = judge(state.current, found)
         overall = found.overall
         evidence = {

@@ -49,6 +49,7 @@ from deploy.rollout import (
     Phase,
     RolloutState,
     SendCommand,
+    StageEvidence,
     StageStep,
     StationView,
     Tick,
@@ -88,6 +89,10 @@ DISK_CHECK_INTERVAL_S = 30.0
 ALIGNMENT_CHECK_INTERVAL_S = 10.0
 """How often the stations are checked against their promoted models, for the log."""
 DEFAULT_DEFECT_LABEL = "defect"
+EVIDENCE_REUSE_S = 2.0
+"""How old the stage evidence the tick last weighed may be for the API to show it instead of
+asking the store again: the query reads every result of the stage (seconds, an hour into a stage
+at a plant's rate), and every open dashboard asks for it every 2 s."""
 INBOX_MAX_BYTES = 8 * MB
 """The most the inbox holds, counting each message as its payload, its topic and
 INBOX_MESSAGE_OVERHEAD bytes: 7,000 to 11,000 station messages of 0.5 to 1 kB, six or more
@@ -288,6 +293,9 @@ class Controller:
         self.link.add_disconnect_listener(self.link_down)
         self._inbox = Inbox(INBOX_MAX_BYTES)
         self._rollout_lock = threading.RLock()
+        # The stage evidence last computed: what it was asked for, when (monotonic), and it.
+        self._evidence: tuple[tuple[object, ...], float, StageEvidence] | None = None
+        self.monotonic: Callable[[], float] = time.monotonic
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.rollout: RolloutState | None = None
@@ -757,11 +765,26 @@ class Controller:
             evidence = None
             record = state.record
             if record.step == StageStep.OBSERVING and record.observing_since is not None:
-                evidence = self.store.paired_evidence(
-                    record.stations, record.observing_since, state.candidate.model.sha256,
-                    self.defect_label(state),
-                )
+                evidence = self.stage_evidence(state)
             self.apply(Tick(self.fleet(), evidence, self.config.command_ttl_s), quiet=True)
+
+    def stage_evidence(self, state: RolloutState, max_age_s: float = 0.0) -> StageEvidence:
+        """The paired evidence of `state`'s current stage since it began observing: the one
+        computed last when it was for the same stage and is at most `max_age_s` old (the API
+        shows what the tick weighed), else asked of the store."""
+        record = state.record
+        since = record.observing_since or state.updated
+        label = self.defect_label(state)
+        key = (state.rollout_id, state.stage, tuple(record.stations), since,
+               state.candidate.model.sha256, label)
+        now = self.monotonic()
+        last = self._evidence
+        if last is not None and last[0] == key and now - last[1] <= max_age_s:
+            return last[2]
+        evidence = self.store.paired_evidence(record.stations, since,
+                                              state.candidate.model.sha256, label)
+        self._evidence = (key, now, evidence)
+        return evidence
 
     def _tick_loop(self) -> None:
         next_prune = time.monotonic()

@@ -492,3 +492,34 @@ def test_a_station_silent_while_the_controller_listens_goes_offline(
     assert controller.view(record, connected + timedelta(seconds=silence * 10)).online
     controller.link_up(connected + timedelta(seconds=silence * 10))
     assert not controller.view(record, connected + timedelta(seconds=silence * 11 + 1)).online
+
+
+def test_open_dashboards_reuse_the_evidence_the_tick_just_weighed(
+    controller: Controller, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stage's evidence is a query over all its results (seconds, an hour into a stage at a
+    plant's rate): every dashboard asks for it every 2 s, the tick every second. What the tick
+    has just weighed is shown, not asked for again; an older one, or another stage's, is not."""
+    s1 = S1()
+    s1.start_observing(controller)
+    s1.candidate_passes_the_defects(controller)
+    queries: list[datetime] = []
+    query = controller.store.paired_evidence
+
+    def counted(*args: object, **kwargs: object) -> object:
+        queries.append(datetime.now(UTC))
+        return query(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(controller.store, "paired_evidence", counted)
+    clock = itertools.count(1000.0, 0.5)
+    monkeypatch.setattr(controller, "monotonic", lambda: next(clock))
+    controller.tick()
+    assert len(queries) == 1
+    client = create_app(controller).test_client()
+    for _ in range(3):
+        doc = client.get("/api/rollouts/current").get_json()
+        assert doc["evidence"]["escape_disagreements_labelled"] == 20
+    assert len(queries) == 1, "the dashboards asked the store again for what the tick had"
+    for _ in range(5):  # the clock moves on: the tick's evidence is too old to show
+        client.get("/api/rollouts/current")
+    assert len(queries) > 1
