@@ -1288,6 +1288,11 @@ class Agent:
         self.metrics.shadow_dropped.set(self.store.shadow_dropped)
         self.metrics.faults.set(len(state.faults))
         self.metrics.source_reconnects.set(self.source.reconnects)
+        if not self.link.connected:
+            # Published now, it would wait in the MQTT client's memory (one more every
+            # state_interval_s, for as long as the broker is away) and go out stale at the
+            # reconnect; the reconnect marks the state dirty, so the newest goes out then.
+            return
         self.link.publish(self.topics.station(self.station, p.Channel.STATE), state.to_json(),
                           qos=1, retain=True)
 
