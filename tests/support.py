@@ -7,6 +7,8 @@ import contextlib
 import functools
 import os
 import shutil
+import signal
+import subprocess
 import threading
 import time
 import uuid
@@ -441,3 +443,35 @@ def served_controller(
     finally:
         server.stop()
         controller.stop()
+
+
+def children_of(pid: int) -> list[int]:
+    """The pids whose parent is `pid` (from /proc)."""
+    children = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                children.append(int(entry.name))
+    return children
+
+
+def process_gone(pid: int) -> bool:
+    """Whether `pid` has exited (gone, or a zombie waiting for its parent)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return True
+    return state == "Z"
+
+
+def kill_agent(process: subprocess.Popen[bytes]) -> None:
+    """kill -9 an agent process, then wait for its outbox relay (a child process) to follow."""
+    relays = children_of(process.pid)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(30)
+    for relay in relays:
+        wait_for(functools.partial(process_gone, relay), 30, "the relay to exit with its agent")

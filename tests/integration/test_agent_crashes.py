@@ -14,7 +14,16 @@ from edge_agent.relay import RelayProcess
 from edge_agent.store import StationStore
 from linesight import protocol as p
 from linesight.broker import Broker
-from tests.support import DEMO_PUB, V1, Collector, Receipter, station_config, wait_for
+from tests.support import (
+    DEMO_PUB,
+    V1,
+    Collector,
+    Receipter,
+    children_of,
+    process_gone,
+    station_config,
+    wait_for,
+)
 
 
 def contiguous(stored: dict[int, p.Envelope]) -> bool:
@@ -96,26 +105,6 @@ def test_a_killed_outbox_relay_is_restarted_and_nothing_is_lost(
         assert store.outbox_depth() == 0
 
 
-def _children_of(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"
-
 
 def _ids_by_seq(messages: list[p.Decision]) -> dict[int, set[object]]:
     ids: dict[int, set[object]] = {}
@@ -148,12 +137,12 @@ def test_agent_killed_mid_run_replays_its_outbox(tmp_path: Path, broker: Broker)
         # No receipts yet: everything the first run inspects stays owed in its outbox. Counted
         # by msg_id: the relay's replay on connect may repeat what its first pass just sent.
         wait_for(lambda: len(collector.unique(p.Decision, "press-09")) >= 25, 60, "25 decisions")
-        relays = _children_of(first.pid)
+        relays = children_of(first.pid)
         assert len(relays) == 1, "the agent runs its outbox relay as a child process"
     finally:
         os.kill(first.pid, signal.SIGKILL)
         first.wait(10)
-    wait_for(lambda: _gone(relays[0]), 10, "the relay to exit with its killed agent")
+    wait_for(lambda: process_gone(relays[0]), 10, "the relay to exit with its killed agent")
     with StationStore(tmp_path / "data") as store:
         owed = store.outbox_depth()
         last_before = store.last_seq()

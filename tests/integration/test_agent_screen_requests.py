@@ -21,10 +21,9 @@ from linesight.broker import Broker
 from tests.integration.test_agent_unsaved_changes import (
     STATION,
     agent_process,
-    kill,
     refuse_slot_saves,
 )
-from tests.support import command, unstarted_agent, wait_for
+from tests.support import command, kill_agent, unstarted_agent, wait_for
 
 FULL = p.AutomationLevel.FULL
 PARTIAL = p.AutomationLevel.PARTIAL  # the configuration's level, on a first start
@@ -189,7 +188,7 @@ def test_a_killed_station_makes_the_request_it_could_not_save_when_it_comes_back
         codes = [fault["code"] for fault in status(data).get("faults", [])]
         assert "slots_save" in codes, codes
     finally:
-        kill(first)
+        kill_agent(first)
     assert not taken(data, request), "taken though its change was never saved"
     refuse_slot_saves(data / "station.db", False)
     restarted = datetime.now(UTC)
@@ -200,5 +199,5 @@ def test_a_killed_station_makes_the_request_it_could_not_save_when_it_comes_back
         wait_for(lambda: status(data, restarted).get("automation") == FULL.value, 60,
                  "the restarted station to run at the level asked")
     finally:
-        kill(second)
+        kill_agent(second)
     assert saved_automation(data) == FULL.value

@@ -7,10 +7,7 @@ real broker and kills it."""
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -36,6 +33,7 @@ from tests.support import (
     Collector,
     command,
     file_server,
+    kill_agent,
     station_config,
     unstarted_agent,
     wait_for,
@@ -259,34 +257,6 @@ def online_states(collector: Collector, since: int = 0) -> list[p.StationState]:
     return [state for state in states if state.online]
 
 
-def _children_of(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"
-
-
-def kill(process: subprocess.Popen[bytes]) -> None:
-    """kill -9, then wait for its outbox relay (a child process) to follow it."""
-    relays = _children_of(process.pid)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(30)
-    for relay in relays:
-        wait_for(functools.partial(_gone, relay), 30, "the relay to exit with its agent")
 
 
 def test_a_killed_station_never_contradicts_what_the_controller_was_told(
@@ -316,7 +286,7 @@ def test_a_killed_station_never_contradicts_what_the_controller_was_told(
             wait_for(lambda: any(active_version(s) == "2.0.0" for s in online_states(collector)),
                      60, "the station to run the promoted model")
         finally:
-            kill(first)
+            kill_agent(first)
         with StationStore(data) as store:
             told = [ack.ok for ack in acks_queued(store, promote.cmd_id)]
         told += [ack.ok for ack in collector.acks(promote.cmd_id)]
@@ -338,7 +308,7 @@ def test_a_killed_station_never_contradicts_what_the_controller_was_told(
             wait_for(lambda: any(a.ok for a in collector.acks(promote.cmd_id)), 60,
                      "the promote's ack")
         finally:
-            kill(second)
+            kill_agent(second)
         with StationStore(data) as store:
             saved = store.load_slots()
         assert saved is not None and saved["active"] == str(V2), "an acked promote was lost"

@@ -4,9 +4,6 @@ until some later deploy happens to clear it. A real agent process, a real broker
 
 from __future__ import annotations
 
-import functools
-import os
-import signal
 import subprocess
 import sys
 import threading
@@ -18,7 +15,7 @@ from linesight import protocol as p
 from linesight.artifacts import MANIFEST_FILE, MODEL_FILE, SIGNATURE_FILE, sha256_file
 from linesight.broker import Broker
 from linesight.mqtt import LinkConfig, MqttLink
-from tests.support import DEMO_PUB, V1, V2, Collector, command, http_server, wait_for
+from tests.support import DEMO_PUB, V1, V2, Collector, command, http_server, kill_agent, wait_for
 
 STATION = "press-12"
 
@@ -62,34 +59,6 @@ def agent_process(data_dir: Path, broker: Broker, *extra: str, log: Path
         )
 
 
-def _children_of(pid: int) -> list[int]:
-    children = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                stat = (entry / "stat").read_text()
-            except OSError:
-                continue
-            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
-                children.append(int(entry.name))
-    return children
-
-
-def _gone(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return True
-    return state == "Z"
-
-
-def kill(process: subprocess.Popen[bytes]) -> None:
-    """kill -9, then wait for its outbox relay (a child process) to follow it."""
-    relays = _children_of(process.pid)
-    os.kill(process.pid, signal.SIGKILL)
-    process.wait(30)
-    for relay in relays:
-        wait_for(functools.partial(_gone, relay), 30, "the relay to exit with its agent")
 
 
 def half_written(data_dir: Path) -> list[Path]:
@@ -127,7 +96,7 @@ def test_a_station_killed_mid_download_clears_the_half_bundle_at_its_next_start(
                 wait_for(lambda: half_written(data) != [], 60,
                          "the station to be half-way through writing model.onnx")
             finally:
-                kill(first)
+                kill_agent(first)
                 handler.release.set()
         assert half_written(data), "the kill left the half-written bundle behind"
         second = agent_process(data, broker, "--max-parts", "5", "--receipt-wait", "1", log=log)
