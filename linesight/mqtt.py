@@ -73,6 +73,19 @@ LostHow = Literal["taken_over", "closed", "other"]
 ConflictKind = Literal["taken_over", "closed_soon"]
 
 
+def loss_after_refusals(how: LostHow, refused_here: bool, refusals_known: bool) -> LostHow:
+    """How a lost connection counts towards a client-id conflict, given the broker's refusals.
+
+    Mosquitto closes an MQTT 5 connection after a publish its ACL refuses: that is no other
+    client taking the session over. The refusal's PUBACK is not always read before the closed
+    socket fails a write, so while a refusal is known and not lifted (a publish on that topic
+    has not been taken since), a close without a reason is put down to it too. A session the
+    broker says was taken over still counts as one."""
+    if refused_here or (refusals_known and how == "closed"):
+        return "other"
+    return how
+
+
 class _DropPahoNoise(logging.Filter):
     """paho 2.2 logs an ERROR each time its loop runs once more after a clean disconnect, and
     one for each TLS error on a read or write, which the link reports itself (once, as
@@ -885,11 +898,8 @@ class MqttLink:
             was_connected = self._connected
             self._connected = self._ready = False
             stopping = self._stopping
-            # Mosquitto closes an MQTT 5 connection after a publish its ACL refuses: that is
-            # no other client taking the session over.
             denied, self._denied_now = self._denied_now, False
-            if denied:
-                how = "other"
+            how = loss_after_refusals(how, denied, bool(self._denied))
             # QoS 0 packets not yet written are discarded by paho on reconnect: forget them.
             for mid, ticket in list(self._pending.items()):
                 if isinstance(ticket, PublishTicket) and ticket.qos == 0:

@@ -12,6 +12,7 @@ from linesight.mqtt import (
     LinkConfig,
     LostHow,
     TakeoverWatch,
+    loss_after_refusals,
 )
 
 STABLE_S = 60.0
@@ -146,5 +147,32 @@ def test_a_connect_the_broker_does_not_take_starts_the_run_of_short_sessions_aga
             assert not _session(watch, now, 0.5, "closed")
             now += 1.0
         watch.connect_failed()  # the broker restarting: connection refused
+        now += 1.0
+    assert watch.conflict is None
+
+
+@pytest.mark.parametrize(
+    ("how", "refused_here", "refusals_known", "counted"),
+    [
+        ("closed", True, True, "other"),  # the refusal's PUBACK was read on this connection
+        ("closed", False, True, "other"),  # the close came before its PUBACK could be read
+        ("closed", False, False, "closed"),  # nothing refused: a close soon after connecting
+        ("taken_over", False, True, "taken_over"),  # the broker said so: a twin all the same
+        ("other", False, True, "other"),
+    ],
+)
+def test_a_close_while_the_broker_refuses_publishes_is_not_put_down_to_a_twin(
+    how: LostHow, refused_here: bool, refusals_known: bool, counted: LostHow
+) -> None:
+    assert loss_after_refusals(how, refused_here, refusals_known) == counted
+
+
+def test_closes_after_refusals_whose_puback_was_not_read_are_no_conflict() -> None:
+    """Mosquitto closes the connection after each refused publish; when the socket fails before
+    the PUBACK is read, only the refusal known from earlier tells why."""
+    watch = TakeoverWatch(STABLE_S)
+    now = 0.0
+    for _ in range(SHORT_SESSIONS_IN_A_ROW + 2):
+        _session(watch, now, 0.5, loss_after_refusals("closed", False, True))
         now += 1.0
     assert watch.conflict is None
