@@ -146,8 +146,10 @@ def render() -> str:
         "",
         "This page is for engineers connecting Linesight to a MES, SCADA or historian. Every "
         "station and the fleet controller speak JSON over MQTT (3.1.1 or 5) on the topics "
-        "below. The root `linesight/v1` is the default and can be changed per site; "
-        "`{station}` is a station id (letters, digits, `_`, `.`, `-`; at most 64). Every "
+        "below. The root `linesight/v1` is the default and can be changed per site (`topic_prefix` "
+        "in every station's and the controller's configuration, and in the broker's ACL); "
+        "`{station}` is a station id (letters, digits, `_`, `.`, `-`, starting with a letter or "
+        "digit; at most 64). Every "
         "number is finite: a message carrying NaN or an infinity (`NaN`, `Infinity`, `1e999`) "
         "is invalid, as is a `ts` that falls outside the years 1 to 9999 in UTC.",
         "",
