@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+import struct
 import sys
 import threading
 import time
@@ -39,6 +40,13 @@ MAX_HUNG_CONNECTIONS = 3  # abandoned connections a live source waits for before
 STREAM_READ_TIMEOUT_S = 5.0
 # Triggers the PLC sent but no frame could serve (camera down) are kept at most this many.
 _MAX_PENDING_TRIGGERS = 64
+# OpenCV fails the read of one undecodable frame (a corrupt JPEG in an MJPEG stream, a damaged
+# frame in a video file) and reads the next one fine; a stream or file that has ended fails
+# every read at once. This many failed reads in a row is the end.
+MAX_FAILED_READS = 10
+# A folder image larger than this is not decoded: 100 megapixels is 300 MB as BGR, more than
+# any line camera gives, and a panorama or a decompression bomb would exhaust a small device.
+MAX_IMAGE_PIXELS = 100_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,6 +215,12 @@ def part_id_problem(part_id: str) -> str | None:
     return None
 
 
+def _is_power_of_ten(number: int) -> bool:
+    while number >= 10 and number % 10 == 0:
+        number //= 10
+    return number == 1
+
+
 class _Pacer:
     """Keeps a finite or synthetic source to ``rate_hz``; `close` interrupts the wait."""
 
@@ -271,12 +285,40 @@ class SyntheticSource:
         self._stopped.set()
 
 
+def is_image_name(name: str) -> bool:
+    """An image file name, not a hidden one: a Mac's ``._name.jpg`` companion files and the
+    hidden files copy tools write to are no parts."""
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+
 def list_images(folder: Path) -> list[Path]:
     """Image files of ``folder`` in name order (what an integrator sees in a file manager)."""
     return sorted(
-        (p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+        (p for p in folder.iterdir() if is_image_name(p.name) and p.is_file()),
         key=lambda p: p.name,
     )
+
+
+def no_images_problem(folder: Path) -> str:
+    """Why a folder gives no parts, naming its sub-folders (a data set sorted by class)."""
+    problem = f"folder:{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})"
+    try:
+        subfolders = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    except OSError:
+        return problem
+    if subfolders:
+        shown = ", ".join(subfolders[:5]) + (", ..." if len(subfolders) > 5 else "")
+        problem += f"; sub-folders are not read ({shown}): name one of them"
+    return problem
+
+
+def _file_identity(path: Path) -> tuple[str, int, int]:
+    """Name, size and modification time: a file copied in again under the same name is news."""
+    try:
+        stat = path.stat()
+    except OSError:
+        return path.name, -1, -1
+    return path.name, stat.st_size, stat.st_mtime_ns
 
 
 def jpeg_is_complete(data: bytes) -> bool:
@@ -284,6 +326,46 @@ def jpeg_is_complete(data: bytes) -> bool:
     copied in) is not: libjpeg decodes it anyway, grey where the data is missing. The markers
     cannot occur inside entropy-coded data, which escapes every 0xFF byte."""
     return data.rfind(b"\xff\xd9") > data.rfind(b"\xff\xda")
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from a PNG, JPEG or BMP header without decoding it; None when the header
+    is not one of these or is cut short."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n") and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return int(width), int(height)
+    if data.startswith(b"BM") and len(data) >= 26:
+        # The old OS/2 header (12 bytes) holds 16-bit sizes, the others 32-bit ones.
+        core = struct.unpack("<I", data[14:18])[0] == 12
+        width, height = struct.unpack("<hh" if core else "<ii", data[18:22 if core else 26])
+        return abs(int(width)), abs(int(height))  # a negative height stores rows top-down
+    if data.startswith(b"\xff\xd8"):
+        return _jpeg_size(data)
+    return None
+
+
+# Start-of-frame markers (SOF0-SOF15 but DHT, JPG and DAC, which share the range).
+_JPEG_SOF = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    """Walk a JPEG's marker segments up to its frame header."""
+    at = 2
+    while at + 4 <= len(data):
+        if data[at] != 0xFF:
+            return None
+        marker = data[at + 1]
+        if marker == 0xFF:  # fill byte
+            at += 1
+            continue
+        if marker in _JPEG_SOF:
+            if at + 9 > len(data):
+                return None
+            height, width = struct.unpack(">HH", data[at + 5 : at + 9])
+            return int(width), int(height)
+        (length,) = struct.unpack(">H", data[at + 2 : at + 4])
+        at += 2 + length
+    return None
 
 
 def read_image(path: Path) -> tuple[U8 | None, str]:
@@ -296,6 +378,9 @@ def read_image(path: Path) -> tuple[U8 | None, str]:
         return None, "empty file"
     if path.suffix.lower() in (".jpg", ".jpeg") and not jpeg_is_complete(data):
         return None, "JPEG data ends early (file still being written, or cut short)"
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return None, f"{size[0]} x {size[1]} pixels, more than {MAX_IMAGE_PIXELS:,} (not decoded)"
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None, "not a readable image"
@@ -322,9 +407,11 @@ class FolderSource:
         self._pacer = _Pacer(rate_hz, self._stopped)
         self._pending: deque[Path] = deque(self._list())
         if not self._pending:
-            raise SourceError(f"folder:{folder}: no images ({', '.join(sorted(IMAGE_SUFFIXES))})")
+            raise SourceError(no_images_problem(folder))
         self._count = 0
         self.skipped = 0
+        # Files already reported unreadable: a looping folder meets them every pass.
+        self._reported: set[tuple[str, int, int]] = set()
 
     def _list(self) -> list[Path]:
         try:
@@ -352,8 +439,7 @@ class FolderSource:
             path = self._pending.popleft()
             image, problem = read_image(path)
             if image is None:
-                self.skipped += 1
-                log.warning("folder:%s: skipping %s: %s", self._folder, path.name, problem)
+                self._skip(path, problem)
                 continue
             self._count += 1
             captured_at = time.time()
@@ -365,12 +451,24 @@ class FolderSource:
                 captured_mono=time.monotonic(),
             )
 
+    def _skip(self, path: Path, problem: str) -> None:
+        self.skipped += 1
+        identity = _file_identity(path)
+        if identity in self._reported:
+            log.debug("folder:%s: skipping %s again: %s", self._folder, path.name, problem)
+            return
+        if len(self._reported) > 100_000:  # bounded over months of files coming and going
+            self._reported.clear()
+        self._reported.add(identity)
+        log.warning("folder:%s: skipping %s: %s", self._folder, path.name, problem)
+
     def close(self) -> None:
         self._stopped.set()
 
 
 class VideoFileSource:
-    """Frames of a video file in order, optionally looping."""
+    """Frames of a video file in order, optionally looping. A frame that does not decode is
+    skipped (counted in ``skipped``); `MAX_FAILED_READS` failed reads in a row are the end."""
 
     reconnects = 0
     frame_age_s = 0.0
@@ -387,6 +485,9 @@ class VideoFileSource:
         self._pacer = _Pacer(rate_hz, self._stopped)
         self._capture: Any = self._open()
         self._count = 0
+        self._position = 0  # frames read in this pass, decodable or not
+        self._passes = 1
+        self.skipped = 0
 
     def _open(self) -> Any:
         capture = cv2.VideoCapture(str(self._path))
@@ -400,15 +501,17 @@ class VideoFileSource:
             raise EndOfSource(f"video:{self._path} is closed")
         if not self._pacer.wait(timeout):
             return None
-        ok, image = self._capture.read()
-        if not ok or image is None:
+        image = self._next_image()
+        if image is None:
             if not self._loop:
                 raise EndOfSource(f"video:{self._path}: end of file")
             # Reopening is more reliable than seeking to frame 0 across containers and codecs.
             self._capture.release()
             self._capture = self._open()
-            ok, image = self._capture.read()
-            if not ok or image is None:
+            self._position = 0
+            self._passes += 1
+            image = self._next_image()
+            if image is None:
                 raise SourceError(f"video:{self._path}: no frame could be decoded")
         self._count += 1
         captured_at = time.time()
@@ -419,6 +522,27 @@ class VideoFileSource:
             seq=self._count,
             captured_mono=time.monotonic(),
         )
+
+    def _next_image(self) -> Any | None:
+        """The next frame that decodes, or None at the end of the file."""
+        failed = 0
+        while failed < MAX_FAILED_READS:
+            ok, image = self._capture.read()
+            self._position += 1
+            if ok and image is not None:
+                if failed:
+                    self._report_skipped(failed)
+                return image
+            failed += 1
+        return None
+
+    def _report_skipped(self, frames: int) -> None:
+        self.skipped += frames
+        first = self._position - frames
+        # Reported on the first pass only: a looping video meets the same frames every pass.
+        report = log.warning if self._passes == 1 else log.debug
+        report("video:%s: skipped %d frame(s) that do not decode, from frame %d",
+               self._path, frames, first)
 
     def close(self) -> None:
         self._stopped.set()
@@ -472,14 +596,22 @@ class _Connection:
                 log.warning("%s: cannot open the stream", reader.name)
                 return
             self.opened_at = time.monotonic()
+            failed = 0
             while not self.cancelled.is_set():
                 ok, image = capture.read()
                 if self.cancelled.is_set():
                     return
-                if not ok or image is None:
-                    log.warning("%s: stream read failed", reader.name)
+                if ok and image is not None:
+                    failed = 0
+                    reader._publish(self, image)
+                    continue
+                # One undecodable frame (a corrupt JPEG from the camera) is skipped; a stream
+                # that has ended fails every read at once.
+                failed += 1
+                reader._count_failed_read()
+                if failed >= MAX_FAILED_READS:
+                    log.warning("%s: stream read failed %d times in a row", reader.name, failed)
                     return
-                reader._publish(self, image)
         except Exception:
             log.exception("%s: stream failed", reader.name)
         finally:
@@ -544,6 +676,7 @@ class LatestFrameReader:
         self.reconnect_attempts = 0
         self.dropped = 0
         self.abandoned = 0
+        self.failed_reads = 0
         self.frame_age_s = 0.0
         self._supervisor = threading.Thread(
             target=self._supervise, name=f"source-{name}", daemon=True
@@ -578,6 +711,13 @@ class LatestFrameReader:
             self._latest = (image, time.time(), now, self._captured)
             self._hold_marked(self._latest)
             self._lock.notify_all()
+
+    def _count_failed_read(self) -> None:
+        with self._lock:
+            self.failed_reads += 1
+            count = self.failed_reads
+        if _is_power_of_ten(count):  # a camera that sends bad frames now and then, not a flood
+            log.warning("%s: %d frame(s) that did not decode so far", self.name, count)
 
     def hold_first_after(self, at: float) -> None:
         """Keep the first frame captured at or after ``at`` (``time.monotonic``) until `read`
@@ -881,6 +1021,17 @@ _SYNTHETIC_KEYS: dict[str, str] = {
     "size": "size",
 }
 _KEY_VALUE = re.compile(r"^([a-z_]+)=(.+)$")
+_LIVE_OPTIONS = frozenset(
+    {"trigger", "every_nth", "reconnect_min_s", "reconnect_max_s", "stale_after_s"}
+)
+# Which options each kind of source reads; any other is a mistake in the station's config.
+OPTIONS_BY_KIND: dict[str, frozenset[str]] = {
+    "camera": _LIVE_OPTIONS | {"width", "height", "fps"},
+    "stream": _LIVE_OPTIONS,
+    "video": frozenset({"loop", "rate_hz"}),
+    "folder": frozenset({"loop", "rate_hz"}),
+    "synthetic": frozenset({"rate_hz", "seed", "defect_rate", "size"}),
+}
 SPEC_FORMS = (
     "camera:INDEX | camera:/dev/videoN | rtsp://… | http(s)://… | video:PATH | folder:PATH | "
     "synthetic:[seed=N,rate=HZ,defect_rate=F,size=PX]"
@@ -985,7 +1136,26 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
             f"source spec {spec!r}: trigger {options.trigger!r} applies to live sources "
             "(camera, rtsp, http); folder, video and synthetic sources hand on every frame"
         )
+    unused = options_not_applying(kind, options)
+    if unused:
+        shown = redact_url(text) if kind == "stream" else spec
+        raise ValueError(
+            f"source spec {shown!r}: source_options {', '.join(unused)} "
+            f"{'does' if len(unused) == 1 else 'do'} not apply to a {kind} source "
+            f"(it reads {', '.join(sorted(OPTIONS_BY_KIND[kind]))})"
+        )
     return SourceSpec(kind, target, options)
+
+
+def options_not_applying(kind: str, options: SourceOptions) -> list[str]:
+    """The options set, to other than their defaults, that a ``kind`` source never reads:
+    ``rate_hz`` on a camera, say, which would leave the station judging every frame."""
+    defaults = SourceOptions()
+    return sorted(
+        name
+        for name in options.model_fields_set - OPTIONS_BY_KIND[kind]
+        if getattr(options, name) != getattr(defaults, name)
+    )
 
 
 def _camera_opener(device: int | str, options: SourceOptions) -> CaptureFactory:

@@ -547,6 +547,8 @@ class FakeCapture:
 
     def read(self) -> tuple[bool, Any]:
         while not self.camera.shut:
+            if not self.camera.online:  # a dropped stream fails every read, as OpenCV's do
+                return False, None
             try:
                 item = self.queue.get(timeout=0.01)
             except queue.Empty:
