@@ -103,6 +103,7 @@ ACK_ERROR_MAX = 4000  # CommandAck.error's bound in the contract
 CANDIDATE_DRAIN_S = 30.0  # at a stop, the longest wait for the parts queued for the candidate
 BOUNDARY_WAIT_S = 30.0  # the longest a command waits for the inspection loop to take its change
 COMMAND_DRAIN_S = 20.0  # at a stop, the longest wait for the command in hand (a deploy's download)
+STALL_FAULT_S = 1.0  # a wait for the writer this long is a stalled store, not a busy moment
 
 
 CommandRecord = tuple[str, str, str]
@@ -208,7 +209,7 @@ class Agent:
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store = StationStore(config.data_dir, max_outbox_rows=config.outbox.max_rows)
         self.writer = DurableWriter(
-            self.store, name=f"writer-{config.station}",
+            self.store, name=f"writer-{config.station}", max_backlog=config.storage.write_queue,
             on_reviews=self._reviews_stored, on_committed=self._wake_relay,
         )
         self.key = load_public_key(config.key) if config.key else None
@@ -585,6 +586,8 @@ class Agent:
             self._apply_boundary_actions()
             if limit is not None and self.parts_inspected >= limit:
                 return
+            if not self._room_for_the_next_part():
+                continue  # a stop came during the wait
             try:
                 frame = self.source.read(timeout=0.2)
             except EndOfSource:
@@ -603,6 +606,30 @@ class Agent:
                 continue
             self._clear_faults("source")
             self.inspect(frame)
+
+    def _room_for_the_next_part(self) -> bool:
+        """Wait while `storage.write_queue` items wait for the disk: a part taken now could be
+        neither stored nor signalled to the line, and the queue would grow until memory runs
+        out. A wait past `STALL_FAULT_S` raises `store_stalled`; it clears once the queue is
+        down to half its bound, so a slow disk does not raise it at every commit. False: a stop
+        came meanwhile."""
+        writer = self.writer
+        if not writer.full:
+            if "store_stalled" in self.faults and writer.backlog <= writer.max_backlog // 2:
+                self._clear_faults("store_stalled")
+            return True
+        started = time.monotonic()
+        while not self._stop.is_set():
+            # Alive and waiting on purpose: a restart would lose what waits and hang the same.
+            self._watchdog()
+            self._apply_boundary_actions()  # a rollback must not wait for the disk
+            if writer.wait_for_room(0.25):
+                return True
+            waited = time.monotonic() - started
+            if waited >= STALL_FAULT_S:
+                self._raise_fault("store_stalled", stalled_message(
+                    waited, writer.backlog, self.config.storage.write_queue), update=True)
+        return False
 
     def _watchdog(self) -> None:
         """Only the inspection loop pings systemd's watchdog: a hung loop gets restarted."""
@@ -1453,6 +1480,14 @@ def unsaved_message(
         message += (f"; asked on the screen, made but kept open until saved (a restart before "
                     f"that makes them again): {asked}")
     return message
+
+
+def stalled_message(waited_s: float, backlog: int, bound: int) -> str:
+    """The `store_stalled` fault's message, renewed while the wait lasts."""
+    return (f"the disk has taken nothing for {waited_s:.0f} s: {backlog} items wait to be "
+            f"stored (storage.write_queue: {bound}); parts passing meanwhile are not inspected "
+            "(a live camera's frames are dropped, a trigger's part missed) until the disk "
+            "catches up. Check data_dir's disk (a stuck NFS or USB disk, a failing drive)")
 
 
 def request_text(request: UiRequest) -> str:

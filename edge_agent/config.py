@@ -10,6 +10,7 @@ from urllib.parse import urlsplit
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from edge_agent.sources import SourceOptions
+from edge_agent.writer import DEFAULT_MAX_BACKLOG
 from linesight.config_file import load_model
 from linesight.disk_space import MAX_FLOOR_MB
 from linesight.mqtt import LinkConfig
@@ -80,6 +81,12 @@ class StorageConfig(Strict):
         default=1024, ge=0, le=MAX_MIN_FREE_MB,
         description="free space to keep on the data dir's file system: below it, the disk_low "
         "fault warns while there is still room (0: no fault; the free space is still measured)",
+    )
+    write_queue: int = Field(
+        default=DEFAULT_MAX_BACKLOG, ge=10, le=100_000,
+        description="messages, review items and part log entries waiting for the disk (about "
+        "three per part); when this many wait (a disk that hangs), the station takes no part "
+        "until the disk catches up, with the store_stalled fault",
     )
 
 

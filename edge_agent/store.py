@@ -65,6 +65,8 @@ _MAX_LABEL = 64
 _MAX_OPERATOR = 64
 MAX_UI_SESSIONS = 1000
 """At most this many live UI sign-ins; past it, a sign-in ends the oldest one."""
+MAX_OPEN_REQUESTS = 20
+"""At most this many requests from the screen wait for the station; past it, one is refused."""
 
 _SCHEMA_V1: tuple[str, ...] = (
     # One row: the seq counter and the counters kept beside it in the same transaction.
@@ -196,6 +198,18 @@ SCHEMA_VERSION = len(_MIGRATIONS)
 
 class StoreError(Exception):
     """The store cannot be used as asked (closed, or written by a newer agent)."""
+
+
+class TooManyOpenRequests(StoreError):
+    """A request from the screen refused: too many wait for the station to make them already."""
+
+    def __init__(self, waiting: int) -> None:
+        super().__init__(
+            f"request not recorded: {waiting} requests from the screen are still waiting for "
+            "the station to make them (is the station agent running? look at its faults); "
+            "ask again once it has made them"
+        )
+        self.waiting = waiting
 
 
 class OutboxFull(Exception):
@@ -1375,11 +1389,21 @@ class StationStore:
     # -- requests from the UI to the agent --
 
     def request_automation(self, level: str, reason: str, by: str) -> int:
-        """Ask the agent to change the automation level; returns the request's id."""
+        """Ask the agent to change the automation level; returns the request's id.
+
+        Raises `TooManyOpenRequests` when `MAX_OPEN_REQUESTS` wait already: an open request is
+        never pruned, and a station that is stopped, stuck or cannot save would otherwise be
+        left an endless list to make in turn (a durable save each, on its inspection loop).
+        """
         _check_choice("level", level, AutomationLevel)
         if not by:
             raise ValueError("by: must name who asks")
         with self._write() as conn:
+            waiting = int(conn.execute(
+                "SELECT COUNT(*) FROM ui_requests WHERE taken_us IS NULL"
+            ).fetchone()[0])
+            if waiting >= MAX_OPEN_REQUESTS:
+                raise TooManyOpenRequests(waiting)
             cursor = conn.execute(
                 "INSERT INTO ui_requests (kind, level, reason, requested_by, created_us) "
                 "VALUES ('automation', ?, ?, ?, ?)",

@@ -8,6 +8,11 @@ durable record: the outbox relay's wake-up (once per batch), the reject gate, re
 part log. A message is therefore never acted on or published before it is on disk. Review items
 of a batch are stored together too (one commit for their rows, one directory sync for their
 images).
+
+The queue has a bound (`max_backlog`, `storage.write_queue`): a disk that hangs (a stuck NFS or
+USB disk, an fsync that takes minutes) must not make it grow until the process runs out of
+memory and loses all of it. The writer never refuses an item (each one is a part already
+decided); the producer asks `wait_for_room` before taking the next part.
 """
 
 from __future__ import annotations
@@ -22,6 +27,9 @@ from edge_agent.store import PartLogEntry, ReviewItem, StationStore
 from linesight.protocol import Envelope
 
 log = logging.getLogger(__name__)
+
+DEFAULT_MAX_BACKLOG = 600
+"""Items waiting for the disk (about three per part) before the next part waits for room."""
 
 After = Callable[[Envelope | Exception], None]
 
@@ -58,16 +66,22 @@ class DurableWriter:
         store: StationStore,
         *,
         max_batch: int = 256,
+        max_backlog: int = DEFAULT_MAX_BACKLOG,
         name: str = "writer",
         on_reviews: Callable[[str | None], None] | None = None,
         on_committed: Callable[[], None] | None = None,
     ) -> None:
         """`on_reviews` hears after each batch of review items: None, or what went wrong;
-        `on_committed` once after each commit that stored at least one message."""
+        `on_committed` once after each commit that stored at least one message. `max_backlog`
+        is the number of items waiting above which `wait_for_room` waits."""
+        if max_backlog < 1:
+            raise ValueError(f"max_backlog: must be at least 1, got {max_backlog}")
         self.store = store
         self.on_reviews = on_reviews
         self.on_committed = on_committed
         self.max_batch = max_batch
+        self.max_backlog = max_backlog
+        self._room = threading.Condition()  # notified as each batch leaves the queue
         # SimpleQueue: a C queue, a tenth of queue.Queue's cost per item (several per part).
         self._queue: queue.SimpleQueue[_Item | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
@@ -104,7 +118,17 @@ class DurableWriter:
 
     @property
     def backlog(self) -> int:
+        """Items waiting for the writer thread (a batch in its hands no longer counts)."""
         return self._queue.qsize()
+
+    @property
+    def full(self) -> bool:
+        return self._queue.qsize() >= self.max_backlog
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """Wait up to `timeout` s until fewer than `max_backlog` items wait; whether they do."""
+        with self._room:
+            return self._room.wait_for(lambda: not self.full, timeout)
 
     def _run(self) -> None:
         while True:
@@ -115,6 +139,8 @@ class DurableWriter:
                     batch.append(self._queue.get_nowait())
                 except queue.Empty:
                     break
+            with self._room:  # the batch has left the queue: room for the next part
+                self._room.notify_all()
             self._process([item for item in batch if item is not None])
             if None in batch:
                 return
