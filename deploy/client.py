@@ -18,6 +18,11 @@ class NotAController(ControllerUnavailable):
     """Something answers at the controller's address, but not the way the controller's API does."""
 
 
+class OutcomeUnknown(ControllerUnavailable):
+    """A request that changes something went out, but no answer came back (the controller was
+    too slow, or closed the connection: killed or restarted meanwhile): it may still happen."""
+
+
 class ControllerError(Exception):
     """The controller answered with an error; the message is its explanation."""
 
@@ -58,9 +63,12 @@ class ControllerClient:
         except TimeoutError as exc:
             # The request went out (urllib wraps what fails while connecting or sending in a
             # URLError): it may still take effect, the controller is there but slow.
-            raise ControllerUnavailable(
-                f"the controller at {self.url} did not answer within {self.timeout:g} s; "
-                "what was asked may still happen: check with 'linesight fleet rollout status'"
+            said = f"the controller at {self.url} did not answer within {self.timeout:g} s"
+            if method == "GET":
+                raise ControllerUnavailable(f"{said}; it may be busy: try again") from exc
+            raise OutcomeUnknown(
+                f"{said}; what was asked may still happen: check with 'linesight fleet "
+                "rollout status'"
             ) from exc
         except urllib.error.URLError as exc:
             raise ControllerUnavailable(
@@ -70,7 +78,9 @@ class ControllerClient:
         except ConnectionError as exc:
             # Connecting and sending fail inside a URLError: this came while waiting for the
             # answer, after the controller got the request (killed or restarted meanwhile).
-            raise ControllerUnavailable(self._cut_off(method, exc)) from exc
+            if method == "GET":
+                raise ControllerUnavailable(self._cut_off(method, exc)) from exc
+            raise OutcomeUnknown(self._cut_off(method, exc)) from exc
         except http.client.HTTPException as exc:
             raise NotAController(self._not_a_controller(path, f"not HTTP: {exc!r}")) from exc
         try:
@@ -125,6 +135,14 @@ class ControllerClient:
                 return None
             raise
         return self._object(path, answer, "rollout_id")
+
+    def rollout(self, rollout_id: str = "current") -> dict[str, Any] | None:
+        """The rollout of that id (ControllerError 404 for an unknown one), or the current one
+        (None when no rollout has run)."""
+        if rollout_id == "current":
+            return self.current()
+        path = f"/api/rollouts/{urllib.parse.quote(rollout_id, safe='')}"
+        return self._object(path, self.get(path), "rollout_id")
 
     def act(self, action: str, rollout_id: str = "current", *, by: str = "cli",
             reason: str = "", stage: int | None = None) -> dict[str, Any]:

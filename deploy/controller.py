@@ -291,6 +291,8 @@ class Controller:
         self._listening: tuple[datetime, datetime | None] | None = None
         self.link.add_connect_listener(self.link_up)
         self.link.add_disconnect_listener(self.link_down)
+        # Set at each connect: the tick thread then publishes what the outage held back.
+        self._link_back = threading.Event()
         self._inbox = Inbox(INBOX_MAX_BYTES)
         self._rollout_lock = threading.RLock()
         # The stage evidence last computed: what it was asked for, when (monotonic), and it.
@@ -594,6 +596,15 @@ class Controller:
         if Phase.PROMOTED in (state.phase, previous.phase if previous else None):
             # A promotion, or one being rolled back, sets what its stations should run.
             self._expected = None
+        if self.link.connected:
+            self._send(state, sends)
+        elif sends:  # nothing waits in paho's memory for the link: republish() sends them
+            log.info("broker unreachable: %d commands wait for the link to come back",
+                     len(sends))
+        self._announced(state, previous)
+
+    def _send(self, state: RolloutState, sends: Sequence[SendCommand]) -> None:
+        """Publish `sends` and the rollout's retained status."""
         for send in sends:
             sent = datetime.now(UTC)
             command = p.Command(
@@ -606,13 +617,31 @@ class Controller:
             self.link.publish(self.topics.station(send.station, p.Channel.CMD),
                               command.to_json(), qos=1)
             log.info("-> %s %s (%s)", send.station, send.body.name, send.cmd_id[:8])
+        status = to_status(state, self.next_seq())
+        self.link.publish(self.topics.rollout(), status.to_json(), qos=1, retain=True)
+
+    def _announced(self, state: RolloutState, previous: RolloutState | None) -> None:
+        """Log a new phase or stage and tell the listeners."""
         if previous is None or previous.phase != state.phase or previous.stage != state.stage:
             log.info("rollout %s: %s, stage %d (%s)", state.rollout_id, state.phase.value,
                      state.stage, state.reason or state.current.name)
-        status = to_status(state, self.next_seq())
-        self.link.publish(self.topics.rollout(), status.to_json(), qos=1, retain=True)
         for listener in self._listeners:
             listener(state)
+
+    def republish(self) -> None:
+        """After a reconnect: nothing was published while the link was down, so send every
+        command still waiting for its ack again (recorded as a retry, saved first) and the
+        rollout's current status. Does nothing while the link is down."""
+        with self._rollout_lock:
+            state = self.rollout
+            if state is None or not self.link.connected:
+                return
+            again, sends = resent(state, datetime.now(UTC))
+            if sends:
+                log.info("broker back: %d unacked commands sent again", len(sends))
+                self._commit(again, sends)
+            else:
+                self._send(state, [])
 
     def add_listener(self, listener: Callable[[RolloutState], None]) -> None:
         self._listeners.append(listener)
@@ -722,8 +751,10 @@ class Controller:
         return {record.station: self.view(record, now) for record in self.store.stations()}
 
     def link_up(self, at: datetime | None = None) -> None:
-        """The link connected (at `at`, default now): silence counts again from then."""
+        """The link connected (at `at`, default now): silence counts again from then, and
+        the tick thread publishes what the outage held back."""
         self._listening = (at or datetime.now(UTC), None)
+        self._link_back.set()
 
     def link_down(self, at: datetime | None = None) -> None:
         """The link was lost (at `at`, default now): silence stops counting until it is back."""
@@ -795,7 +826,7 @@ class Controller:
                 next_disk_check = time.monotonic() + DISK_CHECK_INTERVAL_S
                 self.check_disk()
             try:
-                self.tick()
+                self._tick_if_linked()
                 if time.monotonic() >= next_alignment_check:
                     next_alignment_check = time.monotonic() + ALIGNMENT_CHECK_INTERVAL_S
                     self.check_alignment()
@@ -804,6 +835,22 @@ class Controller:
                     self.prune()
             except Exception:  # the loop must outlive one bad tick  # noqa: BLE001
                 log.exception("rollout tick failed")
+
+    def _tick_if_linked(self) -> None:
+        """Tick the rollout only while the link is up, the first tick after a connect
+        publishing what the outage held back. While it is down nothing sent could reach a
+        station nor an ack come back: a retry, a timeout or a rollback then would be counted
+        as sent without being so."""
+        if not self.link.connected:
+            return
+        if self._link_back.is_set():
+            self._link_back.clear()
+            try:
+                self.republish()
+            except Exception:
+                self._link_back.set()  # tried again at the next tick
+                raise
+        self.tick()
 
     def prune(self) -> int:
         before = datetime.now(UTC) - timedelta(days=self.config.retention_days)
@@ -848,6 +895,17 @@ class Controller:
             log.info("controller disk no longer low: %s free of %s under %s", free, total,
                      data_dir)
         return current
+
+
+def resent(state: RolloutState, now: datetime) -> tuple[RolloutState, list[SendCommand]]:
+    """Every command `state` waits an ack for, sent again at `now`: the state recording it
+    (as `_retry` records a retry), and the commands to publish."""
+    pending = [command.model_copy(update={"last_sent": now, "attempts": command.attempts + 1})
+               for command in state.pending]
+    sends = [SendCommand(command.cmd_id, command.station,
+                         p.COMMAND_BODY_ADAPTER.validate_python(command.body), state.rollout_id)
+             for command in state.pending]
+    return state.model_copy(update={"pending": pending}), sends
 
 
 def bundle_file(bundles: Path, name: str, version: str, file_name: str) -> Path | None:

@@ -22,6 +22,20 @@ if TYPE_CHECKING:
 Handler = Callable[[argparse.Namespace], int]
 
 
+EXIT_NOT_DONE = 2
+"""What was asked was not done: a mistake in what the user typed, no controller (or something
+else) at its address, or the controller refused it."""
+EXIT_MAYBE_DONE = 3
+"""A request that changes something went out but got no answer: it may still happen."""
+
+
+EXIT_STATUS_TEXT = (
+    f"exit status: 0 done; {EXIT_NOT_DONE} not done (a mistake in the arguments, no controller "
+    f"at the address, or the controller refused); {EXIT_MAYBE_DONE} the request went out but no "
+    "answer came: it may still happen, 'linesight fleet rollout status' shows whether it did"
+)
+
+
 class UsageError(Exception):
     """A mistake in what the user typed; printed without a traceback, exit status 2."""
 
@@ -328,7 +342,7 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Start a rollout that deploys and promotes, on these stations alone and "
         "without gates, the model that their latest promoted rollout made their active model: "
         "for stations that came back from a backup, or were replaced, running another one "
-        "('linesight fleet stations' marks them OUT OF STEP).",
+        "('linesight fleet stations' marks them OUT OF STEP).", epilog=EXIT_STATUS_TEXT,
     )
     realign.add_argument("stations", nargs="*", metavar="STATION", help="station ids")
     realign.add_argument("--all", action="store_true",
@@ -337,9 +351,11 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     client_options(realign)
     realign.set_defaults(handler=_fleet_realign)
 
-    rollout = verbs.add_parser("rollout", help="start, watch and steer rollouts")
+    rollout = verbs.add_parser("rollout", help="start, watch and steer rollouts",
+                               epilog=EXIT_STATUS_TEXT)
     steps = rollout.add_subparsers(dest="step", metavar="STEP", required=True)
-    begin = steps.add_parser("start", help="start a rollout of a bundle with a plan")
+    begin = steps.add_parser("start", help="start a rollout of a bundle with a plan",
+                             epilog=EXIT_STATUS_TEXT)
     begin.add_argument("plan", type=Path, help="plan YAML (see deploy/plans/)")
     begin.add_argument("--candidate", required=True, help="NAME:VERSION of a served bundle")
     begin.add_argument("--by", default=os.environ.get("USER", "cli"),
@@ -356,13 +372,14 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
                          ("abort", "abort a rollout that has not ended: roll back every "
                           "touched station"),
                          ("rollback", "roll back every touched station (also after promotion)")):
-        step = steps.add_parser(action, help=text)
+        step = steps.add_parser(action, help=text, epilog=EXIT_STATUS_TEXT)
         step.add_argument("--id", default="current", help="rollout id (default: the current)")
         if action == "approve":
             step.add_argument(
                 "--stage", type=int, metavar="N",
                 help="the number of the stage to approve, as 'status' shows it: refused unless "
-                "that stage is the one waiting, so a repeated command cannot approve the next")
+                "that stage is the one waiting, so a repeated command cannot approve the next "
+                "(default: the stage waiting when the command reads the rollout)")
         step.add_argument("--reason", default="")
         step.add_argument("--by", default=os.environ.get("USER", "cli"))
         client_options(step)
@@ -506,15 +523,30 @@ def _rollout_start(args: argparse.Namespace) -> int:
 def _rollout_status(args: argparse.Namespace) -> int:
     import time
 
-    from deploy.client import format_rollout
+    from deploy.client import ControllerUnavailable, NotAController, format_rollout
 
     client = _client(args)
+    shown = away = False
     while True:
-        doc = client.current()
+        try:
+            doc = client.current()
+        except NotAController:
+            raise
+        except ControllerUnavailable as exc:
+            if not shown:  # a wrong address, or no controller: say so at once
+                raise
+            # Watching, and the controller restarts: the rollout goes on, so keep watching.
+            if not away:
+                print(f"linesight fleet: {exc}; still watching", file=sys.stderr, flush=True)
+            away = True
+            time.sleep(2)
+            continue
+        away = False
         if doc is None:
             print("no rollout has run on this controller")
             return 0
         print(json.dumps(doc) if args.json else format_rollout(doc), flush=True)
+        shown = True
         if not args.watch or doc["phase"] in ("promoted", "rolled_back", "aborted"):
             return 0
         time.sleep(2)
@@ -524,14 +556,44 @@ def _rollout_status(args: argparse.Namespace) -> int:
 def _rollout_act(args: argparse.Namespace) -> int:
     from deploy.client import format_rollout
 
+    client = _client(args)
     stage: int | None = getattr(args, "stage", None)
     if stage is not None and stage < 1:
         raise UsageError("--stage: the stage's number as 'linesight fleet rollout status' "
                          "shows it, from 1")
-    doc = _client(args).act(args.action, args.id, by=args.by, reason=args.reason,
-                            stage=None if stage is None else stage - 1)
+    index = None if stage is None else stage - 1
+    if args.action == "approve" and index is None:
+        # The stage seen waiting, named to the controller: should another stage wait by the
+        # time the request lands, the controller refuses it instead of approving that one.
+        index = _waiting_stage(client.rollout(args.id), args.id)
+    doc = client.act(args.action, args.id, by=args.by, reason=args.reason, stage=index)
+    if args.action == "approve" and index is not None:
+        print(f"approved stage {_stage_text(doc, index)}")
     print(format_rollout(doc))
     return 0
+
+
+def _stage_text(doc: dict[str, Any], index: int) -> str:
+    """A stage as `status` shows it: its number from 1 and its name."""
+    stages = doc.get("stages")
+    names = [s.get("name") for s in stages if isinstance(s, dict)] if isinstance(stages, list) \
+        else []
+    name = names[index] if 0 <= index < len(names) else None
+    return f"{index + 1} {name!r}" if name is not None else str(index + 1)
+
+
+def _waiting_stage(doc: dict[str, Any] | None, rollout_id: str) -> int:
+    """The index of the stage `doc`'s rollout waits to have approved; UsageError if none."""
+    if doc is None:
+        raise UsageError("nothing to approve: no rollout has run on this controller")
+    stage = doc.get("stage")
+    if doc.get("phase") != "waiting_approval" or not isinstance(stage, int):
+        which = "the current rollout" if rollout_id == "current" else "rollout"
+        raise UsageError(
+            f"nothing to approve: {which} {doc['rollout_id']} is {doc.get('phase')} at stage "
+            f"{_stage_text(doc, stage) if isinstance(stage, int) else '?'}"
+        )
+    return stage
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -552,7 +614,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from deploy.client import ControllerError, ControllerUnavailable
+    from deploy.client import ControllerError, ControllerUnavailable, OutcomeUnknown
     from linesight.artifacts import BundleError
     from linesight.logs import setup_logging
 
@@ -562,10 +624,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging(args.command, args.log_level)
         handler: Handler = args.handler
         return handler(args)
+    except OutcomeUnknown as exc:
+        print(f"linesight {args.command}: error: {exc}", file=sys.stderr)
+        return EXIT_MAYBE_DONE
     except (UsageError, BundleError, ValueError, OSError, ControllerError,
             ControllerUnavailable) as exc:
         print(f"linesight {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_NOT_DONE
     except KeyboardInterrupt:
         return 130
 
