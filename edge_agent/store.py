@@ -205,7 +205,7 @@ class TooManyOpenRequests(StoreError):
 
     def __init__(self, waiting: int) -> None:
         super().__init__(
-            f"request not recorded: {waiting} requests from the screen are still waiting for "
+            f"{waiting} requests from the screen are still waiting for "
             "the station to make them (is the station agent running? look at its faults); "
             "ask again once it has made them"
         )

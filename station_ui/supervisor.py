@@ -6,6 +6,7 @@ from __future__ import annotations
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
+from edge_agent.store import TooManyOpenRequests
 from linesight.protocol import PART_ID_MAX_LENGTH, AutomationLevel, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, supervisor_only, ui
 from station_ui.config import AUTOMATION_ORDER
@@ -90,7 +91,10 @@ def change_automation() -> BaseResponse:
         return _page(
             400, error=f"Keep the reason under {MAX_REASON} characters.", reason=reason[:MAX_REASON]
         )
-    state.store.request_automation(level.value, reason, by=operator.badge)
+    try:
+        state.store.request_automation(level.value, reason, by=operator.badge)
+    except TooManyOpenRequests as exc:
+        return _page(409, error=f"Not recorded: {exc}.", reason=reason)
     flash(
         f"Asked the station to switch to '{level.value}'. It applies the change between two "
         "parts, saves it and reports it to the fleet; until then it is listed as waiting.",

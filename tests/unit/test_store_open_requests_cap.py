@@ -28,7 +28,7 @@ def test_open_requests_are_capped_with_a_message_for_the_requester(store: Statio
     with pytest.raises(TooManyOpenRequests) as refused:
         store.request_automation("partial", "one more", by="9001")
     message = str(refused.value)
-    assert f"{MAX_OPEN_REQUESTS} requests" in message and "not recorded" in message
+    assert f"{MAX_OPEN_REQUESTS} requests from the screen are still waiting" in message
     assert [r.id for r in store.open_requests()] == asked, "the refused one is not stored"
     store.save_slots({"active": "x"}, requests=asked[:1])  # the station made the oldest
     store.request_automation("partial", "one more", by="9001")
@@ -50,6 +50,7 @@ def test_the_supervisor_is_told_why_a_request_past_the_cap_is_not_recorded(
         answer = client.post("/supervisor/automation",
                              data={"level": "assist", "reason": "night", "csrf_token": token})
         page = html.unescape(answer.get_data(as_text=True))
-        assert answer.status_code == 503
-        assert "Not recorded" in page and "still waiting for the station" in page
+        assert answer.status_code == 409
+        assert "Not recorded: 20 requests from the screen are still waiting" in page
+        assert "busy or failing" not in page
         assert len(screen.open_requests()) == MAX_OPEN_REQUESTS
