@@ -1,8 +1,9 @@
 """The escaped-defect gate as a rollout stage judges it, simulated: its false-promotion rate with
 only some disagreements labelled, and its rare-event pass looked at after every part.
 
-Both go through `deploy.rollout.judge`, the function the controller's tick calls, on evidence
-built the way `SqliteFleetStore.paired_evidence` builds it.
+Both use `deploy.rollout.judge`, the function the controller's tick calls, on evidence built the
+way `SqliteFleetStore.paired_evidence` builds it: the first through bench/gate_quality.py's
+vectorised copy of it, which a test here replays through `judge` verdict by verdict.
 """
 
 from __future__ import annotations
@@ -66,48 +67,25 @@ def stage_evidence(
     )
 
 
-def escape_gate_promotions(
-    rollouts: int, labelled_share: float, seed: int, horizon: int = 1500
-) -> int:
-    """Rollouts of a candidate exactly escape_delta worse on escaped defects that the escape gate
-    promotes. Disagreements at 10% of parts, 15% of them defects (so 1.5% of parts are defect
-    disagreements); `labelled_share` of the disagreements, a fair sample, get a verdict at once.
-    The gate is judged after every verdict."""
-    disagreement_rate, defect_share = 0.1, 0.15
-    p_right = 0.5 - ESCAPE_DELTA / (2.0 * disagreement_rate * defect_share)
-    stage = shadow_stage()
-    rng = np.random.default_rng(seed)
-    promoted = 0
-    for _ in range(rollouts):
-        # Per verdict: disagreements since the previous one (this one included), parts since
-        # the previous one, whether it is a defect, and whether the candidate was right on it.
-        between = rng.geometric(labelled_share, size=horizon)
-        disagreements = np.cumsum(between)
-        parts = np.cumsum(between + rng.negative_binomial(between, disagreement_rate))
-        defect = rng.random(horizon) < defect_share
-        right = np.where(defect, rng.random(horizon) < p_right, rng.random(horizon) < 0.5)
-        defects, defects_right = np.cumsum(defect), np.cumsum(defect & right)
-        candidate_right = np.cumsum(right)
-        for n in range(1, horizon + 1):
-            evidence = stage_evidence(
-                int(parts[n - 1]), int(disagreements[n - 1]), n, int(candidate_right[n - 1]),
-                int(defects[n - 1]), int(defects_right[n - 1]),
-            )
-            outcome = judge(stage, evidence).escapes.outcome
-            if outcome is not GateOutcome.CONTINUE:
-                promoted += outcome is GateOutcome.PASS
-                break
-    return promoted
-
-
 def test_partial_labelling_does_not_raise_the_escape_gates_false_promotions() -> None:
-    # With a fifth of the disagreements labelled, the defect-disagreement rate is an estimate
-    # from the labelled defect share. Taken as if counted, it promoted 96 of these 1500 (6.4%,
-    # alpha 0.05); with the noise of the share accounted for, 20. More than 75 (alpha) is far
-    # out of reach by chance at a rate under 2%.
-    rollouts = 1500
-    promoted = escape_gate_promotions(rollouts, labelled_share=0.2, seed=20240612)
-    assert promoted <= ALPHA * rollouts
+    # Rollouts of a candidate exactly escape_delta worse on escaped defects: disagreements at 10%
+    # of parts, 15% of them defects; a fifth of the disagreements, a fair sample, get a verdict,
+    # and the gate is judged after every verdict (vectorised in bench/gate_quality.py; the test
+    # below replays its streams through `judge` and expects the same decisions). With the
+    # defect-disagreement rate estimated from the labelled defect share, taken as if counted,
+    # 101 of these 1500 are promoted (6.7%, alpha 0.05); with the noise of the share accounted
+    # for, 26. More than 75 (alpha) is far out of reach by chance at a rate under 2%.
+    rollouts, horizon = 1500, 1500
+    p_right = 0.5 - ESCAPE_DELTA / (2.0 * ESCAPE_DISAGREEMENT_RATE * ESCAPE_DEFECT_SHARE)
+    streams = simulate_labelled_streams(
+        p_right, 0.2, rollouts, horizon, np.random.default_rng(20240612)
+    )
+    config = escape_config(ALPHA, 0.2, 10)
+    gate = escape_gate(streams, config)
+    assert gate.decided.all(), "lengthen the horizon: some rollouts were not decided"
+    assert int(gate.promoted.sum()) <= ALPHA * rollouts
+    as_if_counted = escape_gate(streams, config, labelling_noise=False)
+    assert int(as_if_counted.promoted.sum()) > ALPHA * rollouts, "the test would not see it"
 
 
 def passes_looking_at_every_part(rollouts: int, parts: int, seed: int) -> int:
