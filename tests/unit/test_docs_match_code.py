@@ -1,6 +1,7 @@
-"""What a factory integrator copies from the pages matches the code: every station key and its
-default, the station screen's options, every subcommand and metric named, and `linesight sim`'s
-exit statuses (tests/unit/test_docs_claims.py checks the flags, links and examples)."""
+"""What a factory integrator copies from the pages matches the code: every station and controller
+key and its default, the station screen's options, every subcommand and metric named, and
+`linesight sim`'s exit statuses (tests/unit/test_docs_claims.py checks the flags, links and
+examples)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import yaml
 from pydantic import BaseModel
 from pydantic_core import PydanticUndefined
 
+from deploy.config import ControllerConfig
 from edge_agent.config import AgentConfig
 from edge_agent.metrics import AgentMetrics
 from edge_agent.sources import SourceOptions
@@ -29,6 +31,8 @@ PAGES = [REPO / "README.md", *(REPO / "docs" / name for name in (
     "dashboard.md"))]
 # Where a default is not a constant: the station's client id is made from its name.
 COMPUTED_DEFAULTS = {"broker.client_id": "linesight-agent-<station>"}
+# The controller's is filled in when its file is read (deploy.config._client_id).
+CONTROLLER_COMPUTED_DEFAULTS = {"broker.client_id": "linesight-fleet-controller"}
 
 
 def _section(page: str, heading: str) -> str:
@@ -74,13 +78,21 @@ def _station_keys(model: type[BaseModel], prefix: str = "") -> Iterator[tuple[st
 
 
 def test_the_configuration_reference_lists_every_station_key_with_its_default() -> None:
-    rows = _table(_section("docs/agent.md", "Configuration reference"))
+    _check_reference("docs/agent.md", AgentConfig, COMPUTED_DEFAULTS)
+
+
+def test_the_configuration_reference_lists_every_controller_key_with_its_default() -> None:
+    _check_reference("docs/controller.md", ControllerConfig, CONTROLLER_COMPUTED_DEFAULTS)
+
+
+def _check_reference(page: str, model: type[BaseModel], computed: dict[str, str]) -> None:
+    rows = _table(_section(page, "Configuration reference"))
     documented: dict[str, str] = {}
     for key_cell, default_cell, _ in rows:
         (key,) = re.findall(r"`([a-z_.]+)`", key_cell)
         assert key not in documented, f"{key} is listed twice"
         documented[key] = default_cell
-    keys = dict(_station_keys(AgentConfig))
+    keys = dict(_station_keys(model))
     assert set(documented) == set(keys), (
         f"missing from the page: {sorted(set(keys) - set(documented))}; "
         f"not a key: {sorted(set(documented) - set(keys))}")
@@ -89,8 +101,8 @@ def test_the_configuration_reference_lists_every_station_key_with_its_default() 
     expected: Any
     for key, cell in documented.items():
         default = keys[key]
-        if key in COMPUTED_DEFAULTS:
-            shown, expected = cell, f"`{COMPUTED_DEFAULTS[key]}`"
+        if key in computed:
+            shown, expected = cell, f"`{computed[key]}`"
         elif default is PydanticUndefined:
             shown, expected = cell.startswith("(required"), True
         else:
