@@ -36,10 +36,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from edge_agent.store import StationStore
+from edge_agent.store import OutboxRow, StationStore
 from linesight import protocol as p
 from linesight.logs import setup_logging
-from linesight.mqtt import LinkConfig, MqttLink, ReceivedMessage
+from linesight.mqtt import LinkConfig, MqttLink, PublishTicket, ReceivedMessage
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,9 @@ class OutboxRelay:
         # only get higher seqs, so every row at or below it has been sent.
         self._sent_upto = -1
         self._warned_ahead = False
+        # seq -> the ticket of a copy the link still holds: it goes again by itself at each
+        # reconnect until the broker acknowledges it, so the replay does not add another.
+        self._in_flight: dict[int, PublishTicket] = {}
 
     def attach(self) -> None:
         """Subscribe to the receipts and hear of reconnects; call before `link.start()`."""
@@ -129,11 +132,31 @@ class OutboxRelay:
             if not rows:
                 return cursor
             self._sent_upto = max(self._sent_upto, rows[-1].seq)
-            tickets = [self.link.publish(row.topic, row.payload, qos=row.qos) for row in rows]
+            self._forget_released()
+            tickets = [self._publish(row) for row in rows]
             if not tickets[-1].wait(ACK_WAIT_S):
                 return cursor  # not acknowledged: try again from here
+            for row in rows:
+                self._in_flight.pop(row.seq, None)
             cursor = rows[-1].seq
         return cursor
+
+    def _forget_released(self) -> None:
+        """Forget the copies the link no longer holds (acknowledged since, or dropped)."""
+        if self._in_flight:
+            self._in_flight = {
+                seq: ticket for seq, ticket in self._in_flight.items() if self.link.holds(ticket)
+            }
+
+    def _publish(self, row: OutboxRow) -> PublishTicket:
+        """Hand `row` to the link, unless a copy of it still waits there for its PUBACK."""
+        held = self._in_flight.get(row.seq)
+        if held is not None:
+            return held
+        ticket = self.link.publish(row.topic, row.payload, qos=row.qos)
+        if row.qos > 0:
+            self._in_flight[row.seq] = ticket
+        return ticket
 
     def on_receipt(self, message: ReceivedMessage) -> None:
         try:

@@ -612,6 +612,23 @@ class MqttLink:
         with self._lock:
             return self._connect_attempts
 
+    @property
+    def unacknowledged(self) -> int:
+        """QoS 1 messages handed to this link that the broker has not acknowledged yet: they
+        wait in memory and go again at each reconnect until it does."""
+        with self._lock:
+            return sum(
+                isinstance(ticket, PublishTicket) and ticket.qos > 0
+                for ticket in self._pending.values()
+            )
+
+    def holds(self, ticket: PublishTicket) -> bool:
+        """Whether the message of `ticket` still waits in this link for the broker's PUBACK (it
+        goes again by itself at the next connect); False once acknowledged, dropped (QoS 0 at a
+        disconnect, everything at `stop`) or pushed out by a later message with its message id."""
+        with self._lock:
+            return self._pending.get(ticket.mid) is ticket
+
     def wait_connected(self, timeout: float) -> bool:
         """Block until connected and subscribed (the SUBSCRIBE sent: a message published
         after this returns reaches the broker after it); False on timeout, or at once after a

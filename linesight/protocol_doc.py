@@ -196,7 +196,9 @@ def render() -> str:
         "before the field still parse the message |",
         "",
         "Delivery is at least once: after a reconnect a station publishes again what the "
-        "controller has not yet receipted, with the same `msg_id` and `seq`. A copy has the "
+        "controller has not yet receipted, with the same `msg_id` and `seq` (a message still "
+        "waiting for its PUBACK goes again as the MQTT client's own retransmission, once, not "
+        "as a further copy). A copy has the "
         "same `msg_id`: dedupe by `(station, stream, seq, msg_id)` or by `msg_id`. A station "
         "whose store was restored from a backup gives out seqs it had used again, in the same "
         "stream, for other messages; keyed by `(station, stream, seq)` alone, those would be "

@@ -39,11 +39,17 @@ class FakeLink:
     def __init__(self) -> None:
         self.connected = True
         self.acks = True
+        self.keeps = False
         self.published: list[tuple[str, bytes, int]] = []
 
     def publish(self, topic: str, payload: bytes, qos: int = 0) -> Ticket:
         self.published.append((topic, payload, qos))
         return Ticket(self.acks)
+
+    def holds(self, ticket: Ticket) -> bool:
+        """An unacknowledged message stays with the link to go again at the next connect,
+        unless told otherwise."""
+        return self.keeps and not ticket.acked
 
 
 @pytest.fixture
@@ -115,6 +121,17 @@ def test_an_unacknowledged_batch_is_published_again_from_where_it_was(
     assert relay.publish_pending(-1) == 4
     seqs = [p.parse(p.Decision, payload).seq for _, payload, _ in link.published]
     assert seqs == [0, 1, 0, 1, 2, 3, 4]
+
+
+def test_a_row_the_link_still_holds_is_not_handed_to_it_again(store: StationStore) -> None:
+    """The link sends an unacknowledged message again by itself at each reconnect: another copy
+    per replay would pile up in memory while a broker keeps dropping the connection."""
+    link = FakeLink()
+    link.acks, link.keeps = False, True
+    relay = relay_on(store, link)
+    assert relay.publish_pending(-1) == -1
+    assert relay.publish_pending(-1) == -1  # a replay after a reconnect
+    assert [p.parse(p.Decision, payload).seq for _, payload, _ in link.published] == [0, 1]
 
 
 def test_a_receipt_deletes_up_to_its_seq_and_others_change_nothing(
