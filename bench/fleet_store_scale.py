@@ -9,6 +9,11 @@ retention prune (the oldest hour) and an online backup: the longest an ingest ba
 the write lock is the figure that matters there. Each query's SQLite VM steps are counted with a
 progress handler: a query whose steps grow with the table rather than with its window is a scan.
 
+The stage's evidence and the series are kept as running totals (decision 0016): asked again with
+nothing new, they cost next to nothing. "refresh" is what matters for them: a second of the
+fleet's parts is stored, then each is asked, as the tick and a dashboard do; its time is put
+beside the query over every row of the window (what each call cost before), in the same run.
+
 The rows are made by the store's own row builder (`_Rows`) and inserted with the store's own
 statements in large transactions, which is much faster than `ingest` one batch at a time;
 `--check` first ingests a sample both ways and compares every table.
@@ -44,6 +49,10 @@ from deploy.fleet_store import (
     _INSERT_VERDICT,
     SqliteFleetStore,
     _Rows,
+    _series_points,
+    _stations_param,
+    paired_evidence_by_query,
+    series_counts_by_query,
 )
 from linesight import protocol as p
 
@@ -228,6 +237,61 @@ def poll_queries(store: SqliteFleetStore, rollout_id: str) -> dict[str, Callable
     }
 
 
+def refresh_costs(store: SqliteFleetStore, stations: int, rate: float,
+                  rounds: int = 7) -> dict[str, dict[str, float]]:
+    """Median ms of the evidence of a stage an hour old and of the dashboard's 30-minute series
+    right after a second of the fleet's parts was stored ("refresh"), of the first call (the
+    totals built), and of the query over every row of the window ("whole_window")."""
+    now = stored_span(store)[1]
+    names = [record.station for record in store.stations()]
+    since = now - timedelta(hours=1)
+    plot_since = now - timedelta(minutes=30)
+    key = (_stations_param(names), 30_000_000, None)
+    calls: dict[str, tuple[Callable[[], object], Callable[[], object]]] = {
+        "paired_evidence_stage_1h": (
+            lambda: store.paired_evidence(names, since, CANDIDATE.sha256),
+            lambda: paired_evidence_by_query(store._conn(), key[0], round(  # noqa: SLF001
+                since.timestamp() * 1e6), CANDIDATE.sha256, "defect"),
+        ),
+        "series_30min": (
+            lambda: store.evidence_series(names, plot_since, 30),
+            lambda: _series_points(series_counts_by_query(
+                store._conn(), key, round(plot_since.timestamp() * 1e6),  # noqa: SLF001
+                round((datetime.now(UTC) + timedelta(seconds=30)).timestamp() * 1e6)), 30_000_000),
+        ),
+    }
+    seqs = {name: store.contiguous(name) + 1 for name in names}
+    part = 2 * 10**8 + int(time.time() * 1000) % 10**8
+    result: dict[str, dict[str, float]] = {}
+    for name, (kept, whole) in calls.items():
+        store._stage_tallies.clear()  # noqa: SLF001 - the first call builds them, as at a start
+        store._series_tallies.clear()  # noqa: SLF001
+        started = time.perf_counter()
+        kept()
+        first_ms = (time.perf_counter() - started) * 1000
+        refresh, scratch = [], []
+        for _ in range(rounds):
+            batch: list[p.Envelope] = []
+            for _ in range(max(1, int(stations * rate))):  # a second of the fleet's parts
+                station = station_name(part % stations)
+                messages = part_messages(station, part, seqs[station], datetime.now(UTC))
+                seqs[station] += len(messages)
+                part += 1
+                batch.extend(messages)
+            store.ingest(batch)
+            refresh.append(timed(kept, repeat=1))
+            scratch.append(timed(whole, repeat=1))
+        result[name] = {"first_ms": round(first_ms, 1),
+                        "refresh_ms": round(statistics.median(refresh), 2),
+                        "whole_window_ms": round(statistics.median(scratch), 1)}
+        result[name]["ratio"] = round(result[name]["whole_window_ms"]
+                                      / max(result[name]["refresh_ms"], 0.01), 1)
+        print(f"{name:32s} refresh {result[name]['refresh_ms']:8.2f} ms, first call "
+              f"{result[name]['first_ms']:8.1f} ms, whole window "
+              f"{result[name]['whole_window_ms']:8.1f} ms: x{result[name]['ratio']}")
+    return result
+
+
 class IngestLoad:
     """Stores a batch of fresh messages every 200 ms on its own thread, as the controller's
     ingest thread does, and notes how long each `ingest` call took."""
@@ -316,6 +380,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 print(f"{name:32s} {queries[name]['ms']:9.2f} ms "
                       f"{queries[name]['kvm_steps']:9d} k VM steps")
             result["queries"] = queries
+            result["refresh"] = refresh_costs(store, args.stations, args.rate)
             if not args.no_prune:
                 before = stored_span(store)[0] + timedelta(hours=1)  # the oldest hour
                 with IngestLoad(store, args.stations, args.rate) as load:

@@ -18,6 +18,7 @@ stored beside the first, never dropped, since the station deletes it on the next
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import math
@@ -25,12 +26,14 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
+from deploy.fleet_tally import Disputes, SeriesCounts, SlowestLatencies
 from deploy.gates import PairedEvidence
 from deploy.rollout import TERMINAL, Phase, StageEvidence
 from linesight.protocol import (
@@ -531,23 +534,54 @@ _P95_LATENCY = (
 # is the truth, so an escalation neither counts nor hides an earlier one (a supervisor's final
 # verdict comes after it). The truth is the verdict's outcome, not its label: the station
 # screen's words (ok/defect) need not be the model's (good/ng, ...); a reject is a defect.
-# MATERIALIZED: otherwise SQLite copies the lookup into each aggregate that names `defect`.
-_LABELLED_COUNTS = """
-WITH labelled AS MATERIALIZED (
-    SELECT s.candidate_label = ? AS candidate_says_defect, (
+_TRUTH = """(
         SELECT v.outcome = 'reject' FROM verdicts v INDEXED BY verdicts_station_part
         WHERE v.station = s.station AND v.part_id = s.part_id AND v.outcome IN ('pass', 'reject')
         ORDER BY v.id DESC LIMIT 1
-    ) AS defect
+    )"""
+_STAGE_DISAGREEMENTS = """
     FROM shadows s INDEXED BY shadows_disagreements
     WHERE s.candidate_sha256 = ? AND s.received_us >= ?
         AND s.station IN (SELECT value FROM json_each(?)) AND s.paired = 1 AND s.agree = 0
-)
+"""
+# MATERIALIZED: otherwise SQLite copies the lookup into each aggregate that names `defect`.
+_LABELLED_COUNTS = (
+    "WITH labelled AS MATERIALIZED (SELECT s.candidate_label = ? AS candidate_says_defect, "
+    + _TRUTH + " AS defect " + _STAGE_DISAGREEMENTS + ")"
+    + """
 SELECT count(defect), coalesce(sum(defect = candidate_says_defect), 0),
     coalesce(sum(defect), 0), coalesce(sum(defect AND candidate_says_defect), 0)
 FROM labelled
 """
+)
+# A stage's running totals (fleet_tally) are built from its disagreements one by one and its
+# slowest latencies, then brought up to date with the rows stored since: a range of the rowid
+# (NOT INDEXED keeps SQLite off the window's index), verdicts first.
+_STAGE_DISPUTES = (
+    "SELECT s.station, s.part_id, s.candidate_label = ?, " + _TRUTH + _STAGE_DISAGREEMENTS
+)
+_SLOWEST_LATENCIES = (
+    "SELECT s.candidate_latency_ms "
+    + _CANDIDATE_ROWS
+    + "ORDER BY s.candidate_latency_ms DESC LIMIT ?"
+)
+_NEW_VERDICTS = (
+    "SELECT v.station, v.part_id, v.outcome = 'reject' FROM verdicts v NOT INDEXED "
+    "WHERE v.id > ? AND v.outcome IN ('pass', 'reject') ORDER BY v.id"
+)
+_NEW_STAGE_RESULTS = (
+    "SELECT s.station, s.part_id, s.paired, s.agree, s.candidate_latency_ms, "  # noqa: S608
+    "s.candidate_label = ?, CASE WHEN s.paired = 1 AND s.agree = 0 THEN " + _TRUTH + " END "
+    "FROM shadows s NOT INDEXED WHERE s.id > ? AND s.candidate_sha256 = ? "
+    "AND s.received_us >= ? AND s.station IN (SELECT value FROM json_each(?)) ORDER BY s.id"
+)
 # The plots' series are dated by the stations' clocks.
+_DECISION_SERIES = (
+    "SELECT d.ts_us / ? AS bucket, d.action, count(*) "
+    "FROM decisions d INDEXED BY decisions_station_ts "
+    "WHERE d.ts_us >= ? AND d.ts_us < ? AND d.station IN (SELECT value FROM json_each(?)) "
+    "GROUP BY bucket, d.action"
+)
 _SHADOW_SERIES = (
     "SELECT s.ts_us / ? AS bucket, count(*), coalesce(sum(s.agree), 0) "
     "FROM shadows s INDEXED BY shadows_ts "
@@ -557,7 +591,215 @@ _SHADOW_SERIES = (
 _CANDIDATE_SERIES = _SHADOW_SERIES.replace(
     "GROUP BY bucket", "AND s.candidate_sha256 = ? GROUP BY bucket"
 )
+# The same, of the rows stored after a row id only (a series' running totals).
+_NEW_DECISION_SERIES = _DECISION_SERIES.replace(
+    "INDEXED BY decisions_station_ts WHERE", "NOT INDEXED WHERE d.id > ? AND"
+)
+_NEW_SHADOW_SERIES = _SHADOW_SERIES.replace(
+    "INDEXED BY shadows_ts WHERE", "NOT INDEXED WHERE s.id > ? AND"
+)
+_NEW_CANDIDATE_SERIES = _CANDIDATE_SERIES.replace(
+    "INDEXED BY shadows_ts WHERE", "NOT INDEXED WHERE s.id > ? AND"
+)
+_LAST_ID = "SELECT coalesce(max(id), 0) FROM messages"
+_CATCH_UP_MAX_ROWS = 200_000
+"""Rows stored since running totals were last brought up to date beyond which rebuilding them
+(a read of their window's index) is the cheaper way."""
+_TALLIES_KEPT = 8
+_SERIES_AHEAD_S = 86_400
+"""A series' running totals cover the buckets a day past the window they were built for, so a
+dashboard's moving window rebuilds them once a day, and keep those a day before it."""
 _SELECT_DECISION_PAYLOADS = "SELECT m.payload FROM decisions d JOIN messages m USING (id) "
+
+
+def _stage_evidence(
+    parts: int, disagreements: int, labelled: tuple[int, int, int, int], p95: float | None
+) -> StageEvidence:
+    """A stage's evidence from its counts; `labelled` is (labelled disagreements, candidate
+    right, labelled defects, candidate right on a defect)."""
+    labelled_count, candidate_right, labelled_defect, defect_right = labelled
+    unlabelled = disagreements - labelled_count
+    estimated_defects = (
+        labelled_defect + round(unlabelled * labelled_defect / labelled_count)
+        if labelled_count
+        else 0
+    )
+    return StageEvidence(
+        overall=PairedEvidence(
+            parts=parts,
+            disagreements=disagreements,
+            labelled_disagreements=labelled_count,
+            candidate_right=candidate_right,
+        ),
+        escapes=PairedEvidence(
+            parts=parts,
+            disagreements=estimated_defects,
+            labelled_disagreements=labelled_defect,
+            candidate_right=defect_right,
+        ),
+        p95_latency_ms=p95,
+        possible_escapes=labelled_defect + unlabelled,
+    )
+
+
+def paired_evidence_by_query(
+    conn: sqlite3.Connection, names: str, since_us: int, candidate_sha256: str,
+    defect_label: str,
+) -> StageEvidence:
+    """A stage's evidence read from every row of its window (what the running totals must
+    equal; `names` as `_stations_param` gives them). Call it inside a snapshot."""
+    rows = (candidate_sha256, since_us, names)
+    results, parts, disagreements = (
+        int(value) for value in conn.execute(_PAIRED_COUNTS, rows).fetchone()
+    )
+    counted, right, defect, defect_right = (
+        int(value) for value in conn.execute(_LABELLED_COUNTS, (defect_label, *rows)).fetchone()
+    )
+    p95: float | None = None
+    if results:
+        # Nearest rank, counted from the top: the sorter keeps only the slowest 5%.
+        from_top = results - math.ceil(0.95 * results)
+        p95 = float(conn.execute(_P95_LATENCY, (*rows, from_top)).fetchone()[0])
+    return _stage_evidence(parts, disagreements, (counted, right, defect, defect_right), p95)
+
+
+_StageKey = tuple[str, int, str, str]
+"""(stations as _stations_param gives them, since_us, candidate_sha256, defect_label)."""
+
+
+@dataclass(slots=True)
+class _StageTally:
+    """A stage's evidence as running totals, counted up to message id `upto`."""
+
+    generation: int
+    upto: int
+    parts: int
+    disagreements: int
+    slowest: SlowestLatencies
+    disputes: Disputes
+
+    def evidence(self) -> StageEvidence:
+        d = self.disputes
+        labelled = (d.labelled, d.candidate_right, d.labelled_defect, d.defect_right)
+        return _stage_evidence(self.parts, self.disagreements, labelled, self.slowest.p95())
+
+
+def _slowest_latencies(conn: sqlite3.Connection, key: _StageKey, results: int) -> SlowestLatencies:
+    names, since_us, candidate, _ = key
+    wanted = SlowestLatencies.wanted(results)
+    values = [
+        float(value)
+        for (value,) in conn.execute(_SLOWEST_LATENCIES, (candidate, since_us, names, wanted))
+    ]
+    return SlowestLatencies(values, results, complete=len(values) == results)
+
+
+def _build_stage_tally(
+    conn: sqlite3.Connection, key: _StageKey, generation: int, upto: int
+) -> _StageTally:
+    """A stage's running totals from every row of its window, as of message id `upto`."""
+    names, since_us, candidate, defect_label = key
+    results, parts, disagreements = (
+        int(value) for value in conn.execute(_PAIRED_COUNTS, (candidate, since_us, names))
+        .fetchone()
+    )
+    disputes = Disputes()
+    for station, part_id, says_defect, defect in conn.execute(
+        _STAGE_DISPUTES, (defect_label, candidate, since_us, names)
+    ):
+        disputes.add((station, part_id), bool(says_defect), _truth(defect))
+    return _StageTally(generation, upto, parts, disagreements,
+                       _slowest_latencies(conn, key, results), disputes)  # fmt: skip
+
+
+def _catch_up_stage_tally(
+    conn: sqlite3.Connection, tally: _StageTally, key: _StageKey, upto: int
+) -> None:
+    """Count the rows stored after `tally.upto` up to `upto` (the last id of the snapshot):
+    first the verdicts on parts it already holds, then the stage's new results."""
+    names, since_us, candidate, defect_label = key
+    for station, part_id, defect in conn.execute(_NEW_VERDICTS, (tally.upto,)):
+        tally.disputes.label((station, part_id), bool(defect))
+    for station, part_id, paired, agree, latency, says_defect, defect in conn.execute(
+        _NEW_STAGE_RESULTS, (defect_label, tally.upto, candidate, since_us, names)
+    ):
+        tally.slowest.add(float(latency))
+        if paired:
+            tally.parts += 1
+            if not agree:
+                tally.disagreements += 1
+                tally.disputes.add((station, part_id), bool(says_defect), _truth(defect))
+    if tally.slowest.needs_refill:
+        tally.slowest = _slowest_latencies(conn, key, tally.slowest.results)
+    tally.upto = upto
+
+
+def _truth(defect: int | None) -> bool | None:
+    return None if defect is None else bool(defect)
+
+
+_SeriesKey = tuple[str, int, str | None]
+"""(stations as _stations_param gives them, bucket width in us, candidate_sha256 or None)."""
+
+
+@dataclass(slots=True)
+class _SeriesTally:
+    """A series' counts per bucket, complete for buckets `first` to `last` (both included)
+    as of message id `upto`."""
+
+    generation: int
+    upto: int
+    first: int
+    last: int
+    counts: SeriesCounts
+
+
+def series_counts_by_query(
+    conn: sqlite3.Connection, key: _SeriesKey, since_us: int, until_us: int,
+    after_id: int | None = None,
+) -> SeriesCounts:
+    """The series' counts per bucket of what is dated from `since_us` up to `until_us`, read
+    from every row of that window; with `after_id`, of the rows stored after it only."""
+    names, width_us, candidate = key
+    counts = SeriesCounts()
+    window = (since_us, until_us, names)
+    if after_id is None:
+        decisions = conn.execute(_DECISION_SERIES, (width_us, *window))
+        shadows = (conn.execute(_SHADOW_SERIES, (width_us, *window)) if candidate is None
+                   else conn.execute(_CANDIDATE_SERIES, (width_us, *window, candidate)))
+    else:
+        decisions = conn.execute(_NEW_DECISION_SERIES, (width_us, after_id, *window))
+        shadows = (
+            conn.execute(_NEW_SHADOW_SERIES, (width_us, after_id, *window)) if candidate is None
+            else conn.execute(_NEW_CANDIDATE_SERIES, (width_us, after_id, *window, candidate))
+        )  # fmt: skip
+    for bucket, action, count in decisions:
+        counts.add_actions(int(bucket), str(action), int(count))
+    for bucket, count, agreed in shadows:
+        counts.add_pairs(int(bucket), int(count), int(agreed))
+    return counts
+
+
+def _series_points(counts: SeriesCounts, width_us: int) -> list[SeriesPoint]:
+    """Points from the first to the last bucket with any data, zero-filled in between."""
+    busy = counts.actions.keys() | counts.pairs.keys()
+    if not busy:
+        return []
+    points = []
+    for bucket in range(min(busy), max(busy) + 1):
+        by_action = dict(sorted(counts.actions.get(bucket, {}).items()))
+        shadow_pairs, agreements = counts.pairs.get(bucket, (0, 0))
+        points.append(
+            SeriesPoint(
+                start=_dt(bucket * width_us),
+                parts=sum(by_action.values()),
+                actions=by_action,
+                shadow_pairs=shadow_pairs,
+                agreements=agreements,
+                agreement_rate=agreements / shadow_pairs if shadow_pairs else None,
+            )
+        )
+    return points
 
 
 def offline_state(previous: StationState | None, offline: StationState) -> StationState:
@@ -590,6 +832,13 @@ class SqliteFleetStore:
         self._reused = _ReuseLog()
         self._busy_timeout_s = busy_timeout_s
         self._waiting = _WaitingWriters()
+        # Running totals of the evidence and the series: valid while no row they counted was
+        # deleted, which only `prune` does; each of its deletes moves the generation on.
+        self._tally_lock = threading.Lock()
+        self._generations = itertools.count()
+        self._generation = next(self._generations)
+        self._stage_tallies: OrderedDict[_StageKey, _StageTally] = OrderedDict()
+        self._series_tallies: OrderedDict[_SeriesKey, _SeriesTally] = OrderedDict()
         self._db = SqliteDatabase(
             self.path, synchronous="NORMAL", busy_timeout_s=busy_timeout_s,
             # The shadow table of a running stage is read every second: keep it in memory.
@@ -839,6 +1088,8 @@ class SqliteFleetStore:
                     chosen = json.dumps(ids)
                     for statement in _PRUNE:
                         conn.execute(statement, (chosen,))
+            if ids:  # after the commit: a tally built before it was built on the rows deleted
+                self._generation = next(self._generations)
             total += len(ids)
             if len(rows) < batch:
                 return total
@@ -1001,42 +1252,24 @@ class SqliteFleetStore:
         disagreements among all of them: the labelled ones whose truth is the defect, plus the
         unlabelled ones in the same proportion; `possible_escapes` counts every unlabelled one
         as a possible defect, the bound the rare-event pass may rely on.
+
+        Kept as running totals per stage: a call reads only the rows stored since the last one
+        (decision 0016), and answers exactly what `paired_evidence_by_query` reads from the
+        whole window.
         """
-        names = _stations_param(stations)
-        rows = (candidate_sha256, _us(since), names)
-        with self._snapshot() as conn:
-            results, parts, disagreements = (
-                int(value) for value in conn.execute(_PAIRED_COUNTS, rows).fetchone()
-            )
-            labelled, candidate_right, labelled_defect, defect_right = (
-                int(value)
-                for value in conn.execute(_LABELLED_COUNTS, (defect_label, *rows)).fetchone()
-            )
-            p95: float | None = None
-            if results:
-                # Nearest rank, counted from the top: the sorter keeps only the slowest 5%.
-                from_top = results - math.ceil(0.95 * results)
-                p95 = float(conn.execute(_P95_LATENCY, (*rows, from_top)).fetchone()[0])
-        unlabelled = disagreements - labelled
-        estimated_defects = (
-            labelled_defect + round(unlabelled * labelled_defect / labelled) if labelled else 0
-        )
-        return StageEvidence(
-            overall=PairedEvidence(
-                parts=parts,
-                disagreements=disagreements,
-                labelled_disagreements=labelled,
-                candidate_right=candidate_right,
-            ),
-            escapes=PairedEvidence(
-                parts=parts,
-                disagreements=estimated_defects,
-                labelled_disagreements=labelled_defect,
-                candidate_right=defect_right,
-            ),
-            p95_latency_ms=p95,
-            possible_escapes=labelled_defect + unlabelled,
-        )
+        key = (_stations_param(stations), _us(since), candidate_sha256, defect_label)
+        with self._tally_lock:
+            generation = self._generation  # read before the snapshot begins
+            with self._snapshot() as conn:
+                upto = int(conn.execute(_LAST_ID).fetchone()[0])
+                tally = self._stage_tallies.get(key)
+                if (tally is None or tally.generation != generation
+                        or upto - tally.upto > _CATCH_UP_MAX_ROWS):  # fmt: skip
+                    tally = _build_stage_tally(conn, key, generation, upto)
+                else:
+                    _catch_up_stage_tally(conn, tally, key, upto)
+            _remember(self._stage_tallies, key, tally)
+            return tally.evidence()
 
     def evidence_series(
         self,
@@ -1052,51 +1285,60 @@ class SqliteFleetStore:
         Buckets run from the first to the last with any data, zero-filled in between. Messages
         dated after `until` (a station whose clock runs ahead) are left out: the series never
         holds more than the window's buckets, however far ahead such a date lies.
+
+        The window's whole buckets come from running totals brought up to date with the rows
+        stored since the last call, the partial ones at its ends from the rows (decision 0016).
         """
         if bucket_s < 1:
             raise ValueError(f"bucket_s: must be at least 1, got {bucket_s}")
         if until is None:
             until = datetime.now(UTC) + timedelta(seconds=bucket_s)
-        names = _stations_param(stations)
+        key = (_stations_param(stations), bucket_s * 1_000_000, candidate_sha256)
         since_us, until_us = _us(since), _us(until)
-        width_us = bucket_s * 1_000_000
-        actions: dict[int, dict[str, int]] = {}
-        pairs: dict[int, tuple[int, int]] = {}
-        with self._snapshot() as conn:
-            for bucket, action, count in conn.execute(
-                "SELECT d.ts_us / ? AS bucket, d.action, count(*) "
-                "FROM decisions d INDEXED BY decisions_station_ts "
-                "WHERE d.station IN (SELECT value FROM json_each(?)) "
-                "AND d.ts_us >= ? AND d.ts_us < ? GROUP BY bucket, d.action",
-                (width_us, names, since_us, until_us),
-            ):
-                actions.setdefault(int(bucket), {})[str(action)] = int(count)
-            if candidate_sha256 is None:
-                shadow_rows = conn.execute(_SHADOW_SERIES, (width_us, since_us, until_us, names))
-            else:
-                shadow_rows = conn.execute(
-                    _CANDIDATE_SERIES, (width_us, since_us, until_us, names, candidate_sha256)
+        width_us = key[1]
+        # Whole buckets come from running totals, the partial ones at either end from the rows.
+        first, last = -(-since_us // width_us), until_us // width_us - 1
+        if since_us < 0 or first > last:  # SQLite rounds a negative bucket towards zero
+            with self._snapshot() as conn:
+                return _series_points(
+                    series_counts_by_query(conn, key, since_us, until_us), width_us
                 )
-            for bucket, count, agreed in shadow_rows:
-                pairs[int(bucket)] = (int(count), int(agreed))
-        busy = actions.keys() | pairs.keys()
-        if not busy:
-            return []
-        points = []
-        for bucket in range(min(busy), max(busy) + 1):
-            by_action = actions.get(bucket, {})
-            shadow_pairs, agreements = pairs.get(bucket, (0, 0))
-            points.append(
-                SeriesPoint(
-                    start=_dt(bucket * width_us),
-                    parts=sum(by_action.values()),
-                    actions=by_action,
-                    shadow_pairs=shadow_pairs,
-                    agreements=agreements,
-                    agreement_rate=agreements / shadow_pairs if shadow_pairs else None,
-                )
-            )
-        return points
+        counts = SeriesCounts()
+        with self._tally_lock:
+            generation = self._generation  # read before the snapshot begins
+            with self._snapshot() as conn:
+                tally = self._series_tally(conn, key, generation, first, last)
+                counts.add_range(tally.counts, first, last)
+                if since_us < first * width_us:
+                    counts.add(series_counts_by_query(conn, key, since_us, first * width_us))
+                if (last + 1) * width_us < until_us:
+                    counts.add(series_counts_by_query(conn, key, (last + 1) * width_us, until_us))
+            _remember(self._series_tallies, key, tally)
+        return _series_points(counts, width_us)
+
+    def _series_tally(
+        self, conn: sqlite3.Connection, key: _SeriesKey, generation: int, first: int, last: int
+    ) -> _SeriesTally:
+        """The series' running totals, brought up to date, covering buckets `first` to
+        `last`; rebuilt when they cannot be."""
+        width_us = key[1]
+        ahead = max(1, _SERIES_AHEAD_S * 1_000_000 // width_us)
+        upto = int(conn.execute(_LAST_ID).fetchone()[0])
+        tally = self._series_tallies.get(key)
+        if (tally is None or tally.generation != generation
+                or upto - tally.upto > _CATCH_UP_MAX_ROWS
+                or first < tally.first or last > tally.last):  # fmt: skip
+            counts = series_counts_by_query(conn, key, first * width_us,
+                                            (last + ahead + 1) * width_us)  # fmt: skip
+            return _SeriesTally(generation, upto, first, last + ahead, counts)
+        tally.counts.add(series_counts_by_query(
+            conn, key, tally.first * width_us, (tally.last + 1) * width_us, after_id=tally.upto
+        ))
+        tally.upto = upto
+        if first - tally.first > ahead:
+            tally.counts.drop_before(first)
+            tally.first = first
+        return tally
 
     def decision_counts(self, since: datetime) -> dict[str, dict[str, int]]:
         """station -> action -> decisions since `since`."""
@@ -1260,6 +1502,14 @@ class SqliteFleetStore:
             seq = self._seq_next
             self._seq_next += 1
             return seq
+
+
+def _remember(tallies: OrderedDict[Any, Any], key: Any, tally: Any) -> None:
+    """Keep `tally` as the most recently used of at most _TALLIES_KEPT."""
+    tallies[key] = tally
+    tallies.move_to_end(key)
+    while len(tallies) > _TALLIES_KEPT:
+        tallies.popitem(last=False)
 
 
 def _prune_batch(
