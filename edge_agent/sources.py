@@ -38,8 +38,12 @@ IMAGE_SUFFIXES: frozenset[str] = frozenset({".jpg", ".jpeg", ".png", ".bmp"})
 STREAM_OPEN_TIMEOUT_S = 5.0
 MAX_HUNG_CONNECTIONS = 3  # abandoned connections a live source waits for before opening more
 STREAM_READ_TIMEOUT_S = 5.0
-# Triggers the PLC sent but no frame could serve (camera down) are kept at most this many.
+# Triggers the PLC sent but no frame could serve (camera down) are kept at most this many, and
+# so are the frames held for triggers while the station is busy.
 _MAX_PENDING_TRIGGERS = 64
+MIB = 2**20
+# Frames held for triggers by default: 7 frames of a 12-megapixel camera, 40 of a 1080p one.
+DEFAULT_HELD_FRAMES_MB = 256
 # OpenCV fails the read of one undecodable frame (a corrupt JPEG in an MJPEG stream, a damaged
 # frame in a video file) and reads the next one fine; a stream or file that has ended fails
 # every read at once. This many failed reads in a row is the end.
@@ -121,6 +125,14 @@ class SourceOptions(BaseModel):
     reconnect_min_s: float = Field(default=0.5, gt=0, le=3600)
     reconnect_max_s: float = Field(default=10.0, gt=0, le=3600)
     stale_after_s: float = Field(default=2.0, gt=0, le=3600)
+    held_frames_mb: int = Field(
+        default=DEFAULT_HELD_FRAMES_MB, ge=1, le=1_048_576,
+        description="external trigger: MiB of frames held for triggers while the station is busy",
+    )
+    bit_depth: int | None = Field(
+        default=None, ge=8, le=16,
+        description="camera: significant bits of its 16-bit frames; None = all 16",
+    )
 
     @model_validator(mode="after")
     def _check_ranges(self) -> SourceOptions:
@@ -131,6 +143,11 @@ class SourceOptions(BaseModel):
             )
         if self.every_nth > 1 and self.trigger != "every_nth":
             raise ValueError(f"every_nth={self.every_nth} needs trigger='every_nth'")
+        if self.held_frames_mb != DEFAULT_HELD_FRAMES_MB and self.trigger != "external":
+            raise ValueError(
+                f"held_frames_mb={self.held_frames_mb} needs trigger='external' (only "
+                "external triggers hold frames)"
+            )
         return self
 
 
@@ -161,12 +178,17 @@ def pacing_step(now: float, due: float | None, rate_hz: float | None) -> tuple[f
     return max(0.0, due - now), due + period
 
 
-def to_bgr(image: Any) -> U8:
-    """A frame as HxWx3 uint8 BGR, whatever the source delivered (gray, BGRA, 16 bit)."""
+def to_bgr(image: Any, bit_depth: int | None = None) -> U8:
+    """A frame as HxWx3 uint8 BGR, whatever the source delivered (gray, BGRA, 16 bit).
+
+    A 16-bit frame keeps its top ``bit_depth`` bits (all 16 when None): 12-bit sensor data
+    (0..4095) scaled as 16 bit would come out nearly black. Values above the depth saturate."""
     array = np.asarray(image)
     if array.dtype == np.uint16:
         # Machine-vision cameras deliver 10-16 bit mono; the models see 8 bit.
-        array = (array >> 8).astype(np.uint8)
+        shift = (bit_depth or 16) - 8
+        shifted = array >> shift
+        array = (shifted if shift == 8 else np.minimum(shifted, 255)).astype(np.uint8)
     elif array.dtype != np.uint8:
         raise SourceError(f"unsupported frame dtype {array.dtype}")
     if array.size == 0 and (array.ndim == 2 or (array.ndim == 3 and array.shape[2] in (1, 4))):
@@ -179,6 +201,15 @@ def to_bgr(image: Any) -> U8:
     if array.ndim == 3 and array.shape[2] == 3:
         return array
     raise SourceError(f"unsupported frame shape {array.shape}")
+
+
+def bit_depth_exceeded(image: Any, bit_depth: int | None) -> int | None:
+    """The highest value of a 16-bit frame when it does not fit in ``bit_depth`` bits, else
+    None: a camera whose data is wider than its configured depth saturates white."""
+    if bit_depth is None or bit_depth >= 16 or getattr(image, "dtype", None) != np.uint16:
+        return None
+    highest = int(np.max(image)) if image.size else 0
+    return highest if highest >> bit_depth else None
 
 
 def live_part_id(station: str, captured_at: float, seq: int) -> str:
@@ -567,6 +598,15 @@ CaptureFactory = Callable[[], Capture]
 _Captured = tuple[Any, float, float, int]  # image, wall clock, monotonic clock, seq
 
 
+@dataclass(slots=True)
+class _Held:
+    """A frame kept for the triggers it is the first frame after (their monotonic times)."""
+
+    captured: _Captured
+    marks: list[float]
+    nbytes: int
+
+
 class _Connection:
     """One open-and-read cycle of a live stream, on its own thread.
 
@@ -630,6 +670,11 @@ class LatestFrameReader:
     part that left the field of view seconds ago. Frames the station had no time for are dropped
     (counted in ``dropped``); a frame is never handed on twice. A stream that fails or delivers no
     frame for ``stale_after_s`` is reopened with exponential backoff, reset after a frame arrives.
+
+    Frames held for triggers (see `hold_first_after`) keep to ``max_held_bytes`` and to
+    `_MAX_PENDING_TRIGGERS` frames: past either, the oldest held frame is let go and its
+    triggers' times are handed to `take_unheld`, so that they are counted missed.
+    ``bit_depth`` is the significant bits of the camera's 16-bit frames (see `to_bgr`).
     """
 
     def __init__(
@@ -643,6 +688,8 @@ class LatestFrameReader:
         reconnect_max_s: float = 10.0,
         first_frame_timeout_s: float | None = None,
         open_timeout_s: float | None = None,
+        max_held_bytes: int = DEFAULT_HELD_FRAMES_MB * MIB,
+        bit_depth: int | None = None,
     ) -> None:
         self.open_capture = open_capture
         self.name = name
@@ -663,10 +710,17 @@ class LatestFrameReader:
         )
         self._lock = threading.Condition()
         self._latest: _Captured | None = None
-        # Monotonic times of triggers still waiting for their frame, and their frames
-        # (see `hold_first_after`).
+        # Monotonic times of triggers still waiting for their frame, their frames (see
+        # `hold_first_after`), and the times of triggers whose frame was let go.
         self._marks: deque[float] = deque(maxlen=_MAX_PENDING_TRIGGERS)
-        self._held: deque[_Captured] = deque(maxlen=_MAX_PENDING_TRIGGERS)
+        self._held: deque[_Held] = deque()
+        self._held_bytes = 0
+        self.max_held_bytes = max_held_bytes
+        # Older ones belong to triggers the trigger has already dropped (it keeps 64 at most).
+        self._unheld: deque[float] = deque(maxlen=_MAX_PENDING_TRIGGERS)
+        self.frames_let_go = 0
+        self._bit_depth = bit_depth
+        self._bit_depth_warned = False
         self._captured = 0
         self._handed_seq = 0
         self._stopped = threading.Event()
@@ -693,6 +747,12 @@ class LatestFrameReader:
     def frames_captured(self) -> int:
         with self._lock:
             return self._captured
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes of the frames held for triggers, not yet handed on."""
+        with self._lock:
+            return self._held_bytes
 
     def _publish(self, connection: _Connection, image: Any) -> None:
         with self._lock:
@@ -734,22 +794,44 @@ class LatestFrameReader:
         (``time.monotonic``) that is still to be handed on (held for a trigger, or the newest),
         or None."""
         with self._lock:
-            for entry in self._held:
-                if entry[2] >= at:
-                    return entry[2]
+            for held in self._held:
+                if held.captured[2] >= at:
+                    return held.captured[2]
             latest = self._latest
             if latest is not None and latest[3] > self._handed_seq and latest[2] >= at:
                 return latest[2]
         return None
 
+    def take_unheld(self) -> list[float]:
+        """Monotonic times of the triggers whose frame was let go since the last call."""
+        with self._lock:
+            taken = list(self._unheld)
+            self._unheld.clear()
+        return taken
+
     def _hold_marked(self, captured: _Captured) -> None:
-        """Under the lock: hold ``captured`` if it is the first frame after a mark."""
-        marked = False
+        """Under the lock: hold ``captured`` if it is the first frame after a mark, letting the
+        oldest held frames go while the held ones are over their count or bytes. The newest
+        is always held, also when it alone is larger than the budget."""
+        marks: list[float] = []
         while self._marks and captured[2] >= self._marks[0]:
-            self._marks.popleft()
-            marked = True
-        if marked and (not self._held or self._held[-1] is not captured):
-            self._held.append(captured)
+            marks.append(self._marks.popleft())
+        if not marks:
+            return
+        if self._held and self._held[-1].captured is captured:
+            self._held[-1].marks.extend(marks)
+            return
+        nbytes = int(getattr(captured[0], "nbytes", 0))
+        while self._held and (
+            len(self._held) >= _MAX_PENDING_TRIGGERS
+            or self._held_bytes + nbytes > self.max_held_bytes
+        ):
+            oldest = self._held.popleft()
+            self._held_bytes -= oldest.nbytes
+            self._unheld.extend(oldest.marks)
+            self.frames_let_go += 1
+        self._held.append(_Held(captured, marks, nbytes))
+        self._held_bytes += nbytes
 
     def _supervise(self) -> None:
         attempt = 0
@@ -814,7 +896,9 @@ class LatestFrameReader:
         with self._lock:
             while True:
                 if self._held:  # a trigger's frame comes before any newer one
-                    entry = self._held.popleft()
+                    held = self._held.popleft()
+                    self._held_bytes -= held.nbytes
+                    entry = held.captured
                     break
                 latest = self._latest
                 if latest is not None and latest[3] > self._handed_seq:
@@ -829,13 +913,42 @@ class LatestFrameReader:
             self.dropped += seq - self._handed_seq - 1
             self._handed_seq = seq
         self.frame_age_s = max(0.0, time.monotonic() - captured_mono)
+        self._check_bit_depth(image)
         return Frame(
             part_id=live_part_id(self._station, captured_at, seq),
-            image=to_bgr(image),
+            image=self._to_bgr(image),
             captured_at=captured_at,
             seq=seq,
             captured_mono=captured_mono,
         )
+
+    def _to_bgr(self, image: Any) -> U8:
+        if self._bit_depth is None:
+            return to_bgr(image)
+        # With bit_depth the camera's frames come raw: a YUYV or MJPG mode gives no image (an
+        # MJPG frame is one row of compressed bytes).
+        problem = "a one-row frame" if np.ndim(image) == 2 and np.shape(image)[0] == 1 else ""
+        if not problem:
+            try:
+                return to_bgr(image, self._bit_depth)
+            except SourceError as exc:
+                problem = str(exc)
+        raise SourceError(
+            f"{self.name}: {problem}; with bit_depth {self._bit_depth} the camera must give "
+            "16-bit (or 8-bit) gray frames, a Y16 or GREY mode, not a colour or compressed one"
+        )
+
+    def _check_bit_depth(self, image: Any) -> None:
+        if self._bit_depth_warned:
+            return
+        highest = bit_depth_exceeded(image, self._bit_depth)
+        if highest is not None:
+            self._bit_depth_warned = True
+            log.warning(
+                "%s: a frame holds values up to %d, more than bit_depth %s allows; the "
+                "camera's data is wider than bit_depth says and saturates white: check bit_depth",
+                self.name, highest, self._bit_depth,
+            )
 
     def close(self, join_timeout: float = 1.0) -> None:
         self._stopped.set()
@@ -871,7 +984,8 @@ class TriggeredSource:
     A trigger no frame could serve within ``trigger_timeout_s`` (camera down) is counted in
     ``missed_triggers`` and forgotten, so a late frame is never judged as the wrong part.
     Triggers and frames are matched on the monotonic clock: a wall clock stepped by NTP changes
-    neither which frame serves a trigger nor whether it came in time.
+    neither which frame serves a trigger nor whether it came in time. A trigger whose held frame
+    the inner source let go (``take_unheld``: too many bytes held) is counted missed too.
     """
 
     def __init__(
@@ -897,6 +1011,8 @@ class TriggeredSource:
         self._closed = False
         self.missed_triggers = 0
         self.ignored_triggers = 0
+        # Where the inner source says which triggers' frames it had to let go (held too many).
+        self._take_unheld: Callable[[], list[float]] | None = getattr(inner, "take_unheld", None)
 
     @property
     def reconnects(self) -> int:
@@ -962,7 +1078,32 @@ class TriggeredSource:
                 return frame
             # No deadline check here: the inner read returns None once time is up.
 
+    def _drop_unheld(self) -> None:
+        """Under the lock: count as missed the triggers whose held frame the inner source let
+        go, so that no later frame (another part's) serves them."""
+        if self._take_unheld is None:
+            return
+        for at in self._take_unheld():
+            # Gone already when dropped as one too many pending (and counted then).
+            lost = next((t for t in self._triggers if t.at_mono == at), None)
+            if lost is None:
+                continue
+            self._triggers.remove(lost)
+            self.missed_triggers += 1
+            log.warning(
+                "trigger %s: its frame was let go to keep the frames held for triggers within "
+                "%s; part not inspected",
+                lost.part_id or "(no id)",
+                self._held_limit(),
+            )
+
+    def _held_limit(self) -> str:
+        limit = getattr(self.inner, "max_held_bytes", None)
+        budget = f"held_frames_mb ({limit / MIB:g} MiB) and " if limit else ""
+        return f"{budget}{_MAX_PENDING_TRIGGERS} frames"
+
     def _expire_triggers(self) -> None:
+        self._drop_unheld()
         now = self._monotonic()
         first_after = getattr(self.inner, "first_after", None)
         while self._triggers and now - self._triggers[0].at_mono > self._trigger_timeout_s:
@@ -990,16 +1131,16 @@ class TriggeredSource:
                         return None
                     self._cond.wait(remaining)
                     self._expire_triggers()
-                pending = self._triggers[0]
             frame = self.inner.read(max(0.0, deadline - self._monotonic()))
             if frame is None:
                 return None
-            if frame.captured_mono >= pending.at_mono:
-                with self._cond:
-                    # The trigger may have expired meanwhile; serve it only if still first.
-                    if self._triggers and self._triggers[0] is pending:
-                        self._triggers.popleft()
-                        return replace(frame, part_id=pending.part_id or frame.part_id)
+            with self._cond:
+                # The first trigger's frame may have been let go meanwhile, and this frame be
+                # the next trigger's: it serves the first trigger still waiting, if after it.
+                self._drop_unheld()
+                if self._triggers and frame.captured_mono >= self._triggers[0].at_mono:
+                    first = self._triggers.popleft()
+                    return replace(frame, part_id=first.part_id or frame.part_id)
             # A frame older than the trigger is skipped; the inner read bounds the wait.
 
     def close(self) -> None:
@@ -1022,11 +1163,13 @@ _SYNTHETIC_KEYS: dict[str, str] = {
 }
 _KEY_VALUE = re.compile(r"^([a-z_]+)=(.+)$")
 _LIVE_OPTIONS = frozenset(
-    {"trigger", "every_nth", "reconnect_min_s", "reconnect_max_s", "stale_after_s"}
+    {"trigger", "every_nth", "reconnect_min_s", "reconnect_max_s", "stale_after_s",
+     "held_frames_mb"}
 )
 # Which options each kind of source reads; any other is a mistake in the station's config.
+# Only a camera gives 16-bit frames: OpenCV decodes streams and files to 8 bit.
 OPTIONS_BY_KIND: dict[str, frozenset[str]] = {
-    "camera": _LIVE_OPTIONS | {"width", "height", "fps"},
+    "camera": _LIVE_OPTIONS | {"width", "height", "fps", "bit_depth"},
     "stream": _LIVE_OPTIONS,
     "video": frozenset({"loop", "rate_hz"}),
     "folder": frozenset({"loop", "rate_hz"}),
@@ -1169,6 +1312,12 @@ def _camera_opener(device: int | str, options: SourceOptions) -> CaptureFactory:
             return capture
         # One buffered frame: the reader thread drains it anyway, this keeps latency low.
         capture.set(cv2.CAP_PROP_BUFFERSIZE, 1)
+        if options.bit_depth is not None:
+            # OpenCV's own conversion of 16-bit frames is `>> 8`: the station scales them itself.
+            if not capture.set(cv2.CAP_PROP_FOURCC, float(cv2.VideoWriter.fourcc(*"Y16 "))):
+                log.warning("camera:%s: the camera refused its 16-bit gray mode (Y16), which "
+                            "bit_depth %d needs", device, options.bit_depth)
+            capture.set(cv2.CAP_PROP_CONVERT_RGB, 0.0)
         wanted = {
             cv2.CAP_PROP_FRAME_WIDTH: options.width,
             cv2.CAP_PROP_FRAME_HEIGHT: options.height,
@@ -1243,6 +1392,8 @@ def open_source(
         stale_after_s=options.stale_after_s,
         reconnect_min_s=options.reconnect_min_s,
         reconnect_max_s=options.reconnect_max_s,
+        max_held_bytes=options.held_frames_mb * MIB,
+        bit_depth=options.bit_depth,
     )
     return TriggeredSource(
         reader,
