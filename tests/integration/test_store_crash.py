@@ -54,11 +54,18 @@ def run_and_kill(data_dir: Path, rng: random.Random) -> list[int]:
         assert first == b"ready\n", child.stderr.read() if child.stderr else first
         time.sleep(rng.uniform(0.2, 0.8))
         child.send_signal(signal.SIGKILL)
-        out, err = child.communicate(timeout=10)
+        child.wait(timeout=10)
+        # Not communicate(): it reads the pipe itself and would miss what readline() above
+        # already buffered (seqs printed before the parent got to read "ready").
+        assert child.stderr is not None
+        out, err = child.stdout.read(), child.stderr.read()
     finally:
         if child.poll() is None:
             child.kill()
             child.wait()
+        for pipe in (child.stdout, child.stderr):
+            if pipe is not None:
+                pipe.close()
     assert child.returncode == -signal.SIGKILL, err.decode(errors="replace")
     # A line cut short by the kill was never reported as returned; only whole lines count.
     whole = out.split(b"\n")[:-1]
