@@ -22,6 +22,9 @@ from linesight.demo import Line, preferred_port, run_demo
 from tests.support import wait_for
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+# The demo takes its preferred ports (8700, 8801.., 9101..) when free: two demos started at the
+# same moment by two test workers could both find one free. One worker runs them all.
+pytestmark = pytest.mark.xdist_group("demo")
 
 
 def alive(pid: int) -> bool:
