@@ -49,7 +49,7 @@ from edge_agent.disk_space import CHECK_EVERY_S, DiskSpace, floor_bytes, low_mes
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.handoff import SkippingQueue
 from edge_agent.inference import InferenceError
-from edge_agent.metrics import AgentMetrics
+from edge_agent.metrics import AgentMetrics, counted_since, read_source_losses
 from edge_agent.policy import ModelOutput, PartDecision, Slot, agree, decide, decider_for
 from edge_agent.relay import OutboxRelay, RelayProcess, RelaySpec, Restarts, ThreadRelay
 from edge_agent.slots import (
@@ -262,6 +262,8 @@ class Agent:
         self._warn_of_unknown_thresholds()
         self.drift = DriftMonitor(config.drift_window, reference=self._saved_reference())
         self.source = source or self._open_source()
+        # Parts the source had missed when the last StationMetrics window began.
+        self._missed_at_window = read_source_losses(self.source).parts_missed
         self.link = MqttLink(config.broker, will=Will(
             self.topics.station(self.station, p.Channel.STATE),
             self._state(online=False).to_json(), qos=1, retain=True,
@@ -1173,6 +1175,7 @@ class Agent:
                 if self._slots_unsaved:
                     self._persist_slots()
                 step("supervising the outbox relay", functools.partial(self._supervise_relay, now))
+                step("counting what the source lost", self._count_source_losses)
                 step("saving the status for the screen", self._save_status)
             self._stop.wait(0.25)
 
@@ -1323,6 +1326,16 @@ class Agent:
         self.link.publish(self.topics.station(self.station, p.Channel.STATE), state.to_json(),
                           qos=1, retain=True)
 
+    def _count_source_losses(self) -> None:
+        """Parts and frames the source lost, in the metrics: read once a second, not per part."""
+        self.metrics.record_source(read_source_losses(self.source))
+
+    def _window_parts_missed(self) -> int | None:
+        """Parts the source missed since the last StationMetrics; None when it counts none."""
+        missed = read_source_losses(self.source).parts_missed
+        before, self._missed_at_window = self._missed_at_window, missed
+        return None if missed is None else counted_since(missed, before)
+
     def _publish_metrics(self) -> None:
         with self._lock:
             window, self._window = self._window, Window(time.monotonic())
@@ -1333,7 +1346,8 @@ class Agent:
         self.metrics.agreement.set(sum(recent) / len(recent) if recent else math.nan)
         message = p.StationMetrics(
             station=self.station, seq=max(self.store.last_seq(), 0), window_s=elapsed,
-            parts=window.parts, actions=window.actions, decided_by=window.deciders,
+            parts=window.parts, parts_missed=self._window_parts_missed(),
+            actions=window.actions, decided_by=window.deciders,
             shadow_pairs=window.pairs, agreement_rate=agreement,
             candidate_skipped=window.skipped,
             latency={

@@ -317,6 +317,15 @@ class StationMetrics(Envelope):
     kind: ClassVar[str] = "metrics"
     window_s: float = Field(gt=0)
     parts: int = Field(ge=0)
+    parts_missed: int | None = Field(
+        default=None,
+        ge=0,
+        exclude_if=_absent,
+        description="parts the station did not inspect in the window: PLC triggers that got no "
+        "camera frame (camera down, or the frame let go to keep within held_frames_mb), folder "
+        "images and video frames that do not decode; absent when the source cannot miss parts "
+        "(synthetic) and from stations built before this field",
+    )
     actions: dict[Action, int] = Field(default_factory=dict)
     decided_by: dict[DecidedBy, int] = Field(default_factory=dict)
     shadow_pairs: int = Field(default=0, ge=0)
