@@ -69,6 +69,9 @@ SESSION_TAKEN_OVER = 142
 SHORT_SESSION_S = 10.0
 SHORT_SESSIONS_IN_A_ROW = 3
 
+# How long the check whether the broker still listens may take (see listener_refuses).
+LISTENER_CHECK_S = 0.5
+
 LostHow = Literal["taken_over", "closed", "other"]
 ConflictKind = Literal["taken_over", "closed_soon"]
 
@@ -84,6 +87,35 @@ def loss_after_refusals(how: LostHow, refused_here: bool, refusals_known: bool) 
     if refused_here or (refusals_known and how == "closed"):
         return "other"
     return how
+
+
+def owed_one_by_one(owed: int, reset: bool, unacknowledged: int, window: int) -> int:
+    """How many PUBACKs the next connections must read one message at a time, after a loss.
+
+    A broker that closes a connection with data of ours still unread resets it, and the reset
+    throws away what it had sent us and we had not read yet: among it, the PUBACK of a publish it
+    refused (Mosquitto closes an MQTT 5 connection after one), the only sign of why it closed.
+    The messages on the wire then (at most `window`, the first of the `unacknowledged`) go again
+    one at a time, so that a refusal among them is read before the broker closes again; a loss
+    without a reset lost no PUBACK and changes nothing."""
+    if reset and unacknowledged > 0:
+        return max(owed, min(unacknowledged, window))
+    return owed
+
+
+def listener_refuses(peer: tuple[str, int], timeout: float = LISTENER_CHECK_S) -> bool:
+    """Whether nothing listens at the broker's address `peer` right now (the connection is
+    refused). Checked at once after a connection the broker closed without a reason: a broker
+    stopping or restarting closes its listener with its connections, and a new one is not back
+    that soon, while a takeover needs a broker that is running. A timeout or any other error says
+    nothing either way: False."""
+    try:
+        with socket.create_connection(peer, timeout=timeout):
+            return False
+    except ConnectionRefusedError:
+        return True
+    except OSError:
+        return False
 
 
 class _DropPahoNoise(logging.Filter):
@@ -111,6 +143,27 @@ class _Client(paho.Client):
     first read after the handshake (or closes the connection first): this is where it shows."""
 
     socket_error: OSError | None = None
+
+    def set_inflight_window(self, messages: int) -> None:
+        """QoS 1 messages on the wire at once, from now on: paho reads it at every PUBACK and
+        reconnect, but its own setter refuses while a connection is open or being reopened."""
+        self._max_inflight_messages = messages
+
+    def _messages_reconnect_reset_out(self) -> None:
+        """paho's, keeping the window: paho 2.x marks every unacknowledged message to go again
+        at once on reconnect (it never counts them against the window there), so a backlog of
+        thousands went out in one burst; here all but the first `max_inflight` wait their turn."""
+        super()._messages_reconnect_reset_out()
+        with self._out_message_mutex:
+            window = self._max_inflight_messages
+            on_the_wire = 0
+            for message in self._out_messages.values():
+                if message.qos == 0 or window == 0:
+                    continue
+                if on_the_wire < window:
+                    on_the_wire += 1
+                elif message.state == paho.mqtt_ms_publish:
+                    message.state = paho.mqtt_ms_queued
 
     def replace_tls_context(self, context: ssl.SSLContext) -> None:
         """Use `context` from the next connect on (paho's `tls_set_context` works only once)."""
@@ -365,6 +418,11 @@ class TakeoverWatch:
     def connected(self, now: float) -> None:
         self._connected_at = now
 
+    def is_short(self, now: float) -> bool:
+        """Whether the current connection is younger than `SHORT_SESSION_S`: only a close of
+        such a one can count towards a conflict."""
+        return self._connected_at is not None and now - self._connected_at < SHORT_SESSION_S
+
     def connect_failed(self) -> None:
         """A connect the broker did not take (down, refusing): a broker that keeps restarting,
         not a twin, which never keeps this link from connecting; the run of short sessions
@@ -450,6 +508,9 @@ class MqttLink:
         self._pending: dict[int, PublishTicket | int] = {}
         self._denied: dict[str, str] = {}  # topic -> why the broker refused a publish there
         self._denied_now = False  # the broker refused a publish on this connection
+        self._peer: tuple[str, int] | None = None  # the broker's address on this connection
+        # PUBACKs still to read one message at a time after a reset, see owed_one_by_one.
+        self._owed_one_by_one = 0
         self._connected = False
         # Connected and the subscriptions sent: what wait_connected waits for, so that what a
         # caller publishes next reaches the broker after this link's SUBSCRIBE.
@@ -617,10 +678,13 @@ class MqttLink:
         """QoS 1 messages handed to this link that the broker has not acknowledged yet: they
         wait in memory and go again at each reconnect until it does."""
         with self._lock:
-            return sum(
-                isinstance(ticket, PublishTicket) and ticket.qos > 0
-                for ticket in self._pending.values()
-            )
+            return self._unacknowledged_locked()
+
+    def _unacknowledged_locked(self) -> int:
+        return sum(
+            isinstance(ticket, PublishTicket) and ticket.qos > 0
+            for ticket in self._pending.values()
+        )
 
     def holds(self, ticket: PublishTicket) -> bool:
         """Whether the message of `ticket` still waits in this link for the broker's PUBACK (it
@@ -824,8 +888,10 @@ class MqttLink:
             self._on_refused(client, reason_code)
             return
         broker_expires = _peer_not_after(client)
+        peer = _peer_address(client)
         with self._lock:
             self._broker_cert_expires = broker_expires
+            self._peer = peer
             stopping = self._stopping
             self._connected = True
             self._denied_now = False
@@ -912,11 +978,25 @@ class MqttLink:
         now = time.monotonic()
         how = self._how_lost(flags, reason_code)
         with self._lock:
+            peer, self._peer = self._peer, None
+            check_listener = how == "closed" and self._takeovers.is_short(now) and not (
+                self._stopping or self._denied_now or self._denied)
+        if check_listener and peer is not None and listener_refuses(peer):
+            # The broker went away with its listener (stopped, restarting): no other client.
+            how = "other"
+        with self._lock:
             was_connected = self._connected
             self._connected = self._ready = False
             stopping = self._stopping
             denied, self._denied_now = self._denied_now, False
             how = loss_after_refusals(how, denied, bool(self._denied))
+            owed_before = self._owed_one_by_one
+            if was_connected and not stopping:
+                self._owed_one_by_one = owed_one_by_one(
+                    owed_before, self._client.socket_error is not None,
+                    self._unacknowledged_locked(), self._config.max_inflight,
+                )
+            owed = self._owed_one_by_one
             # QoS 0 packets not yet written are discarded by paho on reconnect: forget them.
             for mid, ticket in list(self._pending.items()):
                 if isinstance(ticket, PublishTicket) and ticket.qos == 0:
@@ -948,6 +1028,12 @@ class MqttLink:
                 self._connect_failed(tls_error, tls_error)
             return
         config = self._config
+        if owed:
+            client.set_inflight_window(1)  # type: ignore[attr-defined]
+            if not owed_before:
+                logger.info("mqtt link %s: the broker reset the connection before its PUBACKs "
+                            "were read; the next %d messages go one at a time, so that a refusal "
+                            "among them is read", config.client_id, owed)
         if stopping:
             logger.info("mqtt link %s disconnected", config.client_id)
         else:
@@ -1055,12 +1141,17 @@ class MqttLink:
         properties: Properties,
     ) -> None:
         with self._lock:
+            widen = self._owed_one_by_one == 1
+            self._owed_one_by_one = max(0, self._owed_one_by_one - 1)
             ticket = self._pending.pop(mid, None)
             if not isinstance(ticket, PublishTicket):
                 # publish() has not registered its ticket yet; it completes it on arrival.
                 self._pending[mid] = reason_code.value
-                return
-        self._acknowledged(ticket, reason_code.value)
+        if widen:
+            # paho reads the window right after this callback, and sends that many at once.
+            self._client.set_inflight_window(self._config.max_inflight)
+        if isinstance(ticket, PublishTicket):
+            self._acknowledged(ticket, reason_code.value)
 
     def _acknowledged(self, ticket: PublishTicket, reason: int) -> None:
         """Complete `ticket`; a refusal (MQTT 5 only: a 3.1.1 broker drops what it refuses
@@ -1159,6 +1250,16 @@ def _peer_not_after(client: paho.Client) -> datetime | None:
     if not isinstance(not_after, str):
         return None
     return datetime.fromtimestamp(ssl.cert_time_to_seconds(not_after), UTC)
+
+
+def _peer_address(client: paho.Client) -> tuple[str, int] | None:
+    """The broker's IP address and port on this connection (no name to resolve again)."""
+    sock = client.socket()
+    try:
+        peer = sock.getpeername() if isinstance(sock, socket.socket) else None
+    except OSError:
+        return None
+    return (str(peer[0]), int(peer[1])) if peer else None
 
 
 def _tls_files_stamp(config: LinkConfig) -> tuple[tuple[int, int] | None, ...]:
