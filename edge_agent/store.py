@@ -12,6 +12,7 @@ for the durability and bound policies, 0009-seq-streams.md for the stream.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import itertools
@@ -20,9 +21,11 @@ import logging
 import math
 import os
 import sqlite3
+import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -55,7 +58,8 @@ OPERATOR_ROLES = ("operator", "supervisor")
 # An acknowledge after a long outage deletes in slices so enqueue on the critical path can
 # slip in between them instead of waiting for one long delete.
 _ACK_SLICE_ROWS = 2_000
-# A temp or unreferenced image younger than this may belong to an add_review in flight.
+# An unreferenced image younger than this (by its mtime and the wall clock) may belong to
+# another process's add_reviews; this store's own are known by name (`_ImagesInFlight`).
 _ORPHAN_GRACE_S = 600.0
 _IMAGE_SUFFIX = ".jpg"
 _TEMP_SUFFIX = ".tmp"
@@ -537,6 +541,55 @@ _STATUS_DOC = "status"
 _SLOTS_DOC = "slots"
 
 
+class _ImagesInFlight:
+    """The image file names (temporary and final) this store's `add_reviews` calls are
+    writing, renaming or committing, and the sweeps watching them.
+
+    A sweep spares every name that was in flight at any moment while it ran: such a file may
+    be named by a row that commits after the sweep read the rows, however old its mtime looks
+    (a commit held up by a hung disk, a wall clock stepped forward).
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._names: Counter[str] = Counter()
+        self._watches: list[set[str]] = []
+
+    def add(self, name: str) -> None:
+        with self._lock:
+            self._names[name] += 1
+            for touched in self._watches:
+                touched.add(name)
+
+    def release(self, names: Sequence[str]) -> None:
+        with self._lock:
+            for name in names:
+                self._names[name] -= 1
+                if self._names[name] <= 0:
+                    del self._names[name]
+
+    @contextlib.contextmanager
+    def watch(self) -> Iterator[set[str]]:
+        """The names in flight now, and every one that goes in flight until the block ends."""
+        with self._lock:
+            touched = set(self._names)
+            self._watches.append(touched)
+        try:
+            yield touched
+        finally:
+            with self._lock:
+                self._watches = [other for other in self._watches if other is not touched]
+
+    def unlink_unless(self, path: Path, touched: set[str]) -> bool:
+        """Delete `path` unless its name is in `touched`; whether it was deleted. Under the
+        lock, so no `add_reviews` can take the name between the look and the delete."""
+        with self._lock:
+            if path.name in touched:
+                return False
+            path.unlink(missing_ok=True)
+            return True
+
+
 class StationStore:
     """The station's SQLite store; safe to share between threads and between processes.
 
@@ -558,6 +611,7 @@ class StationStore:
         self.images_dir = self.data_dir / IMAGES_DIR
         self.path = self.data_dir / DB_FILE
         self.max_outbox_rows = max_outbox_rows
+        self._images_in_flight = _ImagesInFlight()
         self.images_dir.mkdir(parents=True, exist_ok=True)
         self._db = SqliteDatabase(
             self.path, synchronous="FULL", busy_timeout_s=busy_timeout_s,
@@ -752,12 +806,18 @@ class StationStore:
 
         Every image is on disk (fsynced) before the commit that names it, and renamed into
         place only for the rows that were inserted: a row never names a missing image; a crash
-        leaves at most orphan files, which the quota sweep removes.
+        leaves at most orphan files, which the quota sweep removes. Until the call returns, its
+        files are in flight: this store's sweep leaves them alone, however long the commit takes.
         """
         temps: list[Path] = []
+        in_flight: list[str] = []
         try:
             for item in items:
-                fd, temp = self._create_temp_image()
+                name = image_name_for(item.part_id)
+                self._images_in_flight.add(name)  # before a file of that name can appear
+                in_flight.append(name)
+            for item in items:
+                fd, temp = self._create_temp_image(in_flight)
                 temps.append(temp)
                 with os.fdopen(fd, "wb") as handle:
                     handle.write(item.image_jpeg)
@@ -796,12 +856,16 @@ class StationStore:
         finally:
             for temp in temps:
                 temp.unlink(missing_ok=True)
+            self._images_in_flight.release(in_flight)
 
-    def _create_temp_image(self) -> tuple[int, Path]:
+    def _create_temp_image(self, in_flight: list[str]) -> tuple[int, Path]:
         """A new hidden file in the image folder, opened for writing: what `mkstemp` does,
-        without its random-name generator (a measurable share of the writer thread)."""
+        without its random-name generator (a measurable share of the writer thread). Its name
+        goes in flight (and on `in_flight`, for the caller to release) before it exists."""
         while True:
             temp = self.images_dir / f".{os.getpid()}-{next(_TEMP_NAMES)}{_TEMP_SUFFIX}"
+            self._images_in_flight.add(temp.name)
+            in_flight.append(temp.name)
             try:
                 return os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), temp
             except FileExistsError:  # left by an earlier process with the same pid
@@ -885,15 +949,18 @@ class StationStore:
         """
         if max_bytes < 0:
             raise ValueError(f"max_bytes: must not be negative, got {max_bytes}")
-        # An escalated part waits for a supervisor's look: unconfirmed until resolved.
-        images = [
-            (str(part_id), str(name), bool(confirmed))
-            for part_id, name, confirmed in self._conn().execute(
-                "SELECT r.part_id, r.image_name, r.part_id IN (SELECT part_id FROM confirmed) "
-                "FROM reviews r WHERE r.image_name IS NOT NULL ORDER BY r.created_us"
-            )
-        ]
-        orphans, sizes = self._scan_images({name for _, name, _ in images})
+        # Watched from before the rows are read: an image whose row commits after that read
+        # was in flight meanwhile, and is spared.
+        with self._images_in_flight.watch() as in_flight:
+            # An escalated part waits for a supervisor's look: unconfirmed until resolved.
+            images = [
+                (str(part_id), str(name), bool(confirmed))
+                for part_id, name, confirmed in self._conn().execute(
+                    "SELECT r.part_id, r.image_name, r.part_id IN (SELECT part_id FROM confirmed) "
+                    "FROM reviews r WHERE r.image_name IS NOT NULL ORDER BY r.created_us"
+                )
+            ]
+            orphans, sizes = self._scan_images({name for _, name, _ in images}, in_flight)
         used = sum(sizes.get(name, 0) for _, name, _ in images)
         chosen: list[tuple[str, str]] = []
         left = used
@@ -937,10 +1004,13 @@ class StationStore:
             (self.images_dir / name).unlink(missing_ok=True)
         return dropped
 
-    def _scan_images(self, referenced: set[str]) -> tuple[int, dict[str, int]]:
+    def _scan_images(
+        self, referenced: set[str], in_flight: set[str]
+    ) -> tuple[int, dict[str, int]]:
         """Look at every file in the image folder: delete those no row names (crash leftovers)
-        once they are old enough, and measure the others. How many were deleted, and the size
-        on disk of each `referenced` image found (one missing is not in it)."""
+        once they are old enough, unless an `add_reviews` of this store had them `in_flight`
+        while the sweep ran, and measure the others. How many were deleted, and the size on
+        disk of each `referenced` image found (one missing is not in it)."""
         cutoff = time.time() - _ORPHAN_GRACE_S
         removed = 0
         sizes: dict[str, int] = {}
@@ -956,8 +1026,9 @@ class StationStore:
                     continue
                 if entry.name in referenced:
                     sizes[entry.name] = stat.st_size
-                elif stat.st_mtime < cutoff:
-                    Path(entry.path).unlink(missing_ok=True)
+                elif stat.st_mtime < cutoff and self._images_in_flight.unlink_unless(
+                    Path(entry.path), in_flight
+                ):
                     removed += 1
         return removed, sizes
 
