@@ -119,15 +119,18 @@ def listener_refuses(peer: tuple[str, int], timeout: float = LISTENER_CHECK_S) -
 
 
 class _DropPahoNoise(logging.Filter):
-    """paho 2.2 logs an ERROR each time its loop runs once more after a clean disconnect, and
-    one for each TLS error on a read or write, which the link reports itself (once, as
-    `tls_error`): the latter go down to DEBUG."""
+    """paho 2.2 logs an ERROR each time its loop runs once more after a clean disconnect, one
+    for each TLS error on a read or write, which the link reports itself (once, as
+    `tls_error`), and one for each read that failed on a reset connection, which the link's own
+    warning names (`lost the broker (...: [Errno 104] ...)`): the latter two go down to DEBUG,
+    so a broker that resets every retry is not an ERROR line each time (alerts fire on those)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if str(record.msg).startswith("Client is not connected"):
             return False
-        if record.args and isinstance(record.args, tuple) and isinstance(
-            record.args[0], ssl.SSLError
+        if str(record.msg).startswith("failed to receive on socket") or (
+            record.args and isinstance(record.args, tuple)
+            and isinstance(record.args[0], ssl.SSLError)
         ):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
         return True

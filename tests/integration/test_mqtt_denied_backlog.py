@@ -7,6 +7,7 @@ docs/deploy.md."""
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import signal
@@ -79,3 +80,20 @@ def test_the_backlog_goes_through_once_the_acl_takes_it(
     wait_for(lambda: link.unacknowledged == 0, 20, "the whole backlog acknowledged")
     assert link.denied_error is None
     assert link.conflict_error is None
+
+
+def test_a_reset_connection_is_no_error_line(
+    link: MqttLink, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Each refusal here ends in a reset connection, and paho logs the read that failed on it at
+    # ERROR. The link's own lines already say what happened (a warning naming the socket error,
+    # the refusal once): alerts fire on ERROR lines, and a refusal repeats every retry.
+    with caplog.at_level(logging.DEBUG, logger="linesight.mqtt"):
+        for number in range(BACKLOG):
+            link.publish(REFUSED_TOPIC, b"%d" % number, qos=1)
+        wait_for(lambda: link.denied_error is not None, 10, "the refusal")
+        attempts = link.connect_attempts
+        wait_for(lambda: link.connect_attempts >= attempts + 2, 10, "two more connects")
+    resets = [r for r in caplog.records if r.getMessage().startswith("failed to receive")]
+    assert resets, "no reset seen: the test no longer shows what it is about"
+    assert all(r.levelno == logging.DEBUG for r in resets), [r.levelname for r in resets]
