@@ -26,6 +26,7 @@ from deploy.controller import (
     UnknownStation,
     bundle_file,
 )
+from deploy.parts_missed import PartsMissed, RecentPartsMissed
 from deploy.plan import PlanError, RolloutPlan, parse_plan
 from deploy.rollout import (
     Abort,
@@ -174,7 +175,15 @@ def health() -> Response:
     )
 
 
-def _station_json(record: Any, online: bool, clock_behind_s: float | None) -> dict[str, Any]:
+def _parts_missed_json(figure: PartsMissed | None) -> dict[str, Any] | None:
+    if figure is None:
+        return None
+    last = figure.last_missed
+    return {"parts": figure.parts, "last_missed": last.isoformat() if last else None}
+
+
+def _station_json(record: Any, online: bool, clock_behind_s: float | None,
+                  parts_missed: PartsMissed | None) -> dict[str, Any]:
     state = record.state
     metrics = record.latest_metrics
     expected, out_of_step = controller().alignment(record)
@@ -190,6 +199,10 @@ def _station_json(record: Any, online: bool, clock_behind_s: float | None) -> di
         "expected_active": expected.model.model_dump(mode="json") if expected else None,
         "out_of_step": out_of_step,
         "labels": record.labels,
+        # The parts it did not inspect in the last hour (missed PLC triggers, unreadable
+        # images), by its metrics reports: {"parts", "last_missed"}; None when none of the
+        # hour's reports says (a synthetic source, an older agent, no report).
+        "parts_missed_last_hour": _parts_missed_json(parts_missed),
         "state": state.model_dump(mode="json", by_alias=True) if state else None,
         "metrics": metrics.model_dump(mode="json", by_alias=True) if metrics else None,
     }
@@ -201,10 +214,15 @@ def stations() -> Response:
     now = datetime.now(UTC)
     # One read of the inventory: a station may join at any moment.
     clock = time.monotonic()
+    records = c.store.stations()
+    behind = {record.station: c.clock_offsets.behind_s(record.station, clock)
+              for record in records}
+    recent_missed: RecentPartsMissed = current_app.extensions["linesight.parts_missed"]
+    missed = recent_missed(now, behind)
     return jsonify(stations=[
-        _station_json(record, c.view(record, now).online,
-                      c.clock_offsets.behind_s(record.station, clock))
-        for record in c.store.stations()
+        _station_json(record, c.view(record, now).online, behind[record.station],
+                      missed.get(record.station))
+        for record in records
     ])
 
 
@@ -505,6 +523,7 @@ def create_app(c: Controller) -> Flask:
     app = Flask(__name__)
     app.config["MAX_CONTENT_LENGTH"] = MAX_REQUEST_BYTES
     app.extensions["linesight.controller"] = c
+    app.extensions["linesight.parts_missed"] = RecentPartsMissed(c.store)
     app.register_blueprint(api)
     app.register_blueprint(bundles)
 

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -52,6 +52,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "FleetStore",
     "FleetStoreError",
+    "MissedReports",
     "SeriesPoint",
     "SqliteFleetStore",
     "StationRecord",
@@ -319,6 +320,19 @@ class SeriesPoint:
     agreement_rate: float | None
 
 
+@dataclass(frozen=True, slots=True)
+class MissedReports:
+    """A station's metrics reports since those already read, for the parts it missed."""
+
+    count: int
+    """The number of its latest report (its first is 1)."""
+    whole: bool
+    """True: `reports` are all its reports the store keeps, not only the new ones (nothing was
+    read before, or more came since than the store keeps)."""
+    reports: list[tuple[datetime, int | None]]
+    """(ts, parts_missed) of each report; None where the report does not carry it."""
+
+
 class FleetStore(Protocol):
     """The controller's store. Every method is safe to call from any thread."""
 
@@ -343,6 +357,8 @@ class FleetStore(Protocol):
     def metrics_history(
         self, station: str, since: datetime | None = None
     ) -> list[StationMetrics]: ...
+
+    def parts_missed_reports(self, seen: Mapping[str, int]) -> dict[str, MissedReports]: ...
 
     def paired_evidence(
         self,
@@ -416,6 +432,13 @@ def _us(moment: datetime) -> int:
 
 def _dt(us: int) -> datetime:
     return datetime(1970, 1, 1, tzinfo=UTC) + timedelta(microseconds=us)
+
+
+def _ring_slots(after: int, count: int) -> list[tuple[int, int]]:
+    """The metrics_history slots of a station's reports after+1 .. count (report k is in slot
+    (k - 1) % METRICS_HISTORY), as one or two inclusive ranges; count - after < the ring."""
+    first, last = after % METRICS_HISTORY, (count - 1) % METRICS_HISTORY
+    return [(first, last)] if first <= last else [(first, METRICS_HISTORY - 1), (0, last)]
 
 
 def _stations_param(stations: Sequence[str]) -> str:
@@ -1233,6 +1256,36 @@ class SqliteFleetStore:
             except ValueError:  # pydantic's ValidationError: stored before a rule it breaks
                 continue
         return history
+
+    def parts_missed_reports(self, seen: Mapping[str, int]) -> dict[str, MissedReports]:
+        """For each station with metrics reports past `seen[station]` (the count of its reports
+        already read; absent: none), the parts missed of those reports. Reads the new reports'
+        slots of its ring (an index range), or the whole ring (at most METRICS_HISTORY rows)."""
+        found: dict[str, MissedReports] = {}
+        with self._snapshot() as conn:
+            counts = conn.execute(
+                "SELECT station, metrics_count FROM stations WHERE metrics_count > 0"
+            ).fetchall()
+            for station, count in counts:
+                after = seen.get(station, 0)
+                if count == after:
+                    continue
+                whole = after <= 0 or not 0 < count - after < METRICS_HISTORY
+                ranges = [(0, METRICS_HISTORY - 1)] if whole else _ring_slots(after, count)
+                rows = [
+                    row
+                    for first, last in ranges
+                    for row in conn.execute(
+                        "SELECT ts_us, json_extract(payload, '$.parts_missed') "
+                        "FROM metrics_history WHERE station = ? AND slot BETWEEN ? AND ?",
+                        (station, first, last),
+                    )
+                ]
+                found[station] = MissedReports(count=count, whole=whole, reports=[
+                    (_dt(ts_us), missed if isinstance(missed, int) and missed >= 0 else None)
+                    for ts_us, missed in rows
+                ])
+        return found
 
     # -- evidence --
 

@@ -178,7 +178,8 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "flag below overrides the file's key of the same name.",
     )
     agent.add_argument("--config", type=Path, help="station YAML file")
-    agent.add_argument("--station", help="station id (letters, digits, _ . -)")
+    agent.add_argument("--station", help="station id: 1 to 64 letters, digits, _ . -, "
+                       "starting with a letter or digit")
     agent.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
     agent.add_argument("--source", help="camera:0 | rtsp://… | http://… | video:PATH | "
                        "folder:PATH | synthetic:seed=7,rate=10")
@@ -459,8 +460,19 @@ def _fleet_stations(args: argparse.Namespace) -> int:
         candidate = (state.get("candidate") or {}).get("version", "-")
         print(f"{station['station']:<16} {'online ' if station['online'] else 'OFFLINE'} "
               f"active {active:<8} candidate {candidate:<8} mode {state.get('mode', '-'):<10} "
-              f"automation {state.get('automation', '-')}{_out_of_step_note(station)}")
+              f"automation {state.get('automation', '-'):<10} "
+              f"{_parts_missed_note(station)}{_out_of_step_note(station)}")
     return 0
+
+
+def _parts_missed_note(station: dict[str, Any]) -> str:
+    """'missed/h 0', 'missed/h -' (not reported) or 'missed/h 7  MISSED 7 PARTS ...'."""
+    figure = station.get("parts_missed_last_hour")
+    parts = figure.get("parts") if isinstance(figure, dict) else None
+    if not isinstance(parts, int):
+        return "missed/h - "
+    note = f"  MISSED {parts} PARTS in the last hour" if parts > 0 else ""
+    return f"missed/h {parts} {note}"
 
 
 def _out_of_step_note(station: dict[str, Any]) -> str:

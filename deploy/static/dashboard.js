@@ -434,7 +434,7 @@
     row.append(review);
 
     const perMinute = metrics && metrics.window_s > 0 ? (metrics.parts / metrics.window_s) * 60 : null;
-    row.append(el("td", "num", isNumber(perMinute) ? perMinute.toFixed(0) : "—"));
+    row.append(partsCell(perMinute, entry.parts_missed_last_hour));
     row.append(el("td", "num", metrics ? percent(metrics.agreement_rate) : "—"));
     const latency = metrics ? metrics.latency || {} : {};
     const p95 = [latency.active, latency.candidate].filter(Boolean)
@@ -443,6 +443,28 @@
     latencyCell.title = "active / candidate";
     row.append(latencyCell);
     return row;
+  }
+
+  // Parts inspected per minute and, under it, the parts the station did not inspect in the
+  // last hour: the whole cell is marked when there are any, since those parts went on unseen.
+  function partsCell(perMinute, missed) {
+    const cell = el("td", "num parts-cell", isNumber(perMinute) ? perMinute.toFixed(0) : "—");
+    if (!missed || !isNumber(missed.parts)) {
+      const note = el("small", "missed muted", "missed: not reported");
+      note.title = "None of its metrics reports of the last hour says: a synthetic source "
+        + "(which cannot miss a part), an agent too old to report it, or no report this hour.";
+      cell.append(note);
+      return cell;
+    }
+    const note = el("small", "missed", `missed ${missed.parts}`);
+    cell.append(note);
+    if (missed.parts > 0) {
+      cell.classList.add("missing-parts");
+      note.title = "Parts not inspected in the last hour: missed PLC triggers (camera down?) or "
+        + "unreadable images. See the station's log and its linesight_source_* metrics.";
+      if (missed.last_missed) cell.append(el("small", "missed-last", `last ${clock(missed.last_missed)}`));
+    }
+    return cell;
   }
 
   // Name and version on lines of their own when the column is narrow, never split mid-name.

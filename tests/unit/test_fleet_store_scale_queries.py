@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from deploy.fleet_store import SqliteFleetStore
+from deploy.fleet_store import METRICS_HISTORY, SqliteFleetStore
 from linesight import protocol as p
 
 ACTIVE = p.ModelRef(name="part-classifier", version="1.0.0", sha256="a" * 64)
@@ -88,6 +88,7 @@ POLLED: dict[str, Callable[[SqliteFleetStore], object]] = {
     "decision counts": lambda s: s.decision_counts(NOW - timedelta(minutes=5)),
     "ack": lambda s: s.ack(str(uuid.uuid4())),
     "metrics history": lambda s: s.metrics_history("press-01"),
+    "parts missed": lambda s: s.parts_missed_reports({}),
 }
 
 
@@ -99,3 +100,46 @@ def test_a_polled_query_reads_an_index_range_never_a_whole_message_table(
     assert statements, f"{name}: no query captured"
     for sql in statements:
         assert table_scans(store._conn(), sql) == [], f"{name} scans a table: {sql}"
+
+
+def metrics(station: str, number: int) -> p.StationMetrics:
+    """The station's report `number` (its first is 1), which missed `number` parts."""
+    return p.StationMetrics(station=station, seq=number, ts=NOW - timedelta(seconds=900 - number),
+                            window_s=1.0, parts=10, parts_missed=number)
+
+
+def test_the_parts_missed_read_only_the_slots_of_reports_not_read_yet(tmp_path: Path) -> None:
+    """The dashboard asks every 2 s: each station's new reports are an index range of its ring
+    (usually one row), never the whole metrics_history."""
+    stations = [f"press-{n:02d}" for n in range(1, 6)]
+    with SqliteFleetStore(tmp_path / "fleet.db") as store:
+        store.ingest([metrics(station, n) for station in stations for n in range(1, 6)])
+        first = store.parts_missed_reports({})
+        assert {s: (r.count, r.whole, len(r.reports)) for s, r in first.items()} == {
+            station: (5, True, 5) for station in stations}
+        store.ingest([metrics("press-03", 6)])
+        seen = {station: 5 for station in stations}
+        statements = statements_run(store, lambda: store.parts_missed_reports(seen))
+        later = store.parts_missed_reports(seen)
+    assert {s: (r.count, r.whole, [m for _, m in r.reports]) for s, r in later.items()} == {
+        "press-03": (6, False, [6])}
+    history = [sql for sql in statements if "metrics_history" in sql]
+    assert len(history) == 1, statements
+    with SqliteFleetStore(tmp_path / "fleet.db") as reopened:
+        steps = [str(row[3]) for row in reopened._conn().execute(
+            "EXPLAIN QUERY PLAN " + history[0])]
+    assert steps == ["SEARCH metrics_history USING PRIMARY KEY (station=? AND slot>? AND slot<?)"]
+
+
+def test_the_parts_missed_follow_the_ring_round_its_end(tmp_path: Path) -> None:
+    """Reports 719 to 725 sit in the ring's last two slots and its first five."""
+    with SqliteFleetStore(tmp_path / "fleet.db") as store:
+        store.ingest([metrics("press-01", n) for n in range(1, METRICS_HISTORY + 6)])
+        found = store.parts_missed_reports({"press-01": METRICS_HISTORY - 2})["press-01"]
+        assert (found.count, found.whole) == (METRICS_HISTORY + 5, False)
+        assert sorted(m for _, m in found.reports if m is not None) == list(
+            range(METRICS_HISTORY - 1, METRICS_HISTORY + 6))
+        # More new reports than the ring holds: all it holds, the oldest overwritten.
+        behind = store.parts_missed_reports({"press-01": 3})["press-01"]
+        assert behind.whole and len(behind.reports) == METRICS_HISTORY
+        assert min(m for _, m in behind.reports if m is not None) == 6
