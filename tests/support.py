@@ -8,11 +8,12 @@ import functools
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -192,6 +193,33 @@ def http_server(
 ) -> contextlib.AbstractContextManager[str]:
     """A real HTTP server on a free 127.0.0.1 port, in a thread; yields its base URL."""
     return _serving(ThreadingHTTPServer(("127.0.0.1", 0), handler), "http-server")
+
+
+@contextlib.contextmanager
+def answering_server(answers: Iterable[bytes | None]) -> Iterator[str]:
+    """A raw stand-in for an HTTP server on a free 127.0.0.1 port: each connection's request is
+    read, then answered with the next of `answers` as it is, or closed without an answer for
+    None (a controller killed or restarted while it handled the request). Yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+
+    def serve() -> None:
+        for answer in answers:
+            try:
+                connection, _ = listener.accept()
+            except OSError:
+                return
+            with connection:
+                connection.recv(65536)
+                if answer is not None:
+                    connection.sendall(answer)
+
+    threading.Thread(target=serve, name="answering-server", daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{listener.getsockname()[1]}"
+    finally:
+        listener.close()
 
 
 class QuietFiles(SimpleHTTPRequestHandler):

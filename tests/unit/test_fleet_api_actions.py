@@ -7,8 +7,8 @@ CLI against small HTTP servers on 127.0.0.1."""
 from __future__ import annotations
 
 import http.server
+import itertools
 import json
-import socket
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -23,7 +23,7 @@ from deploy.controller import Controller
 from deploy.fleet_store import FleetStoreError
 from deploy.rollout import Phase
 from linesight.cli import main
-from tests.support import V2, unstarted_controller
+from tests.support import V2, answering_server, unstarted_controller
 
 pytestmark = pytest.mark.skipif(not (V2 / "manifest.json").exists(),
                                 reason=f"needs the shipped model bundle {V2}")
@@ -232,22 +232,8 @@ def test_the_cli_refuses_a_stage_number_no_stage_has(
 def hanging_up() -> Iterator[str]:
     """A server that reads the request and closes the connection without an answer: a
     controller killed or restarted while it handled the request."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.recv(65536)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
+    with answering_server(itertools.repeat(None)) as url:
+        yield url
 
 
 @pytest.mark.parametrize("argv", [("rollout", "approve", "--stage", "1"),

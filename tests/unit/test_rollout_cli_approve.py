@@ -4,8 +4,7 @@ shipped bundle, never started, served on 127.0.0.1) or against a server that han
 
 from __future__ import annotations
 
-import socket
-import threading
+import itertools
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from deploy.controller import Controller
 from deploy.rollout import Phase
 from linesight.cli import EXIT_MAYBE_DONE, EXIT_NOT_DONE, main
 from linesight.http_server import HttpServer
-from tests.support import V2, unstarted_controller
+from tests.support import V2, answering_server, unstarted_controller
 
 pytestmark = pytest.mark.skipif(not (V2 / "manifest.json").exists(),
                                 reason=f"needs the shipped model bundle {V2}")
@@ -139,22 +138,8 @@ def test_approve_with_no_rollout_at_all_says_so(
 def hanging_up() -> Iterator[str]:
     """A server that reads the request and closes the connection without an answer: a
     controller killed or restarted while it handled the request."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-
-    def serve() -> None:
-        while True:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.recv(65536)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
+    with answering_server(itertools.repeat(None)) as url:
+        yield url
 
 
 def test_a_request_that_may_have_happened_exits_apart_from_a_refusal(

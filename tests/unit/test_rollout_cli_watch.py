@@ -5,13 +5,12 @@ again."""
 from __future__ import annotations
 
 import json
-import socket
-import threading
 from collections.abc import Iterator
 
 import pytest
 
 from linesight.cli import EXIT_NOT_DONE, main
+from tests.support import answering_server
 
 
 def rollout(phase: str) -> bytes:
@@ -25,25 +24,8 @@ def rollout(phase: str) -> bytes:
 @pytest.fixture
 def restarting() -> Iterator[str]:
     """Answers: a running rollout; nothing (the connection closed: restarting); promoted."""
-    answers = [rollout("running"), None, rollout("promoted")]
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen()
-
-    def serve() -> None:
-        for answer in answers:
-            try:
-                connection, _ = listener.accept()
-            except OSError:
-                return
-            with connection:
-                connection.recv(65536)
-                if answer is not None:
-                    connection.sendall(answer)
-
-    threading.Thread(target=serve, daemon=True).start()
-    yield f"http://127.0.0.1:{listener.getsockname()[1]}"
-    listener.close()
+    with answering_server([rollout("running"), None, rollout("promoted")]) as url:
+        yield url
 
 
 def test_watching_goes_on_through_a_controller_restart(
