@@ -89,6 +89,10 @@ def test_a_better_model_is_promoted_on_every_station(
     assert [s["status"] for s in doc["stages"]] == ["passed", "passed", "passed"]
     wait_for(lambda: all(a.slots.active.ref.version == "2.0.0" for a in line.agents.values()),
              20, "2.0.0 active everywhere")
+    # The collector hears the commands beside the stations, not before them: its copy of the
+    # last promote may still be on its way when the stations have carried it out.
+    wait_for(lambda: all("promote" in {c.body.name for c in collector.of(p.Command, station)}
+                         for station in STATIONS), 10, "the collector to hear every promote")
     # Stations of a later wave were never touched before the earlier waves passed.
     canary = [c.ts for c in collector.of(p.Command, "st-1") if c.body.name == "set_mode"]
     later = [c.ts for c in collector.of(p.Command) if c.station != "st-1"]

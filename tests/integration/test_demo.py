@@ -23,8 +23,9 @@ from tests.support import wait_for
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 # The demo takes its preferred ports (8700, 8801.., 9101..) when free: two demos started at the
-# same moment by two test workers could both find one free. One worker runs them all.
-pytestmark = pytest.mark.xdist_group("demo")
+# same moment by two test workers could both find one free, and one demo's rollout went to the
+# other's controller. `--dist loadfile` (pyproject.toml) runs every test of this file in one
+# worker, one after the other.
 
 
 def alive(pid: int) -> bool:
