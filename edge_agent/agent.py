@@ -34,7 +34,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent import futures
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, TypeVar
@@ -49,7 +49,7 @@ from edge_agent.disk_space import CHECK_EVERY_S, DiskSpace, floor_bytes, low_mes
 from edge_agent.drift import FEATURES, DriftMonitor, Reference, image_stats
 from edge_agent.handoff import SkippingQueue
 from edge_agent.inference import InferenceError
-from edge_agent.metrics import AgentMetrics, counted_since, read_source_losses
+from edge_agent.metrics import AgentMetrics, SourceLosses, counted_since, read_source_losses
 from edge_agent.policy import ModelOutput, PartDecision, Slot, agree, decide, decider_for
 from edge_agent.relay import OutboxRelay, RelayProcess, RelaySpec, Restarts, ThreadRelay
 from edge_agent.slots import (
@@ -264,6 +264,8 @@ class Agent:
         self.source = source or self._open_source()
         # Parts the source had missed when the last StationMetrics window began.
         self._missed_at_window = read_source_losses(self.source).parts_missed
+        # PLC triggers for a source that takes every frame (no `trigger`): it cannot count them.
+        self._unheeded_triggers = 0
         self.link = MqttLink(config.broker, will=Will(
             self.topics.station(self.station, p.Channel.STATE),
             self._state(online=False).to_json(), qos=1, retain=True,
@@ -936,8 +938,12 @@ class Agent:
     def _on_trigger(self, message: ReceivedMessage) -> None:
         trigger = getattr(self.source, "trigger", None)
         if trigger is None:
-            log.warning("trigger message ignored: source %s is not externally triggered",
-                        redact_url(self.config.source))
+            # Once at warning: a PLC triggering every part would flood the log; the metric counts.
+            level = logging.DEBUG if self._unheeded_triggers else logging.WARNING
+            self._unheeded_triggers += 1  # only the MQTT thread writes it
+            log.log(level, "trigger message ignored: source %s takes every frame as a part "
+                    "(counted in linesight_source_ignored_triggers_total)",
+                    redact_url(self.config.source))
             return
         part_id, problem = trigger_part_id(message.payload)
         if problem is not None:
@@ -1317,7 +1323,6 @@ class Agent:
         self.metrics.review_depth.set(state.review_queue_depth)
         self.metrics.shadow_dropped.set(self.store.shadow_dropped)
         self.metrics.faults.set(len(state.faults))
-        self.metrics.source_reconnects.set(self.source.reconnects)
         if not self.link.connected:
             # Published now, it would wait in the MQTT client's memory (one more every
             # state_interval_s, for as long as the broker is away) and go out stale at the
@@ -1327,8 +1332,12 @@ class Agent:
                           qos=1, retain=True)
 
     def _count_source_losses(self) -> None:
-        """Parts and frames the source lost, in the metrics: read once a second, not per part."""
-        self.metrics.record_source(read_source_losses(self.source))
+        """Parts and frames the source lost, and its reconnects, in the metrics: read once a
+        second, not per part (a camera flapping between two states shows at the next scrape)."""
+        self.metrics.record_source(with_unheeded_triggers(
+            read_source_losses(self.source), self._unheeded_triggers
+        ))
+        self.metrics.source_reconnects.set(self.source.reconnects)
 
     def _window_parts_missed(self) -> int | None:
         """Parts the source missed since the last StationMetrics; None when it counts none."""
@@ -1444,6 +1453,13 @@ class Agent:
         self.source.close()
         self.store.close()
         return 0
+
+
+def with_unheeded_triggers(losses: SourceLosses, unheeded: int) -> SourceLosses:
+    """The source's losses with the PLC triggers it had no use for added to its ignored ones."""
+    if not unheeded:
+        return losses
+    return replace(losses, ignored_triggers=(losses.ignored_triggers or 0) + unheeded)
 
 
 def trigger_part_id(payload: bytes) -> tuple[str | None, str | None]:
