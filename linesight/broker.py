@@ -10,6 +10,7 @@ import base64
 import hashlib
 import os
 import pwd
+import random
 import re
 import secrets
 import shutil
@@ -26,7 +27,9 @@ __all__ = [
     "Broker",
     "BrokerError",
     "find_mosquitto",
+    "ephemeral_port_range",
     "free_port",
+    "port_candidates",
     "start_broker",
     "write_password_file",
     "TlsFiles",
@@ -57,12 +60,47 @@ def find_mosquitto() -> Path:
     )
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+# Below this are the ports services are configured on (the demo's 8700 and up among them).
+_LOWEST_PICKED_PORT = 16384
+_PORT_RANGE_FILE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+_LINUX_DEFAULT_EPHEMERAL = (32768, 60999)
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The ports the kernel hands out on its own (bind to 0, every outgoing connection)."""
+    try:
+        low, high = (int(part) for part in _PORT_RANGE_FILE.read_text().split())
+    except (OSError, ValueError):
+        return _LINUX_DEFAULT_EPHEMERAL
+    return low, high
+
+
+def port_candidates(ephemeral: tuple[int, int]) -> list[int]:
+    """Ports above the configured services' and outside the kernel's own range."""
+    low, high = ephemeral
+    return [port for port in range(_LOWEST_PICKED_PORT, 65536) if not low <= port <= high]
+
+
+def free_port(rng: random.Random | None = None) -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now, for a server to bind next.
+
+    Picked outside the ephemeral range: a port from there (what binding port 0 gives) can become
+    any outgoing connection's local port before the server binds it, which two test workers'
+    stations and brokers did. A port outside it is only taken by a program binding it by number.
+    """
+    pick = rng if rng is not None else random.SystemRandom()
+    candidates = port_candidates(ephemeral_port_range())
+    for port in pick.sample(candidates, min(50, len(candidates))):
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+            try:
+                probe.bind((LOCALHOST, port))
+            except OSError:
+                continue
+            return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind((LOCALHOST, 0))
-        port: int = probe.getsockname()[1]
-        return port
+        chosen: int = probe.getsockname()[1]
+        return chosen
 
 
 def write_password_file(
