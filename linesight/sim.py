@@ -69,7 +69,7 @@ class SimulatedOperator:
     def truth(self, part_id: str) -> str:
         seed, index = parse_part_id(part_id)
         generator = self._generators.setdefault(seed, PartGenerator(seed, self.defect_rate))
-        return "defect" if generator.part(index).defect is not None else "ok"
+        return "defect" if generator.defect(index) is not None else "ok"
 
     def answer_pending(self, store: StationStore) -> int:
         """Judge every part waiting long enough; a person in the UI may have answered first."""

@@ -111,3 +111,18 @@ def test_next_index_goes_past_the_highest_id_of_the_seed() -> None:
     assert next_index(ids, 7) == 121
     assert next_index(ids, 8) == 10_000
     assert next_index(ids, 9) == 0
+
+
+def test_a_parts_defect_is_known_without_drawing_its_image() -> None:
+    # The simulated operators and the line summary ask for the truth of thousands of parts:
+    # it must be the same answer as the part's own, for every seed, rate and class set.
+    for generator in (
+        PartGenerator(seed=7, defect_rate=0.3),
+        PartGenerator(seed=2, defect_rate=0.9, defect_classes=("scratch", "crack")),
+        PartGenerator(seed=0, defect_rate=0.0),
+    ):
+        truths = [generator.defect(i) for i in range(300)]
+        assert truths == [generator.part(i).defect for i in range(300)]
+    assert None in truths and len(set(PartGenerator(seed=7).defect(i) for i in range(300))) > 2
+    with pytest.raises(ValueError, match="index must be a non-negative int"):
+        PartGenerator(seed=1).defect(-1)
