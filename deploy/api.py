@@ -18,6 +18,7 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from deploy.config import is_loopback
 from deploy.controller import (
+    ANY_LATEST,
     EVIDENCE_REUSE_S,
     CandidateError,
     Controller,
@@ -360,14 +361,26 @@ def start_rollout() -> tuple[Response, int]:
     if not isinstance(plan_text, str):
         abort(400, description="plan_yaml: the plan's YAML text is required")
     plan = _plan(plan_text)
+    by = _text(body, "by", 64) or "api"
+    after = _after(body) if "after" in body else ANY_LATEST
     try:
-        state = controller().start_rollout(plan, candidate["name"], candidate["version"],
-                                           by=_text(body, "by", 64) or "api")
+        state = controller().start_rollout(plan, candidate["name"], candidate["version"], by=by,
+                                           after=after)
     except (CandidateError, PlanError) as exc:
         abort(400, description=str(exc))
     except RolloutConflict as exc:
         abort(409, description=str(exc))
     return jsonify(rollout_json(state)), 201
+
+
+def _after(body: dict[str, Any]) -> str | None:
+    """body["after"]: the id of the rollout a start is meant to follow, None (JSON null) for
+    none having run."""
+    value = body.get("after")
+    if value is not None and not (isinstance(value, str) and 0 < len(value) <= 200):
+        abort(400, description="after: the id of the latest rollout, as the rollout's "
+              "`rollout_id` gives it, or null when none has run")
+    return value
 
 
 def _stage(body: dict[str, Any]) -> int | None:

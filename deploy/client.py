@@ -7,6 +7,7 @@ import json
 import urllib.error
 import urllib.parse
 import urllib.request
+from enum import Enum
 from typing import Any
 
 
@@ -31,6 +32,15 @@ class ControllerError(Exception):
         self.status = status
 
 
+class Unchecked(Enum):
+    """A start that does not name the rollout it is meant to follow."""
+
+    UNCHECKED = "unchecked"
+
+
+UNCHECKED = Unchecked.UNCHECKED
+
+
 class ControllerClient:
     def __init__(self, url: str, token: str | None = None, timeout: float = 10.0) -> None:
         if not url.startswith(("http://", "https://")):
@@ -53,7 +63,8 @@ class ControllerClient:
         except urllib.error.HTTPError as exc:
             try:
                 message = json.loads(exc.read()).get("error", exc.reason)
-            except (ValueError, AttributeError):
+            # Not JSON, or cut off: its status says enough.
+            except (ValueError, AttributeError, OSError, http.client.HTTPException):
                 message = exc.reason
             if exc.code == 401:
                 message = f"{message} (the CLI gives it with --token or $LINESIGHT_API_TOKEN)"
@@ -78,9 +89,17 @@ class ControllerClient:
         except ConnectionError as exc:
             # Connecting and sending fail inside a URLError: this came while waiting for the
             # answer, after the controller got the request (killed or restarted meanwhile).
+            said = f"closed the connection without answering ({exc})"
             if method == "GET":
-                raise ControllerUnavailable(self._cut_off(method, exc)) from exc
-            raise OutcomeUnknown(self._cut_off(method, exc)) from exc
+                raise ControllerUnavailable(self._cut_off(method, said)) from exc
+            raise OutcomeUnknown(self._cut_off(method, said)) from exc
+        except http.client.IncompleteRead as exc:
+            # Its answer began, then the connection closed: the request was handled.
+            said = (f"closed the connection partway through its answer ({len(exc.partial)} "
+                    "bytes came)")
+            if method == "GET":
+                raise ControllerUnavailable(self._cut_off(method, said)) from exc
+            raise OutcomeUnknown(self._cut_off(method, said)) from exc
         except http.client.HTTPException as exc:
             raise NotAController(self._not_a_controller(path, f"not HTTP: {exc!r}")) from exc
         try:
@@ -88,8 +107,8 @@ class ControllerClient:
         except ValueError as exc:
             raise NotAController(self._not_a_controller(path, "not JSON")) from exc
 
-    def _cut_off(self, method: str, exc: ConnectionError) -> str:
-        said = f"the controller at {self.url} closed the connection without answering ({exc})"
+    def _cut_off(self, method: str, what: str) -> str:
+        said = f"the controller at {self.url} {what}"
         if method == "GET":
             return f"{said}; it may be restarting: try again"
         return (f"{said}; what was asked may still happen: check with 'linesight fleet "
@@ -118,13 +137,19 @@ class ControllerClient:
         return stations
 
     def start_rollout(
-        self, plan_yaml: str, name: str, version: str, *, by: str = "cli"
+        self, plan_yaml: str, name: str, version: str, *, by: str = "cli",
+        after: str | None | Unchecked = UNCHECKED,
     ) -> dict[str, Any]:
+        """`after`: the id of the latest rollout (None: none has run); the controller refuses
+        the start (409) unless that is still the latest, so a start sent again cannot start a
+        second rollout. UNCHECKED: start whatever rollout came before."""
         path = "/api/rollouts"
-        answer = self.post(path, {
+        body: dict[str, Any] = {
             "plan_yaml": plan_yaml, "candidate": {"name": name, "version": version}, "by": by,
-        })
-        return self._object(path, answer, "rollout_id")
+        }
+        if not isinstance(after, Unchecked):
+            body["after"] = after
+        return self._object(path, self.post(path, body), "rollout_id")
 
     def current(self) -> dict[str, Any] | None:
         path = "/api/rollouts/current"

@@ -28,6 +28,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
+from enum import Enum
 from pathlib import Path
 
 from deploy.alignment import Expected, expected_models, out_of_step, realign_plan
@@ -104,6 +105,25 @@ INBOX_MESSAGE_OVERHEAD = 200
 
 class RolloutConflict(Exception):
     """A request that cannot be honoured now (another rollout runs, unknown id, ...)."""
+
+
+class AnyLatest(Enum):
+    """A start that does not name the rollout it is meant to follow."""
+
+    ANY = "any"
+
+
+ANY_LATEST = AnyLatest.ANY
+
+
+def not_after(latest: str | None, after: str | None) -> str:
+    """Why a start meant to follow rollout `after` (None: none) is refused."""
+    if latest is None:
+        return f"after: no rollout has run on this controller, so none is {after}"
+    expected = f"after {after}" if after else "when none had run"
+    return (f"rollout {latest} started since: this start was meant to come {expected}. "
+            f"It may be this same request, sent before; see 'linesight fleet rollout status', "
+            f"and to start another give after: {latest}")
 
 
 class RolloutNotSaved(Exception):
@@ -527,11 +547,12 @@ class Controller:
 
     def start_rollout(
         self, plan: RolloutPlan, name: str, version: str, *, expect_sha256: str | None = None,
-        by: str | None = None,
+        by: str | None = None, after: str | None | AnyLatest = ANY_LATEST,
     ) -> RolloutState:
         """Start `plan` for bundle `name` `version`, written in its history as started `by`;
-        with `expect_sha256`, only if the bundle's manifest still has that sha256
-        (RolloutConflict if not)."""
+        with `expect_sha256`, only if the bundle's manifest still has that sha256; with
+        `after`, only if that is still the latest rollout's id (None: none has run), so a
+        start sent again cannot start a second rollout (RolloutConflict if not)."""
         if plan.command_timeout_s > self.config.command_ttl_s:
             # A station refuses a command past its expiry: an ack could then never come in time.
             raise PlanError(
@@ -546,6 +567,9 @@ class Controller:
                 f"{spec.model.sha256[:12]}..., not {expect_sha256[:12]}...)"
             )
         with self._rollout_lock:
+            latest = self.rollout.rollout_id if self.rollout is not None else None
+            if after is not ANY_LATEST and latest != after:
+                raise RolloutConflict(not_after(latest, after))
             if self.rollout is not None and self.rollout.phase not in TERMINAL:
                 raise RolloutConflict(
                     f"rollout {self.rollout.rollout_id} is still {self.rollout.phase.value}"

@@ -361,11 +361,18 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     begin.add_argument("--candidate", required=True, help="NAME:VERSION of a served bundle")
     begin.add_argument("--by", default=os.environ.get("USER", "cli"),
                        help="who starts it, for the rollout's history (default $USER)")
+    begin.add_argument(
+        "--after", metavar="ROLLOUT_ID",
+        help="the id of the latest rollout, as 'status' shows it ('none' when none has run): "
+        "refused unless that is still the latest, so a command run again cannot start a "
+        "second rollout")
     client_options(begin)
     begin.set_defaults(handler=_rollout_start)
     status = steps.add_parser("status", help="show the current rollout")
     status.add_argument("--watch", action="store_true", help="refresh every 2 s until it ends")
-    status.add_argument("--json", action="store_true")
+    status.add_argument("--json", action="store_true",
+                        help="the rollout as the API gives it, one JSON document a line "
+                        "(null when no rollout has run)")
     client_options(status)
     status.set_defaults(handler=_rollout_status)
     for action, text in (("approve", "approve the stage waiting for a human"),
@@ -526,9 +533,11 @@ def _rollout_start(args: argparse.Namespace) -> int:
     except UnicodeDecodeError as exc:
         raise UsageError(f"plan {args.plan} is not UTF-8 text (byte {exc.start}: "
                          f"{exc.reason})") from exc
-    from deploy.client import format_rollout
+    from deploy.client import UNCHECKED, format_rollout
 
-    print(format_rollout(_client(args).start_rollout(plan_text, name, version, by=args.by)))
+    after = UNCHECKED if args.after is None else None if args.after == "none" else args.after
+    print(format_rollout(_client(args).start_rollout(plan_text, name, version, by=args.by,
+                                                     after=after)))
     return 0
 
 
@@ -555,14 +564,15 @@ def _rollout_status(args: argparse.Namespace) -> int:
             continue
         away = False
         if doc is None:
-            print("no rollout has run on this controller")
+            print("null" if args.json else "no rollout has run on this controller")
             return 0
         print(json.dumps(doc) if args.json else format_rollout(doc), flush=True)
         shown = True
         if not args.watch or doc["phase"] in ("promoted", "rolled_back", "aborted"):
             return 0
         time.sleep(2)
-        print()
+        if not args.json:  # with --json one document a line (JSON Lines)
+            print()
 
 
 def _rollout_act(args: argparse.Namespace) -> int:

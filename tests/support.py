@@ -259,7 +259,12 @@ def agent_running(config: AgentConfig) -> Iterator[Agent]:
     """The agent inspecting in a thread; stopped (and its stop waited for) at the end."""
     agent = Agent(config)
     finished = threading.Event()
-    threading.Thread(target=lambda: (agent.run(), finished.set()), daemon=True).start()
+
+    def run() -> None:
+        agent.run()
+        finished.set()
+
+    threading.Thread(target=run, daemon=True).start()
     try:
         yield agent
     finally:
