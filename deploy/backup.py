@@ -51,7 +51,11 @@ def back_up(data_dir: Path, dest: Path, now: datetime, keep: int | None = None) 
     source = data_dir / FLEET_DB
     if not source.is_file():
         raise BackupError(f"{source}: no fleet store there (give the controller's data_dir)")
-    if keep is not None and not dest.exists() and dest.parent.is_dir():
+    if keep is not None and not dest.exists():
+        if not dest.parent.is_dir():
+            # a share not mounted, a mistyped path: not for a backup to make up
+            raise BackupError(f"{dest.parent}: no such folder: make it first (--keep makes "
+                              "only the last folder)")
         # --keep names a folder: the first backup by hand (before the timer's) makes it.
         dest.mkdir(mode=0o750)
     folder = dest.is_dir()

@@ -129,6 +129,7 @@ def test_keep_makes_its_folder_the_first_time(data_dir: Path, tmp_path: Path) ->
     ("exists", "exists already: give another name, or a folder"),
     ("no_folder", "no such folder"),
     ("keep_file", "--keep: "),
+    ("keep_no_parent", "no such folder: make it first (--keep makes only the last folder)"),
     ("keep_zero", "--keep: keep at least 1 backup, got 0"),
     ("foreign", "is not a Linesight fleet store"),
 ])
@@ -145,6 +146,8 @@ def test_what_cannot_be_backed_up_is_refused_and_leaves_nothing(
     elif case == "keep_file":
         dest.write_text("a file where the folder should be")
         keep = 3
+    elif case == "keep_no_parent":
+        dest, keep = tmp_path / "share" / "linesight", 14
     elif case == "keep_zero":
         dest, keep = tmp_path, 0
     elif case == "foreign":
