@@ -91,10 +91,11 @@ def _bearer_token(header: str) -> str:
     return token.strip() if scheme.lower() == "bearer" else ""
 
 
-def _body() -> dict[str, Any]:
-    """The request's JSON object; {} for an empty body. A POST must say `Content-Type:
-    application/json`: a browser sends that to another site only after a CORS preflight, which
-    this API never allows, so no web page can make an operator's browser act on a rollout."""
+def _body(*known: str) -> dict[str, Any]:
+    """The request's JSON object, with no keys but the `known` ones; {} for an empty body. A
+    POST must say `Content-Type: application/json`: a browser sends that to another site only
+    after a CORS preflight, which this API never allows, so no web page can make an operator's
+    browser act on a rollout."""
     if not request.is_json:
         abort(415, description="send the body as JSON, with Content-Type: application/json")
     try:
@@ -111,7 +112,18 @@ def _body() -> dict[str, Any]:
         abort(400, description=f"the request body is not valid JSON: {exc}")
     if not isinstance(document, dict):
         abort(400, description="the request body must be a JSON object")
+    _refuse_unknown_keys(document, known, "")
     return document
+
+
+def _refuse_unknown_keys(document: dict[str, Any], known: tuple[str, ...], where: str) -> None:
+    """A 400 naming keys this request does not take: a misspelt guard (`afetr`) ignored would
+    let the request through unguarded."""
+    unknown = sorted(str(key) for key in document if key not in known)
+    if unknown:
+        names = ", ".join(repr(key[:40]) for key in unknown[:5])
+        abort(400, description=f"{where}unknown key{'s' if len(unknown) > 1 else ''} {names}; "
+              f"this request takes {', '.join(known)}")
 
 
 _LINE_BREAKING = frozenset({"Cc", "Zl", "Zp"})
@@ -235,7 +247,7 @@ def realign() -> tuple[Response, int]:
     """Deploy and promote again, on the stations named, the model their latest promoted
     rollouts made active there (deploy/alignment.py). Body: {"stations": [...], "by": "..."}."""
     _require_token()
-    body = _body()
+    body = _body("stations", "by")
     stations = body.get("stations")
     if not (isinstance(stations, list) and 0 < len(stations) <= MAX_REALIGN_STATIONS
             and all(isinstance(name, str) for name in stations)):
@@ -352,11 +364,12 @@ def _plan(text: str) -> RolloutPlan:
 @api.post("/rollouts")
 def start_rollout() -> tuple[Response, int]:
     _require_token()
-    body = _body()
+    body = _body("plan_yaml", "candidate", "by", "after")
     candidate = body.get("candidate")
     if not (isinstance(candidate, dict) and isinstance(candidate.get("name"), str)
             and isinstance(candidate.get("version"), str)):
         abort(400, description="candidate: give {\"name\": \"...\", \"version\": \"...\"}")
+    _refuse_unknown_keys(candidate, ("name", "version"), "candidate: ")
     plan_text = body.get("plan_yaml")
     if not isinstance(plan_text, str):
         abort(400, description="plan_yaml: the plan's YAML text is required")
@@ -417,7 +430,8 @@ def act(rollout_id: str, action: str) -> Response:
     _require_token()
     if action not in _ACTIONS:
         abort(404, description=f"unknown action {action!r}; one of {', '.join(_ACTIONS)}")
-    event = _request_event(action, _body())
+    known = ("by", "reason", "stage") if action == "approve" else ("by", "reason")
+    event = _request_event(action, _body(*known))
     c = controller()
     try:
         c.apply(event, rollout_id=None if rollout_id == "current" else rollout_id)

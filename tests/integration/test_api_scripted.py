@@ -85,6 +85,27 @@ def test_an_after_that_is_not_a_rollout_id_is_a_bad_request(
     assert rollout_ids(client) == []
 
 
+@pytest.mark.parametrize(("path", "body", "named"), [
+    ("/api/rollouts", {"plan_yaml": ENDS_AT_ONCE, "candidate": CANDIDATE, "afetr": None},
+     "'afetr'"),
+    ("/api/rollouts", {"plan_yaml": ENDS_AT_ONCE, "candidate": {**CANDIDATE, "sha": "x"}},
+     "candidate: unknown key 'sha'"),
+    ("/api/rollouts/current/pause", {"by": "mes", "stage": 0}, "'stage'"),
+    ("/api/realign", {"stations": ["press-09"], "dry_run": True}, "'dry_run'"),
+])
+def test_a_key_the_request_does_not_take_is_refused_not_ignored(
+    served: tuple[Controller, ControllerClient], path: str, body: dict[str, Any], named: str,
+) -> None:
+    """A misspelt `after` ignored would start a rollout the script meant to guard; a key no
+    request takes is a 400 naming it, and nothing happens."""
+    _, client = served
+    with pytest.raises(ControllerError) as refused:
+        client.post(path, body)
+    assert refused.value.status == 400, refused.value
+    assert named in str(refused.value) and "this request takes" in str(refused.value)
+    assert rollout_ids(client) == []
+
+
 def test_the_cli_start_run_again_with_after_starts_nothing(
     served: tuple[Controller, ControllerClient], tmp_path: Path,
     capsys: pytest.CaptureFixture[str],
