@@ -560,9 +560,10 @@ def create_app(c: Controller) -> Flask:
 
     @app.errorhandler(HTTPException)
     def api_routing_error(exc: HTTPException) -> HTTPException | tuple[Response, int]:
-        """A path under /api/ that no route has, or a method it does not take (found before
+        """/api, or a path under it that no route has, or a method it does not take (found before
         the API's own handler could run), answers in JSON too; elsewhere Flask's page."""
-        if request.path.startswith(api.url_prefix + "/"):  # type: ignore[operator]
+        prefix = str(api.url_prefix)
+        if request.path == prefix or request.path.startswith(prefix + "/"):
             return _http_error(exc)
         return exc
 

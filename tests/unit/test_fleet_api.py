@@ -220,6 +220,8 @@ def test_a_bundle_file_no_file_can_have_is_not_found(client: FlaskClient, path: 
     ("post", "/api/stations", 405),
     ("get", "/api/no-such-thing", 404),
     ("get", "/api/rollouts/a/b/c", 404),
+    ("get", "/api", 404),  # the API's own root, as a script probing for it asks
+    ("get", "/api/", 404),
 ])
 def test_an_api_path_or_method_that_does_not_exist_answers_in_json(
     client: FlaskClient, method: str, path: str, code: int
