@@ -32,6 +32,11 @@ class ControllerError(Exception):
         self.status = status
 
 
+GATEWAY_GAVE_UP = frozenset({502, 504})
+"""What a reverse proxy answers when the controller behind it did not (the controller itself
+never does): a request it passed on may still have been done."""
+
+
 class Unchecked(Enum):
     """A start that does not name the rollout it is meant to follow."""
 
@@ -61,6 +66,13 @@ class ControllerClient:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:  # noqa: S310
                 raw = response.read()
         except urllib.error.HTTPError as exc:
+            if exc.code in GATEWAY_GAVE_UP:
+                # Not the controller's answer: a proxy in front of it, after passing it on.
+                said = (f"answered {exc.code} ({exc.reason}): a proxy in front of the "
+                        "controller got no answer from it")
+                if method == "GET":
+                    raise ControllerUnavailable(self._cut_off(method, said)) from exc
+                raise OutcomeUnknown(self._cut_off(method, said)) from exc
             try:
                 message = json.loads(exc.read()).get("error", exc.reason)
             # Not JSON, or cut off: its status says enough.

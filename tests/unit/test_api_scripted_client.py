@@ -55,3 +55,33 @@ def test_a_refusal_whose_answer_breaks_off_is_still_a_refusal(
     err = capsys.readouterr().err
     assert status == EXIT_NOT_DONE, err
     assert "controller answered 409" in err, err
+
+
+def _proxy_answer(code: int, reason: str) -> bytes:
+    page = f"<html><body><h1>{code} {reason}</h1>nginx</body></html>".encode()
+    return (f"HTTP/1.1 {code} {reason}\r\nContent-Type: text/html\r\nConnection: close\r\n"
+            f"Content-Length: {len(page)}\r\n\r\n").encode() + page
+
+
+@pytest.mark.parametrize(("code", "reason"), [(502, "Bad Gateway"), (504, "Gateway Time-out")])
+def test_an_action_a_proxy_gave_up_on_may_have_happened(
+    code: int, reason: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A reverse proxy in front of the controller gave up waiting (504) or lost the upstream
+    connection (502) after passing the request on: the controller may have done it."""
+    with answering_server([_proxy_answer(code, reason)]) as url:
+        status = main(["fleet", "rollout", "pause", "--controller", url])
+    err = capsys.readouterr().err
+    assert status == EXIT_MAYBE_DONE, err
+    assert f"{code}" in err and "proxy" in err, err
+    assert "what was asked may still happen" in err, err
+
+
+def test_a_read_a_proxy_gave_up_on_says_to_try_again(
+    capsys: pytest.CaptureFixture[str]
+) -> None:
+    with answering_server([_proxy_answer(504, "Gateway Time-out")]) as url:
+        status = main(["fleet", "rollout", "status", "--controller", url])
+    err = capsys.readouterr().err
+    assert status == EXIT_NOT_DONE, err
+    assert "504" in err and "try again" in err, err
