@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,6 +39,11 @@ _OUTCOME_TEXT = {
     VerdictOutcome.PASS.value: "passed",
     VerdictOutcome.REJECT.value: "rejected",
     VerdictOutcome.ESCALATE.value: "escalated to the supervisor",
+}
+_BUTTON_TEXT = {
+    VerdictOutcome.PASS.value: "Pass",
+    VerdictOutcome.REJECT.value: "Reject",
+    VerdictOutcome.ESCALATE.value: "Unsure",
 }
 
 
@@ -139,6 +145,23 @@ def image() -> BaseResponse:
     return response
 
 
+def form_problem(part_id: str, outcome: str, outcomes: Collection[str], kind: str) -> str | None:
+    """What is wrong with a verdict form's fields, naming the field; None when nothing is."""
+    if not part_id:
+        return "Not recorded: the form names no part. Reload the page and try again."
+    if len(part_id) > PART_ID_MAX_LENGTH:
+        return (f"Not recorded: a part id is at most {PART_ID_MAX_LENGTH} characters, "
+                f"this one has {len(part_id)}.")
+    *others, last = (_BUTTON_TEXT[choice] for choice in outcomes)
+    choices = f"{', '.join(others)} or {last}"
+    if not outcome:
+        return f"Not recorded: no {kind} given. Choose {choices}."
+    if outcome not in outcomes:
+        shown = outcome if len(outcome) <= 16 else outcome[:16] + "..."
+        return f"Not recorded: {shown!r} is not a {kind}. Choose {choices}."
+    return None
+
+
 @blueprint.post("/verdict")
 @signed_in
 def verdict() -> BaseResponse:
@@ -147,8 +170,9 @@ def verdict() -> BaseResponse:
     assert operator is not None  # noqa: S101 - @signed_in guarantees it
     part_id = request.form.get("part_id", "")
     outcome = request.form.get("outcome", "")
-    if outcome not in _OUTCOME_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
-        return error_response(400, "Choose Pass, Reject or Unsure for a part in the queue.")
+    problem = form_problem(part_id, outcome, _OUTCOME_TEXT, "verdict")
+    if problem is not None:
+        return error_response(400, problem)
     ok, defect = model_labels()
     label = {VerdictOutcome.PASS.value: ok, VerdictOutcome.REJECT.value: defect}.get(outcome)
     try:

@@ -7,10 +7,10 @@ from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
 
 from edge_agent.store import TooManyOpenRequests
-from linesight.protocol import PART_ID_MAX_LENGTH, AutomationLevel, VerdictOutcome
+from linesight.protocol import AutomationLevel, VerdictOutcome
 from station_ui.app import current_operator, error_response, now_dt, supervisor_only, ui
 from station_ui.config import AUTOMATION_ORDER
-from station_ui.review import current_banners, model_labels, shown_item
+from station_ui.review import current_banners, form_problem, model_labels, shown_item
 from station_ui.views import AUTOMATION_TEXT
 
 blueprint = Blueprint("supervisor", __name__)
@@ -112,8 +112,9 @@ def resolve_escalation() -> BaseResponse:
     assert operator is not None  # noqa: S101 - @supervisor_only guarantees it
     part_id = request.form.get("part_id", "")
     outcome = request.form.get("outcome", "")
-    if outcome not in _FINAL_TEXT or not 1 <= len(part_id) <= PART_ID_MAX_LENGTH:
-        return _page(400, resolve_error="Choose Pass or Reject for an escalated part.")
+    problem = form_problem(part_id, outcome, _FINAL_TEXT, "final verdict")
+    if problem is not None:
+        return _page(400, resolve_error=problem)
     ok, defect = model_labels()
     label = ok if outcome == "pass" else defect
     try:
