@@ -97,6 +97,8 @@
   // captured earlier (a disagreement found by the candidate) waits in the list instead of
   // replacing the card under the operator's finger.
   let judgedHere = "";
+  // A part whose verdict this screen sent but whose answer was lost (the connection went).
+  let sentUnanswered = "";
   // A card that has just come in ignores taps and keys for a moment: the second tap of a double
   // tap (or a bounced key) meant for the part judged a moment ago must not judge the next one.
   const NEW_CARD_HOLD_MS = 600;
@@ -135,7 +137,11 @@
       if (current && !queue.showing_waiting && shown !== (queue.head || "")) {
         closeZoom();
         await refreshCurrent();
-        if (shown && shown !== judgedHere) {
+        if (shown && shown === sentUnanswered) {
+          // The verdict sent from here arrived after all (or another screen's did first).
+          toast(`Part ${shown} is judged: the station has its verdict`, false);
+          holdButtons(1000);
+        } else if (shown && shown !== judgedHere) {
           // Judged on another screen: say so, and let a tap meant for it not land on the next.
           toast(`Part ${shown} was judged on another screen`, true);
           holdButtons(1000);
@@ -180,7 +186,10 @@
         toast(`Part ${partId} ${outcomeText[button.value] || button.value}`, false);
       }
     } catch (error) {
-      toast("Not recorded: the screen lost its connection. Try again.", true);
+      // The request may have been saved before the connection went: tapping again is safe,
+      // a part already judged says so.
+      sentUnanswered = partId;
+      toast("Maybe not recorded: the screen lost its connection. Tap again to make sure.", true);
     } finally {
       form.dataset.busy = "";
       form.querySelectorAll("button").forEach((b) => { b.disabled = false; });

@@ -26,6 +26,18 @@ JPEG = b"\xff\xd8\xff\xe0" + b"part-image" * 10 + b"\xff\xd9"
 TOAST = "#toast:not([hidden])"
 REJECT = "#current button[value=reject]:not([disabled])"
 
+# Every text the toast shows, in order: one may replace another faster than a test can look.
+RECORD_TOASTS = """() => {
+  window.toastsSeen = [];
+  const box = document.getElementById("toast");
+  new MutationObserver(() => {
+    const text = box.textContent;
+    if (!box.hidden && window.toastsSeen[window.toastsSeen.length - 1] !== text) {
+      window.toastsSeen.push(text);
+    }
+  }).observe(box, { childList: true, characterData: true, subtree: true, attributes: true });
+}"""
+
 pytestmark = [
     pytest.mark.skipif(not HAVE_CHROMIUM, reason=NO_CHROMIUM),
     pytest.mark.timeout(120),
@@ -83,4 +95,57 @@ def test_a_verdict_tapped_while_the_store_is_locked_says_not_recorded_and_counts
     assert [(v.part_id, v.operator, v.outcome) for v in verdicts] == [("P-1", BADGE, "reject")]
     # Chromium logs the refused request (503); anything else is a fault.
     unexpected = [problem for problem in problems if "status of 503" not in problem]
+    assert unexpected == [], f"the browser reported errors: {unexpected}"
+
+
+def test_a_verdict_whose_answer_is_lost_says_it_may_not_be_recorded_and_counts_once(
+    tmp_path: Path,
+) -> None:
+    """The station saved the verdict, but the connection went before its answer reached the
+    screen: the screen cannot know, so it must not say "Not recorded" as if certain; the part
+    counts once, and the screen moves on to the next part."""
+    from playwright.sync_api import Route, sync_playwright
+
+    store = StationStore(tmp_path / "station")
+    store.upsert_operator(BADGE, "Kim Line", "operator", hash_pin(PIN))
+    for part_id in ("P-1", "P-2"):
+        store.add_review(ReviewItem(
+            part_id=part_id, created=datetime.now(UTC), reason="operator_decides",
+            automation="assist", suggestion="ok", confidence=0.7, model_label="ok",
+            candidate_label=None, active_version="1.0.0", candidate_version=None,
+            image_jpeg=JPEG,
+        ))
+
+    def saved_then_cut_off(route: Route) -> None:
+        route.fetch()  # the request reaches the station, which saves the verdict
+        route.abort("connectionreset")  # and its answer never reaches the screen
+
+    problems: list[str] = []
+    try:
+        with station_ui_server(store, b"audit-screen-key" * 2) as base, \
+                sync_playwright() as playwright:
+            browser = launch_chromium(playwright)
+            try:
+                page = watched_page(browser, problems)
+                sign_in(page, base, BADGE, PIN)
+                page.wait_for_selector("#current[data-part-id='P-1']")
+                page.route("**/verdict", saved_then_cut_off)
+                page.evaluate(RECORD_TOASTS)
+                page.click(REJECT)
+                page.wait_for_selector("#current[data-part-id='P-2']")
+                page.wait_for_selector(f"{TOAST}:has-text('P-1 is judged')")
+                toasts = page.evaluate("window.toastsSeen")
+            finally:
+                browser.close()
+    finally:
+        verdicts = store.verdicts_since(datetime(2000, 1, 1, tzinfo=UTC))
+        store.close()
+    # First that it cannot know; once the queue shows the part judged, that it is (not
+    # "judged on another screen").
+    assert toasts == [
+        "Maybe not recorded: the screen lost its connection. Tap again to make sure.",
+        "Part P-1 is judged: the station has its verdict",
+    ], toasts
+    assert [(v.part_id, v.operator, v.outcome) for v in verdicts] == [("P-1", BADGE, "reject")]
+    unexpected = [problem for problem in problems if "ERR_CONNECTION_RESET" not in problem]
     assert unexpected == [], f"the browser reported errors: {unexpected}"
