@@ -175,13 +175,31 @@ def parse_plan(document: Any, source: str = "plan") -> RolloutPlan:
         raise PlanError(f"invalid rollout plan ({source}):\n  {bad_text}: not valid Unicode "
                         "text (a lone surrogate such as \\ud800)")
     try:
-        return RolloutPlan.model_validate(document)
+        plan = RolloutPlan.model_validate(document)
     except ValidationError as exc:
         problems = [
             f"  {'.'.join(str(part) for part in error['loc']) or '(root)'}: {error['msg']}"
             for error in exc.errors()
         ]
         raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems)) from exc
+    problems = [f"  {problem}" for problem in _duplicate_stage_names(plan)]
+    if problems:
+        raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems))
+    return plan
+
+
+def _duplicate_stage_names(plan: RolloutPlan) -> list[str]:
+    """The history and every rollback reason name a stage by its name, so each must be unique.
+    Checked on a plan a person wrote, not in the model: a stored rollout still loads."""
+    first: dict[str, int] = {}
+    problems: list[str] = []
+    for index, stage in enumerate(plan.stages):
+        if stage.name in first:
+            problems.append(f"stages.{index}.name: duplicate stage name {stage.name!r} "
+                            f"(stages.{first[stage.name]} has it too)")
+        else:
+            first[stage.name] = index
+    return problems
 
 
 def load_plan(path: Path) -> RolloutPlan:
