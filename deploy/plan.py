@@ -129,6 +129,9 @@ class RolloutPlan(Strict):
     stages: list[Stage] = Field(min_length=1)
     command_timeout_s: Number = Field(default=60, gt=0, le=MAX_COMMAND_TIMEOUT_S)
     command_retry_s: Number = Field(default=5, gt=0, le=MAX_COMMAND_RETRY_S)
+    promote_without_evidence: bool = Field(
+        default=False, description="let the first stage be a promotion: the candidate then "
+        "decides parts without any stage's gate; for a model judged elsewhere")
 
     @model_validator(mode="after")
     def _ends_in_promotion(self) -> RolloutPlan:
@@ -182,10 +185,22 @@ def parse_plan(document: Any, source: str = "plan") -> RolloutPlan:
             for error in exc.errors()
         ]
         raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems)) from exc
-    problems = [f"  {problem}" for problem in _duplicate_stage_names(plan)]
+    problems = [f"  {problem}" for problem in
+                [*_ungated_promotion(plan), *_duplicate_stage_names(plan)]]
     if problems:
         raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems))
     return plan
+
+
+def _ungated_promotion(plan: RolloutPlan) -> list[str]:
+    """A promotion with no stage before it lets a model decide parts on no evidence at all:
+    only when the plan says so in as many words. Checked on a plan a person wrote, so a
+    rollout stored before the key existed still loads."""
+    if plan.stages[0].mode == "promote" and not plan.promote_without_evidence:
+        return ["stages.0.mode: the first stage promotes, so the candidate would decide parts "
+                "without any gate's evidence; put a shadow, canary or blue_green stage before "
+                "it, or, for a model judged elsewhere, say promote_without_evidence: true"]
+    return []
 
 
 def _duplicate_stage_names(plan: RolloutPlan) -> list[str]:

@@ -131,6 +131,7 @@ def test_a_regressed_model_is_rolled_back_before_it_decides_a_part(
 
 UNSIGNED_PLAN = """
 name: promote at once
+promote_without_evidence: true
 command_timeout_s: 4
 command_retry_s: 1
 stages:

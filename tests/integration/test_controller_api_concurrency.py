@@ -20,6 +20,7 @@ pytestmark = pytest.mark.skipif(not (V2 / "manifest.json").exists(),
 STATIONS = ("st-1", "st-2")
 TWO_APPROVALS = """
 name: two approvals
+promote_without_evidence: true
 command_timeout_s: 30
 command_retry_s: 3
 stages:
@@ -34,6 +35,7 @@ stages:
 """
 PROMOTE_ST1 = """
 name: promote st-1
+promote_without_evidence: true
 command_timeout_s: 30
 command_retry_s: 3
 stages:

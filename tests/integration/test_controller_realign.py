@@ -22,6 +22,7 @@ from tests.support import agent_running, served_controller, station_config, wait
 STATION = "press-21"
 PROMOTE = f"""
 name: promote on {STATION}
+promote_without_evidence: true
 command_timeout_s: 30
 command_retry_s: 3
 stages:

@@ -204,7 +204,7 @@ def test_a_station_out_of_step_is_shown_and_realigned_from_the_page(
     v2 = p.ModelRef(name="part-classifier", version="2.0.0",
                     sha256=sha256_file(V2 / MANIFEST_FILE))
     v1 = p.ModelRef(name="part-classifier", version="1.0.0", sha256="1" * 64)
-    plan = parse_plan({"name": "earlier", "stages": [
+    plan = parse_plan({"name": "earlier", "promote_without_evidence": True, "stages": [
         {"name": "all", "stations": "all", "mode": "promote"}]})
     earlier = datetime.now(UTC) - timedelta(hours=1)
     promoted = start("r-earlier", plan, CandidateSpec(model=v2, url="http://x/", signature="s"),
@@ -254,6 +254,7 @@ def _publish_state(broker_url: str, state: p.StationState) -> None:
 
 APPROVE_FIRST = """
 name: approve first
+promote_without_evidence: true
 command_timeout_s: 30
 command_retry_s: 3
 stages:

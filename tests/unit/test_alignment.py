@@ -29,8 +29,8 @@ def model(version: str, sha: str | None = None) -> p.ModelRef:
 
 def rollout(rollout_id: str, ref: p.ModelRef, phase: Phase, promoted: list[str],
             updated: datetime, touched: list[str] | None = None) -> RolloutState:
-    plan = parse_plan({"name": "p", "stages": [{"name": "all", "stations": "all",
-                                                 "mode": "promote"}]})
+    plan = parse_plan({"name": "p", "promote_without_evidence": True,
+                       "stages": [{"name": "all", "stations": "all", "mode": "promote"}]})
     spec = CandidateSpec(model=ref, url="http://controller/bundles/x/", signature="s")
     return start(rollout_id, plan, spec, updated).model_copy(update={
         "phase": phase, "promoted": promoted, "touched": touched or promoted,

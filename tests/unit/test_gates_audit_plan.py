@@ -110,3 +110,38 @@ def test_a_plan_without_stages_or_without_a_final_promotion_is_refused() -> None
     assert "the last stage must be a promote stage" in refusal(
         {"name": "x", "stages": [shadow("a")]}
     )
+
+
+PROMOTE_ONLY = {"name": "straight to promotion",
+                "stages": [{"name": "everywhere", "stations": "all", "mode": "promote"}]}
+
+
+def test_a_plan_that_promotes_before_any_gate_is_refused() -> None:
+    """A first stage that promotes lets the candidate decide parts with no evidence at all:
+    a plan copied down to its last stage by mistake must not do that."""
+    with pytest.raises(PlanError, match=r"stages\.0\.mode: the first stage promotes") as refused:
+        parse_plan(PROMOTE_ONLY)
+    assert "promote_without_evidence: true" in str(refused.value)
+
+
+def test_a_plan_may_promote_without_evidence_when_it_says_so() -> None:
+    plan = parse_plan({**PROMOTE_ONLY, "promote_without_evidence": True})
+    assert [stage.mode for stage in plan.stages] == ["promote"]
+    assert plan.promote_without_evidence
+
+
+def test_a_gated_stage_before_the_promotion_needs_no_such_word() -> None:
+    plan = parse_plan({"name": "shadow first", "stages": [
+        {"name": "shadow", "stations": ["s1"], "mode": "shadow"},
+        {"name": "everywhere", "stations": "all", "mode": "promote"}]})
+    assert not plan.promote_without_evidence
+
+
+def test_a_realignment_promotes_alone_and_says_why() -> None:
+    from deploy.alignment import realign_plan
+    from linesight.protocol import ModelRef
+
+    plan = realign_plan(["s1"], ModelRef(name="part-classifier", version="2.0.0", sha256="a" * 64), 30)
+    assert plan.promote_without_evidence
+    # and it would load as a plan a person wrote
+    assert parse_plan(plan.model_dump(mode="json")) == plan

@@ -398,7 +398,7 @@ def test_bad_plans_name_the_problem(document: dict[str, Any], message: str) -> N
 
 
 def test_unknown_stations_are_refused() -> None:
-    parsed = parse_plan({"name": "x", "stages": [
+    parsed = parse_plan({"name": "x", "promote_without_evidence": True, "stages": [
         {"name": "a", "stations": ["ghost"], "mode": "promote"}]})
     with pytest.raises(PlanError, match="ghost"):
         select_stations(parsed.stages[0].stations, {"s1": {}}, [])

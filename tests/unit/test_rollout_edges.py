@@ -26,7 +26,7 @@ NIL = str(NIL_CMD_ID)
 
 def begin(stages: list[dict[str, Any]]) -> tuple[RolloutState, Clock]:
     plan = parse_plan({"name": "p", "command_timeout_s": 30, "command_retry_s": 5,
-                       "stages": stages})
+                       "promote_without_evidence": True, "stages": stages})
     clock = Clock()
     return start("r-1", plan, CANDIDATE, clock.now), clock
 

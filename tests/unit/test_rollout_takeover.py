@@ -121,6 +121,7 @@ def test_controllers_restarting_faster_than_the_timeout_still_time_a_command_out
     topic = controller.topics.station("s1", p.Channel.STATE)
     plan = parse_plan({
         "name": "p", "command_timeout_s": TIMEOUT_S, "command_retry_s": 5,
+        "promote_without_evidence": True,
         "stages": [{"name": "promote", "stations": ["s1"], "mode": "promote"}],
     })
     controller.ingest([ReceivedMessage(topic, state_doc.to_json(), 1, False)])
