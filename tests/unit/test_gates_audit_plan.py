@@ -141,7 +141,8 @@ def test_a_realignment_promotes_alone_and_says_why() -> None:
     from deploy.alignment import realign_plan
     from linesight.protocol import ModelRef
 
-    plan = realign_plan(["s1"], ModelRef(name="part-classifier", version="2.0.0", sha256="a" * 64), 30)
+    model = ModelRef(name="part-classifier", version="2.0.0", sha256="a" * 64)
+    plan = realign_plan(["s1"], model, 30)
     assert plan.promote_without_evidence
     # and it would load as a plan a person wrote
     assert parse_plan(plan.model_dump(mode="json")) == plan
