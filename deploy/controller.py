@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import reprlib
 import shutil
 import sqlite3
@@ -101,6 +102,8 @@ batches of the default ingest_batch. A message larger than this alone is taken i
 inbox."""
 INBOX_MESSAGE_OVERHEAD = 200
 """What a queued message costs in memory besides its payload and topic (its Python objects)."""
+INVALID_LOG_EVERY_S = 60.0
+"""A station's invalid messages are logged at most this often (see InvalidMessageLog)."""
 
 
 class RolloutConflict(Exception):
@@ -252,6 +255,39 @@ class Inbox:
         return len(self._items)
 
 
+class InvalidMessageLog:
+    """Warns of the invalid messages of each station (as their topic names it) at most once
+    every INVALID_LOG_EVERY_S: the first one in full, then how many came since, with the
+    latest. A station (or whoever holds its credentials) sending garbage in a loop must neither
+    flood the log nor slow down, a log line per message, the ingest of the other stations.
+    What is held is logged by the first `flush` due; every ingest and the idle ingest loop
+    call it."""
+
+    def __init__(self) -> None:
+        self._logged_at: dict[str, float] = {}
+        self._held: dict[str, tuple[int, str]] = {}  # station -> (count, the latest's text)
+
+    def add(self, station: str, text: str, now: float) -> None:
+        if now - self._logged_at.get(station, -math.inf) < INVALID_LOG_EVERY_S:
+            count, _ = self._held.get(station, (0, ""))
+            self._held[station] = (count + 1, text)
+            return
+        self._logged_at[station] = now
+        log.warning("dropped an invalid message %s (more from station %s within a minute are "
+                    "counted, not logged one by one)", text, station)
+
+    def flush(self, now: float) -> None:
+        for station, (count, text) in list(self._held.items()):
+            if now - self._logged_at[station] >= INVALID_LOG_EVERY_S:
+                del self._held[station]
+                self._logged_at[station] = now
+                log.warning("dropped %d more invalid messages from station %s since the last "
+                            "warning; the latest %s", count, station, text)
+        for station in [station for station, at in self._logged_at.items()
+                        if now - at >= INVALID_LOG_EVERY_S and station not in self._held]:
+            del self._logged_at[station]  # quiet for a minute: its next one is logged at once
+
+
 @dataclass
 class IngestCounters:
     received: int = 0
@@ -303,6 +339,7 @@ class Controller:
         self.key = load_public_key(config.key) if config.key else None
         self.command_key = load_signing_key(config.command_key) if config.command_key else None
         self.counters = IngestCounters()
+        self._invalid_log = InvalidMessageLog()
         self.clock_offsets = ClockOffsets()  # each station's clock against this one's
         self.disk = DiskStatus()
         self.link = MqttLink(config.broker)
@@ -408,7 +445,10 @@ class Controller:
             self.counters.inbox_bytes = self._inbox.held_bytes
             self.counters.inbox_waits = self._inbox.waits
             if stopping:
+                self._invalid_log.flush(math.inf)
                 return
+            if not batch:
+                self._invalid_log.flush(self.monotonic())
 
     def _next_batch(self) -> tuple[list[ReceivedMessage], bool]:
         """Up to ingest_batch messages (waiting at most a receipt interval for the first), and
@@ -444,6 +484,7 @@ class Controller:
         acks: list[p.CommandAck] = []
         receipted: dict[StreamKey, int] = {}  # what stations say was receipted before
         now = datetime.now(UTC)
+        self._invalid_log.flush(self.monotonic())
         for message in batch:
             self.counters.received += 1
             try:
@@ -458,8 +499,10 @@ class Controller:
             except Exception as exc:  # noqa: BLE001 - whatever one payload raises, only it is lost
                 # e.g. a ts whose offset puts it outside the years 1 to 9999 in UTC: OverflowError
                 self.counters.invalid += 1
-                log.warning("dropped an invalid message on %s: %s: %s", message.topic,
-                            type(exc).__name__, exc)
+                self._invalid_log.add(
+                    self._sender(message.topic),
+                    f"on {message.topic[:200]}: {type(exc).__name__}: {exc}", self.monotonic(),
+                )
                 continue
             if isinstance(parsed, p.StationState):
                 # Not a clock sample: a retained state can be any age when it arrives.
@@ -486,6 +529,13 @@ class Controller:
             self.apply(CommandAcked(cmd_id=str(ack.cmd_id), station=ack.station, ok=ack.ok,
                                     error=ack.error), quiet=True)
         return upto
+
+    def _sender(self, topic: str) -> str:
+        """The station a topic names, for the log of invalid messages."""
+        try:
+            return self.topics.parse_station_topic(topic).station[:100]
+        except ValueError:
+            return topic[:100]
 
     # --- rollouts ---------------------------------------------------------------------------
 

@@ -633,6 +633,19 @@ _SERIES_AHEAD_S = 86_400
 """A series' running totals cover the buckets a day past the window they were built for, so a
 dashboard's moving window rebuilds them once a day, and keep those a day before it."""
 _SELECT_DECISION_PAYLOADS = "SELECT m.payload FROM decisions d JOIN messages m USING (id) "
+# A late QoS 0 report never replaces a newer one as "latest", but joins the history. One dated
+# after the controller's clock at its arrival (?4: a station clock set ahead for a while, then
+# put right) is no measure of newer: it would hide every later report.
+_SET_LATEST_METRICS = """
+INSERT INTO stations (station, metrics_json, metrics_ts_us, metrics_count) VALUES (?1, ?2, ?3, 1)
+ON CONFLICT (station) DO UPDATE SET
+    metrics_json = CASE WHEN coalesce(metrics_ts_us, -1) <= excluded.metrics_ts_us
+        OR metrics_ts_us > ?4 THEN excluded.metrics_json ELSE metrics_json END,
+    metrics_ts_us = CASE WHEN coalesce(metrics_ts_us, -1) <= excluded.metrics_ts_us
+        OR metrics_ts_us > ?4 THEN excluded.metrics_ts_us ELSE metrics_ts_us END,
+    metrics_count = metrics_count + 1
+RETURNING metrics_count
+"""
 
 
 def _stage_evidence(
@@ -943,7 +956,7 @@ class SqliteFleetStore:
             received_us = _us(received or datetime.now(UTC))
             contiguous = self._ingest_stream(conn, batch, received_us) if batch else {}
             if metrics:
-                self._ingest_metrics(conn, metrics)
+                self._ingest_metrics(conn, metrics, received_us)
             if states:
                 now_us = _us(datetime.now(UTC))
                 for state in states:
@@ -1119,19 +1132,15 @@ class SqliteFleetStore:
             after = (rows[-1][1], rows[-1][0])
             self._waiting.wait_for_none(self._busy_timeout_s)
 
-    def _ingest_metrics(self, conn: sqlite3.Connection, reports: list[StationMetrics]) -> None:
+    def _ingest_metrics(
+        self, conn: sqlite3.Connection, reports: list[StationMetrics], received_us: int
+    ) -> None:
         for report in reports:
             ts_us = _us(report.ts)
             payload = report.model_dump_json(by_alias=True)
-            # A late QoS 0 report never replaces a newer one as "latest", but joins the history.
             count = conn.execute(
-                "INSERT INTO stations (station, metrics_json, metrics_ts_us, metrics_count) "
-                "VALUES (?, ?, ?, 1) ON CONFLICT (station) DO UPDATE SET "
-                "metrics_json = CASE WHEN coalesce(metrics_ts_us, -1) <= excluded.metrics_ts_us "
-                "THEN excluded.metrics_json ELSE metrics_json END, "
-                "metrics_ts_us = max(coalesce(metrics_ts_us, -1), excluded.metrics_ts_us), "
-                "metrics_count = metrics_count + 1 RETURNING metrics_count",
-                (report.station, payload, ts_us),
+                _SET_LATEST_METRICS,
+                (report.station, payload, ts_us, received_us),
             ).fetchone()[0]
             conn.execute(
                 "INSERT OR REPLACE INTO metrics_history (station, slot, ts_us, payload) "

@@ -477,6 +477,31 @@ def _field_path(loc: tuple[int | str, ...]) -> str:
     return ".".join(str(part) for part in loc) or "(root)"
 
 
+# Half of a UTF-16 pair: JSON may escape one alone (\ud800), and json.loads takes one encoded
+# alone in bytes; no UTF-8 text can hold it, so it could be neither stored nor sent on.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_MAY_HOLD_SURROGATE = re.compile(rb"\\[uU][dD][89a-fA-F]|\xed[\xa0-\xbf]")
+
+
+def _surrogate_path(document: dict[str, Any]) -> str | None:
+    """The path of the first key or string in `document` that holds a lone surrogate."""
+    pending: list[tuple[str, object]] = [("", document)]
+    while pending:  # not recursive: json.loads nests deeper than this stack may go
+        path, value = pending.pop()
+        if isinstance(value, str):
+            if _SURROGATE.search(value):
+                return path or "(root)"
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                where = f"{path}.{key}" if path else str(key)
+                if _SURROGATE.search(key):
+                    return _SURROGATE.sub("?", where)
+                pending.append((where, item))
+        elif isinstance(value, list):
+            pending.extend((f"{path}.{index}", item) for index, item in enumerate(value))
+    return None
+
+
 def parse(message_type: type[M], payload: bytes | str) -> M:
     """Validate a payload as `message_type`; any problem is a ProtocolError naming the field."""
     name = message_type.__name__
@@ -488,6 +513,11 @@ def parse(message_type: type[M], payload: bytes | str) -> M:
         raise ProtocolError(name, "(payload)", f"not JSON: {str(exc)[:200]}") from exc
     if not isinstance(document, dict):
         raise ProtocolError(name, "(payload)", "a JSON object is required")
+    text = payload if isinstance(payload, bytes) else payload.encode("utf-8", "surrogatepass")
+    if _MAY_HOLD_SURROGATE.search(text):
+        where = _surrogate_path(document)
+        if where is not None:
+            raise ProtocolError(name, where, "a lone UTF-16 surrogate, which no text may hold")
     version = document.get("schema")
     if version != SCHEMA:
         raise ProtocolError(name, "schema", f"unsupported schema {version!r}; expected {SCHEMA!r}")

@@ -151,7 +151,9 @@ def render() -> str:
         "`{station}` is a station id (letters, digits, `_`, `.`, `-`, starting with a letter or "
         "digit; at most 64). Every "
         "number is finite: a message carrying NaN or an infinity (`NaN`, `Infinity`, `1e999`) "
-        "is invalid, as is a `ts` that falls outside the years 1 to 9999 in UTC.",
+        "is invalid, as is a `ts` that falls outside the years 1 to 9999 in UTC, and a string "
+        "holding a lone UTF-16 surrogate (`\\ud800` without its pair: no UTF-8 text can hold "
+        "it).",
         "",
         "## Topics",
         "",
