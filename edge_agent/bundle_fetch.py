@@ -12,16 +12,21 @@ station that takes a new model every week does not fill its disk with the old on
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import logging
 import os
 import re
 import shutil
+import socket
 import tempfile
-import time
+import threading
+import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterable
+from email.message import Message
 from pathlib import Path
+from typing import IO, Any
 from urllib.parse import quote
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -42,35 +47,132 @@ log = logging.getLogger(__name__)
 
 BUNDLES_DIR = "bundles"
 """The folder of `data_dir` that fetched bundles go to, one `<name>/<version>-<sha>` each."""
-MAX_DOWNLOAD_BYTES = 256 * 1024 * 1024
-"""The most `download` reads: the manifest, which has no size to be checked against."""
+MAX_DOWNLOAD_BYTES = 1024 * 1024
+"""The most `download` reads: the manifest (a few KB), which has no size to be checked against.
+A URL that streams (a camera's, a server gone wrong) is refused after this much, not held in
+memory until the time-out."""
 _BLOCK = 1 << 20
 _STAGING_PREFIX = ".staging-"
 _FETCHED_NAME = re.compile(r"^\d+\.\d+\.\d+-[0-9a-f]{12}$")
 """How `fetch_bundle` names the folders it makes; only those are the station's to remove."""
 
 
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect stays the HTTPError it is: a bundle comes from the URL the deploy names, never
+    from another host or scheme (an FTP server, a proxy's sign-in page) a server points to."""
+
+    def redirect_request(
+        self, req: urllib.request.Request, fp: IO[bytes], code: int, msg: str,
+        headers: Message, newurl: str,
+    ) -> urllib.request.Request | None:
+        return None
+
+
+class _Deadline:
+    """The sockets of one transfer, shut down when its time is up: the socket time-out bounds
+    each read only, and a server trickling its body, its headers or a chunk's size line would
+    never hit it."""
+
+    def __init__(self, timeout: float) -> None:
+        self.passed = threading.Event()
+        self._sockets: list[socket.socket] = []
+        self._timer = threading.Timer(timeout, self._expire)
+        self._timer.daemon = True
+
+    def __enter__(self) -> _Deadline:
+        self._timer.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._timer.cancel()
+
+    def watch(self, sock: socket.socket) -> socket.socket:
+        self._sockets.append(sock)
+        if self.passed.is_set():  # connected just as the time ran out
+            _shut(sock)
+        return sock
+
+    def _expire(self) -> None:
+        self.passed.set()
+        for sock in list(self._sockets):
+            _shut(sock)
+
+
+def _shut(sock: socket.socket) -> None:
+    """Wake whatever thread reads `sock` (at the socket's level, under any TLS layer)."""
+    with contextlib.suppress(OSError):  # closed already, or detached into a TLS socket
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+
+
+def _opener(deadline: _Deadline) -> urllib.request.OpenerDirector:
+    """urllib's opener (proxies from the environment and all), with every socket it opens
+    watched by `deadline` and no redirect followed."""
+
+    def connected(*args: Any, **kwargs: Any) -> socket.socket:
+        return deadline.watch(socket.create_connection(*args, **kwargs))
+
+    class Http(http.client.HTTPConnection):
+        def connect(self) -> None:
+            self._create_connection = connected
+            super().connect()
+
+    class Https(http.client.HTTPSConnection):
+        def connect(self) -> None:
+            self._create_connection = connected
+            super().connect()  # the handshake too is bounded: its plain socket is watched
+            deadline.watch(self.sock)  # the TLS socket the plain one became
+
+    class HttpHandler(urllib.request.HTTPHandler):
+        def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Http, req)
+
+    class HttpsHandler(urllib.request.HTTPSHandler):
+        def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+            return self.do_open(Https, req, context=self._context)  # type: ignore[attr-defined]
+
+    return urllib.request.build_opener(HttpHandler, HttpsHandler, _NoRedirect)
+
+
 def _transfer(
     url: str, timeout: float, limit: int, limit_text: str, sink: Callable[[bytes], object]
 ) -> None:
     """Stream the body at `url` into `sink` block by block. BundleError naming the URL and the
-    problem otherwise: no connection, an HTTP error status, a malformed answer, a transfer cut
-    short, more than `limit` bytes (`limit_text` says what the limit is), or a transfer still
-    going after `timeout` seconds."""
+    problem otherwise: no connection, an HTTP error status, a redirect, a malformed answer, a
+    transfer cut short, more than `limit` bytes (`limit_text` says what the limit is), or a
+    transfer not done within `timeout` seconds, wherever it stalls."""
     if not url.startswith(("http://", "https://")):
         raise BundleError("download", f"refusing to download from {url!r}")
     received = 0
-    # The socket time-out only bounds each read: a server trickling bytes would never hit it.
-    deadline = time.monotonic() + timeout
+
+    def counted(block: bytes) -> None:
+        nonlocal received
+        received += len(block)
+        sink(block)
+
+    with _Deadline(timeout) as deadline:
+        try:
+            _receive(url, _opener(deadline), timeout, limit, limit_text, counted)
+        except BundleError as exc:
+            if not deadline.passed.is_set():
+                raise
+            cause: BundleError | None = exc
+        else:
+            cause = None
+    if deadline.passed.is_set():  # the connection was shut: what came is not the whole file
+        raise BundleError(
+            "download", f"cannot download {url}: not done within {timeout:g} s "
+            f"(download_timeout_s), {received} bytes received"
+        ) from cause
+
+
+def _receive(
+    url: str, opener: urllib.request.OpenerDirector, timeout: float, limit: int,
+    limit_text: str, sink: Callable[[bytes], object],
+) -> None:
+    received = 0
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - checked
-            # read1: whatever has arrived, so the deadline is checked between small reads.
+        with opener.open(url, timeout=timeout) as response:
             while block := response.read1(min(_BLOCK, limit + 1 - received)):
-                if time.monotonic() > deadline:
-                    raise BundleError(
-                        "download", f"cannot download {url}: not done within {timeout:g} s "
-                        f"(download_timeout_s), {received + len(block)} bytes received"
-                    )
                 received += len(block)
                 if received > limit:  # read one byte past the limit, no more
                     raise BundleError("download", f"{url} is larger than {limit_text}")
@@ -79,6 +181,15 @@ def _transfer(
                 except OSError as exc:  # a full disk, ...
                     raise BundleError("download", f"cannot store {url}: {exc}") from exc
             missing: int | None = response.length  # what Content-Length announced and never came
+    except urllib.error.HTTPError as exc:
+        exc.close()  # its connection: an error answer must not keep a socket open
+        if 300 <= exc.code < 400:
+            raise BundleError(
+                "download", f"cannot download {url}: the server answered HTTP {exc.code}, a "
+                f"redirect to {exc.headers.get('Location', '(no Location)')}; redirects are "
+                "not followed: the deploy's url must name the bundle server itself"
+            ) from exc
+        raise BundleError("download", f"cannot download {url}: {exc}") from exc
     except http.client.IncompleteRead as exc:  # a chunked transfer cut short
         raise BundleError(
             "download", f"cannot download {url}: the chunked transfer was cut short ({exc})"
