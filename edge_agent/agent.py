@@ -1110,6 +1110,7 @@ class Agent:
         bundle = fetch_bundle(
             body.url, body.model, body.signature, self.config.data_dir, key=self.key,
             timeout=self.config.download_timeout_s,
+            min_free_bytes=floor_bytes(self.config.storage.min_free_mb),
         )
         return self._load(bundle, "candidate")
 

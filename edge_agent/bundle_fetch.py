@@ -40,6 +40,7 @@ from linesight.artifacts import (
     sha256_bytes,
     verify_bundle,
 )
+from linesight.disk_space import size_text
 from linesight.fsync import fsync_path
 from linesight.protocol import ModelRef
 
@@ -231,6 +232,31 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(stream.fileno())
 
 
+def space_shortfall(needed: int, free: int, floor: int) -> int:
+    """How many bytes short of keeping `floor` free a download of `needed` bytes would leave
+    the disk with `free` bytes (0: none)."""
+    return max(floor - (free - needed), 0)
+
+
+def _check_space(data_dir: Path, needed: int, min_free_bytes: int) -> None:
+    """BundleError when downloading `needed` bytes would take the disk below `min_free_bytes`:
+    the room the station keeps for its outbox and review images."""
+    if min_free_bytes <= 0:
+        return
+    try:
+        free = shutil.disk_usage(data_dir).free
+    except OSError as exc:
+        raise BundleError("disk-space", f"cannot measure the free space of {data_dir}: "
+                          f"{exc}") from exc
+    if space_shortfall(needed, free, min_free_bytes):
+        raise BundleError(
+            "disk-space", f"the bundle's files take {size_text(needed)} and {data_dir} has "
+            f"{size_text(free)} free: that would leave less than the "
+            f"{size_text(min_free_bytes)} the station keeps free for its outbox "
+            "(storage.min_free_mb); free some space, then deploy again"
+        )
+
+
 def fetch_bundle(
     url: str,
     model: ModelRef,
@@ -239,10 +265,12 @@ def fetch_bundle(
     *,
     key: Ed25519PublicKey | None,
     timeout: float,
+    min_free_bytes: int = 0,
 ) -> Path:
     """Download the bundle at `url` into `data_dir/bundles/<name>/<version>-<sha>/`, verified
     and on the disk for good (files and folder names fsynced: the caller saves a slot naming
-    it next); BundleError naming the check that failed otherwise."""
+    it next); BundleError naming the check that failed otherwise, also when its files would
+    leave less than `min_free_bytes` free (checked before they are downloaded)."""
     base = url if url.endswith("/") else url + "/"
     manifest_data = download(base + MANIFEST_FILE, timeout)
     if sha256_bytes(manifest_data) != model.sha256:
@@ -260,6 +288,8 @@ def fetch_bundle(
     # A station fetches one bundle at a time: any staging folder here is one a crash or a
     # power cut left behind mid-download.
     clear_staging(data_dir)
+    _check_space(data_dir, sum(entry.size for entry in manifest.files.values()),
+                 min_free_bytes)
     staging = Path(tempfile.mkdtemp(prefix=_STAGING_PREFIX, dir=data_dir))
     try:
         _write_synced(staging / MANIFEST_FILE, manifest_data)

@@ -395,3 +395,31 @@ def test_a_full_disk_while_staging_is_refused_and_nothing_is_left(
     with server as url:
         error = refused(url, tmp_path)
     assert error.check == "download" and "No space left on device" in str(error)
+
+
+def test_a_bundle_that_would_take_the_disk_below_its_floor_is_refused_before_downloading(
+    tmp_path: Path,
+) -> None:
+    """The manifest gives every file's size: a bundle that would leave less free space than
+    the station keeps for its outbox and review images (storage.min_free_mb) is refused before
+    its model file is asked for, instead of filling the disk under the outbox meanwhile."""
+    import shutil
+
+    from edge_agent.bundle_fetch import space_shortfall
+
+    manifest = json.loads((V2 / MANIFEST_FILE).read_bytes())
+    needed = sum(entry["size"] for entry in manifest["files"].values())
+    # A floor 64 MiB above what the download would leave: refused whatever else writes here.
+    floor = shutil.disk_usage(tmp_path).free - needed + 64 * 1024 * 1024
+    handler, server = serve({})
+    with server as url, pytest.raises(BundleError) as raised:
+        fetch_bundle(f"{url}/part-classifier/2.0.0/", V2_MODEL, V2_SIGNATURE, tmp_path,
+                     key=None, timeout=10.0, min_free_bytes=floor)
+    assert raised.value.check == "disk-space", raised.value
+    assert "storage.min_free_mb" in str(raised.value), raised.value
+    assert handler.asked == [MANIFEST_FILE]
+    assert list(tmp_path.iterdir()) == []
+    # the rule itself
+    assert space_shortfall(needed=100, free=1000, floor=900) == 0
+    assert space_shortfall(needed=101, free=1000, floor=900) == 1
+    assert space_shortfall(needed=0, free=10, floor=900) == 890
