@@ -98,7 +98,8 @@ class GateConfig:
     alpha: float = 0.05  # max false-promotion rate (candidate worse by >= delta promoted)
     beta: float = 0.2  # max false-rollback rate for a candidate that is not worse
     min_labels: int = 10  # never decide on fewer labelled disagreements
-    max_disagreement_rate: float | None = 0.2  # guard: the models differ on too many parts
+    # guard: the models differ on too many parts (a plan's default too)
+    max_disagreement_rate: float | None = 0.3
     max_p95_latency_ms: float | None = None  # guard: candidate too slow for the line
 
     def __post_init__(self) -> None:
