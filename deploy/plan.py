@@ -13,7 +13,9 @@ from pydantic import (
     BaseModel,
     BeforeValidator,
     ConfigDict,
+    Discriminator,
     Field,
+    Tag,
     ValidationError,
     field_validator,
     model_validator,
@@ -69,7 +71,31 @@ class AllStations(Strict):
     all: Literal[True] = True
 
 
-Selector = ByName | ByLabel | ByCount | ByPercent | AllStations
+_SELECTOR_KEYS = {"names": "ByName", "labels": "ByLabel", "count": "ByCount",
+                  "percent": "ByPercent", "all": "AllStations"}
+
+
+def _selector_kind(value: Any) -> str | None:
+    """Which selector a `stations:` mapping is, by the one key that names it; None (one error
+    saying what is expected, not one per kind) when it has none of them."""
+    if isinstance(value, Mapping):
+        for key, kind in _SELECTOR_KEYS.items():
+            if key in value:
+                return kind
+        return None
+    return type(value).__name__ if isinstance(value, Strict) else None
+
+
+Selector = Annotated[
+    Annotated[ByName, Tag("ByName")] | Annotated[ByLabel, Tag("ByLabel")]
+    | Annotated[ByCount, Tag("ByCount")] | Annotated[ByPercent, Tag("ByPercent")]
+    | Annotated[AllStations, Tag("AllStations")],
+    Discriminator(
+        _selector_kind, custom_error_type="station_selector",
+        custom_error_message="give a list of station ids, all, or one of names:, labels:, "
+        "count:, percent:",
+    ),
+]
 
 
 class ExitConditions(Strict):
@@ -181,7 +207,7 @@ def parse_plan(document: Any, source: str = "plan") -> RolloutPlan:
         plan = RolloutPlan.model_validate(document)
     except ValidationError as exc:
         problems = [
-            f"  {'.'.join(str(part) for part in error['loc']) or '(root)'}: {error['msg']}"
+            f"  {_key_path(error['loc'])}: {error['msg']}"
             for error in exc.errors()
         ]
         raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems)) from exc
@@ -190,6 +216,13 @@ def parse_plan(document: Any, source: str = "plan") -> RolloutPlan:
     if problems:
         raise PlanError(f"invalid rollout plan ({source}):\n" + "\n".join(problems))
     return plan
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    """A validation error's location as the plan's keys (stages.0.stations.names), without the
+    selector kinds pydantic puts in between."""
+    keys = [str(part) for part in loc if part not in _SELECTOR_KEYS.values()]
+    return ".".join(keys) or "(root)"
 
 
 def _ungated_promotion(plan: RolloutPlan) -> list[str]:

@@ -81,8 +81,8 @@ GOOD = {"top": "", "count": 1, "fraction": 0.1, "min_parts": 100, "duration": 60
     ("min_labels", "true", "stages.0.gate.min_labels"),
     ("min_parts", "true", "stages.0.exit.min_parts"),
     ("duration", "true", "stages.0.exit.max_duration_s"),
-    ("count", "yes", "stages.0.stations.ByCount.count"),
-    ("percent", "true", "stages.1.stations.ByPercent.percent"),
+    ("count", "yes", "stages.0.stations.count"),
+    ("percent", "true", "stages.1.stations.percent"),
     ("top", "command_timeout_s: true", "command_timeout_s"),
 ], ids=lambda value: str(value).replace(" ", ""))
 def test_a_boolean_where_a_number_belongs_is_refused(setting: str, value: str, key: str) -> None:

@@ -62,14 +62,14 @@ def test_distinct_names_still_load() -> None:
         (shadow("a", mode="canary", fraction=1.5), "stages.0.fraction", "less than or equal to 1"),
         (shadow("a", mode="canary"), "stages.0", "needs a fraction"),
         (shadow("a", fraction=0.5), "stages.0", "canary stages only"),
-        (shadow("a", stations=[]), "stages.0.stations.ByName.names", "at least 1 item"),
-        (shadow("a", stations={"labels": {}}), "stages.0.stations.ByLabel.labels",
+        (shadow("a", stations=[]), "stages.0.stations.names", "at least 1 item"),
+        (shadow("a", stations={"labels": {}}), "stages.0.stations.labels",
          "at least 1 item"),
-        (shadow("a", stations={"count": 0}), "stages.0.stations.ByCount.count",
+        (shadow("a", stations={"count": 0}), "stages.0.stations.count",
          "greater than or equal to 1"),
-        (shadow("a", stations={"percent": 0}), "stages.0.stations.ByPercent.percent",
+        (shadow("a", stations={"percent": 0}), "stages.0.stations.percent",
          "greater than 0"),
-        (shadow("a", stations={"percent": 101}), "stages.0.stations.ByPercent.percent",
+        (shadow("a", stations={"percent": 101}), "stages.0.stations.percent",
          "less than or equal to 100"),
         (shadow("a", gate={"delta": 0}), "stages.0.gate.delta", "greater than 0"),
         (shadow("a", gate={"delta": 1}), "stages.0.gate.delta", "less than 1"),
@@ -146,3 +146,26 @@ def test_a_realignment_promotes_alone_and_says_why() -> None:
     assert plan.promote_without_evidence
     # and it would load as a plan a person wrote
     assert parse_plan(plan.model_dump(mode="json")) == plan
+
+
+@pytest.mark.parametrize("stations", [{"nmaes": ["s1"]}, "some", 5, {}])
+def test_a_stations_value_of_no_known_kind_is_one_line_saying_what_is_expected(
+    stations: object,
+) -> None:
+    """Not one line for each kind of selector it is not (there were five to ten)."""
+    with pytest.raises(PlanError) as refused:
+        parse_plan({"name": "x", "stages": [
+            {"name": "s", "stations": stations, "mode": "shadow"},
+            {"name": "p", "stations": "all", "mode": "promote"}]})
+    lines = str(refused.value).splitlines()[1:]
+    assert lines == ["  stages.0.stations: give a list of station ids, all, or one of names:, "
+                     "labels:, count:, percent:"], lines
+
+
+def test_a_selector_s_own_mistake_is_named_by_the_plan_s_keys() -> None:
+    with pytest.raises(PlanError) as refused:
+        parse_plan({"name": "x", "stages": [
+            {"name": "s", "stations": {"names": ["s1"], "count": 2}, "mode": "shadow"},
+            {"name": "p", "stations": "all", "mode": "promote"}]})
+    lines = str(refused.value).splitlines()[1:]
+    assert lines == ["  stages.0.stations.count: Extra inputs are not permitted"], lines
