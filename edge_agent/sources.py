@@ -51,6 +51,8 @@ MAX_FAILED_READS = 10
 # A folder image larger than this is not decoded: 100 megapixels is 300 MB as BGR, more than
 # any line camera gives, and a panorama or a decompression bomb would exhaust a small device.
 MAX_IMAGE_PIXELS = 100_000_000
+# Read before the rest of an image file, to check the size its header gives.
+_HEADER_READ_BYTES = 1 * MIB
 
 
 @dataclass(frozen=True, slots=True)
@@ -399,19 +401,34 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
     return None
 
 
+def _too_large(data: bytes) -> str:
+    """Why an image whose header is at the start of ``data`` is not decoded, or ""."""
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        return f"{size[0]} x {size[1]} pixels, more than {MAX_IMAGE_PIXELS:,} (not decoded)"
+    return ""
+
+
 def read_image(path: Path) -> tuple[U8 | None, str]:
     """The image in ``path`` as OpenCV decodes it, or None and why not."""
     try:
-        data = path.read_bytes()
+        with path.open("rb") as file:
+            # The header first: a bitmap holds its pixels uncompressed, gigabytes for a panorama.
+            too_large = _too_large(file.read(_HEADER_READ_BYTES))
+            if too_large:
+                return None, too_large
+            file.seek(0)
+            data = file.read()
     except OSError as exc:
         return None, f"cannot read: {exc.strerror or exc}"
     if not data:
         return None, "empty file"
-    if path.suffix.lower() in (".jpg", ".jpeg") and not jpeg_is_complete(data):
+    # By content, not name: OpenCV decodes a PNG named .jpg (an export tool's careless name).
+    if data.startswith(b"\xff\xd8") and not jpeg_is_complete(data):
         return None, "JPEG data ends early (file still being written, or cut short)"
-    size = image_size(data)
-    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
-        return None, f"{size[0]} x {size[1]} pixels, more than {MAX_IMAGE_PIXELS:,} (not decoded)"
+    too_large = _too_large(data)  # a JPEG's frame header may come after much metadata
+    if too_large:
+        return None, too_large
     image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     if image is None:
         return None, "not a readable image"
@@ -507,6 +524,10 @@ class VideoFileSource:
     def __init__(
         self, path: Path, *, station: str, loop: bool = False, rate_hz: float | None = None
     ) -> None:
+        if path.is_dir():
+            raise SourceError(
+                f"video:{path}: is a directory (folder:PATH reads a folder of images)"
+            )
         if not path.is_file():
             raise SourceError(f"video:{path}: no such file")
         self._path = path
@@ -519,6 +540,13 @@ class VideoFileSource:
         self._position = 0  # frames read in this pass, decodable or not
         self._passes = 1
         self.skipped = 0
+        # A video with no frame in it is a setting to fix, not a source that ends at once.
+        self._first: Any | None = self._next_image()
+        if self._first is None:
+            self._capture.release()
+            raise SourceError(
+                f"video:{path}: no frame could be decoded (an empty or damaged video)"
+            )
 
     def _open(self) -> Any:
         capture = cv2.VideoCapture(str(self._path))
@@ -532,7 +560,8 @@ class VideoFileSource:
             raise EndOfSource(f"video:{self._path} is closed")
         if not self._pacer.wait(timeout):
             return None
-        image = self._next_image()
+        image = self._first if self._first is not None else self._next_image()
+        self._first = None
         if image is None:
             if not self._loop:
                 raise EndOfSource(f"video:{self._path}: end of file")
@@ -668,7 +697,8 @@ class LatestFrameReader:
 
     OpenCV buffers frames; a station that reads slower than the camera would otherwise judge a
     part that left the field of view seconds ago. Frames the station had no time for are dropped
-    (counted in ``dropped``); a frame is never handed on twice. A stream that fails or delivers no
+    (counted in ``dropped``); a frame is never handed on twice, nor (unless held for a trigger)
+    once older than ``stale_after_s``. A stream that fails or delivers no
     frame for ``stale_after_s`` is reopened with exponential backoff, reset after a frame arrives.
 
     Frames held for triggers (see `hold_first_after`) keep to ``max_held_bytes`` and to
@@ -901,6 +931,10 @@ class LatestFrameReader:
                     entry = held.captured
                     break
                 latest = self._latest
+                if latest is not None and time.monotonic() - latest[2] > self._stale_after_s:
+                    # The last frame of a stream that dropped while the station was busy: that
+                    # part is gone. Counted in `dropped` with the next frame handed on.
+                    self._latest = latest = None
                 if latest is not None and latest[3] > self._handed_seq:
                     entry, self._latest = latest, None
                     break
