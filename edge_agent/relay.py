@@ -4,9 +4,10 @@ The relay owns the station's delivery guarantee: it publishes every row from the
 receipted, deletes rows only when a Receipt for the store's seq stream covers their seq and only
 rows it has sent, and publishes everything not yet receipted again after a reconnect, or when
 receipts stop advancing for `resend_after_s` (a broker restart can drop the controller's
-session). A receipt counts what the controller holds under a seq; it says nothing of a row this
-relay has not sent yet, which may hold another message under the same seq (a store restored
-from a backup gives out seqs again).
+session); while such resends bring no receipt, each waits twice as long as the one before, up
+to `MAX_RESEND_WAIT_S`. A receipt counts what the controller holds under a seq; it says nothing
+of a row this relay has not sent yet, which may hold another message under the same seq (a
+store restored from a backup gives out seqs again).
 
 By default it runs in its own process (`outbox.relay: process`), with its own MQTT connection
 and its own connection to the station's SQLite file: paho's per-message work (publish, PUBACK,
@@ -26,6 +27,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -46,6 +48,9 @@ log = logging.getLogger(__name__)
 POLL_S = 0.5  # how often the relay looks at the outbox when nobody wakes it
 ACK_WAIT_S = 10.0  # a batch's last PUBACK: not acknowledged by then, the batch goes again
 STOP_WAIT_S = 5.0  # a child that has not exited this long after its stdin closed is killed
+# Resends that bring no receipt (the controller down, the broker up) wait twice as long each
+# time, up to this (or resend_after_s, if longer): the whole outbox goes out again each time.
+MAX_RESEND_WAIT_S = 300.0
 
 
 class OutboxRelay:
@@ -78,6 +83,7 @@ class OutboxRelay:
         self._online = threading.Event()
         self._receipted_upto = -1
         self._receipt_progress = time.monotonic()
+        self._resend_wait = resend_after_s  # doubles at each resend, back on a receipt's progress
         # The highest seq this relay has handed to the link (set before the hand-over, which a
         # receipt cannot overtake): it walks the rows in seq order from the oldest, and new rows
         # only get higher seqs, so every row at or below it has been sent.
@@ -111,11 +117,14 @@ class OutboxRelay:
             if not (self._online.is_set() and self.link.connected):
                 continue
             waiting = time.monotonic() - self._receipt_progress
-            if self._replay.is_set() or (
-                cursor > self._receipted_upto and waiting > self.resend_after_s
-            ):
+            stalled = cursor > self._receipted_upto and waiting > self._resend_wait
+            if self._replay.is_set() or stalled:
                 # After a reconnect, or when receipts stopped coming, everything not yet
                 # receipted goes again, with the same msg_id and seq.
+                if stalled and not self._replay.is_set():
+                    self._resend_wait = min(
+                        2 * self._resend_wait, max(self.resend_after_s, MAX_RESEND_WAIT_S)
+                    )
                 self._replay.clear()
                 self._receipt_progress = time.monotonic()
                 cursor = -1
@@ -186,10 +195,19 @@ class OutboxRelay:
                 "sent", receipt.upto_seq, last_seq,
             )  # fmt: skip
         upto = min(receipt.upto_seq, self._sent_upto)
+        try:
+            deleted = self.store.acknowledge(upto)
+        except sqlite3.Error as exc:
+            # Not taken for receipted: the rows go again after resend_after_s, and the answer
+            # to them deletes them (on an idle line no other receipt would come).
+            log.warning("a receipt up to seq %d could not be applied (%s): its rows stay and "
+                        "go again", upto, exc)
+            return
         if upto > self._receipted_upto:
             self._receipted_upto = upto
             self._receipt_progress = time.monotonic()
-        if self.store.acknowledge(upto) and self._on_acknowledged is not None:
+            self._resend_wait = self.resend_after_s
+        if deleted and self._on_acknowledged is not None:
             self._on_acknowledged(upto)
 
 

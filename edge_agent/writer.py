@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import logging
 import queue
+import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -30,6 +32,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BACKLOG = 600
 """Items waiting for the disk (about three per part) before the next part waits for room."""
+# Another process holds station.db's write lock (each try waits SQLite's busy timeout first).
+_LOCKED = frozenset({sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED})
+_LOCKED_RETRY_S = 0.1  # between two tries, should SQLite give up without waiting
 
 After = Callable[[Envelope | Exception], None]
 
@@ -151,9 +156,7 @@ class DurableWriter:
         results: list[Envelope | Exception] = []
         if writes:
             try:
-                results = self.store.enqueue_many(
-                    [(w.topic, w.qos, w.factory) for w in writes], part_log=logged
-                )
+                results = self._commit(writes, logged)
                 logged = []  # stored in the same commit
             except Exception as exc:  # disk full, store closed: every write of the batch failed
                 log.exception("outbox commit failed for %d messages", len(writes))
@@ -187,6 +190,30 @@ class DurableWriter:
                     item.run()
                 except Exception:  # one failing task must not stop the writer
                     log.exception("writer task failed")
+
+    def _commit(
+        self, writes: list[_Enqueue], logged: list[PartLogEntry]
+    ) -> list[Envelope | Exception]:
+        """The batch's one commit; a file locked by another process is waited out like a disk
+        that hangs (the queue's bound stops the line meanwhile): its messages are never dropped."""
+        items = [(w.topic, w.qos, w.factory) for w in writes]
+        waited = 0
+        while True:
+            try:
+                results = self.store.enqueue_many(items, part_log=logged)
+            except sqlite3.OperationalError as exc:
+                if exc.sqlite_errorcode not in _LOCKED:
+                    raise
+                waited += 1
+                if waited == 1:
+                    log.warning("%s is locked by another process (%s): %d messages wait for it",
+                                self.store.path, exc, len(writes))
+                time.sleep(_LOCKED_RETRY_S)
+                continue
+            if waited:
+                log.warning("%s free again after %d tries: the %d messages are stored",
+                            self.store.path, waited + 1, len(writes))
+            return results
 
     def _store_reviews(self, reviews: list[_Review]) -> None:
         items: list[ReviewItem] = []
