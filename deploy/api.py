@@ -42,6 +42,7 @@ from deploy.rollout import (
     to_status,
 )
 from linesight import protocol as p
+from linesight.config_file import load_yaml
 from linesight.disk_space import MB
 
 api = Blueprint("api", __name__, url_prefix="/api")
@@ -347,7 +348,7 @@ def _plan(text: str) -> RolloutPlan:
     if len(text) > MAX_PLAN_YAML_CHARS:
         abort(400, description=f"plan_yaml: longer than {MAX_PLAN_YAML_CHARS} characters")
     try:
-        document = yaml.safe_load(text)
+        document = load_yaml(text)
     except RecursionError:
         abort(400, description="plan_yaml: nested too deeply")
     except yaml.YAMLError as exc:

@@ -8,7 +8,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
-from linesight.config_file import load_model
+from linesight.config_file import ConfigPath, Count, Number, load_model
 from linesight.disk_space import MAX_FLOOR_MB
 from linesight.mqtt import LinkConfig
 
@@ -23,23 +23,23 @@ class ControllerConfig(BaseModel):
 
     broker: LinkConfig
     topic_prefix: str = "linesight/v1"
-    data_dir: Path
+    data_dir: ConfigPath
     http_host: str = "127.0.0.1"
-    http_port: int = Field(default=8700, ge=0, le=65535)
+    http_port: Count = Field(default=8700, ge=0, le=65535)
     public_url: str | None = Field(
         default=None, pattern=r"^https?://",
         description="base URL stations use to reach this controller (bundle downloads)",
     )
-    bundles: Path = Field(description="folder of model bundles: <name>/<version>/")
-    key: Path | None = Field(
+    bundles: ConfigPath = Field(description="folder of model bundles: <name>/<version>/")
+    key: ConfigPath | None = Field(
         default=None, description="public key bundles must be signed with before a rollout"
     )
-    command_key: Path | None = Field(
+    command_key: ConfigPath | None = Field(
         default=None,
         description="Ed25519 private key (PEM) every command is signed with; stations that hold "
         "its public key refuse commands without a valid signature",
     )
-    command_ttl_s: float = Field(
+    command_ttl_s: Number = Field(
         default=3600, gt=0, le=7 * 86400,
         description="every command carries expires_at = sent + this; a station refuses it later "
         "(a command queued for an offline station goes stale; a captured one cannot be replayed "
@@ -50,16 +50,16 @@ class ControllerConfig(BaseModel):
         description="when set, every request that changes something needs this bearer token; "
         "required when http_host is reachable from other machines",
     )
-    tick_s: float = Field(default=1.0, gt=0, le=60)
-    offline_after_s: float = Field(
+    tick_s: Number = Field(default=1.0, gt=0, le=60)
+    offline_after_s: Number = Field(
         default=120.0, gt=0, description="a station silent for this long counts as offline"
     )
-    ingest_batch: int = Field(default=1000, ge=1, le=100_000)
-    retention_days: float = Field(
+    ingest_batch: Count = Field(default=1000, ge=1, le=100_000)
+    retention_days: Number = Field(
         default=30, gt=0, le=MAX_RETENTION_DAYS,
         description="receipted messages older than this are pruned hourly",
     )
-    min_free_mb: int = Field(
+    min_free_mb: Count = Field(
         default=2048, ge=0, le=MAX_MIN_FREE_MB,
         description="free space (MB of 1 048 576 bytes) under data_dir below which the "
         "controller warns (log, /api/health, /metrics, dashboard); 0 turns the check off",

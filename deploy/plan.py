@@ -11,7 +11,6 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    BeforeValidator,
     ConfigDict,
     Discriminator,
     Field,
@@ -20,8 +19,8 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
+from linesight.config_file import Count, Number, load_yaml
 from linesight.protocol import STATION_ID_PATTERN
 
 # Upper bounds on a plan's durations, in seconds. Beyond them a value is a typo or a way of
@@ -29,17 +28,6 @@ from linesight.protocol import STATION_ID_PATTERN
 MAX_STAGE_DURATION_S = 30 * 24 * 3600  # 30 days; Resume gives a stage a fresh window
 MAX_COMMAND_TIMEOUT_S = 24 * 3600
 MAX_COMMAND_RETRY_S = 3600
-
-
-def _not_a_boolean(value: Any) -> Any:
-    # YAML reads yes, on and true as booleans: where a number belongs they are a typo, not 1.
-    if isinstance(value, bool):
-        raise PydanticCustomError("number_type", "Input should be a number, not a boolean")
-    return value
-
-
-Count = Annotated[int, BeforeValidator(_not_a_boolean)]
-Number = Annotated[float, BeforeValidator(_not_a_boolean)]
 
 
 class PlanError(ValueError):
@@ -252,7 +240,7 @@ def _duplicate_stage_names(plan: RolloutPlan) -> list[str]:
 
 def load_plan(path: Path) -> RolloutPlan:
     try:
-        document = yaml.safe_load(path.read_text())
+        document = load_yaml(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise PlanError(f"cannot read {path}: {exc.strerror}") from exc
     except yaml.YAMLError as exc:

@@ -11,7 +11,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from edge_agent.sources import SourceOptions
 from edge_agent.writer import DEFAULT_MAX_BACKLOG
-from linesight.config_file import load_model
+from linesight.config_file import ConfigPath, Count, Number, load_model
 from linesight.disk_space import MAX_FLOOR_MB
 from linesight.mqtt import LinkConfig
 from linesight.protocol import STATION_ID_PATTERN, AutomationLevel, DeploymentMode
@@ -31,15 +31,15 @@ class InferenceConfig(Strict):
         default_factory=lambda: ["CPUExecutionProvider"],
         description="onnxruntime execution providers in order of preference; CPU is the fallback",
     )
-    active_threads: int = Field(default=1, ge=1, le=64)
-    candidate_threads: int = Field(default=1, ge=1, le=64)
-    timeout_ms: float = Field(
+    active_threads: Count = Field(default=1, ge=1, le=64)
+    candidate_threads: Count = Field(default=1, ge=1, le=64)
+    timeout_ms: Number = Field(
         default=1000, gt=0, description="an inference slower than this is a fault (fail-safe)"
     )
-    candidate_queue: int = Field(
+    candidate_queue: Count = Field(
         default=4, ge=1, le=1024, description="parts waiting for the candidate; beyond, skipped"
     )
-    candidate_nice: int = Field(
+    candidate_nice: Count = Field(
         default=10, ge=0, le=19,
         description="how much lower the candidate worker's CPU priority is (Linux nice steps): "
         "when the CPU is short, the active model gets it first and the candidate skips parts",
@@ -47,18 +47,18 @@ class InferenceConfig(Strict):
 
 
 class OutboxConfig(Strict):
-    max_rows: int = Field(default=100_000, ge=100)
-    receipt_wait_s: float = Field(
+    max_rows: Count = Field(default=100_000, ge=100)
+    receipt_wait_s: Number = Field(
         default=15.0, ge=0, description="--max-parts: how long to wait for receipts before exit"
     )
-    publish_batch: int = Field(default=200, ge=1, le=10_000)
-    publish_linger_ms: float = Field(
+    publish_batch: Count = Field(default=200, ge=1, le=10_000)
+    publish_linger_ms: Number = Field(
         default=10.0, ge=0, le=1000,
         description="after a commit wakes the relay, wait this long so that what the next "
         "parts commit goes in the same batch: fewer publish rounds and receipts at a line "
         "rate, for at most this much more delivery latency (0: publish at once)",
     )
-    resend_after_s: float = Field(
+    resend_after_s: Number = Field(
         default=10.0, gt=0,
         description="published but not receipted for this long: publish again (e.g. a broker "
         "restart lost the controller's session)",
@@ -71,18 +71,18 @@ class OutboxConfig(Strict):
 
 
 class ReviewConfig(Strict):
-    quota_mb: float = Field(default=512, gt=0)
-    retention_days: float = Field(default=7, gt=0, le=MAX_DAYS)
-    jpeg_quality: int = Field(default=90, ge=30, le=100)
+    quota_mb: Number = Field(default=512, gt=0)
+    retention_days: Number = Field(default=7, gt=0, le=MAX_DAYS)
+    jpeg_quality: Count = Field(default=90, ge=30, le=100)
 
 
 class StorageConfig(Strict):
-    min_free_mb: float = Field(
+    min_free_mb: Number = Field(
         default=1024, ge=0, le=MAX_MIN_FREE_MB,
         description="free space to keep on the data dir's file system: below it, the disk_low "
         "fault warns while there is still room (0: no fault; the free space is still measured)",
     )
-    write_queue: int = Field(
+    write_queue: Count = Field(
         default=DEFAULT_MAX_BACKLOG, ge=10, le=100_000,
         description="messages, review items and part log entries waiting for the disk (about "
         "three per part); when this many wait (a disk that hangs), the station takes no part "
@@ -97,7 +97,7 @@ class LogRejectOutput(Strict):
 class WebhookRejectOutput(Strict):
     type: Literal["webhook"]
     url: str = Field(pattern=r"^https?://")
-    timeout_s: float = Field(default=2.0, gt=0, le=30)
+    timeout_s: Number = Field(default=2.0, gt=0, le=30)
 
     @field_validator("url")
     @classmethod
@@ -130,20 +130,21 @@ class AgentConfig(Strict):
     topic_prefix: str = "linesight/v1"
     source: str = Field(min_length=1, description="camera:0 | rtsp://… | video:PATH | folder:PATH")
     source_options: SourceOptions = Field(default_factory=SourceOptions)
-    active: Path
-    candidate: Path | None = None
+    active: ConfigPath
+    candidate: ConfigPath | None = None
     mode: DeploymentMode = DeploymentMode.NONE
-    canary_fraction: float = Field(default=0.0, ge=0, le=1)
+    canary_fraction: Number = Field(default=0.0, ge=0, le=1)
     automation: AutomationLevel = AutomationLevel.PARTIAL
-    audit_fraction: float = Field(default=0.02, ge=0, le=1)
-    thresholds: dict[str, Annotated[float, Field(ge=0, le=1)]] = Field(
+    audit_fraction: Number = Field(default=0.02, ge=0, le=1)
+    thresholds: dict[str, Annotated[Number, Field(ge=0, le=1)]] = Field(
         default_factory=dict, description="per-label confidence thresholds over the manifest's"
     )
-    data_dir: Path
-    max_parts: int | None = Field(default=None, ge=1)
-    metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    key: Path | None = Field(default=None, description="public key bundles must be signed with")
-    command_key: Path | None = Field(
+    data_dir: ConfigPath
+    max_parts: Count | None = Field(default=None, ge=1)
+    metrics_port: Count | None = Field(default=None, ge=0, le=65535)
+    key: ConfigPath | None = Field(
+        default=None, description="public key bundles must be signed with")
+    command_key: ConfigPath | None = Field(
         default=None,
         description="the controller's public command key: when set, a command without a valid "
         "signature is refused with an error ack",
@@ -153,12 +154,12 @@ class AgentConfig(Strict):
     review: ReviewConfig = Field(default_factory=ReviewConfig)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     reject_output: RejectOutputConfig = Field(default_factory=LogRejectOutput)
-    metrics_interval_s: float = Field(default=10, gt=0)
-    state_interval_s: float = Field(default=30, gt=0)
-    drift_window: int = Field(default=500, ge=50, description="sampled parts per drift window")
-    drift_sample_every: int = Field(default=4, ge=1, description="one part in N feeds drift")
-    download_timeout_s: float = Field(default=30, gt=0, le=3600)
-    history_days: float = Field(
+    metrics_interval_s: Number = Field(default=10, gt=0)
+    state_interval_s: Number = Field(default=30, gt=0)
+    drift_window: Count = Field(default=500, ge=50, description="sampled parts per drift window")
+    drift_sample_every: Count = Field(default=4, ge=1, description="one part in N feeds drift")
+    download_timeout_s: Number = Field(default=30, gt=0, le=3600)
+    history_days: Number = Field(
         default=30, gt=0, le=MAX_DAYS,
         description="part log, command log and UI requests are kept this long",
     )
@@ -169,6 +170,11 @@ class AgentConfig(Strict):
             raise ValueError(f"mode {self.mode.value!r} needs a candidate bundle")
         if self.mode == DeploymentMode.CANARY and self.canary_fraction <= 0:
             raise ValueError("mode 'canary' needs canary_fraction > 0")
+        if self.mode != DeploymentMode.CANARY and self.canary_fraction > 0:
+            # The share of parts meant for the candidate: in any other mode it decides none
+            # (or, blue-green, all), so the fraction is a mistake, not a setting to ignore.
+            raise ValueError(f"canary_fraction is only used with mode 'canary' (mode is "
+                             f"{self.mode.value!r}): set mode: canary, or leave it out")
         return self
 
 

@@ -27,6 +27,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.synthetic import PartGenerator
+from linesight.config_file import Count, Number
 from linesight.protocol import PART_ID_MAX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -112,26 +113,26 @@ class SourceOptions(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     loop: bool = Field(default=False, description="folder/video: start again at the end")
-    rate_hz: float | None = Field(
+    rate_hz: Number | None = Field(
         default=None, gt=0, le=10_000, description="pace synthetic/folder/video; None = flat out"
     )
     # Bounded so that the part ids (syn-{seed}-{index}) keep to the contract's 128 characters.
-    seed: int = Field(default=0, ge=0, le=2**63 - 1, description="synthetic: generator seed")
-    defect_rate: float = Field(default=0.3, ge=0, le=1, description="synthetic: defect share")
-    size: int = Field(default=128, ge=32, le=2048, description="synthetic: image side in px")
-    width: int | None = Field(default=None, gt=0, le=16_384, description="camera: frame width")
-    height: int | None = Field(default=None, gt=0, le=16_384, description="camera: frame height")
-    fps: int | None = Field(default=None, gt=0, le=1000, description="camera: frames per second")
+    seed: Count = Field(default=0, ge=0, le=2**63 - 1, description="synthetic: generator seed")
+    defect_rate: Number = Field(default=0.3, ge=0, le=1, description="synthetic: defect share")
+    size: Count = Field(default=128, ge=32, le=2048, description="synthetic: image side in px")
+    width: Count | None = Field(default=None, gt=0, le=16_384, description="camera: frame width")
+    height: Count | None = Field(default=None, gt=0, le=16_384, description="camera: frame height")
+    fps: Count | None = Field(default=None, gt=0, le=1000, description="camera: frames per second")
     trigger: Literal["every_frame", "every_nth", "external"] = "every_frame"
-    every_nth: int = Field(default=1, ge=1, le=1_000_000)
-    reconnect_min_s: float = Field(default=0.5, gt=0, le=3600)
-    reconnect_max_s: float = Field(default=10.0, gt=0, le=3600)
-    stale_after_s: float = Field(default=2.0, gt=0, le=3600)
-    held_frames_mb: int = Field(
+    every_nth: Count = Field(default=1, ge=1, le=1_000_000)
+    reconnect_min_s: Number = Field(default=0.5, gt=0, le=3600)
+    reconnect_max_s: Number = Field(default=10.0, gt=0, le=3600)
+    stale_after_s: Number = Field(default=2.0, gt=0, le=3600)
+    held_frames_mb: Count = Field(
         default=DEFAULT_HELD_FRAMES_MB, ge=1, le=1_048_576,
         description="external trigger: MiB of frames held for triggers while the station is busy",
     )
-    bit_depth: int | None = Field(
+    bit_depth: Count | None = Field(
         default=None, ge=8, le=16,
         description="camera: significant bits of its 16-bit frames; None = all 16",
     )

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from linesight import __version__
+from linesight.config_file import path_flag
 from linesight.demo import add_command as add_demo_command
 from linesight.sim import add_command as add_sim_command
 from station_ui.commands import register as register_station_ui
@@ -49,39 +50,42 @@ def _add_models(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     verbs = models.add_subparsers(dest="verb", metavar="VERB", required=True)
 
     keygen = verbs.add_parser("keygen", help="write a new Ed25519 key pair (PEM)")
-    keygen.add_argument("--private", type=Path, required=True, help="private key file to create")
-    keygen.add_argument("--public", type=Path, required=True, help="public key file to create")
+    keygen.add_argument("--private", type=path_flag, required=True,
+                        help="private key file to create")
+    keygen.add_argument("--public", type=path_flag, required=True,
+                        help="public key file to create")
     keygen.set_defaults(handler=_models_keygen)
 
     sign = verbs.add_parser(
         "sign", help="refresh the digests of a bundle's files and sign its manifest"
     )
-    sign.add_argument("bundle", type=Path, help="bundle folder")
-    sign.add_argument("--key", type=Path, required=True, help="Ed25519 private key (PEM)")
+    sign.add_argument("bundle", type=path_flag, help="bundle folder")
+    sign.add_argument("--key", type=path_flag, required=True, help="Ed25519 private key (PEM)")
     sign.set_defaults(handler=_models_sign)
 
     verify = verbs.add_parser(
         "verify", help="check a bundle's schema, digests, sizes, external data and signature"
     )
-    verify.add_argument("bundle", type=Path, nargs="+", help="bundle folder(s)")
+    verify.add_argument("bundle", type=path_flag, nargs="+", help="bundle folder(s)")
     verify.add_argument(
-        "--key", type=Path, help="Ed25519 public key (PEM); without it the signature is not checked"
+        "--key", type=path_flag,
+        help="Ed25519 public key (PEM); without it the signature is not checked",
     )
     verify.set_defaults(handler=_models_verify)
 
     listing = verbs.add_parser("list", help="list the bundles below a folder")
-    listing.add_argument("root", type=Path, nargs="?", default=Path("models"))
+    listing.add_argument("root", type=path_flag, nargs="?", default=Path("models"))
     listing.add_argument("--json", action="store_true", help="one JSON object per bundle")
     listing.set_defaults(handler=_models_list)
 
     evaluate = verbs.add_parser(
         "evaluate", help="measure accuracy, defect recall and false rejects on held-out parts"
     )
-    evaluate.add_argument("bundle", type=Path)
+    evaluate.add_argument("bundle", type=path_flag)
     evaluate.add_argument("--seed", type=int, help="held-out seed (default: the manifest's)")
     evaluate.add_argument("--size", type=int, help="number of parts (default: the manifest's)")
     evaluate.add_argument("--defect-rate", type=float, default=None)
-    evaluate.add_argument("--key", type=Path, help="verify the signature with this public key")
+    evaluate.add_argument("--key", type=path_flag, help="verify the signature with this public key")
     evaluate.set_defaults(handler=_models_evaluate)
 
 
@@ -177,28 +181,28 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         description="Run one inspection station. Settings come from --config (YAML) and any "
         "flag below overrides the file's key of the same name.",
     )
-    agent.add_argument("--config", type=Path, help="station YAML file")
+    agent.add_argument("--config", type=path_flag, help="station YAML file")
     agent.add_argument("--station", help="station id: 1 to 64 letters, digits, _ . -, "
                        "starting with a letter or digit")
     agent.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
     agent.add_argument("--source", help="camera:0 | rtsp://… | http://… | video:PATH | "
                        "folder:PATH | synthetic:seed=7,rate=10")
-    agent.add_argument("--active", type=Path, help="bundle folder of the ACTIVE model")
-    agent.add_argument("--candidate", type=Path, help="bundle folder of the CANDIDATE model")
+    agent.add_argument("--active", type=path_flag, help="bundle folder of the ACTIVE model")
+    agent.add_argument("--candidate", type=path_flag, help="bundle folder of the CANDIDATE model")
     agent.add_argument("--mode", choices=["none", "shadow", "canary", "blue_green"])
     agent.add_argument("--canary-fraction", type=float)
     agent.add_argument(
         "--automation", choices=["human_only", "shadow", "assist", "partial", "full"]
     )
     agent.add_argument("--audit-fraction", type=float)
-    agent.add_argument("--data-dir", type=Path, help="local store, outbox and review images")
+    agent.add_argument("--data-dir", type=path_flag, help="local store, outbox and review images")
     agent.add_argument("--max-parts", type=int,
                        help="inspect N parts, deliver what is owed, then exit 0")
     agent.add_argument("--receipt-wait", type=float,
                        help="with --max-parts: seconds to wait for receipts before exiting")
     agent.add_argument("--metrics-port", type=int, help="Prometheus metrics port")
-    agent.add_argument("--key", type=Path, help="public key bundles must be signed with")
-    agent.add_argument("--command-key", type=Path,
+    agent.add_argument("--key", type=path_flag, help="public key bundles must be signed with")
+    agent.add_argument("--command-key", type=path_flag,
                        help="the controller's public command key: refuse unsigned commands")
     agent.add_argument("--topic-prefix", help="MQTT topic root (default linesight/v1)")
     _add_set_flag(agent, "station", "--set inference.timeout_ms=500 --set outbox.relay=thread")
@@ -227,6 +231,8 @@ def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
     word, a list like [a, b] or a mapping like {type: log})."""
     import yaml
 
+    from linesight.config_file import load_yaml, yaml_problem
+
     parsed: dict[str, Any] = {}
     for setting in settings:
         key, sep, text = setting.partition("=")
@@ -235,9 +241,10 @@ def parse_settings(settings: Sequence[str]) -> dict[str, Any]:
             raise UsageError(f"--set {setting!r}: expected KEY=VALUE with a dotted key, "
                              "e.g. inference.timeout_ms=500")
         try:
-            parsed[key] = yaml.safe_load(text) if text.strip() else ""
-        except yaml.YAMLError as exc:
-            raise UsageError(f"--set {key}: the value is not valid YAML ({exc})") from exc
+            parsed[key] = load_yaml(text) if text.strip() else ""
+        except yaml.YAMLError as exc:  # said without the value: it may be a password
+            raise UsageError(f"--set {key}: the value is not valid YAML: "
+                             f"{yaml_problem(exc)}") from exc
     return parsed
 
 
@@ -272,8 +279,10 @@ def _run_agent(args: argparse.Namespace) -> int:
 
     from edge_agent.agent import Agent
     from edge_agent.store import DB_FILE
+    from linesight.config_file import make_data_dir
 
     config = agent_config(args)
+    make_data_dir(config.data_dir)
     try:
         agent = Agent(config)
     except sqlite3.Error as exc:  # the station's store damaged, or locked past the busy timeout
@@ -296,14 +305,14 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     )
     verbs = fleet.add_subparsers(dest="verb", metavar="VERB", required=True)
     serve = verbs.add_parser("serve", help="run the controller (MQTT ingest, rollouts, HTTP)")
-    serve.add_argument("--config", type=Path, help="controller YAML file")
+    serve.add_argument("--config", type=path_flag, help="controller YAML file")
     serve.add_argument("--broker", help="mqtt://host:port")
-    serve.add_argument("--data-dir", type=Path, help="fleet store and rollout state")
+    serve.add_argument("--data-dir", type=path_flag, help="fleet store and rollout state")
     serve.add_argument("--http-host", help="address of the API, dashboard and bundle server")
     serve.add_argument("--http-port", type=int)
-    serve.add_argument("--bundles", type=Path, help="folder of model bundles to serve")
-    serve.add_argument("--key", type=Path, help="public key bundles must be signed with")
-    serve.add_argument("--command-key", type=Path,
+    serve.add_argument("--bundles", type=path_flag, help="folder of model bundles to serve")
+    serve.add_argument("--key", type=path_flag, help="public key bundles must be signed with")
+    serve.add_argument("--command-key", type=path_flag,
                        help="private key to sign every command with (stations verify it)")
     serve.add_argument("--public-url", help="URL stations use to reach this controller")
     serve.add_argument("--topic-prefix")
@@ -317,11 +326,12 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
         "restore: stop the controller, put the copy in place of data_dir/fleet.db, delete "
         "fleet.db-wal and fleet.db-shm beside it, start the controller.",
     )
-    backup.add_argument("dest", type=Path, help="a new file, or a folder: there the copy is "
+    backup.add_argument("dest", type=path_flag, help="a new file, or a folder: there the copy is "
                         "named fleet-YYYYmmdd-HHMMSS.db")
     source = backup.add_mutually_exclusive_group(required=True)
-    source.add_argument("--config", type=Path, help="the controller's YAML file (its data_dir)")
-    source.add_argument("--data-dir", type=Path, help="the controller's data_dir")
+    source.add_argument("--config", type=path_flag,
+                        help="the controller's YAML file (its data_dir)")
+    source.add_argument("--data-dir", type=path_flag, help="the controller's data_dir")
     backup.add_argument("--keep", type=int, metavar="N",
                         help="with a folder: keep only the newest N backups in it")
     backup.set_defaults(handler=_fleet_backup)
@@ -357,7 +367,7 @@ def _add_fleet(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     steps = rollout.add_subparsers(dest="step", metavar="STEP", required=True)
     begin = steps.add_parser("start", help="start a rollout of a bundle with a plan",
                              epilog=EXIT_STATUS_TEXT)
-    begin.add_argument("plan", type=Path, help="plan YAML (see deploy/plans/)")
+    begin.add_argument("plan", type=path_flag, help="plan YAML (see deploy/plans/)")
     begin.add_argument("--candidate", required=True, help="NAME:VERSION of a served bundle")
     begin.add_argument("--by", default=os.environ.get("USER", "cli"),
                        help="who starts it, for the rollout's history (default $USER)")
@@ -407,6 +417,7 @@ def _fleet_serve(args: argparse.Namespace) -> int:
     from deploy.api import create_app
     from deploy.config import load_controller_config
     from deploy.controller import Controller
+    from linesight.config_file import make_data_dir
     from linesight.http_server import HttpServer
 
     config = load_controller_config(args.config, _overrides(args.settings, {
@@ -415,6 +426,9 @@ def _fleet_serve(args: argparse.Namespace) -> int:
         "command_key": args.command_key,
         "public_url": args.public_url, "topic_prefix": args.topic_prefix,
     }))
+    make_data_dir(config.data_dir)
+    if not config.bundles.is_dir():  # nothing to roll out: every rollout would be refused
+        raise UsageError(f"bundles {config.bundles}: not a folder")
     try:
         controller = Controller(config)
     except sqlite3.Error as exc:  # the fleet store damaged, or locked past the busy timeout

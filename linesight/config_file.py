@@ -4,23 +4,63 @@ this way."""
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Annotated, Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, BeforeValidator, ValidationError
+from pydantic_core import PydanticCustomError
 
 M = TypeVar("M", bound=BaseModel)
+
+MAX_CONFIG_BYTES = 1024 * 1024
+"""A configuration file or plan is a few kilobytes: a larger file named by mistake (a log, a
+recording) is refused before PyYAML spends seconds and memory on it."""
 
 
 class ConfigError(ValueError):
     """A configuration problem; the message names the key path and the reason."""
 
 
+class UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the
+    last: an `automation: full` further down silently won over the one just edited). Keys a
+    merge (`<<: *defaults`) brings in may still be overridden by the mapping's own."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            first: dict[Any, yaml.Node] = {}
+            for key_node, _value in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    earlier = first.get(key)
+                except TypeError:  # an unhashable key: PyYAML's own check names it
+                    continue
+                if earlier is not None:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key {key!r} (first on line "
+                        f"{earlier.start_mark.line + 1})", key_node.start_mark)
+                first[key] = key_node
+        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text as Python values, as `yaml.safe_load` reads it but for duplicate keys."""
+    return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+
+
 def read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
-        loaded = yaml.safe_load(path.read_text(encoding="utf-8"))
+        with path.open("rb") as file:
+            data = file.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise ConfigError(f"{path} is larger than 1 MiB: not a configuration file")
+        loaded = load_yaml(data.decode("utf-8"))
     except OSError as exc:
         raise ConfigError(f"cannot read {path}: {exc.strerror}") from exc
     except UnicodeDecodeError as exc:
@@ -38,11 +78,41 @@ def yaml_problem(exc: yaml.YAMLError) -> str:
     if not isinstance(exc, yaml.MarkedYAMLError):
         return str(exc)
     said = []
-    for text, mark in ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark)):
+    parts = ((exc.context, exc.context_mark), (exc.problem, exc.problem_mark))
+    if exc.context_mark is None:  # "while scanning ..." with no place of its own: after where
+        parts = parts[::-1]
+    for text, mark in parts:
         if text:
             where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
             said.append(f"{where}{text}")
     return "; ".join(said) or "not valid YAML"
+
+
+def _not_true_or_false(value: Any) -> Any:
+    # YAML reads yes, on and true as true: where a number belongs it is a typo, not 1
+    # (pydantic takes true for 1, so `audit_fraction: yes` audited every part).
+    if isinstance(value, bool):
+        raise PydanticCustomError(
+            "number_type", "Input should be a number, not true or false (YAML reads yes, no, "
+            "on and off as true or false)")
+    return value
+
+
+Count = Annotated[int, BeforeValidator(_not_true_or_false)]
+"""An integer in a configuration or a plan: true or false is refused, not read as 1 or 0."""
+Number = Annotated[float, BeforeValidator(_not_true_or_false)]
+"""A number in a configuration or a plan: true or false is refused, not read as 1 or 0."""
+
+
+def _not_empty(value: Any) -> Any:
+    if isinstance(value, str) and not value.strip():
+        raise ValueError("an empty path (it would be the folder the command was started "
+                         "from): name the file or folder")
+    return value
+
+
+ConfigPath = Annotated[Path, BeforeValidator(_not_empty)]
+"""A path in a configuration: an empty value is refused, not taken as the working folder."""
 
 
 def describe(exc: ValidationError, what: str, source: str) -> str:
@@ -90,3 +160,25 @@ def load_model(
         return model.model_validate(document)
     except ValidationError as exc:
         raise ConfigError(describe(exc, what, source)) from exc
+
+
+def make_data_dir(path: Path, key: str = "data_dir") -> None:
+    """Create the folder `key` names if need be and check this process may write in it: at
+    start-up, in words naming the key, not as a traceback from the first file opened in it."""
+    if path.exists() and not path.is_dir():
+        raise ConfigError(f"{key} {path}: is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"{key} {path}: cannot create it: {exc.strerror}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {path}: cannot write in it (uid {os.geteuid()} needs write "
+                          "permission on the folder)")
+
+
+def path_flag(text: str) -> Path:
+    """argparse type of a flag naming a file or folder: an empty one is refused (Path("") is
+    the folder the command was started from)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path: name the file or folder")
+    return Path(text)

@@ -32,6 +32,7 @@ from edge_agent.sources import SourceOptions
 from edge_agent.store import StationStore
 from linesight.artifacts import generate_keypair
 from linesight.broker import Broker, free_port
+from linesight.config_file import path_flag
 from linesight.demo_models import models_dir, require_bundle
 from linesight.sim import SimulatedOperator, summarise
 from linesight.stop_signals import (
@@ -65,7 +66,7 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
     )
     demo.add_argument("--scenario", choices=sorted(SCENARIOS), default="good",
                       help="good: roll out 2.0.0 (promoted); regressed: 2.1.0 (rolled back)")
-    demo.add_argument("--workdir", type=Path, default=Path(".demo"),
+    demo.add_argument("--workdir", type=path_flag, default=Path(".demo"),
                       help="where the demo keeps its data and logs: a new or empty folder, or a "
                       "previous demo's, which is removed at start (default .demo)")
     demo.add_argument("--rate", type=float, default=10.0, help="parts per second per station")

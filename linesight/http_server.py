@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import socket
 import threading
 import time
 from typing import Any
@@ -135,6 +136,9 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress has no type hints
 
 
 def _create(app: Any, host: str, port: int, *, threads: int, ident: str) -> Any:
+    # Resolved here so that a name that is not an address is said as such (socket.gaierror,
+    # e.g. "Name or service not known"): waitress says only "Invalid host/port specified."
+    socket.getaddrinfo(host, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     server = waitress.create_server(
         app, host=host, port=port, threads=threads, ident=ident,
         clear_untrusted_proxy_headers=True, max_request_body_size=max_request_body_size(app),

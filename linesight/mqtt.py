@@ -32,6 +32,7 @@ from paho.mqtt.subscribeoptions import SubscribeOptions
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from linesight import cert_expiry, tls_failure
+from linesight.config_file import ConfigPath, Count, Number
 
 __all__ = [
     "BrokerAddress",
@@ -297,33 +298,33 @@ class LinkConfig(BaseModel):
     client_id: str = Field(min_length=1, max_length=128)
     username: str | None = None
     password: str | None = Field(default=None, repr=False)
-    ca_file: Path | None = None
-    cert_file: Path | None = None
-    key_file: Path | None = None
+    ca_file: ConfigPath | None = None
+    cert_file: ConfigPath | None = None
+    key_file: ConfigPath | None = None
     protocol: Literal["5", "3.1.1"] = "5"
-    keepalive: int = Field(default=30, ge=1, le=65535)
-    backoff_min_s: float = Field(default=0.5, gt=0)
-    backoff_max_s: float = Field(default=30.0, gt=0)
+    keepalive: Count = Field(default=30, ge=1, le=65535)
+    backoff_min_s: Number = Field(default=0.5, gt=0)
+    backoff_max_s: Number = Field(default=30.0, gt=0)
     # After a refusal no retry can fix by itself (bad credentials, not authorised): try again
     # this seldom, so a corrected password file or ACL is picked up without a restart, and the
     # broker's log is not flooded meanwhile.
-    refused_retry_s: float = Field(default=60.0, ge=0.1, le=3600)
+    refused_retry_s: Number = Field(default=60.0, ge=0.1, le=3600)
     # False keeps the broker-side session (subscriptions + queued QoS 1 messages) across
     # disconnects, so a durable subscriber misses nothing while it is away.
     clean_start: bool = False
     # MQTT 5 only: how long the broker keeps the session after we go away (3.1.1 sessions
     # live until the broker's own persistent_client_expiration).
-    session_expiry_s: int = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
+    session_expiry_s: Count = Field(default=7 * 24 * 3600, ge=0, le=0xFFFFFFFF)
     # After another client with our client id took the session over (two stations configured
     # with the same name): reconnect only this seldom, so the two do not take it from each other
     # many times a second.
-    takeover_retry_s: float = Field(default=30.0, ge=0.1, le=3600)
+    takeover_retry_s: Number = Field(default=30.0, ge=0.1, le=3600)
     # QoS 1 messages on the wire before their PUBACK. paho's default of 20 makes a busy
     # publisher (the controller's receipts, a station's outbox replay) wait a round trip per 20.
-    max_inflight: int = Field(default=1000, ge=1, le=65535)
+    max_inflight: Count = Field(default=1000, ge=1, le=65535)
     # Warn this many days before the broker's certificate (read at every TLS connect) or this
     # client's own `cert_file` expires; 0: never.
-    cert_warn_days: float = Field(default=cert_expiry.DEFAULT_WARN_DAYS, ge=0, le=3650)
+    cert_warn_days: Number = Field(default=cert_expiry.DEFAULT_WARN_DAYS, ge=0, le=3650)
 
     @field_validator("url")
     @classmethod

@@ -34,6 +34,7 @@ from edge_agent.store import StationStore
 from edge_agent.synthetic import PartGenerator, parse_part_id
 from linesight.artifacts import Manifest, load_public_key, verify_bundle
 from linesight.broker import free_port, start_broker
+from linesight.config_file import path_flag
 from linesight.demo_models import models_dir, require_bundle
 from linesight.http_server import HttpServer
 from linesight.protocol import Action, DecidedBy
@@ -213,16 +214,16 @@ def add_command(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> Non
         "(paused, or waiting for an approval); 4 it had not ended at --timeout; 2 an error.",
     )
     sim.add_argument("--stations", type=int, default=3)
-    sim.add_argument("--candidate", type=Path, required=True,
+    sim.add_argument("--candidate", type=path_flag, required=True,
                      help="bundle folder, e.g. models/part-classifier/2.1.0")
-    sim.add_argument("--active", type=Path, default=MODELS / "part-classifier" / "1.0.0")
-    sim.add_argument("--plan", type=Path, default=DEFAULT_PLAN)
+    sim.add_argument("--active", type=path_flag, default=MODELS / "part-classifier" / "1.0.0")
+    sim.add_argument("--plan", type=path_flag, default=DEFAULT_PLAN)
     sim.add_argument("--seed", type=int, default=1)
     sim.add_argument("--rate", type=float, default=40.0, help="parts per second per station")
     sim.add_argument("--operator-error", type=float, default=0.01,
                      help="share of verdicts the simulated operators get wrong")
     sim.add_argument("--timeout", type=float, default=900.0, help="give up after this long")
-    sim.add_argument("--key", type=Path, default=MODELS / "keys" / "demo.pub")
+    sim.add_argument("--key", type=path_flag, default=MODELS / "keys" / "demo.pub")
     sim.add_argument("--json", action="store_true", help="only the final JSON line on stdout")
     sim.set_defaults(handler=run_sim)
 

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import TextIO
 
+from linesight.config_file import make_data_dir, path_flag
 from linesight.protocol import AutomationLevel
 
 log = logging.getLogger(__name__)
@@ -31,7 +32,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Serve the station UI with waitress. It shares only the station store with "
         "the agent, so it can be restarted at any time without touching inspection.",
     )
-    serve.add_argument("--data-dir", type=Path, required=True, help="the agent's data dir")
+    serve.add_argument("--data-dir", type=path_flag, required=True, help="the agent's data dir")
     serve.add_argument("--port", type=int, required=True)
     serve.add_argument("--host", default="127.0.0.1", help="address to listen on")
     serve.add_argument(
@@ -39,7 +40,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="sign an operator out after this many seconds without activity (default 300)",
     )
     serve.add_argument(
-        "--secret-file", type=Path,
+        "--secret-file", type=path_flag,
         help=f"session signing key (default: <data-dir>/{SECRET_FILE}, created 0600)",
     )
     serve.add_argument(
@@ -71,13 +72,13 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     verbs = operators.add_subparsers(dest="verb", metavar="VERB", required=True)
     add = verbs.add_parser("add", help="create an operator")
-    add.add_argument("--data-dir", type=Path, required=True)
+    add.add_argument("--data-dir", type=path_flag, required=True)
     add.add_argument("--badge", required=True, help="badge id the operator signs in with")
     add.add_argument("--name", required=True, help="name shown on screen")
     add.add_argument("--role", choices=["operator", "supervisor"], default="operator")
     add.set_defaults(handler=_operator_add)
     reset = verbs.add_parser("reset", help="set a new PIN (and optionally name or role)")
-    reset.add_argument("--data-dir", type=Path, required=True)
+    reset.add_argument("--data-dir", type=path_flag, required=True)
     reset.add_argument("--badge", required=True)
     reset.add_argument("--name", help="new name (default: unchanged)")
     reset.add_argument("--role", choices=["operator", "supervisor"], help="new role")
@@ -139,7 +140,7 @@ def _serve_checked(args: argparse.Namespace) -> int:
         raise CommandError(f"--port {args.port}: must be 1 to 65535")
     if args.threads < 1:
         raise CommandError("--threads: at least 1")
-    args.data_dir.mkdir(parents=True, exist_ok=True)
+    make_data_dir(args.data_dir, "--data-dir")
     secret = load_secret(args.secret_file or args.data_dir / SECRET_FILE)
     try:
         config = UiConfig(

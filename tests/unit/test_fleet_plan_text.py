@@ -89,7 +89,7 @@ def test_a_boolean_where_a_number_belongs_is_refused(setting: str, value: str, k
     """YAML reads yes, on and true as booleans; for a number they are a typo, not 1: a canary
     with `fraction: yes` would let the candidate decide every part."""
     document = yaml.safe_load(NUMBERS.format(**{**GOOD, setting: value}))
-    with pytest.raises(PlanError, match=f"{key}: Input should be a number, not a boolean"):
+    with pytest.raises(PlanError, match=f"{key}: Input should be a number, not true or false"):
         parse_plan(document)
 
 

@@ -83,7 +83,7 @@ def test_distinct_names_still_load() -> None:
         (shadow("a", gate={"max_p95_latency_ms": 0}), "stages.0.gate.max_p95_latency_ms",
          "greater than 0"),
         (shadow("a", gate={"alpha": float("nan")}), "stages.0.gate.alpha", "finite"),
-        (shadow("a", gate={"delta": True}), "stages.0.gate.delta", "not a boolean"),
+        (shadow("a", gate={"delta": True}), "stages.0.gate.delta", "not true or false"),
         ({**shadow("a"), "name": ""}, "stages.0.name", "at least 1 character"),
     ],
 )
