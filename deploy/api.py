@@ -4,7 +4,6 @@ stations download candidates from, and Prometheus metrics."""
 from __future__ import annotations
 
 import hmac
-import json
 import re
 import time
 import unicodedata
@@ -41,6 +40,7 @@ from deploy.rollout import (
     judge,
     to_status,
 )
+from linesight import json_keys
 from linesight import protocol as p
 from linesight.config_file import load_yaml
 from linesight.disk_space import MB
@@ -106,7 +106,7 @@ def _body(*known: str) -> dict[str, Any]:
     if not data.strip():
         return {}
     try:
-        document = json.loads(data)
+        document = json_keys.loads(data)
     except RecursionError:
         abort(400, description="the request body is nested too deeply")
     except ValueError as exc:  # not JSON, not UTF-8, an integer of more than 4300 digits ...

@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from linesight import json_keys
 from linesight.protocol import Label
 
 if TYPE_CHECKING:
@@ -296,6 +297,14 @@ def check_signature(data: bytes, signature_text: str, key: Ed25519PublicKey) -> 
 
 
 def parse_manifest(data: bytes) -> Manifest:
+    try:
+        json_keys.loads(data)
+    except json_keys.DuplicateKeyError as exc:
+        # Signed bytes that another reader (which keeps the first of two keys) would take
+        # for another manifest than this one (which would keep the last).
+        raise BundleError("manifest-schema", str(exc)) from exc
+    except (ValueError, RecursionError):
+        pass  # not JSON: pydantic says where, below
     try:
         return Manifest.model_validate_json(data)
     except ValidationError as exc:

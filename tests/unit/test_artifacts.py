@@ -117,6 +117,22 @@ def test_any_changed_manifest_byte_breaks_the_signature(
     assert check_of(bundle, key) == "signature"
 
 
+def test_a_signed_manifest_that_names_a_key_twice_is_refused(
+    bundle: Path, key: Ed25519PrivateKey
+) -> None:
+    """Signed as it is, but read as version 1.2.3 by a tool that keeps the first of two equal
+    keys and as 9.9.9 by one that keeps the last: neither reading is the signer's for sure."""
+    text = (bundle / a.MANIFEST_FILE).read_text()
+    doubled = text.replace('"version": "1.2.3"', '"version": "1.2.3", "version": "9.9.9"', 1)
+    assert doubled != text
+    (bundle / a.MANIFEST_FILE).write_text(doubled)
+    (bundle / a.SIGNATURE_FILE).write_text(a.sign_manifest(doubled.encode(), key))
+    with pytest.raises(a.BundleError) as caught:
+        a.verify_bundle(bundle, key.public_key())
+    assert caught.value.check == "manifest-schema"
+    assert "the key 'version' appears twice in one object" in str(caught.value)
+
+
 def test_another_key_is_refused(bundle: Path) -> None:
     assert check_of(bundle, Ed25519PrivateKey.generate()) == "signature"
 
