@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import signal
 import sqlite3
@@ -51,6 +52,37 @@ STOP_WAIT_S = 5.0  # a child that has not exited this long after its stdin close
 # Resends that bring no receipt (the controller down, the broker up) wait twice as long each
 # time, up to this (or resend_after_s, if longer): the whole outbox goes out again each time.
 MAX_RESEND_WAIT_S = 300.0
+RECEIPT_WARN_EVERY_S = 60.0  # the least time between two warnings of one kind of ignored receipt
+
+
+def _held_back_note(held: int) -> str:
+    """What a warning adds about those of its kind that were not logged before it."""
+    return f"{held} more like it were not logged before this one; " if held else ""
+
+
+class ReceiptWarnings:
+    """Warns of ignored receipts at most once a minute per kind: a peer (or whoever holds its
+    credentials) that sends bad receipts in a loop must not flood the station's journal. The
+    first of a kind is logged at once; those held back are counted, and the next warning of
+    that kind says how many. Per relay, not per process: each relay keeps its own count."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self.clock = clock
+        self.counts: dict[str, int] = {}  # every ignored receipt, logged or not, by kind
+        self._logged_at: dict[str, float] = {}
+        self._held: dict[str, int] = {}  # by kind: not logged since its last warning
+
+    def warn(self, kind: str, message: str, *args: object) -> bool:
+        """Count one of `kind`; log `message` unless one of its kind was within a minute."""
+        self.counts[kind] = self.counts.get(kind, 0) + 1
+        now = self.clock()
+        if now - self._logged_at.get(kind, -math.inf) < RECEIPT_WARN_EVERY_S:
+            self._held[kind] = self._held.get(kind, 0) + 1
+            return False
+        self._logged_at[kind] = now
+        note = _held_back_note(self._held.pop(kind, 0))
+        log.warning(f"{message} ({note}more like it are not logged for a minute)", *args)
+        return True
 
 
 class OutboxRelay:
@@ -89,6 +121,7 @@ class OutboxRelay:
         # only get higher seqs, so every row at or below it has been sent.
         self._sent_upto = -1
         self._warned_ahead = False
+        self.receipt_warnings = ReceiptWarnings()
         # seq -> the ticket of a copy the link still holds: it goes again by itself at each
         # reconnect until the broker acknowledges it, so the replay does not add another.
         self._in_flight: dict[int, PublishTicket] = {}
@@ -171,15 +204,19 @@ class OutboxRelay:
         try:
             receipt = p.parse(p.Receipt, message.payload)
         except p.ProtocolError as exc:
-            log.warning("ignored a receipt: %s", exc)
+            self.receipt_warnings.warn("unreadable", "ignored a receipt: %s", exc)
             return
         if receipt.station != self.station:
-            log.warning("ignored a receipt addressed to %s", receipt.station)
+            self.receipt_warnings.warn(
+                "other station", "ignored a receipt addressed to %s, not %s",
+                receipt.station, self.station,
+            )  # fmt: skip
             return
         if receipt.upto_stream != self.store.stream:
             # For another store under this station id (this one's storage was replaced, and
             # the broker kept receipts for the old one): its seqs are not this store's.
-            log.warning(
+            self.receipt_warnings.warn(
+                "other stream",
                 "ignored a receipt for seq stream %s up to %d: this store's stream is %s",
                 receipt.upto_stream, receipt.upto_seq, self.store.stream,
             )  # fmt: skip

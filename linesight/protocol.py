@@ -1,9 +1,10 @@
 """The MQTT contract, v1: the one place where topic strings and payload schemas exist.
 
-Every message is JSON validated by a pydantic model below. Every message carries the envelope
-`schema`, `msg_id`, `station`, `seq` and `ts`; a station's durable messages and state also
-name its seq `stream`. Parsing never raises anything but `ProtocolError`, which names the
-offending field.
+Every message is JSON validated strictly by a pydantic model below: each field must have the
+JSON type its schema gives (no number from a string, no number from true or false). Every
+message carries the envelope `schema`, `msg_id`, `station`, `seq` and `ts`; a station's
+durable messages and state also name its seq `stream`. Parsing never raises anything but
+`ProtocolError`, which names the offending field.
 """
 
 from __future__ import annotations
@@ -522,11 +523,42 @@ def parse(message_type: type[M], payload: bytes | str) -> M:
     if version != SCHEMA:
         raise ProtocolError(name, "schema", f"unsupported schema {version!r}; expected {SCHEMA!r}")
     try:
-        return message_type.model_validate(document)
+        # Strict, from the JSON text: each field must have its schema's JSON type ("9" or true
+        # is no integer, 1.0 no integer either; an integer is a float). Strings still give
+        # timestamps, UUIDs and enum values, which JSON has no other form for. From the
+        # json.loads document instead, strict mode would refuse those strings too.
+        return message_type.model_validate_json(payload, strict=True)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
-        raise ProtocolError(name, _field_path(first["loc"]), first["msg"] + more) from exc
+        raise _refusal(name, exc) from exc
+
+
+def _refusal(message_type: str, exc: ValidationError) -> ProtocolError:
+    """The first of a validation's errors, naming its field and, for a wrong type, what the
+    payload held there."""
+    first = exc.errors()[0]
+    more = f" (+{exc.error_count() - 1} more)" if exc.error_count() > 1 else ""
+    if first["type"] == "json_invalid":
+        # Read by json.loads above, but past what the validator reads (e.g. nested too deep).
+        return ProtocolError(message_type, "(payload)", f"not readable: {first['msg']}")
+    reason = first["msg"]
+    if first["type"].endswith("_type") or first["type"] == "enum":
+        reason += f" (got {_clip(_json_text(first['input']), 60)})"
+    return ProtocolError(message_type, _field_path(first["loc"]), reason + more)
+
+
+def _json_text(value: object) -> str:
+    """`value` as the payload wrote it (a string quoted, true/false/null as JSON spells them);
+    an object or an array only by its kind, which is cheap however large it is."""
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        value = value[:61]  # the caller clips to 60: a long string is not copied whole
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):  # cannot happen for what JSON parsing gives; never raise
+        return repr(value)
 
 
 # --- topics ---------------------------------------------------------------------------------

@@ -153,7 +153,9 @@ def render() -> str:
         "number is finite: a message carrying NaN or an infinity (`NaN`, `Infinity`, `1e999`) "
         "is invalid, as is a `ts` that falls outside the years 1 to 9999 in UTC, and a string "
         "holding a lone UTF-16 surrogate (`\\ud800` without its pair: no UTF-8 text can hold "
-        "it).",
+        "it). Payloads are parsed strictly: every field must have the JSON type its schema "
+        "gives (a string such as `\"9\"` or `true` is not a number, a number is not a string, "
+        "and `1.0` is not an integer, while an integer is a valid number).",
         "",
         "## Topics",
         "",
