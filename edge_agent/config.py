@@ -128,7 +128,9 @@ class AgentConfig(Strict):
     labels: dict[str, str] = Field(default_factory=dict)
     broker: LinkConfig
     topic_prefix: str = "linesight/v1"
-    source: str = Field(min_length=1, description="camera:0 | rtsp://… | video:PATH | folder:PATH")
+    source: str = Field(
+        min_length=1, description="camera:0 | rtsp(s)://… | http(s)://… | video:PATH | folder:PATH"
+    )
     source_options: SourceOptions = Field(default_factory=SourceOptions)
     active: ConfigPath
     candidate: ConfigPath | None = None

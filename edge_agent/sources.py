@@ -8,7 +8,9 @@ grabbing so `read` always sees the newest frame, and reconnect on their own when
 
 from __future__ import annotations
 
+import ipaddress
 import logging
+import math
 import re
 import struct
 import sys
@@ -19,7 +21,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
-from urllib.parse import urlsplit
 
 import cv2
 import numpy as np
@@ -122,7 +123,10 @@ class SourceOptions(BaseModel):
     size: Count = Field(default=128, ge=32, le=2048, description="synthetic: image side in px")
     width: Count | None = Field(default=None, gt=0, le=16_384, description="camera: frame width")
     height: Count | None = Field(default=None, gt=0, le=16_384, description="camera: frame height")
-    fps: Count | None = Field(default=None, gt=0, le=1000, description="camera: frames per second")
+    # A number, not a count: cameras run at 7.5, 12.5 or 29.97 (30000/1001) frames a second.
+    fps: Number | None = Field(
+        default=None, gt=0, le=1000, description="camera: frames per second"
+    )
     trigger: Literal["every_frame", "every_nth", "external"] = "every_frame"
     every_nth: Count = Field(default=1, ge=1, le=1_000_000)
     reconnect_min_s: Number = Field(default=0.5, gt=0, le=3600)
@@ -1211,9 +1215,15 @@ OPTIONS_BY_KIND: dict[str, frozenset[str]] = {
     "synthetic": frozenset({"rate_hz", "seed", "defect_rate", "size"}),
 }
 SPEC_FORMS = (
-    "camera:INDEX | camera:/dev/videoN | rtsp://… | http(s)://… | video:PATH | folder:PATH | "
+    "camera:INDEX | camera:/dev/videoN | rtsp(s)://… | http(s)://… | video:PATH | folder:PATH | "
     "synthetic:[seed=N,rate=HZ,defect_rate=F,size=PX]"
 )
+# Read through OpenCV's FFmpeg backend; rtsps is RTSP over TLS.
+STREAM_SCHEMES = frozenset({"rtsp", "rtsps", "http", "https"})
+PORT_MIN, PORT_MAX = 1, 65535
+_PERCENT_ENCODE = "write #, / and ? in a user name or password percent-encoded (%23, %2F, %3F)"
+# A camera reports a rate it was asked for as a ratio: 29.97 as 30000/1001 = 29.97003.
+FPS_TOLERANCE = 0.005
 
 
 @dataclass(frozen=True, slots=True)
@@ -1238,6 +1248,88 @@ def redact_url(url: str) -> str:
     if not (sep and at and colon):
         return url
     return f"{scheme}://{user}:***@{host}"
+
+
+def port_problem(text: str) -> str | None:
+    """What is wrong with a URL's port, written as ``text`` after the host's colon, or None.
+    An empty port is the scheme's default."""
+    if not text:
+        return None
+    if not (text.isascii() and text.isdigit()):
+        return f"port {text!r} is not a number"
+    # int() refuses more than 4300 digits; anything past 5 significant digits is too large.
+    if len(text.lstrip("0")) > 5:
+        shown = text[:10] + ("…" if len(text) > 10 else "")
+        return f"port {shown} is out of range: {PORT_MIN} to {PORT_MAX}"
+    number = int(text)
+    if not PORT_MIN <= number <= PORT_MAX:
+        return f"port {number} is out of range: {PORT_MIN} to {PORT_MAX}"
+    return None
+
+
+def _is_ipv6(text: str) -> bool:
+    try:
+        ipaddress.IPv6Address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _address_problem(address: str) -> str | None:
+    """What is wrong with a URL's ``host[:port]`` or ``[IPv6]:port``, or None."""
+    if address.startswith("["):
+        inside, closed, after = address[1:].partition("]")
+        if not closed:
+            return (f"the address {address!r} opens a [ it does not close: write an IPv6 "
+                    "address as [ADDRESS]")
+        if not _is_ipv6(inside):
+            return f"[{inside}] is not an IPv6 address"
+        if after and not after.startswith(":"):
+            return f"{after!r} follows the IPv6 address [{inside}]: expected [ADDRESS]:PORT"
+        return port_problem(after[1:])
+    if address.count(":") > 1:
+        return (f"the address {address!r} has more than one ':': an IPv6 address is written "
+                "in brackets: [ADDRESS]:PORT")
+    host, _, port = address.partition(":")
+    if not host:
+        return None  # said by the caller: the URL needs a host
+    if "[" in host or "]" in host:
+        return (f"the address {address!r} is not HOST[:PORT] (only an IPv6 address is "
+                "written in brackets)")
+    return port_problem(port)
+
+
+def stream_url_problem(url: str) -> str | None:
+    """What keeps a stream URL (its scheme lower-case) from opening, or None. The message never
+    holds the URL's password: all it quotes is the address after the user part."""
+    scheme, _, rest = url.partition(":")
+    if not rest.startswith("//"):
+        return f"the URL needs a host: {scheme}://HOST[:PORT]/PATH"
+    # urllib drops tabs and newlines before it checks; FFmpeg would get them and fail.
+    bad = next((i for i, ch in enumerate(url) if ch.isspace() or not ch.isprintable()), None)
+    if bad is not None:
+        return (f"the URL holds a space or control character (character {bad + 1}): write a "
+                "space as %20")
+    after_slashes = rest[2:]
+    end = next((i for i, ch in enumerate(after_slashes) if ch in "/?#"), len(after_slashes))
+    authority, remainder = after_slashes[:end], after_slashes[end:]
+    # A password with an unescaped /, # or ? ends the address early: its tail and the real
+    # host come after it. An @ in the path or fragment says so even when the cut address looks
+    # like host:port (a password of digits); an @ in a query (an e-mail address) is left alone.
+    user_part_cut = "@" not in authority and "@" in remainder
+    if user_part_cut and "@" in remainder.partition("?")[0]:
+        return (
+            "an @ comes after the address: a user name or password with an unescaped #, / or ? "
+            "ends it early; write these percent-encoded (%23, %2F, %3F), and an @ in the path "
+            "as %40"
+        )
+    address = authority.rpartition("@")[2]
+    problem = _address_problem(address)
+    if problem is not None:
+        return f"the address is not host[:port]; {_PERCENT_ENCODE}" if user_part_cut else problem
+    if not address.partition(":")[0]:
+        return f"the URL needs a host: {scheme}://HOST[:PORT]/PATH"
+    return None
 
 
 def _synthetic_overrides(spec: str, text: str) -> dict[str, str]:
@@ -1270,21 +1362,17 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
     kind: SourceKind
     # "folder: /data" (a space after the colon, as YAML writes a key) names /data, not " /data".
     target = rest.strip()
-    if scheme in ("rtsp", "http", "https"):
-        parts = urlsplit(text)
-        if not rest.startswith("//") or not parts.hostname:
-            raise ValueError(f"source spec {redact_url(text)!r}: a {scheme} URL needs a host")
-        try:
-            parts.port  # noqa: B018 - raises for what is not a port number
-        except ValueError:
-            raise ValueError(
-                f"source spec {redact_url(text)!r}: the address is not host[:port]; write "
-                "#, / and ? in a user name or password percent-encoded (%23, %2F, %3F)"
-            ) from None
+    if scheme in STREAM_SCHEMES:
         # Schemes are case-insensitive, FFmpeg's protocol names are not: HTTP:// never opens.
-        kind, target = "stream", f"{scheme}{text[len(scheme):]}"
+        url = f"{scheme}{text[len(scheme):]}"
+        problem = stream_url_problem(url)
+        if problem is not None:
+            raise ValueError(f"source spec {redact_url(text)!r}: {problem}")
+        kind, target = "stream", url
     elif scheme == "camera":
-        if not (target.isdigit() or target.startswith("/dev/")):
+        # isdigit() alone takes "²", which int() then refuses when the camera is opened.
+        index = target.isascii() and target.isdigit()
+        if not (index or (target.startswith("/dev/") and len(target) > len("/dev/"))):
             raise ValueError(
                 f"source spec {spec!r}: camera needs an index (camera:0) or a device path "
                 "(camera:/dev/video0)"
@@ -1312,7 +1400,8 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
     if kind not in ("camera", "stream") and options.trigger != "every_frame":
         raise ValueError(
             f"source spec {spec!r}: trigger {options.trigger!r} applies to live sources "
-            "(camera, rtsp, http); folder, video and synthetic sources hand on every frame"
+            "(camera, rtsp(s), http(s)); folder, video and synthetic sources hand on every "
+            "frame"
         )
     unused = options_not_applying(kind, options)
     if unused:
@@ -1336,6 +1425,39 @@ def options_not_applying(kind: str, options: SourceOptions) -> list[str]:
     )
 
 
+def _fps_text(fps: float) -> str:
+    """A frame rate as a person writes it: 30, 7.5, 29.97 (not 29.97002997)."""
+    return f"{round(fps, 3):g}"
+
+
+def camera_mode_mismatch(
+    asked: tuple[int | None, int | None, float | None], got: tuple[float, float, float]
+) -> str | None:
+    """What to warn when a camera did not take the width, height and rate asked (None: not
+    asked): "asked for …, the camera gives …"; None when it did. ``got`` is what OpenCV
+    reports back."""
+    width, height, fps = asked
+    got_width, got_height, got_fps = round(got[0]), round(got[1]), got[2]
+    if (
+        (width is None or width == got_width)
+        and (height is None or height == got_height)
+        and (fps is None or math.isclose(fps, got_fps, rel_tol=0.0, abs_tol=FPS_TOLERANCE))
+    ):
+        return None
+    if width is not None and height is not None:
+        size = f"{width}x{height}"
+    elif width is not None:
+        size = f"width {width}"
+    else:
+        size = f"height {height}" if height is not None else ""
+    rate = f"{_fps_text(fps)} fps" if fps is not None else ""
+    wanted = " at ".join(part for part in (size, rate) if part)
+    return (
+        f"asked for {wanted}, the camera gives {got_width}x{got_height} at "
+        f"{_fps_text(got_fps)} fps"
+    )
+
+
 def _camera_opener(device: int | str, options: SourceOptions) -> CaptureFactory:
     def open_camera() -> Capture:
         # V4L2 directly on Linux: OpenCV's automatic choice may pick GStreamer or a slower path.
@@ -1353,6 +1475,9 @@ def _camera_opener(device: int | str, options: SourceOptions) -> CaptureFactory:
                 log.warning("camera:%s: the camera refused its 16-bit gray mode (Y16), which "
                             "bit_depth %d needs", device, options.bit_depth)
             capture.set(cv2.CAP_PROP_CONVERT_RGB, 0.0)
+        # The rate goes to OpenCV as given (29.97, not 30). Its V4L2 backend asks the driver for
+        # a whole number of frames a second (1/29 s for 29.97), and a UVC driver then picks the
+        # camera's nearest interval, 1001/30000 s; what the camera took is read back below.
         wanted = {
             cv2.CAP_PROP_FRAME_WIDTH: options.width,
             cv2.CAP_PROP_FRAME_HEIGHT: options.height,
@@ -1361,16 +1486,14 @@ def _camera_opener(device: int | str, options: SourceOptions) -> CaptureFactory:
         for prop, value in wanted.items():
             if value is not None:
                 capture.set(prop, float(value))
-        got = tuple(round(capture.get(prop)) for prop in wanted)
-        if any(v is not None and v != g for v, g in zip(wanted.values(), got, strict=True)):
-            log.warning(
-                "camera:%s: asked for %sx%s at %s fps, the camera gives %dx%d at %d fps",
-                device,
-                options.width,
-                options.height,
-                options.fps,
-                *got,
-            )
+        got = (
+            capture.get(cv2.CAP_PROP_FRAME_WIDTH),
+            capture.get(cv2.CAP_PROP_FRAME_HEIGHT),
+            capture.get(cv2.CAP_PROP_FPS),
+        )
+        mismatch = camera_mode_mismatch((options.width, options.height, options.fps), got)
+        if mismatch is not None:
+            log.warning("camera:%s: %s", device, mismatch)
         return capture
 
     return open_camera

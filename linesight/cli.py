@@ -185,7 +185,7 @@ def _add_agent(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None
     agent.add_argument("--station", help="station id: 1 to 64 letters, digits, _ . -, "
                        "starting with a letter or digit")
     agent.add_argument("--broker", help="mqtt://host:port or mqtts://host:port")
-    agent.add_argument("--source", help="camera:0 | rtsp://… | http://… | video:PATH | "
+    agent.add_argument("--source", help="camera:0 | rtsp(s)://… | http(s)://… | video:PATH | "
                        "folder:PATH | synthetic:seed=7,rate=10")
     agent.add_argument("--active", type=path_flag, help="bundle folder of the ACTIVE model")
     agent.add_argument("--candidate", type=path_flag, help="bundle folder of the CANDIDATE model")

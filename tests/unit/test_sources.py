@@ -129,8 +129,6 @@ def test_password_never_appears_in_errors_or_names() -> None:
         "rtsp://admin:Cam#2024@10.0.0.5/stream",  # '#' starts a fragment
         "rtsp://admin:pa/ss@10.0.0.5/stream",  # '/' ends the host part
         "rtsp://admin:pa?ss@10.0.0.5/stream",  # '?' starts a query
-        "rtsp://10.0.0.5:55a/stream",  # a typo in the port
-        "rtsp://10.0.0.5:99999/stream",
     ],
 )
 def test_a_url_that_does_not_parse_is_rejected_without_its_password(url: str) -> None:
