@@ -27,7 +27,7 @@ class ControllerConfig(BaseModel):
     http_host: str = "127.0.0.1"
     http_port: Count = Field(default=8700, ge=0, le=65535)
     public_url: str | None = Field(
-        default=None, pattern=r"^https?://",
+        default=None, pattern=r"^https?://", validate_default=True,
         description="base URL stations use to reach this controller (bundle downloads)",
     )
     bundles: ConfigPath = Field(description="folder of model bundles: <name>/<version>/")
@@ -65,6 +65,19 @@ class ControllerConfig(BaseModel):
         "controller warns (log, /api/health, /metrics, dashboard); 0 turns the check off",
     )
 
+    @field_validator("public_url")
+    @classmethod
+    def _stations_can_reach_it(cls, url: str | None, info: ValidationInfo) -> str | None:
+        # Without it the bundle URL is made of http_host, and 0.0.0.0 or :: is no address a
+        # station can download from: every deploy_candidate would fail at the station.
+        host = info.data.get("http_host", "127.0.0.1")
+        if url is None and is_unspecified(host):
+            raise ValueError(
+                f"is required with http_host {host} (every address of this machine): the URL "
+                "stations download bundles from, e.g. http://line-server:8700"
+            )
+        return url
+
     @field_validator("api_token")
     @classmethod
     def _token_guards_a_reachable_api(cls, token: str | None, info: ValidationInfo) -> str | None:
@@ -91,6 +104,16 @@ def is_loopback(host: str) -> bool:
         return True
     try:
         return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def is_unspecified(host: str) -> bool:
+    """Whether `host` means every address of this machine (0.0.0.0, ::), which no other
+    machine can connect to."""
+    host = host.strip("[]")
+    try:
+        return not host or ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
 

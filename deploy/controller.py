@@ -76,6 +76,7 @@ from linesight.artifacts import (
 )
 from linesight.command_auth import load_signing_key, sign_command
 from linesight.disk_space import MB, is_low, size_text
+from linesight.http_server import url_host
 from linesight.mqtt import MqttLink, ReceivedMessage
 
 log = logging.getLogger(__name__)
@@ -332,6 +333,8 @@ def next_disk_status(
 class Controller:
     def __init__(self, config: ControllerConfig, store: FleetStore | None = None) -> None:
         self.config = config
+        self.http_port: int | None = None
+        """The port the API was bound to, set by whoever serves it (http_port 0: a free one)."""
         self.topics = p.Topics(config.topic_prefix)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.store: FleetStore = store or SqliteFleetStore(config.data_dir / "fleet.db")
@@ -378,9 +381,12 @@ class Controller:
 
     @property
     def public_url(self) -> str:
+        """The base URL stations download bundles from: `public_url`, else made of the address
+        the API listens on (the port bound, once known: http_port 0 takes a free one)."""
         if self.config.public_url:
             return self.config.public_url.rstrip("/")
-        return f"http://{self.config.http_host}:{self.config.http_port}"
+        port = self.http_port if self.http_port is not None else self.config.http_port
+        return f"http://{url_host(self.config.http_host)}:{port}"
 
     def start(self) -> None:
         for channel in p.Channel:

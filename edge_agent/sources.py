@@ -111,7 +111,8 @@ class FrameSource(Protocol):
 class SourceOptions(BaseModel):
     """Options for every source kind; each kind reads the ones that concern it."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No .inf or .nan: said as such, not as a bound it happens to cross.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     loop: bool = Field(default=False, description="folder/video: start again at the end")
     rate_hz: Number | None = Field(

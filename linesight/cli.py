@@ -439,6 +439,7 @@ def _fleet_serve(args: argparse.Namespace) -> int:
         controller.store.close()
         raise UsageError(f"cannot serve the API on {config.http_host}:{config.http_port}: "
                          f"{exc.strerror or exc}") from exc
+    controller.http_port = server.port
     stopped = threading.Event()
 
     def stop(signum: int, _frame: object) -> None:

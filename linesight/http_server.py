@@ -135,6 +135,11 @@ class _Channel(HTTPChannel):  # type: ignore[misc]  # waitress has no type hints
         self.close_when_flushed = True
 
 
+def url_host(host: str) -> str:
+    """`host` as a URL writes it: an IPv6 address in brackets (http://[::1]:8700)."""
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host
+
+
 def _create(app: Any, host: str, port: int, *, threads: int, ident: str) -> Any:
     # Resolved here so that a name that is not an address is said as such (socket.gaierror,
     # e.g. "Name or service not known"): waitress says only "Invalid host/port specified."
@@ -173,7 +178,7 @@ class HttpServer:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"http://{url_host(self.host)}:{self.port}"
 
     def start(self) -> HttpServer:
         self._thread.start()

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from pydantic import ValidationError
 from deploy.api import _host_name, create_app
 from deploy.config import ControllerConfig
 from deploy.controller import Controller
+from linesight.http_server import HttpServer
 from linesight.mqtt import LinkConfig
 
 pytestmark = pytest.mark.unit
@@ -26,9 +28,48 @@ def config(tmp_path: Path, **values: Any) -> ControllerConfig:
 
 @pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "line-server", "::"])  # noqa: S104
 def test_an_api_others_can_reach_needs_a_token(tmp_path: Path, host: str) -> None:
+    url = {"public_url": "http://line-server:8700"}
     with pytest.raises(ValidationError, match=r"api_token\n.*is required with http_host"):
-        config(tmp_path, http_host=host)
-    assert config(tmp_path, http_host=host, api_token="x" * 32).api_token == "x" * 32
+        config(tmp_path, http_host=host, **url)
+    assert config(tmp_path, http_host=host, api_token="x" * 32, **url).api_token == "x" * 32
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "[::]"])  # noqa: S104
+def test_every_address_needs_the_url_stations_download_from(tmp_path: Path, host: str) -> None:
+    """http://0.0.0.0:8700/bundles/... in a deploy_candidate: a station connects to itself."""
+    with pytest.raises(ValidationError, match=r"public_url\n.*is required with http_host"):
+        config(tmp_path, http_host=host, api_token="x" * 32)
+    assert config(tmp_path, http_host=host, api_token="x" * 32,
+                  public_url="http://line-server:8700").public_url == "http://line-server:8700"
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("127.0.0.1", "http://127.0.0.1:{port}"), ("::1", "http://[::1]:{port}"),
+    ("localhost", "http://localhost:{port}"),
+])
+def test_the_bundle_url_names_the_port_bound_and_brackets_an_ipv6_address(
+    tmp_path: Path, host: str, expected: str
+) -> None:
+    """With http_port 0 the server takes a free port: the URL stations get must name it, not 0
+    (every download went to port 0)."""
+    if host == "::1":
+        with socket.socket(socket.AF_INET6) as probe:
+            try:
+                probe.bind(("::1", 0))
+            except OSError:
+                pytest.skip("this machine has no IPv6 loopback")
+    controller = Controller(config(tmp_path, http_host=host, http_port=0))
+    try:
+        server = HttpServer(create_app(controller), host, 0)
+        controller.http_port = server.port
+        try:
+            assert server.port != 0
+            assert controller.public_url == expected.format(port=server.port)
+            assert server.url == expected.format(port=server.port)
+        finally:
+            server.stop()
+    finally:
+        controller.store.close()
 
 
 @pytest.mark.parametrize("host", ["127.0.0.1", "127.0.0.2", "localhost", "::1"])
