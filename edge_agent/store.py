@@ -1112,6 +1112,51 @@ class StationStore:
             raise KeyError(part_id)
         return False
 
+    def correct_verdict(
+        self,
+        part_id: str,
+        operator: str,
+        outcome: str,
+        label: str,
+        decided_at: datetime,
+    ) -> bool:
+        """A supervisor's correction of an operator's pass or reject (a wrong button tapped):
+        the other outcome, kept as the part's resolution and published as a second, labelled
+        Verdict, which the controller takes as the part's truth. Written once per part; False
+        if the part has a supervisor's verdict already. KeyError when the part has no
+        operator's pass or reject (any more); ValueError when `outcome` is the one given."""
+        if outcome not in (VerdictOutcome.PASS.value, VerdictOutcome.REJECT.value):
+            raise ValueError(f"outcome: pass or reject required, got {outcome!r}")
+        _check_verdict(part_id, operator, label, decided_at)
+        with self._write() as conn:
+            given = conn.execute(
+                "SELECT v.outcome FROM verdicts v JOIN reviews r USING (part_id) "
+                "WHERE v.part_id = ? AND v.outcome IN ('pass', 'reject')", (part_id,)
+            ).fetchone()
+            written = 0
+            if given is not None and given[0] != outcome:
+                written = conn.execute(
+                    "INSERT INTO resolutions (part_id, operator, outcome, label, decided_at_us) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                    (part_id, operator, outcome, label, _us(decided_at)),
+                ).rowcount
+        if given is None:
+            raise KeyError(part_id)
+        if given[0] == outcome:
+            raise ValueError(f"outcome: the part's verdict is {outcome} already")
+        return bool(written)
+
+    def correctable_verdicts(self, limit: int = 20) -> list[VerdictRow]:
+        """Operators' passes and rejects a supervisor may still correct (no resolution yet),
+        the latest first."""
+        _check_limit(limit)
+        rows = self._conn().execute(
+            _SELECT_VERDICTS + "WHERE v.outcome IN ('pass', 'reject') AND v.part_id NOT IN "  # noqa: S608 - literals
+            "(SELECT part_id FROM resolutions) ORDER BY v.decided_at_us DESC, v.part_id LIMIT ?",
+            (limit,),
+        )
+        return [self._verdict_row(row) for row in rows]
+
     def escalations(self, limit: int = 50) -> list[Escalation]:
         """Escalated parts no supervisor has resolved yet, oldest escalation first."""
         _check_limit(limit)

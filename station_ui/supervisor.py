@@ -16,12 +16,13 @@ from station_ui.views import AUTOMATION_TEXT
 blueprint = Blueprint("supervisor", __name__)
 MAX_REASON = 500  # what a SetAutomation command carries
 ESCALATIONS_SHOWN = 20
+CORRECTABLE_SHOWN = 20
 _FINAL_TEXT = {VerdictOutcome.PASS.value: "passed", VerdictOutcome.REJECT.value: "rejected"}
 
 
 def _page(
     status: int = 200, *, error: str | None = None, reason: str = "",
-    resolve_error: str | None = None,
+    resolve_error: str | None = None, correct_error: str | None = None,
 ) -> BaseResponse:
     state = ui()
     loaded = state.store.load_status()
@@ -48,6 +49,9 @@ def _page(
         "supervisor.html",
         escalations=escalations,
         resolve_error=resolve_error,
+        correctable=state.store.correctable_verdicts(limit=CORRECTABLE_SHOWN),
+        correct_error=correct_error,
+        final_text=_FINAL_TEXT,
         escalation_count=state.store.escalation_count(),
         levels=levels,
         current=current,
@@ -126,3 +130,37 @@ def resolve_escalation() -> BaseResponse:
     else:
         flash(f"Part {part_id} already has a supervisor's verdict.", "warn")
     return redirect(url_for("supervisor.supervisor_page"))
+
+
+@blueprint.post("/supervisor/correct")
+@supervisor_only
+def correct_verdict() -> BaseResponse:
+    """The other outcome for a part an operator passed or rejected by mistake; published as the
+    part's labelled Verdict, which the gates then count instead of the operator's."""
+    state = ui()
+    operator = current_operator()
+    assert operator is not None  # noqa: S101 - @supervisor_only guarantees it
+    part_id = request.form.get("part_id", "")
+    outcome = request.form.get("outcome", "")
+    problem = form_problem(part_id, outcome, _FINAL_TEXT, "corrected verdict")
+    if problem is not None:
+        return _page(400, correct_error=problem)
+    ok, defect = model_labels()
+    label = ok if outcome == "pass" else defect
+    try:
+        recorded = state.store.correct_verdict(part_id, operator.badge, outcome, label, now_dt())
+    except KeyError:
+        return _page(404, correct_error=f"Part {part_id} has no pass or reject to correct "
+                     "(any more): nothing was changed.")
+    except ValueError:
+        return _page(409, correct_error=f"Part {part_id} is {_FINAL_TEXT[outcome]} already: "
+                     "nothing was changed.")
+    if not recorded:
+        flash(f"Part {part_id} already has a supervisor's verdict: nothing was changed.", "warn")
+    elif outcome == "reject":
+        flash(f"Part {part_id} corrected to rejected. It was passed on: take it off the line "
+              "by hand if it can still be reached.", "ok")
+    else:
+        flash(f"Part {part_id} corrected to passed. It went to the reject path: put it back "
+              "on the line by hand if it should go on.", "ok")
+    return redirect(url_for("supervisor.supervisor_page") + "#corrections")

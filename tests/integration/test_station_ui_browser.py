@@ -155,6 +155,22 @@ def test_operator_rejects_a_flagged_part_in_the_browser(
                     20, "the escalation and the supervisor's verdict to reach the broker",
                 )
 
+                # The part passed from the keyboard was a mistake: the supervisor corrects it,
+                # and the correction reaches the broker as the part's latest labelled verdict.
+                row = page.locator(f".correction[data-part-id='{second}']")
+                assert "passed by " + BADGE in row.inner_text()
+                row.locator("button[value=reject]").click()
+                page.wait_for_selector(".flash-ok")
+                assert "corrected to rejected" in page.inner_text(".flash-ok")
+                assert page.locator(f".correction[data-part-id='{second}']").count() == 0
+                wait_for(
+                    lambda: [
+                        (v.outcome, v.label) for v in collector.unique(p.Verdict)
+                        if v.part_id == second
+                    ] == [(p.VerdictOutcome.PASS, "ok"), (p.VerdictOutcome.REJECT, "defect")],
+                    20, "the operator's pass and the supervisor's correction to reach the broker",
+                )
+
                 page.goto(f"{base}/status")
                 page.wait_for_selector("svg.plot")
                 assert "part-classifier 1.0.0" in page.inner_text("main")

@@ -708,6 +708,60 @@ def test_an_escalated_part_reaches_the_supervisor_who_gives_the_final_verdict(
     assert "No part is waiting for you" in supervisor.get("/supervisor").get_data(as_text=True)
 
 
+def test_a_supervisor_corrects_a_verdict_an_operator_gave_by_mistake(
+    app: Flask, store: StationStore
+) -> None:
+    add_part(store, "P-1", age_s=30)
+    add_part(store, "P-2", age_s=20)
+    operator = app.test_client()
+    token = sign_in(operator)
+    assert judge(operator, token, "P-1", "pass").get_json()["result"] == "recorded"
+    refused = operator.post(
+        "/supervisor/correct", data={"part_id": "P-1", "outcome": "reject"},
+        headers={"X-CSRF-Token": token},
+    )
+    assert refused.status_code == 403  # operators ask their supervisor
+
+    supervisor = app.test_client()
+    token = sign_in(supervisor, "sup-1", SUPERVISOR_PIN)
+    page = html.unescape(supervisor.get("/supervisor").get_data(as_text=True))
+    section = page.split('id="corrections"')[1].split("</section>")[0]
+    assert 'data-part-id="P-1"' in section and "passed</strong> by op-7" in section
+    assert 'value="reject"' in section and "Change to reject" in section
+    assert "P-2" not in section  # not judged yet: the operator's queue has it
+
+    for data, status in (
+        ({"part_id": "P-1", "outcome": "escalate"}, 400),
+        ({"part_id": "P-1", "outcome": "pass"}, 409),  # what the operator gave already
+        ({"part_id": "P-2", "outcome": "reject"}, 404),
+        ({"part_id": "nope", "outcome": "reject"}, 404),
+    ):
+        response = supervisor.post("/supervisor/correct", data={**data, "csrf_token": token})
+        assert response.status_code == status, data
+        assert 'role="alert"' in response.get_data(as_text=True)
+    assert store.unpublished_verdicts()[-1].operator == "op-7"
+
+    done = supervisor.post(
+        "/supervisor/correct", data={"part_id": "P-1", "outcome": "reject", "csrf_token": token},
+        follow_redirects=True,
+    )
+    text = html.unescape(done.get_data(as_text=True))
+    assert done.status_code == 200
+    assert "P-1 corrected to rejected" in text and "take it off the line by hand" in text
+    assert "No pass or reject to correct" in text
+    again = supervisor.post(
+        "/supervisor/correct", data={"part_id": "P-1", "outcome": "reject", "csrf_token": token},
+        follow_redirects=True,
+    )
+    assert "already has a supervisor" in html.unescape(again.get_data(as_text=True))
+    sent = store.unpublished_verdicts()
+    assert [(v.part_id, v.operator, v.outcome, v.label) for v in sent] == [
+        ("P-1", "op-7", "pass", "ok"), ("P-1", "sup-1", "reject", "defect"),
+    ]
+    forged = supervisor.post("/supervisor/correct", data={"part_id": "P-1", "outcome": "pass"})
+    assert forged.status_code in (400, 403)
+
+
 def test_a_resolution_needs_the_session_token(app: Flask, store: StationStore) -> None:
     add_part(store, "P-1")
     store.record_verdict("P-1", "op-7", "escalate", None, datetime.now(UTC))

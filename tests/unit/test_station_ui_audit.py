@@ -240,12 +240,15 @@ def test_every_post_route_refuses_a_request_without_the_session_token(
 ) -> None:
     add_part(store, "P-1")
     add_part(store, "P-2")
+    add_part(store, "P-3")
     store.record_verdict("P-2", "op-7", "escalate", None, datetime.now(UTC))
+    store.record_verdict("P-3", "op-7", "pass", "ok", datetime.now(UTC))
     client = app.test_client()
     sign_in(client, "sup-1", SUPERVISOR_PIN)
     forms = {
         "/verdict": {"part_id": "P-1", "outcome": "pass"},
         "/supervisor/resolve": {"part_id": "P-2", "outcome": "pass"},
+        "/supervisor/correct": {"part_id": "P-3", "outcome": "reject"},
         "/supervisor/automation": {"level": "full", "reason": "test"},
         "/login": {"badge": "op-7", "pin": OPERATOR_PIN},
         "/logout": {},
@@ -264,7 +267,8 @@ def test_every_post_route_refuses_a_request_without_the_session_token(
                 continue
             assert answer.status_code == 400, path
             assert "security token" in answer.get_data(as_text=True), path
-    assert verdicts(store) == [("P-2", "op-7", "escalate", None)]
+    assert verdicts(store) == [("P-2", "op-7", "escalate", None), ("P-3", "op-7", "pass", "ok")]
+    assert [v.part_id for v in store.correctable_verdicts()] == ["P-3"]  # not corrected
     assert store.open_requests() == []
     assert client.get("/supervisor").status_code == 200  # still signed in as the supervisor
     client.post("/logout", data={"csrf_token": csrf_of(client, "/status")})

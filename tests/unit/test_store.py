@@ -561,6 +561,43 @@ def test_an_escalation_waits_for_a_supervisor_whose_verdict_is_published_after_i
     assert store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message) == []
 
 
+def test_a_supervisor_corrects_an_operators_verdict_once(store: StationStore) -> None:
+    """A wrong button tapped: the supervisor's other outcome goes out as a second, labelled
+    Verdict after the operator's, which the controller keeps as the part's truth."""
+    for i, part in enumerate(("p1", "r2", "e3", "p4")):
+        store.add_review(item(part, created=T0 + timedelta(minutes=i)))
+    store.record_verdict("p1", "ana", "pass", "good", T0)
+    store.record_verdict("r2", "bo", "reject", "scratch", T0 + timedelta(seconds=1))
+    store.record_verdict("e3", "ana", "escalate", None, T0 + timedelta(seconds=2))
+    store.record_verdict("p4", "ana", "pass", "good", T0 + timedelta(seconds=3))
+    assert [v.part_id for v in store.correctable_verdicts()] == ["p4", "r2", "p1"]
+
+    assert store.correct_verdict("p1", "sup-9", "reject", "scratch", T0 + timedelta(minutes=5))
+    assert not store.correct_verdict("p1", "sup-8", "reject", "dent", T0 + timedelta(minutes=6))
+    assert [v.part_id for v in store.correctable_verdicts()] == ["p4", "r2"]
+    with pytest.raises(ValueError, match="is pass already"):
+        store.correct_verdict("p4", "sup-9", "pass", "good", T0)
+    with pytest.raises(KeyError):
+        store.correct_verdict("e3", "sup-9", "pass", "good", T0)  # an escalation is resolved
+    with pytest.raises(KeyError):
+        store.correct_verdict("x9", "sup-9", "pass", "good", T0)  # never judged
+    with pytest.raises(ValueError, match="outcome"):
+        store.correct_verdict("r2", "sup-9", "escalate", "good", T0)
+
+    store.publish_verdicts(lambda row: VERDICT_TOPIC, verdict_message)
+    verdicts = [p.parse(p.Verdict, row.payload) for row in store.pending()]
+    assert [(v.part_id, v.operator, v.outcome.value, v.label) for v in verdicts] == [
+        ("p1", "ana", "pass", "good"),
+        ("r2", "bo", "reject", "scratch"),
+        ("e3", "ana", "escalate", None),
+        ("p4", "ana", "pass", "good"),
+        ("p1", "sup-9", "reject", "scratch"),
+    ]
+    # The correction is published before the part may be pruned, and is pruned with it.
+    assert store.prune_confirmed(timedelta(0), now=T0 + timedelta(days=1)) == 3
+    assert store.correctable_verdicts() == []
+
+
 def test_an_unresolved_escalation_keeps_its_image_and_its_part(store: StationStore) -> None:
     for i, part in enumerate(("e0", "p1", "e2")):
         store.add_review(item(part, created=T0 + timedelta(minutes=i), image=bytes(100)))
