@@ -28,7 +28,7 @@ import numpy.typing as npt
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from edge_agent.synthetic import PartGenerator
-from linesight.config_file import Count, Number
+from linesight.config_file import Count, Number, expand_home
 from linesight.protocol import PART_ID_MAX_LENGTH
 
 log = logging.getLogger(__name__)
@@ -1382,6 +1382,10 @@ def parse_spec(spec: str, options: SourceOptions | None = None) -> SourceSpec:
     elif scheme in ("video", "folder"):
         if not target:
             raise ValueError(f"source spec {spec!r}: {scheme} needs a path ({scheme}:PATH)")
+        try:
+            target = expand_home(target)  # folder:~/parts, as a shell would read it
+        except ValueError as exc:
+            raise ValueError(f"source spec {spec!r}: {exc}") from None
         kind = "video" if scheme == "video" else "folder"
     elif scheme == "synthetic":
         overrides = _synthetic_overrides(spec, rest)

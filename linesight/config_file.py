@@ -104,15 +104,31 @@ Number = Annotated[float, BeforeValidator(_not_true_or_false)]
 """A number in a configuration or a plan: true or false is refused, not read as 1 or 0."""
 
 
-def _not_empty(value: Any) -> Any:
-    if isinstance(value, str) and not value.strip():
-        raise ValueError("an empty path (it would be the folder the command was started "
-                         "from): name the file or folder")
+def expand_home(path: str) -> str:
+    """`path` with a leading ~ or ~user made the home folder, as a shell would: a YAML file or
+    a --flag=~/x is not expanded by any shell, and a literal ~ folder would be made in the
+    working folder instead. ValueError for a ~user no account has."""
+    if not path.startswith("~"):
+        return path
+    expanded = os.path.expanduser(path)
+    if expanded.startswith("~"):
+        user = path[1:].partition("/")[0]
+        raise ValueError(f"{path}: no user {user!r} on this machine to take the home folder of")
+    return expanded
+
+
+def _config_path(value: Any) -> Any:
+    if isinstance(value, str):
+        if not value.strip():
+            raise ValueError("an empty path (it would be the folder the command was started "
+                             "from): name the file or folder")
+        return expand_home(value)
     return value
 
 
-ConfigPath = Annotated[Path, BeforeValidator(_not_empty)]
-"""A path in a configuration: an empty value is refused, not taken as the working folder."""
+ConfigPath = Annotated[Path, BeforeValidator(_config_path)]
+"""A path in a configuration: an empty value is refused, not taken as the working folder, and
+a leading ~ is the home folder."""
 
 
 def describe(exc: ValidationError, what: str, source: str) -> str:
@@ -178,7 +194,11 @@ def make_data_dir(path: Path, key: str = "data_dir") -> None:
 
 def path_flag(text: str) -> Path:
     """argparse type of a flag naming a file or folder: an empty one is refused (Path("") is
-    the folder the command was started from)."""
+    the folder the command was started from), and a leading ~ is the home folder (a shell
+    does not expand --flag=~/x)."""
     if not text.strip():
         raise argparse.ArgumentTypeError("an empty path: name the file or folder")
-    return Path(text)
+    try:
+        return Path(expand_home(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from exc

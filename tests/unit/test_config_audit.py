@@ -341,3 +341,36 @@ def test_a_metrics_port_in_use_stops_the_agent_naming_the_key(tmp_path: Path) ->
     assert f"metrics_port: cannot serve metrics on port {port}: Address already in use" in \
         done.stderr
     assert "Traceback" not in done.stderr and SECRET not in done.stderr
+
+
+# --- a leading ~ -----------------------------------------------------------------------------
+
+
+def test_a_path_starting_with_a_tilde_is_in_the_home_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No shell reads the YAML (nor --flag=~/x): `data_dir: ~/linesight` made a folder named
+    ~ in the folder the agent was started from."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    text = station_yaml(tmp_path / "d").replace(f"data_dir: {tmp_path / 'd'}",
+                                                "data_dir: ~/linesight")
+    loaded = agent_config(build_parser().parse_args(
+        ["agent", "--config", str(write(tmp_path, text)), "--key=~/site.pub"]))
+    assert loaded.data_dir == tmp_path / "home" / "linesight"
+    assert loaded.key == tmp_path / "home" / "site.pub"
+    from edge_agent.sources import parse_spec
+
+    assert parse_spec("folder:~/parts").target == str(tmp_path / "home" / "parts")
+
+
+def test_a_tilde_naming_no_user_is_refused_naming_it(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    text = station_yaml(tmp_path / "d").replace(f"data_dir: {tmp_path / 'd'}",
+                                                "data_dir: ~no-such-user-4711/linesight")
+    err = run(["agent", "--config", str(write(tmp_path, text))], capsys)
+    assert re.search(r"(?m)^  data_dir: .*no user 'no-such-user-4711' on this machine", err), err
+    with pytest.raises(ValueError, match="no user 'no-such-user-4711'"):
+        from edge_agent.sources import parse_spec
+
+        parse_spec("folder:~no-such-user-4711/parts")
