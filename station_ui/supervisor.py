@@ -1,7 +1,10 @@
-"""The supervisor's page: the final verdict on parts operators escalated, and the station's
-automation level within what the fleet allows."""
+"""The supervisor's page: the final verdict on parts operators escalated, corrections of
+operators' mistaken verdicts, and the station's automation level within what the fleet
+allows."""
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 from flask import Blueprint, flash, redirect, render_template, request, url_for
 from werkzeug.wrappers import Response as BaseResponse
@@ -107,22 +110,40 @@ def change_automation() -> BaseResponse:
     return redirect(url_for("supervisor.supervisor_page"))
 
 
-@blueprint.post("/supervisor/resolve")
-@supervisor_only
-def resolve_escalation() -> BaseResponse:
-    """The final pass or reject of an escalated part; published as the part's labelled Verdict."""
-    state = ui()
+@dataclass(frozen=True)
+class _FinalVerdict:
+    """A supervisor's pass or reject as the form gave it, with the label it stands for."""
+
+    part_id: str
+    outcome: str
+    label: str
+    badge: str
+
+
+def _final_verdict_form(what: str) -> _FinalVerdict | str:
+    """The supervisor's final verdict from the posted form, or what is wrong with the form."""
     operator = current_operator()
     assert operator is not None  # noqa: S101 - @supervisor_only guarantees it
     part_id = request.form.get("part_id", "")
     outcome = request.form.get("outcome", "")
-    problem = form_problem(part_id, outcome, _FINAL_TEXT, "final verdict")
+    problem = form_problem(part_id, outcome, _FINAL_TEXT, what)
     if problem is not None:
-        return _page(400, resolve_error=problem)
+        return problem
     ok, defect = model_labels()
-    label = ok if outcome == "pass" else defect
+    return _FinalVerdict(part_id, outcome, ok if outcome == "pass" else defect, operator.badge)
+
+
+@blueprint.post("/supervisor/resolve")
+@supervisor_only
+def resolve_escalation() -> BaseResponse:
+    """The final pass or reject of an escalated part; published as the part's labelled Verdict."""
+    given = _final_verdict_form("final verdict")
+    if isinstance(given, str):
+        return _page(400, resolve_error=given)
+    part_id, outcome = given.part_id, given.outcome
     try:
-        recorded = state.store.resolve_escalation(part_id, operator.badge, outcome, label, now_dt())
+        recorded = ui().store.resolve_escalation(part_id, given.badge, outcome, given.label,
+                                                 now_dt())
     except KeyError:
         return error_response(404, "This part is not waiting for a supervisor.")
     if recorded:
@@ -137,18 +158,13 @@ def resolve_escalation() -> BaseResponse:
 def correct_verdict() -> BaseResponse:
     """The other outcome for a part an operator passed or rejected by mistake; published as the
     part's labelled Verdict, which the gates then count instead of the operator's."""
-    state = ui()
-    operator = current_operator()
-    assert operator is not None  # noqa: S101 - @supervisor_only guarantees it
-    part_id = request.form.get("part_id", "")
-    outcome = request.form.get("outcome", "")
-    problem = form_problem(part_id, outcome, _FINAL_TEXT, "corrected verdict")
-    if problem is not None:
-        return _page(400, correct_error=problem)
-    ok, defect = model_labels()
-    label = ok if outcome == "pass" else defect
+    given = _final_verdict_form("corrected verdict")
+    if isinstance(given, str):
+        return _page(400, correct_error=given)
+    part_id, outcome = given.part_id, given.outcome
     try:
-        recorded = state.store.correct_verdict(part_id, operator.badge, outcome, label, now_dt())
+        recorded = ui().store.correct_verdict(part_id, given.badge, outcome, given.label,
+                                              now_dt())
     except KeyError:
         return _page(404, correct_error=f"Part {part_id} has no pass or reject to correct "
                      "(any more): nothing was changed.")

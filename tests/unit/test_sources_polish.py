@@ -25,6 +25,7 @@ from edge_agent.sources import (
     stream_url_problem,
 )
 from tests.unit.test_sources import wait_until
+from tests.unit.test_sources_memory import RecordingCapture
 
 pytestmark = pytest.mark.unit
 
@@ -114,24 +115,14 @@ def test_a_frame_rate_that_is_not_a_positive_number_up_to_1000_is_refused(fps: A
         SourceOptions.model_validate({"fps": fps})
 
 
-class ModeCapture:
-    """Stands in for ``cv2.VideoCapture``: records what the opener sets, and answers with the
-    mode the camera actually took (``GIVES``)."""
+class ModeCapture(RecordingCapture):
+    """Records what the opener sets, and answers with the mode the camera actually took
+    (``GIVES``)."""
 
     GIVES: dict[int, float] = {}
 
-    def __init__(self, *args: Any) -> None:
-        self.props: dict[int, float] = {}
-
-    def isOpened(self) -> bool:  # noqa: N802 - OpenCV's name
-        return True
-
-    def set(self, prop: int, value: float) -> bool:
-        self.props[prop] = value
-        return True
-
     def get(self, prop: int) -> float:
-        return self.GIVES.get(prop, self.props.get(prop, 0.0))
+        return self.GIVES.get(prop, super().get(prop))
 
 
 def open_camera(
