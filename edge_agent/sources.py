@@ -415,8 +415,10 @@ def _too_large(data: bytes) -> str:
     return ""
 
 
-def read_image(path: Path) -> tuple[U8 | None, str]:
-    """The image in ``path`` as OpenCV decodes it, or None and why not."""
+def read_image(path: Path, bit_depth: int | None = None) -> tuple[U8 | None, str]:
+    """The image in ``path`` as OpenCV decodes it, or None and why not. With ``bit_depth`` a
+    16-bit image keeps its top ``bit_depth`` bits (see `to_bgr`); without, OpenCV scales it
+    as full 16-bit data."""
     try:
         with path.open("rb") as file:
             # The header first: a bitmap holds its pixels uncompressed, gigabytes for a panorama.
@@ -435,10 +437,12 @@ def read_image(path: Path) -> tuple[U8 | None, str]:
     too_large = _too_large(data)  # a JPEG's frame header may come after much metadata
     if too_large:
         return None, too_large
-    image = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    # With a depth the 16 bits are kept for to_bgr (IMREAD_COLOR would scale them to 8 first).
+    flags = cv2.IMREAD_COLOR if bit_depth is None else cv2.IMREAD_ANYDEPTH | cv2.IMREAD_ANYCOLOR
+    image = cv2.imdecode(np.frombuffer(data, np.uint8), flags)
     if image is None:
         return None, "not a readable image"
-    return to_bgr(image), ""
+    return to_bgr(image, bit_depth), ""
 
 
 class FolderSource:
@@ -450,11 +454,13 @@ class FolderSource:
     frame_age_s = 0.0
 
     def __init__(
-        self, folder: Path, *, station: str, loop: bool = False, rate_hz: float | None = None
+        self, folder: Path, *, station: str, loop: bool = False, rate_hz: float | None = None,
+        bit_depth: int | None = None,
     ) -> None:
         if not folder.is_dir():
             raise SourceError(f"folder:{folder}: not a directory")
         self._folder = folder
+        self._bit_depth = bit_depth
         self._station = station
         self._loop = loop
         self._stopped = threading.Event()
@@ -491,7 +497,7 @@ class FolderSource:
                 if not self._pending:
                     raise SourceError(f"folder:{self._folder}: all images are gone")
             path = self._pending.popleft()
-            image, problem = read_image(path)
+            image, problem = read_image(path, self._bit_depth)
             if image is None:
                 self._skip(path, problem)
                 continue
@@ -1212,7 +1218,7 @@ OPTIONS_BY_KIND: dict[str, frozenset[str]] = {
     "camera": _LIVE_OPTIONS | {"width", "height", "fps", "bit_depth"},
     "stream": _LIVE_OPTIONS,
     "video": frozenset({"loop", "rate_hz"}),
-    "folder": frozenset({"loop", "rate_hz"}),
+    "folder": frozenset({"loop", "rate_hz", "bit_depth"}),
     "synthetic": frozenset({"rate_hz", "seed", "defect_rate", "size"}),
 }
 SPEC_FORMS = (
@@ -1535,7 +1541,8 @@ def open_source(
         return SyntheticSource(generator, rate_hz=options.rate_hz, start=synthetic_start)
     if spec.kind == "folder":
         return FolderSource(
-            Path(spec.target), station=station, loop=options.loop, rate_hz=options.rate_hz
+            Path(spec.target), station=station, loop=options.loop, rate_hz=options.rate_hz,
+            bit_depth=options.bit_depth,
         )
     if spec.kind == "video":
         return VideoFileSource(

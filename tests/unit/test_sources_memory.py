@@ -14,6 +14,7 @@ import dataclasses
 import logging
 from collections import deque
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -27,6 +28,7 @@ from edge_agent.sources import (
     SourceError,
     SourceOptions,
     TriggeredSource,
+    open_source,
     parse_source,
     parse_spec,
     to_bgr,
@@ -283,7 +285,7 @@ def test_a_camera_in_a_colour_mode_with_bit_depth_is_a_clear_source_error(
 
 
 @pytest.mark.parametrize("spec", ["rtsp://cam/stream", "http://cam/video.mjpg", "video:x.avi",
-                                  "folder:x", "synthetic:"])
+                                  "synthetic:"])
 def test_bit_depth_is_refused_for_sources_that_never_give_deep_frames(spec: str) -> None:
     with pytest.raises(ValueError, match="bit_depth"):
         parse_spec(spec, SourceOptions(bit_depth=12))
@@ -324,3 +326,24 @@ def test_a_camera_with_bit_depth_hands_on_its_raw_deep_frames(
     assert deep.props.get(cv2.CAP_PROP_FOURCC) == cv2.VideoWriter.fourcc(*"Y16 ")
     plain: Any = sources._camera_opener(0, SourceOptions())()
     assert cv2.CAP_PROP_CONVERT_RGB not in plain.props
+
+
+def test_a_folder_of_12_bit_images_keeps_their_top_12_bits(tmp_path: Path) -> None:
+    """A recording of a 12-bit camera saved as 16-bit PNGs: read as full 16-bit data, 4095 (the
+    sensor's white) came out as 15 of 255, a nearly black part the model never saw in training."""
+    ramp = np.tile(np.array([0, 1024, 2048, 4095], np.uint16), (4, 1))
+    assert cv2.imwrite(str(tmp_path / "a.png"), ramp)
+    (tmp_path / "b.png").write_bytes(cv2.imencode(".png", np.full((4, 4), 200, np.uint8))[1])
+
+    def frames(options: SourceOptions) -> list[np.ndarray]:
+        source = open_source(parse_spec(f"folder:{tmp_path}", options), station="press-01")
+        try:
+            return [source.read(1.0).image for _ in range(2)]  # type: ignore[union-attr]
+        finally:
+            source.close()
+
+    deep, eight = frames(SourceOptions(bit_depth=12))
+    assert deep.shape == (4, 4, 3) and deep[0, :, 0].tolist() == [0, 64, 128, 255]
+    assert int(eight.max()) == 200  # an 8-bit image is taken as it is
+    dark, _ = frames(SourceOptions())
+    assert int(dark.max()) == 15  # without bit_depth: scaled as 16-bit data, nearly black
