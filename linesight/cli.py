@@ -417,7 +417,7 @@ def _fleet_serve(args: argparse.Namespace) -> int:
     from deploy.api import create_app
     from deploy.config import load_controller_config
     from deploy.controller import Controller
-    from linesight.config_file import make_data_dir
+    from linesight.config_file import make_data_dir, make_folder
     from linesight.http_server import HttpServer
 
     config = load_controller_config(args.config, _overrides(args.settings, {
@@ -427,8 +427,9 @@ def _fleet_serve(args: argparse.Namespace) -> int:
         "public_url": args.public_url, "topic_prefix": args.topic_prefix,
     }))
     make_data_dir(config.data_dir)
-    if not config.bundles.is_dir():  # nothing to roll out: every rollout would be refused
-        raise UsageError(f"bundles {config.bundles}: not a folder")
+    # Missing on a first start (the example puts it under data_dir): made, empty. It need not
+    # be writable (a read-only mount of the site's bundles).
+    make_folder(config.bundles, "bundles")
     try:
         controller = Controller(config)
     except sqlite3.Error as exc:  # the fleet store damaged, or locked past the busy timeout

@@ -28,10 +28,18 @@ class ConfigError(ValueError):
 class UniqueKeyLoader(yaml.SafeLoader):
     """PyYAML's safe loader, refusing a key written twice in one mapping (PyYAML keeps the
     last: an `automation: full` further down silently won over the one just edited). Keys a
-    merge (`<<: *defaults`) brings in may still be overridden by the mapping's own."""
+    merge (`<<: *defaults`) brings in may still be overridden by the mapping's own.
 
-    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
-        if isinstance(node, yaml.MappingNode):
+    Checked where PyYAML flattens a mapping's merges, before it rewrites the node in place (a
+    mapping merged into another may be flattened before it is built itself), once per node."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self._checked: set[int] = set()
+
+    def flatten_mapping(self, node: yaml.MappingNode) -> None:
+        if id(node) not in self._checked:
+            self._checked.add(id(node))
             first: dict[Any, yaml.Node] = {}
             for key_node, _value in node.value:
                 if key_node.tag == "tag:yaml.org,2002:merge":
@@ -46,7 +54,7 @@ class UniqueKeyLoader(yaml.SafeLoader):
                         None, None, f"duplicate key {key!r} (first on line "
                         f"{earlier.start_mark.line + 1})", key_node.start_mark)
                 first[key] = key_node
-        return super().construct_mapping(node, deep=deep)  # type: ignore[arg-type]
+        super().flatten_mapping(node)
 
 
 def load_yaml(text: str) -> Any:
@@ -181,15 +189,21 @@ def load_model(
 def make_data_dir(path: Path, key: str = "data_dir") -> None:
     """Create the folder `key` names if need be and check this process may write in it: at
     start-up, in words naming the key, not as a traceback from the first file opened in it."""
+    make_folder(path, key)
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ConfigError(f"{key} {path}: cannot write in it (uid {os.geteuid()} needs write "
+                          "permission on the folder)")
+
+
+def make_folder(path: Path, key: str) -> None:
+    """Create the folder `key` names if it is missing (ConfigError naming the key if it is a
+    file or cannot be created)."""
     if path.exists() and not path.is_dir():
         raise ConfigError(f"{key} {path}: is a file, not a folder")
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"{key} {path}: cannot create it: {exc.strerror}") from exc
-    if not os.access(path, os.W_OK | os.X_OK):
-        raise ConfigError(f"{key} {path}: cannot write in it (uid {os.geteuid()} needs write "
-                          "permission on the folder)")
 
 
 def path_flag(text: str) -> Path:

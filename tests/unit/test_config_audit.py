@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from linesight.cli import agent_config, build_parser, main
-from linesight.config_file import ConfigError, make_data_dir
+from linesight.config_file import ConfigError, load_yaml, make_data_dir, make_folder
 
 REPO = Path(__file__).resolve().parents[2]
 V1 = REPO / "models" / "part-classifier" / "1.0.0"
@@ -307,13 +307,38 @@ def test_a_data_dir_on_a_read_only_path_is_refused_naming_the_key(
     assert expected in said_text
 
 
-def test_a_bundles_folder_that_does_not_exist_stops_the_controller(
+def test_a_bundles_path_that_is_no_folder_stops_the_controller(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     config = write(tmp_path, controller_yaml(tmp_path / "fleet"))
+    a_file = tmp_path / "bundles.txt"
+    a_file.write_text("")
     err = run(["fleet", "serve", "--config", str(config), "--http-port", "0",
-               "--bundles", str(tmp_path / "missing")], capsys)
-    assert f"bundles {tmp_path / 'missing'}: not a folder" in err
+               "--bundles", str(a_file)], capsys)
+    assert f"bundles {a_file}: is a file, not a folder" in err
+    err = run(["fleet", "serve", "--config", str(config), "--http-port", "0",
+               "--bundles", str(a_file / "models")], capsys)
+    assert f"bundles {a_file / 'models'}: cannot create it: Not a directory" in err
+
+
+def test_a_missing_bundles_folder_is_made_empty(tmp_path: Path) -> None:
+    """The shipped controller.yaml.example names data_dir/bundles, which no install step makes:
+    a first start makes it rather than failing (and restarting for ever under systemd)."""
+    make_folder(tmp_path / "fleet" / "bundles", "bundles")
+    assert (tmp_path / "fleet" / "bundles").is_dir()
+    make_folder(tmp_path / "fleet" / "bundles", "bundles")  # there already: nothing to do
+
+
+def test_a_merge_of_a_mapping_that_itself_merges_and_overrides_loads_as_yaml_reads_it() -> None:
+    """A mapping merged elsewhere may be flattened before it is built itself: its own override
+    is not a key written twice."""
+    text = ("base: &base {a: 1, url: x}\nstations:\n  line1: &l1\n    <<: *base\n    a: 2\n"
+            "line2:\n  <<: *l1\n")
+    import yaml
+
+    assert load_yaml(text) == yaml.safe_load(text)
+    with pytest.raises(yaml.YAMLError, match="duplicate key 'a'"):
+        load_yaml(text.replace("    a: 2\n", "    a: 2\n    a: 3\n"))
 
 
 def test_an_http_host_that_is_not_an_address_names_the_address(
